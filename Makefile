@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine: `make serve` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: setup serve test lint builtin-model bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned: the CPU build that lies on this disk (a loose `torch` would pull a CUDA build).
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,openvino]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
+serve: $(STAMP)
+	$(BIN)/lcm-live serve
+
+test: $(STAMP) $(CHROMIUM)
+	$(BIN)/ruff check src tests
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+
+builtin-model: $(STAMP)
+	$(BIN)/python -m lcm_live.training.recipe
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,16 @@
+"""`lcm-live serve` (placeholder until its issue lands: it says so and exits non-zero)."""
+
+from __future__ import annotations
+
+import argparse
+
+from lcm_live.errors import UserError
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("serve", help="not built yet")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    raise UserError("'lcm-live serve' is not built yet")

@@ -1,0 +1,116 @@
+"""Tiny random SD1.5-shaped components, built in code: for tests and `bench --arch tiny`.
+
+No download anywhere: the CLIP tokenizer is built locally from a byte-level vocabulary (every byte, and every
+byte closing a word, plus CLIP's two special tokens), which CLIPTokenizer reads like the real one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lcm_live.engine.clip_vocab import write_byte_level_clip_vocab
+
+
+def build_tokenizer(folder: str | Path, *, model_max_length: int = 77) -> Any:
+    """A CLIPTokenizer over a byte-level vocabulary (514 tokens), saved to ``folder``."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    vocab_file, merges_file = write_byte_level_clip_vocab(folder)
+    tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=model_max_length)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def tiny_components(
+    *, time_cond_proj_dim: int | None = 32, seed: int = 0, tokenizer_dir: str | Path
+) -> dict[str, Any]:
+    """unet, vae, text_encoder, tokenizer and an LCMScheduler, all tiny (the whole set is ~1 MB).
+
+    ``time_cond_proj_dim`` set: a full LCM (w-embedding); None: a plain SD1.5-shaped model for LCM-LoRA.
+    """
+    import torch
+    from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tokenizer(tokenizer_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=4,
+        time_cond_proj_dim=time_cond_proj_dim,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=[8, 16],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            projection_dim=32,
+        )
+    )
+    scheduler = LCMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
+        set_alpha_to_one=False, original_inference_steps=50, steps_offset=1,
+    )
+    return {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def save_tiny_pipeline(folder: str | Path, *, full_lcm: bool = True, seed: int = 0) -> Path:
+    """Save a tiny diffusers folder (safetensors): a full LCM, or a plain SD1.5-shaped model when
+    ``full_lcm`` is False. Returns the folder."""
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+
+    folder = Path(folder)
+    parts = tiny_components(
+        time_cond_proj_dim=32 if full_lcm else None, seed=seed, tokenizer_dir=folder / "_tokenizer_build"
+    )
+    if full_lcm:
+        pipe = LatentConsistencyModelPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                              requires_safety_checker=False)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    _remove_tree(folder / "_tokenizer_build")
+    json.loads((folder / "model_index.json").read_text())  # written, readable
+    return folder
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

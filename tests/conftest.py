@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny models built in code and saved to temp folders (no network, seconds on CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_dir(tmp_path_factory):
+    """A tiny full LCM (UNet with time_cond_proj_dim) saved as a diffusers folder."""
+    from lcm_live.engine.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_lcm"), full_lcm=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A tiny plain SD1.5-shaped model (no w-embedding): becomes an LCM through an LCM-LoRA."""
+    from lcm_live.engine.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"), full_lcm=False)
