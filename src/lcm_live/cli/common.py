@@ -1,0 +1,56 @@
+"""Flags shared by the commands that load a model (generate, serve, bench): diffusers-style names,
+turned into the one settings object."""
+
+from __future__ import annotations
+
+import argparse
+
+from lcm_live.config import DEFAULT_MODEL, EngineSettings, LoraSpec
+from lcm_live.errors import UserError
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id, diffusers folder, single .safetensors file, or builtin:shapes (default: %(default)s)")
+    g.add_argument("--lcm-lora", default="auto", metavar="auto|none|PATH_OR_ID",
+                   help="LCM-LoRA for plain SD1.5/SDXL models (auto picks by architecture; ignored for full LCMs)")
+    g.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID[:SCALE]",
+                   help="style LoRA stacked on the model, fused for speed; repeatable")
+    g.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: HF_HOME or ~/.cache/huggingface)")
+    g = parser.add_argument_group("device")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--decoder", default="vae", choices=["vae", "taesd"],
+                   help="full VAE, or the tiny decoder (madebyollin/taesd, taesdxl) for speed")
+    g.add_argument("--tiled-vae", default="auto", choices=["auto", "on", "off"])
+
+
+def parse_lora(text: str) -> LoraSpec:
+    """``PATH_OR_ID[:SCALE]``; a Windows drive letter (``C:\\x``) is not a scale."""
+    source, scale = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep and head and not tail.startswith(("\\", "/")):
+        try:
+            scale = float(tail)
+            source = head
+        except ValueError:
+            source, scale = text, 1.0
+    if not source:
+        raise UserError(f"--lora {text!r}: give a path or hub id, optionally with :SCALE (e.g. style.safetensors:0.8)")
+    return LoraSpec(source=source, scale=scale)
+
+
+def engine_settings_from_args(args: argparse.Namespace, **overrides) -> EngineSettings:
+    values = dict(
+        model=args.model,
+        lcm_lora=args.lcm_lora,
+        loras=[parse_lora(x) for x in args.lora],
+        device=args.device,
+        dtype=args.dtype,
+        decoder=args.decoder,
+        tiled_vae=args.tiled_vae,
+        cache_dir=args.cache_dir,
+    )
+    values.update(overrides)
+    return EngineSettings(**values)
