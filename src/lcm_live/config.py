@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "SimianLuo/LCM_Dreamshaper_v7"
@@ -38,17 +38,74 @@ class EngineSettings(BaseModel):
     backend: Literal["torch", "openvino"] = "torch"
     compile: bool = False  # torch.compile the UNet
     quantize: Literal["none", "int8", "nf4"] = "none"
+    openvino_cache_dir: str | None = None  # converted OpenVINO UNets; None: ~/.cache/lcm-live/openvino
     cache_dir: str | None = None  # Hugging Face cache; None: HF_HOME / the default
     offline_fallback: bool = True  # the default hub model missing -> builtin:shapes, said loudly
     prompt_cache_size: int = 64
 
 
 class StudioSettings(BaseModel):
+    """What `lcm-live serve` needs: network, auth, limits, deadlines and the parameter bounds it publishes."""
+
     model_config = ConfigDict(extra="forbid")
 
     host: str = "127.0.0.1"
-    port: int = 7860
-    token: str | None = None
+    port: int = Field(7860, ge=0, le=65535)
+    token: str | None = None  # also plain LCM_LIVE_TOKEN; required (>= 32 chars) off loopback
+    allowed_origins: list[str] = Field(default_factory=list)  # extra WebSocket/POST origins, "scheme://host[:port]"
+    allowed_hosts: list[str] = Field(default_factory=list)  # extra Host names accepted without a token
+    # sessions / limits
+    max_sessions: int | None = Field(None, ge=1)  # None: 1 on CPU, 4 on GPU
+    rest_queue_size: int = Field(2, ge=1)  # POST /api/generate waiting beyond this -> 429
+    max_ws_message_bytes: int = Field(2 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(1024 * 1024, ge=64 * 64)  # decoded canvas, width * height
+    max_image_side: int = Field(1024, ge=64)
+    # deadlines (seconds)
+    queue_wait_timeout_s: float = Field(10.0, gt=0)
+    generation_timeout_s: float = Field(30.0, gt=0)
+    idle_timeout_s: float = Field(300.0, gt=0)
+    # failures
+    max_consecutive_failures: int = Field(3, ge=1)  # then /readyz 503 (and exit if exit_on_failures)
+    exit_on_failures: bool = False
+    exit_on_warmup_failure: bool = True
+    # warmup: one generation at this size before /readyz says ready (None: the default size)
+    warmup_width: int | None = None
+    warmup_height: int | None = None
+    warmup_steps: int = Field(1, ge=1)
+    # frames
+    frame_format: Literal["jpeg", "webp"] = "jpeg"
+    frame_quality: int = Field(85, ge=1, le=100)
+    # parameter bounds published in the schema and enforced on every request
+    min_size: int = Field(256, ge=64)
+    max_size: int = Field(768, ge=64)
+    size_multiple: int = Field(8, ge=8)
+    default_width: int = 512
+    default_height: int = 512
+    min_steps: int = Field(1, ge=1)
+    max_steps: int = Field(8, ge=1)
+    default_steps: int = 4
+    max_guidance_scale: float = 20.0
+    default_guidance_scale: float | None = None  # None: the model's (full LCM 8.0, LCM-LoRA 1.0)
+    max_prompt_chars: int = Field(1000, ge=1)
+    min_strength: float = Field(0.05, gt=0, le=1)
+    default_strength: float = 0.6
+
+    @model_validator(mode="after")
+    def _check(self) -> StudioSettings:
+        if "*" in self.allowed_origins or "null" in self.allowed_origins:
+            raise ValueError("allowed_origins: list explicit origins like http://myhost:7860; '*' and 'null' are refused")
+        if not self.min_size <= self.max_size:
+            raise ValueError(f"min_size {self.min_size} is above max_size {self.max_size}")
+        for name in ("default_width", "default_height"):
+            value = getattr(self, name)
+            if not (self.min_size <= value <= self.max_size and value % self.size_multiple == 0):
+                raise ValueError(f"{name}={value}: use a multiple of {self.size_multiple} in [{self.min_size}, {self.max_size}]")
+        if not self.min_steps <= self.default_steps <= self.max_steps:
+            raise ValueError(f"default_steps={self.default_steps}: use {self.min_steps}..{self.max_steps}")
+        if not self.min_strength <= self.default_strength <= 1:
+            raise ValueError(f"default_strength={self.default_strength}: use {self.min_strength}..1")
+        return self
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,248 @@
+"""The studio app factory: routes, auth, the WebSocket endpoint and the lifespan that owns the worker.
+
+``create_app(settings, engine_factory)`` builds a FastAPI app with its own metrics registry, worker thread and
+session table (two apps in one process share nothing). The model is loaded and warmed on the worker thread,
+started by the lifespan; ``/readyz`` answers 503 until that is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketException
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from lcm_live.config import Settings
+from lcm_live.studio.metrics import StudioMetrics
+from lcm_live.studio.params import GenerationParams, build_params_model
+from lcm_live.studio.security import (
+    COOKIE_NAME,
+    GuardMiddleware,
+    is_authorized,
+    origin_allowed,
+    token_matches,
+)
+from lcm_live.studio.session import Session
+from lcm_live.studio.worker import Worker
+
+log = logging.getLogger("lcm_live.studio")
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+# Routes anyone may call; everything else depends on require_auth / require_ws_auth (tests check this).
+PUBLIC_PATHS = {"/", "/healthz", "/static"}
+
+
+class ApiError(Exception):
+    """An HTTP error in the protocol's JSON shape."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.field, self.headers = status, code, message, field, headers
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"type": "error", "code": code, "message": message, "field": field}, status_code=status,
+                        headers=headers)
+
+
+def public_info(info: Any) -> dict[str, Any]:
+    """What the page may know about the model: names only, never a path or a token."""
+    if dataclasses.is_dataclass(info):
+        info = dataclasses.asdict(info)
+    elif not isinstance(info, dict):
+        info = dict(vars(info))
+    model = str(info.get("model") or info.get("name") or "unknown")
+    if "/" in model and (os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model)):
+        model = Path(model).name  # a local folder or file: its name only
+    elif "\\" in model:
+        model = model.rsplit("\\", 1)[-1]
+    return {"model": model, "kind": info.get("kind"), "device": str(info.get("device")),
+            "dtype": str(info.get("dtype")), "notice": info.get("notice")}
+
+
+class StudioState:
+    """Everything one app owns. Mutated on the event loop, except what the worker sets when the model is ready."""
+
+    def __init__(self, settings: Settings, engine_factory: Callable[[], Any],
+                 on_ready: Callable[[Any], None] | None, on_fatal: Callable[[str], None] | None):
+        self.settings = settings
+        self.metrics = StudioMetrics()
+        self.params_model: type[GenerationParams] = build_params_model(settings.studio)
+        self.info: dict[str, Any] = {}
+        self.sessions: dict[str, Session] = {}
+        self.rest_waiting = 0
+        self.max_sessions = settings.studio.max_sessions or 1
+        self._on_ready = on_ready
+        self.worker = Worker(engine_factory, settings.studio, self.metrics, on_ready=self._ready, on_fatal=on_fatal)
+
+    def _ready(self, engine: Any) -> None:
+        """On the worker thread, once the model is loaded and warm."""
+        raw = engine.info
+        raw_dict = dataclasses.asdict(raw) if dataclasses.is_dataclass(raw) else dict(raw) if isinstance(raw, dict) else vars(raw)
+        guidance = raw_dict.get("default_guidance_scale")
+        if guidance is None:
+            guidance = 8.0 if raw_dict.get("kind") == "lcm" else 1.0
+        self.params_model = build_params_model(self.settings.studio, float(guidance))
+        self.info = public_info(raw_dict)
+        gpu = str(raw_dict.get("device", "cpu")).startswith("cuda")
+        self.max_sessions = self.settings.studio.max_sessions or (4 if gpu else 1)
+        if self._on_ready is not None:
+            self._on_ready(engine)
+
+    def schema(self) -> dict[str, Any]:
+        return self.params_model.model_json_schema()
+
+
+def default_engine_factory(settings: Settings) -> Callable[[], Any]:
+    def factory() -> Any:
+        from lcm_live.engine.pipeline import Engine  # heavy: imported on the worker thread only
+
+        return Engine.from_settings(settings.engine)
+
+    return factory
+
+
+def create_app(
+    settings: Settings | None = None,
+    engine_factory: Callable[[], Any] | None = None,
+    *,
+    on_ready: Callable[[Any], None] | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+) -> FastAPI:
+    settings = settings or Settings()
+    studio = StudioState(settings, engine_factory or default_engine_factory(settings), on_ready, on_fatal)
+    s = settings.studio
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        studio.worker.start()
+        try:
+            yield
+        finally:
+            for session in list(studio.sessions.values()):
+                await session.close(1001, "server shutdown")
+            await asyncio.to_thread(studio.worker.stop, 10.0)
+            log.info("studio: stopped")
+
+    app = FastAPI(title="lcm-live studio", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.studio = studio
+    app.add_middleware(GuardMiddleware, max_body_bytes=s.max_body_bytes, token=s.token, allowed_hosts=s.allowed_hosts,
+                       on_reject=lambda reason: studio.metrics.rejected.labels(reason=reason).inc())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+
+    def require_auth(request: Request) -> None:
+        if not is_authorized(request, s.token):
+            studio.metrics.rejected.labels(reason="auth").inc()
+            raise ApiError(401, "unauthorized", "a token is needed: open the URL that `lcm-live serve` printed "
+                           "(it ends in ?token=...) or send 'Authorization: Bearer <token>'",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def require_ws_auth(websocket: WebSocket) -> None:
+        if not is_authorized(websocket, s.token):
+            studio.metrics.rejected.labels(reason="auth").inc()
+            raise WebSocketException(code=1008, reason="unauthorized")
+
+    def require_same_origin(request: Request) -> None:
+        """State-changing HTTP routes: refuse what a browser marks as sent from another site."""
+        cross = request.headers.get("sec-fetch-site") == "cross-site"
+        if cross or not origin_allowed(request.headers.get("origin"), request.headers.get("host"), s.allowed_origins):
+            studio.metrics.rejected.labels(reason="origin").inc()
+            raise ApiError(403, "forbidden_origin", "requests from another site are refused (see --allow-origin)")
+
+    app.state.auth_dependencies = (require_auth, require_ws_auth)
+
+    @app.get("/")
+    async def index(request: Request) -> Response:
+        given = request.query_params.get("token")
+        if given is not None and s.token is not None:
+            if not token_matches(s.token, given):
+                studio.metrics.rejected.labels(reason="auth").inc()
+                return error_response(401, "unauthorized", "wrong token: use the URL that `lcm-live serve` printed")
+            response = RedirectResponse("/", status_code=303)
+            response.set_cookie(COOKIE_NAME, s.token, httponly=True, samesite="strict", path="/")
+            return response
+        index_file = WEB_DIR / "index.html"
+        if index_file.is_file():
+            return FileResponse(index_file, headers={"Cache-Control": "no-cache"})
+        return HTMLResponse("<!doctype html><title>lcm-live</title><p>The studio page is not installed.</p>")
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR, check_dir=False), name="static")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", dependencies=[Depends(require_auth)])
+    async def readyz() -> JSONResponse:
+        worker = studio.worker
+        if worker.ready:
+            return JSONResponse({"status": "ready"})
+        if worker.state == "ready" and not worker.alive:
+            status, detail = "failed", "the worker thread died"
+        elif worker.state == "ready":
+            status, detail = "unhealthy", f"{worker.consecutive_failures} consecutive engine failures"
+        else:
+            status, detail = worker.state, worker.detail
+        return JSONResponse({"status": status, "detail": detail}, status_code=503)
+
+    @app.get("/metrics", dependencies=[Depends(require_auth)])
+    async def metrics() -> Response:
+        studio.metrics.sessions_active.set(len(studio.sessions))
+        studio.metrics.queue_depth.set(studio.worker.queue_depth())
+        body, content_type = studio.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/api/schema", dependencies=[Depends(require_auth)])
+    async def api_schema() -> dict[str, Any]:
+        return studio.schema()
+
+    @app.get("/api/info", dependencies=[Depends(require_auth)])
+    async def api_info() -> JSONResponse:
+        if not studio.info:
+            return error_response(503, "not_ready", "the model is still loading", headers={"Retry-After": "5"})
+        return JSONResponse(studio.info)
+
+    from lcm_live.studio.rest import add_rest_routes
+
+    add_rest_routes(app, studio, [Depends(require_auth), Depends(require_same_origin)])
+
+    @app.websocket("/ws", dependencies=[Depends(require_ws_auth)])
+    async def ws(websocket: WebSocket) -> None:
+        if not origin_allowed(websocket.headers.get("origin"), websocket.headers.get("host"), s.allowed_origins):
+            studio.metrics.rejected.labels(reason="origin").inc()
+            await websocket.close(code=1008, reason="origin not allowed")  # before accept: HTTP 403
+            return
+        await websocket.accept()
+        session = Session(websocket, studio)
+        if not studio.worker.ready:
+            studio.metrics.rejected.labels(reason="not_ready").inc()
+            await session.close(1013, "not ready", error=("not_ready", f"the model is not ready ({studio.worker.detail}):"
+                                                          " try again in a few seconds"))
+            return
+        if len(studio.sessions) >= studio.max_sessions:
+            studio.metrics.rejected.labels(reason="capacity").inc()
+            await session.close(1013, "server full", error=("capacity", f"the server is full ({studio.max_sessions} "
+                                                            "session(s)): try again later"))
+            return
+        studio.sessions[session.id] = session
+        studio.metrics.sessions_active.set(len(studio.sessions))
+        try:
+            await session.run()
+        finally:
+            studio.sessions.pop(session.id, None)
+            studio.metrics.sessions_active.set(len(studio.sessions))
+
+    return app

@@ -1,0 +1,176 @@
+"""FakeEngine: the engine's interface without a model, for studio tests, the page's tests and the soak bench.
+
+Same methods as :class:`lcm_live.engine.pipeline.Engine` (``from_settings``, ``info``, ``generate``,
+``decode_preview``, ``warmup``), with a configurable latency per step, scripted or random failures (including
+``torch.OutOfMemoryError``, constructible without CUDA) and a frame size. Frames are a flat colour that is a pure
+function of (prompt, seed, width, height) — tests can tell frames apart — or seeded noise (incompressible, to
+make big frames).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from lcm_live.engine.hooks import StepCallback, StepEvent
+from lcm_live.engine.request import GenerationRequest, GenerationResult
+from lcm_live.errors import UserError
+
+PROMPT_TOKEN_WINDOW = 77  # like CLIP: longer prompts get a warning (counted in words here)
+
+
+@dataclass
+class FakeEngineConfig:
+    step_latency_s: float = 0.0  # time.sleep per denoising step (blocks the calling thread, like a real UNet)
+    load_latency_s: float = 0.0  # time.sleep in from_settings
+    kind: str = "lcm"
+    device: str = "cpu"
+    dtype: str = "float32"
+    notice: str | None = None
+    # Scripted outcome of successive generate() calls: "ok", "oom", "error", "user" (a UserError). Then all ok.
+    failures: list[str] = field(default_factory=list)
+    error_rate: float = 0.0  # random engine errors (soak)
+    oom_rate: float = 0.0  # random OOMs (soak)
+    spike_rate: float = 0.0  # random latency spikes: one step takes 10x
+    warmup_failure: bool = False
+    noise: bool = False  # incompressible frames
+    fault_seed: int = 0
+
+    @classmethod
+    def from_json(cls, text: str) -> FakeEngineConfig:
+        data = json.loads(text) if text.strip() else {}
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def make_oom_error(message: str = "fake CUDA out of memory") -> BaseException:
+    """``torch.OutOfMemoryError`` (torch >= 2.5); builds without any GPU."""
+    import torch
+
+    return torch.OutOfMemoryError(message)
+
+
+class FakeEngine:
+    def __init__(self, config: FakeEngineConfig | None = None, **overrides: Any):
+        cfg = config or FakeEngineConfig()
+        for key, value in overrides.items():
+            setattr(cfg, key, value)
+        self.config = cfg
+        self.calls: list[GenerationRequest] = []  # every generate() request, in order (not warmup)
+        self.steps_run = 0  # denoising steps completed, over all calls
+        self.previews_decoded = 0
+        self.warmups = 0
+        self._lock = threading.Lock()
+        self._script = list(cfg.failures)
+        self._rng = random.Random(cfg.fault_seed)
+
+    @classmethod
+    def from_settings(cls, settings: Any = None, **kwargs: Any) -> FakeEngine:
+        engine = cls(**kwargs)
+        if engine.config.load_latency_s:
+            time.sleep(engine.config.load_latency_s)
+        return engine
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {
+            "model": "fake",
+            "kind": self.config.kind,
+            "arch": "sd15",
+            "device": self.config.device,
+            "dtype": self.config.dtype,
+            "native_width": 512,
+            "native_height": 512,
+            "default_guidance_scale": 8.0 if self.config.kind == "lcm" else 1.0,
+            "decoder": "fake",
+            "notice": self.config.notice,
+            "loras": [],
+        }
+
+    def _next_outcome(self) -> str:
+        with self._lock:
+            if self._script:
+                return self._script.pop(0)
+            roll = self._rng.random()
+        if roll < self.config.oom_rate:
+            return "oom"
+        if roll < self.config.oom_rate + self.config.error_rate:
+            return "error"
+        return "ok"
+
+    def generate(self, request: GenerationRequest, callback: StepCallback | None = None) -> GenerationResult:
+        t0 = time.perf_counter()
+        self.calls.append(request)
+        outcome = self._next_outcome()
+        if outcome == "oom":
+            raise make_oom_error()
+        if outcome == "error":
+            raise RuntimeError("fake engine failure")
+        if outcome == "user":
+            raise UserError("fake engine refused the request", field="prompt")
+        steps = request.num_inference_steps
+        if request.image is not None:
+            steps = max(1, int(steps * request.strength))
+        width, height = request.width or 512, request.height or 512
+        seed = request.seed if request.seed is not None else random.randrange(2**32)
+        for step in range(1, steps + 1):
+            latency = self.config.step_latency_s
+            if self.config.spike_rate and self._rng.random() < self.config.spike_rate:
+                latency *= 10
+            if latency:
+                time.sleep(latency)
+            self.steps_run += 1
+            if callback is not None:
+                callback(StepEvent(step=step, total=steps, timestep=999 - step * (1000 // (steps + 1)), latents=step))
+        image = self._image(request.prompt, seed, width, height)
+        warnings = []
+        if len(request.prompt.split()) > PROMPT_TOKEN_WINDOW:
+            warnings.append(f"the prompt is longer than {PROMPT_TOKEN_WINDOW} tokens: the rest was cut")
+        parameters = {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "num_inference_steps": request.num_inference_steps,
+            "guidance_scale": request.guidance_scale if request.guidance_scale is not None else self.info["default_guidance_scale"],
+            "seed": seed,
+            "width": width,
+            "height": height,
+            "model": "fake",
+            "device": self.config.device,
+            "dtype": self.config.dtype,
+        }
+        if request.image is not None:
+            parameters["strength"] = request.strength
+        if warnings:
+            parameters["warnings"] = warnings
+        return GenerationResult(images=[image], parameters=parameters, timings={"total": time.perf_counter() - t0})
+
+    def _image(self, prompt: str, seed: int, width: int, height: int) -> Image.Image:
+        digest = hashlib.blake2b(f"{prompt}\0{seed}".encode(), digest_size=8).digest()
+        if self.config.noise:
+            rng = random.Random(digest)
+            return Image.frombytes("RGB", (width, height), rng.randbytes(width * height * 3))
+        return Image.new("RGB", (width, height), tuple(digest[:3]))
+
+    def decode_preview(self, latents: Any) -> Image.Image:
+        self.previews_decoded += 1
+        level = int(latents) * 30 % 256 if isinstance(latents, int) else 128
+        return Image.new("RGB", (64, 64), (level, level, level))
+
+    def warmup(self, width: int, height: int, num_inference_steps: int) -> None:
+        self.warmups += 1
+        if self.config.warmup_failure:
+            raise RuntimeError("fake warmup failure")
+        # Not recorded in ``calls`` and never consumes a scripted failure: tests count user generations only.
+        for _ in range(num_inference_steps):
+            if self.config.step_latency_s:
+                time.sleep(self.config.step_latency_s)
+        self._image("warmup", 0, width, height)

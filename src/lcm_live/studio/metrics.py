@@ -1,0 +1,36 @@
+"""Prometheus metrics of one studio app, in its own CollectorRegistry (two apps in one process never mix)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Seconds; frames take from ~10 ms (GPU, 1 step) to tens of seconds (CPU, full VAE).
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class StudioMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.sessions_active = Gauge("lcm_live_sessions_active", "Open WebSocket sessions", registry=r)
+        self.queue_depth = Gauge("lcm_live_queue_depth", "Generations waiting for the worker", registry=r)
+        self.frames_sent = Counter("lcm_live_frames_sent", "Frames sent to clients (previews included)", registry=r)
+        self.frames_dropped = Counter(
+            "lcm_live_frames_dropped", "Frames replaced by a newer one before a slow client could take them", registry=r
+        )
+        self.rejected = Counter("lcm_live_rejected", "Requests or messages refused", ["reason"], registry=r)
+        self.errors = Counter("lcm_live_errors", "Failed generations", ["type"], registry=r)
+        self.cancelled = Counter(
+            "lcm_live_cancelled", "Generations stopped at a step (superseded input or disconnect)", registry=r
+        )
+        self.generation_seconds = Histogram(
+            "lcm_live_generation_seconds", "Engine time of one finished generation", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.first_frame_seconds = Histogram(
+            "lcm_live_first_frame_seconds", "Input accepted to the first frame of that input sent",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,100 @@
+"""The generation parameters the studio accepts, over the WebSocket and REST alike.
+
+One pydantic model, built from the settings' bounds (so the schema the page reads and the checks the server runs
+can never disagree): strict types, unknown fields forbidden, every bound a real ``ge``/``le``/``multiple_of``.
+Nothing is clamped: a value out of bounds is an error that names the field and the allowed range.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from lcm_live.config import StudioSettings
+from lcm_live.engine.request import GenerationRequest
+from lcm_live.errors import UserError
+
+MAX_SEED = 2**32 - 1
+MODES = ("txt2img", "img2img")
+
+
+class GenerationParams(BaseModel):
+    """Base class; the real fields come from :func:`build_params_model` (bounds from settings)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    def to_request(self, image: Any = None) -> GenerationRequest:
+        """The engine request (diffusers' names); ``image`` is the decoded canvas for img2img."""
+        data = self.model_dump()
+        img2img = data["mode"] == "img2img"
+        return GenerationRequest(
+            prompt=data["prompt"],
+            negative_prompt=data["negative_prompt"] or None,
+            num_inference_steps=data["num_inference_steps"],
+            guidance_scale=data["guidance_scale"],
+            seed=data["seed"],
+            width=data["width"],
+            height=data["height"],
+            image=image if img2img else None,
+            strength=data["strength"],
+        )
+
+
+def build_params_model(settings: StudioSettings, default_guidance_scale: float = 8.0) -> type[GenerationParams]:
+    """A GenerationParams subclass with the bounds and defaults of ``settings``.
+
+    ``default_guidance_scale`` is the model's (full LCM 8.0, LCM-LoRA 1.0) unless the settings fix one.
+    """
+    guidance = settings.default_guidance_scale if settings.default_guidance_scale is not None else default_guidance_scale
+    size = dict(ge=settings.min_size, le=settings.max_size, multiple_of=settings.size_multiple)
+    fields: dict[str, Any] = {
+        "mode": (Literal["txt2img", "img2img"], Field("txt2img", description="img2img: the canvas is the init image")),
+        "prompt": (str, Field("", max_length=settings.max_prompt_chars)),
+        "negative_prompt": (str, Field("", max_length=settings.max_prompt_chars)),
+        "num_inference_steps": (int, Field(settings.default_steps, ge=settings.min_steps, le=settings.max_steps)),
+        "guidance_scale": (float, Field(guidance, ge=0.0, le=settings.max_guidance_scale)),
+        "seed": (int, Field(0, ge=0, le=MAX_SEED)),
+        "width": (int, Field(settings.default_width, **size)),
+        "height": (int, Field(settings.default_height, **size)),
+        "strength": (float, Field(settings.default_strength, ge=settings.min_strength, le=1.0,
+                                  description="img2img only: how far the canvas is re-noised")),
+        "previews": (bool, Field(False, description="send each step's preview before the final frame")),
+    }
+    return create_model("GenerationParams", __base__=GenerationParams, **fields)
+
+
+@functools.cache
+def default_params_model() -> type[GenerationParams]:
+    """The model with the default settings' bounds (for tests and docs)."""
+    return build_params_model(StudioSettings())
+
+
+def validation_error_to_user_error(exc: ValidationError) -> UserError:
+    """The first problem as one line naming the field, the value and what is allowed."""
+    err = exc.errors(include_url=False)[0]
+    field = ".".join(str(x) for x in err.get("loc", ())) or None
+    value = err.get("input")
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    if err.get("type") == "extra_forbidden":
+        return UserError(f"unknown field {field!r}: remove it (see /api/schema for the fields)", field=field)
+    return UserError(f"{field}={shown}: {err.get('msg', 'invalid')}", field=field)
+
+
+def parse_params(model: type[GenerationParams], data: Any) -> GenerationParams:
+    """Validate a decoded JSON object; raises UserError (with ``field``) on the first problem."""
+    if not isinstance(data, dict):
+        raise UserError("params must be a JSON object", field=None)
+    try:
+        params = model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error_to_user_error(exc) from None
+    # img2img runs about steps * strength denoising steps: fewer than one would run nothing.
+    if params.mode == "img2img" and params.num_inference_steps * params.strength < 1:
+        raise UserError(
+            f"strength={params.strength} with num_inference_steps={params.num_inference_steps} runs no step in "
+            f"img2img: raise strength to at least {1 / params.num_inference_steps:.2f} or add steps",
+            field="strength",
+        )
+    return params

@@ -1,0 +1,144 @@
+"""``POST /api/generate``: one full-quality image as PNG with its parameters, through the same worker as the sessions.
+
+Each request is its own worker slot (served round-robin with the sessions). At most ``rest_queue_size`` requests
+wait or run at a time; more get 429 with ``Retry-After`` rather than an ever-longer wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request, Response
+
+from lcm_live.errors import UserError
+from lcm_live.studio.images import decode_canvas, encode_png_with_parameters
+from lcm_live.studio.params import parse_params
+from lcm_live.studio.worker import Job
+
+if TYPE_CHECKING:
+    from lcm_live.studio.app import StudioState
+
+_STATUS = {"invalid_params": 422, "invalid_image": 422, "timeout": 504, "oom": 500, "engine_error": 500,
+           "cancelled": 503}
+
+
+class RestSink:
+    """Resolves an asyncio future from the worker thread: ("frame", image, parameters) or ("error", code, message, field)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.future: asyncio.Future = loop.create_future()
+
+    def _resolve(self, value: tuple) -> None:
+        def set_result() -> None:
+            if not self.future.done():
+                self.future.set_result(value)
+
+        try:
+            self.loop.call_soon_threadsafe(set_result)
+        except RuntimeError:
+            pass
+
+    def wants_preview(self) -> bool:
+        return False
+
+    def on_frame(self, job: Job, image: Any, *, final: bool, step: int, total: int, generation_s: float,
+                 parameters: dict[str, Any]) -> None:
+        if final:
+            self._resolve(("frame", image, parameters))
+
+    def on_error(self, job: Job, code: str, message: str, field: str | None) -> None:
+        self._resolve(("error", code, message, field))
+
+    def on_done(self, job: Job, outcome: str) -> None:
+        if outcome in ("cancelled", "replaced"):
+            self._resolve(("error", "cancelled", "the generation was cancelled (server shutting down)", None))
+
+
+def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> None:
+    from lcm_live.studio.app import ApiError  # circular at import time otherwise
+
+    s = studio.settings.studio
+
+    @app.post("/api/generate", dependencies=dependencies)
+    async def api_generate(request: Request) -> Response:
+        if not studio.worker.ready:
+            raise ApiError(503, "not_ready", f"the model is not ready ({studio.worker.detail})",
+                           headers={"Retry-After": "5"})
+        body = await request.body()  # GuardMiddleware caps it at max_body_bytes while it streams in
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise ApiError(422, "invalid_params", "the body is not JSON: send the params as a JSON object") from None
+        if not isinstance(data, dict):
+            raise ApiError(422, "invalid_params", "the body must be a JSON object of params")
+        image_b64 = data.pop("image", None)
+        try:
+            params = parse_params(studio.params_model, data)
+        except UserError as exc:
+            studio.metrics.rejected.labels(reason="invalid_params").inc()
+            raise ApiError(422, "invalid_params", exc.message, exc.field) from None
+        canvas = None
+        if params.mode == "img2img":
+            if not isinstance(image_b64, str) or not image_b64:
+                raise ApiError(422, "invalid_params", "img2img needs \"image\": a base64 PNG, JPEG or WebP", "image")
+            canvas = await _decode_image(image_b64, studio)
+        elif image_b64 is not None:
+            raise ApiError(422, "invalid_params", "\"image\" is only used with \"mode\": \"img2img\": set the mode "
+                           "or drop the image", "image")
+        if studio.rest_waiting >= s.rest_queue_size:
+            studio.metrics.rejected.labels(reason="capacity").inc()
+            raise ApiError(429, "capacity", f"{studio.rest_waiting} generations are already waiting: retry shortly",
+                           headers={"Retry-After": "2"})
+        sink = RestSink(asyncio.get_running_loop())
+        slot = f"rest-{secrets.token_hex(6)}"
+        studio.rest_waiting += 1
+        try:
+            try:
+                studio.worker.submit(slot, Job(params=params, sink=sink, canvas=canvas))
+            except RuntimeError:
+                raise ApiError(503, "not_ready", "the server is shutting down") from None
+            try:
+                outcome = await asyncio.wait_for(
+                    asyncio.shield(sink.future), timeout=s.queue_wait_timeout_s + s.generation_timeout_s + 5)
+            except asyncio.TimeoutError:
+                studio.worker.cancel(slot, "timeout")
+                raise ApiError(504, "timeout", "the generation took too long: try fewer steps or a smaller size") from None
+            finally:
+                if not sink.future.done():  # the client went away: stop the run at its next step
+                    studio.worker.cancel(slot)
+        finally:
+            studio.rest_waiting -= 1
+        if outcome[0] == "error":
+            _, code, message, field = outcome
+            raise ApiError(_STATUS.get(code, 500), code, message, field)
+        _, image, parameters = outcome
+        metadata = {**params.model_dump(exclude={"previews"}), **parameters}
+        if params.mode != "img2img":
+            metadata.pop("strength", None)
+        png = await asyncio.to_thread(encode_png_with_parameters, image, metadata)
+        seed = metadata.get("seed", params.seed)
+        return Response(png, media_type="image/png",
+                        headers={"Content-Disposition": f'inline; filename="lcm-live-{seed}.png"'})
+
+
+async def _decode_image(image_b64: str, studio: StudioState) -> Any:
+    from lcm_live.studio.app import ApiError
+
+    s = studio.settings.studio
+    if "," in image_b64[:100] and image_b64.startswith("data:"):
+        image_b64 = image_b64.split(",", 1)[1]  # a data: URL from a canvas.toDataURL()
+    try:
+        raw = base64.b64decode(image_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "invalid_image", "\"image\" is not valid base64", "image") from None
+    try:
+        return await asyncio.to_thread(decode_canvas, raw, max_pixels=s.max_image_pixels, max_side=s.max_image_side)
+    except UserError as exc:
+        studio.metrics.rejected.labels(reason="invalid_image").inc()
+        raise ApiError(422, "invalid_image", exc.message, "image") from None

@@ -1,0 +1,287 @@
+"""One WebSocket session: its own params, canvas and frame counter (nothing mutable is shared between sessions).
+
+Input: the newest params / canvas win; unchanged input (same params, and in img2img the same canvas bytes)
+makes no new frame. Output: at most one frame waits to be sent; a newer frame replaces it (counted as dropped), so
+a slow client gets the newest frame when it is ready again and memory stays bounded. The worker thread calls the
+``JobSink`` methods; they hop onto the event loop with ``call_soon_threadsafe`` and never block the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from starlette.websockets import WebSocket, WebSocketState
+
+from lcm_live.errors import UserError
+from lcm_live.studio.images import decode_canvas, encode_frame
+from lcm_live.studio.params import GenerationParams, parse_params
+from lcm_live.studio.worker import Job
+
+if TYPE_CHECKING:
+    from lcm_live.studio.app import StudioState
+
+log = logging.getLogger("lcm_live.studio")
+
+CONTROL_BACKLOG = 64  # text messages waiting for a slow client; older ones are dropped past this
+
+
+@dataclass
+class PendingFrame:
+    job: Job
+    image: Any
+    final: bool
+    step: int
+    total: int
+    generation_s: float
+    parameters: dict[str, Any]
+
+
+class Session:
+    def __init__(self, websocket: WebSocket, studio: StudioState):
+        self.id = secrets.token_hex(8)
+        self.ws = websocket
+        self.studio = studio
+        self.loop = asyncio.get_running_loop()
+        self.params: GenerationParams | None = None  # the last good params
+        self.canvas: Any = None  # decoded RGB canvas
+        self.canvas_hash: str | None = None
+        self.last_key: tuple[str, str | None] | None = None  # the input of the last generation asked for
+        self.active_job: Job | None = None
+        self.frame_id = 0
+        self.closed = False
+        self._warned_canvas = False
+        self._last_warning: str | None = None
+        self._first_frame_job: int | None = None  # job whose first frame was already timed
+        self._frame: PendingFrame | None = None  # at most one frame waits
+        self._sending = False
+        self._control: deque[dict[str, Any]] = deque(maxlen=CONTROL_BACKLOG)
+        self._wake = asyncio.Event()
+        self._send_lock = asyncio.Lock()  # a frame's JSON and its binary go out back to back
+
+    # ---- JobSink (worker thread) ------------------------------------------------------------------------
+    def wants_preview(self) -> bool:
+        return not self.closed and self._frame is None and not self._sending
+
+    def on_frame(self, job: Job, image: Any, *, final: bool, step: int, total: int, generation_s: float,
+                 parameters: dict[str, Any]) -> None:
+        self._call(self._post_frame, PendingFrame(job, image, final, step, total, generation_s, parameters))
+
+    def on_error(self, job: Job, code: str, message: str, field: str | None) -> None:
+        self._call(self._post_error, job, code, message, field)
+
+    def on_done(self, job: Job, outcome: str) -> None:
+        self._call(self._job_done, job, outcome)
+
+    def _call(self, fn, *args) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the session is long gone
+            pass
+
+    # ---- event loop side ----------------------------------------------------------------------------------
+    def send_control(self, message: dict[str, Any]) -> None:
+        if not self.closed:
+            self._control.append(message)
+            self._wake.set()
+
+    def send_error(self, code: str, message: str, field: str | None = None) -> None:
+        self.send_control({"type": "error", "code": code, "message": message, "field": field})
+
+    def _post_frame(self, frame: PendingFrame) -> None:
+        if self.closed:
+            return
+        if self._frame is not None:
+            self.studio.metrics.frames_dropped.inc()
+        self._frame = frame
+        self._wake.set()
+
+    def _post_error(self, job: Job, code: str, message: str, field: str | None) -> None:
+        if job is self.active_job:
+            self.send_error(code, message, field)
+
+    def _job_done(self, job: Job, outcome: str) -> None:
+        if job is not self.active_job:
+            return
+        if outcome == "error":
+            self.last_key = None  # the same input again may retry
+        if outcome != "replaced":
+            self.active_job = None
+            self.send_control({"type": "status", "state": "idle", "queue_depth": self.studio.worker.queue_depth()})
+
+    async def run(self) -> None:
+        """Serve the connection until it closes. The caller has accepted it and registered the session."""
+        sender = asyncio.create_task(self._sender())
+        s = self.studio.settings.studio
+        try:
+            self.send_control({"type": "hello", "session": self.id, "schema": self.studio.schema(),
+                               "info": self.studio.info})
+            while True:
+                try:
+                    message = await asyncio.wait_for(self.ws.receive(), timeout=s.idle_timeout_s)
+                except asyncio.TimeoutError:
+                    await self.close(1000, "idle timeout")
+                    break
+                if message["type"] == "websocket.disconnect":
+                    break
+                text, data = message.get("text"), message.get("bytes")
+                size = len(text.encode()) if text is not None else len(data or b"")
+                if size > s.max_ws_message_bytes:
+                    self.studio.metrics.rejected.labels(reason="too_large").inc()
+                    await self.close(1009, "message too big", error=("too_large", f"a message is {size} bytes: "
+                                     f"the limit is {s.max_ws_message_bytes}; send a smaller canvas"))
+                    break
+                if text is not None:
+                    self._on_text(text)
+                elif data is not None:
+                    await self._on_binary(data)
+        finally:
+            self.closed = True
+            self.studio.worker.cancel(self.id)
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sender
+
+    def _on_text(self, text: str) -> None:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return self._reject("invalid_params", "the message is not JSON: send {\"type\": \"params\", ...}", None)
+        if not isinstance(data, dict) or data.get("type") != "params":
+            return self._reject("invalid_params", "unknown message: send {\"type\": \"params\", ...} as text and "
+                                "the canvas as binary", "type")
+        body = {k: v for k, v in data.items() if k != "type"}
+        try:
+            self.params = parse_params(self.studio.params_model, body)
+        except UserError as exc:
+            return self._reject("invalid_params", exc.message, exc.field)
+        self._maybe_submit()
+
+    async def _on_binary(self, data: bytes) -> None:
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+        if digest == self.canvas_hash:
+            return
+        s = self.studio.settings.studio
+        try:
+            image = await asyncio.to_thread(decode_canvas, data, max_pixels=s.max_image_pixels,
+                                            max_side=s.max_image_side)
+        except UserError as exc:
+            return self._reject("invalid_image", exc.message, "image")
+        self.canvas, self.canvas_hash = image, digest
+        self._maybe_submit()
+
+    def _reject(self, code: str, message: str, field: str | None) -> None:
+        self.studio.metrics.rejected.labels(reason=code).inc()
+        self.send_error(code, message, field)
+
+    def _maybe_submit(self) -> None:
+        params = self.params
+        if params is None or self.closed:
+            return
+        img2img = params.mode == "img2img"
+        if img2img and self.canvas is None:
+            if not self._warned_canvas:
+                self._warned_canvas = True
+                self.send_control({"type": "warning", "message": "img2img: waiting for the canvas (send it as a "
+                                   "binary PNG, JPEG or WebP message)"})
+            return
+        key = (params.model_dump_json(), self.canvas_hash if img2img else None)
+        if key == self.last_key:
+            return  # unchanged input: no new frame
+        self.last_key = key
+        job = Job(params=params, sink=self, canvas=self.canvas if img2img else None)
+        self.active_job = job
+        try:
+            self.studio.worker.submit(self.id, job)
+        except RuntimeError:
+            self.send_error("not_ready", "the server is shutting down", None)
+            return
+        self.send_control({"type": "status", "state": "busy", "queue_depth": self.studio.worker.queue_depth()})
+
+    async def _sender(self) -> None:
+        """The only task that writes to the socket while the session runs: control messages first, then the newest frame."""
+        s = self.studio.settings.studio
+        metrics = self.studio.metrics
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._control:
+                await self._send_text(self._control.popleft())
+            frame = self._frame
+            if frame is None:
+                continue
+            self._frame, self._sending = None, True
+            try:
+                t0 = time.perf_counter()
+                data = await asyncio.to_thread(encode_frame, frame.image, s.frame_format, s.frame_quality)
+                encode_s = time.perf_counter() - t0
+                for warning in frame.parameters.get("warnings") or []:
+                    if warning != self._last_warning:
+                        await self._send_text({"type": "warning", "message": str(warning)})
+                    self._last_warning = warning
+                info = self._frame_info(frame, encode_s)
+                async with self._send_lock:
+                    await self.ws.send_text(json.dumps(info))
+                    await self.ws.send_bytes(data)
+                metrics.frames_sent.inc()
+                if self._first_frame_job != frame.job.id:
+                    self._first_frame_job = frame.job.id
+                    metrics.first_frame_seconds.observe(time.monotonic() - frame.job.submitted)
+            finally:
+                self._sending = False
+            if self._frame is not None or self._control:
+                self._wake.set()
+
+    def _frame_info(self, frame: PendingFrame, encode_s: float) -> dict[str, Any]:
+        job = frame.job
+        self.frame_id += 1
+        queue_s = (job.started or job.submitted) - job.submitted
+        width, height = frame.image.size
+        return {
+            "type": "frame",
+            "id": self.frame_id,
+            "final": frame.final,
+            "step": frame.step,
+            "total": frame.total,
+            "seed": frame.parameters.get("seed", job.params.seed),
+            "width": width,
+            "height": height,
+            "timings": {
+                "queue_ms": round(queue_s * 1000, 2),
+                "generation_ms": round(frame.generation_s * 1000, 2),
+                "encode_ms": round(encode_s * 1000, 2),
+                "total_ms": round((time.monotonic() - job.submitted) * 1000, 2),
+            },
+            "params": job.params.model_dump(),
+        }
+
+    async def _send_text(self, message: dict[str, Any]) -> None:
+        async with self._send_lock:
+            await self.ws.send_text(json.dumps(message))
+
+    async def close(self, code: int, reason: str = "", error: tuple[str, str] | None = None) -> None:
+        """Close from the server side, with a last error message first when given (best effort)."""
+        self.closed = True
+        if self.ws.application_state != WebSocketState.CONNECTED:
+            return
+
+        async def say_goodbye() -> None:
+            async with self._send_lock:
+                if error is not None:
+                    code_name, message = error
+                    await self.ws.send_text(json.dumps({"type": "error", "code": code_name, "message": message,
+                                                        "field": None}))
+                await self.ws.close(code, reason)
+
+        try:
+            await asyncio.wait_for(say_goodbye(), timeout=2.0)
+        except Exception:  # the client is gone or too slow: nothing more to say
+            log.debug("session %s: close %s not delivered", self.id, code)
