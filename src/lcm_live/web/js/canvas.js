@@ -1,0 +1,215 @@
+// The sketch canvas: brush (size, colour, pen pressure), eraser, undo/redo, clear, images dropped onto it.
+// Pointer events, so mouse, pen and touch all draw. The canvas keeps the generation size in pixels (CSS scales
+// it to the column) and an opaque white background: it is sent as the init image in sketch mode.
+//
+// Events: "change" {final: boolean}  final=false while a stroke is in progress (throttled by the caller),
+//         "history" {canUndo, canRedo}
+
+const BACKGROUND = "#ffffff";
+const MAX_HISTORY = 20; // ImageData snapshots; a 768x768 one is ~2.4 MB
+
+export class SketchCanvas extends EventTarget {
+  /** @param {HTMLCanvasElement} canvas */
+  constructor(canvas) {
+    super();
+    this.canvas = canvas;
+    this.ctx = canvas.getContext("2d", { willReadFrequently: true });
+    this.tool = "brush"; // "brush" | "eraser"
+    this.color = "#000000";
+    this.size = 12; // brush diameter in canvas pixels
+    this.undoStack = [];
+    this.redoStack = [];
+    this.pointerId = null; // the one pointer drawing now (a second finger is ignored)
+    this.last = null; // last point of the stroke, canvas pixels
+    this.fill();
+    canvas.addEventListener("pointerdown", (e) => this.onDown(e));
+    canvas.addEventListener("pointermove", (e) => this.onMove(e));
+    canvas.addEventListener("pointerup", (e) => this.onUp(e));
+    canvas.addEventListener("pointercancel", (e) => this.onUp(e));
+    canvas.addEventListener("lostpointercapture", (e) => this.onUp(e));
+    canvas.addEventListener("contextmenu", (e) => e.preventDefault());
+  }
+
+  get width() { return this.canvas.width; }
+  get height() { return this.canvas.height; }
+
+  fill() {
+    this.ctx.save();
+    this.ctx.globalCompositeOperation = "source-over";
+    this.ctx.fillStyle = BACKGROUND;
+    this.ctx.fillRect(0, 0, this.canvas.width, this.canvas.height);
+    this.ctx.restore();
+  }
+
+  // ---- drawing ----
+
+  /** Client coordinates -> canvas pixels (the element is scaled by CSS). */
+  toCanvas(e) {
+    const r = this.canvas.getBoundingClientRect();
+    return {
+      x: ((e.clientX - r.left) / r.width) * this.canvas.width,
+      y: ((e.clientY - r.top) / r.height) * this.canvas.height,
+    };
+  }
+
+  lineWidth(e) {
+    // Pens report real pressure in [0, 1]; mice report a constant 0.5 while pressed, so ignore it for them.
+    const pressure = e.pointerType === "pen" && e.pressure > 0 ? e.pressure : 1;
+    return Math.max(1, this.size * (0.3 + 0.7 * pressure));
+  }
+
+  onDown(e) {
+    if (this.pointerId !== null) return;
+    if (e.pointerType === "mouse" && e.button !== 0) return;
+    e.preventDefault();
+    this.pointerId = e.pointerId;
+    try { this.canvas.setPointerCapture(e.pointerId); } catch { /* capture is a nicety */ }
+    this.pushHistory();
+    this.last = this.toCanvas(e);
+    this.segment(this.last, this.last, this.lineWidth(e));
+    this.emit("change", { final: false });
+  }
+
+  onMove(e) {
+    if (e.pointerId !== this.pointerId) return;
+    e.preventDefault();
+    // Coalesced events: the points the browser merged into this one event (smooth lines on fast strokes).
+    const events = typeof e.getCoalescedEvents === "function" ? e.getCoalescedEvents() : [];
+    for (const ev of events.length ? events : [e]) {
+      const p = this.toCanvas(ev);
+      this.segment(this.last, p, this.lineWidth(ev));
+      this.last = p;
+    }
+    this.emit("change", { final: false });
+  }
+
+  onUp(e) {
+    if (e.pointerId !== this.pointerId) return;
+    this.pointerId = null;
+    this.last = null;
+    this.emit("change", { final: true });
+  }
+
+  segment(a, b, width) {
+    const ctx = this.ctx;
+    ctx.save();
+    ctx.lineCap = "round";
+    ctx.lineJoin = "round";
+    ctx.lineWidth = width;
+    // The eraser paints the background: the init image must stay opaque.
+    ctx.strokeStyle = this.tool === "eraser" ? BACKGROUND : this.color;
+    ctx.beginPath();
+    ctx.moveTo(a.x, a.y);
+    // A zero-length line with round caps draws a dot (a tap).
+    ctx.lineTo(b.x + (a.x === b.x && a.y === b.y ? 0.01 : 0), b.y);
+    ctx.stroke();
+    ctx.restore();
+  }
+
+  // ---- whole-canvas actions (each one undoable) ----
+
+  clear() {
+    this.pushHistory();
+    this.fill();
+    this.emit("change", { final: true });
+  }
+
+  /**
+   * Draw an image (ImageBitmap, HTMLImageElement, canvas) onto the canvas.
+   * fit "contain": letterboxed on white (uploads keep their proportions); "stretch": fills the canvas (Apply: the
+   * output already has the canvas' aspect ratio).
+   */
+  drawImage(source, fit = "contain") {
+    const sw = source.naturalWidth || source.width;
+    const sh = source.naturalHeight || source.height;
+    if (!sw || !sh) return;
+    this.pushHistory();
+    this.fill();
+    let w = this.canvas.width;
+    let h = this.canvas.height;
+    if (fit === "contain") {
+      const scale = Math.min(w / sw, h / sh);
+      w = sw * scale;
+      h = sh * scale;
+    }
+    this.ctx.imageSmoothingQuality = "high";
+    this.ctx.drawImage(source, (this.canvas.width - w) / 2, (this.canvas.height - h) / 2, w, h);
+    this.emit("change", { final: true });
+  }
+
+  /** Change the pixel size (the generation size), stretching what is drawn. Not an undo step. */
+  resize(width, height) {
+    if (width === this.canvas.width && height === this.canvas.height) return;
+    const old = document.createElement("canvas");
+    old.width = this.canvas.width;
+    old.height = this.canvas.height;
+    old.getContext("2d").drawImage(this.canvas, 0, 0);
+    this.canvas.width = width; // resets the context
+    this.canvas.height = height;
+    this.fill();
+    this.ctx.imageSmoothingQuality = "high";
+    this.ctx.drawImage(old, 0, 0, width, height);
+    this.emit("change", { final: true });
+  }
+
+  // ---- history ----
+
+  snapshot() {
+    return this.ctx.getImageData(0, 0, this.canvas.width, this.canvas.height);
+  }
+
+  restore(data) {
+    if (data.width === this.canvas.width && data.height === this.canvas.height) {
+      this.ctx.putImageData(data, 0, 0);
+      return;
+    }
+    // Taken before a resize: scale it to the current size.
+    const tmp = document.createElement("canvas");
+    tmp.width = data.width;
+    tmp.height = data.height;
+    tmp.getContext("2d").putImageData(data, 0, 0);
+    this.fill();
+    this.ctx.drawImage(tmp, 0, 0, this.canvas.width, this.canvas.height);
+  }
+
+  pushHistory() {
+    this.undoStack.push(this.snapshot());
+    if (this.undoStack.length > MAX_HISTORY) this.undoStack.shift();
+    this.redoStack = [];
+    this.emitHistory();
+  }
+
+  undo() {
+    if (!this.undoStack.length || this.pointerId !== null) return;
+    this.redoStack.push(this.snapshot());
+    this.restore(this.undoStack.pop());
+    this.emitHistory();
+    this.emit("change", { final: true });
+  }
+
+  redo() {
+    if (!this.redoStack.length || this.pointerId !== null) return;
+    this.undoStack.push(this.snapshot());
+    this.restore(this.redoStack.pop());
+    this.emitHistory();
+    this.emit("change", { final: true });
+  }
+
+  emitHistory() {
+    this.emit("history", { canUndo: this.undoStack.length > 0, canRedo: this.redoStack.length > 0 });
+  }
+
+  // ---- export ----
+
+  /** The canvas as WebP (quality 0.85), or JPEG where the browser cannot encode WebP. */
+  async toBlob() {
+    const encode = (type) => new Promise((resolve) => this.canvas.toBlob(resolve, type, 0.85));
+    const webp = await encode("image/webp");
+    if (webp && webp.type === "image/webp") return webp;
+    return encode("image/jpeg"); // Safari before 17 answers PNG for WebP
+  }
+
+  emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+}

@@ -1,0 +1,176 @@
+// The studio WebSocket (docs/protocol.md): reconnects with exponential backoff, keeps the newest params and the
+// newest canvas so that nothing is lost while disconnected, and pairs each `frame` JSON with the ONE binary
+// message that follows it.
+//
+// Events (CustomEvent, `detail` below):
+//   state   {state: "connecting"|"open"|"closed", code, reason, retryInMs}
+//   hello   the server's hello message
+//   frame   {info, blob, receivedAt}   info: the frame JSON; blob: the image (image/jpeg or image/webp)
+//   status  the status message
+//   error   the error message ({code, message, field})
+//   warning the warning message
+//   sent    {kind: "params"|"canvas", at, payload}   at: performance.now() of the send
+
+const CLOSE_TEXT = {
+  1000: "closed by the server",
+  1001: "the server is going away",
+  1008: "refused by the server (not authorized or wrong origin)",
+  1009: "a message was too big for the server",
+  1011: "internal server error",
+  1012: "the server is restarting",
+  1013: "the server is busy or still loading",
+};
+
+export function closeText(code) {
+  return CLOSE_TEXT[code] || (code === 1006 ? "connection lost" : `closed (${code})`);
+}
+
+/** Sniff the image type from its magic bytes (the server sends JPEG or WebP). */
+function imageType(bytes) {
+  if (bytes.length >= 12 && bytes[0] === 0x52 && bytes[1] === 0x49 && bytes[8] === 0x57 && bytes[9] === 0x45) {
+    return "image/webp"; // "RIFF....WEBP"
+  }
+  if (bytes.length >= 8 && bytes[0] === 0x89 && bytes[1] === 0x50) return "image/png";
+  return "image/jpeg";
+}
+
+export class Connection extends EventTarget {
+  /**
+   * @param {string} url ws:// or wss:// URL of /ws
+   * @param {{minDelayMs?: number, maxDelayMs?: number}} options backoff bounds in milliseconds
+   */
+  constructor(url, { minDelayMs = 500, maxDelayMs = 10000 } = {}) {
+    super();
+    this.url = url;
+    this.minDelayMs = minDelayMs;
+    this.maxDelayMs = maxDelayMs;
+    this.ws = null;
+    this.attempt = 0; // consecutive failed connections; reset by a hello
+    this.timer = null;
+    this.pendingFrame = null; // frame JSON waiting for its binary image
+    this.latestParams = null; // newest params (object), re-sent after every reconnect
+    this.latestCanvas = null; // newest canvas (Blob) or null when the mode does not use it
+    this.stopped = false;
+    window.addEventListener("online", () => this.reconnectNow());
+    document.addEventListener("visibilitychange", () => {
+      if (document.visibilityState === "visible") this.reconnectNow();
+    });
+  }
+
+  get isOpen() {
+    return this.ws !== null && this.ws.readyState === WebSocket.OPEN;
+  }
+
+  start() {
+    this.stopped = false;
+    this.connect();
+  }
+
+  /** Skip the remaining backoff wait (the network came back, the tab became visible). */
+  reconnectNow() {
+    if (this.stopped || this.ws !== null) return;
+    clearTimeout(this.timer);
+    this.connect();
+  }
+
+  connect() {
+    this.timer = null;
+    this.pendingFrame = null;
+    this.emit("state", { state: "connecting" });
+    let ws;
+    try {
+      ws = new WebSocket(this.url);
+    } catch (err) {
+      this.scheduleReconnect(1006, String(err));
+      return;
+    }
+    ws.binaryType = "arraybuffer";
+    this.ws = ws;
+    ws.onopen = () => {
+      this.emit("state", { state: "open" });
+      // A new connection is a new session on the server: give it the newest canvas first (img2img waits for
+      // one), then the newest params.
+      if (this.latestCanvas) this.rawSend("canvas", this.latestCanvas);
+      if (this.latestParams) this.rawSend("params", JSON.stringify(this.latestParams), this.latestParams);
+    };
+    ws.onmessage = (event) => this.onMessage(event.data);
+    ws.onclose = (event) => {
+      if (this.ws !== ws) return;
+      this.ws = null;
+      this.scheduleReconnect(event.code, event.reason);
+    };
+    // onerror is always followed by onclose, which does the work.
+  }
+
+  scheduleReconnect(code, reason) {
+    if (this.stopped) {
+      this.emit("state", { state: "closed", code, reason, retryInMs: null });
+      return;
+    }
+    // Exponential backoff with +-25% jitter so that many tabs do not reconnect in lockstep after a restart.
+    const base = Math.min(this.maxDelayMs, this.minDelayMs * 2 ** this.attempt);
+    const delay = Math.round(base * (0.75 + Math.random() * 0.5));
+    this.attempt += 1;
+    this.emit("state", { state: "closed", code, reason, retryInMs: delay });
+    this.timer = setTimeout(() => this.connect(), delay);
+  }
+
+  onMessage(data) {
+    if (typeof data !== "string") {
+      const info = this.pendingFrame;
+      this.pendingFrame = null;
+      if (info === null) return; // a binary without its frame JSON: not ours to show
+      const bytes = new Uint8Array(data);
+      const blob = new Blob([bytes], { type: imageType(bytes) });
+      this.emit("frame", { info, blob, receivedAt: performance.now() });
+      return;
+    }
+    let msg;
+    try {
+      msg = JSON.parse(data);
+    } catch {
+      return;
+    }
+    switch (msg.type) {
+      case "frame":
+        this.pendingFrame = msg; // its image is the next binary message
+        break;
+      case "hello":
+        this.attempt = 0;
+        this.emit("hello", msg);
+        break;
+      case "status":
+      case "error":
+      case "warning":
+        this.emit(msg.type, msg);
+        break;
+      default:
+        break;
+    }
+  }
+
+  /** Send the full params (newest wins); kept and re-sent after a reconnect. */
+  sendParams(params) {
+    this.latestParams = { type: "params", ...params };
+    if (this.isOpen) this.rawSend("params", JSON.stringify(this.latestParams), this.latestParams);
+  }
+
+  /** Send the canvas image (newest wins); `null` forgets it (text-to-image mode). */
+  sendCanvas(blob) {
+    this.latestCanvas = blob;
+    if (blob && this.isOpen) this.rawSend("canvas", blob);
+  }
+
+  rawSend(kind, data, payload = data) {
+    try {
+      this.ws.send(data);
+    } catch {
+      return; // the close handler reconnects and re-sends the newest input
+    }
+    this.emit("sent", { kind, at: performance.now(), payload });
+  }
+
+  emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+}

@@ -1,0 +1,391 @@
+// The studio page: wires the prompt, the canvas, the schema-built settings and the live output to the WebSocket.
+// Protocol: docs/protocol.md. Every input sends the full params at once; the server keeps only the newest.
+
+import { Banners } from "./banner.js";
+import { SketchCanvas } from "./canvas.js";
+import { Connection, closeText } from "./connection.js";
+import { Controls, schemaProperties } from "./controls.js";
+import { FpsMeter, InputLog, OutputView, errorText, saveFrame } from "./output.js";
+
+const PALETTE = [
+  "#000000", "#ffffff", "#6b7280", "#7c4a2d", "#e53935", "#fb8c00", "#fdd835",
+  "#43a047", "#1e88e5", "#8ecae6", "#8e24aa", "#f48fb1",
+];
+const STROKE_SEND_MS = 120; // while a stroke goes on, send the canvas at most this often
+
+const $ = (id) => document.getElementById(id);
+
+const els = {
+  prompt: $("prompt"),
+  counter: $("prompt-counter"),
+  negative: $("negative-prompt"),
+  negativeWrap: $("negative-wrap"),
+  controlsForm: $("controls"),
+  connText: $("conn-text"),
+  busyText: $("busy-text"),
+  fps: $("fps"),
+  latency: $("latency"),
+  model: $("model-info"),
+  save: $("save"),
+  apply: $("apply"),
+  outputWrap: $("output-wrap"),
+};
+
+const banners = new Banners($("banner-error"), $("banner-notice"));
+const sketch = new SketchCanvas($("sketch"));
+const output = new OutputView({ img: $("output"), empty: $("output-empty"), badge: $("step-badge"), info: $("frame-info") });
+const fps = new FpsMeter();
+const inputs = new InputLog();
+const wsUrl = new URL("ws", location.href);
+wsUrl.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+const conn = new Connection(wsUrl.href);
+
+const state = {
+  mode: "txt2img",
+  controls: null, // Controls, once the schema is known
+  fields: null, // names the server accepts
+  wantSend: false, // input arrived before the schema: send once the controls exist
+  serverBusy: false,
+  pending: false, // input sent, no frame or idle status since
+  canvasSeq: 0, // orders canvas encodes: an older encode never replaces a newer one
+  strokeTimer: null,
+};
+
+// ---------------------------------------------------------------- params
+
+function currentParams() {
+  state.controls.nextSeed();
+  const all = {
+    mode: state.mode,
+    prompt: els.prompt.value,
+    negative_prompt: els.negative.value,
+    ...state.controls.values(),
+  };
+  const params = {};
+  for (const name of state.fields) if (name in all) params[name] = all[name];
+  return params;
+}
+
+function sendParams() {
+  if (!state.controls) {
+    state.wantSend = true;
+    return;
+  }
+  conn.sendParams(currentParams());
+}
+
+function updateCounter() {
+  const max = state.fields ? schemaProperties(state.schema).prompt?.maxLength : undefined;
+  const n = els.prompt.value.length;
+  els.counter.textContent = max ? `${n}/${max}` : "";
+  // Too long is shown, never cut: the server names the limit and the text stays as typed.
+  els.counter.classList.toggle("over", Boolean(max) && n > max);
+}
+
+function setupSchema(schema) {
+  if (state.controls) return;
+  state.schema = schema;
+  state.controls = new Controls(els.controlsForm, schema);
+  state.fields = state.controls.fieldNames;
+  els.negativeWrap.hidden = !state.fields.includes("negative_prompt");
+  const modeProp = schemaProperties(schema).mode;
+  if (modeProp && Array.isArray(modeProp.enum)) {
+    for (const radio of document.querySelectorAll('input[name="mode"]')) {
+      radio.closest("label").hidden = !modeProp.enum.includes(radio.value);
+    }
+  }
+  state.controls.addEventListener("input", sendParams);
+  state.controls.addEventListener("size", (e) => applySize(e.detail));
+  applySize(state.controls.size());
+  updateCounter();
+  if (state.wantSend || els.prompt.value) sendParams();
+}
+
+function applySize({ width, height }) {
+  if (!width || !height) return;
+  sketch.resize(width, height);
+  els.outputWrap.style.aspectRatio = `${width} / ${height}`;
+}
+
+// ---------------------------------------------------------------- canvas -> server
+
+async function sendCanvasNow() {
+  clearTimeout(state.strokeTimer);
+  state.strokeTimer = null;
+  if (state.mode !== "img2img") return;
+  const seq = ++state.canvasSeq;
+  const blob = await sketch.toBlob();
+  if (seq !== state.canvasSeq || !blob || state.mode !== "img2img") return;
+  conn.sendCanvas(blob);
+}
+
+sketch.addEventListener("change", (e) => {
+  if (state.mode !== "img2img") return;
+  if (e.detail.final) {
+    sendCanvasNow();
+  } else if (state.strokeTimer === null) {
+    state.strokeTimer = setTimeout(sendCanvasNow, STROKE_SEND_MS);
+  }
+});
+
+sketch.addEventListener("history", (e) => {
+  $("undo").disabled = !e.detail.canUndo;
+  $("redo").disabled = !e.detail.canRedo;
+});
+
+async function setMode(mode) {
+  state.mode = mode;
+  document.body.dataset.mode = mode;
+  for (const radio of document.querySelectorAll('input[name="mode"]')) radio.checked = radio.value === mode;
+  if (mode === "img2img") {
+    await sendCanvasNow(); // the server waits for a canvas before the first sketch frame
+  } else {
+    state.canvasSeq += 1;
+    conn.sendCanvas(null);
+  }
+  sendParams();
+}
+
+// ---------------------------------------------------------------- server -> page
+
+conn.addEventListener("sent", (e) => {
+  inputs.add(e.detail);
+  state.pending = true;
+  renderBusy();
+});
+
+conn.addEventListener("state", (e) => {
+  const { state: s, code, retryInMs } = e.detail;
+  document.body.dataset.connection = s;
+  if (s === "connecting") els.connText.textContent = "connecting…";
+  else if (s === "open") els.connText.textContent = "connected";
+  else {
+    const wait = retryInMs ? `, retry in ${(retryInMs / 1000).toFixed(1)} s` : "";
+    els.connText.textContent = `offline (${closeText(code)})${wait}`;
+    state.serverBusy = false;
+    state.pending = false;
+    renderBusy();
+    if (code === 1008) {
+      banners.show("The server refused this page: open the address that `lcm-live serve` printed " +
+        "(with its ?token=…) once in this browser.", { source: "connection" });
+    } else if (code === 1009) {
+      banners.show("The canvas was too big for the server; try a smaller size.", { source: "connection" });
+    }
+  }
+});
+
+conn.addEventListener("hello", (e) => {
+  banners.clear("connection");
+  if (e.detail.schema) setupSchema(e.detail.schema);
+  if (e.detail.info) showInfo(e.detail.info);
+});
+
+conn.addEventListener("status", (e) => {
+  state.serverBusy = e.detail.state === "busy";
+  if (e.detail.state === "idle") state.pending = false;
+  renderBusy();
+});
+
+conn.addEventListener("error", (e) => {
+  const { code, message, field } = e.detail;
+  const where = field ? ` (${field})` : "";
+  banners.show(`${message || code}${where}`, { source: code === "capacity" || code === "not_ready" ? "connection" : "generation" });
+  if (state.controls) state.controls.markInvalid(field);
+  state.pending = false;
+  renderBusy();
+});
+
+conn.addEventListener("warning", (e) => {
+  banners.show(e.detail.message, { source: "warning", warning: true, autoHideMs: 8000 });
+});
+
+conn.addEventListener("frame", async (e) => {
+  const { info, blob, receivedAt } = e.detail;
+  const final = info.final !== false;
+  if (final) {
+    state.pending = false;
+    fps.tick(receivedAt);
+    const source = inputs.sourceOf(info, receivedAt);
+    const latency = source ? receivedAt - source.at : null;
+    els.latency.textContent = latency === null ? "–" : `${Math.round(latency)} ms`;
+    output.describe(info, latency);
+    banners.clear("generation");
+    if (state.controls) state.controls.clearInvalid();
+  }
+  await output.show(info, blob, receivedAt);
+  els.save.disabled = !final;
+  els.apply.disabled = false;
+  renderBusy(final ? null : `step ${info.step}/${info.total}`);
+});
+
+function renderBusy(stepText = null) {
+  const busy = state.serverBusy || state.pending;
+  document.body.dataset.busy = String(busy);
+  els.busyText.textContent = stepText || (busy ? "generating…" : "idle");
+}
+
+// The fps readout decays to "–" when frames stop.
+setInterval(() => {
+  const v = fps.fps(performance.now());
+  els.fps.textContent = v === null ? "–" : v.toFixed(1);
+}, 500);
+
+function showInfo(info) {
+  const parts = [info.model, info.kind, info.device, info.dtype].filter(Boolean);
+  els.model.textContent = parts.join(" · ");
+  banners.notice(info.notice || "");
+}
+
+// ---------------------------------------------------------------- buttons
+
+els.save.addEventListener("click", async () => {
+  const frame = output.current;
+  if (!frame || !state.fields) return;
+  const { info } = frame;
+  const params = {};
+  for (const name of state.fields) {
+    if (info.params && name in info.params) params[name] = info.params[name];
+  }
+  params.seed = info.seed; // seeds are exact: the same seed and params give the same picture
+  if ("previews" in params) params.previews = false;
+  const source = inputs.sourceOf(info, frame.receivedAt, "canvas");
+  els.save.disabled = true;
+  els.save.textContent = "Saving…";
+  try {
+    await saveFrame({ params, canvasBlob: source ? source.payload : null });
+    banners.clear("save");
+  } catch (err) {
+    banners.show(`Save failed: ${err.message}`, { source: "save" });
+  } finally {
+    els.save.textContent = "Save";
+    els.save.disabled = false;
+  }
+});
+
+els.apply.addEventListener("click", () => {
+  const img = $("output");
+  if (!img.naturalWidth) return;
+  sketch.drawImage(img, "stretch");
+  if (state.mode !== "img2img") setMode("img2img");
+});
+
+$("tool-brush").addEventListener("click", () => setTool("brush"));
+$("tool-eraser").addEventListener("click", () => setTool("eraser"));
+$("undo").addEventListener("click", () => sketch.undo());
+$("redo").addEventListener("click", () => sketch.redo());
+$("clear").addEventListener("click", () => sketch.clear());
+
+function setTool(tool) {
+  sketch.tool = tool;
+  $("tool-brush").setAttribute("aria-pressed", String(tool === "brush"));
+  $("tool-eraser").setAttribute("aria-pressed", String(tool === "eraser"));
+}
+
+const sizeInput = $("brush-size");
+sizeInput.addEventListener("input", () => {
+  sketch.size = Number(sizeInput.value);
+  $("brush-size-value").textContent = sizeInput.value;
+});
+
+async function placeImageFile(file) {
+  if (!file || !file.type.startsWith("image/")) return;
+  try {
+    const bitmap = await createImageBitmap(file);
+    sketch.drawImage(bitmap, "contain");
+    bitmap.close();
+    if (state.mode !== "img2img") setMode("img2img");
+  } catch {
+    banners.show(`Could not read ${file.name} as an image.`, { source: "upload" });
+  }
+}
+
+$("upload").addEventListener("change", (e) => {
+  placeImageFile(e.target.files[0]);
+  e.target.value = ""; // the same file again is a new upload
+});
+const canvasWrap = document.querySelector(".canvas-wrap");
+canvasWrap.addEventListener("dragover", (e) => e.preventDefault());
+canvasWrap.addEventListener("drop", (e) => {
+  e.preventDefault();
+  placeImageFile(e.dataTransfer.files[0]);
+});
+
+function buildPalette() {
+  const palette = $("palette");
+  const swatches = [];
+  const select = (color) => {
+    sketch.color = color;
+    if (sketch.tool === "eraser") setTool("brush");
+    for (const s of swatches) s.setAttribute("aria-checked", String(s.dataset.color === color));
+  };
+  for (const color of PALETTE) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "swatch";
+    b.dataset.color = color;
+    b.style.background = color;
+    b.setAttribute("role", "radio");
+    b.setAttribute("aria-label", `Colour ${color}`);
+    b.addEventListener("click", () => select(color));
+    swatches.push(b);
+    palette.append(b);
+  }
+  const custom = document.createElement("input");
+  custom.type = "color";
+  custom.id = "custom-colour";
+  custom.value = "#ff5500";
+  custom.addEventListener("input", () => select(custom.value));
+  const label = document.createElement("label");
+  label.className = "custom-colour";
+  label.append(custom, "custom");
+  label.htmlFor = custom.id;
+  palette.append(label);
+  select(PALETTE[0]);
+}
+buildPalette();
+
+// ---------------------------------------------------------------- prompt, mode, keys
+
+els.prompt.addEventListener("input", () => {
+  updateCounter();
+  sendParams();
+});
+els.negative.addEventListener("input", sendParams);
+for (const radio of document.querySelectorAll('input[name="mode"]')) {
+  radio.addEventListener("change", () => radio.checked && setMode(radio.value));
+}
+
+document.addEventListener("keydown", (e) => {
+  const typing = e.target.closest && e.target.closest("textarea, input[type=number], input[type=text]");
+  if (typing) return;
+  const mod = e.ctrlKey || e.metaKey;
+  const key = e.key.toLowerCase();
+  if (mod && key === "z") {
+    e.preventDefault();
+    if (e.shiftKey) sketch.redo();
+    else sketch.undo();
+  } else if (mod && key === "y") {
+    e.preventDefault();
+    sketch.redo();
+  } else if (!mod && !e.altKey && key === "b") {
+    setTool("brush");
+  } else if (!mod && !e.altKey && key === "e") {
+    setTool("eraser");
+  }
+});
+
+// ---------------------------------------------------------------- start
+
+async function loadJson(path) {
+  const res = await fetch(path, { credentials: "same-origin" });
+  if (!res.ok) throw new Error(await errorText(res));
+  return res.json();
+}
+
+loadJson("api/schema")
+  .then(setupSchema)
+  .catch(() => { /* not authorized or not ready yet: the hello brings the schema */ });
+loadJson("api/info")
+  .then(showInfo)
+  .catch(() => { /* 503 while loading: the hello brings the info */ });
+conn.start();
