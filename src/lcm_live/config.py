@@ -39,7 +39,6 @@ class EngineSettings(BaseModel):
     compile: bool = False  # torch.compile the UNet
     quantize: Literal["none", "int8", "nf4"] = "none"
     openvino_cache_dir: str | None = None  # converted OpenVINO UNets; None: ~/.cache/lcm-live/openvino
-    openvino_cache_dir: str | None = None  # converted OpenVINO UNets; None: ~/.cache/lcm-live/openvino
     cache_dir: str | None = None  # Hugging Face cache; None: HF_HOME / the default
     offline_fallback: bool = True  # the default hub model missing -> builtin:shapes, said loudly
     prompt_cache_size: int = 64
