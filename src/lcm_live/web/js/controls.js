@@ -53,9 +53,10 @@ function decimals(step) {
   return s.includes(".") ? s.length - s.indexOf(".") - 1 : 0;
 }
 
+/** A uniform-enough random integer in [min, max] (32 random bits; the schema's seed range is 32-bit). */
 function randomSeed(min, max) {
   const [r] = crypto.getRandomValues(new Uint32Array(1));
-  return min + (r % (max - min + 1));
+  return min + (r % Math.min(max - min + 1, 2 ** 32));
 }
 
 function el(tag, attrs = {}, children = []) {
@@ -112,7 +113,7 @@ export class Controls extends EventTarget {
   nextSeed() {
     if (!this.seedLocked && this.setters.seed) {
       const p = this.props.seed;
-      this.setters.seed(randomSeed(p.minimum ?? 0, p.maximum ?? 2 ** 32 - 1));
+      this.setters.seed(randomSeed(p.minimum ?? 0, p.maximum ?? Number.MAX_SAFE_INTEGER));
     }
   }
 
@@ -199,7 +200,7 @@ export class Controls extends EventTarget {
   addSeed(f, prop) {
     const id = `ctl-${f.name}`;
     const min = prop.minimum ?? 0;
-    const max = prop.maximum ?? 2 ** 32 - 1;
+    const max = prop.maximum ?? Number.MAX_SAFE_INTEGER;
     const input = el("input", { type: "number", id, name: f.name, min, max, step: 1, inputmode: "numeric" });
     input.value = String(typeof prop.default === "number" ? prop.default : randomSeed(min, max));
     const lock = el("input", { type: "checkbox", id: `${id}-lock`, checked: true });

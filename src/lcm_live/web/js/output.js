@@ -84,6 +84,7 @@ export class OutputView {
     img.dataset.frameId = String(info.id);
     img.dataset.final = String(info.final !== false);
     img.dataset.seed = String(info.seed);
+    img.dataset.mode = String((info.params && info.params.mode) || "");
     if (info.final === false) {
       badge.textContent = `step ${info.step}/${info.total}`;
       badge.hidden = false;

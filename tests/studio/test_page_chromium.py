@@ -1,0 +1,229 @@
+"""The studio page in a real Chromium against a real `lcm-live serve` (uvicorn subprocess, tiny LCM on CPU).
+
+Types a prompt and sees a picture, switches to sketch mode, draws strokes with the mouse and sees the picture
+change, saves the PNG, and trips the error banner. Screenshots land in artifacts/ (git-ignored) for a human to
+look at: studio_page.png (laptop) and studio_page_phone.png (phone width).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+READY_TIMEOUT_S = 180  # model load + warm-up of the tiny model on a busy 2-core CPU
+FRAME_TIMEOUT_MS = 60_000
+
+if not CHROMIUM.exists():
+    pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (`make test` installs it: "
+                "apt-get install -y chromium)", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as res:
+            return res.status, res.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+@pytest.fixture(scope="module")
+def studio_url(tiny_lcm_dir, tmp_path_factory):
+    """`lcm-live serve` on a free loopback port with the tiny LCM on CPU; yields its URL once /readyz is 200."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    cmd = [str(Path(sys.executable).with_name("lcm-live")), "serve", "--model", str(tiny_lcm_dir),
+           "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("LCM_LIVE_TOKEN", None)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"`lcm-live serve` exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if _get(url + "readyz")[0] == 200:
+                    break
+            except OSError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                pytest.fail(f"`lcm-live serve` not ready in {READY_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, studio_url):
+    """A fresh page on the studio, with its console errors and any request to another host recorded."""
+    context = browser.new_context(viewport={"width": 1360, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    page.problems = []
+    page.on("pageerror", lambda exc: page.problems.append(f"page error: {exc}"))
+    page.on("console", lambda msg: msg.type == "error" and page.problems.append(f"console: {msg.text}"))
+    page.on("request", lambda req: req.url.startswith(("http", "ws")) and not req.url.startswith(
+        (studio_url, studio_url.replace("http", "ws"))) and page.problems.append(f"external request: {req.url}"))
+    page.goto(studio_url)
+    page.wait_for_selector("body[data-connection=open]", timeout=FRAME_TIMEOUT_MS)
+    page.wait_for_selector("#ctl-num_inference_steps", state="attached", timeout=FRAME_TIMEOUT_MS)
+    yield page
+    context.close()  # closes the WebSocket: the server (one session on CPU) is free for the next test
+
+
+def _set_slider_to_min(page, name: str) -> None:
+    """Move a schema-built slider to its minimum the way a user would (input, then change on release)."""
+    page.eval_on_selector(f"#ctl-{name}", """el => {
+        el.value = el.min;
+        el.dispatchEvent(new Event('input', {bubbles: true}));
+        el.dispatchEvent(new Event('change', {bubbles: true}));
+    }""")
+
+
+def _final_frame_id(page) -> int:
+    value = page.get_attribute("#output", "data-frame-id")
+    return int(value) if value else 0
+
+
+def _wait_settled_frame(page, after_id: int, mode: str) -> int:
+    """Wait for a final frame newer than ``after_id`` made in ``mode``, with nothing left generating."""
+    page.wait_for_function(
+        """([after, mode]) => {
+            const img = document.getElementById('output');
+            return Number(img.dataset.frameId || 0) > after && img.dataset.final === 'true'
+                && img.dataset.mode === mode && img.complete && img.naturalWidth > 0
+                && document.body.dataset.busy === 'false';
+        }""",
+        arg=[after_id, mode], timeout=FRAME_TIMEOUT_MS,
+    )
+    return _final_frame_id(page)
+
+
+def _pixels(page, selector: str) -> list[int]:
+    """The element's picture (img or canvas) scaled to 32x32, as RGBA bytes."""
+    return page.eval_on_selector(selector, """el => {
+        const c = document.createElement('canvas');
+        c.width = 32; c.height = 32;
+        const ctx = c.getContext('2d');
+        ctx.drawImage(el, 0, 0, 32, 32);
+        return Array.from(ctx.getImageData(0, 0, 32, 32).data);
+    }""")
+
+
+def _mean_abs_diff(a: list[int], b: list[int]) -> float:
+    return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def test_type_a_prompt_then_sketch_and_the_output_follows(page):
+    # Smallest size and fewest steps the server allows (read from the schema-built sliders): a fast tiny model.
+    _set_slider_to_min(page, "width")
+    _set_slider_to_min(page, "height")
+    assert page.get_attribute("#sketch", "width") == page.eval_on_selector("#ctl-width", "el => el.min")
+
+    # 1. Text to image: typing makes a picture.
+    page.click("#prompt")
+    page.keyboard.type("a lighthouse on a cliff at dusk", delay=15)
+    first_id = _wait_settled_frame(page, 0, "txt2img")
+    txt2img = _pixels(page, "#output")
+    assert page.inner_text("#latency").endswith("ms")
+    assert "seed" in page.inner_text("#frame-info")
+
+    # 2. Sketch to image: the canvas becomes the init image.
+    page.click("label.mode-option:has(input[value=img2img])")
+    assert page.get_attribute("body", "data-mode") == "img2img"
+    blank_id = _wait_settled_frame(page, first_id, "img2img")
+    blank = _pixels(page, "#output")
+
+    # 3. Draw three strokes with the mouse, in two colours.
+    box = page.locator("#sketch").bounding_box()
+    for k, colour in enumerate(["#e53935", "#1e88e5", "#e53935"]):
+        page.click(f".swatch[data-color='{colour}']")
+        x0, y0 = box["x"] + box["width"] * 0.15, box["y"] + box["height"] * (0.2 + 0.25 * k)
+        page.mouse.move(x0, y0)
+        page.mouse.down()
+        for i in range(1, 25):
+            page.mouse.move(x0 + box["width"] * 0.028 * i, y0 + box["height"] * 0.01 * i)
+        page.mouse.up()
+    canvas = _pixels(page, "#sketch")
+    assert sum(1 for i in range(0, len(canvas), 4) if canvas[i] < 200 or canvas[i + 2] < 200) > 10, "no stroke drawn"
+    assert page.is_enabled("#undo")
+    sketched_id = _wait_settled_frame(page, blank_id, "img2img")
+    sketched = _pixels(page, "#output")
+
+    # The picture follows the input: the sketch changed it, and so did the switch from text to sketch.
+    assert sketched_id > blank_id > first_id
+    assert _mean_abs_diff(blank, sketched) > 1.0, "drawing on the canvas did not change the output"
+    assert _mean_abs_diff(txt2img, sketched) > 1.0
+
+    # 4. Save: the shown frame re-rendered as a PNG that carries its parameters.
+    with page.expect_download(timeout=FRAME_TIMEOUT_MS) as download:
+        page.click("#save")
+    from PIL import Image
+
+    with Image.open(download.value.path()) as png:
+        assert png.format == "PNG"
+        text = dict(png.text)
+    params = json.loads(text["parameters"])
+    assert params["seed"] == int(page.get_attribute("#output", "data-seed"))
+    assert params["prompt"] == "a lighthouse on a cliff at dusk"
+    assert page.is_hidden("#banner-error"), page.inner_text("#banner-error")
+
+    # Apply copies the output onto the canvas.
+    page.click("#apply")
+    assert _mean_abs_diff(_pixels(page, "#sketch"), sketched) < 12.0
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "studio_page.png"), full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.screenshot(path=str(ARTIFACTS / "studio_page_phone.png"), full_page=True)
+    # Phone width: one column, nothing wider than the screen.
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    assert page.problems == []
+
+
+def test_an_invalid_value_shows_the_error_banner_naming_the_field(page):
+    page.fill("#ctl-seed", "99999999999")  # above the schema's maximum: the server says so, the page does not clamp
+    page.wait_for_selector("#banner-error:not([hidden])", timeout=FRAME_TIMEOUT_MS)
+    assert "seed" in page.inner_text("#banner-error")
+    assert page.get_attribute(".control[data-field=seed]", "data-invalid") == "true"
+    assert page.input_value("#ctl-seed") == "99999999999"
+    assert page.problems == []
