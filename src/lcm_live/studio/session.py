@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lcm_live.studio")
 
 CONTROL_BACKLOG = 64  # text messages waiting for a slow client; older ones are dropped past this
+_FRAME = object()  # the place of the waiting frame in the outbox order
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Session:
         self._first_frame_job: int | None = None  # job whose first frame was already timed
         self._frame: PendingFrame | None = None  # at most one frame waits
         self._sending = False
-        self._control: deque[dict[str, Any]] = deque(maxlen=CONTROL_BACKLOG)
+        self._outbox: deque[Any] = deque()  # text messages and the _FRAME marker, in the order they were posted
         self._wake = asyncio.Event()
         self._send_lock = asyncio.Lock()  # a frame's JSON and its binary go out back to back
 
@@ -89,9 +90,14 @@ class Session:
 
     # ---- event loop side ----------------------------------------------------------------------------------
     def send_control(self, message: dict[str, Any]) -> None:
-        if not self.closed:
-            self._control.append(message)
-            self._wake.set()
+        if self.closed:
+            return
+        if len(self._outbox) >= CONTROL_BACKLOG:  # a client that does not read: forget its oldest text message
+            oldest = next((m for m in self._outbox if m is not _FRAME), None)
+            if oldest is not None:
+                self._outbox.remove(oldest)
+        self._outbox.append(message)
+        self._wake.set()
 
     def send_error(self, code: str, message: str, field: str | None = None) -> None:
         self.send_control({"type": "error", "code": code, "message": message, "field": field})
@@ -99,9 +105,11 @@ class Session:
     def _post_frame(self, frame: PendingFrame) -> None:
         if self.closed:
             return
-        if self._frame is not None:
+        if self._frame is not None:  # the client has not taken the previous frame yet: replace it
             self.studio.metrics.frames_dropped.inc()
+            self._outbox.remove(_FRAME)
         self._frame = frame
+        self._outbox.append(_FRAME)
         self._wake.set()
 
     def _post_error(self, job: Job, code: str, message: str, field: str | None) -> None:
@@ -207,38 +215,43 @@ class Session:
         self.send_control({"type": "status", "state": "busy", "queue_depth": self.studio.worker.queue_depth()})
 
     async def _sender(self) -> None:
-        """The only task that writes to the socket while the session runs: control messages first, then the newest frame."""
-        s = self.studio.settings.studio
-        metrics = self.studio.metrics
+        """The only task that writes to the socket while the session runs, in the order messages were posted."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._control:
-                await self._send_text(self._control.popleft())
-            frame = self._frame
-            if frame is None:
-                continue
-            self._frame, self._sending = None, True
-            try:
-                t0 = time.perf_counter()
-                data = await asyncio.to_thread(encode_frame, frame.image, s.frame_format, s.frame_quality)
-                encode_s = time.perf_counter() - t0
-                for warning in frame.parameters.get("warnings") or []:
-                    if warning != self._last_warning:
-                        await self._send_text({"type": "warning", "message": str(warning)})
-                    self._last_warning = warning
-                info = self._frame_info(frame, encode_s)
-                async with self._send_lock:
-                    await self.ws.send_text(json.dumps(info))
-                    await self.ws.send_bytes(data)
-                metrics.frames_sent.inc()
-                if self._first_frame_job != frame.job.id:
-                    self._first_frame_job = frame.job.id
-                    metrics.first_frame_seconds.observe(time.monotonic() - frame.job.submitted)
-            finally:
-                self._sending = False
-            if self._frame is not None or self._control:
-                self._wake.set()
+            while self._outbox:
+                item = self._outbox.popleft()
+                if item is not _FRAME:
+                    await self._send_text(item)
+                elif self._frame is not None:
+                    frame, self._frame = self._frame, None
+                    await self._send_frame(frame)
+
+    async def _send_frame(self, frame: PendingFrame) -> None:
+        s = self.studio.settings.studio
+        metrics = self.studio.metrics
+        self._sending = True
+        try:
+            t0 = time.perf_counter()
+            data = await asyncio.to_thread(encode_frame, frame.image, s.frame_format, s.frame_quality)
+            encode_s = time.perf_counter() - t0
+            warnings = frame.parameters.get("warnings") or []
+            if frame.final and not warnings:
+                self._last_warning = None
+            for warning in warnings:
+                if warning != self._last_warning:  # say it once, not on every frame of the same prompt
+                    await self._send_text({"type": "warning", "message": str(warning)})
+                self._last_warning = warning
+            info = self._frame_info(frame, encode_s)
+            async with self._send_lock:
+                await self.ws.send_text(json.dumps(info))
+                await self.ws.send_bytes(data)
+            metrics.frames_sent.inc()
+            if self._first_frame_job != frame.job.id:
+                self._first_frame_job = frame.job.id
+                metrics.first_frame_seconds.observe(time.monotonic() - frame.job.submitted)
+        finally:
+            self._sending = False
 
     def _frame_info(self, frame: PendingFrame, encode_s: float) -> dict[str, Any]:
         job = frame.job
