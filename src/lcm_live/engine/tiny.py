@@ -114,3 +114,48 @@ def _remove_tree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def save_tiny_single_file(path: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny plain SD1.5-shaped model as ONE .safetensors file in the original SD key layout, plus the diffusers
+    folder holding its configs (what ``from_single_file(..., config=)`` reads). Returns (file, config folder)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from lcm_live.engine.ldm_layout import sd15_state_dict
+
+    path = Path(path)
+    folder = save_tiny_pipeline(path.parent / (path.stem + "_config"), full_lcm=False, seed=seed)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    save_file(sd15_state_dict(pipe.unet, pipe.vae, pipe.text_encoder), str(path))
+    for part in ("unet", "vae", "text_encoder"):  # the config folder keeps configs only, as the shipped ones
+        for weights in (folder / part).glob("*.safetensors"):
+            weights.unlink()
+    return path, folder
+
+
+def save_tiny_lora(path: str | Path, unet: Any, *, rank: int = 4, seed: int = 0, std: float = 0.05) -> Path:
+    """A LoRA for ``unet`` made with peft (random A and B, so it changes the output), saved as one .safetensors
+    file in diffusers' LoRA format (``unet.``-prefixed keys, what ``load_lora_weights`` reads). Leaves ``unet``
+    as it was."""
+    import copy
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    path = Path(path)
+    unet = copy.deepcopy(unet)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name:  # peft starts B at zero (a no-op LoRA); make it do something
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(path.parent, unet_lora_layers=layers, weight_name=path.name,
+                                              safe_serialization=True)
+    return path

@@ -1,0 +1,179 @@
+"""``load_model``: settings in, a ready diffusers pipeline with an LCMScheduler out (see engine/model.py).
+
+1. resolve the source (builtin, folder, single file, hub id) and refuse pickles before anything loads;
+2. a hub id is fetched into the Hugging Face cache (safetensors only); if it cannot be had and it is the default
+   model with ``offline_fallback``, ``builtin:shapes`` is used instead and ``notice`` says so;
+3. the architecture (sd15 / sdxl) and kind (full LCM: the UNet has ``time_cond_proj_dim``; else plain SD that
+   becomes an LCM through an LCM-LoRA) decide the pipeline class;
+4. plain models get ``LCMScheduler`` and the LCM-LoRA, style LoRAs are stacked with it, and all are fused;
+5. the pipeline moves to the device and dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lcm_live.config import DEFAULT_MODEL, EngineSettings
+from lcm_live.engine.architectures import config_dir
+from lcm_live.engine.loras import apply_loras, lcm_lora_source
+from lcm_live.engine.model import LoadedModel
+from lcm_live.engine.sources import (
+    Source,
+    detect_single_file_arch,
+    download_pipeline,
+    read_folder_info,
+    resolve,
+)
+from lcm_live.errors import ModelUnavailableError, UserError
+
+FALLBACK_MODEL = "builtin:shapes"
+# Native sizes where the model's config says otherwise than what it is best used at.
+PRESET_SIZES = {"SimianLuo/LCM_Dreamshaper_v7": (512, 512)}
+
+
+def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = None,
+               progress: bool = True) -> LoadedModel:
+    import torch
+
+    dtype = dtype or torch.float32
+    # 1-2. Where the weights are.
+    notice = None
+    source = resolve(settings.model)
+    folder = None
+    if source.kind == "hub":
+        try:
+            folder = download_pipeline(source.location, cache_dir=settings.cache_dir, progress=progress)
+        except ModelUnavailableError as exc:
+            if not (settings.offline_fallback and settings.model == DEFAULT_MODEL):
+                raise
+            try:
+                source = resolve(FALLBACK_MODEL)
+            except UserError:
+                raise ModelUnavailableError(f"{exc.message} (and {FALLBACK_MODEL}, the offline fallback, is not "
+                                            "installed)", field="model") from None
+            notice = (f"OFFLINE: the default model {DEFAULT_MODEL} cannot be had, so lcm-live is using "
+                      f"{FALLBACK_MODEL}, its small built-in model (pass --model to choose another)")
+    if source.kind == "folder":
+        folder = Path(source.location)
+
+    # 3. Architecture, kind and pipeline.
+    if source.kind == "single_file":
+        arch = detect_single_file_arch(source.location)
+        pipe = _load_single_file(Path(source.location), arch, dtype=dtype, progress=progress)
+        full_lcm = False
+    else:
+        arch, full_lcm = read_folder_info(folder)
+        pipe = _load_folder(folder, arch, full_lcm, dtype=dtype, progress=progress)
+
+    # 4. Scheduler and LoRAs.
+    from diffusers import LCMScheduler
+
+    if not isinstance(pipe.scheduler, LCMScheduler):
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    applied: list[tuple[str, float, str]] = []
+    if not full_lcm:
+        lcm_lora = lcm_lora_source(settings.lcm_lora, arch)
+        if lcm_lora is not None:
+            applied.append((lcm_lora, 1.0, "--lcm-lora"))
+    applied += [(spec.source, spec.scale, "--lora") for spec in settings.loras]
+    name = _display_name(source)
+    apply_loras(pipe, applied, model_name=name, cache_dir=settings.cache_dir)
+
+    # 5. Device and dtype.
+    pipe.to(device=device, dtype=dtype)
+    width, height = native_size(pipe, source.name, arch)
+    return LoadedModel(pipe=pipe, kind="lcm" if full_lcm else "lcm-lora", arch=arch, name=name,
+                       native_width=width, native_height=height,
+                       loras=[(src, scale) for src, scale, _ in applied], notice=notice)
+
+
+def native_size(pipe: Any, name: str, arch: str) -> tuple[int, int]:
+    """(width, height): a preset where there is one, else the UNet's sample size times the VAE's factor."""
+    if name in PRESET_SIZES:
+        return PRESET_SIZES[name]
+    if arch == "sdxl" and getattr(pipe.unet.config, "sample_size", 128) == 128:
+        return 1024, 1024
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return side, side
+
+
+def single_file_config(arch: str) -> Path:
+    """The diffusers config folder a single-file checkpoint of ``arch`` is read with (shipped, no hub)."""
+    return config_dir(arch)
+
+
+def _display_name(source: Source) -> str:
+    return source.name
+
+
+def _load_folder(folder: Path, arch: str, full_lcm: bool, *, dtype: Any, progress: bool) -> Any:
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if arch == "sdxl":
+        cls, extra = StableDiffusionXLPipeline, {}
+    else:
+        cls = LatentConsistencyModelPipeline if full_lcm else StableDiffusionPipeline
+        extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    with _progress(progress):
+        try:
+            return cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, local_files_only=True,
+                                       **extra)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--model {folder}: cannot load this diffusers folder ({_first_line(exc)})",
+                            field="model") from None
+
+
+def _load_single_file(path: Path, arch: str, *, dtype: Any, progress: bool) -> Any:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    config = single_file_config(arch)
+    components: dict[str, Any] = {"tokenizer": _tokenizer(config, "tokenizer", arch)}
+    if arch == "sdxl":
+        cls = StableDiffusionXLPipeline
+        components["tokenizer_2"] = _tokenizer(config, "tokenizer_2", arch)
+    else:
+        cls = StableDiffusionPipeline
+        components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    with _progress(progress):
+        try:
+            return cls.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=dtype,
+                                        **components)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise UserError(f"--model {path}: cannot read this {arch} checkpoint ({_first_line(exc)})",
+                            field="model") from None
+
+
+def _tokenizer(config: Path, component: str, arch: str) -> Any:
+    """The folder's own tokenizer when it has one (vocab.json), else the shipped CLIP BPE set up for ``arch``."""
+    from transformers import CLIPTokenizer
+
+    from lcm_live.engine.architectures import clip_tokenizer
+
+    if (config / component / "vocab.json").is_file():
+        return CLIPTokenizer.from_pretrained(config / component)
+    return clip_tokenizer(arch, component)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+class _progress:
+    """Show or hide diffusers' "Loading pipeline components" bar."""
+
+    def __init__(self, show: bool):
+        self.show = show
+
+    def __enter__(self):
+        from diffusers.utils import logging as dlogging
+
+        if not self.show:
+            dlogging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from diffusers.utils import logging as dlogging
+
+        if not self.show:
+            dlogging.enable_progress_bar()

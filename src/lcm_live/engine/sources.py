@@ -1,0 +1,217 @@
+"""Where a model comes from: a builtin name, a local diffusers folder, a single-file checkpoint, or a hub id.
+
+Everything here only looks (paths, JSON, safetensors headers); nothing loads weights, and nothing is ever
+unpickled: pickle formats (.ckpt, .pt, .pth, .bin) are refused before any load is attempted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from lcm_live.errors import ModelUnavailableError, UserError
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+BUILTIN_PREFIX = "builtin:"
+
+
+def builtin_root() -> Path:
+    """The folder holding the shipped models (``src/lcm_live/builtin/NAME``); tests point it elsewhere."""
+    from importlib.resources import files
+
+    return Path(str(files("lcm_live") / "builtin"))
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: Literal["folder", "single_file", "hub"]
+    location: str  # a folder or file path, or a hub id
+    name: str  # what the user asked for, as shown in metadata
+
+
+def resolve(model: str) -> Source:
+    """Classify ``model`` (``--model``); raise a one-line UserError for what can never load."""
+    if model.startswith(BUILTIN_PREFIX):
+        return Source("folder", str(builtin_folder(model[len(BUILTIN_PREFIX):])), model)
+    path = Path(model).expanduser()
+    if path.is_file():
+        _check_file(path)
+        return Source("single_file", str(path), path.name)
+    if path.is_dir():
+        check_folder(path)
+        return Source("folder", str(path), model)
+    if _looks_like_path(model):
+        raise UserError(f"--model {model!r}: no such file or folder; give a diffusers folder, a .safetensors file, "
+                        "a hub id (org/name) or builtin:shapes", field="model")
+    return Source("hub", model, model)
+
+
+def builtin_folder(name: str) -> Path:
+    root = builtin_root()
+    folder = root / name
+    if name and "/" not in name and "\\" not in name and (folder / "model_index.json").is_file():
+        return folder
+    shipped = sorted(p.name for p in root.iterdir() if (p / "model_index.json").is_file()) if root.is_dir() else []
+    have = ", ".join(f"builtin:{n}" for n in shipped) or "none (run `make builtin-model` to make builtin:shapes)"
+    raise UserError(f"--model builtin:{name}: no such built-in model in {root}; shipped: {have}", field="model")
+
+
+def _looks_like_path(text: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else that is not on disk was meant as a path.
+    return (text.startswith((".", "/", "~", "\\")) or text.count("/") > 1 or "\\" in text
+            or text.lower().endswith((".safetensors", *PICKLE_SUFFIXES)))
+
+
+def _check_file(path: Path) -> None:
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise UserError(f"--model {path}: {suffix} files are pickles, which can run code when loaded; lcm-live "
+                        "loads only .safetensors (convert it once, or use the model's safetensors release)",
+                        field="model")
+    if suffix != ".safetensors":
+        raise UserError(f"--model {path}: not a model file; give a .safetensors checkpoint or a diffusers folder",
+                        field="model")
+
+
+def check_folder(folder: Path) -> None:
+    """A diffusers folder (model_index.json) whose every weight file is safetensors, or a clear refusal."""
+    weights = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES)]
+    pickles = [p for p in weights if p.suffix.lower() in PICKLE_SUFFIXES]
+    if not (folder / "model_index.json").is_file():
+        if pickles and len(pickles) == len(weights):
+            raise UserError(f"--model {folder}: holds only pickle weights ({pickles[0].name}); lcm-live loads only "
+                            ".safetensors", field="model")
+        raise UserError(f"--model {folder}: not a diffusers folder (no model_index.json); give a diffusers folder "
+                        "or a single .safetensors file", field="model")
+    # A component with pickle weights and no safetensors beside them could only be loaded by unpickling.
+    parts = {p.parent for p in pickles} - {p.parent for p in weights if p.suffix.lower() == ".safetensors"}
+    if parts:
+        part = sorted(parts)[0]
+        raise UserError(f"--model {folder}: {part.relative_to(folder)} has only pickle weights "
+                        f"({next(p.name for p in pickles if p.parent == part)}); lcm-live loads only .safetensors "
+                        "(save it again with safe_serialization=True)", field="model")
+
+
+def read_folder_info(folder: Path) -> tuple[str, bool]:
+    """(arch, full_lcm) of a diffusers folder, from model_index.json and the UNet config."""
+    index = json.loads((folder / "model_index.json").read_text())
+    unet_config = folder / "unet" / "config.json"
+    if "unet" not in index or not unet_config.is_file():
+        raise UserError(f"--model {folder}: {index.get('_class_name', 'this pipeline')} is not a Stable Diffusion "
+                        "1.5 / SDXL pipeline (no UNet); lcm-live runs SD1.5 and SDXL models", field="model")
+    unet = json.loads(unet_config.read_text())
+    arch = "sdxl" if ("text_encoder_2" in index or unet.get("addition_embed_type") == "text_time") else "sd15"
+    return arch, unet.get("time_cond_proj_dim") is not None
+
+
+# Keys of the original (CompVis / Stability) single-file layout, read from the safetensors header only.
+_SDXL_MARKERS = ("conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.label_emb.0.0.weight")
+_SDXL_CLIP_L = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
+_SD1_CLIP = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"  # CLIP-L, HF layout
+_SD2_CLIP = "cond_stage_model.model.token_embedding.weight"  # OpenCLIP ViT-H
+
+
+def detect_single_file_arch(path: str | Path) -> str:
+    """"sd15" or "sdxl" from a single-file checkpoint's keys and shapes; a clear error for anything else.
+
+    SD1.x: a CLIP text encoder under ``cond_stage_model.transformer`` whose width (768 for real SD1.5) equals the
+    UNet's cross-attention width; SDXL: the second (OpenCLIP bigG) embedder or the UNet's ``label_emb``.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            text_width = f.get_slice(_SD1_CLIP).get_shape()[1] if _SD1_CLIP in keys else None
+            to_k = next((k for k in sorted(keys) if k.startswith("model.diffusion_model.")
+                         and k.endswith("attn2.to_k.weight")), None)
+            context_width = f.get_slice(to_k).get_shape()[1] if to_k else None
+    except Exception as exc:  # a truncated or foreign file: safetensors says why
+        raise UserError(f"--model {path}: not a readable safetensors file ({_first_line(exc)})",
+                        field="model") from None
+    if any("cond_proj" in k for k in keys):
+        raise UserError(f"--model {path}: a single-file full LCM (w-embedding) is not supported; use its diffusers "
+                        "folder or hub id", field="model")
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise UserError(f"--model {path}: no Stable Diffusion UNet keys (model.diffusion_model.*) in this file; it "
+                        "may be a LoRA or a lone VAE (pass LoRAs with --lora)", field="model")
+    if any(k in keys for k in _SDXL_MARKERS):
+        if _SDXL_CLIP_L not in keys:
+            raise UserError(f"--model {path}: an SDXL refiner (no CLIP-L text encoder) cannot generate on its own; "
+                            "give an SDXL base model", field="model")
+        return "sdxl"
+    if _SD2_CLIP in keys or (context_width is not None and context_width == 1024):
+        raise UserError(f"--model {path}: a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder); lcm-live "
+                        "supports SD1.5 and SDXL", field="model")
+    if text_width is not None and text_width == context_width:
+        return "sd15"
+    raise UserError(f"--model {path}: not a recognised SD1.5 or SDXL checkpoint (text encoder width {text_width}, "
+                    f"cross-attention width {context_width})", field="model")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def cache_location(cache_dir: str | None) -> str:
+    from huggingface_hub import constants
+
+    return str(Path(cache_dir).expanduser()) if cache_dir else constants.HF_HUB_CACHE
+
+
+@contextlib.contextmanager
+def quiet_hub_logs():
+    """diffusers logs "Couldn't connect to the Hub" warnings before it raises; the user gets our one line."""
+    from diffusers.utils import logging as dlogging
+
+    before = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(before)
+
+
+def download_pipeline(repo_id: str, *, cache_dir: str | None, progress: bool) -> Path:
+    """Fetch (or find in the cache) a hub pipeline's safetensors files; returns the local snapshot folder."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    if not progress:
+        disable_progress_bars()
+    try:
+        with quiet_hub_logs():
+            folder = DiffusionPipeline.download(repo_id, cache_dir=cache_dir, use_safetensors=True,
+                                                safety_checker=None, feature_extractor=None, image_encoder=None)
+    except Exception as exc:  # offline, unreachable, not cached, no such repo, no safetensors weights
+        raise unavailable(repo_id, cache_dir, exc) from None
+    finally:
+        if not progress:
+            enable_progress_bars()
+    return Path(folder)
+
+
+def unavailable(repo_id: str, cache_dir: str | None, exc: BaseException) -> ModelUnavailableError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    why = "HF_HUB_OFFLINE is set and it is not cached" if offline else _short_reason(exc)
+    return ModelUnavailableError(
+        f"model {repo_id!r} cannot be had ({why}); looked in the cache {cache_location(cache_dir)}. "
+        "Ways out: --model PATH (a diffusers folder or .safetensors file), --model builtin:shapes, "
+        "or connect and run again to download it", field="model")
+
+
+def _short_reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    lowered = text.lower()
+    if "safetensors" in lowered:
+        return "no safetensors weights in it"
+    if "not found" in lowered or "404" in lowered or "repository" in lowered and "exist" in lowered:
+        return "not found on the hub"
+    if "cached" in lowered or "connect" in lowered or "offline" in lowered or "resolve" in lowered:
+        return "offline or unreachable, and not cached"
+    return text[:120]
