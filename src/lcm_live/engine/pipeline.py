@@ -1,0 +1,286 @@
+"""The engine: one loaded LCM (full LCM or LCM-LoRA), text-to-image and image-to-image, one callback per step.
+
+This is the interface the CLI, the studio and the benchmarks use::
+
+    engine = Engine.from_settings(settings.engine)
+    result = engine.generate(GenerationRequest("a cyberpunk city, neon", seed=1), callback=on_step)
+
+Seeds are portable: noise always comes from ``torch.Generator("cpu").manual_seed(seed)``, as diffusers' docs
+recommend, so a seed gives the same image here and in any other diffusers tool (bit-exact at CPU float32).
+One generation runs at a time per engine (a lock); the studio calls it from one worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lcm_live import __version__
+from lcm_live.config import EngineSettings
+from lcm_live.engine.decoders import LatentPreview, is_tiny_autoencoder, load_taesd, set_tiling, wants_tiling
+from lcm_live.engine.hooks import StepCallback, StepEvent
+from lcm_live.engine.model import LoadedModel
+from lcm_live.engine.prompts import PromptCache
+from lcm_live.engine.request import GenerationRequest, GenerationResult
+from lcm_live.engine.validation import DEFAULT_GUIDANCE, resolve_guidance, validate_request
+
+logger = logging.getLogger(__name__)
+
+# The image-to-image twin of each text-to-image pipeline, sharing its components (diffusers' from_pipe).
+IMG2IMG_TWIN = {
+    "LatentConsistencyModelPipeline": "LatentConsistencyModelImg2ImgPipeline",
+    "StableDiffusionPipeline": "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionXLPipeline": "StableDiffusionXLImg2ImgPipeline",
+}
+
+
+@dataclass
+class EngineInfo:
+    model: str
+    kind: str  # "lcm" (full LCM, w-embedding) or "lcm-lora"
+    arch: str  # "sd15" or "sdxl"
+    device: str
+    dtype: str
+    native_width: int
+    native_height: int
+    default_guidance_scale: float
+    decoder: str  # "vae" or "taesd"
+    notice: str | None = None
+    loras: list[dict[str, Any]] = field(default_factory=list)  # [{"source": ..., "scale": ...}]
+    speedups: list[str] = field(default_factory=list)  # what engine/speedups.py applied (channels_last, ...)
+    scheduler: str = "LCMScheduler"
+    version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _DenoisedRecorder:
+    """Keeps the x0 prediction of the scheduler's last step, for pipelines whose step callback does not expose
+    ``denoised`` (StableDiffusion*Pipeline drop the second output of ``LCMScheduler.step``)."""
+
+    def __init__(self, scheduler: Any):
+        self.scheduler = scheduler
+        self.last = None
+
+    def __enter__(self) -> _DenoisedRecorder:
+        original = type(self.scheduler).step.__get__(self.scheduler)
+
+        # wraps() keeps step's signature visible: pipelines inspect it to decide whether to pass `generator`
+        # (without it, the re-noising between steps would draw from the global RNG and seeds would not hold).
+        @functools.wraps(original)
+        def step(*args, **kwargs):
+            out = original(*args, **kwargs)
+            denoised = out[1] if isinstance(out, tuple) and len(out) > 1 else getattr(out, "denoised", None)
+            self.last = denoised
+            return out
+
+        self.scheduler.step = step  # instance attribute, removed on exit; the class is untouched
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.scheduler.__dict__.pop("step", None)
+
+
+class Engine:
+    """A loaded model, ready to generate. Build with :meth:`from_settings` (loads the model), or directly from a
+    :class:`LoadedModel` already on ``device`` in ``dtype`` (tests, tools)."""
+
+    def __init__(self, loaded: LoadedModel, settings: EngineSettings | None = None, device: Any = None,
+                 dtype: Any = None, *, speedups: list[str] | None = None):
+        self.loaded = loaded
+        self.settings = settings or EngineSettings(model=loaded.name)
+        self.pipe = loaded.pipe
+        self.device = device if device is not None else self.pipe.device
+        self.dtype = dtype if dtype is not None else self.pipe.unet.dtype
+        self.pipe.set_progress_bar_config(disable=True)  # progress goes through the step callback
+        self._taesd = None
+        if self.settings.decoder == "taesd":
+            if is_tiny_autoencoder(self.pipe.vae):
+                self._taesd = self.pipe.vae
+            else:
+                self._taesd = load_taesd(self.settings.taesd, loaded.arch, device=self.device, dtype=self.dtype,
+                                         cache_dir=self.settings.cache_dir)
+                # The pipelines decode (and img2img encodes) through pipe.vae; TAESD takes the scaled latents as
+                # they are (its scaling_factor is 1.0), so swapping it in is all it takes.
+                self.pipe.vae = self._taesd
+        self.prompts = PromptCache(self.settings.prompt_cache_size)
+        self._img2img = None
+        self._preview = LatentPreview(self.pipe.vae, taesd=self._taesd, scale_factor=self.pipe.vae_scale_factor)
+        self._lock = threading.Lock()
+        self.info = EngineInfo(
+            model=loaded.name, kind=loaded.kind, arch=loaded.arch, device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."), native_width=loaded.native_width,
+            native_height=loaded.native_height, default_guidance_scale=DEFAULT_GUIDANCE[loaded.kind],
+            decoder=self.settings.decoder, notice=loaded.notice,
+            loras=[{"source": s, "scale": float(w)} for s, w in loaded.loras], speedups=list(speedups or []),
+            scheduler=type(self.pipe.scheduler).__name__,
+        )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_settings(cls, settings: EngineSettings, *, progress: bool = True) -> Engine:
+        """Resolve device and dtype, load the model (engine/loading.py), apply speed-ups, build the engine."""
+        from lcm_live.engine.devices import resolve_device, resolve_dtype
+        from lcm_live.engine.loading import load_model
+
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device).dtype
+        loaded = load_model(settings, device=device, dtype=dtype, progress=progress)
+        applied = []
+        if device.type == "cuda":
+            applied += _try_xformers(loaded.pipe)
+        try:
+            from lcm_live.engine import speedups as speedups_module
+        except ModuleNotFoundError as exc:  # helper F's module not there yet: plain diffusers
+            if exc.name != "lcm_live.engine.speedups":
+                raise
+        else:
+            applied += list(speedups_module.apply_speedups(loaded.pipe, settings, device, dtype) or [])
+        return cls(loaded, settings, device, dtype, speedups=applied)
+
+    # ------------------------------------------------------------------ generation
+    def _img2img_pipe(self) -> Any:
+        if self._img2img is None:
+            import diffusers
+
+            name = IMG2IMG_TWIN.get(type(self.pipe).__name__)
+            if name is None:
+                from lcm_live.errors import UserError
+
+                raise UserError(f"image-to-image is not supported for {type(self.pipe).__name__}", field="image")
+            # vae passed explicitly: from_pipe would otherwise drop a swapped-in AutoencoderTiny (TAESD).
+            self._img2img = getattr(diffusers, name).from_pipe(self.pipe, vae=self.pipe.vae)
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
+
+    def generate(self, request: GenerationRequest, callback: StepCallback | None = None) -> GenerationResult:
+        """Text-to-image, or image-to-image when ``request.image`` is set. ``callback`` gets a StepEvent after
+        every denoising step; if it raises :class:`Cancelled` the run stops before the next UNet call and
+        ``Cancelled`` propagates to the caller. Bad values raise UserError (with ``field``)."""
+        import torch
+
+        # 1. Validate and resolve every parameter.
+        validate_request(request)
+        guidance_scale, do_cfg = resolve_guidance(request, self.loaded.kind)
+        width = request.width or self.loaded.native_width
+        height = request.height or self.loaded.native_height
+        seed = request.seed if request.seed is not None else secrets.randbits(32)
+        negative = (request.negative_prompt or None) if do_cfg else None
+        img2img = request.image is not None
+
+        with self._lock:
+            t0 = time.perf_counter()
+            pipe = self._img2img_pipe() if img2img else self.pipe
+            # 2. Prompt embeddings: from the cache, or one text-encoder pass.
+            embeds, _hit = self.prompts.get(self.pipe, request.prompt, negative, do_cfg=do_cfg)
+            t_text = time.perf_counter()
+
+            # 3. Decoder: tiled for large images (or when forced).
+            set_tiling(pipe.vae, wants_tiling(self.settings.tiled_vae, width, height))
+
+            # 4. The per-step hook: the step's x0 prediction as preview latents, cancellation by exception.
+            use_tensor_input = "denoised" in getattr(pipe, "_callback_tensor_inputs", [])
+            recorder = contextlib.nullcontext() if use_tensor_input else _DenoisedRecorder(pipe.scheduler)
+            marks = {"last_step": None}
+
+            def on_step_end(p, i, t, tensors):
+                marks["last_step"] = time.perf_counter()
+                if callback is not None:
+                    x0 = tensors.get("denoised") if use_tensor_input else recorder.last
+                    if x0 is None:
+                        x0 = tensors["latents"]
+                    callback(StepEvent(step=i + 1, total=int(p.num_timesteps), timestep=int(t), latents=x0))
+                return {}
+
+            kwargs: dict[str, Any] = dict(embeds.kwargs)
+            kwargs.update(
+                num_inference_steps=request.num_inference_steps, guidance_scale=guidance_scale,
+                num_images_per_prompt=request.num_images_per_prompt,
+                generator=torch.Generator("cpu").manual_seed(seed), output_type=request.output_type,
+                callback_on_step_end=on_step_end,
+                callback_on_step_end_tensor_inputs=["latents", "denoised"] if use_tensor_input else ["latents"],
+            )
+            if img2img:
+                kwargs.update(image=_prepare_init_image(request.image, width, height), strength=request.strength)
+            else:
+                kwargs.update(width=width, height=height)
+
+            # 5. Denoise and decode.
+            with recorder:  # a Cancelled raised by the callback propagates from here
+                output = pipe(**kwargs)
+            t_end = time.perf_counter()
+
+        images = list(output.images)
+        last = marks["last_step"] or t_end
+        parameters = {
+            "prompt": request.prompt,
+            "negative_prompt": negative,
+            "model": self.loaded.name,
+            "kind": self.loaded.kind,
+            "arch": self.loaded.arch,
+            "loras": [dict(x) for x in self.info.loras],
+            "num_inference_steps": request.num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "seed": seed,
+            "width": width,
+            "height": height,
+            "num_images_per_prompt": request.num_images_per_prompt,
+            "mode": "img2img" if img2img else "txt2img",
+            "device": self.info.device,
+            "dtype": self.info.dtype,
+            "decoder": self.info.decoder,
+            "scheduler": self.info.scheduler,
+            "lcm_live_version": __version__,
+            "warnings": list(embeds.warnings),
+        }
+        if img2img:
+            parameters["strength"] = request.strength
+        timings = {
+            "text_encoder": t_text - t0,  # ~0 on a prompt-cache hit
+            "unet": last - t_text,  # the denoising loop (img2img: includes encoding the init image)
+            "decode": t_end - last,
+            "total": t_end - t0,
+        }
+        return GenerationResult(images=images, parameters=parameters, timings=timings)
+
+    # ------------------------------------------------------------------ previews and warm-up
+    def decode_preview(self, latents: Any, index: int = 0) -> Any:
+        """A cheap PIL preview of step latents (StepEvent.latents): TAESD when loaded, else a linear map."""
+        with self._lock:
+            return self._preview(latents, index)
+
+    def warmup(self, width: int | None = None, height: int | None = None, num_inference_steps: int = 4) -> dict:
+        """One throw-away generation at this size (first-call kernel selection, allocator growth); its timings."""
+        result = self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=num_inference_steps,
+                                                 width=width, height=height, seed=0))
+        return result.timings
+
+
+def _prepare_init_image(image: Any, width: int, height: int) -> Any:
+    """RGB at exactly width x height (a plain resize, as diffusers' own preprocessing does by default)."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    return image
+
+
+def _try_xformers(pipe: Any) -> list[str]:
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None:
+        return []
+    try:
+        pipe.enable_xformers_memory_efficient_attention()
+    except Exception as exc:  # xFormers present but unusable for this GPU/build: SDPA stays
+        logger.warning("xFormers is installed but could not be enabled (%s); using PyTorch SDPA", exc)
+        return []
+    return ["xformers"]

@@ -1,0 +1,92 @@
+"""Checks on a GenerationRequest, at the engine's edge: one clear UserError per bad value, never a silent clamp.
+
+Bounds: 1 to 8 steps (LCM's useful range; more steps give no better images), width/height multiples of 8 in
+64..2048 (the VAE downsamples by 8), img2img strength in (0, 1] with at least one denoising step
+(``num_inference_steps * strength >= 1``), guidance >= 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lcm_live.engine.request import GenerationRequest
+from lcm_live.errors import UserError
+
+MAX_STEPS = 8
+MIN_SIZE, MAX_SIZE = 64, 2048
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+DEFAULT_GUIDANCE = {"lcm": 8.0, "lcm-lora": 1.0}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_request(request: GenerationRequest) -> None:
+    """The checks that do not depend on the model (run them before loading one, for fast feedback)."""
+    if not isinstance(request.prompt, str):
+        raise UserError(f"prompt must be text, got {type(request.prompt).__name__}", field="prompt")
+    if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
+        raise UserError("negative_prompt must be text", field="negative_prompt")
+    steps = request.num_inference_steps
+    if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:
+        raise UserError(f"num_inference_steps={steps!r}: use a whole number from 1 to {MAX_STEPS} "
+                        "(LCMs are made for 1 to 8 steps; 4 is a good default)", field="num_inference_steps")
+    for name in ("width", "height"):
+        value = getattr(request, name)
+        if value is None:
+            continue
+        if not _is_int(value) or not MIN_SIZE <= value <= MAX_SIZE or value % 8:
+            raise UserError(f"{name}={value!r}: use a multiple of 8 from {MIN_SIZE} to {MAX_SIZE} (e.g. 512)",
+                            field=name)
+    g = request.guidance_scale
+    if g is not None and (not _is_number(g) or g < 0):
+        raise UserError(f"guidance_scale={g!r}: use a number >= 0 (full LCM: about 3 to 13; LCM-LoRA: 1 to 2)",
+                        field="guidance_scale")
+    seed = request.seed
+    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+        raise UserError(f"seed={seed!r}: use a whole number from 0 to 2**64-1, or leave it out for a random one",
+                        field="seed")
+    n = request.num_images_per_prompt
+    if not _is_int(n) or n < 1:
+        raise UserError(f"num_images_per_prompt={n!r}: use a whole number >= 1", field="num_images_per_prompt")
+    if request.output_type not in ("pil", "latent"):
+        raise UserError(f"output_type={request.output_type!r}: use 'pil' or 'latent'", field="output_type")
+    if request.image is not None:
+        s = request.strength
+        if not _is_number(s) or not 0 < s <= 1:
+            raise UserError(f"strength={s!r}: use a number in (0, 1] (how far to move away from the init image)",
+                            field="strength")
+        if steps * s < 1 - 1e-9:
+            raise UserError(f"strength={s} with num_inference_steps={steps} runs no denoising step "
+                            f"(steps * strength = {steps * s:.2f} < 1); raise strength to at least {1 / steps:.3g} "
+                            "or use more steps", field="strength")
+        if not hasattr(request.image, "convert"):
+            raise UserError("image must be a PIL image (the init image for image-to-image)", field="image")
+
+
+def resolve_guidance(request: GenerationRequest, kind: str) -> tuple[float, bool]:
+    """The guidance scale to use and whether classifier-free guidance (two UNet passes) runs.
+
+    Full LCM: guidance is distilled into a w-embedding (diffusers feeds w = guidance_scale - 1), one UNet pass,
+    no negative prompt. LCM-LoRA: plain CFG, which runs only when guidance_scale > 1.
+    """
+    g = float(request.guidance_scale) if request.guidance_scale is not None else DEFAULT_GUIDANCE[kind]
+    negative = (request.negative_prompt or "").strip()
+    if kind == "lcm":
+        if negative:
+            raise UserError("negative_prompt: a full LCM has guidance distilled into its w-embedding and runs no "
+                            "classifier-free guidance, so a negative prompt has no effect; remove it, or use a plain "
+                            "SD model with an LCM-LoRA and --guidance-scale above 1", field="negative_prompt")
+        return g, False
+    do_cfg = g > 1
+    if negative and not do_cfg:
+        raise UserError(f"negative_prompt needs classifier-free guidance, which LCM-LoRA runs only when "
+                        f"guidance_scale > 1 (it is {g:g}); raise --guidance-scale above 1 (e.g. 1.5) or drop "
+                        "the negative prompt", field="negative_prompt")
+    return g, do_cfg

@@ -1,0 +1,334 @@
+"""The engine on tiny random models (CPU, float32): t2i, img2img, the step hook, seeds, guidance rules, caching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lcm_live.config import EngineSettings
+from lcm_live.engine.hooks import Cancelled
+from lcm_live.engine.model import LoadedModel
+from lcm_live.engine.pipeline import Engine
+from lcm_live.engine.request import GenerationRequest
+from lcm_live.errors import UserError
+
+SIZE = 64  # the smallest size the engine accepts; the tiny VAE downsamples by 2, so latents are 32x32
+
+
+def _engine(folder, kind, **settings):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    loaded = LoadedModel(pipe=pipe, kind=kind, arch="sd15", name=f"tiny-{kind}", native_width=SIZE,
+                         native_height=SIZE)
+    return Engine(loaded, EngineSettings(model=str(folder), device="cpu", dtype="float32", **settings))
+
+
+@pytest.fixture(scope="module")
+def lcm(tiny_lcm_dir):
+    return _engine(tiny_lcm_dir, "lcm")
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_sd_dir):
+    """A plain SD1.5-shaped model with an LCMScheduler: what an LCM-LoRA model looks like to the engine."""
+    return _engine(tiny_sd_dir, "lcm-lora")
+
+
+def _req(prompt, **kwargs):
+    """A request with 2 steps unless the test says otherwise (keeps the suite fast on a 2-core CPU)."""
+    kwargs.setdefault("num_inference_steps", 2)
+    return GenerationRequest(prompt, **kwargs)
+
+
+def _px(image):
+    return np.asarray(image).astype(np.int16)
+
+
+def _init_image():
+    from PIL import Image
+
+    x = np.linspace(0, 255, SIZE, dtype=np.uint8)
+    rgb = np.stack([np.tile(x, (SIZE, 1)), np.tile(x[:, None], (1, SIZE)), np.full((SIZE, SIZE), 90, np.uint8)], -1)
+    return Image.fromarray(rgb, "RGB")
+
+
+def test_text_to_image_reports_steps_parameters_and_timings(lcm):
+    events = []
+    result = lcm.generate(_req("a red circle", seed=7, num_inference_steps=3), callback=events.append)
+    assert len(result.images) == 1 and result.images[0].size == (SIZE, SIZE)
+    assert [(e.step, e.total) for e in events] == [(1, 3), (2, 3), (3, 3)]
+    assert all(tuple(e.latents.shape) == (1, 4, 32, 32) for e in events)
+    assert events[0].timestep > events[-1].timestep  # timesteps go down
+    p = result.parameters
+    assert (p["seed"], p["num_inference_steps"], p["guidance_scale"], p["mode"]) == (7, 3, 8.0, "txt2img")
+    assert (p["width"], p["height"], p["device"], p["dtype"], p["model"]) == (SIZE, SIZE, "cpu", "float32", "tiny-lcm")
+    assert p["negative_prompt"] is None and "strength" not in p and p["lcm_live_version"]
+    assert set(result.timings) == {"text_encoder", "unet", "decode", "total"}
+    assert result.timings["total"] >= result.timings["unet"] >= 0
+
+
+def test_fp32_pixels_equal_diffusers_own_lcm_pipeline(lcm, tiny_lcm_dir):
+    import torch
+    from diffusers import LatentConsistencyModelPipeline
+
+    ref_pipe = LatentConsistencyModelPipeline.from_pretrained(tiny_lcm_dir)
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref = ref_pipe("a lighthouse at dusk", num_inference_steps=3, guidance_scale=8.0, width=SIZE, height=SIZE,
+                   num_images_per_prompt=2, generator=torch.Generator("cpu").manual_seed(1234)).images
+    ours = lcm.generate(_req("a lighthouse at dusk", seed=1234, num_images_per_prompt=2, num_inference_steps=3)).images
+    assert len(ours) == 2
+    for a, b in zip(ref, ours, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("guidance, negative", [(1.0, None), (1.7, "blurry")])
+def test_fp32_pixels_equal_diffusers_for_lcm_lora_shaped_model(lora, tiny_sd_dir, guidance, negative):
+    import torch
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    ref_pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    ref_pipe.scheduler = LCMScheduler.from_config(ref_pipe.scheduler.config)
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref = ref_pipe("a boat", negative_prompt=negative, num_inference_steps=3, guidance_scale=guidance, width=SIZE,
+                   height=SIZE, generator=torch.Generator("cpu").manual_seed(5)).images[0]
+    events = []
+    result = lora.generate(_req("a boat", negative_prompt=negative, guidance_scale=guidance, seed=5, num_inference_steps=3),
+                           callback=events.append)
+    assert np.array_equal(np.asarray(ref), np.asarray(result.images[0]))
+    assert len(events) == 3 and result.parameters["negative_prompt"] == negative
+    # Preview latents are the x0 prediction, not the re-noised sample: the last one is the final latents.
+    final = lora.generate(_req("a boat", negative_prompt=negative, guidance_scale=guidance, seed=5,
+                                            num_inference_steps=3, output_type="latent")).images[0]
+    assert torch.equal(events[-1].latents[0], final)
+
+
+def test_same_seed_same_image_and_random_seed_is_reported(lcm):
+    a = lcm.generate(_req("a cat", seed=11)).images[0]
+    b = lcm.generate(_req("a cat", seed=11)).images[0]
+    c = lcm.generate(_req("a cat", seed=12)).images[0]
+    assert np.array_equal(_px(a), _px(b)) and not np.array_equal(_px(a), _px(c))
+    r = lcm.generate(_req("a cat"))
+    seed = r.parameters["seed"]
+    assert isinstance(seed, int) and 0 <= seed < 2**32
+    again = lcm.generate(_req("a cat", seed=seed)).images[0]
+    assert np.array_equal(_px(r.images[0]), _px(again))
+
+
+def test_image_to_image_full_lcm(lcm):
+    init = _init_image()
+    events = []
+    r1 = lcm.generate(_req("a sunset", image=init, strength=0.5, seed=3), callback=events.append)
+    r2 = lcm.generate(_req("a sunset", image=init, strength=0.5, seed=3))
+    r3 = lcm.generate(_req("a sunset", image=init, strength=0.9, seed=3))
+    t2i = lcm.generate(_req("a sunset", seed=3))
+    assert r1.images[0].size == (SIZE, SIZE)
+    assert r1.parameters["mode"] == "img2img" and r1.parameters["strength"] == 0.5
+    assert events and events[-1].step == events[-1].total
+    assert np.array_equal(_px(r1.images[0]), _px(r2.images[0]))
+    assert not np.array_equal(_px(r1.images[0]), _px(r3.images[0]))
+    assert not np.array_equal(_px(r1.images[0]), _px(t2i.images[0]))
+
+
+def test_image_to_image_lcm_lora_runs_steps_times_strength_and_resizes(lora):
+    init = _init_image().resize((100, 60))  # any size: resized to the requested width x height
+    events = []
+    r = lora.generate(_req("a sunset", image=init, strength=0.5, num_inference_steps=4, seed=3,
+                                        width=64, height=128), callback=events.append)
+    assert r.images[0].size == (64, 128)
+    assert [e.step for e in events] == [1, 2] and events[0].total == 2  # 4 steps * strength 0.5
+
+
+def test_cancel_through_the_hook_stops_between_steps(lcm):
+    seen = []
+
+    def cancel_at_two(event):
+        seen.append(event.step)
+        if event.step == 2:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        lcm.generate(_req("a dog", num_inference_steps=6, seed=1), callback=cancel_at_two)
+    assert seen == [1, 2]
+    # The engine is usable right after, and the cancelled run left no state behind (same pixels as before).
+    a = lcm.generate(_req("a dog", num_inference_steps=6, seed=1)).images[0]
+    b = lcm.generate(_req("a dog", num_inference_steps=6, seed=1)).images[0]
+    assert np.array_equal(_px(a), _px(b))
+
+
+def test_cancel_in_lcm_lora_img2img(lora):
+    def cancel(event):
+        raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        lora.generate(_req("x", image=_init_image(), strength=1.0, seed=1), callback=cancel)
+    assert lora.pipe.scheduler.__dict__.get("step") is None  # the x0 recorder was removed
+
+
+def test_negative_prompt_on_full_lcm_is_an_error_that_says_why(lcm):
+    with pytest.raises(UserError) as err:
+        lcm.generate(_req("a cat", negative_prompt="blurry"))
+    assert err.value.field == "negative_prompt" and "w-embedding" in err.value.message
+
+
+def test_negative_prompt_on_lcm_lora_needs_guidance_above_one(lora):
+    with pytest.raises(UserError) as err:
+        lora.generate(_req("a cat", negative_prompt="blurry"))  # default guidance 1.0
+    assert err.value.field == "negative_prompt" and "above 1" in err.value.message
+    r = lora.generate(_req("a cat", negative_prompt="blurry", guidance_scale=1.5, seed=0))
+    assert r.parameters["guidance_scale"] == 1.5 and r.parameters["negative_prompt"] == "blurry"
+    assert lora.generate(_req("a cat", negative_prompt="", seed=0)).parameters["guidance_scale"] == 1.0
+
+
+def test_long_prompt_warns_and_names_what_was_cut(lcm, caplog):
+    words = " ".join(f"w{i}" for i in range(60)) + " zebra tail end"  # each "wN" is ~3 byte-level tokens
+    with caplog.at_level("WARNING", logger="lcm_live.engine.prompts"):
+        r = lcm.generate(_req(words, seed=0))
+    [warning] = r.parameters["warnings"]
+    assert "77-token window" in warning and "zebra tail end" in warning
+    assert "w0" not in warning.split("cut:")[1]
+    assert any("zebra tail end" in rec.getMessage() for rec in caplog.records)
+    # A cache hit still reports the warning.
+    assert lcm.generate(_req(words, seed=0)).parameters["warnings"] == [warning]
+    assert lcm.generate(_req("short", seed=0)).parameters["warnings"] == []
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"num_inference_steps": 0}, "num_inference_steps"),
+    ({"num_inference_steps": 9}, "num_inference_steps"),
+    ({"num_inference_steps": 2.5}, "num_inference_steps"),
+    ({"width": 60}, "width"),
+    ({"width": 100}, "width"),
+    ({"height": 2056}, "height"),
+    ({"guidance_scale": -1.0}, "guidance_scale"),
+    ({"guidance_scale": float("nan")}, "guidance_scale"),
+    ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
+    ({"seed": -1}, "seed"),
+    ({"strength": 0.0, "image": "init"}, "strength"),
+    ({"strength": 1.5, "image": "init"}, "strength"),
+    ({"strength": 0.2, "num_inference_steps": 4, "image": "init"}, "strength"),
+    ({"image": b"not an image"}, "image"),
+    ({"output_type": "np"}, "output_type"),
+])
+def test_validation_errors_name_the_field(lcm, changes, field):
+    if changes.get("image") == "init":
+        changes = {**changes, "image": _init_image()}
+    calls = []
+    with pytest.raises(UserError) as err:
+        lcm.generate(_req("a cat", **changes), callback=calls.append)
+    assert err.value.field == field and calls == []
+
+
+def test_prompt_cache_hits_and_lru(tiny_lcm_dir):
+    engine = _engine(tiny_lcm_dir, "lcm", prompt_cache_size=2)
+    for prompt in ["a", "a", "b", "a", "c", "b"]:  # "b" was evicted by "c" (LRU: a, b -> b, a -> a, c)
+        engine.generate(_req(prompt, num_inference_steps=1, seed=0))
+    assert (engine.prompts.hits, engine.prompts.misses) == (2, 4)
+    assert len(engine.prompts) == 2
+
+
+def test_prompt_cache_disabled(tiny_lcm_dir):
+    engine = _engine(tiny_lcm_dir, "lcm", prompt_cache_size=0)
+    for _ in range(2):
+        engine.generate(_req("a", num_inference_steps=1, seed=0))
+    assert (engine.prompts.hits, len(engine.prompts)) == (0, 0)
+
+
+class _LinearVae:
+    """A stand-in VAE whose encoder is a known linear map (2x2 average pool, then 3 -> 4 channels): the
+    calibration must recover its inverse, so the preview returns the colours that went in."""
+
+    def __init__(self):
+        import torch
+
+        self.weight = torch.tensor([[0.8, -0.3, 0.1], [0.2, 0.9, -0.4], [-0.5, 0.1, 0.7], [0.3, 0.3, 0.3]])
+        self.bias = torch.tensor([0.1, -0.2, 0.05, 0.0])
+        self.config = type("Config", (), {"scaling_factor": 0.5})()
+
+    def parameters(self):
+        return iter([self.weight])
+
+    def encode(self, images):
+        import torch.nn.functional as F
+
+        pooled = F.avg_pool2d(images, 2)  # (B, 3, H/2, W/2)
+        mean = torch_einsum("bchw,kc->bkhw", pooled, self.weight) + self.bias.view(1, 4, 1, 1)
+        return type("Out", (), {"latent_dist": type("Dist", (), {"mean": mean})()})()
+
+
+def torch_einsum(*args):
+    import torch
+
+    return torch.einsum(*args)
+
+
+def test_decode_preview_linear_map_recovers_colours():
+    import torch
+
+    from lcm_live.engine.decoders import LatentPreview
+
+    vae = _LinearVae()
+    preview = LatentPreview(vae, scale_factor=2)
+    for rgb in [(220, 30, 30), (30, 200, 40), (40, 40, 210), (230, 230, 230), (20, 20, 20)]:
+        image = torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, 16, 24) / 127.5 - 1
+        latents = vae.encode(image).latent_dist.mean * vae.config.scaling_factor  # scaled, as the UNet sees them
+        out = preview(latents)
+        assert out.size == (24, 16) and out.mode == "RGB"
+        assert np.abs(np.asarray(out).astype(float) - rgb).max() <= 2
+
+
+def test_decode_preview_on_step_latents(lcm):
+    events = []
+    lcm.generate(_req("a cat", seed=0, num_inference_steps=1), callback=events.append)
+    image = lcm.decode_preview(events[0].latents)
+    assert image.size == (SIZE, SIZE) and image.mode == "RGB"
+
+
+def test_taesd_decoder(tiny_lcm_dir, tmp_path):
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(tmp_path / "taesd")
+    engine = _engine(tiny_lcm_dir, "lcm", decoder="taesd", taesd=str(tmp_path / "taesd"))
+    assert engine.info.decoder == "taesd" and type(engine.pipe.vae).__name__ == "AutoencoderTiny"
+    events = []
+    r = engine.generate(_req("a cat", seed=0), callback=events.append)
+    assert r.images[0].size == (SIZE, SIZE) and r.parameters["decoder"] == "taesd"
+    assert engine.decode_preview(events[-1].latents).size == (SIZE, SIZE)
+    r2 = engine.generate(_req("a cat", seed=0, image=_init_image(), strength=0.5))  # TAESD encodes
+    assert r2.images[0].size == (SIZE, SIZE)
+
+
+def test_taesd_that_cannot_be_had_is_one_clear_error(tiny_lcm_dir, tmp_path):
+    from lcm_live.errors import ModelUnavailableError
+
+    with pytest.raises(ModelUnavailableError) as err:
+        _engine(tiny_lcm_dir, "lcm", decoder="taesd", taesd=str(tmp_path / "missing"))
+    assert "--decoder vae" in err.value.message
+
+
+def test_tiled_vae_on_and_off(tiny_lcm_dir):
+    on = _engine(tiny_lcm_dir, "lcm", tiled_vae="on")
+    on.generate(_req("x", num_inference_steps=1, seed=0))
+    assert on.pipe.vae.use_tiling is True
+    off = _engine(tiny_lcm_dir, "lcm", tiled_vae="off")
+    off.generate(_req("x", num_inference_steps=1, seed=0))
+    assert off.pipe.vae.use_tiling is False
+
+
+def test_wants_tiling_auto_threshold():
+    from lcm_live.engine.decoders import wants_tiling
+
+    assert not wants_tiling("auto", 1024, 1024) and wants_tiling("auto", 1024, 1032)
+    assert wants_tiling("on", 64, 64) and not wants_tiling("off", 2048, 2048)
+
+
+def test_info_and_warmup(lcm):
+    info = lcm.info.to_dict()
+    assert info["model"] == "tiny-lcm" and info["kind"] == "lcm" and info["default_guidance_scale"] == 8.0
+    assert (info["native_width"], info["native_height"], info["device"], info["dtype"]) == (SIZE, SIZE, "cpu",
+                                                                                            "float32")
+    timings = lcm.warmup(SIZE, SIZE, 1)
+    assert timings["total"] > 0
