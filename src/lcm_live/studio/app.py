@@ -158,7 +158,8 @@ def create_app(
     def require_same_origin(request: Request) -> None:
         """State-changing HTTP routes: refuse what a browser marks as sent from another site."""
         cross = request.headers.get("sec-fetch-site") == "cross-site"
-        if cross or not origin_allowed(request.headers.get("origin"), request.headers.get("host"), s.allowed_origins):
+        if cross or not origin_allowed(request.headers.get("origin"), request.headers.get("host"), s.allowed_origins,
+                                       secure=request.url.scheme == "https"):
             studio.metrics.rejected.labels(reason="origin").inc()
             raise ApiError(403, "forbidden_origin", "requests from another site are refused (see --allow-origin)")
 
@@ -221,7 +222,8 @@ def create_app(
 
     @app.websocket("/ws", dependencies=[Depends(require_ws_auth)])
     async def ws(websocket: WebSocket) -> None:
-        if not origin_allowed(websocket.headers.get("origin"), websocket.headers.get("host"), s.allowed_origins):
+        if not origin_allowed(websocket.headers.get("origin"), websocket.headers.get("host"), s.allowed_origins,
+                              secure=websocket.url.scheme == "wss"):
             studio.metrics.rejected.labels(reason="origin").inc()
             await websocket.close(code=1008, reason="origin not allowed")  # before accept: HTTP 403
             return

@@ -22,7 +22,9 @@ COOKIE_NAME = "lcm_live_token"
 MIN_TOKEN_LENGTH = 32
 # Tokens people paste from examples; refused even when long enough.
 PLACEHOLDER_TOKENS = {"changeme", "change-me", "secret", "token", "password", "your-token-here", "xxx"}
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+# On every HTTP response: no MIME sniffing, no framing (clickjacking), no Referer (it could carry ?token=).
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer")]
 
 
 def is_loopback_host(host: str) -> bool:
@@ -90,11 +92,16 @@ def normalize_origin(origin: str) -> str | None:
     if parts.query or parts.fragment or parts.username or parts.password:
         return None
     default = 443 if parts.scheme in ("https", "wss") else 80
-    return f"{parts.scheme}://{parts.hostname.lower()}:{port if port is not None else default}"
+    host = parts.hostname.lower()
+    if ":" in host:  # IPv6 literal: keep it bracketed so host:port stays parseable
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}:{port if port is not None else default}"
 
 
-def origin_allowed(origin: str | None, host_header: str | None, allowed_origins: list[str]) -> bool:
-    """No Origin (a non-browser client) is allowed; otherwise it must be this server or explicitly allowed."""
+def origin_allowed(origin: str | None, host_header: str | None, allowed_origins: list[str],
+                   secure: bool = False) -> bool:
+    """No Origin (a non-browser client) is allowed; otherwise it must be this server (same scheme, host and port
+    as the request's ``Host``; ``secure``: the request came over TLS) or explicitly allowed."""
     if origin is None:
         return True
     normalized = normalize_origin(origin)
@@ -102,10 +109,11 @@ def origin_allowed(origin: str | None, host_header: str | None, allowed_origins:
         return False
     if normalized in {normalize_origin(o) for o in allowed_origins}:
         return True
-    scheme = normalized.split("://", 1)[0]
-    origin_host = _split_host(normalized.split("://", 1)[1], None)
-    server = _split_host(host_header or "", 443 if scheme in ("https", "wss") else 80)
-    return origin_host is not None and server is not None and origin_host == server
+    scheme, _, netloc = normalized.partition("://")
+    if (scheme in ("https", "wss")) != secure:
+        return False
+    server = _split_host(host_header or "", 443 if secure else 80)
+    return server is not None and _split_host(netloc, None) == server
 
 
 def host_allowed(host_header: str | None, token: str | None, allowed_hosts: list[str]) -> bool:
@@ -175,6 +183,7 @@ class GuardMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
             await send(message)
 
         try:
@@ -187,6 +196,7 @@ class GuardMiddleware:
 
 async def _send_json(send: Send, status: int, code: str, message: str, extra_headers=()) -> None:
     body = json.dumps({"type": "error", "code": code, "message": message, "field": None}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra_headers]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *SECURITY_HEADERS, *extra_headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,101 @@
+"""GenerationParams: strict types, real bounds from settings, unknown fields forbidden, never clamped (R5)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lcm_live.config import StudioSettings
+from lcm_live.errors import UserError
+from lcm_live.studio.params import MAX_SEED, build_params_model, default_params_model, parse_params
+
+Params = default_params_model()
+
+valid = st.fixed_dictionaries(
+    {},
+    optional={
+        "mode": st.just("txt2img"),
+        "prompt": st.text(max_size=1000),
+        "negative_prompt": st.text(max_size=50),
+        "num_inference_steps": st.integers(1, 8),
+        "guidance_scale": st.floats(0, 20, allow_nan=False),
+        "seed": st.integers(0, MAX_SEED),
+        "width": st.integers(32, 96).map(lambda k: k * 8),
+        "height": st.integers(32, 96).map(lambda k: k * 8),
+        "strength": st.floats(0.05, 1.0, allow_nan=False),
+        "previews": st.booleans(),
+    },
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(valid)
+def test_valid_params_are_accepted_unchanged(data):
+    p = parse_params(Params, data)
+    for key, value in data.items():
+        assert getattr(p, key) == value
+
+
+out_of_range = st.one_of(
+    st.integers(max_value=0).map(lambda v: ("num_inference_steps", v)),
+    st.integers(min_value=9).map(lambda v: ("num_inference_steps", v)),
+    st.integers(max_value=-1).map(lambda v: ("seed", v)),
+    st.integers(min_value=MAX_SEED + 1).map(lambda v: ("seed", v)),
+    st.integers(-10000, 10000).filter(lambda v: not (256 <= v <= 768 and v % 8 == 0)).map(lambda v: ("width", v)),
+    st.integers(-10000, 10000).filter(lambda v: not (256 <= v <= 768 and v % 8 == 0)).map(lambda v: ("height", v)),
+    st.floats(allow_nan=True).filter(lambda v: not (0 <= v <= 20)).map(lambda v: ("guidance_scale", v)),
+    st.floats(allow_nan=True).filter(lambda v: not (0.05 <= v <= 1)).map(lambda v: ("strength", v)),
+    st.text(min_size=1001, max_size=1100).map(lambda v: ("prompt", v)),
+    st.text().filter(lambda v: v not in ("txt2img", "img2img")).map(lambda v: ("mode", v)),
+    st.text(min_size=1).filter(lambda k: k not in Params.model_fields).map(lambda k: (k, 1)),
+    st.sampled_from(["4", 4.0, None, True, [4]]).map(lambda v: ("num_inference_steps", v)),
+    st.sampled_from(["x", None, 1, [1]]).map(lambda v: ("previews", v)),
+    st.sampled_from([1, None, ["a"]]).map(lambda v: ("prompt", v)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(out_of_range)
+def test_anything_out_of_range_is_rejected_naming_the_field(item):
+    field, value = item
+    with pytest.raises(UserError) as info:
+        parse_params(Params, {field: value})
+    assert info.value.field == field
+
+
+def test_img2img_needs_at_least_one_step():
+    with pytest.raises(UserError) as info:
+        parse_params(Params, {"mode": "img2img", "num_inference_steps": 2, "strength": 0.3})
+    assert info.value.field == "strength" and "0.50" in info.value.message
+    assert parse_params(Params, {"mode": "img2img", "num_inference_steps": 2, "strength": 0.5}).strength == 0.5
+    assert parse_params(Params, {"mode": "txt2img", "num_inference_steps": 1, "strength": 0.3}).strength == 0.3
+
+
+def test_bounds_come_from_settings():
+    model = build_params_model(StudioSettings(max_size=1024, max_steps=4, default_steps=2), default_guidance_scale=1.0)
+    schema = model.model_json_schema()["properties"]
+    assert schema["width"]["maximum"] == 1024 and schema["num_inference_steps"]["maximum"] == 4
+    assert schema["guidance_scale"]["default"] == 1.0 and schema["num_inference_steps"]["default"] == 2
+    assert parse_params(model, {"width": 1024}).width == 1024
+    with pytest.raises(UserError):
+        parse_params(model, {"num_inference_steps": 5})
+
+
+def test_defaults_and_request():
+    p = parse_params(Params, {"prompt": "a cat", "negative_prompt": ""})
+    assert (p.mode, p.num_inference_steps, p.width, p.height, p.seed, p.previews) == ("txt2img", 4, 512, 512, 0, False)
+    request = p.to_request(image="ignored in txt2img")
+    assert request.prompt == "a cat" and request.negative_prompt is None and request.image is None
+    img2img = parse_params(Params, {"mode": "img2img", "strength": 0.7}).to_request(image="canvas")
+    assert img2img.image == "canvas" and img2img.strength == 0.7
+
+
+def test_error_messages_name_value_and_bound():
+    with pytest.raises(UserError) as info:
+        parse_params(Params, {"num_inference_steps": 12})
+    assert "num_inference_steps=12" in info.value.message and "8" in info.value.message
+    with pytest.raises(UserError, match="unknown field 'model'"):
+        parse_params(Params, {"model": "x"})
+    with pytest.raises(UserError):
+        parse_params(Params, ["not", "an", "object"])
