@@ -81,7 +81,10 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
     apply_loras(pipe, applied, model_name=name, cache_dir=settings.cache_dir)
 
     # 5. Device and dtype.
-    pipe.to(device=device, dtype=dtype)
+    # (casting only where needed: diffusers warns on every .to(dtype) of a model, even a no-op one)
+    if any(getattr(part, "dtype", dtype) != dtype for part in pipe.components.values()):
+        pipe.to(dtype=dtype)
+    pipe.to(device)
     width, height = native_size(pipe, source.name, arch)
     return LoadedModel(pipe=pipe, kind="lcm" if full_lcm else "lcm-lora", arch=arch, name=name,
                        native_width=width, native_height=height,
@@ -117,7 +120,7 @@ def _load_folder(folder: Path, arch: str, full_lcm: bool, *, dtype: Any, progres
         extra = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     with _progress(progress):
         try:
-            return cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, local_files_only=True,
+            return cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True,
                                        **extra)
         except (OSError, ValueError) as exc:
             raise UserError(f"--model {folder}: cannot load this diffusers folder ({_first_line(exc)})",
@@ -137,7 +140,7 @@ def _load_single_file(path: Path, arch: str, *, dtype: Any, progress: bool) -> A
         components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     with _progress(progress):
         try:
-            return cls.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=dtype,
+            return cls.from_single_file(str(path), config=str(config), local_files_only=True, dtype=dtype,
                                         **components)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise UserError(f"--model {path}: cannot read this {arch} checkpoint ({_first_line(exc)})",

@@ -1,8 +1,8 @@
 """LCM-LoRA and style LoRAs: loaded through diffusers/peft as named adapters, weighted, fused, unloaded.
 
 Fusing folds B @ A * scale into the base weights, so a fused LoRA costs nothing per step. LoRA weights are
-read only from safetensors: a local file or folder is read with ``safetensors.torch.load_file``; a hub id goes
-through diffusers with ``use_safetensors=True``.
+read only from safetensors (``safetensors.torch.load_file``): a local file, a folder holding one, or a hub repo's
+``pytorch_lora_weights.safetensors`` fetched into the Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lcm_live.engine.sources import PICKLE_SUFFIXES, quiet_hub_logs, unavailable
+from lcm_live.engine.sources import PICKLE_SUFFIXES, quiet_diffusers_logs, unavailable
 from lcm_live.errors import ModelUnavailableError, UserError
 
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights names it
 LCM_LORA_IDS = {"sd15": "latent-consistency/lcm-lora-sdv1-5", "sdxl": "latent-consistency/lcm-lora-sdxl"}
 
 
@@ -26,11 +27,13 @@ def lcm_lora_source(setting: str, arch: str) -> str | None:
     return setting
 
 
-def read_lora(source: str, *, flag: str, cache_dir: str | None) -> Any:
-    """A LoRA state dict (local safetensors) or the hub id itself (loaded by diffusers, safetensors only)."""
+def read_lora(source: str, *, flag: str, cache_dir: str | None) -> dict[str, Any]:
+    """A LoRA's state dict, read from a local .safetensors file or folder, or from a hub repo's safetensors file."""
     from safetensors.torch import load_file
 
     path = Path(source).expanduser()
+    if not path.exists() and not _looks_like_path(source):
+        path = _download_lora(source, flag=flag, cache_dir=cache_dir)
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         if not files:
@@ -51,10 +54,37 @@ def read_lora(source: str, *, flag: str, cache_dir: str | None) -> Any:
         except Exception as exc:
             raise UserError(f"{flag} {source}: not a readable safetensors file ({exc})",
                             field=flag.lstrip("-")) from None
-    if source.startswith((".", "/", "~")) or source.count("/") > 1 or source.lower().endswith(
-            (".safetensors", *PICKLE_SUFFIXES)):
-        raise UserError(f"{flag} {source}: no such file or folder", field=flag.lstrip("-"))
-    return source  # a hub id
+    raise UserError(f"{flag} {source}: no such file or folder", field=flag.lstrip("-"))
+
+
+def _looks_like_path(text: str) -> bool:
+    return (text.startswith((".", "/", "~", "\\")) or text.count("/") != 1
+            or text.lower().endswith((".safetensors", *PICKLE_SUFFIXES)))
+
+
+def _download_lora(repo_id: str, *, flag: str, cache_dir: str | None) -> Path:
+    """The repo's diffusers-named LoRA file (``pytorch_lora_weights.safetensors``), else its only .safetensors."""
+    from huggingface_hub import hf_hub_download, list_repo_files
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    try:
+        try:
+            return Path(hf_hub_download(repo_id, LORA_FILE, cache_dir=cache_dir))
+        except RemoteEntryNotFoundError:  # the repo is there but names its file otherwise
+            files = [f for f in list_repo_files(repo_id) if f.endswith(".safetensors")]
+            if len(files) != 1:
+                raise UserError(f"{flag} {repo_id}: the repo has {len(files)} .safetensors files and no {LORA_FILE}; "
+                                "download the one you want and pass its path", field=flag.lstrip("-")) from None
+            return Path(hf_hub_download(repo_id, files[0], cache_dir=cache_dir))
+    except UserError:
+        raise
+    except Exception as exc:  # offline, unreachable, not cached, no such repo
+        error = unavailable(repo_id, cache_dir, exc)
+        raise ModelUnavailableError(error.message.replace("model ", f"{flag} ", 1).replace(
+            "--model PATH (a diffusers folder or .safetensors file), --model builtin:shapes",
+            f"{flag} PATH (a .safetensors LoRA file)" + (", --lcm-lora none (a model that needs none)"
+                                                          if flag == "--lcm-lora" else "")),
+            field=flag.lstrip("-")) from None
 
 
 def apply_loras(pipe: Any, loras: list[tuple[str, float, str]], *, model_name: str, cache_dir: str | None) -> None:
@@ -70,28 +100,20 @@ def apply_loras(pipe: Any, loras: list[tuple[str, float, str]], *, model_name: s
     for i, (source, _scale, flag) in enumerate(loras):
         name = f"lora{i}"
         weights = read_lora(source, flag=flag, cache_dir=cache_dir)
-        _load_one(pipe, weights, name, source=source, flag=flag, model_name=model_name, cache_dir=cache_dir)
+        _load_one(pipe, weights, name, source=source, flag=flag, model_name=model_name)
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[scale for _, scale, _ in loras])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()
 
 
-def _load_one(pipe: Any, weights: Any, name: str, *, source: str, flag: str, model_name: str,
-              cache_dir: str | None) -> None:
+def _load_one(pipe: Any, weights: dict[str, Any], name: str, *, source: str, flag: str, model_name: str) -> None:
     before = _adapter_count(pipe)
-    kwargs = {} if isinstance(weights, dict) else {"cache_dir": cache_dir, "use_safetensors": True}
     try:
-        with quiet_hub_logs():
-            pipe.load_lora_weights(weights, adapter_name=name, **kwargs)
+        with quiet_diffusers_logs():  # diffusers logs the whole size-mismatch wall before it raises
+            pipe.load_lora_weights(weights, adapter_name=name)
     except (RuntimeError, ValueError, KeyError, IndexError) as exc:
         raise misfit(source, model_name, exc, flag) from None
-    except OSError as exc:
-        if isinstance(weights, str):
-            error = unavailable(source, cache_dir, exc)
-            raise ModelUnavailableError(error.message.replace("model ", f"{flag} ", 1), field=flag.lstrip("-")) \
-                from None
-        raise
     if _adapter_count(pipe) == before:  # diffusers only warns when no key matched any module
         raise UserError(f"{flag} {source} does not fit the model {model_name}: none of its keys match the "
                         "model's layers (a LoRA for another architecture?)", field=flag.lstrip("-"))
@@ -108,7 +130,8 @@ def misfit(source: str, model_name: str, exc: BaseException, flag: str) -> UserE
                             r".*?current model is (torch\.Size\(\[[\d, ]*\]\))", text)
     if mismatches:
         key, got, want = mismatches[0]
-        detail = (f"{len(mismatches)} weight shape(s) differ, e.g. {key}: LoRA {got[11:-2]} vs model {want[11:-2]}"
+        key = re.sub(r"\.lora\d+\.", ".", key)  # our adapter name is noise to the user
+        detail = (f"{len(mismatches)} weight shape(s) differ, e.g. {key}: LoRA {got[11:-1]} vs model {want[11:-1]}"
                   " (a LoRA for another architecture, e.g. SDXL vs SD1.5?)")
     else:
         detail = text.strip().splitlines()[0][:160] if text.strip() else type(exc).__name__

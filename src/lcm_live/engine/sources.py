@@ -165,12 +165,13 @@ def cache_location(cache_dir: str | None) -> str:
 
 
 @contextlib.contextmanager
-def quiet_hub_logs():
-    """diffusers logs "Couldn't connect to the Hub" warnings before it raises; the user gets our one line."""
+def quiet_diffusers_logs():
+    """diffusers logs warnings and errors ("Couldn't connect to the Hub", size-mismatch walls) before it raises;
+    the user gets our one line instead."""
     from diffusers.utils import logging as dlogging
 
     before = dlogging.get_verbosity()
-    dlogging.set_verbosity_error()
+    dlogging.set_verbosity(dlogging.CRITICAL)
     try:
         yield
     finally:
@@ -185,7 +186,7 @@ def download_pipeline(repo_id: str, *, cache_dir: str | None, progress: bool) ->
     if not progress:
         disable_progress_bars()
     try:
-        with quiet_hub_logs():
+        with quiet_diffusers_logs():
             folder = DiffusionPipeline.download(repo_id, cache_dir=cache_dir, use_safetensors=True,
                                                 safety_checker=None, feature_extractor=None, image_encoder=None)
     except Exception as exc:  # offline, unreachable, not cached, no such repo, no safetensors weights
