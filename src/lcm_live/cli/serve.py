@@ -1,16 +1,164 @@
-"""`lcm-live serve` (placeholder until its issue lands: it says so and exits non-zero)."""
+"""`lcm-live serve`: the studio (page + WebSocket) on uvicorn, loopback by default.
+
+A non-loopback ``--host`` needs a token of at least 32 characters (``--token`` or ``LCM_LIVE_TOKEN``); without
+one the command refuses to start and says how to make one. uvicorn is configured explicitly (websockets backend,
+message size cap, ping, graceful shutdown) rather than trusting its defaults.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import re
+import sys
+import warnings
 
+from lcm_live.cli.common import add_engine_arguments, engine_settings_from_args
 from lcm_live.errors import UserError
+
+MAKE_TOKEN = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("serve", help="not built yet")
+    parser = subparsers.add_parser(
+        "serve", help="the live studio: a page with a drawing canvas, frames streamed over a WebSocket",
+        description="Serve the studio: open the printed URL in a browser.")
+    add_engine_arguments(parser)
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: %(default)s, this machine only; anything else needs a token)")
+    g.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    g.add_argument("--token", default=None,
+                   help="access token (>= 32 characters), also read from LCM_LIVE_TOKEN; required off loopback")
+    g.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                   help="extra browser origin allowed to connect, e.g. https://studio.example:443; repeatable")
+    g.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="extra Host name accepted without a token (loopback names always are); repeatable")
+    g.add_argument("--max-sessions", type=int, default=None,
+                   help="concurrent WebSocket sessions (default: 1 on CPU, 4 on GPU)")
+    g.add_argument("--frame-format", choices=["jpeg", "webp"], default="jpeg", help="live frame encoding")
+    g.add_argument("--exit-on-failures", action="store_true",
+                   help="exit non-zero after 3 consecutive engine failures (for a supervisor to restart)")
+    # Tests and benchmarks: a FakeEngine (JSON of FakeEngineConfig) instead of a model. Hidden on purpose.
+    g.add_argument("--fake-engine", default=os.environ.get("LCM_LIVE_FAKE_ENGINE"), help=argparse.SUPPRESS)
     parser.set_defaults(run=run)
 
 
+def check_exposure(host: str, token: str | None) -> None:
+    """Refuse a token that is too weak, and a non-loopback bind without a token (one line naming the fix)."""
+    from lcm_live.studio.security import MIN_TOKEN_LENGTH, is_loopback_host, token_problem
+
+    problem = token_problem(token)
+    if problem:
+        raise UserError(f"--token / LCM_LIVE_TOKEN: {problem}")
+    if token is None and not is_loopback_host(host):
+        raise UserError(
+            f"--host {host} would expose the studio beyond this machine without a token: set LCM_LIVE_TOKEN (or "
+            f"--token) to at least {MIN_TOKEN_LENGTH} random characters, e.g. "
+            f"export LCM_LIVE_TOKEN=$({MAKE_TOKEN}), or keep --host 127.0.0.1"
+        )
+
+
+def build_settings(args: argparse.Namespace, token: str | None):
+    from pydantic import ValidationError
+
+    from lcm_live.config import Settings, StudioSettings
+
+    try:
+        studio = StudioSettings(host=args.host, port=args.port, token=token, allowed_origins=args.allow_origin,
+                                allowed_hosts=args.allow_host, max_sessions=args.max_sessions,
+                                frame_format=args.frame_format, exit_on_failures=args.exit_on_failures)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        raise UserError(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}") from None
+    return Settings(engine=engine_settings_from_args(args), studio=studio)
+
+
+class _RedactToken(logging.Filter):
+    """uvicorn's access log prints query strings: never let ?token=... reach a log file."""
+
+    pattern = re.compile(r"(token=)[^&\s\"]+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.pattern.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
-    raise UserError("'lcm-live serve' is not built yet")
+    token = args.token or os.environ.get("LCM_LIVE_TOKEN") or None
+    check_exposure(args.host, token)
+    settings = build_settings(args, token)
+
+    import uvicorn
+    from PIL import Image
+
+    from lcm_live.studio.app import create_app, default_engine_factory
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    # Pillow's own bomb guard, lowered to what the studio accepts (the canvas decoder checks first anyway).
+    Image.MAX_IMAGE_PIXELS = settings.studio.max_image_pixels
+    if args.fake_engine is not None:
+        from lcm_live.studio.fake_engine import FakeEngine, FakeEngineConfig
+
+        fake_config = FakeEngineConfig.from_json(args.fake_engine)
+        factory = lambda: FakeEngine.from_settings(settings.engine, config=fake_config)  # noqa: E731
+    else:
+        factory = default_engine_factory(settings)
+
+    fatal: list[str] = []
+    server_box: list = []
+
+    def on_ready(engine) -> None:
+        info = app.state.studio.info
+        _say(f"ready: {info['model']} ({info['kind']}) on {info['device']}, {info['dtype']}")
+        if info.get("notice"):
+            bar = "!" * 78
+            _say(f"\n{bar}\n  NOTICE: {info['notice']}\n{bar}\n")
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        _say(f"error: {reason}")
+        if server_box:
+            server_box[0].should_exit = True
+
+    app = create_app(settings, factory, on_ready=on_ready, on_fatal=on_fatal)
+    s = settings.studio
+    uv_config = uvicorn.Config(
+        app,
+        host=s.host,
+        port=s.port,
+        ws="websockets",  # pinned: it enforces ws_max_size (wsproto does not the same way)
+        ws_max_size=s.max_ws_message_bytes,
+        ws_max_queue=8,
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+        ws_per_message_deflate=False,  # frames are JPEG/WebP already; no decompression bombs either
+        timeout_graceful_shutdown=10,
+        limit_concurrency=(s.max_sessions or 4) + 32,
+        proxy_headers=False,
+        server_header=False,
+        log_level="info",
+        lifespan="on",
+    )
+    # Pinned on purpose (the brief and R6): uvicorn 0.54 calls this backend deprecated; it still enforces
+    # ws_max_size and ws_max_queue, so only its warning is silenced.
+    warnings.filterwarnings("ignore", message="The `websockets` implementation is deprecated")
+    server = uvicorn.Server(uv_config)
+    server_box.append(server)
+    logging.getLogger("uvicorn.access").addFilter(_RedactToken())
+
+    shown = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
+    shown = f"[{shown}]" if ":" in shown else shown
+    url = f"http://{shown}:{s.port}/" + (f"?token={token}" if token else "")
+    _say(f"lcm-live studio: open {url}")
+    if s.host in ("0.0.0.0", "::"):
+        _say("  listening on all interfaces: from another machine use this machine's address instead of 127.0.0.1")
+    _say(f"  loading {settings.engine.model} (readyz answers 503 until the model is warm)")
+    server.run()
+    return 3 if fatal else 0

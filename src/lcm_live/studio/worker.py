@@ -205,7 +205,7 @@ class Worker:
                       exc_info=not isinstance(exc, UserError))
             with self._cond:
                 self.state, self.detail = "failed", f"model load or warmup failed: {message}"
-            if self._on_fatal is not None:
+            if self._on_fatal is not None and s.exit_on_warmup_failure:
                 self._on_fatal(self.detail)
             return False
         with self._cond:

@@ -1,0 +1,79 @@
+"""`lcm-live serve`: refuses exposure without a strong token; configures uvicorn explicitly (server start mocked)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lcm_live.cli import main
+
+GOOD_TOKEN = "Zk3-q9LmP0wXr7TnB2yVc8sDf4GhJ6aE1uIo5"
+
+
+@pytest.fixture
+def fake_uvicorn(monkeypatch):
+    """Capture uvicorn.Config and replace Server.run: the app is built, nothing listens."""
+    import uvicorn
+
+    seen = {}
+
+    class FakeServer:
+        def __init__(self, config):
+            seen["config"] = config
+            self.should_exit = False
+
+        def run(self):
+            seen["ran"] = True
+
+    monkeypatch.setattr(uvicorn, "Server", FakeServer)
+    monkeypatch.delenv("LCM_LIVE_TOKEN", raising=False)
+    return seen
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "studio.example.com"])
+def test_non_loopback_host_without_token_refuses_to_start(fake_uvicorn, capsys, host):
+    assert main(["serve", "--host", host, "--fake-engine", "{}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "LCM_LIVE_TOKEN" in err and "32" in err and "Traceback" not in err
+    assert "ran" not in fake_uvicorn
+
+
+@pytest.mark.parametrize("token", ["short", "changeme", "a" * 40])
+def test_weak_tokens_are_refused(fake_uvicorn, capsys, token):
+    assert main(["serve", "--host", "0.0.0.0", "--token", token, "--fake-engine", "{}"]) == 2
+    assert "token" in capsys.readouterr().err
+    assert "ran" not in fake_uvicorn
+
+
+def test_token_from_the_environment_allows_exposure(fake_uvicorn, monkeypatch, capsys):
+    monkeypatch.setenv("LCM_LIVE_TOKEN", GOOD_TOKEN)
+    assert main(["serve", "--host", "0.0.0.0", "--port", "7999", "--fake-engine", "{}"]) == 0
+    config = fake_uvicorn["config"]
+    assert fake_uvicorn["ran"]
+    assert (config.host, config.port) == ("0.0.0.0", 7999)
+    assert config.app.state.studio.settings.studio.token == GOOD_TOKEN
+    assert f"?token={GOOD_TOKEN}" in capsys.readouterr().err
+
+
+def test_loopback_default_and_uvicorn_settings(fake_uvicorn, capsys):
+    assert main(["serve", "--fake-engine", "{}"]) == 0
+    config = fake_uvicorn["config"]
+    assert (config.host, config.port) == ("127.0.0.1", 7860)
+    assert config.ws == "websockets"
+    assert config.ws_max_size == 2 * 1024 * 1024 and config.ws_max_queue == 8
+    assert config.ws_ping_interval == 20 and config.ws_ping_timeout == 20
+    assert config.timeout_graceful_shutdown == 10 and config.limit_concurrency
+    assert config.proxy_headers is False
+    assert "http://127.0.0.1:7860/" in capsys.readouterr().err
+
+
+def test_wildcard_origin_is_refused(fake_uvicorn, capsys):
+    assert main(["serve", "--allow-origin", "*", "--fake-engine", "{}"]) == 2
+    assert "allowed_origins" in capsys.readouterr().err
+
+
+def test_engine_flags_reach_the_settings(fake_uvicorn):
+    assert main(["serve", "--model", "builtin:shapes", "--device", "cpu", "--max-sessions", "2",
+                 "--fake-engine", "{}"]) == 0
+    settings = fake_uvicorn["config"].app.state.studio.settings
+    assert settings.engine.model == "builtin:shapes" and settings.engine.device == "cpu"
+    assert settings.studio.max_sessions == 2
