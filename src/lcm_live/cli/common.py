@@ -23,7 +23,16 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--decoder", default="vae", choices=["vae", "taesd"],
                    help="full VAE, or the tiny decoder (madebyollin/taesd, taesdxl) for speed")
-    g.add_argument("--tiled-vae", default="auto", choices=["auto", "on", "off"])
+    g.add_argument("--taesd", default=None, metavar="ID_OR_PATH",
+                   help="the tiny decoder to use with --decoder taesd (default: by architecture)")
+    g.add_argument("--tiled-vae", default="auto", choices=["auto", "on", "off"],
+                   help="tiled VAE decoding: auto turns it on past 1024x1024 pixels")
+    g = parser.add_argument_group("speed-ups")
+    g.add_argument("--backend", default="torch", choices=["torch", "openvino"],
+                   help="run the UNet in PyTorch or OpenVINO (CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first run)")
+    g.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"],
+                   help="int8 (CPU: OpenVINO/NNCF or torch dynamic; CUDA: bitsandbytes) or nf4 (CUDA)")
 
 
 def parse_lora(text: str) -> LoraSpec:
@@ -52,5 +61,9 @@ def engine_settings_from_args(args: argparse.Namespace, **overrides) -> EngineSe
         tiled_vae=args.tiled_vae,
         cache_dir=args.cache_dir,
     )
+    # Flags added later: parsers (or hand-made namespaces) without them keep the settings' defaults.
+    for name in ("taesd", "backend", "compile", "quantize"):
+        if getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
     values.update(overrides)
     return EngineSettings(**values)

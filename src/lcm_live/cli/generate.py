@@ -1,16 +1,116 @@
-"""`lcm-live generate` (placeholder until its issue lands: it says so and exits non-zero)."""
+"""`lcm-live generate PROMPT`: one LCM image (or a few) in 1 to 8 steps, saved as PNG with its parameters.
+
+Everything the user can get wrong is checked before the model loads (bad values, unreadable init image, a bad
+``--output``), and nothing is written until the image exists, so a failed run leaves no file behind.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
+from lcm_live.cli.common import add_engine_arguments, engine_settings_from_args
 from lcm_live.errors import UserError
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("generate", help="not built yet")
+    parser = subparsers.add_parser(
+        "generate", help="make an image from a prompt (text-to-image, or image-to-image with --image)",
+        description="Generate images with a Latent Consistency Model in 1 to 8 steps. Prints where each image went.",
+    )
+    parser.add_argument("prompt", help="what to draw")
+    g = parser.add_argument_group("generation (diffusers' names)")
+    g.add_argument("--num-inference-steps", type=int, default=4, help="1 to 8 (default: %(default)s)")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="default by model: full LCM 8.0 (w-embedding), LCM-LoRA 1.0 (no CFG)")
+    g.add_argument("--negative-prompt", default=None,
+                   help="only with classifier-free guidance: LCM-LoRA models with --guidance-scale above 1")
+    g.add_argument("--seed", type=int, default=None, help="default: random (printed, and stored in the image)")
+    g.add_argument("--width", type=int, default=None, help="multiple of 8, 64 to 2048 (default: the model's)")
+    g.add_argument("--height", type=int, default=None, help="multiple of 8, 64 to 2048 (default: the model's)")
+    g.add_argument("--num-images", type=int, default=1, help="images from this prompt (default: %(default)s)")
+    g.add_argument("--image", default=None, metavar="PATH", help="init image: image-to-image")
+    g.add_argument("--strength", type=float, default=0.5,
+                   help="image-to-image: how far to move from the init image, in (0, 1] (default: %(default)s)")
+    g = parser.add_argument_group("output")
+    g.add_argument("--output", default=None, metavar="PATH",
+                   help="a .png file (several images: PATH-1.png, ...); default: a new name under outputs/")
+    g.add_argument("--metadata", default="none", choices=["none", "json"],
+                   help="json: also write a .json sidecar next to each image (PNG text chunks are always written)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_engine_arguments(parser)
     parser.set_defaults(run=run)
 
 
+def read_init_image(path: str):
+    """The init image, fully decoded now (a truncated or bogus file fails here, not mid-generation)."""
+    from PIL import Image, UnidentifiedImageError
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"--image {path!r}: no such file", field="image")
+    try:
+        with Image.open(file) as image:
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"--image {path!r}: cannot read it as an image ({reason}); give a PNG, JPEG or WebP file",
+                        field="image") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    raise UserError("'lcm-live generate' is not built yet")
+    from lcm_live.engine.metadata import check_output_path, save_images
+    from lcm_live.engine.request import GenerationRequest
+    from lcm_live.engine.validation import validate_request
+
+    # 1. Everything checkable without the model, first.
+    image = read_init_image(args.image) if args.image else None
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale, seed=args.seed, width=args.width, height=args.height,
+        num_images_per_prompt=args.num_images, image=image, strength=args.strength,
+    )
+    validate_request(request)
+    if args.output is not None:
+        check_output_path(args.output)
+    settings = engine_settings_from_args(args)
+
+    # 2. The model.
+    from lcm_live.engine.pipeline import Engine
+
+    engine = Engine.from_settings(settings, progress=not args.no_progress)
+    if engine.info.notice:
+        print(f"\n*** {engine.info.notice} ***\n", file=sys.stderr)
+
+    # 3. Generate, with a progress bar per step.
+    result = _generate(engine, request, progress=not args.no_progress)
+    for warning in result.parameters.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
+
+    # 4. Save (atomically) and say where.
+    paths = save_images(result.images, result.parameters, output=args.output, metadata=args.metadata)
+    p = result.parameters
+    print(f"seed {p['seed']}, {p['num_inference_steps']} steps, guidance {p['guidance_scale']:g}, "
+          f"{p['width']}x{p['height']}, {p['device']} {p['dtype']}, {result.timings['total']:.2f} s")
+    for path in paths:
+        print(f"saved {path}")
+    return 0
+
+
+def _generate(engine, request, *, progress: bool):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=request.num_inference_steps, desc="denoising", unit="step", disable=not progress,
+               file=sys.stderr, leave=False)
+
+    def on_step(event):
+        if bar.total != event.total:  # img2img runs fewer steps than asked on some pipelines
+            bar.total = event.total
+        bar.update(1)
+
+    try:
+        return engine.generate(request, callback=on_step)
+    finally:
+        bar.close()

@@ -28,10 +28,14 @@ def load_taesd(source: str | None, arch: str, *, device: Any, dtype: Any, cache_
                         field="decoder")
     try:
         taesd = AutoencoderTiny.from_pretrained(source, use_safetensors=True, cache_dir=cache_dir, torch_dtype=dtype)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # offline, not cached, no such folder, no safetensors weights
+        from lcm_live.engine.sources import cache_location
+
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise ModelUnavailableError(
-            f"--decoder taesd: the tiny decoder {source!r} cannot be loaded ({type(exc).__name__}); "
-            "use --decoder vae, or put it in the Hugging Face cache while online", field="decoder",
+            f"--decoder taesd: the tiny decoder {source!r} cannot be loaded ({reason}); looked in the cache "
+            f"{cache_location(cache_dir)}. Use --decoder vae, or connect once so it can be downloaded",
+            field="decoder",
         ) from None
     return taesd.to(device).eval()
 

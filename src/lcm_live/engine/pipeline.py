@@ -132,17 +132,15 @@ class Engine:
 
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device).dtype
+        speedups = _speedups_module()
+        if speedups is not None and hasattr(speedups, "check_speedups"):
+            speedups.check_speedups(settings, device, dtype)  # refuse impossible flags before a long load
         loaded = load_model(settings, device=device, dtype=dtype, progress=progress)
         applied = []
         if device.type == "cuda":
             applied += _try_xformers(loaded.pipe)
-        try:
-            from lcm_live.engine import speedups as speedups_module
-        except ModuleNotFoundError as exc:  # helper F's module not there yet: plain diffusers
-            if exc.name != "lcm_live.engine.speedups":
-                raise
-        else:
-            applied += list(speedups_module.apply_speedups(loaded.pipe, settings, device, dtype) or [])
+        if speedups is not None:
+            applied += list(speedups.apply_speedups(loaded.pipe, settings, device, dtype) or [])
         return cls(loaded, settings, device, dtype, speedups=applied)
 
     # ------------------------------------------------------------------ generation
@@ -271,6 +269,17 @@ def _prepare_init_image(image: Any, width: int, height: int) -> Any:
     if image.size != (width, height):
         image = image.resize((width, height), Image.LANCZOS)
     return image
+
+
+def _speedups_module() -> Any:
+    """engine/speedups.py (channels_last, torch.compile, OpenVINO, quantization), or None where it is absent."""
+    try:
+        from lcm_live.engine import speedups
+    except ModuleNotFoundError as exc:
+        if exc.name != "lcm_live.engine.speedups":
+            raise
+        return None
+    return speedups
 
 
 def _try_xformers(pipe: Any) -> list[str]:
