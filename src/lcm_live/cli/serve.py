@@ -11,7 +11,9 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 
 from lcm_live.cli.common import add_engine_arguments, engine_settings_from_args
@@ -160,5 +162,10 @@ def run(args: argparse.Namespace) -> int:
     if s.host in ("0.0.0.0", "::"):
         _say("  listening on all interfaces: from another machine use this machine's address instead of 127.0.0.1")
     _say(f"  loading {settings.engine.model} (readyz answers 503 until the model is warm)")
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler that was there
+    # before it: make that a no-op so a clean shutdown exits 0 (supervisors read -15 as a crash).
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: None)
     server.run()
     return 3 if fatal else 0
