@@ -10,6 +10,7 @@ import torch
 from lcm_live.config import DEFAULT_MODEL, EngineSettings
 from lcm_live.engine import loading, sources
 from lcm_live.engine.loading import load_model
+from lcm_live.engine.tiny import put_in_hf_cache
 from lcm_live.errors import ModelUnavailableError, UserError
 
 
@@ -220,3 +221,11 @@ def test_native_size_preset_for_dreamshaper():
 
     assert loading.native_size(Pipe(), "SimianLuo/LCM_Dreamshaper_v7", "sd15") == (512, 512)
     assert loading.native_size(Pipe(), "someone/other", "sd15") == (768, 768)
+
+
+def test_hub_id_loads_from_the_cache_offline(tmp_path, monkeypatch, tiny_lcm_dir, capfd):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    put_in_hf_cache(tmp_path / "cache", "someorg/tiny-lcm", tiny_lcm_dir)
+    model = _load("someorg/tiny-lcm", cache_dir=str(tmp_path / "cache"))
+    assert (model.name, model.kind, model.notice) == ("someorg/tiny-lcm", "lcm", None)
+    assert "Could not reach the Hub" not in capfd.readouterr().err  # cached is fine: nothing to warn about

@@ -7,7 +7,7 @@ import torch
 
 from lcm_live.config import EngineSettings, LoraSpec
 from lcm_live.engine.loading import load_model
-from lcm_live.engine.tiny import save_tiny_lora
+from lcm_live.engine.tiny import put_in_hf_cache, save_tiny_lora
 from lcm_live.errors import ModelUnavailableError, UserError
 
 # A layer both LoRAs touch: the tiny UNet's only attention stack is in down block 1.
@@ -140,3 +140,13 @@ def test_auto_lcm_lora_offline_names_the_lora(tiny_sd_dir, tmp_path, monkeypatch
         _load(tiny_sd_dir, lcm_lora="auto", cache_dir=str(tmp_path / "empty-cache"))
     message = str(excinfo.value)
     assert "latent-consistency/lcm-lora-sdv1-5" in message and "--lcm-lora" in message and "\n" not in message
+
+
+def test_lcm_lora_hub_id_from_the_cache(tiny_sd_dir, base, lcm_lora, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    renamed = tmp_path / "pytorch_lora_weights.safetensors"  # the file name diffusers' LoRA repos use
+    renamed.write_bytes(lcm_lora.read_bytes())
+    put_in_hf_cache(tmp_path / "cache", "someorg/tiny-lcm-lora", renamed)
+    model = _load(tiny_sd_dir, lcm_lora="someorg/tiny-lcm-lora", cache_dir=str(tmp_path / "cache"))
+    assert model.loras == [("someorg/tiny-lcm-lora", 1.0)]
+    assert torch.allclose(_weight(model.pipe.unet), _weight(base.unet) + _delta(lcm_lora), atol=1e-6)

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lcm_live.engine.sources import PICKLE_SUFFIXES, quiet_diffusers_logs, unavailable
+from lcm_live.engine.sources import PICKLE_SUFFIXES, quiet_logs, unavailable
 from lcm_live.errors import ModelUnavailableError, UserError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights names it
@@ -68,14 +68,16 @@ def _download_lora(repo_id: str, *, flag: str, cache_dir: str | None) -> Path:
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
     try:
-        try:
-            return Path(hf_hub_download(repo_id, LORA_FILE, cache_dir=cache_dir))
-        except RemoteEntryNotFoundError:  # the repo is there but names its file otherwise
-            files = [f for f in list_repo_files(repo_id) if f.endswith(".safetensors")]
-            if len(files) != 1:
-                raise UserError(f"{flag} {repo_id}: the repo has {len(files)} .safetensors files and no {LORA_FILE}; "
-                                "download the one you want and pass its path", field=flag.lstrip("-")) from None
-            return Path(hf_hub_download(repo_id, files[0], cache_dir=cache_dir))
+        with quiet_logs():
+            try:
+                return Path(hf_hub_download(repo_id, LORA_FILE, cache_dir=cache_dir))
+            except RemoteEntryNotFoundError:  # the repo is there but names its file otherwise
+                files = [f for f in list_repo_files(repo_id) if f.endswith(".safetensors")]
+                if len(files) != 1:
+                    raise UserError(f"{flag} {repo_id}: the repo has {len(files)} .safetensors files and no "
+                                    f"{LORA_FILE}; download the one you want and pass its path",
+                                    field=flag.lstrip("-")) from None
+                return Path(hf_hub_download(repo_id, files[0], cache_dir=cache_dir))
     except UserError:
         raise
     except Exception as exc:  # offline, unreachable, not cached, no such repo
@@ -110,7 +112,7 @@ def apply_loras(pipe: Any, loras: list[tuple[str, float, str]], *, model_name: s
 def _load_one(pipe: Any, weights: dict[str, Any], name: str, *, source: str, flag: str, model_name: str) -> None:
     before = _adapter_count(pipe)
     try:
-        with quiet_diffusers_logs():  # diffusers logs the whole size-mismatch wall before it raises
+        with quiet_logs():  # diffusers logs the whole size-mismatch wall before it raises
             pipe.load_lora_weights(weights, adapter_name=name)
     except (RuntimeError, ValueError, KeyError, IndexError) as exc:
         raise misfit(source, model_name, exc, flag) from None

@@ -165,17 +165,20 @@ def cache_location(cache_dir: str | None) -> str:
 
 
 @contextlib.contextmanager
-def quiet_diffusers_logs():
-    """diffusers logs warnings and errors ("Couldn't connect to the Hub", size-mismatch walls) before it raises;
-    the user gets our one line instead."""
+def quiet_logs():
+    """diffusers and huggingface_hub log warnings and errors ("Couldn't connect to the Hub", size-mismatch walls)
+    before they raise or fall back to the cache; the user gets our one line instead."""
     from diffusers.utils import logging as dlogging
+    from huggingface_hub.utils import logging as hlogging
 
-    before = dlogging.get_verbosity()
+    before = dlogging.get_verbosity(), hlogging.get_verbosity()
     dlogging.set_verbosity(dlogging.CRITICAL)
+    hlogging.set_verbosity(hlogging.CRITICAL)
     try:
         yield
     finally:
-        dlogging.set_verbosity(before)
+        dlogging.set_verbosity(before[0])
+        hlogging.set_verbosity(before[1])
 
 
 def download_pipeline(repo_id: str, *, cache_dir: str | None, progress: bool) -> Path:
@@ -186,7 +189,7 @@ def download_pipeline(repo_id: str, *, cache_dir: str | None, progress: bool) ->
     if not progress:
         disable_progress_bars()
     try:
-        with quiet_diffusers_logs():
+        with quiet_logs():
             folder = DiffusionPipeline.download(repo_id, cache_dir=cache_dir, use_safetensors=True,
                                                 safety_checker=None, feature_extractor=None, image_encoder=None)
     except Exception as exc:  # offline, unreachable, not cached, no such repo, no safetensors weights

@@ -159,3 +159,22 @@ def save_tiny_lora(path: str | Path, unet: Any, *, rank: int = 4, seed: int = 0,
     StableDiffusionPipeline.save_lora_weights(path.parent, unet_lora_layers=layers, weight_name=path.name,
                                               safe_serialization=True)
     return path
+
+
+def put_in_hf_cache(cache: str | Path, repo_id: str, source: str | Path) -> Path:
+    """Lay ``source`` (a folder, or one file) out as the Hugging Face cache holds a downloaded repo snapshot, so
+    hub-id loading is tested offline: ``<cache>/models--org--name/{refs/main, snapshots/<commit>/...}``."""
+    import shutil
+
+    source = Path(source)
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    snapshot = repo / "snapshots" / commit
+    if source.is_dir():
+        shutil.copytree(source, snapshot)
+    else:
+        snapshot.mkdir(parents=True)
+        shutil.copy(source, snapshot / source.name)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
