@@ -277,11 +277,31 @@ def test_decode_preview_linear_map_recovers_colours():
         assert np.abs(np.asarray(out).astype(float) - rgb).max() <= 2
 
 
-def test_decode_preview_on_step_latents(lcm):
-    events = []
-    lcm.generate(_req("a cat", seed=0, num_inference_steps=1), callback=events.append)
-    image = lcm.decode_preview(events[0].latents)
-    assert image.size == (SIZE, SIZE) and image.mode == "RGB"
+@pytest.mark.timeout(60)
+def test_decode_preview_from_inside_the_step_callback(lcm):
+    """The studio previews each step from its callback, inside generate(): this must not deadlock."""
+    previews = []
+    lcm.generate(_req("a cat", seed=0), callback=lambda e: previews.append(lcm.decode_preview(e.latents)))
+    assert len(previews) == 2 and all(p.size == (SIZE, SIZE) and p.mode == "RGB" for p in previews)
+
+
+def test_from_settings_loads_resolves_device_and_dtype(tiny_lcm_dir, tiny_sd_dir):
+    engine = Engine.from_settings(EngineSettings(model=str(tiny_lcm_dir), device="cpu", dtype="float32"),
+                                  progress=False)
+    assert (engine.info.kind, engine.info.device, engine.info.dtype) == ("lcm", "cpu", "float32")
+    assert engine.generate(_req("a cat", seed=0, width=SIZE, height=SIZE)).images[0].size == (SIZE, SIZE)
+    lora_engine = Engine.from_settings(EngineSettings(model=str(tiny_sd_dir), lcm_lora="none", device="cpu",
+                                                      dtype="float32"), progress=False)
+    assert lora_engine.info.kind == "lcm-lora" and lora_engine.info.default_guidance_scale == 1.0
+
+
+def test_from_settings_refuses_an_absent_device_before_loading(monkeypatch, tmp_path):
+    from lcm_live.engine import devices
+
+    monkeypatch.setattr(devices, "cuda_available", lambda: False)
+    with pytest.raises(UserError) as err:  # the model path does not exist either: the device is checked first
+        Engine.from_settings(EngineSettings(model=str(tmp_path / "nothing"), device="cuda"))
+    assert err.value.field == "device"
 
 
 def test_taesd_decoder(tiny_lcm_dir, tmp_path):

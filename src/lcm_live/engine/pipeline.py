@@ -113,7 +113,8 @@ class Engine:
         self.prompts = PromptCache(self.settings.prompt_cache_size)
         self._img2img = None
         self._preview = LatentPreview(self.pipe.vae, taesd=self._taesd, scale_factor=self.pipe.vae_scale_factor)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one generation at a time
+        self._preview_lock = threading.Lock()
         self.info = EngineInfo(
             model=loaded.name, kind=loaded.kind, arch=loaded.arch, device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."), native_width=loaded.native_width,
@@ -250,8 +251,11 @@ class Engine:
 
     # ------------------------------------------------------------------ previews and warm-up
     def decode_preview(self, latents: Any, index: int = 0) -> Any:
-        """A cheap PIL preview of step latents (StepEvent.latents): TAESD when loaded, else a linear map."""
-        with self._lock:
+        """A cheap PIL preview of step latents (StepEvent.latents): TAESD when loaded, else a linear map.
+
+        Safe to call from inside a step callback (it does not take the generation lock) or from another thread.
+        """
+        with self._preview_lock:  # only guards the one-time calibration
             return self._preview(latents, index)
 
     def warmup(self, width: int | None = None, height: int | None = None, num_inference_steps: int = 4) -> dict:
