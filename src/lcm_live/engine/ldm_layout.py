@@ -1,10 +1,12 @@
-"""Write diffusers SD1.5-style components as one state dict in the original (CompVis) single-file layout.
+"""Write diffusers SD1.5 / SDXL components as one state dict in the original single-file layout.
 
-The layout real SD1.5 ``.safetensors`` checkpoints use: ``model.diffusion_model.*`` (UNet),
-``first_stage_model.*`` (VAE), ``cond_stage_model.transformer.text_model.*`` (CLIP). lcm-live reads such files
-with diffusers' ``from_single_file``; this writer exists so that path is tested on tiny models made in code (there
-are no real checkpoints here). It is the inverse of diffusers' converter for the block layouts the tiny and SD1.5
-UNets use (``layers_per_block`` resnets per level, a down/up-sampler closing every level but the last).
+The layouts real ``.safetensors`` checkpoints use: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*``
+(VAE), and the text encoders: SD1.5 ``cond_stage_model.transformer.text_model.*`` (CLIP, Hugging Face names);
+SDXL ``conditioner.embedders.0.transformer.text_model.*`` (CLIP-L) and ``conditioner.embedders.1.model.*``
+(OpenCLIP bigG: fused q/k/v ``in_proj``, ``resblocks``, ``text_projection`` as [width, proj]). lcm-live reads
+such files with diffusers' ``from_single_file``; this writer exists so that path is tested on tiny models made in
+code (there are no real checkpoints here). It inverts diffusers' converter for the block layouts SD UNets use
+(``layers_per_block`` resnets per level, a down/up-sampler closing every level but the last).
 """
 
 from __future__ import annotations
@@ -23,11 +25,57 @@ def sd15_state_dict(unet: Any, vae: Any, text_encoder: Any) -> dict[str, Any]:
         out["model.diffusion_model." + key] = value
     for key, value in vae_to_ldm(vae.state_dict()).items():
         out["first_stage_model." + key] = value
+    out.update(_clip_hf(text_encoder, "cond_stage_model.transformer."))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def sdxl_state_dict(unet: Any, vae: Any, text_encoder: Any, text_encoder_2: Any) -> dict[str, Any]:
+    """SDXL base components under original single-file keys."""
+    out: dict[str, Any] = {}
+    for key, value in unet_to_ldm(unet.state_dict(), unet.config).items():
+        out["model.diffusion_model." + key] = value
+    for key, value in vae_to_ldm(vae.state_dict()).items():
+        out["first_stage_model." + key] = value
+    out.update(_clip_hf(text_encoder, "conditioner.embedders.0.transformer."))
+    out.update(_open_clip(text_encoder_2, "conditioner.embedders.1.model."))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _clip_hf(text_encoder: Any, prefix: str) -> dict[str, Any]:
+    out = {}
     for key, value in text_encoder.state_dict().items():
         # transformers 5 drops the "text_model." level from CLIPTextModel's keys; real checkpoints have it.
         key = key if key.startswith("text_model.") else "text_model." + key
-        out["cond_stage_model.transformer." + key] = value
-    return {k: v.contiguous() for k, v in out.items()}
+        out[prefix + key] = value
+    return out
+
+
+_OPEN_CLIP_NAMES = (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                    ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"))
+
+
+def _open_clip(text_encoder: Any, prefix: str) -> dict[str, Any]:
+    """CLIPTextModelWithProjection -> OpenCLIP names; q, k, v stacked into one in_proj (rows q, then k, then v)."""
+    import torch
+
+    state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    out = {prefix + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+           prefix + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+           prefix + "ln_final.weight": state.pop("final_layer_norm.weight"),
+           prefix + "ln_final.bias": state.pop("final_layer_norm.bias"),
+           prefix + "text_projection": state.pop("text_projection.weight").T}  # Linear [proj, width] -> x @ P
+    layers = {int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")}
+    for n in sorted(layers):
+        src, dst = f"encoder.layers.{n}.", f"{prefix}transformer.resblocks.{n}."
+        for kind in ("weight", "bias"):
+            out[dst + "attn.in_proj_" + kind] = torch.cat(
+                [state.pop(f"{src}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")])
+        for hf_name, open_clip_name in _OPEN_CLIP_NAMES:
+            for kind in ("weight", "bias"):
+                out[f"{dst}{open_clip_name}.{kind}"] = state.pop(f"{src}{hf_name}.{kind}")
+    if state:
+        raise ValueError(f"no OpenCLIP name for text encoder keys {sorted(state)[:3]}")
+    return out
 
 
 def _block_map(config: Any) -> list[tuple[str, str]]:

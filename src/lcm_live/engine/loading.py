@@ -22,6 +22,7 @@ from lcm_live.engine.sources import (
     Source,
     detect_single_file_arch,
     download_pipeline,
+    quiet_logs,
     read_folder_info,
     resolve,
 )
@@ -92,11 +93,10 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
 
 
 def native_size(pipe: Any, name: str, arch: str) -> tuple[int, int]:
-    """(width, height): a preset where there is one, else the UNet's sample size times the VAE's factor."""
+    """(width, height): a preset where there is one, else the UNet's sample size times the VAE's factor
+    (SD1.5 64 x 8 = 512, SDXL 128 x 8 = 1024)."""
     if name in PRESET_SIZES:
         return PRESET_SIZES[name]
-    if arch == "sdxl" and getattr(pipe.unet.config, "sample_size", 128) == 128:
-        return 1024, 1024
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     return side, side
 
@@ -138,7 +138,7 @@ def _load_single_file(path: Path, arch: str, *, dtype: Any, progress: bool) -> A
     else:
         cls = StableDiffusionPipeline
         components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    with _progress(progress):
+    with _progress(progress), quiet_logs():  # diffusers warns about its own internal dtype casts here
         try:
             return cls.from_single_file(str(path), config=str(config), local_files_only=True, dtype=dtype,
                                         **components)
@@ -148,12 +148,13 @@ def _load_single_file(path: Path, arch: str, *, dtype: Any, progress: bool) -> A
 
 
 def _tokenizer(config: Path, component: str, arch: str) -> Any:
-    """The folder's own tokenizer when it has one (vocab.json), else the shipped CLIP BPE set up for ``arch``."""
+    """The folder's own tokenizer when it has one (vocab.json or tokenizer.json), else the shipped CLIP BPE set up
+    for ``arch`` (the shipped configs carry only tokenizer_config.json: one vocabulary copy serves all)."""
     from transformers import CLIPTokenizer
 
     from lcm_live.engine.architectures import clip_tokenizer
 
-    if (config / component / "vocab.json").is_file():
+    if any((config / component / name).is_file() for name in ("vocab.json", "tokenizer.json")):
         return CLIPTokenizer.from_pretrained(config / component)
     return clip_tokenizer(arch, component)
 

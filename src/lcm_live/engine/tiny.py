@@ -178,3 +178,78 @@ def put_in_hf_cache(cache: str | Path, repo_id: str, source: str | Path) -> Path
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     return snapshot
+
+
+def tiny_sdxl_components(*, time_cond_proj_dim: int | None = 32, seed: int = 0,
+                         tokenizer_dir: str | Path) -> dict[str, Any]:
+    """Tiny SDXL-shaped parts: two text encoders of different widths (32, CLIP-L's role; 48 with a projection,
+    OpenCLIP bigG's role), their hidden states concatenated for cross-attention (80), the pooled projection (40)
+    and six micro-conditioning ids (6 x 8) feeding the "text_time" added embedding (88)."""
+    import torch
+    from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = build_tokenizer(tokenizer_dir)
+    tokenizer_2 = build_tokenizer(Path(tokenizer_dir) / "2")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 40,
+        cross_attention_dim=32 + 48, norm_num_groups=4, time_cond_proj_dim=time_cond_proj_dim,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=4, sample_size=32)
+    common = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, num_hidden_layers=2, vocab_size=len(tokenizer),
+                  max_position_embeddings=77)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                                projection_dim=32, **common))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, intermediate_size=96,
+                                                                num_attention_heads=4, projection_dim=40,
+                                                                hidden_act="gelu", **common))
+    scheduler = LCMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
+        set_alpha_to_one=False, original_inference_steps=50, steps_offset=1,
+    )
+    return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval(),
+            "text_encoder_2": text_encoder_2.eval(), "tokenizer": tokenizer, "tokenizer_2": tokenizer_2,
+            "scheduler": scheduler}
+
+
+def save_tiny_sdxl_pipeline(folder: str | Path, *, full_lcm: bool = True, seed: int = 0) -> Path:
+    """A tiny StableDiffusionXLPipeline folder (safetensors): a full LCM-SDXL or a plain SDXL-shaped model."""
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = Path(folder)
+    parts = tiny_sdxl_components(time_cond_proj_dim=32 if full_lcm else None, seed=seed,
+                                 tokenizer_dir=folder / "_tokenizer_build")
+    StableDiffusionXLPipeline(**parts).save_pretrained(folder, safe_serialization=True)
+    _remove_tree(folder / "_tokenizer_build")
+    return folder
+
+
+def save_tiny_sdxl_single_file(path: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny plain SDXL-shaped model as ONE .safetensors file in the original SDXL layout, plus its config
+    folder (configs and tokenizers, no weights). Returns (file, config folder)."""
+    from safetensors.torch import save_file
+
+    from lcm_live.engine.ldm_layout import sdxl_state_dict
+
+    path = Path(path)
+    folder = path.parent / (path.stem + "_config")
+    parts = tiny_sdxl_components(time_cond_proj_dim=None, seed=seed, tokenizer_dir=folder / "_tokenizer_build")
+    from diffusers import StableDiffusionXLPipeline
+
+    StableDiffusionXLPipeline(**parts).save_pretrained(folder, safe_serialization=True)
+    _remove_tree(folder / "_tokenizer_build")
+    save_file(sdxl_state_dict(parts["unet"], parts["vae"], parts["text_encoder"], parts["text_encoder_2"]), str(path))
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for weights in (folder / part).glob("*.safetensors"):
+            weights.unlink()
+    return path, folder
