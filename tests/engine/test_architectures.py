@@ -75,3 +75,31 @@ def test_tiny_pipeline_runs():
 def test_unknown_arch_is_refused():
     with pytest.raises(ValueError, match="sd21"):
         A.build_pipeline("sd21")
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_shipped_configs_fit_diffusers_single_file_converter(arch):
+    """At the real shapes, on the meta device (nothing allocated): original-layout keys made from the shipped
+    configs convert back through diffusers' own single-file converters to exactly the modules' keys and shapes."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+
+    from lcm_live.engine import ldm_layout
+
+    unet = A.build_unet(arch, full_lcm=False, meta=True)
+    vae = A.build_vae(arch, meta=True)
+    if arch == "sd15":
+        flat = ldm_layout.sd15_state_dict(unet, vae, A.build_text_encoder(arch, meta=True))
+    else:
+        text_encoder_2 = A.build_text_encoder(arch, "text_encoder_2", meta=True)
+        flat = ldm_layout.sdxl_state_dict(unet, vae, A.build_text_encoder(arch, meta=True), text_encoder_2)
+        converted = convert_open_clip_checkpoint(text_encoder_2, flat, prefix="conditioner.embedders.1.model.")
+        want = text_encoder_2.state_dict()
+        assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in want.items()}
+    for module, convert in ((unet, convert_ldm_unet_checkpoint), (vae, convert_ldm_vae_checkpoint)):
+        converted = convert(flat, dict(module.config))
+        want = module.state_dict()
+        assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in want.items()}
