@@ -151,6 +151,15 @@ def test_image_to_image_lcm_lora_runs_steps_times_strength_and_resizes(lora):
     assert [e.step for e in events] == [1, 2] and events[0].total == 2  # 4 steps * strength 0.5
 
 
+def test_image_to_image_default_size_follows_the_init_image(lcm):
+    init = _init_image().resize((203, 121))
+    assert lcm.generate(_req("x", image=init, seed=0)).images[0].size == (200, 120)  # down to multiples of 8
+    assert lcm.generate(_req("x", image=init, seed=0, width=128)).images[0].size == (128, 80)  # keeps the aspect
+    with pytest.raises(UserError) as err:
+        lcm.generate(_req("x", image=_init_image().resize((100, 60)), seed=0))
+    assert err.value.field == "image" and "100x60" in err.value.message
+
+
 def test_cancel_through_the_hook_stops_between_steps(lcm):
     seen = []
 

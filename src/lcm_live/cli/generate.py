@@ -27,8 +27,10 @@ def add_parser(subparsers) -> None:
     g.add_argument("--negative-prompt", default=None,
                    help="only with classifier-free guidance: LCM-LoRA models with --guidance-scale above 1")
     g.add_argument("--seed", type=int, default=None, help="default: random (printed, and stored in the image)")
-    g.add_argument("--width", type=int, default=None, help="multiple of 8, 64 to 2048 (default: the model's)")
-    g.add_argument("--height", type=int, default=None, help="multiple of 8, 64 to 2048 (default: the model's)")
+    g.add_argument("--width", type=int, default=None,
+                   help="multiple of 8, 64 to 2048 (default: the model's size; with --image, the image's)")
+    g.add_argument("--height", type=int, default=None,
+                   help="multiple of 8, 64 to 2048 (default: the model's size; with --image, the image's)")
     g.add_argument("--num-images", type=int, default=1, help="images from this prompt (default: %(default)s)")
     g.add_argument("--image", default=None, metavar="PATH", help="init image: image-to-image")
     g.add_argument("--strength", type=float, default=0.5,

@@ -28,7 +28,14 @@ from lcm_live.engine.hooks import StepCallback, StepEvent
 from lcm_live.engine.model import LoadedModel
 from lcm_live.engine.prompts import PromptCache
 from lcm_live.engine.request import GenerationRequest, GenerationResult
-from lcm_live.engine.validation import DEFAULT_GUIDANCE, resolve_guidance, validate_request
+from lcm_live.engine.validation import (
+    DEFAULT_GUIDANCE,
+    MAX_SIZE,
+    MIN_SIZE,
+    resolve_guidance,
+    validate_request,
+)
+from lcm_live.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +158,6 @@ class Engine:
 
             name = IMG2IMG_TWIN.get(type(self.pipe).__name__)
             if name is None:
-                from lcm_live.errors import UserError
-
                 raise UserError(f"image-to-image is not supported for {type(self.pipe).__name__}", field="image")
             # vae passed explicitly: from_pipe would otherwise drop a swapped-in AutoencoderTiny (TAESD).
             self._img2img = getattr(diffusers, name).from_pipe(self.pipe, vae=self.pipe.vae)
@@ -168,8 +173,7 @@ class Engine:
         # 1. Validate and resolve every parameter.
         validate_request(request)
         guidance_scale, do_cfg = resolve_guidance(request, self.loaded.kind)
-        width = request.width or self.loaded.native_width
-        height = request.height or self.loaded.native_height
+        width, height = self._resolve_size(request)
         seed = request.seed if request.seed is not None else secrets.randbits(32)
         negative = (request.negative_prompt or None) if do_cfg else None
         img2img = request.image is not None
@@ -249,6 +253,23 @@ class Engine:
         }
         return GenerationResult(images=images, parameters=parameters, timings=timings)
 
+    def _resolve_size(self, request: GenerationRequest) -> tuple[int, int]:
+        """Text-to-image: the model's native size where not given. Image-to-image: the init image's size (to a
+        multiple of 8, as diffusers' preprocessing does), or its aspect ratio when only one side is given."""
+        if request.image is None or (request.width and request.height):
+            return request.width or self.loaded.native_width, request.height or self.loaded.native_height
+        iw, ih = request.image.size
+        if request.width:
+            width, height = request.width, _multiple_of_8(request.width * ih / iw)
+        elif request.height:
+            width, height = _multiple_of_8(request.height * iw / ih), request.height
+        else:
+            width, height = iw // 8 * 8, ih // 8 * 8
+        if not (MIN_SIZE <= width <= MAX_SIZE and MIN_SIZE <= height <= MAX_SIZE):
+            raise UserError(f"the init image is {iw}x{ih}, which gives {width}x{height}; pass width and height "
+                            f"(multiples of 8 from {MIN_SIZE} to {MAX_SIZE}) to resize it", field="image")
+        return width, height
+
     # ------------------------------------------------------------------ previews and warm-up
     def decode_preview(self, latents: Any, index: int = 0) -> Any:
         """A cheap PIL preview of step latents (StepEvent.latents): TAESD when loaded, else a linear map.
@@ -263,6 +284,10 @@ class Engine:
         result = self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=num_inference_steps,
                                                  width=width, height=height, seed=0))
         return result.timings
+
+
+def _multiple_of_8(value: float) -> int:
+    return max(8, int(round(value / 8)) * 8)
 
 
 def _prepare_init_image(image: Any, width: int, height: int) -> Any:
