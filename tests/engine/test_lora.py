@@ -150,3 +150,8 @@ def test_lcm_lora_hub_id_from_the_cache(tiny_sd_dir, base, lcm_lora, tmp_path, m
     model = _load(tiny_sd_dir, lcm_lora="someorg/tiny-lcm-lora", cache_dir=str(tmp_path / "cache"))
     assert model.loras == [("someorg/tiny-lcm-lora", 1.0)]
     assert torch.allclose(_weight(model.pipe.unet), _weight(base.unet) + _delta(lcm_lora), atol=1e-6)
+
+
+def test_non_finite_scale_is_refused(tiny_sd_dir, style_lora):
+    with pytest.raises(UserError, match="not a finite number"):
+        _load(tiny_sd_dir, lcm_lora="none", loras=[LoraSpec(source=str(style_lora), scale=float("nan"))])

@@ -7,6 +7,7 @@ read only from safetensors (``safetensors.torch.load_file``): a local file, a fo
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,10 @@ def apply_loras(pipe: Any, loras: list[tuple[str, float, str]], *, model_name: s
     """
     if not loras:
         return
+    for source, scale, flag in loras:
+        if not math.isfinite(scale):
+            raise UserError(f"{flag} {source}: scale {scale} is not a finite number; give e.g. {source}:0.8",
+                            field=flag.lstrip("-"))
     names = []
     for i, (source, _scale, flag) in enumerate(loras):
         name = f"lora{i}"
