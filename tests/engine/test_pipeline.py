@@ -160,6 +160,33 @@ def test_image_to_image_default_size_follows_the_init_image(lcm):
     assert err.value.field == "image" and "100x60" in err.value.message
 
 
+def test_image_to_image_keeps_a_replaced_unet(tiny_lcm_dir):
+    """Speed-ups may swap pipe.unet for a wrapper module (OpenVINO); the img2img twin must use it too."""
+    import torch
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.inner, self.config, self.calls = unet, unet.config, 0
+
+        @property
+        def dtype(self):
+            return self.inner.dtype
+
+        @property
+        def device(self):
+            return self.inner.device
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.inner(*args, **kwargs)
+
+    engine = _engine(tiny_lcm_dir, "lcm")
+    engine.pipe.unet = wrapper = Wrapper(engine.pipe.unet)
+    engine.generate(_req("x", seed=0, image=_init_image(), strength=0.5))
+    assert wrapper.calls == 2
+
+
 def test_cancel_through_the_hook_stops_between_steps(lcm):
     seen = []
 

@@ -159,8 +159,9 @@ class Engine:
             name = IMG2IMG_TWIN.get(type(self.pipe).__name__)
             if name is None:
                 raise UserError(f"image-to-image is not supported for {type(self.pipe).__name__}", field="image")
-            # vae passed explicitly: from_pipe would otherwise drop a swapped-in AutoencoderTiny (TAESD).
-            self._img2img = getattr(diffusers, name).from_pipe(self.pipe, vae=self.pipe.vae)
+            # unet and vae passed explicitly: from_pipe drops components whose class it does not expect, such as
+            # a swapped-in AutoencoderTiny (TAESD) or the OpenVINO UNet wrapper from engine/speedups.py.
+            self._img2img = getattr(diffusers, name).from_pipe(self.pipe, unet=self.pipe.unet, vae=self.pipe.vae)
             self._img2img.set_progress_bar_config(disable=True)
         return self._img2img
 
