@@ -267,3 +267,17 @@ def test_hub_id_loads_from_the_cache_offline(tmp_path, monkeypatch, tiny_lcm_dir
     model = _load("someorg/tiny-lcm", cache_dir=str(tmp_path / "cache"))
     assert (model.name, model.kind, model.notice) == ("someorg/tiny-lcm", "lcm", None)
     assert "Could not reach the Hub" not in capfd.readouterr().err  # cached is fine: nothing to warn about
+
+
+def test_cli_shows_one_error_line_no_traceback(tmp_path, monkeypatch, capsys):
+    from lcm_live.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pickle_file = tmp_path / "model.ckpt"
+    pickle_file.write_bytes(b"\x80\x04junk")
+    for model in (str(pickle_file), "someorg/not-cached"):
+        status = main(["generate", "a cat", "--model", model, "--cache-dir", str(tmp_path / "cache"),
+                       "--output", str(tmp_path / "out.png")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and len(err) == 1 and err[0].startswith("error: ") and model in err[0]
+    assert not (tmp_path / "out.png").exists()

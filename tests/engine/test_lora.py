@@ -155,3 +155,14 @@ def test_lcm_lora_hub_id_from_the_cache(tiny_sd_dir, base, lcm_lora, tmp_path, m
 def test_non_finite_scale_is_refused(tiny_sd_dir, style_lora):
     with pytest.raises(UserError, match="not a finite number"):
         _load(tiny_sd_dir, lcm_lora="none", loras=[LoraSpec(source=str(style_lora), scale=float("nan"))])
+
+
+def test_bad_lora_fails_before_the_model_loads(tiny_sd_dir, tmp_path, monkeypatch):
+    from lcm_live.engine import loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the LoRAs were checked")
+
+    monkeypatch.setattr(loading, "_load_folder", no_load)
+    with pytest.raises(UserError, match="no such file"):
+        _load(tiny_sd_dir, lcm_lora=str(tmp_path / "missing.safetensors"))

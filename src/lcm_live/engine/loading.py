@@ -4,22 +4,23 @@
 2. a hub id is fetched into the Hugging Face cache (safetensors only); if it cannot be had and it is the default
    model with ``offline_fallback``, ``builtin:shapes`` is used instead and ``notice`` says so;
 3. the architecture (sd15 / sdxl) and kind (full LCM: the UNet has ``time_cond_proj_dim``; else plain SD that
-   becomes an LCM through an LCM-LoRA) decide the pipeline class;
+   becomes an LCM through an LCM-LoRA) come from configs or the file header and decide the pipeline class; the
+   LoRAs are read before the (long) pipeline load, so a bad LoRA fails at once;
 4. plain models get ``LCMScheduler`` and the LCM-LoRA, style LoRAs are stacked with it, and all are fused;
 5. the pipeline moves to the device and dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 from lcm_live.config import DEFAULT_MODEL, EngineSettings
 from lcm_live.engine.architectures import config_dir
-from lcm_live.engine.loras import apply_loras, lcm_lora_source
+from lcm_live.engine.loras import apply_loras, lcm_lora_source, read_loras
 from lcm_live.engine.model import LoadedModel
 from lcm_live.engine.sources import (
-    Source,
     detect_single_file_arch,
     download_pipeline,
     quiet_logs,
@@ -58,28 +59,30 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
     if source.kind == "folder":
         folder = Path(source.location)
 
-    # 3. Architecture, kind and pipeline.
+    # 3. Architecture and kind, from configs and headers only; then the LoRAs are read (fail fast), then the
+    #    pipeline loads.
     if source.kind == "single_file":
-        arch = detect_single_file_arch(source.location)
-        pipe = _load_single_file(Path(source.location), arch, dtype=dtype, progress=progress)
-        full_lcm = False
+        arch, full_lcm = detect_single_file_arch(source.location), False
     else:
         arch, full_lcm = read_folder_info(folder)
+    wanted: list[tuple[str, float, str]] = []
+    if not full_lcm:
+        lcm_lora = lcm_lora_source(settings.lcm_lora, arch)
+        if lcm_lora is not None:
+            wanted.append((lcm_lora, 1.0, "--lcm-lora"))
+    wanted += [(spec.source, spec.scale, "--lora") for spec in settings.loras]
+    loras = read_loras(wanted, cache_dir=settings.cache_dir)
+    if source.kind == "single_file":
+        pipe = _load_single_file(Path(source.location), arch, dtype=dtype, progress=progress)
+    else:
         pipe = _load_folder(folder, arch, full_lcm, dtype=dtype, progress=progress)
 
-    # 4. Scheduler and LoRAs.
+    # 4. LCMScheduler, and the LoRAs stacked and fused.
     from diffusers import LCMScheduler
 
     if not isinstance(pipe.scheduler, LCMScheduler):
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-    applied: list[tuple[str, float, str]] = []
-    if not full_lcm:
-        lcm_lora = lcm_lora_source(settings.lcm_lora, arch)
-        if lcm_lora is not None:
-            applied.append((lcm_lora, 1.0, "--lcm-lora"))
-    applied += [(spec.source, spec.scale, "--lora") for spec in settings.loras]
-    name = _display_name(source)
-    apply_loras(pipe, applied, model_name=name, cache_dir=settings.cache_dir)
+    apply_loras(pipe, loras, model_name=source.name)
 
     # 5. Device and dtype.
     # (casting only where needed: diffusers warns on every .to(dtype) of a model, even a no-op one)
@@ -87,9 +90,9 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
         pipe.to(dtype=dtype)
     pipe.to(device)
     width, height = native_size(pipe, source.name, arch)
-    return LoadedModel(pipe=pipe, kind="lcm" if full_lcm else "lcm-lora", arch=arch, name=name,
+    return LoadedModel(pipe=pipe, kind="lcm" if full_lcm else "lcm-lora", arch=arch, name=source.name,
                        native_width=width, native_height=height,
-                       loras=[(src, scale) for src, scale, _ in applied], notice=notice)
+                       loras=[(lora.source, lora.scale) for lora in loras], notice=notice)
 
 
 def native_size(pipe: Any, name: str, arch: str) -> tuple[int, int]:
@@ -104,10 +107,6 @@ def native_size(pipe: Any, name: str, arch: str) -> tuple[int, int]:
 def single_file_config(arch: str) -> Path:
     """The diffusers config folder a single-file checkpoint of ``arch`` is read with (shipped, no hub)."""
     return config_dir(arch)
-
-
-def _display_name(source: Source) -> str:
-    return source.name
 
 
 def _load_folder(folder: Path, arch: str, full_lcm: bool, *, dtype: Any, progress: bool) -> Any:
@@ -164,20 +163,16 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
-class _progress:
+@contextlib.contextmanager
+def _progress(show: bool):
     """Show or hide diffusers' "Loading pipeline components" bar."""
+    from diffusers.utils import logging as dlogging
 
-    def __init__(self, show: bool):
-        self.show = show
-
-    def __enter__(self):
-        from diffusers.utils import logging as dlogging
-
-        if not self.show:
-            dlogging.disable_progress_bar()
-
-    def __exit__(self, *exc):
-        from diffusers.utils import logging as dlogging
-
-        if not self.show:
-            dlogging.enable_progress_bar()
+    if show:
+        yield
+        return
+    dlogging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlogging.enable_progress_bar()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +91,27 @@ def _download_lora(repo_id: str, *, flag: str, cache_dir: str | None) -> Path:
             field=flag.lstrip("-")) from None
 
 
-def apply_loras(pipe: Any, loras: list[tuple[str, float, str]], *, model_name: str, cache_dir: str | None) -> None:
-    """Load each (source, scale, flag) as an adapter, weight them, fuse them and drop the adapters.
+@dataclass
+class LoraWeights:
+    source: str  # as the user gave it (path or hub id)
+    scale: float
+    flag: str  # "--lcm-lora" or "--lora", for error messages
+    state: dict[str, Any]  # the LoRA's tensors, read from safetensors
+
+
+def read_loras(loras: list[tuple[str, float, str]], *, cache_dir: str | None) -> list[LoraWeights]:
+    """Check scales and read every (source, scale, flag) LoRA: done before the model loads, so that a missing
+    file, a pickle or an unreachable hub LoRA fails in a second rather than after a long model load."""
+    for source, scale, flag in loras:
+        if not math.isfinite(scale):
+            raise UserError(f"{flag} {source}: scale {scale} is not a finite number; give e.g. {source}:0.8",
+                            field=flag.lstrip("-"))
+    return [LoraWeights(source, scale, flag, read_lora(source, flag=flag, cache_dir=cache_dir))
+            for source, scale, flag in loras]
+
+
+def apply_loras(pipe: Any, loras: list[LoraWeights], *, model_name: str) -> None:
+    """Load each LoRA as an adapter, weight them, fuse them and drop the adapters.
 
     1. load every LoRA under its own adapter name (a misfit raises one short UserError naming LoRA and model);
     2. ``set_adapters(names, scales)`` stacks them;
@@ -99,17 +119,10 @@ def apply_loras(pipe: Any, loras: list[tuple[str, float, str]], *, model_name: s
     """
     if not loras:
         return
-    for source, scale, flag in loras:
-        if not math.isfinite(scale):
-            raise UserError(f"{flag} {source}: scale {scale} is not a finite number; give e.g. {source}:0.8",
-                            field=flag.lstrip("-"))
-    names = []
-    for i, (source, _scale, flag) in enumerate(loras):
-        name = f"lora{i}"
-        weights = read_lora(source, flag=flag, cache_dir=cache_dir)
-        _load_one(pipe, weights, name, source=source, flag=flag, model_name=model_name)
-        names.append(name)
-    pipe.set_adapters(names, adapter_weights=[scale for _, scale, _ in loras])
+    names = [f"lora{i}" for i in range(len(loras))]
+    for name, lora in zip(names, loras, strict=True):
+        _load_one(pipe, lora.state, name, source=lora.source, flag=lora.flag, model_name=model_name)
+    pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()
 
