@@ -1,0 +1,151 @@
+"""`lcm-live eval`: the analytic checker over a fixed, balanced set of 96 prompt/seed pairs.
+
+Rows: the LCM (its own LCMScheduler) at 1, 2, 4, 8 steps; beside it the teacher under DDIM and
+DPM-Solver++ (``DPMSolverMultistepScheduler``) at the same step counts, with classifier-free guidance at
+the same ``guidance_scale``. The teacher's solvers use ``timestep_spacing="trailing"`` so that even one
+step starts from t=999 (SD's "leading" default starts 1-step sampling at t=1, which would be unfair).
+Everything runs through the real diffusers pipelines, as a user would, in float32 on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lcm_live.training.checker import score_images
+from lcm_live.training.shapes import eval_specs
+
+STEP_COUNTS = (1, 2, 4, 8)
+DEFAULT_GUIDANCE = 8.0
+CHUNK = 48  # images per pipeline call: bounds memory, keeps the progress bar moving
+
+
+def _generators(seed: int, n: int):
+    import torch
+
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def _run(pipe, prompts: list[str], seed: int, **kwargs) -> np.ndarray:
+    """uint8 images (N, H, W, 3); image i always uses seed + i, whatever the chunking."""
+    out = []
+    for i in range(0, len(prompts), CHUNK):
+        chunk = prompts[i:i + CHUNK]
+        result = pipe(prompt=chunk, generator=_generators(seed + i, len(chunk)), output_type="np",
+                      height=64, width=64, **kwargs)
+        out.append((np.clip(result.images, 0, 1) * 255).round().astype(np.uint8))
+    return np.concatenate(out)
+
+
+def teacher_scheduler(solver: str):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing",
+                  steps_offset=1)
+    if solver == "ddim":
+        return DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **common)
+    if solver == "dpm++":
+        return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **common)
+    raise ValueError(solver)
+
+
+def sample_sd(unet, text_encoder, tokenizer, vae, prompts, *, steps: int, guidance: float, solver: str,
+              seed: int = 0) -> np.ndarray:
+    """The teacher through StableDiffusionPipeline with CFG."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=teacher_scheduler(solver), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return _run(pipe, prompts, seed, num_inference_steps=steps, guidance_scale=guidance)
+
+
+def resolve_model(name: str) -> str:
+    """``builtin:NAME`` -> the packaged folder; anything else unchanged."""
+    if name.startswith("builtin:"):
+        from lcm_live.training.recipe import PACKAGE_BUILTIN
+
+        folder = PACKAGE_BUILTIN / name.split(":", 1)[1]
+        if not (folder / "model_index.json").exists():
+            from lcm_live.errors import UserError
+
+            raise UserError(f"--model {name}: not in this install ({folder} is missing); "
+                            "`make builtin-model` builds it", field="model")
+        return str(folder)
+    return name
+
+
+def load_lcm(model: str, base: str | None = None):
+    """A LatentConsistencyModelPipeline from a full-LCM folder, or from an LCM-LoRA folder
+    (pytorch_lora_weights.safetensors) fused into ``base``, a plain SD folder."""
+    import torch
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
+
+    from lcm_live.errors import UserError
+
+    folder = Path(model)
+    if (folder / "model_index.json").exists():
+        pipe = LatentConsistencyModelPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    elif (folder / "pytorch_lora_weights.safetensors").exists():
+        if base is None:
+            raise UserError(f"--model {model}: an LCM-LoRA; give its base model with --teacher", field="model")
+        sd = StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32)
+        sd.load_lora_weights(str(folder), weight_name="pytorch_lora_weights.safetensors")
+        sd.fuse_lora()
+        pipe = LatentConsistencyModelPipeline(
+            vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+            scheduler=LCMScheduler.from_config(sd.scheduler.config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+    else:
+        raise UserError(f"--model {model}: neither a diffusers folder (model_index.json) nor an LCM-LoRA folder",
+                        field="model")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_eval(model: str, *, teacher: str | None = None, guidance: float = DEFAULT_GUIDANCE,
+             steps: tuple[int, ...] = STEP_COUNTS, n: int = 96, json_path: str | Path | None = None,
+             seed: int = 0, log=print) -> dict:
+    """Score the LCM ``model`` (and ``teacher``, if given) and print a table; returns the results."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from tqdm import tqdm
+
+    specs = eval_specs(n_per_cell=-(-n // 96))[:n]
+    prompts = [s.caption for s in specs]
+    lcm = load_lcm(model, base=teacher)
+    jobs = [("LCM", k) for k in steps]
+    tpipe = None
+    if teacher:
+        tpipe = StableDiffusionPipeline.from_pretrained(teacher, torch_dtype=torch.float32)
+        tpipe.set_progress_bar_config(disable=True)
+        jobs += [(solver, k) for solver in ("DDIM", "DPM-Solver++") for k in steps]
+    rows = []
+    for name, k in tqdm(jobs, desc="eval", dynamic_ncols=True):
+        start = time.time()
+        if name == "LCM":
+            images = _run(lcm, prompts, seed, num_inference_steps=k, guidance_scale=guidance)
+        else:
+            tpipe.scheduler = teacher_scheduler("ddim" if name == "DDIM" else "dpm++")
+            images = _run(tpipe, prompts, seed, num_inference_steps=k, guidance_scale=guidance)
+        acc = score_images(images, specs)
+        rows.append({"sampler": name, "steps": k, **{a: round(v, 3) for a, v in acc.items()},
+                     "seconds": round(time.time() - start, 1)})
+    result = {"model": str(model), "teacher": teacher, "guidance_scale": guidance, "pairs": n, "rows": rows}
+    log(format_table(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"eval: {result['pairs']} prompt/seed pairs, guidance_scale {result['guidance_scale']}",
+             "| sampler | steps | color | shape | size | background |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['sampler']} | {r['steps']} | {r['color']:.3f} | {r['shape']:.3f} | "
+                     f"{r['size']:.3f} | {r['background']:.3f} |")
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""`make builtin-model`: data -> VAE -> teacher -> distillation -> eval -> copy into the package.
+
+Each stage writes its output under ``--work`` (default ``runs/builtin``) and is skipped when that output
+exists (``--force`` redoes it), so an interrupted recipe resumes where it stopped; the teacher and the
+distillation also resume from their own checkpoints. Seeds are fixed: the same command reproduces the
+shipped model (up to CPU floating-point nondeterminism). Wall time per stage is appended to
+``<work>/times.json``.
+
+    python -m lcm_live.training.recipe                # everything
+    python -m lcm_live.training.recipe --stage vae    # one stage (vae, teacher, distill, eval, ship)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+PACKAGE_BUILTIN = Path(__file__).resolve().parent.parent / "builtin"
+STAGES = ["vae", "teacher", "distill", "eval", "ship"]
+
+# The shipped recipe's knobs (measured choices; see docs/builtin-model.md).
+VAE_STEPS = 500
+TEACHER_STEPS = 1500
+DISTILL_STEPS = 1200
+W_RANGE = (2.0, 12.0)  # w = guidance_scale - 1: covers the engine's default guidance 8.0
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _record_time(work: Path, stage: str, seconds: float) -> None:
+    path = work / "times.json"
+    times = json.loads(path.read_text()) if path.exists() else {}
+    times[stage] = round(seconds, 1)
+    path.write_text(json.dumps(times, indent=2))
+
+
+def stage_vae(work: Path) -> None:
+    from lcm_live.training.vae import train_vae
+
+    train_vae(work / "vae", steps=VAE_STEPS, log=_log)
+
+
+def stage_teacher(work: Path) -> None:
+    from lcm_live.training.teacher import train_teacher
+
+    train_teacher(work / "teacher", vae_dir=work / "vae", steps=TEACHER_STEPS, batch_size=64,
+                  learning_rate=1e-3, check_every=500, log=_log)
+
+
+def stage_distill(work: Path) -> None:
+    from lcm_live.training.distill import DistillConfig, distill
+
+    distill(DistillConfig(teacher=str(work / "teacher" / "pipeline"), data="shapes",
+                          output=str(work / "student"), max_train_steps=DISTILL_STEPS,
+                          w_min=W_RANGE[0], w_max=W_RANGE[1]), log=_log)
+
+
+def stage_eval(work: Path) -> None:
+    from lcm_live.training.eval import run_eval
+
+    run_eval(str(work / "student"), teacher=str(work / "teacher" / "pipeline"),
+             json_path=work / "eval.json", log=_log)
+
+
+def stage_ship(work: Path) -> None:
+    for src, name in ((work / "student", "shapes"), (work / "teacher" / "pipeline", "shapes-teacher")):
+        dest = PACKAGE_BUILTIN / name
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("checkpoint*", "*.json.tmp"))
+        _log(f"shipped {src} -> {dest}")
+
+
+OUTPUTS = {
+    "vae": lambda w: w / "vae" / "config.json",
+    "teacher": lambda w: w / "teacher" / "pipeline" / "model_index.json",
+    "distill": lambda w: w / "student" / "model_index.json",
+    "eval": lambda w: w / "eval.json",
+    "ship": lambda w: None,  # always copies
+}
+RUNNERS = {"vae": stage_vae, "teacher": stage_teacher, "distill": stage_distill, "eval": stage_eval,
+           "ship": stage_ship}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lcm_live.training.recipe", description=__doc__.split("\n")[0])
+    parser.add_argument("--work", default="runs/builtin", help="working folder (default: %(default)s)")
+    parser.add_argument("--stage", choices=STAGES, action="append", help="run only these stages (repeatable)")
+    parser.add_argument("--force", action="store_true", help="redo stages whose output exists")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared 2-core machine, 2 threads measured "
+                             "2-4x slower than 1 because each op waits for a preempted thread)")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    for stage in args.stage or STAGES:
+        done = OUTPUTS[stage](work)
+        if done is not None and done.exists() and not args.force:
+            _log(f"== {stage}: output exists ({done}), skipped (--force redoes it)")
+            continue
+        _log(f"== {stage}")
+        start = time.time()
+        RUNNERS[stage](work)
+        _record_time(work, stage, time.time() - start)
+        _log(f"== {stage}: {time.time() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
