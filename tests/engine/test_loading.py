@@ -281,3 +281,15 @@ def test_cli_shows_one_error_line_no_traceback(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert status == 2 and len(err) == 1 and err[0].startswith("error: ") and model in err[0]
     assert not (tmp_path / "out.png").exists()
+
+
+def test_folder_that_is_not_stable_diffusion_is_refused(tmp_path):
+    import json
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
+                                                           "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    with pytest.raises(UserError, match="FluxPipeline is not a Stable Diffusion"):
+        _load(tmp_path)
+    (tmp_path / "model_index.json").write_text("{not json")
+    with pytest.raises(UserError, match="unreadable model_index.json"):
+        _load(tmp_path)

@@ -36,7 +36,9 @@ class Source:
 def resolve(model: str) -> Source:
     """Classify ``model`` (``--model``); raise a one-line UserError for what can never load."""
     if model.startswith(BUILTIN_PREFIX):
-        return Source("folder", str(builtin_folder(model[len(BUILTIN_PREFIX):])), model)
+        folder = builtin_folder(model[len(BUILTIN_PREFIX):])
+        check_folder(folder)
+        return Source("folder", str(folder), model)
     path = Path(model).expanduser()
     if path.is_file():
         _check_file(path)
@@ -77,16 +79,22 @@ def _check_file(path: Path) -> None:
                         field="model")
 
 
+def _weight_files(paths) -> list[Path]:
+    return [p for p in paths if p.is_file() and p.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES)]
+
+
 def check_folder(folder: Path) -> None:
     """A diffusers folder (model_index.json) whose every weight file is safetensors, or a clear refusal."""
-    weights = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES)]
-    pickles = [p for p in weights if p.suffix.lower() in PICKLE_SUFFIXES]
     if not (folder / "model_index.json").is_file():
+        weights = _weight_files(folder.iterdir())  # top level only: this may be any folder at all
+        pickles = [p for p in weights if p.suffix.lower() in PICKLE_SUFFIXES]
         if pickles and len(pickles) == len(weights):
             raise UserError(f"--model {folder}: holds only pickle weights ({pickles[0].name}); lcm-live loads only "
                             ".safetensors", field="model")
         raise UserError(f"--model {folder}: not a diffusers folder (no model_index.json); give a diffusers folder "
                         "or a single .safetensors file", field="model")
+    weights = _weight_files(folder.rglob("*"))
+    pickles = [p for p in weights if p.suffix.lower() in PICKLE_SUFFIXES]
     # A component with pickle weights and no safetensors beside them could only be loaded by unpickling.
     parts = {p.parent for p in pickles} - {p.parent for p in weights if p.suffix.lower() == ".safetensors"}
     if parts:
@@ -98,12 +106,17 @@ def check_folder(folder: Path) -> None:
 
 def read_folder_info(folder: Path) -> tuple[str, bool]:
     """(arch, full_lcm) of a diffusers folder, from model_index.json and the UNet config."""
-    index = json.loads((folder / "model_index.json").read_text())
-    unet_config = folder / "unet" / "config.json"
-    if "unet" not in index or not unet_config.is_file():
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        unet_config = folder / "unet" / "config.json"
+        unet = json.loads(unet_config.read_text()) if unet_config.is_file() else None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--model {folder}: unreadable model_index.json or unet/config.json ({exc})",
+                        field="model") from None
+    if unet is None or list(index.get("unet") or [None, None])[1] != "UNet2DConditionModel":
         raise UserError(f"--model {folder}: {index.get('_class_name', 'this pipeline')} is not a Stable Diffusion "
-                        "1.5 / SDXL pipeline (no UNet); lcm-live runs SD1.5 and SDXL models", field="model")
-    unet = json.loads(unet_config.read_text())
+                        "1.5 / SDXL pipeline (no UNet2DConditionModel); lcm-live runs SD1.5 and SDXL models",
+                        field="model")
     arch = "sdxl" if ("text_encoder_2" in index or unet.get("addition_embed_type") == "text_time") else "sd15"
     return arch, unet.get("time_cond_proj_dim") is not None
 
