@@ -142,6 +142,13 @@ def test_image_to_image_full_lcm(lcm):
     assert not np.array_equal(_px(r1.images[0]), _px(t2i.images[0]))
 
 
+def test_full_lcm_img2img_needs_enough_schedule_points(lcm):
+    # 8 steps at strength 0.125 leave int(50 * 0.125) = 6 of LCM's 50 schedule points: a clear error, not diffusers'
+    with pytest.raises(UserError) as err:
+        lcm.generate(_req("x", image=_init_image(), strength=0.125, num_inference_steps=8))
+    assert err.value.field == "strength" and "at most 6 steps" in err.value.message
+
+
 def test_image_to_image_lcm_lora_runs_steps_times_strength_and_resizes(lora):
     init = _init_image().resize((100, 60))  # any size: resized to the requested width x height
     events = []

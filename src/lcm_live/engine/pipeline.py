@@ -212,6 +212,7 @@ class Engine:
                 callback_on_step_end_tensor_inputs=["latents", "denoised"] if use_tensor_input else ["latents"],
             )
             if img2img:
+                _check_lcm_img2img_schedule(pipe, request)
                 kwargs.update(image=_prepare_init_image(request.image, width, height), strength=request.strength)
             else:
                 kwargs.update(width=width, height=height)
@@ -285,6 +286,21 @@ class Engine:
         result = self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=num_inference_steps,
                                                  width=width, height=height, seed=0))
         return result.timings
+
+
+def _check_lcm_img2img_schedule(pipe: Any, request: GenerationRequest) -> None:
+    """LatentConsistencyModelImg2ImgPipeline picks all its steps from the first ``original_inference_steps *
+    strength`` points of LCM's skipping schedule (50 points over 1000 timesteps): there must be enough of them."""
+    if type(pipe).__name__ != "LatentConsistencyModelImg2ImgPipeline":
+        return
+    original = int(getattr(pipe.scheduler.config, "original_inference_steps", 50) or 50)
+    available = int(original * request.strength)
+    if available < request.num_inference_steps:
+        raise UserError(
+            f"strength={request.strength} with num_inference_steps={request.num_inference_steps}: this LCM takes its "
+            f"steps from {available} of its {original} schedule points at that strength; raise strength to at least "
+            f"{request.num_inference_steps / original:.3g} or use at most {max(available, 1)} steps",
+            field="strength")
 
 
 def _multiple_of_8(value: float) -> int:
