@@ -67,6 +67,8 @@ def next_of(ws, *types: str) -> dict[str, Any]:
             msg["_bytes"] = data
         if msg["type"] in types:
             return msg
+        if msg["type"] == "error":
+            raise AssertionError(f"error while waiting for {types}: {msg}")
         if msg["type"] == "close":
             raise AssertionError(f"closed while waiting for {types}: {msg}")
 
