@@ -3,9 +3,9 @@
 Used by `lcm-live bench` (speed on the true shapes) and by the single-file loader (the configs). Building 860M
 parameters the ordinary way runs PyTorch's per-layer init for minutes on a 2-core CPU; here the modules are made
 with parameters on the meta device (accelerate's ``init_empty_weights``, buffers stay real), then each parameter
-is allocated once in the target dtype and filled from one seeded generator:
-weights uniform with variance 1/fan_in (variance-preserving, so activations stay finite through 4 LCM steps;
-uniform because it fills twice as fast as normal), biases 0, normalisation scales 1, embeddings std 0.02. Random weights make noise images: this is for timing and parity only.
+is allocated once in the target dtype and filled from one seeded generator: weights uniform with variance
+1/fan_in (variance-preserving, so activations stay finite through 4 LCM steps), biases 0, normalisation scales 1,
+embeddings std 0.02. Random weights make noise images: this is for timing and parity only.
 """
 
 from __future__ import annotations
@@ -123,6 +123,9 @@ def count_parameters(module: Any) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+POOL_SIZE = 2**25  # 33.5M unit-variance uniforms (134 MB): a window of it fills each weight tensor
+
+
 def _build(make, dtype: Any, seed: int, meta: bool) -> Any:
     """Construct with parameters on meta, then allocate and fill each one (see the module docstring)."""
     import torch
@@ -133,7 +136,11 @@ def _build(make, dtype: Any, seed: int, meta: bool) -> Any:
         model = make()
     if meta:
         return model.eval()
+    # Drawing ~1e9 random numbers one by one takes ~8 s on 2 cores; instead each tensor is a scaled copy of a
+    # window of one seeded pool starting at a seeded offset (a copy runs at memory speed). Values inside a tensor
+    # are independent draws; only a tensor larger than the pool (token embeddings) wraps around and repeats.
     generator = torch.Generator("cpu").manual_seed(seed)
+    pool = torch.empty(POOL_SIZE).uniform_(-math.sqrt(3.0), math.sqrt(3.0), generator=generator)
     norm_types = (torch.nn.GroupNorm, torch.nn.LayerNorm)
     with torch.no_grad():
         for module in model.modules():
@@ -150,11 +157,22 @@ def _build(make, dtype: Any, seed: int, meta: bool) -> Any:
                         std = 0.02
                     else:
                         std = 1.0 / math.sqrt(math.prod(param.shape[1:]))  # Linear [out, in]; Conv [out, in, kh, kw]
-                    half_width = std * math.sqrt(3.0)  # U(-a, a) has variance a^2 / 3
-                    data.uniform_(-half_width, half_width, generator=generator)
+                    offset = int(torch.randint(POOL_SIZE, (1,), generator=generator))
+                    _fill_from_pool(data.view(-1), pool, offset, std)
                 module._parameters[name] = torch.nn.Parameter(data, requires_grad=False)
         for module in model.modules():  # floating buffers (if any) follow the dtype; integer ones (ids) stay
             for name, buf in list(module._buffers.items()):
                 if buf is not None and buf.is_floating_point():
                     module._buffers[name] = buf.to(dtype)
     return model.eval()
+
+
+def _fill_from_pool(flat: Any, pool: Any, offset: int, std: float) -> None:
+    """flat[i] = std * pool[(offset + i) % len(pool)], in at most a few slice copies."""
+    import torch
+
+    done = 0
+    while done < flat.numel():
+        take = min(flat.numel() - done, pool.numel() - offset)
+        torch.mul(pool[offset:offset + take], std, out=flat[done:done + take])
+        done, offset = done + take, 0
