@@ -407,3 +407,4 @@ def test_info_and_warmup(lcm):
                                                                                             "float32")
     timings = lcm.warmup(SIZE, SIZE, 1)
     assert timings["total"] > 0
+    assert lcm._preview._map is not None  # the preview's calibration happens in warm-up, not at the first frame

@@ -99,6 +99,10 @@ class LatentPreview:
         self._map = torch.linalg.lstsq(x, y).solution  # (C + 1, 3)
         return self._map
 
+    def calibrate_once(self) -> None:
+        if self.taesd is None and self._map is None:
+            self.calibrate()
+
     def __call__(self, latents: Any, index: int = 0) -> Any:
         """One PIL image (of batch item ``index``) at the output's pixel size."""
         import numpy as np
@@ -113,8 +117,7 @@ class LatentPreview:
             rgb = rgb.permute(1, 2, 0)
             size = None
         else:
-            if self._map is None:
-                self.calibrate()
+            self.calibrate_once()
             lat = one[0].float().cpu().permute(1, 2, 0)  # (h, w, C)
             rgb = torch.cat([lat, torch.ones(*lat.shape[:2], 1)], dim=-1) @ self._map  # (h, w, 3) in ~[-1, 1]
             size = (lat.shape[1] * self.scale_factor, lat.shape[0] * self.scale_factor)

@@ -282,7 +282,10 @@ class Engine:
             return self._preview(latents, index)
 
     def warmup(self, width: int | None = None, height: int | None = None, num_inference_steps: int = 4) -> dict:
-        """One throw-away generation at this size (first-call kernel selection, allocator growth); its timings."""
+        """One throw-away generation at this size (first-call kernel selection, allocator growth), and the
+        preview's one-time calibration (without TAESD); the generation's timings."""
+        with self._preview_lock:
+            self._preview.calibrate_once()
         result = self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=num_inference_steps,
                                                  width=width, height=height, seed=0))
         return result.timings
