@@ -21,6 +21,7 @@ from lcm_live.engine.architectures import config_dir
 from lcm_live.engine.loras import apply_loras, lcm_lora_source, read_loras
 from lcm_live.engine.model import LoadedModel
 from lcm_live.engine.sources import (
+    check_folder,
     detect_single_file_arch,
     download_pipeline,
     quiet_logs,
@@ -46,6 +47,7 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
     if source.kind == "hub":
         try:
             folder = download_pipeline(source.location, cache_dir=settings.cache_dir, progress=progress)
+            check_folder(folder)  # a cache another tool filled may hold pickles only: refuse them here too
         except ModelUnavailableError as exc:
             if not (settings.offline_fallback and settings.model == DEFAULT_MODEL):
                 raise

@@ -197,9 +197,10 @@ def quiet_logs():
 def download_pipeline(repo_id: str, *, cache_dir: str | None, progress: bool) -> Path:
     """Fetch (or find in the cache) a hub pipeline's safetensors files; returns the local snapshot folder."""
     from diffusers import DiffusionPipeline
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    if not progress:
+    hide = not progress and not are_progress_bars_disabled()  # restore exactly what was there
+    if hide:
         disable_progress_bars()
     try:
         with quiet_logs():
@@ -208,7 +209,7 @@ def download_pipeline(repo_id: str, *, cache_dir: str | None, progress: bool) ->
     except Exception as exc:  # offline, unreachable, not cached, no such repo, no safetensors weights
         raise unavailable(repo_id, cache_dir, exc) from None
     finally:
-        if not progress:
+        if hide:
             enable_progress_bars()
     return Path(folder)
 
