@@ -99,6 +99,24 @@ def test_bad_input_is_one_error_line_exit_2_and_no_file(tiny_lcm_dir, tmp_path, 
     assert set(tmp_path.iterdir()) == before  # no outputs/ folder, no partial file
 
 
+def test_lcm_lora_model_with_style_lora_cfg_and_negative_prompt(tiny_sd_dir, tmp_path):
+    """Plain SD + an LCM-LoRA and a style LoRA (made with peft), CFG on: the metadata names both with scales."""
+    from diffusers import UNet2DConditionModel
+
+    from lcm_live.engine.tiny import save_tiny_lora
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    lcm_lora = save_tiny_lora(tmp_path / "lcm.safetensors", unet, seed=1)
+    style = save_tiny_lora(tmp_path / "style.safetensors", unet, rank=2, seed=2)
+    out = tmp_path / "boat.png"
+    args = _args(tiny_sd_dir, "--lcm-lora", str(lcm_lora), "--lora", f"{style}:0.5", "--guidance-scale", "1.5",
+                 "--negative-prompt", "fog", "--seed", "2", "--output", str(out))
+    assert main(args) == 0
+    params = read_png_parameters(out)
+    assert params["kind"] == "lcm-lora" and params["negative_prompt"] == "fog" and params["guidance_scale"] == 1.5
+    assert params["loras"] == [{"source": str(lcm_lora), "scale": 1.0}, {"source": str(style), "scale": 0.5}]
+
+
 def test_missing_model_folder(tmp_path, capsys):
     code = main(["generate", "x", "--model", str(tmp_path / "no-such-model"), "--device", "cpu", "--no-progress"])
     assert code == 2
