@@ -62,6 +62,19 @@ def read_init_image(path: str):
                         field="image") from None
 
 
+def _quiet_libraries() -> None:
+    """Library chatter (torchvision hints, dtype-cast notes, diffusers' own truncation message) is not for the
+    user of one command: keep their errors, and print our own warnings once, prefixed."""
+    import logging
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name in ("transformers", "diffusers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("lcm_live.engine.prompts").setLevel(logging.ERROR)  # printed below as "warning: ..."
+
+
 def run(args: argparse.Namespace) -> int:
     from lcm_live.engine.metadata import check_output_path, save_images
     from lcm_live.engine.request import GenerationRequest
@@ -80,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     settings = engine_settings_from_args(args)
 
     # 2. The model.
+    _quiet_libraries()
     from lcm_live.engine.pipeline import Engine
 
     engine = Engine.from_settings(settings, progress=not args.no_progress)
