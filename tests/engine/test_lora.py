@@ -78,6 +78,7 @@ def test_fused_output_equals_unfused_diffusers(tiny_sd_dir, base, lcm_lora):
     assert not torch.allclose(got, plain, atol=1e-3)  # the LoRA does change the model
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # stacking is the point
 def test_style_lora_stacks_with_its_scale(tiny_sd_dir, base, lcm_lora, style_lora):
     model = _load(tiny_sd_dir, lcm_lora=str(lcm_lora), loras=[LoraSpec(source=str(style_lora), scale=0.5)])
     assert model.loras == [(str(lcm_lora), 1.0), (str(style_lora), 0.5)]
@@ -166,3 +167,34 @@ def test_bad_lora_fails_before_the_model_loads(tiny_sd_dir, tmp_path, monkeypatc
     monkeypatch.setattr(loading, "_load_folder", no_load)
     with pytest.raises(UserError, match="no such file"):
         _load(tiny_sd_dir, lcm_lora=str(tmp_path / "missing.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_dir(tmp_path_factory):
+    from lcm_live.engine.tiny import save_tiny_sdxl_pipeline
+
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl"), full_lcm=False)
+
+
+def test_sdxl_lcm_lora_is_fused(tiny_sdxl_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    ref = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    lora = save_tiny_lora(tmp_path / "lcm-lora-sdxl.safetensors", ref.unet, seed=4)
+    model = _load(tiny_sdxl_dir, lcm_lora=str(lora))
+    assert (model.arch, model.kind) == ("sdxl", "lcm-lora")
+    layer = "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"  # the second transformer layer
+    assert torch.allclose(_weight(model.pipe.unet, layer), _weight(ref.unet, layer) + _delta(lora, layer), atol=1e-6)
+
+
+def test_sd15_lora_on_sdxl_is_a_misfit(tiny_sdxl_dir, lcm_lora):
+    with pytest.raises(UserError) as excinfo:
+        _load(tiny_sdxl_dir, lcm_lora=str(lcm_lora))
+    message = str(excinfo.value)
+    assert "does not fit" in message and str(tiny_sdxl_dir) in message and "\n" not in message
+
+
+def test_auto_picks_the_sdxl_lcm_lora(tiny_sdxl_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelUnavailableError, match="latent-consistency/lcm-lora-sdxl"):
+        _load(tiny_sdxl_dir, lcm_lora="auto", cache_dir=str(tmp_path / "empty-cache"))
