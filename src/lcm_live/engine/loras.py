@@ -20,6 +20,11 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weig
 LCM_LORA_IDS = {"sd15": "latent-consistency/lcm-lora-sdv1-5", "sdxl": "latent-consistency/lcm-lora-sdxl"}
 
 
+def _field(flag: str) -> str:
+    """The settings field behind a flag (EngineSettings.lcm_lora / .loras), for UserError.field."""
+    return "lcm_lora" if flag == "--lcm-lora" else "loras"
+
+
 def lcm_lora_source(setting: str, arch: str) -> str | None:
     """``--lcm-lora auto|none|PATH_OR_ID`` -> the LoRA to load, or None for "none"."""
     if setting == "none":
@@ -42,21 +47,21 @@ def read_lora(source: str, *, flag: str, cache_dir: str | None) -> dict[str, Any
             pickles = [p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
             what = f"only pickle weights ({pickles[0]})" if pickles else "no .safetensors file"
             raise UserError(f"{flag} {source}: the folder holds {what}; LoRAs load only from .safetensors",
-                            field=flag.lstrip("-"))
+                            field=_field(flag))
         if len(files) > 1:
             raise UserError(f"{flag} {source}: {len(files)} .safetensors files in the folder; name the file",
-                            field=flag.lstrip("-"))
+                            field=_field(flag))
         path = files[0]
     if path.is_file():
         if path.suffix.lower() != ".safetensors":
             raise UserError(f"{flag} {source}: LoRAs load only from .safetensors files (pickle formats such as "
-                            f"{path.suffix or 'this'} can run code when loaded)", field=flag.lstrip("-"))
+                            f"{path.suffix or 'this'} can run code when loaded)", field=_field(flag))
         try:
             return load_file(str(path))
         except Exception as exc:
             raise UserError(f"{flag} {source}: not a readable safetensors file ({exc})",
-                            field=flag.lstrip("-")) from None
-    raise UserError(f"{flag} {source}: no such file or folder", field=flag.lstrip("-"))
+                            field=_field(flag)) from None
+    raise UserError(f"{flag} {source}: no such file or folder", field=_field(flag))
 
 
 def _looks_like_path(text: str) -> bool:
@@ -78,7 +83,7 @@ def _download_lora(repo_id: str, *, flag: str, cache_dir: str | None) -> Path:
                 if len(files) != 1:
                     raise UserError(f"{flag} {repo_id}: the repo has {len(files)} .safetensors files and no "
                                     f"{LORA_FILE}; download the one you want and pass its path",
-                                    field=flag.lstrip("-")) from None
+                                    field=_field(flag)) from None
                 return Path(hf_hub_download(repo_id, files[0], cache_dir=cache_dir))
     except UserError:
         raise
@@ -88,7 +93,7 @@ def _download_lora(repo_id: str, *, flag: str, cache_dir: str | None) -> Path:
             "--model PATH (a diffusers folder or .safetensors file), --model builtin:shapes",
             f"{flag} PATH (a .safetensors LoRA file)" + (", --lcm-lora none (a model that needs none)"
                                                           if flag == "--lcm-lora" else "")),
-            field=flag.lstrip("-")) from None
+            field=_field(flag)) from None
 
 
 @dataclass
@@ -105,7 +110,7 @@ def read_loras(loras: list[tuple[str, float, str]], *, cache_dir: str | None) ->
     for source, scale, flag in loras:
         if not math.isfinite(scale):
             raise UserError(f"{flag} {source}: scale {scale} is not a finite number; give e.g. {source}:0.8",
-                            field=flag.lstrip("-"))
+                            field=_field(flag))
     return [LoraWeights(source, scale, flag, read_lora(source, flag=flag, cache_dir=cache_dir))
             for source, scale, flag in loras]
 
@@ -136,7 +141,7 @@ def _load_one(pipe: Any, weights: dict[str, Any], name: str, *, source: str, fla
         raise misfit(source, model_name, exc, flag) from None
     if _adapter_count(pipe) == before:  # diffusers only warns when no key matched any module
         raise UserError(f"{flag} {source} does not fit the model {model_name}: none of its keys match the "
-                        "model's layers (a LoRA for another architecture?)", field=flag.lstrip("-"))
+                        "model's layers (a LoRA for another architecture?)", field=_field(flag))
 
 
 def _adapter_count(pipe: Any) -> int:
@@ -155,4 +160,4 @@ def misfit(source: str, model_name: str, exc: BaseException, flag: str) -> UserE
                   " (a LoRA for another architecture, e.g. SDXL vs SD1.5?)")
     else:
         detail = text.strip().splitlines()[0][:160] if text.strip() else type(exc).__name__
-    return UserError(f"{flag} {source} does not fit the model {model_name}: {detail}", field=flag.lstrip("-"))
+    return UserError(f"{flag} {source} does not fit the model {model_name}: {detail}", field=_field(flag))
