@@ -42,6 +42,7 @@ class FakeEngineConfig:
     warmup_failure: bool = False
     noise: bool = False  # incompressible frames
     fault_seed: int = 0
+    record_calls: bool = True  # keep every request in ``calls`` (tests); off for soaks (canvases add up)
 
     @classmethod
     def from_json(cls, text: str) -> FakeEngineConfig:
@@ -66,12 +67,15 @@ class FakeEngine:
             setattr(cfg, key, value)
         self.config = cfg
         self.calls: list[GenerationRequest] = []  # every generate() request, in order (not warmup)
+        self.generate_count = 0
         self.steps_run = 0  # denoising steps completed, over all calls
         self.previews_decoded = 0
         self.warmups = 0
         self._lock = threading.Lock()
         self._script = list(cfg.failures)
         self._rng = random.Random(cfg.fault_seed)
+        if cfg.oom_rate or "oom" in cfg.failures:
+            import torch  # noqa: F401  (as in a real server, torch is loaded before the first OOM is built)
 
     @classmethod
     def from_settings(cls, settings: Any = None, **kwargs: Any) -> FakeEngine:
@@ -109,7 +113,9 @@ class FakeEngine:
 
     def generate(self, request: GenerationRequest, callback: StepCallback | None = None) -> GenerationResult:
         t0 = time.perf_counter()
-        self.calls.append(request)
+        self.generate_count += 1
+        if self.config.record_calls:
+            self.calls.append(request)
         outcome = self._next_outcome()
         if outcome == "oom":
             raise make_oom_error()
