@@ -77,3 +77,12 @@ def test_engine_flags_reach_the_settings(fake_uvicorn):
     settings = fake_uvicorn["config"].app.state.studio.settings
     assert settings.engine.model == "builtin:shapes" and settings.engine.device == "cpu"
     assert settings.studio.max_sessions == 2
+
+
+def test_environment_settings_are_checked_too(fake_uvicorn, monkeypatch, capsys):
+    monkeypatch.setenv("LCM_LIVE_STUDIO__HOST", "0.0.0.0")
+    assert main(["serve", "--fake-engine", "{}"]) == 2
+    assert "--host 0.0.0.0" in capsys.readouterr().err
+    monkeypatch.setenv("LCM_LIVE_STUDIO__PORT", "7123")
+    assert main(["serve", "--host", "127.0.0.1", "--fake-engine", "{}"]) == 0
+    assert (fake_uvicorn["config"].host, fake_uvicorn["config"].port) == ("127.0.0.1", 7123)

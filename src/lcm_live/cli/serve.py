@@ -28,9 +28,9 @@ def add_parser(subparsers) -> None:
         description="Serve the studio: open the printed URL in a browser.")
     add_engine_arguments(parser)
     g = parser.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default: %(default)s, this machine only; anything else needs a token)")
-    g.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    g.add_argument("--host", default=None,
+                   help="address to bind (default: 127.0.0.1, this machine only; anything else needs a token)")
+    g.add_argument("--port", type=int, default=None, help="port (default: 7860)")
     g.add_argument("--token", default=None,
                    help="access token (>= 32 characters), also read from LCM_LIVE_TOKEN; required off loopback")
     g.add_argument("--allow-origin", action="append", default=[], metavar="URL",
@@ -39,7 +39,7 @@ def add_parser(subparsers) -> None:
                    help="extra Host name accepted without a token (loopback names always are); repeatable")
     g.add_argument("--max-sessions", type=int, default=None,
                    help="concurrent WebSocket sessions (default: 1 on CPU, 4 on GPU)")
-    g.add_argument("--frame-format", choices=["jpeg", "webp"], default="jpeg", help="live frame encoding")
+    g.add_argument("--frame-format", choices=["jpeg", "webp"], default=None, help="live frame encoding (default: jpeg)")
     g.add_argument("--exit-on-failures", action="store_true",
                    help="exit non-zero after 3 consecutive engine failures (for a supervisor to restart)")
     # Tests and benchmarks: a FakeEngine (JSON of FakeEngineConfig) instead of a model. Hidden on purpose.
@@ -62,15 +62,21 @@ def check_exposure(host: str, token: str | None) -> None:
         )
 
 
-def build_settings(args: argparse.Namespace, token: str | None):
+def build_settings(args: argparse.Namespace):
+    """Studio settings: the environment (LCM_LIVE_STUDIO__*, LCM_LIVE_TOKEN) first, then the flags given."""
     from pydantic import ValidationError
 
     from lcm_live.config import Settings, StudioSettings
 
+    flags = {"host": args.host, "port": args.port, "token": args.token, "allowed_origins": args.allow_origin or None,
+             "allowed_hosts": args.allow_host or None, "max_sessions": args.max_sessions,
+             "frame_format": args.frame_format, "exit_on_failures": args.exit_on_failures or None}
     try:
-        studio = StudioSettings(host=args.host, port=args.port, token=token, allowed_origins=args.allow_origin,
-                                allowed_hosts=args.allow_host, max_sessions=args.max_sessions,
-                                frame_format=args.frame_format, exit_on_failures=args.exit_on_failures)
+        values = Settings().studio.model_dump()
+        values["token"] = os.environ.get("LCM_LIVE_TOKEN") or values["token"]
+        values.update({k: v for k, v in flags.items() if v is not None})
+        values["token"] = values["token"] or None
+        studio = StudioSettings(**values)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         raise UserError(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}") from None
@@ -93,9 +99,9 @@ def _say(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get("LCM_LIVE_TOKEN") or None
-    check_exposure(args.host, token)
-    settings = build_settings(args, token)
+    settings = build_settings(args)
+    token = settings.studio.token
+    check_exposure(settings.studio.host, token)
 
     import uvicorn
     from PIL import Image

@@ -244,7 +244,11 @@ class Worker:
             if self.step_observer is not None:
                 self.step_observer(job, event)
             if p.previews and event.step < event.total and job.sink.wants_preview():
-                preview = self.engine.decode_preview(event.latents)
+                try:
+                    preview = self.engine.decode_preview(event.latents)
+                except Exception:  # a preview is a nicety: never fail the frame for it
+                    log.warning("studio: preview decode failed at step %d", event.step, exc_info=True)
+                    return
                 job.sink.on_frame(job, preview, final=False, step=event.step, total=event.total,
                                   generation_s=time.monotonic() - now, parameters={})
 
