@@ -136,11 +136,29 @@ def test_pickle_lora_is_refused(tiny_sd_dir, tmp_path, name):
 
 
 def test_auto_lcm_lora_offline_names_the_lora(tiny_sd_dir, tmp_path, monkeypatch):
+    from lcm_live.engine import loading
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setitem(loading.REAL_CONTEXT_WIDTH, "sd15", 32)  # let the tiny model pass for SD1.5 here
     with pytest.raises(ModelUnavailableError) as excinfo:
         _load(tiny_sd_dir, lcm_lora="auto", cache_dir=str(tmp_path / "empty-cache"))
     message = str(excinfo.value)
     assert "latent-consistency/lcm-lora-sdv1-5" in message and "--lcm-lora" in message and "\n" not in message
+
+
+def test_auto_lcm_lora_refused_for_a_model_it_cannot_fit(tiny_sd_dir, monkeypatch):
+    """A small plain model (like builtin:shapes-teacher) is told to bring its own LCM-LoRA: nothing is fetched."""
+    from lcm_live.engine import loras
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to fetch an LCM-LoRA that cannot fit")
+
+    monkeypatch.setattr(loras, "_download_lora", no_download)
+    with pytest.raises(UserError) as excinfo:
+        _load(tiny_sd_dir, lcm_lora="auto")
+    message = str(excinfo.value)
+    assert "width 768" in message and "this one: 32" in message and "--lcm-lora none" in message
+    assert excinfo.value.field == "lcm_lora"
 
 
 def test_lcm_lora_hub_id_from_the_cache(tiny_sd_dir, base, lcm_lora, tmp_path, monkeypatch):
@@ -195,6 +213,9 @@ def test_sd15_lora_on_sdxl_is_a_misfit(tiny_sdxl_dir, lcm_lora):
 
 
 def test_auto_picks_the_sdxl_lcm_lora(tiny_sdxl_dir, tmp_path, monkeypatch):
+    from lcm_live.engine import loading
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setitem(loading.REAL_CONTEXT_WIDTH, "sdxl", 80)  # the tiny SDXL's width
     with pytest.raises(ModelUnavailableError, match="latent-consistency/lcm-lora-sdxl"):
         _load(tiny_sdxl_dir, lcm_lora="auto", cache_dir=str(tmp_path / "empty-cache"))

@@ -18,14 +18,15 @@ from typing import Any
 
 from lcm_live.config import DEFAULT_MODEL, EngineSettings
 from lcm_live.engine.architectures import config_dir
-from lcm_live.engine.loras import apply_loras, lcm_lora_source, read_loras
+from lcm_live.engine.loras import LCM_LORA_IDS, apply_loras, lcm_lora_source, read_loras
 from lcm_live.engine.model import LoadedModel
 from lcm_live.engine.sources import (
+    ModelInfo,
     check_folder,
-    detect_single_file_arch,
     download_pipeline,
     quiet_logs,
     read_folder_info,
+    read_single_file_info,
     resolve,
 )
 from lcm_live.errors import ModelUnavailableError, UserError
@@ -33,6 +34,9 @@ from lcm_live.errors import ModelUnavailableError, UserError
 FALLBACK_MODEL = "builtin:shapes"
 # Native sizes where the model's config says otherwise than what it is best used at.
 PRESET_SIZES = {"SimianLuo/LCM_Dreamshaper_v7": (512, 512)}
+# The UNet cross-attention width of the real architectures (the text encoders' hidden size: CLIP-L 768;
+# CLIP-L + OpenCLIP bigG 768 + 1280): what the hub LCM-LoRAs are made for.
+REAL_CONTEXT_WIDTH = {"sd15": 768, "sdxl": 2048}
 
 
 def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = None,
@@ -63,12 +67,11 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
 
     # 3. Architecture and kind, from configs and headers only; then the LoRAs are read (fail fast), then the
     #    pipeline loads.
-    if source.kind == "single_file":
-        arch, full_lcm = detect_single_file_arch(source.location), False
-    else:
-        arch, full_lcm = read_folder_info(folder)
+    info = read_single_file_info(source.location) if source.kind == "single_file" else read_folder_info(folder)
+    arch, full_lcm = info.arch, info.full_lcm
     wanted: list[tuple[str, float, str]] = []
     if not full_lcm:
+        _check_auto_lcm_lora(settings.lcm_lora, info, source.name)
         lcm_lora = lcm_lora_source(settings.lcm_lora, arch)
         if lcm_lora is not None:
             wanted.append((lcm_lora, 1.0, "--lcm-lora"))
@@ -95,6 +98,17 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
     return LoadedModel(pipe=pipe, kind="lcm" if full_lcm else "lcm-lora", arch=arch, name=source.name,
                        native_width=width, native_height=height,
                        loras=[(lora.source, lora.scale) for lora in loras], notice=notice)
+
+
+def _check_auto_lcm_lora(setting: str, info: ModelInfo, name: str) -> None:
+    """The hub LCM-LoRAs fit only the real SD1.5 / SDXL widths: say so before fetching one that cannot fit (a
+    small model such as builtin:shapes-teacher needs an LCM-LoRA trained for it)."""
+    want = REAL_CONTEXT_WIDTH[info.arch]
+    if setting == "auto" and info.context_width != want:
+        raise UserError(f"--lcm-lora auto: {name} is not an LCM and {LCM_LORA_IDS[info.arch]} fits only {info.arch} "
+                        f"models of cross-attention width {want} (this one: {info.context_width}); pass --lcm-lora "
+                        "PATH (an LCM-LoRA trained for it, e.g. with `lcm-live distill --lora`) or --lcm-lora none",
+                        field="lcm_lora")
 
 
 def native_size(pipe: Any, name: str, arch: str) -> tuple[int, int]:

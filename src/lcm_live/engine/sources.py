@@ -104,8 +104,17 @@ def check_folder(folder: Path) -> None:
                         "(save it again with safe_serialization=True)", field="model")
 
 
-def read_folder_info(folder: Path) -> tuple[str, bool]:
-    """(arch, full_lcm) of a diffusers folder, from model_index.json and the UNet config."""
+@dataclass(frozen=True)
+class ModelInfo:
+    """What configs or a file header tell before any weight loads."""
+
+    arch: Literal["sd15", "sdxl"]
+    full_lcm: bool  # the UNet has a w-embedding input (time_cond_proj_dim)
+    context_width: int | None  # the UNet's cross-attention width: real SD1.5 768, SDXL 2048
+
+
+def read_folder_info(folder: Path) -> ModelInfo:
+    """ModelInfo of a diffusers folder, from model_index.json and the UNet config."""
     try:
         index = json.loads((folder / "model_index.json").read_text())
         unet_config = folder / "unet" / "config.json"
@@ -118,7 +127,8 @@ def read_folder_info(folder: Path) -> tuple[str, bool]:
                         "1.5 / SDXL pipeline (no UNet2DConditionModel); lcm-live runs SD1.5 and SDXL models",
                         field="model")
     arch = "sdxl" if ("text_encoder_2" in index or unet.get("addition_embed_type") == "text_time") else "sd15"
-    return arch, unet.get("time_cond_proj_dim") is not None
+    width = unet.get("cross_attention_dim")
+    return ModelInfo(arch, unet.get("time_cond_proj_dim") is not None, width if isinstance(width, int) else None)
 
 
 # Keys of the original (CompVis / Stability) single-file layout, read from the safetensors header only.
@@ -129,7 +139,12 @@ _SD2_CLIP = "cond_stage_model.model.token_embedding.weight"  # OpenCLIP ViT-H
 
 
 def detect_single_file_arch(path: str | Path) -> str:
-    """"sd15" or "sdxl" from a single-file checkpoint's keys and shapes; a clear error for anything else.
+    """"sd15" or "sdxl" from a single-file checkpoint's keys and shapes; a clear error for anything else."""
+    return read_single_file_info(path).arch
+
+
+def read_single_file_info(path: str | Path) -> ModelInfo:
+    """ModelInfo of a single-file checkpoint, from its safetensors header (keys and shapes, no weights).
 
     SD1.x: a CLIP text encoder under ``cond_stage_model.transformer`` whose width (768 for real SD1.5) equals the
     UNet's cross-attention width; SDXL: the second (OpenCLIP bigG) embedder or the UNet's ``label_emb``.
@@ -156,12 +171,12 @@ def detect_single_file_arch(path: str | Path) -> str:
         if _SDXL_CLIP_L not in keys:
             raise UserError(f"--model {path}: an SDXL refiner (no CLIP-L text encoder) cannot generate on its own; "
                             "give an SDXL base model", field="model")
-        return "sdxl"
+        return ModelInfo("sdxl", False, context_width)
     if _SD2_CLIP in keys or (context_width is not None and context_width == 1024):
         raise UserError(f"--model {path}: a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder); lcm-live "
                         "supports SD1.5 and SDXL", field="model")
     if text_width is not None and text_width == context_width:
-        return "sd15"
+        return ModelInfo("sd15", False, context_width)
     raise UserError(f"--model {path}: not a recognised SD1.5 or SDXL checkpoint (text encoder width {text_width}, "
                     f"cross-attention width {context_width})", field="model")
 
