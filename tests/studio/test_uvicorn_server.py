@@ -251,3 +251,46 @@ def test_token_server_refuses_handshake_and_shuts_down_gracefully(tmp_path):
         assert TOKEN not in log.replace(f"?token={TOKEN}", "")  # only the printed URL carries it
     finally:
         srv.stop()
+
+
+def test_slow_reader_gets_the_newest_frame_and_memory_stays_bounded(tmp_path):
+    import psutil
+
+    srv = Server(tmp_path, {"noise": True, "record_calls": False}, "--max-sessions", "2")
+    try:
+        big = dict(width=768, height=768, num_inference_steps=1)
+
+        async def go() -> None:
+            # A small receive buffer (no autotuning) and max_queue=2 (the client library buffers at most 2
+            # messages): a client that stops reading makes TCP push back on the server within a frame or two.
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.connect(("127.0.0.1", srv.port))
+            async with connect(srv.ws_url, sock=sock, max_queue=2, max_size=None) as ws:
+                await next_message(ws, "hello")
+                await ws.send(params(seed=10_000, **big))
+                assert len((await next_final(ws))["_bytes"]) > 256 * 1024  # incompressible frames
+                rss_before = psutil.Process(srv.proc.pid).memory_info().rss
+                for seed in range(40):  # keep asking, never read
+                    await ws.send(params(seed=seed, **big))
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(1.0)
+                rss_after = psutil.Process(srv.proc.pid).memory_info().rss
+                while (frame := await next_final(ws))["seed"] != 39:
+                    assert frame["type"] == "frame"
+                assert (rss_after - rss_before) < 30 * 2**20, (rss_after - rss_before) / 2**20
+
+        asyncio.run(go())
+        assert srv.metric("lcm_live_frames_dropped_total") > 0
+        assert srv.metric("lcm_live_frames_sent_total") < 41
+    finally:
+        assert srv.stop() == 0
+
+
+def test_warmup_failure_exits_non_zero(tmp_path):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "LCM_LIVE_TOKEN"}
+    done = subprocess.run([LCM_LIVE, "serve", "--port", str(port), "--fake-engine", '{"warmup_failure": true}'],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 3
+    assert "error: model load or warmup failed: RuntimeError: fake warmup failure" in done.stderr
