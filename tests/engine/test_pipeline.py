@@ -149,6 +149,22 @@ def test_full_lcm_img2img_needs_enough_schedule_points(lcm):
     assert err.value.field == "strength" and "at most 6 steps" in err.value.message
 
 
+def test_img2img_pixels_equal_diffusers(lcm, lora, tiny_lcm_dir, tiny_sd_dir):
+    import torch
+    from diffusers import LatentConsistencyModelImg2ImgPipeline, LCMScheduler, StableDiffusionImg2ImgPipeline
+
+    init = _init_image()
+    ref_lcm = LatentConsistencyModelImg2ImgPipeline.from_pretrained(tiny_lcm_dir)
+    ref_sd = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd_dir)
+    ref_sd.scheduler = LCMScheduler.from_config(ref_sd.scheduler.config)
+    for engine, ref, guidance in ((lcm, ref_lcm, 8.0), (lora, ref_sd, 1.0)):
+        ref.set_progress_bar_config(disable=True)
+        expected = ref("a sunset", image=init, strength=0.6, num_inference_steps=3, guidance_scale=guidance,
+                       generator=torch.Generator("cpu").manual_seed(21)).images[0]
+        ours = engine.generate(_req("a sunset", image=init, strength=0.6, num_inference_steps=3, seed=21)).images[0]
+        assert np.array_equal(np.asarray(expected), np.asarray(ours))
+
+
 def test_image_to_image_lcm_lora_runs_steps_times_strength_and_resizes(lora):
     init = _init_image().resize((100, 60))  # any size: resized to the requested width x height
     events = []
