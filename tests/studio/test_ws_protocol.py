@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import threading
@@ -9,7 +10,9 @@ import threading
 import pytest
 from PIL import Image
 
+from lcm_live.errors import UserError
 from lcm_live.studio.fake_engine import FakeEngine
+from lcm_live.studio.params import default_params_model, parse_params
 
 from .conftest import next_final, next_of, params, receive, running_studio, wait_until
 
@@ -265,15 +268,19 @@ def test_queue_wait_deadline_gives_timeout():
 
 
 def test_capacity_refuses_the_extra_session_with_1013():
-    with running_studio(max_sessions=1) as (client, _, state), client.websocket_connect("/ws") as first:
-        assert receive(first)["type"] == "hello"
-        with client.websocket_connect("/ws") as second:
-            error = receive(second)
-            assert (error["type"], error["code"]) == ("error", "capacity")
-            assert receive(second) == {"type": "close", "code": 1013, "reason": "server full"}
-        assert state.metrics.rejected.labels(reason="capacity")._value.get() == 1
-        first.send_text(params(prompt="still served"))
-        assert next_final(first)["type"] == "frame"
+    with running_studio(max_sessions=1) as (client, _, state):
+        with client.websocket_connect("/ws") as first:
+            assert receive(first)["type"] == "hello"
+            with client.websocket_connect("/ws") as second:
+                error = receive(second)
+                assert (error["type"], error["code"]) == ("error", "capacity")
+                assert receive(second) == {"type": "close", "code": 1013, "reason": "server full"}
+            assert state.metrics.rejected.labels(reason="capacity")._value.get() == 1
+            first.send_text(params(prompt="still served"))
+            assert next_final(first)["type"] == "frame"
+        wait_until(lambda: not state.sessions, what="the first session to end")
+        with client.websocket_connect("/ws") as third:  # a place is free again
+            assert receive(third)["type"] == "hello"
 
 
 def test_idle_session_is_closed():
@@ -290,3 +297,34 @@ def test_too_big_message_closes_with_1009():
         assert next_of(ws, "error")["code"] == "too_large"
         assert receive(ws)["code"] == 1009
         assert state.metrics.rejected.labels(reason="too_large")._value.get() == 1
+
+
+def test_200_random_malformed_messages_never_reach_the_engine(studio):
+    import random
+
+    client, engine, _ = studio
+    rng = random.Random(1234)
+    junk_values = [None, -1, 10**30, "x", [], {}, 1.5, True, "\u0000"]
+    with client.websocket_connect("/ws") as ws:
+        receive(ws)
+        for _ in range(200):
+            kind = rng.randrange(4)
+            if kind == 0:
+                ws.send_bytes(rng.randbytes(rng.randrange(0, 2048)))
+            elif kind == 1:
+                ws.send_text("".join(chr(rng.randrange(32, 0x2FF)) for _ in range(rng.randrange(0, 80))))
+            elif kind == 2:
+                field = rng.choice(["num_inference_steps", "width", "seed", "guidance_scale", "strength", "mode",
+                                    "prompt", "previews", "model", "lora_path", "type"])
+                body = {field: rng.choice(junk_values)}
+                with contextlib.suppress(UserError):  # a junk value that happens to be valid: make it unknown
+                    parse_params(default_params_model(), body)
+                    body = {"not_a_field": body[field]}
+                ws.send_text(json.dumps({"type": "params", **body}))
+            else:
+                ws.send_text(json.dumps(rng.choice([[], 1, "params", None, {"type": rng.choice(junk_values)}])))
+            error = next_of(ws, "error")
+            assert error["code"] in ("invalid_params", "invalid_image") and "Traceback" not in error["message"]
+        assert engine.calls == []
+        ws.send_text(params(prompt="after the storm"))
+        assert next_final(ws)["params"]["prompt"] == "after the storm"

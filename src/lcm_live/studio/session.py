@@ -216,16 +216,22 @@ class Session:
 
     async def _sender(self) -> None:
         """The only task that writes to the socket while the session runs, in the order messages were posted."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._outbox:
-                item = self._outbox.popleft()
-                if item is not _FRAME:
-                    await self._send_text(item)
-                elif self._frame is not None:
-                    frame, self._frame = self._frame, None
-                    await self._send_frame(frame)
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._outbox:
+                    item = self._outbox.popleft()
+                    if item is not _FRAME:
+                        await self._send_text(item)
+                    elif self._frame is not None:
+                        frame, self._frame = self._frame, None
+                        await self._send_frame(frame)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the client went away mid-send (or a bug): stop sending, the receive loop ends it
+            self.closed = True
+            log.debug("session %s: sending stopped: %r", self.id, exc)
 
     async def _send_frame(self, frame: PendingFrame) -> None:
         s = self.studio.settings.studio
