@@ -21,19 +21,19 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("prompt", help="what to draw")
     g = parser.add_argument_group("generation (diffusers' names)")
-    g.add_argument("--num-inference-steps", type=int, default=4, help="1 to 8 (default: %(default)s)")
-    g.add_argument("--guidance-scale", type=float, default=None,
+    g.add_argument("--num-inference-steps", type=int, default=4, metavar="N", help="1 to 8 (default: %(default)s)")
+    g.add_argument("--guidance-scale", type=float, default=None, metavar="G",
                    help="default by model: full LCM 8.0 (w-embedding), LCM-LoRA 1.0 (no CFG)")
-    g.add_argument("--negative-prompt", default=None,
+    g.add_argument("--negative-prompt", default=None, metavar="TEXT",
                    help="only with classifier-free guidance: LCM-LoRA models with --guidance-scale above 1")
-    g.add_argument("--seed", type=int, default=None, help="default: random (printed, and stored in the image)")
-    g.add_argument("--width", type=int, default=None,
+    g.add_argument("--seed", type=int, default=None, metavar="SEED", help="default: random (printed, and stored in the image)")
+    g.add_argument("--width", type=int, default=None, metavar="W",
                    help="multiple of 8, 64 to 2048 (default: the model's size; with --image, the image's)")
-    g.add_argument("--height", type=int, default=None,
+    g.add_argument("--height", type=int, default=None, metavar="H",
                    help="multiple of 8, 64 to 2048 (default: the model's size; with --image, the image's)")
-    g.add_argument("--num-images", type=int, default=1, help="images from this prompt (default: %(default)s)")
+    g.add_argument("--num-images", type=int, default=1, metavar="N", help="images from this prompt (default: %(default)s)")
     g.add_argument("--image", default=None, metavar="PATH", help="init image: image-to-image")
-    g.add_argument("--strength", type=float, default=0.5,
+    g.add_argument("--strength", type=float, default=0.5, metavar="S",
                    help="image-to-image: how far to move from the init image, in (0, 1] (default: %(default)s)")
     g = parser.add_argument_group("output")
     g.add_argument("--output", default=None, metavar="PATH",
