@@ -349,6 +349,19 @@ def test_decode_preview_linear_map_recovers_colours():
 
 
 @pytest.mark.timeout(60)
+def test_preview_calibration_of_an_fp16_vae_leaves_it_fp16(tiny_lcm_dir):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from lcm_live.engine.decoders import LatentPreview
+
+    vae = AutoencoderKL.from_pretrained(tiny_lcm_dir, subfolder="vae").half()
+    fp32_map = LatentPreview(AutoencoderKL.from_pretrained(tiny_lcm_dir, subfolder="vae")).calibrate()
+    fp16_map = LatentPreview(vae).calibrate()  # on a float32 copy: same map up to the fp16 rounding of weights
+    assert next(vae.parameters()).dtype == torch.float16
+    assert torch.isfinite(fp16_map).all() and torch.allclose(fp16_map, fp32_map, atol=0.05)
+
+
 def test_decode_preview_from_inside_the_step_callback(lcm):
     """The studio previews each step from its callback, inside generate(): this must not deadlock."""
     previews = []

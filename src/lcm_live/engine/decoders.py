@@ -82,6 +82,12 @@ class LatentPreview:
 
         vae = self.vae
         param = next(vae.parameters())
+        if param.dtype == torch.float16:
+            # fp16 VAEs (SDXL's above all) can overflow; calibrate on a float32 copy, leaving the shared one be.
+            import copy
+
+            vae = copy.deepcopy(vae).float()
+            param = next(vae.parameters())
         gen = torch.Generator("cpu").manual_seed(1234)
         # Smooth colour fields in [-1, 1]: a 4x4 grid of random colours, bilinearly upsampled.
         colours = torch.rand(samples, 3, 4, 4, generator=gen) * 2 - 1
@@ -96,7 +102,11 @@ class LatentPreview:
         x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])  # (N, C)
         x = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)  # (N, C + 1): bias column
         y = targets.permute(0, 2, 3, 1).reshape(-1, 3)  # (N, 3)
-        self._map = torch.linalg.lstsq(x, y).solution  # (C + 1, 3)
+        solution = torch.linalg.lstsq(x, y).solution  # (C + 1, 3)
+        if not torch.isfinite(solution).all():  # a VAE that gave NaNs: flat grey previews rather than garbage
+            logger.warning("latent preview calibration failed (non-finite latents); previews will be grey")
+            solution = torch.zeros_like(solution)
+        self._map = solution
         return self._map
 
     def calibrate_once(self) -> None:
