@@ -24,6 +24,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--w-min", type=float, default=2.0, help="guidance range, w = guidance_scale - 1 (default 2)")
     p.add_argument("--w-max", type=float, default=12.0, help="(default 12)")
     p.add_argument("--time-cond-proj-dim", type=int, default=64, help="w-embedding width (full student)")
+    p.add_argument("--pool-size", type=int, default=8192, help="shapes images encoded once (--data shapes)")
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         teacher=args.teacher, output=args.output, data=args.data, lora=args.lora, lora_rank=args.lora_rank,
         max_train_steps=args.max_train_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         w_min=args.w_min, w_max=args.w_max, time_cond_proj_dim=args.time_cond_proj_dim,
-        checkpoint_every=args.checkpoint_every, seed=args.seed, resume=args.resume, bf16=not args.no_bf16))
+        checkpoint_every=args.checkpoint_every, pool_size=args.pool_size,
+        seed=args.seed, resume=args.resume, bf16=not args.no_bf16))
     print(f"saved {'LCM-LoRA' if args.lora else 'LCM'} to {out}")
     return 0

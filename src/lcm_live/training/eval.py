@@ -80,8 +80,8 @@ def resolve_model(name: str) -> str:
 
 
 def load_lcm(model: str, base: str | None = None):
-    """A LatentConsistencyModelPipeline from a full-LCM folder, or from an LCM-LoRA folder
-    (pytorch_lora_weights.safetensors) fused into ``base``, a plain SD folder."""
+    """A LatentConsistencyModelPipeline from a full-LCM folder, or an LCM-LoRA folder
+    (pytorch_lora_weights.safetensors) fused into ``base``, a plain SD folder, under LCMScheduler."""
     import torch
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
 
@@ -96,10 +96,9 @@ def load_lcm(model: str, base: str | None = None):
         sd = StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32)
         sd.load_lora_weights(str(folder), weight_name="pytorch_lora_weights.safetensors")
         sd.fuse_lora()
-        pipe = LatentConsistencyModelPipeline(
-            vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
-            scheduler=LCMScheduler.from_config(sd.scheduler.config), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
+        # an LCM-LoRA has no w input: it runs in the SD pipeline with LCMScheduler (the documented way)
+        sd.scheduler = LCMScheduler.from_config(sd.scheduler.config)
+        pipe = sd
     else:
         raise UserError(f"--model {model}: neither a diffusers folder (model_index.json) nor an LCM-LoRA folder",
                         field="model")
@@ -118,6 +117,8 @@ def run_eval(model: str, *, teacher: str | None = None, guidance: float = DEFAUL
     specs = eval_specs(n_per_cell=-(-n // 96))[:n]
     prompts = [s.caption for s in specs]
     lcm = load_lcm(model, base=teacher)
+    # an LCM-LoRA bakes the teacher's guidance in (no w input): guidance 1.0, one UNet pass, as documented
+    lcm_guidance = guidance if lcm.unet.config.get("time_cond_proj_dim") else 1.0
     jobs = [("LCM", k) for k in steps]
     tpipe = None
     if teacher:
@@ -128,12 +129,13 @@ def run_eval(model: str, *, teacher: str | None = None, guidance: float = DEFAUL
     for name, k in tqdm(jobs, desc="eval", dynamic_ncols=True):
         start = time.time()
         if name == "LCM":
-            images = _run(lcm, prompts, seed, num_inference_steps=k, guidance_scale=guidance)
+            images = _run(lcm, prompts, seed, num_inference_steps=k, guidance_scale=lcm_guidance)
         else:
             tpipe.scheduler = teacher_scheduler("ddim" if name == "DDIM" else "dpm++")
             images = _run(tpipe, prompts, seed, num_inference_steps=k, guidance_scale=guidance)
         acc = score_images(images, specs)
-        rows.append({"sampler": name, "steps": k, **{a: round(v, 3) for a, v in acc.items()},
+        rows.append({"sampler": name, "steps": k, "guidance_scale": lcm_guidance if name == "LCM" else guidance,
+                     **{a: round(v, 3) for a, v in acc.items()},
                      "seconds": round(time.time() - start, 1)})
     result = {"model": str(model), "teacher": teacher, "guidance_scale": guidance, "pairs": n, "rows": rows}
     log(format_table(result))

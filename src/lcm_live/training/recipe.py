@@ -25,7 +25,7 @@ STAGES = ["vae", "teacher", "distill", "eval", "ship"]
 # The shipped recipe's knobs (measured choices; see docs/builtin-model.md).
 VAE_STEPS = 500
 TEACHER_STEPS = 1500
-DISTILL_STEPS = 1200
+DISTILL_STEPS = 800
 W_RANGE = (2.0, 12.0)  # w = guidance_scale - 1: covers the engine's default guidance 8.0
 
 
@@ -57,8 +57,9 @@ def stage_distill(work: Path) -> None:
     from lcm_live.training.distill import DistillConfig, distill
 
     distill(DistillConfig(teacher=str(work / "teacher" / "pipeline"), data="shapes",
-                          output=str(work / "student"), max_train_steps=DISTILL_STEPS,
-                          w_min=W_RANGE[0], w_max=W_RANGE[1]), log=_log)
+                          output=str(work / "student"), max_train_steps=DISTILL_STEPS, batch_size=32,
+                          learning_rate=3e-4, w_min=W_RANGE[0], w_max=W_RANGE[1], time_cond_proj_dim=64,
+                          pool_size=4096, checkpoint_every=100, resume=True), log=_log)
 
 
 def stage_eval(work: Path) -> None:

@@ -1,0 +1,48 @@
+"""`lcm-live distill` and `lcm-live eval` end to end on a micro teacher (seconds, CPU)."""
+
+import json
+
+from lcm_live.cli import main
+
+
+def _distill(teacher, out, *extra):
+    return main(["distill", "--teacher", str(teacher), "--output", str(out), "--batch-size", "2",
+                 "--pool-size", "8", "--time-cond-proj-dim", "16", "--checkpoint-every", "1", *extra])
+
+
+def test_distill_resume_and_eval_full(tmp_path, tiny_sd_dir, capsys):
+    out = tmp_path / "lcm"
+    assert _distill(tiny_sd_dir, out, "--max-train-steps", "1") == 0
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "LatentConsistencyModelPipeline"
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 1
+    assert json.loads((out / "unet" / "config.json").read_text())["time_cond_proj_dim"] == 16
+    assert not list(out.rglob("*.bin")) and list(out.rglob("*.safetensors"))
+    # an existing output needs --resume; with it, training continues from the checkpoint
+    assert _distill(tiny_sd_dir, out, "--max-train-steps", "2") == 2
+    assert "--resume" in capsys.readouterr().err
+    assert _distill(tiny_sd_dir, out, "--max-train-steps", "2", "--resume") == 0
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(out), "--teacher", str(tiny_sd_dir), "--steps", "1", "--pairs", "3",
+                 "--json", str(report)]) == 0
+    rows = json.loads(report.read_text())["rows"]
+    assert [(r["sampler"], r["steps"]) for r in rows] == [("LCM", 1), ("DDIM", 1), ("DPM-Solver++", 1)]
+    assert all(0.0 <= r["color"] <= 1.0 for r in rows)
+    assert "| LCM | 1 |" in capsys.readouterr().out
+
+
+def test_distill_lora_and_eval(tmp_path, tiny_sd_dir):
+    out = tmp_path / "lora"
+    assert _distill(tiny_sd_dir, out, "--lora", "--lora-rank", "4", "--max-train-steps", "1") == 0
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+    assert main(["eval", "--model", str(out), "--teacher", str(tiny_sd_dir), "--steps", "1", "--pairs", "2"]) == 0
+
+
+def test_bad_flags_are_one_line_errors(tmp_path, tiny_sd_dir, capsys):
+    assert main(["eval", "--model", str(tmp_path), "--steps", "1,x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --steps") and "Traceback" not in err
+    assert main(["eval", "--model", str(tmp_path / "missing")]) == 2
+    assert "error: --model" in capsys.readouterr().err
+    assert _distill(tiny_sd_dir, tmp_path / "x", "--w-min", "9", "--w-max", "3") == 2
+    assert "w_min <= w_max" in capsys.readouterr().err
