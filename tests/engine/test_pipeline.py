@@ -403,6 +403,9 @@ def test_taesd_decoder(tiny_lcm_dir, tmp_path):
     assert engine.decode_preview(events[-1].latents).size == (SIZE, SIZE)
     r2 = engine.generate(_req("a cat", seed=0, image=_init_image(), strength=0.5))  # TAESD encodes
     assert r2.images[0].size == (SIZE, SIZE)
+    loaded = Engine.from_settings(EngineSettings(model=str(tiny_lcm_dir), device="cpu", dtype="float32",
+                                                 decoder="taesd", taesd=str(tmp_path / "taesd")), progress=False)
+    assert type(loaded.pipe.vae).__name__ == "AutoencoderTiny" and loaded.info.decoder == "taesd"
 
 
 def test_taesd_that_cannot_be_had_is_one_clear_error(tiny_lcm_dir, tmp_path):

@@ -144,6 +144,10 @@ class Engine:
         if speedups is not None and hasattr(speedups, "check_speedups"):
             speedups.check_speedups(settings, device, dtype)  # refuse impossible flags before a long load
         loaded = load_model(settings, device=device, dtype=dtype, progress=progress)
+        if settings.decoder == "taesd" and not is_tiny_autoencoder(loaded.pipe.vae):
+            # Swapped in before the speed-ups, so that they (channels_last, ...) apply to the decoder in use.
+            loaded.pipe.vae = load_taesd(settings.taesd, loaded.arch, device=device, dtype=dtype,
+                                         cache_dir=settings.cache_dir)
         applied = []
         if device.type == "cuda":
             applied += _try_xformers(loaded.pipe)
