@@ -1,16 +1,90 @@
-"""`lcm-live bench` (placeholder until its issue lands: it says so and exits non-zero)."""
+"""`lcm-live bench`: lcm-live's fast path against the seed article's code, on the real architectures with random
+weights (no download); `--live` measures the studio's sustained frame rate over its WebSocket."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
-from lcm_live.errors import UserError
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: use a whole number >= 1")
+    return value
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="not built yet")
+    parser = subparsers.add_parser(
+        "bench", help="benchmark lcm-live against the seed article's code path (random-weight architectures)",
+        description="Builds the real SD1.5 (LCM_Dreamshaper_v7 shapes) or SDXL architecture with random weights and "
+                    "times the seed article's StableDiffusionPipeline + LCMScheduler path against lcm-live's fast "
+                    "path, alternating in one process. Ends with 'parity_cosine: X' and 'speedup_vs_seed: X' "
+                    "(with --live: 'live_fps: X').",
+    )
+    parser.add_argument("--arch", default="sd15", choices=["sd15", "sdxl", "tiny"])
+    parser.add_argument("--width", type=int, default=None, help="default: 512 (sd15), 1024 (sdxl), 64 (tiny)")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--num-inference-steps", type=_positive_int, default=4)
+    parser.add_argument("--guidance-scale", type=float, default=1.5, help="the seed article's 1.5 by default")
+    parser.add_argument("--baseline", default="seed", choices=["seed", "none"])
+    parser.add_argument("--runs", type=_positive_int, default=3, help="timed runs of each path")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each path first")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
+                        help="lcm-live's UNet backend (auto: openvino when installed, on a CPU)")
+    parser.add_argument("--decoder", default="taesd", choices=["vae", "taesd"], help="lcm-live's decoder")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="lcm-live's dtype (the seed path is float32 on CPU, float16 on CUDA)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile lcm-live's UNet")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"])
+    parser.add_argument("--seed", type=int, default=0, help="the image seed (same noise on both paths)")
+    parser.add_argument("--openvino-cache-dir", default=None)
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the full report as JSON")
+    parser.add_argument("--no-progress", action="store_true")
+    live = parser.add_argument_group("live (the studio over its WebSocket)")
+    live.add_argument("--live", action="store_true", help="measure the studio's sustained fps instead")
+    live.add_argument("--seconds", type=float, default=20.0, help="how long to draw (with --live)")
+    live.add_argument("--strength", type=float, default=0.6, help="img2img strength of the sketch (with --live)")
     parser.set_defaults(run=run)
 
 
+def _size(args: argparse.Namespace) -> tuple[int, int]:
+    default = {"sd15": 512, "sdxl": 1024, "tiny": 64}[args.arch]
+    return args.width or default, args.height or default
+
+
 def run(args: argparse.Namespace) -> int:
-    raise UserError("'lcm-live bench' is not built yet")
+    from lcm_live.errors import UserError
+
+    width, height = _size(args)
+    for name, value in (("--width", width), ("--height", height)):
+        if value % 8 or not 64 <= value <= 2048:
+            raise UserError(f"{name} {value}: use a multiple of 8 from 64 to 2048", field=name[2:])
+    if args.live:
+        from lcm_live.bench.bench_live import LiveConfig, format_live, run_live
+
+        report = run_live(LiveConfig(
+            arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps,
+            seconds=args.seconds, strength=args.strength, backend=args.backend, decoder=args.decoder,
+            dtype=args.dtype, device=args.device, compile=args.compile, quantize=args.quantize,
+            openvino_cache_dir=args.openvino_cache_dir))
+        text = format_live(report)
+    else:
+        from lcm_live.bench.bench_engine import BenchConfig, format_report, run_bench
+
+        report = run_bench(BenchConfig(
+            arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale, runs=args.runs, warmup=args.warmup,
+            baseline=None if args.baseline == "none" else args.baseline, backend=args.backend,
+            decoder=args.decoder, dtype=args.dtype, device=args.device, compile=args.compile,
+            quantize=args.quantize, seed=args.seed, openvino_cache_dir=args.openvino_cache_dir,
+            progress=not args.no_progress))
+        text = format_report(report)
+    if args.json:
+        from lcm_live.bench.bench_engine import write_json
+
+        write_json(report, args.json)
+    print(text)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,302 @@
+"""`lcm-live bench`: the seed article's code path against lcm-live's fast path, on the real architectures with
+random weights (same shapes, FLOPs and kernels as the released models; no download).
+
+1. Build lcm-live's path: the architecture in float32, cast to the fast dtype (so both paths hold the same
+   weights), TAESD (random weights, the taesd config) as decoder, ``apply_speedups``, then the real ``Engine``
+   (cached prompt embeddings). Warm it up (OpenVINO converts or reads its cache here) and sample its memory.
+2. Build the seed's path: ``StableDiffusionPipeline`` (SDXL: ``StableDiffusionXLPipeline``) with an
+   ``LCMScheduler``, full VAE, float32 on CPU / float16 on CUDA, guidance 1.5. Warm it up.
+3. Alternate timed runs (seed, lcm-live, seed, ...) in this one process, same prompt and seed, so drift on a
+   shared machine hits both alike. Per-stage times come from timers on the components.
+4. Report medians and spreads, per-stage times, peak memory, and the two closing lines: ``parity_cosine``
+   (lcm-live's final latents against the float32 seed path's, same seed) and ``speedup_vs_seed``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lcm_live.bench.measure import RssSampler, StageTimer, describe_machine, summarize, synchronize
+from lcm_live.errors import UserError
+
+SEED_GUIDANCE = 1.5  # the seed article's value
+
+
+@dataclass
+class BenchConfig:
+    arch: str = "sd15"
+    width: int = 512
+    height: int = 512
+    num_inference_steps: int = 4
+    runs: int = 3
+    warmup: int = 1
+    baseline: str | None = "seed"  # "seed", or None: lcm-live only (no speedup, no parity)
+    backend: str = "auto"  # auto: openvino when installed (CPU), else torch
+    decoder: str = "taesd"
+    dtype: str = "auto"
+    device: str = "auto"
+    compile: bool = False
+    quantize: str = "none"
+    guidance_scale: float = SEED_GUIDANCE
+    prompt: str = "a watercolor fox in a snowy forest, detailed, soft light"
+    seed: int = 0  # the image seed (noise)
+    model_seed: int = 0  # the random weights' seed
+    openvino_cache_dir: str | None = None
+    progress: bool = True
+
+
+def resolve_device_dtype(config: BenchConfig) -> tuple[Any, Any]:
+    from lcm_live.engine.devices import resolve_device, resolve_dtype
+
+    device = resolve_device(config.device)
+    return device, resolve_dtype(config.dtype, device).dtype
+
+
+def resolve_backend(config: BenchConfig, device: Any) -> str:
+    if config.backend != "auto":
+        return config.backend
+    from lcm_live.engine.openvino_backend import openvino_available
+
+    return "openvino" if device.type == "cpu" and openvino_available() else "torch"
+
+
+def random_taesd(arch: str, dtype: Any, seed: int) -> Any:
+    """AutoencoderTiny with seeded random weights: its default config (the taesd / taesdxl architecture, 8x
+    upsampling); for the tiny test model a two-block one that matches the tiny VAE's 2x."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    if arch == "tiny":
+        taesd = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                                num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1))
+    else:
+        taesd = AutoencoderTiny()
+    return taesd.to(dtype).eval()
+
+
+def build_fast_engine(config: BenchConfig, device: Any, dtype: Any) -> tuple[Any, list[str]]:
+    """lcm-live's path: the real Engine around the random-weight architecture, with its speed-ups applied."""
+    import torch
+
+    from lcm_live.config import EngineSettings
+    from lcm_live.engine.architectures import build_pipeline
+    from lcm_live.engine.model import LoadedModel
+    from lcm_live.engine.pipeline import Engine
+    from lcm_live.engine.speedups import apply_speedups
+
+    # 1. float32 weights first, then cast: the fast path and the float32 seed path hold the same weights.
+    pipe = build_pipeline(config.arch, full_lcm=True, dtype=torch.float32, seed=config.model_seed)
+    pipe.to(dtype=dtype)
+    if config.decoder == "taesd":
+        pipe.vae = random_taesd(config.arch, dtype, config.model_seed + 10)
+    pipe.to(device)
+    settings = EngineSettings(
+        model=f"bench:{config.arch}-random-{config.model_seed}", device=device.type,
+        dtype=str(dtype).removeprefix("torch."), decoder=config.decoder, backend=resolve_backend(config, device),
+        compile=config.compile, quantize=config.quantize, openvino_cache_dir=config.openvino_cache_dir,
+    )
+    applied = apply_speedups(pipe, settings, device, dtype)
+    size = 1024 if config.arch == "sdxl" else 512
+    loaded = LoadedModel(pipe=pipe, kind="lcm", arch="sdxl" if config.arch == "sdxl" else "sd15",
+                         name=settings.model, native_width=size, native_height=size)
+    return Engine(loaded, settings, device, dtype, speedups=applied), applied
+
+
+def build_seed_pipeline(config: BenchConfig, device: Any) -> tuple[Any, Any]:
+    """The seed article's path: StableDiffusionPipeline (or SDXL's) + LCMScheduler, full VAE, fp32 / fp16."""
+    import torch
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from lcm_live.engine.architectures import build_pipeline
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    built = build_pipeline(config.arch, full_lcm=True, dtype=torch.float32, seed=config.model_seed)
+    if type(built).__name__ == "StableDiffusionXLPipeline":
+        pipe = built
+    else:
+        pipe = StableDiffusionPipeline(vae=built.vae, text_encoder=built.text_encoder, tokenizer=built.tokenizer,
+                                       unet=built.unet, scheduler=built.scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype), dtype
+
+
+def _seed_run(pipe: Any, config: BenchConfig, device: Any) -> Any:
+    """One image the seed's way; returns the final latents (the last step's output, = its x0 for LCM)."""
+    import torch
+
+    final = {}
+
+    def keep(p, i, t, tensors):
+        final["latents"] = tensors["latents"]
+        return {}
+
+    pipe(config.prompt, num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+         width=config.width, height=config.height, generator=torch.Generator("cpu").manual_seed(config.seed),
+         callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"])
+    synchronize(device)
+    return final["latents"]
+
+
+def _fast_run(engine: Any, config: BenchConfig, device: Any) -> Any:
+    from lcm_live.engine.request import GenerationRequest
+
+    final = {}
+    request = GenerationRequest(prompt=config.prompt, num_inference_steps=config.num_inference_steps,
+                                guidance_scale=config.guidance_scale, seed=config.seed, width=config.width,
+                                height=config.height)
+    engine.generate(request, callback=lambda event: final.__setitem__("latents", event.latents))
+    synchronize(device)
+    return final["latents"]
+
+
+class _Path:
+    """One side of the comparison: how to run it, its stage timer, and what was measured."""
+
+    def __init__(self, name: str, run, pipe: Any, device: Any):
+        self.name, self.run, self.device = name, run, device
+        self.timer = StageTimer(device).attach(pipe)
+        self.totals: list[float] = []
+        self.stages: list[dict[str, float]] = []
+        self.unet_calls = 0
+        self.latents = None
+        self.memory = RssSampler(device)
+
+    def timed(self) -> None:
+        self.timer.reset()
+        with self.memory.measure():
+            t0 = time.perf_counter()
+            self.latents = self.run()
+            total = time.perf_counter() - t0
+        self.totals.append(total)
+        s = self.timer.seconds
+        self.unet_calls = self.timer.calls["unet"]
+        per_step = s["unet"] / max(1, self.timer.calls["unet"])
+        self.stages.append({"text_encoder": s["text_encoder"], "unet_per_step": per_step, "decode": s["decode"],
+                            "other": total - s["text_encoder"] - s["unet"] - s["decode"]})
+
+    def report(self, dtype: Any) -> dict[str, Any]:
+        import statistics
+
+        stages = {k: statistics.median(x[k] for x in self.stages) * 1000 for k in self.stages[0]}
+        out = {
+            "ms_per_image": {k: v * 1000 if k in ("median", "min", "max") else v
+                             for k, v in summarize(self.totals).items()},
+            "stages_ms": stages,
+            "unet_calls_per_image": self.unet_calls,
+            "dtype": str(dtype).removeprefix("torch."),
+            "peak_rss_gb": round(self.memory.peak_rss / 2**30, 2),
+        }
+        if self.memory.peak_cuda:
+            out["peak_cuda_gb"] = round(self.memory.peak_cuda / 2**30, 2)
+        return out
+
+
+def run_bench(config: BenchConfig) -> dict[str, Any]:
+    """Run the comparison and return the report (see the module docstring for the order of things)."""
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+    from tqdm import tqdm
+
+    diffusers_logging.set_verbosity_error()  # not the per-cast "modules kept in float32" notes
+    device, dtype = resolve_device_dtype(config)
+    if config.runs < 1 or config.warmup < 0:
+        raise UserError(f"--runs {config.runs}: use 1 or more (and --warmup 0 or more)", field="runs")
+    report: dict[str, Any] = {"config": asdict(config), "machine": describe_machine(device),
+                              "device": str(device)}
+    t0 = time.perf_counter()
+
+    # 1. lcm-live's path, alone in memory for its warm-up and memory sample.
+    engine, applied = build_fast_engine(config, device, dtype)
+    fast = _Path("lcm-live", lambda: _fast_run(engine, config, device), engine.pipe, device)
+    report["lcm_live_setup_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for _ in range(max(1, config.warmup)):  # at least one: OpenVINO converts / compiles on the first call
+        _fast_run(engine, config, device)
+    report["lcm_live_warmup_s"] = time.perf_counter() - t1
+    gc.collect()
+    fast.timed()  # the first timed run happens with the fast path alone: its peak memory is its own
+    report["lcm_live_alone_peak_rss_gb"] = round(fast.memory.peak_rss / 2**30, 2)
+
+    # 2. The seed's path.
+    seed = None
+    if config.baseline == "seed":
+        pipe, seed_dtype = build_seed_pipeline(config, device)
+        seed = _Path("seed", lambda: _seed_run(pipe, config, device), pipe, device)
+        for _ in range(config.warmup):
+            _seed_run(pipe, config, device)
+
+    # 3. Alternate.
+    steps = (config.runs - 1) + (config.runs if seed else 0)
+    with tqdm(total=steps, desc="bench", unit="image", disable=not config.progress) as bar:
+        for i in range(config.runs):
+            if seed:
+                seed.timed()
+                bar.update()
+            if i > 0:  # run 0 of the fast path happened alone, above
+                fast.timed()
+                bar.update()
+
+    # 4. Report.
+    report["lcm_live"] = fast.report(dtype) | {"speedups": applied, "decoder": config.decoder,
+                                               "backend": engine.settings.backend}
+    if seed:
+        report["seed"] = seed.report(seed_dtype) | {"decoder": "vae", "pipeline": type(pipe).__name__,
+                                                    "guidance_scale": config.guidance_scale}
+        a = fast.latents.detach().float().flatten().cpu()
+        b = seed.latents.detach().float().flatten().cpu()
+        report["parity_cosine"] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+        report["speedup_vs_seed"] = (report["seed"]["ms_per_image"]["median"]
+                                     / report["lcm_live"]["ms_per_image"]["median"])
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Human-readable lines; the last two are ``parity_cosine: X`` and ``speedup_vs_seed: X`` when a
+    baseline ran."""
+    c = report["config"]
+    m = report["machine"]
+    lines = [
+        f"arch {c['arch']}  {c['width']}x{c['height']}  {c['num_inference_steps']} steps  "
+        f"guidance {c['guidance_scale']}  runs {c['runs']} (+{c['warmup']} warm-up)",
+        f"device {report['device']} ({m.get('gpu') or m['cpu']}, {m['torch_threads']} threads)  "
+        f"torch {m['torch']}  diffusers {m['diffusers']}  openvino {m.get('openvino')}",
+    ]
+    for key, label in (("seed", "seed (StableDiffusionPipeline + LCMScheduler)"), ("lcm_live", "lcm-live")):
+        r = report.get(key)
+        if r is None:
+            continue
+        t, s = r["ms_per_image"], r["stages_ms"]
+        extra = f"  speedups {','.join(r['speedups'])}  decoder {r['decoder']}" if key == "lcm_live" else \
+            f"  decoder {r['decoder']}"
+        lines.append(f"{label}: dtype {r['dtype']}{extra}")
+        lines.append(f"  ms per image: median {t['median']:.0f}  min {t['min']:.0f}  max {t['max']:.0f}  "
+                     f"spread {t['spread'] * 100:.1f}%")
+        lines.append(f"  stages (median ms): text encoder {s['text_encoder']:.1f}  unet/step {s['unet_per_step']:.0f} "
+                     f"(x{r['unet_calls_per_image']} calls)  decode {s['decode']:.0f}  other {s['other']:.0f}")
+        mem = f"  peak RSS {r['peak_rss_gb']:.2f} GB"
+        if key == "lcm_live":
+            mem += f" (alone: {report['lcm_live_alone_peak_rss_gb']:.2f} GB)"
+        if "peak_cuda_gb" in r:
+            mem += f"  peak CUDA {r['peak_cuda_gb']:.2f} GB"
+        lines.append(mem)
+    lines.append(f"lcm-live setup {report['lcm_live_setup_s']:.1f} s, warm-up {report['lcm_live_warmup_s']:.1f} s")
+    if "parity_cosine" in report:
+        lines.append(f"parity_cosine: {report['parity_cosine']:.5f}")
+        lines.append(f"speedup_vs_seed: {report['speedup_vs_seed']:.2f}")
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    tmp.replace(path)

@@ -1,0 +1,163 @@
+"""Measuring tools for the benchmarks: per-stage timers on a pipeline's components, a resident-memory sampler,
+device synchronisation, summary statistics and a description of the machine."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def synchronize(device: Any) -> None:
+    """Wait for queued GPU work before reading the clock (a no-op on the CPU)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class StageTimer:
+    """Accumulates wall time spent in the text encoder(s), the UNet and the decoder of a pipeline, by wrapping
+    those components' ``forward`` / ``decode`` on the instances (the classes are untouched).
+
+    Times are seconds since the last :meth:`reset`; ``calls`` counts UNet calls (one per step, or two with CFG
+    run as two calls; diffusers batches CFG into one call of batch 2)."""
+
+    device: Any = "cpu"
+    seconds: dict[str, float] = field(default_factory=lambda: {"text_encoder": 0.0, "unet": 0.0, "decode": 0.0})
+    calls: dict[str, int] = field(default_factory=lambda: {"text_encoder": 0, "unet": 0, "decode": 0})
+    _undo: list = field(default_factory=list)
+
+    def attach(self, pipe: Any) -> StageTimer:
+        for name in ("text_encoder", "text_encoder_2"):
+            module = getattr(pipe, name, None)
+            if module is not None:
+                self._wrap(module, "forward", "text_encoder")
+        self._wrap(pipe.unet, "forward", "unet")
+        self._wrap(pipe.vae, "decode", "decode")
+        return self
+
+    def _wrap(self, obj: Any, method: str, stage: str) -> None:
+        if getattr(obj, method, None) is None or f"_timed_{method}" in obj.__dict__:
+            return
+        original = getattr(obj, method)
+
+        def timed(*args, **kwargs):
+            synchronize(self.device)
+            t0 = time.perf_counter()
+            out = original(*args, **kwargs)
+            synchronize(self.device)
+            self.seconds[stage] += time.perf_counter() - t0
+            self.calls[stage] += 1
+            return out
+
+        obj.__dict__[method] = timed
+        obj.__dict__[f"_timed_{method}"] = True
+        self._undo.append((obj, method))
+
+    def reset(self) -> None:
+        for key in self.seconds:
+            self.seconds[key] = 0.0
+            self.calls[key] = 0
+
+    def detach(self) -> None:
+        for obj, method in self._undo:
+            obj.__dict__.pop(method, None)
+            obj.__dict__.pop(f"_timed_{method}", None)
+        self._undo.clear()
+
+
+class RssSampler:
+    """Peak resident memory (RSS, bytes) of this process while a block runs, sampled every ``interval`` s by a
+    thread (psutil), plus ``torch.cuda.max_memory_allocated`` on CUDA. Use as ``with sampler.measure(): ...``."""
+
+    def __init__(self, device: Any = "cpu", interval: float = 0.01):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.device = device
+        self.interval = interval
+        self.peak_rss = 0
+        self.peak_cuda = 0
+
+    def rss(self) -> int:
+        return self._proc.memory_info().rss
+
+    @contextmanager
+    def measure(self):
+        import torch
+
+        cuda = torch.device(self.device).type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        stop = threading.Event()
+        peak = [self.rss()]
+
+        def sample():
+            while not stop.wait(self.interval):
+                peak[0] = max(peak[0], self.rss())
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+            self.peak_rss = max(self.peak_rss, peak[0], self.rss())
+            if cuda:
+                self.peak_cuda = max(self.peak_cuda, torch.cuda.max_memory_allocated())
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    """Median, min, max and the spread (max - min) / median of a list of timings (seconds)."""
+    median = statistics.median(values)
+    return {
+        "median": median,
+        "min": min(values),
+        "max": max(values),
+        "spread": (max(values) - min(values)) / median if median > 0 else 0.0,
+        "n": len(values),
+    }
+
+
+def describe_machine(device: Any) -> dict[str, Any]:
+    """CPU model, cores, torch threads, the GPU when there is one, and library versions."""
+    import diffusers
+    import psutil
+    import torch
+
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cpu_cores": psutil.cpu_count(logical=True),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+    }
+    try:
+        import openvino
+
+        info["openvino"] = openvino.__version__
+    except ImportError:
+        info["openvino"] = None
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -1,0 +1,75 @@
+"""`lcm-live bench --arch tiny` end to end (seconds), and the measuring tools. No speed is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lcm_live.bench.measure import StageTimer, summarize
+from lcm_live.cli import main
+
+
+def test_bench_tiny_end_to_end(tmp_path, capsys):
+    out_json = tmp_path / "bench.json"
+    code = main(["bench", "--arch", "tiny", "--backend", "torch", "--runs", "2", "--num-inference-steps", "3",
+                 "--json", str(out_json), "--no-progress"])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    # The two closing lines, parsed.
+    name, value = lines[-2].split(": ")
+    assert name == "parity_cosine" and float(value) >= 0.99  # bf16 + channels_last + TAESD vs fp32 seed path
+    name, value = lines[-1].split(": ")
+    assert name == "speedup_vs_seed" and float(value) > 0
+
+    report = json.loads(out_json.read_text())
+    for side in ("seed", "lcm_live"):
+        r = report[side]
+        assert r["ms_per_image"]["n"] == 2 and r["ms_per_image"]["median"] > 0
+        assert set(r["stages_ms"]) == {"text_encoder", "unet_per_step", "decode", "other"}
+        assert r["unet_calls_per_image"] == 3  # one UNet call per step (full LCM: no CFG batch)
+        assert r["peak_rss_gb"] > 0
+    assert report["seed"]["dtype"] == "float32" and report["seed"]["pipeline"] == "StableDiffusionPipeline"
+    assert report["lcm_live"]["decoder"] == "taesd" and "channels_last" in report["lcm_live"]["speedups"]
+    assert report["machine"]["cpu"] and report["device"] == "cpu"
+    assert report["parity_cosine"] == pytest.approx(float(lines[-2].split(": ")[1]), abs=1e-5)
+
+
+def test_bench_without_baseline_has_no_ratio(capsys):
+    assert main(["bench", "--arch", "tiny", "--backend", "torch", "--runs", "1", "--baseline", "none",
+                 "--decoder", "vae", "--dtype", "float32", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "lcm-live: dtype float32" in out and "speedup_vs_seed" not in out
+
+
+def test_bad_size_is_one_error_line(capsys):
+    assert main(["bench", "--arch", "tiny", "--width", "100"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --width 100") and err.count("\n") == 1
+
+
+def test_zero_runs_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--arch", "tiny", "--runs", "0"])
+    assert exc.value.code == 2
+    assert "--runs" in capsys.readouterr().err
+
+
+def test_summarize():
+    s = summarize([2.0, 1.0, 4.0])
+    assert s["median"] == 2.0 and s["min"] == 1.0 and s["max"] == 4.0 and s["spread"] == 1.5 and s["n"] == 3
+
+
+def test_stage_timer_counts_component_calls():
+    import torch
+
+    from lcm_live.engine.architectures import build_pipeline
+
+    pipe = build_pipeline("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    timer = StageTimer().attach(pipe)
+    pipe("x", num_inference_steps=2, width=64, height=64, generator=torch.Generator("cpu").manual_seed(0))
+    assert timer.calls == {"text_encoder": 1, "unet": 2, "decode": 1}
+    assert all(v > 0 for v in timer.seconds.values())
+    timer.detach()
+    assert "forward" not in pipe.unet.__dict__ and "decode" not in pipe.vae.__dict__

@@ -1,0 +1,147 @@
+"""Every fast path against the float32 reference on the tiny model: same seed, final latents, cosine threshold.
+Speed is never asserted here (that is `lcm-live bench`)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from lcm_live.config import EngineSettings
+from lcm_live.engine.architectures import build_pipeline
+from lcm_live.engine.speedups import apply_speedups, check_speedups
+from lcm_live.errors import UserError
+
+has_openvino = importlib.util.find_spec("openvino") is not None
+has_nncf = importlib.util.find_spec("nncf") is not None
+needs_openvino = pytest.mark.skipif(not has_openvino, reason="openvino not installed (the [openvino] extra)")
+
+
+def final_latents(pipe, seed: int = 0, size: int = 64) -> torch.Tensor:
+    out = pipe("a red square on a blue floor", num_inference_steps=2, guidance_scale=1.5, width=size, height=size,
+               generator=torch.Generator("cpu").manual_seed(seed), output_type="latent")
+    return out.images.float()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def tiny(dtype=torch.float32):
+    """The tiny LCM, built in float32 and cast, so every variant holds the reference's weights."""
+    pipe = build_pipeline("tiny", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return final_latents(tiny())
+
+
+def test_bf16_channels_last_parity(reference):
+    pipe = tiny(torch.bfloat16)
+    applied = apply_speedups(pipe, EngineSettings(model="tiny"), "cpu", torch.bfloat16)
+    assert applied == ["channels_last"]
+    conv = pipe.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert cosine(final_latents(pipe), reference) > 0.99
+
+
+def test_channels_last_float32_matches_reference(reference):
+    pipe = tiny()
+    apply_speedups(pipe, EngineSettings(model="tiny"), "cpu", torch.float32)
+    assert cosine(final_latents(pipe), reference) > 0.9999
+
+
+def test_torch_int8_parity(reference):
+    pipe = tiny()
+    applied = apply_speedups(pipe, EngineSettings(model="tiny", quantize="int8"), "cpu", torch.float32)
+    assert applied[-1].startswith("int8:torch-dynamic(")
+    assert not any(type(m) is torch.nn.Linear for m in pipe.unet.modules())  # every Linear was replaced
+    assert cosine(final_latents(pipe), reference) > 0.99
+
+
+@pytest.mark.parametrize(
+    "settings, device, dtype, field",
+    [
+        (dict(quantize="int8"), "cpu", torch.bfloat16, "quantize"),  # torch dynamic int8 needs float32
+        (dict(quantize="nf4"), "cpu", torch.float32, "quantize"),  # bitsandbytes: CUDA only
+        (dict(backend="openvino"), "cuda", torch.float16, "backend"),  # OpenVINO runs on the CPU
+        (dict(quantize="int8"), "mps", torch.float16, "quantize"),
+    ],
+)
+def test_impossible_combinations_are_one_clear_error(settings, device, dtype, field):
+    with pytest.raises(UserError) as err:
+        check_speedups(EngineSettings(model="tiny", **settings), device, dtype)
+    assert err.value.field == field
+    assert "\n" not in err.value.message and "--" in err.value.message  # names the flag
+
+
+@needs_openvino
+def test_openvino_with_compile_is_refused():
+    with pytest.raises(UserError, match="--compile"):
+        check_speedups(EngineSettings(model="tiny", backend="openvino", compile=True), "cpu", torch.float32)
+
+
+@needs_openvino
+@pytest.mark.parametrize("dtype, threshold", [(torch.float32, 0.9999), (torch.bfloat16, 0.99)])
+def test_openvino_parity_and_disk_cache(reference, tmp_path, dtype, threshold):
+    settings = EngineSettings(model="tiny", backend="openvino", openvino_cache_dir=str(tmp_path))
+    pipe = tiny(dtype)
+    applied = apply_speedups(pipe, settings, "cpu", dtype)
+    assert applied[-1] == f"openvino:{str(dtype).removeprefix('torch.')}"
+    # What the pipelines read from a UNet is still there.
+    assert pipe.unet.config.time_cond_proj_dim == 32 and pipe.unet.dtype == dtype
+    assert pipe.unet.device == torch.device("cpu")
+    assert cosine(final_latents(pipe), reference) > threshold
+    assert pipe.unet.conversions == 1  # one shape: converted once, reused for the second step
+    assert len(list(tmp_path.rglob("unet.xml"))) == 1
+
+    # A second engine with the same weights reads the IR from the disk cache.
+    again = tiny(dtype)
+    apply_speedups(again, settings, "cpu", dtype)
+    assert cosine(final_latents(again), reference) > threshold
+    assert again.unet.conversions == 0
+
+
+@needs_openvino
+def test_openvino_offloads_torch_unet_and_reconverts_new_sizes(tmp_path):
+    settings = EngineSettings(model="tiny", backend="openvino", openvino_cache_dir=str(tmp_path))
+    pipe = tiny()
+    apply_speedups(pipe, settings, "cpu", torch.float32)
+    final_latents(pipe, size=64)
+    torch_unet = pipe.unet._torch_unet[0]
+    assert torch_unet.conv_in.weight.is_meta  # weights left memory for a safetensors file in the cache
+    assert len(list(tmp_path.rglob("torch-unet-float32.safetensors"))) == 1
+    # A new size needs a new conversion: the weights come back from the file and give the reference's result.
+    assert cosine(final_latents(pipe, size=32), final_latents(tiny(), size=32)) > 0.9999
+    assert pipe.unet.conversions == 2
+
+
+@needs_openvino
+@pytest.mark.skipif(not has_nncf, reason="nncf not installed")
+def test_openvino_int8_weights_parity(reference, tmp_path):
+    settings = EngineSettings(model="tiny", backend="openvino", quantize="int8", openvino_cache_dir=str(tmp_path))
+    pipe = tiny()
+    applied = apply_speedups(pipe, settings, "cpu", torch.float32)
+    assert applied[-1] == "openvino:float32:int8-weights"
+    assert cosine(final_latents(pipe), reference) > 0.99
+
+
+@needs_openvino
+def test_weights_fingerprint_tells_weights_apart():
+    from lcm_live.engine.openvino_backend import weights_fingerprint
+
+    a = build_pipeline("tiny", seed=0).unet
+    assert weights_fingerprint(a) == weights_fingerprint(build_pipeline("tiny", seed=0).unet)
+    assert weights_fingerprint(a) != weights_fingerprint(build_pipeline("tiny", seed=1).unet)
+
+
+@pytest.mark.slow
+def test_torch_compile_parity(reference):
+    pipe = tiny()
+    applied = apply_speedups(pipe, EngineSettings(model="tiny", compile=True), "cpu", torch.float32)
+    assert applied[-1].startswith("torch.compile(")
+    assert cosine(final_latents(pipe), reference) > 0.999
