@@ -1,11 +1,14 @@
 """``load_model``: settings in, a ready diffusers pipeline with an LCMScheduler out (see engine/model.py).
 
-1. resolve the source (builtin, folder, single file, hub id) and refuse pickles before anything loads;
-2. a hub id is fetched into the Hugging Face cache (safetensors only); if it cannot be had and it is the default
-   model with ``offline_fallback``, ``builtin:shapes`` is used instead and ``notice`` says so;
+1. resolve the source (builtin, folder, UNet-only folder, single file, hub id) and refuse pickles before anything
+   loads;
+2. a hub id is fetched into the Hugging Face cache (safetensors only): a UNet-only repo (top-level UNet
+   config.json, e.g. latent-consistency/lcm-sdxl) as such, else the pipeline; if it cannot be had and it is the
+   default model with ``offline_fallback``, ``builtin:shapes`` is used instead and ``notice`` says so;
 3. the architecture (sd15 / sdxl) and kind (full LCM: the UNet has ``time_cond_proj_dim``; else plain SD that
    becomes an LCM through an LCM-LoRA) come from configs or the file header and decide the pipeline class; the
-   LoRAs are read before the (long) pipeline load, so a bad LoRA fails at once;
+   LoRAs are read before the (long) pipeline load, so a bad LoRA fails at once; a UNet-only model then gets its
+   base pipeline (engine/unet_only.py) and loads into it;
 4. plain models get ``LCMScheduler`` and the LCM-LoRA, style LoRAs are stacked with it, and all are fused;
 5. the pipeline moves to the device and dtype.
 """
@@ -22,6 +25,7 @@ from lcm_live.engine.loras import LCM_LORA_IDS, apply_loras, lcm_lora_source, re
 from lcm_live.engine.model import LoadedModel
 from lcm_live.engine.sources import (
     ModelInfo,
+    Source,
     check_folder,
     download_pipeline,
     quiet_logs,
@@ -29,6 +33,7 @@ from lcm_live.engine.sources import (
     read_single_file_info,
     resolve,
 )
+from lcm_live.engine.unet_only import fetch_base, fetch_unet_repo, load_unet_parts, read_unet_info
 from lcm_live.errors import ModelUnavailableError, UserError
 
 FALLBACK_MODEL = "builtin:shapes"
@@ -50,8 +55,12 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
     folder = None
     if source.kind == "hub":
         try:
-            folder = download_pipeline(source.location, cache_dir=settings.cache_dir, progress=progress)
-            check_folder(folder)  # a cache another tool filled may hold pickles only: refuse them here too
+            unet_dir = fetch_unet_repo(source.location, cache_dir=settings.cache_dir, progress=progress)
+            if unet_dir is not None:
+                source = Source("unet", str(unet_dir), source.name)
+            else:
+                folder = download_pipeline(source.location, cache_dir=settings.cache_dir, progress=progress)
+                check_folder(folder)  # a cache another tool filled may hold pickles only: refuse them here too
         except ModelUnavailableError as exc:
             if not (settings.offline_fallback and settings.model == DEFAULT_MODEL):
                 raise
@@ -67,7 +76,12 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
 
     # 3. Architecture and kind, from configs and headers only; then the LoRAs are read (fail fast), then the
     #    pipeline loads.
-    info = read_single_file_info(source.location) if source.kind == "single_file" else read_folder_info(folder)
+    if source.kind == "single_file":
+        info = read_single_file_info(source.location)
+    elif source.kind == "unet":
+        info = read_unet_info(Path(source.location), source.name)
+    else:
+        info = read_folder_info(folder)
     arch, full_lcm = info.arch, info.full_lcm
     wanted: list[tuple[str, float, str]] = []
     if not full_lcm:
@@ -79,6 +93,11 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
     loras = read_loras(wanted, cache_dir=settings.cache_dir)
     if source.kind == "single_file":
         pipe = _load_single_file(Path(source.location), arch, dtype=dtype, progress=progress)
+    elif source.kind == "unet":
+        base, base_dir = fetch_base(source.name, info, cache_dir=settings.cache_dir, progress=progress)
+        parts = load_unet_parts(Path(source.location), base_dir, name=source.name, dtype=dtype)
+        pipe = _load_folder(base_dir, arch, full_lcm, dtype=dtype, progress=progress, parts=parts,
+                            label=f"{source.name} (its base pipeline {base})")
     else:
         pipe = _load_folder(folder, arch, full_lcm, dtype=dtype, progress=progress)
 
@@ -125,7 +144,10 @@ def single_file_config(arch: str) -> Path:
     return config_dir(arch)
 
 
-def _load_folder(folder: Path, arch: str, full_lcm: bool, *, dtype: Any, progress: bool) -> Any:
+def _load_folder(folder: Path, arch: str, full_lcm: bool, *, dtype: Any, progress: bool,
+                 parts: dict[str, Any] | None = None, label: str | None = None) -> Any:
+    """The pipeline of a diffusers folder; ``parts``: components passed in instead of read from it (a UNet-only
+    model's UNet and scheduler), ``label``: what the error calls the model."""
     from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if arch == "sdxl":
@@ -136,9 +158,9 @@ def _load_folder(folder: Path, arch: str, full_lcm: bool, *, dtype: Any, progres
     with _progress(progress):
         try:
             return cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True,
-                                       **extra)
+                                       **extra, **(parts or {}))
         except (OSError, ValueError) as exc:
-            raise UserError(f"--model {folder}: cannot load this diffusers folder ({_first_line(exc)})",
+            raise UserError(f"--model {label or folder}: cannot load this diffusers folder ({_first_line(exc)})",
                             field="model") from None
 
 

@@ -1,4 +1,5 @@
-"""Where a model comes from: a builtin name, a local diffusers folder, a single-file checkpoint, or a hub id.
+"""Where a model comes from: a builtin name, a local diffusers folder, a UNet-only folder (config.json of a
+UNet2DConditionModel and its weights, e.g. latent-consistency/lcm-sdxl), a single-file checkpoint, or a hub id.
 
 Everything here only looks (paths, JSON, safetensors headers); nothing loads weights, and nothing is ever
 unpickled: pickle formats (.ckpt, .pt, .pth, .bin) are refused before any load is attempted.
@@ -28,7 +29,7 @@ def builtin_root() -> Path:
 
 @dataclass(frozen=True)
 class Source:
-    kind: Literal["folder", "single_file", "hub"]
+    kind: Literal["folder", "unet", "single_file", "hub"]  # "unet": a UNet-only folder, run in a base pipeline
     location: str  # a folder or file path, or a hub id
     name: str  # what the user asked for, as shown in metadata
 
@@ -45,7 +46,7 @@ def resolve(model: str) -> Source:
         return Source("single_file", str(path), path.name)
     if path.is_dir():
         check_folder(path)
-        return Source("folder", str(path), model)
+        return Source("unet" if unet_config(path) is not None else "folder", str(path), model)
     if _looks_like_path(model):
         raise UserError(f"--model {model!r}: no such file or folder; give a diffusers folder, a .safetensors file, "
                         "a hub id (org/name) or builtin:shapes", field="model")
@@ -83,17 +84,38 @@ def _weight_files(paths) -> list[Path]:
     return [p for p in paths if p.is_file() and p.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES)]
 
 
-def check_folder(folder: Path) -> None:
-    """A diffusers folder (model_index.json) whose every weight file is safetensors, or a clear refusal."""
+def unet_config(folder: Path) -> dict | None:
+    """The top-level config.json of a UNet-only folder (``_class_name`` UNet2DConditionModel, no model_index.json),
+    or None when the folder is anything else."""
+    path = folder / "config.json"
+    if (folder / "model_index.json").is_file() or not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and config.get("_class_name") == "UNet2DConditionModel" else None
+
+
+def check_folder(folder: Path, *, skip: tuple[str, ...] = ()) -> None:
+    """A diffusers folder (model_index.json) or a UNet-only folder whose every weight file is safetensors, or a
+    clear refusal. ``skip``: components that are passed in, not loaded from this folder (their weights may be
+    anything, or missing)."""
     if not (folder / "model_index.json").is_file():
         weights = _weight_files(folder.iterdir())  # top level only: this may be any folder at all
         pickles = [p for p in weights if p.suffix.lower() in PICKLE_SUFFIXES]
         if pickles and len(pickles) == len(weights):
             raise UserError(f"--model {folder}: holds only pickle weights ({pickles[0].name}); lcm-live loads only "
                             ".safetensors", field="model")
-        raise UserError(f"--model {folder}: not a diffusers folder (no model_index.json); give a diffusers folder "
-                        "or a single .safetensors file", field="model")
-    weights = _weight_files(folder.rglob("*"))
+        if unet_config(folder) is not None:
+            if not weights:
+                raise UserError(f"--model {folder}: a UNet config.json with no .safetensors weights beside it",
+                                field="model")
+            return
+        raise UserError(f"--model {folder}: not a diffusers folder (no model_index.json); give a diffusers folder, "
+                        "a UNet-only folder (config.json + diffusion_pytorch_model.safetensors) or a single "
+                        ".safetensors file", field="model")
+    weights = [p for p in _weight_files(folder.rglob("*")) if p.relative_to(folder).parts[0] not in skip]
     pickles = [p for p in weights if p.suffix.lower() in PICKLE_SUFFIXES]
     # A component with pickle weights and no safetensors beside them could only be loaded by unpickling.
     parts = {p.parent for p in pickles} - {p.parent for p in weights if p.suffix.lower() == ".safetensors"}
@@ -117,8 +139,8 @@ def read_folder_info(folder: Path) -> ModelInfo:
     """ModelInfo of a diffusers folder, from model_index.json and the UNet config."""
     try:
         index = json.loads((folder / "model_index.json").read_text())
-        unet_config = folder / "unet" / "config.json"
-        unet = json.loads(unet_config.read_text()) if unet_config.is_file() else None
+        unet_file = folder / "unet" / "config.json"
+        unet = json.loads(unet_file.read_text()) if unet_file.is_file() else None
     except (OSError, ValueError) as exc:
         raise UserError(f"--model {folder}: unreadable model_index.json or unet/config.json ({exc})",
                         field="model") from None
@@ -209,31 +231,46 @@ def quiet_logs():
         hlogging.set_verbosity(before[1])
 
 
-def download_pipeline(repo_id: str, *, cache_dir: str | None, progress: bool) -> Path:
-    """Fetch (or find in the cache) a hub pipeline's safetensors files; returns the local snapshot folder."""
+def download_pipeline(repo_id: str, *, cache_dir: str | None, progress: bool, skip: tuple[str, ...] = (),
+                      needed_by: str | None = None) -> Path:
+    """Fetch (or find in the cache) a hub pipeline's safetensors files; returns the local snapshot folder.
+    ``skip``: components passed in at load time, never downloaded (e.g. the base's own UNet under a UNet-only
+    model); ``needed_by``: the model this pipeline is the base of, named in the error."""
     from diffusers import DiffusionPipeline
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    hide = not progress and not are_progress_bars_disabled()  # restore exactly what was there
-    if hide:
-        disable_progress_bars()
     try:
-        with quiet_logs():
+        with hub_progress(progress), quiet_logs():
             folder = DiffusionPipeline.download(repo_id, cache_dir=cache_dir, use_safetensors=True,
-                                                safety_checker=None, feature_extractor=None, image_encoder=None)
+                                                safety_checker=None, feature_extractor=None, image_encoder=None,
+                                                **dict.fromkeys(skip))
     except Exception as exc:  # offline, unreachable, not cached, no such repo, no safetensors weights
-        raise unavailable(repo_id, cache_dir, exc) from None
-    finally:
-        if hide:
-            enable_progress_bars()
+        raise unavailable(repo_id, cache_dir, exc, needed_by=needed_by) from None
     return Path(folder)
 
 
-def unavailable(repo_id: str, cache_dir: str | None, exc: BaseException) -> ModelUnavailableError:
+@contextlib.contextmanager
+def hub_progress(show: bool):
+    """Show or hide huggingface_hub's download bars, restoring exactly what was there."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    hide = not show and not are_progress_bars_disabled()
+    if hide:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if hide:
+            enable_progress_bars()
+
+
+def unavailable(repo_id: str, cache_dir: str | None, exc: BaseException, *,
+                needed_by: str | None = None) -> ModelUnavailableError:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     why = "HF_HUB_OFFLINE is set and it is not cached" if offline else _short_reason(exc)
+    what = (f"model {needed_by!r} is a UNet only and runs inside the base pipeline {repo_id!r} (text encoders, "
+            "tokenizers, VAE), which" if needed_by else f"model {repo_id!r}")
     return ModelUnavailableError(
-        f"model {repo_id!r} cannot be had ({why}); looked in the cache {cache_location(cache_dir)}. "
+        f"{what} cannot be had ({why}); looked in the cache {cache_location(cache_dir)}. "
         "Ways out: --model PATH (a diffusers folder or .safetensors file), --model builtin:shapes, "
         "or connect and run again to download it", field="model")
 

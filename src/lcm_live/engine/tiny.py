@@ -253,3 +253,15 @@ def save_tiny_sdxl_single_file(path: str | Path, *, seed: int = 0) -> tuple[Path
         for weights in (folder / part).glob("*.safetensors"):
             weights.unlink()
     return path, folder
+
+
+def save_tiny_unet_only(folder: str | Path, *, sdxl: bool = False, full_lcm: bool = True, seed: int = 0) -> Path:
+    """A tiny UNet-only folder, as latent-consistency/lcm-sdxl is laid out: config.json (UNet2DConditionModel)
+    and diffusion_pytorch_model.safetensors, no model_index.json. It fits the tiny base of its shape."""
+    folder = Path(folder)
+    build = folder.parent / (folder.name + "_tokenizer_build")
+    make = tiny_sdxl_components if sdxl else tiny_components
+    unet = make(time_cond_proj_dim=32 if full_lcm else None, seed=seed, tokenizer_dir=build)["unet"]
+    _remove_tree(build)
+    unet.save_pretrained(folder, safe_serialization=True)
+    return folder
