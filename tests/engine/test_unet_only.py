@@ -188,3 +188,18 @@ def test_unet_weights_not_cached(tmp_path, sd15_unet, monkeypatch):
     with pytest.raises(ModelUnavailableError) as excinfo:
         _load("someorg/half-cached-unet", cache_dir=str(tmp_path / "cache"))
     assert "someorg/half-cached-unet" in _one_line(excinfo) and "not cached" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_real_unet_configs_fit_the_real_bases(tmp_path, arch):
+    """lcm-sdxl's UNet (2048 wide, text_time, w-embedding 256) fits CLIP-L + OpenCLIP bigG (768 + 1280) as the
+    shipped SDXL configs have them; an SD1.5 LCM UNet (768) fits CLIP-L; crossed, they do not."""
+    from lcm_live.engine.architectures import config_dir, read_config
+
+    folder = _config_only_folder(tmp_path / arch, **{**read_config(arch, "unet"), "time_cond_proj_dim": 256})
+    info = unet_only.read_unet_info(folder, arch)
+    assert (info.arch, info.full_lcm) == (arch, True)
+    unet_only.check_fit(arch, info, f"{arch}-base", config_dir(arch))
+    other = config_dir("sd15" if arch == "sdxl" else "sdxl")
+    with pytest.raises(UserError, match="do not fit"):
+        unet_only.check_fit(arch, info, "other-base", other)

@@ -98,11 +98,11 @@ def fetch_base(name: str, info: ModelInfo, *, cache_dir: str | None, progress: b
         raise UserError(f"--model {name}: its base {base} must be a diffusers pipeline (hub id or folder)",
                         field="model")
     check_folder(folder, skip=("unet",))
-    _check_fit(name, info, base, folder)
+    check_fit(name, info, base, folder)
     return base, folder
 
 
-def _check_fit(name: str, info: ModelInfo, base: str, folder: Path) -> None:
+def check_fit(name: str, info: ModelInfo, base: str, folder: Path) -> None:
     """The UNet attends to the base's text encoder outputs (SDXL: both, concatenated): their widths must match."""
     # (the base's own unet/ is not downloaded: its architecture comes from model_index.json alone)
     widths = []
