@@ -50,6 +50,13 @@ class BenchConfig:
     progress: bool = True
 
 
+def quiet_diffusers() -> None:
+    """No per-cast "modules that should be kept in float32" notes in the bench output."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+
+
 def resolve_device_dtype(config: BenchConfig) -> tuple[Any, Any]:
     from lcm_live.engine.devices import resolve_device, resolve_dtype
 
@@ -202,10 +209,9 @@ class _Path:
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Run the comparison and return the report (see the module docstring for the order of things)."""
     import torch
-    from diffusers.utils import logging as diffusers_logging
     from tqdm import tqdm
 
-    diffusers_logging.set_verbosity_error()  # not the per-cast "modules kept in float32" notes
+    quiet_diffusers()
     device, dtype = resolve_device_dtype(config)
     if config.runs < 1 or config.warmup < 0:
         raise UserError(f"--runs {config.runs}: use 1 or more (and --warmup 0 or more)", field="runs")

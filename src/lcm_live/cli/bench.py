@@ -25,7 +25,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--arch", default="sd15", choices=["sd15", "sdxl", "tiny"])
     parser.add_argument("--width", type=int, default=None, help="default: 512 (sd15), 1024 (sdxl), 64 (tiny)")
     parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--num-inference-steps", type=_positive_int, default=4)
+    parser.add_argument("--num-inference-steps", type=_positive_int, default=None,
+                        help="default: 4 (with --live: 2, which at strength 0.5 is one UNet evaluation per frame)")
     parser.add_argument("--guidance-scale", type=float, default=1.5, help="the seed article's 1.5 by default")
     parser.add_argument("--baseline", default="seed", choices=["seed", "none"])
     parser.add_argument("--runs", type=_positive_int, default=3, help="timed runs of each path")
@@ -45,12 +46,14 @@ def add_parser(subparsers) -> None:
     live = parser.add_argument_group("live (the studio over its WebSocket)")
     live.add_argument("--live", action="store_true", help="measure the studio's sustained fps instead")
     live.add_argument("--seconds", type=float, default=20.0, help="how long to draw (with --live)")
-    live.add_argument("--strength", type=float, default=0.6, help="img2img strength of the sketch (with --live)")
+    live.add_argument("--strength", type=float, default=0.5, help="img2img strength of the sketch (with --live)")
     parser.set_defaults(run=run)
 
 
 def _size(args: argparse.Namespace) -> tuple[int, int]:
     default = {"sd15": 512, "sdxl": 1024, "tiny": 64}[args.arch]
+    if args.live:
+        default = {"sd15": 256, "sdxl": 512, "tiny": 64}[args.arch]
     return args.width or default, args.height or default
 
 
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         from lcm_live.bench.bench_live import LiveConfig, format_live, run_live
 
         report = run_live(LiveConfig(
-            arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps,
+            arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps or 2,
             seconds=args.seconds, strength=args.strength, backend=args.backend, decoder=args.decoder,
             dtype=args.dtype, device=args.device, compile=args.compile, quantize=args.quantize,
             openvino_cache_dir=args.openvino_cache_dir))
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         from lcm_live.bench.bench_engine import BenchConfig, format_report, run_bench
 
         report = run_bench(BenchConfig(
-            arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps,
+            arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps or 4,
             guidance_scale=args.guidance_scale, runs=args.runs, warmup=args.warmup,
             baseline=None if args.baseline == "none" else args.baseline, backend=args.backend,
             decoder=args.decoder, dtype=args.dtype, device=args.device, compile=args.compile,

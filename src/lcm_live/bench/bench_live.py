@@ -1,0 +1,218 @@
+"""`lcm-live bench --live`: the studio's sustained frame rate, measured the way a user meets it.
+
+1. Build lcm-live's fast Engine on the random-weight architecture (as `bench`), hand it to the studio's app
+   factory (``create_app(settings, engine_factory=...)``) and serve it with uvicorn on a free loopback port, in
+   this process (a thread); wait for ``/readyz`` (the studio warms the engine up first).
+2. A ``websockets`` client draws a moving stroke in sketch (img2img) mode: it sends the params once, then a new
+   canvas (JPEG, as the page sends) each time a frame arrives, so one canvas is in flight at a time.
+3. Latency is canvas sent -> frame image received; fps is frames over the measured seconds (the first frame,
+   which may wait for kernel selection, is left out). The last line printed is ``live_fps: X``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import math
+import socket
+import statistics
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lcm_live.errors import UserError
+
+
+@dataclass
+class LiveConfig:
+    arch: str = "sd15"
+    width: int = 256
+    height: int = 256
+    num_inference_steps: int = 2
+    strength: float = 0.5  # with 2 steps: one UNet evaluation per frame
+    guidance_scale: float = 8.0
+    seconds: float = 20.0
+    backend: str = "auto"
+    decoder: str = "taesd"
+    dtype: str = "auto"
+    device: str = "auto"
+    compile: bool = False
+    quantize: str = "none"
+    openvino_cache_dir: str | None = None
+    prompt: str = "a watercolor fox in a snowy forest"
+    ready_timeout_s: float = 900.0
+
+
+def stroke_canvas(width: int, height: int, points: list[tuple[float, float]]) -> bytes:
+    """A white canvas with a black stroke through ``points`` (pixels), as JPEG bytes (quality 85, as the page)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), "white")
+    if len(points) > 1:
+        ImageDraw.Draw(image).line(points, fill="black", width=max(2, width // 64), joint="curve")
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def stroke_point(i: int, width: int, height: int) -> tuple[float, float]:
+    """The i-th point of a slowly widening spiral around the centre: every canvas differs from the last."""
+    angle = i * 0.35
+    radius = min(width, height) * (0.12 + 0.3 * (i % 60) / 60)
+    return width / 2 + radius * math.cos(angle), height / 2 + radius * math.sin(angle)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(base: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise UserError(f"--live: the studio was not ready after {timeout:.0f} s")
+
+
+async def _draw(url: str, config: LiveConfig) -> dict[str, Any]:
+    from websockets.asyncio.client import connect
+
+    params = {"type": "params", "mode": "img2img", "prompt": config.prompt,
+              "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
+              "seed": 1, "width": config.width, "height": config.height, "strength": config.strength,
+              "previews": False}
+    latencies: list[float] = []
+    frame_times: list[float] = []
+    server_ms: list[float] = []
+    errors: list[dict] = []
+    points = [stroke_point(0, config.width, config.height)]
+    async with connect(url, max_size=8 * 2**20) as ws:
+        hello = json.loads(await ws.recv())
+        if hello.get("type") != "hello":
+            raise UserError(f"--live: the studio answered {hello.get('type')!r} instead of hello: {hello}")
+        await ws.send(json.dumps(params))
+        start = time.perf_counter()
+        sent = time.perf_counter()
+        await ws.send(stroke_canvas(config.width, config.height, points))
+        info = None
+        while True:
+            message = await asyncio.wait_for(ws.recv(), timeout=max(60.0, config.seconds))
+            if isinstance(message, str):
+                data = json.loads(message)
+                if data.get("type") == "frame" and data.get("final"):
+                    info = data
+                elif data.get("type") == "error":
+                    errors.append(data)
+                    if len(errors) > 3:
+                        raise UserError(f"--live: the studio keeps answering errors: {errors[-1]}")
+                continue
+            if info is None:  # an image without its frame header (a preview): not a finished frame
+                continue
+            now = time.perf_counter()
+            latencies.append(now - sent)
+            frame_times.append(now)
+            server_ms.append(float(info.get("timings", {}).get("total_ms", 0.0)))
+            info = None
+            if now - start >= config.seconds:
+                break
+            # The next stroke segment, sent as soon as the frame is in (the page does the same on each change).
+            points.append(stroke_point(len(points), config.width, config.height))
+            sent = time.perf_counter()
+            await ws.send(stroke_canvas(config.width, config.height, points[-40:]))
+    return {"latencies": latencies, "frame_times": frame_times, "server_ms": server_ms, "errors": errors}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def run_live(config: LiveConfig) -> dict[str, Any]:
+    import uvicorn
+
+    from lcm_live.bench.bench_engine import BenchConfig, build_fast_engine, quiet_diffusers, resolve_device_dtype
+    from lcm_live.bench.measure import describe_machine
+    from lcm_live.config import Settings, StudioSettings
+    from lcm_live.studio.app import create_app
+
+    # 1. The engine and the studio around it.
+    quiet_diffusers()
+    bench_config = BenchConfig(arch=config.arch, width=config.width, height=config.height,
+                               num_inference_steps=config.num_inference_steps, backend=config.backend,
+                               decoder=config.decoder, dtype=config.dtype, device=config.device,
+                               compile=config.compile, quantize=config.quantize,
+                               openvino_cache_dir=config.openvino_cache_dir)
+    device, dtype = resolve_device_dtype(bench_config)
+    engine, applied = build_fast_engine(bench_config, device, dtype)
+    side = min(config.width, config.height, 256)
+    studio = StudioSettings(min_size=min(64, side), max_size=max(768, config.width, config.height),
+                            default_width=config.width, default_height=config.height,
+                            warmup_width=config.width, warmup_height=config.height,
+                            warmup_steps=config.num_inference_steps, max_sessions=1)
+    settings = Settings(engine=engine.settings, studio=studio)
+    app = create_app(settings, engine_factory=lambda: engine)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, ws="websockets", log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        t0 = time.perf_counter()
+        _wait_ready(f"http://127.0.0.1:{port}", config.ready_timeout_s)
+        ready_s = time.perf_counter() - t0
+        # 2. Draw.
+        raw = asyncio.run(_draw(f"ws://127.0.0.1:{port}/ws", config))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+    # 3. Summarise (the first frame is left out of fps and latency).
+    lat = raw["latencies"][1:] or raw["latencies"]
+    times = raw["frame_times"]
+    if len(times) < 2:
+        raise UserError(f"--live: only {len(times)} frame(s) in {config.seconds} s: raise --seconds")
+    span = times[-1] - times[0]
+    unet_steps = int(config.num_inference_steps * config.strength)  # what diffusers' img2img runs
+    return {
+        "config": asdict(config),
+        "machine": describe_machine(device),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "speedups": applied,
+        "unet_evaluations_per_frame": unet_steps,
+        "studio_ready_s": ready_s,
+        "frames": len(times),
+        "seconds": span,
+        "live_fps": (len(times) - 1) / span if span > 0 else 0.0,
+        "latency_ms": {"p50": _percentile(lat, 0.5) * 1000, "p95": _percentile(lat, 0.95) * 1000,
+                       "mean": statistics.fmean(lat) * 1000},
+        "server_total_ms_median": statistics.median(raw["server_ms"]) if raw["server_ms"] else None,
+        "errors": raw["errors"],
+    }
+
+
+def format_live(report: dict[str, Any]) -> str:
+    c, m = report["config"], report["machine"]
+    return "\n".join([
+        f"live: arch {c['arch']}  {c['width']}x{c['height']}  img2img sketch, {c['num_inference_steps']} steps x "
+        f"strength {c['strength']} = {report['unet_evaluations_per_frame']} UNet evaluation(s) per frame",
+        f"device {report['device']} ({m.get('gpu') or m['cpu']}, {m['torch_threads']} threads)  dtype {report['dtype']}"
+        f"  speedups {','.join(report['speedups'])}  decoder {c['decoder']}",
+        f"studio ready after {report['studio_ready_s']:.1f} s; {report['frames']} frames in {report['seconds']:.1f} s"
+        f"; errors {len(report['errors'])}",
+        f"latency canvas -> frame: p50 {report['latency_ms']['p50']:.0f} ms  p95 {report['latency_ms']['p95']:.0f} ms"
+        f"  (server total median {report['server_total_ms_median'] or 0:.0f} ms)",
+        f"live_fps: {report['live_fps']:.2f}",
+    ])

@@ -1,0 +1,24 @@
+"""`lcm-live bench --live --arch tiny`: the real studio (uvicorn, in-process) and a websockets client drawing."""
+
+from __future__ import annotations
+
+import pytest
+
+from lcm_live.bench.bench_live import stroke_canvas, stroke_point
+from lcm_live.cli import main
+
+
+@pytest.mark.slow
+def test_live_bench_tiny_end_to_end(capsys):
+    assert main(["bench", "--live", "--arch", "tiny", "--backend", "torch", "--seconds", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    name, value = lines[-1].split(": ")
+    assert name == "live_fps" and float(value) > 0
+    assert "errors 0" in lines[-3]
+    assert "1 UNet evaluation(s) per frame" in lines[0]
+
+
+def test_stroke_canvases_change_from_frame_to_frame():
+    points = [stroke_point(i, 64, 64) for i in range(3)]
+    first, second = stroke_canvas(64, 64, points[:2]), stroke_canvas(64, 64, points)
+    assert first[:2] == b"\xff\xd8" and first != second  # JPEG, and the stroke moved
