@@ -142,7 +142,12 @@ def _percentile(values: list[float], q: float) -> float:
 def run_live(config: LiveConfig) -> dict[str, Any]:
     import uvicorn
 
-    from lcm_live.bench.bench_engine import BenchConfig, build_fast_engine, quiet_diffusers, resolve_device_dtype
+    from lcm_live.bench.bench_engine import (
+        BenchConfig,
+        build_fast_engine,
+        quiet_diffusers,
+        resolve_device_dtype,
+    )
     from lcm_live.bench.measure import describe_machine
     from lcm_live.config import Settings, StudioSettings
     from lcm_live.studio.app import create_app
