@@ -27,7 +27,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 READY_TIMEOUT_S = 180  # model load + warm-up of the tiny model on a busy 2-core CPU
-FRAME_TIMEOUT_MS = 60_000
+FRAME_TIMEOUT_MS = 120_000  # a frame of the tiny model takes seconds on a 2-core CPU shared with other work
 
 if not CHROMIUM.exists():
     pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (`make test` installs it: "
@@ -54,8 +54,10 @@ def studio_url(tiny_lcm_dir, tmp_path_factory):
     port = _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [str(Path(sys.executable).with_name("lcm-live")), "serve", "--model", str(tiny_lcm_dir),
-           "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+           "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)]
+    # The smallest default size: the warm-up runs at it (the tiny model is slow at 512 on a busy 2-core CPU).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LCM_LIVE_STUDIO__DEFAULT_WIDTH": "256",
+           "LCM_LIVE_STUDIO__DEFAULT_HEIGHT": "256"}
     env.pop("LCM_LIVE_TOKEN", None)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -110,54 +112,70 @@ def page(browser, studio_url):
     context.close()  # closes the WebSocket: the server (one session on CPU) is free for the next test
 
 
-def _set_slider_to_min(page, name: str) -> None:
-    """Move a schema-built slider to its minimum the way a user would (input, then change on release)."""
-    page.eval_on_selector(f"#ctl-{name}", """el => {
-        el.value = el.min;
+def _set_slider(page, selector: str, value: str | None = None) -> None:
+    """Move a slider the way a user would (input events, then change on release); None: to its minimum."""
+    page.eval_on_selector(selector, """(el, value) => {
+        el.value = value === null ? el.min : value;
         el.dispatchEvent(new Event('input', {bubbles: true}));
         el.dispatchEvent(new Event('change', {bubbles: true}));
-    }""")
+    }""", value)
 
 
-def _final_frame_id(page) -> int:
-    value = page.get_attribute("#output", "data-frame-id")
+def _frame_seq(page) -> int:
+    """How many frames the page has shown (the server's frame ids restart on each connection)."""
+    value = page.get_attribute("#output", "data-seq")
     return int(value) if value else 0
 
 
 def _wait_settled_frame(page, after_id: int, mode: str) -> int:
-    """Wait for a final frame newer than ``after_id`` made in ``mode``, with nothing left generating."""
+    """Wait for a final frame shown after frame number ``after_id`` and made in ``mode``, with nothing left
+    generating; returns its number."""
     page.wait_for_function(
         """([after, mode]) => {
             const img = document.getElementById('output');
-            return Number(img.dataset.frameId || 0) > after && img.dataset.final === 'true'
+            return Number(img.dataset.seq || 0) > after && img.dataset.final === 'true'
                 && img.dataset.mode === mode && img.complete && img.naturalWidth > 0
                 && document.body.dataset.busy === 'false';
         }""",
         arg=[after_id, mode], timeout=FRAME_TIMEOUT_MS,
     )
-    return _final_frame_id(page)
+    return _frame_seq(page)
 
 
-def _pixels(page, selector: str) -> list[int]:
-    """The element's picture (img or canvas) scaled to 32x32, as RGBA bytes."""
+def _pixels(page, selector: str) -> list[float]:
+    """The element's picture (img or canvas) at its own size, averaged over 16x16 blocks of RGB: a signature
+    that does not depend on how the browser resamples (an img and a canvas are scaled differently)."""
     return page.eval_on_selector(selector, """el => {
+        const w = el.naturalWidth || el.width, h = el.naturalHeight || el.height, n = 16;
         const c = document.createElement('canvas');
-        c.width = 32; c.height = 32;
+        c.width = w; c.height = h;
         const ctx = c.getContext('2d');
-        ctx.drawImage(el, 0, 0, 32, 32);
-        return Array.from(ctx.getImageData(0, 0, 32, 32).data);
+        ctx.drawImage(el, 0, 0);
+        const data = ctx.getImageData(0, 0, w, h).data;
+        const sums = new Array(n * n * 3).fill(0), counts = new Array(n * n).fill(0);
+        for (let y = 0; y < h; y++) {
+            for (let x = 0; x < w; x++) {
+                const b = Math.floor(y * n / h) * n + Math.floor(x * n / w), i = (y * w + x) * 4;
+                for (let k = 0; k < 3; k++) sums[b * 3 + k] += data[i + k];
+                counts[b] += 1;
+            }
+        }
+        return sums.map((v, i) => v / counts[Math.floor(i / 3)]);
     }""")
 
 
-def _mean_abs_diff(a: list[int], b: list[int]) -> float:
+def _mean_abs_diff(a: list[float], b: list[float]) -> float:
     return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
 
 
 def test_type_a_prompt_then_sketch_and_the_output_follows(page):
-    # Smallest size and fewest steps the server allows (read from the schema-built sliders): a fast tiny model.
-    _set_slider_to_min(page, "width")
-    _set_slider_to_min(page, "height")
+    # The smallest size the server allows (read from the schema-built sliders; the canvas follows it), and few
+    # steps: 2 for text, 2 x 0.5 = 1 for sketches (the canvas shows through more at a low strength).
+    _set_slider(page, "#ctl-width")
+    _set_slider(page, "#ctl-height")
     assert page.get_attribute("#sketch", "width") == page.eval_on_selector("#ctl-width", "el => el.min")
+    _set_slider(page, "#ctl-num_inference_steps", "2")
+    _set_slider(page, "#ctl-strength", "0.5")
 
     # 1. Text to image: typing makes a picture.
     page.click("#prompt")
@@ -173,7 +191,8 @@ def test_type_a_prompt_then_sketch_and_the_output_follows(page):
     blank_id = _wait_settled_frame(page, first_id, "img2img")
     blank = _pixels(page, "#output")
 
-    # 3. Draw three strokes with the mouse, in two colours.
+    # 3. Draw three thick strokes with the mouse, in two colours.
+    _set_slider(page, "#brush-size", page.eval_on_selector("#brush-size", "el => el.max"))
     box = page.locator("#sketch").bounding_box()
     for k, colour in enumerate(["#e53935", "#1e88e5", "#e53935"]):
         page.click(f".swatch[data-color='{colour}']")
@@ -184,15 +203,20 @@ def test_type_a_prompt_then_sketch_and_the_output_follows(page):
             page.mouse.move(x0 + box["width"] * 0.028 * i, y0 + box["height"] * 0.01 * i)
         page.mouse.up()
     canvas = _pixels(page, "#sketch")
-    assert sum(1 for i in range(0, len(canvas), 4) if canvas[i] < 200 or canvas[i + 2] < 200) > 10, "no stroke drawn"
+    assert sum(1 for i in range(0, len(canvas), 3) if canvas[i] < 200 or canvas[i + 2] < 200) > 10, "no stroke drawn"
     assert page.is_enabled("#undo")
     sketched_id = _wait_settled_frame(page, blank_id, "img2img")
     sketched = _pixels(page, "#output")
 
-    # The picture follows the input: the sketch changed it, and so did the switch from text to sketch.
+    # The picture follows the input: the same params and seed on a blank and on a sketched canvas give different
+    # pictures (generation is deterministic, so any difference is the canvas'). The tiny model's random VAE
+    # shows a sketch only faintly (about 0.6 of 255 on average over 16x16 blocks), hence the small margin.
     assert sketched_id > blank_id > first_id
-    assert _mean_abs_diff(blank, sketched) > 1.0, "drawing on the canvas did not change the output"
-    assert _mean_abs_diff(txt2img, sketched) > 1.0
+    assert _mean_abs_diff(blank, sketched) > 0.2, "drawing on the canvas did not change the output"
+    assert _mean_abs_diff(txt2img, sketched) > 0.2
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "studio_page.png"), full_page=True)
 
     # 4. Save: the shown frame re-rendered as a PNG that carries its parameters.
     with page.expect_download(timeout=FRAME_TIMEOUT_MS) as download:
@@ -207,12 +231,12 @@ def test_type_a_prompt_then_sketch_and_the_output_follows(page):
     assert params["prompt"] == "a lighthouse on a cliff at dusk"
     assert page.is_hidden("#banner-error"), page.inner_text("#banner-error")
 
-    # Apply copies the output onto the canvas.
+    # 5. Apply copies the output onto the canvas.
+    shown = _pixels(page, "#output")
     page.click("#apply")
-    assert _mean_abs_diff(_pixels(page, "#sketch"), sketched) < 12.0
+    applied = _pixels(page, "#sketch")
+    assert _mean_abs_diff(applied, shown) < 3.0
 
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "studio_page.png"), full_page=True)
     page.set_viewport_size({"width": 390, "height": 844})
     page.screenshot(path=str(ARTIFACTS / "studio_page_phone.png"), full_page=True)
     # Phone width: one column, nothing wider than the screen.

@@ -44,6 +44,7 @@ const state = {
   mode: "txt2img",
   controls: null, // Controls, once the schema is known
   fields: null, // names the server accepts
+  promptMaxLength: undefined, // from the schema: shown by the counter, never enforced by cutting the text
   wantSend: false, // input arrived before the schema: send once the controls exist
   serverBusy: false,
   pending: false, // input sent, no frame or idle status since
@@ -75,7 +76,7 @@ function sendParams() {
 }
 
 function updateCounter() {
-  const max = state.fields ? schemaProperties(state.schema).prompt?.maxLength : undefined;
+  const max = state.promptMaxLength;
   const n = els.prompt.value.length;
   els.counter.textContent = max ? `${n}/${max}` : "";
   // Too long is shown, never cut: the server names the limit and the text stays as typed.
@@ -84,7 +85,7 @@ function updateCounter() {
 
 function setupSchema(schema) {
   if (state.controls) return;
-  state.schema = schema;
+  state.promptMaxLength = schemaProperties(schema).prompt?.maxLength;
   state.controls = new Controls(els.controlsForm, schema);
   state.fields = state.controls.fieldNames;
   els.negativeWrap.hidden = !state.fields.includes("negative_prompt");
@@ -188,7 +189,7 @@ conn.addEventListener("status", (e) => {
 
 conn.addEventListener("error", (e) => {
   const { code, message, field } = e.detail;
-  const where = field ? ` (${field})` : "";
+  const where = field && !(message || "").includes(field) ? ` (${field})` : "";
   banners.show(`${message || code}${where}`, { source: code === "capacity" || code === "not_ready" ? "connection" : "generation" });
   if (state.controls) state.controls.markInvalid(field);
   state.pending = false;
@@ -248,11 +249,13 @@ els.save.addEventListener("click", async () => {
   }
   params.seed = info.seed; // seeds are exact: the same seed and params give the same picture
   if ("previews" in params) params.previews = false;
+  // The canvas this frame was made from (the newest one sent before it started), else the canvas as it is now.
   const source = inputs.sourceOf(info, frame.receivedAt, "canvas");
   els.save.disabled = true;
   els.save.textContent = "Saving…";
   try {
-    await saveFrame({ params, canvasBlob: source ? source.payload : null });
+    const canvasBlob = params.mode === "img2img" ? (source ? source.payload : await sketch.toBlob()) : null;
+    await saveFrame({ params, canvasBlob });
     banners.clear("save");
   } catch (err) {
     banners.show(`Save failed: ${err.message}`, { source: "save" });

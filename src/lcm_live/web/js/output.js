@@ -69,6 +69,7 @@ export class OutputView {
     this.els = els;
     this.current = null; // {info, blob} of the frame on screen
     this.url = null;
+    this.seq = 0; // frames shown by this page, across reconnects (the server's ids restart per connection)
   }
 
   /** Show a frame; resolves once the image is decoded (so Apply can draw it). */
@@ -81,6 +82,8 @@ export class OutputView {
     img.src = url;
     img.hidden = false;
     empty.hidden = true;
+    this.seq += 1;
+    img.dataset.seq = String(this.seq);
     img.dataset.frameId = String(info.id);
     img.dataset.final = String(info.final !== false);
     img.dataset.seed = String(info.seed);
