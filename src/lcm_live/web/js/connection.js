@@ -3,7 +3,8 @@
 // message that follows it.
 //
 // Events (CustomEvent, `detail` below):
-//   state   {state: "connecting"|"open"|"closed", code, reason, retryInMs}
+//   state   {state: "connecting"|"open"|"closed", code, reason, retryInMs, opened}
+//           opened: false when the handshake itself failed (refused, unreachable: the browser says 1006)
 //   hello   the server's hello message
 //   frame   {info, blob, receivedAt}   info: the frame JSON; blob: the image (image/jpeg or image/webp)
 //   status  the status message
@@ -45,6 +46,7 @@ export class Connection extends EventTarget {
     this.minDelayMs = minDelayMs;
     this.maxDelayMs = maxDelayMs;
     this.ws = null;
+    this.opened = false;
     this.attempt = 0; // consecutive failed connections; reset by a hello
     this.timer = null;
     this.pendingFrame = null; // frame JSON waiting for its binary image
@@ -70,12 +72,14 @@ export class Connection extends EventTarget {
   reconnectNow() {
     if (this.stopped || this.ws !== null) return;
     clearTimeout(this.timer);
+    this.timer = null;
     this.connect();
   }
 
   connect() {
     this.timer = null;
     this.pendingFrame = null;
+    this.opened = false;
     this.emit("state", { state: "connecting" });
     let ws;
     try {
@@ -87,6 +91,7 @@ export class Connection extends EventTarget {
     ws.binaryType = "arraybuffer";
     this.ws = ws;
     ws.onopen = () => {
+      this.opened = true;
       this.emit("state", { state: "open" });
       // A new connection is a new session on the server: give it the newest canvas first (img2img waits for
       // one), then the newest params.
@@ -103,16 +108,19 @@ export class Connection extends EventTarget {
   }
 
   scheduleReconnect(code, reason) {
-    if (this.stopped) {
-      this.emit("state", { state: "closed", code, reason, retryInMs: null });
+    // 1000: the server closed an idle session on purpose; come back with the next input, not on a timer (an
+    // idle tab must not hold one of the server's few session places).
+    if (this.stopped || code === 1000) {
+      this.emit("state", { state: "closed", code, reason, retryInMs: null, opened: this.opened });
+      this.timer = null;
       return;
     }
     // Exponential backoff with +-25% jitter so that many tabs do not reconnect in lockstep after a restart.
     const base = Math.min(this.maxDelayMs, this.minDelayMs * 2 ** this.attempt);
     const delay = Math.round(base * (0.75 + Math.random() * 0.5));
     this.attempt += 1;
-    this.emit("state", { state: "closed", code, reason, retryInMs: delay });
-    this.timer = setTimeout(() => this.connect(), delay);
+    this.emit("state", { state: "closed", code, reason, retryInMs: delay, opened: this.opened });
+    this.timer = setTimeout(() => this.connect(), delay); // connect() sets it back to null
   }
 
   onMessage(data) {
@@ -153,12 +161,19 @@ export class Connection extends EventTarget {
   sendParams(params) {
     this.latestParams = { type: "params", ...params };
     if (this.isOpen) this.rawSend("params", JSON.stringify(this.latestParams), this.latestParams);
+    else this.wake();
   }
 
   /** Send the canvas image (newest wins); `null` forgets it (text-to-image mode). */
   sendCanvas(blob) {
     this.latestCanvas = blob;
     if (blob && this.isOpen) this.rawSend("canvas", blob);
+    else if (blob) this.wake();
+  }
+
+  /** New input after an idle close: connect again (the newest input is sent on open). */
+  wake() {
+    if (!this.stopped && this.ws === null && this.timer === null) this.connect();
   }
 
   rawSend(kind, data, payload = data) {

@@ -161,7 +161,7 @@ conn.addEventListener("state", (e) => {
   if (s === "connecting") els.connText.textContent = "connecting…";
   else if (s === "open") els.connText.textContent = "connected";
   else {
-    const wait = retryInMs ? `, retry in ${(retryInMs / 1000).toFixed(1)} s` : "";
+    const wait = retryInMs ? `, retry in ${(retryInMs / 1000).toFixed(1)} s` : ", type or draw to reconnect";
     els.connText.textContent = `offline (${closeText(code)})${wait}`;
     state.serverBusy = false;
     state.pending = false;
@@ -169,11 +169,29 @@ conn.addEventListener("state", (e) => {
     if (code === 1008) {
       banners.show("The server refused this page: open the address that `lcm-live serve` printed " +
         "(with its ?token=…) once in this browser.", { source: "connection" });
+    } else if (!e.detail.opened) {
+      explainRefusedHandshake();
     } else if (code === 1009) {
       banners.show("The canvas was too big for the server; try a smaller size.", { source: "connection" });
     }
   }
 });
+
+/**
+ * A refused handshake reaches the page only as "connection lost" (1006); ask an HTTP route why, so that a
+ * missing token or a refused origin is said plainly instead of retrying in silence.
+ */
+async function explainRefusedHandshake() {
+  let res;
+  try {
+    res = await fetch("api/schema", { credentials: "same-origin" });
+  } catch {
+    return; // the server is down: the status line already says "offline"
+  }
+  if (res.status === 401 || res.status === 403) {
+    banners.show(await errorText(res), { source: "connection" });
+  }
+}
 
 conn.addEventListener("hello", (e) => {
   banners.clear("connection");
