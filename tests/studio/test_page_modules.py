@@ -1,0 +1,198 @@
+"""The page's JS modules, one by one, in real Chromium (no server, no model: the files under a static HTTP server).
+
+Controls follow whatever bounds a schema gives; a frame's JSON is paired with the binary after it; reconnects back
+off exponentially up to a cap and stop after an idle close; latency is matched to the input a frame was made from;
+the canvas undoes and redoes.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+
+import lcm_live
+
+pytestmark = pytest.mark.slow
+
+WEB = Path(lcm_live.__file__).resolve().parent / "web"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+if not CHROMIUM.exists():
+    pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (`make test` installs it: "
+                "apt-get install -y chromium)", allow_module_level=True)
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # no request lines in the test output
+        pass
+
+
+@pytest.fixture(scope="module")
+def page():
+    from playwright.sync_api import sync_playwright
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(WEB)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{server.server_address[1]}/js/")
+            yield page
+            browser.close()
+    finally:
+        server.shutdown()
+
+
+SCHEMA = {
+    "properties": {
+        "prompt": {"type": "string", "maxLength": 50, "default": ""},
+        "num_inference_steps": {"type": "integer", "minimum": 2, "maximum": 6, "default": 3},
+        "guidance_scale": {"anyOf": [{"type": "number", "minimum": 0.5, "maximum": 3}, {"type": "null"}],
+                           "default": None},
+        "width": {"type": "integer", "minimum": 320, "maximum": 640, "multipleOf": 64, "default": 384},
+        "seed": {"type": "integer", "minimum": 10, "maximum": 20, "default": 12},
+        "mode": {"$ref": "#/$defs/Mode", "default": "txt2img"},
+    },
+    "$defs": {"Mode": {"enum": ["txt2img", "img2img"], "type": "string"}},
+}
+
+
+def test_controls_take_every_bound_from_the_schema(page):
+    got = page.evaluate("""async (schema) => {
+        const { Controls, schemaProperties } = await import('./controls.js');
+        const form = document.createElement('form');
+        document.body.append(form);
+        const c = new Controls(form, schema);
+        const attrs = (id) => {
+            const el = document.getElementById(id);
+            return el && { min: el.min, max: el.max, step: el.step, value: el.value };
+        };
+        const out = {
+            steps: attrs('ctl-num_inference_steps'), width: attrs('ctl-width'), seed: attrs('ctl-seed'),
+            guidance: attrs('ctl-guidance_scale'), strength: attrs('ctl-strength'),
+            values: c.values(), mode: schemaProperties(schema).mode.enum,
+        };
+        // A user moves the guidance slider: "auto" is off and the number is sent.
+        const g = document.getElementById('ctl-guidance_scale');
+        g.value = '1.5';
+        g.dispatchEvent(new Event('input'));
+        out.guidanceAfter = c.values().guidance_scale;
+        // Unlocked seed: a fresh one, inside the schema's range, for every request.
+        document.getElementById('ctl-seed-lock').click();
+        out.seeds = Array.from({ length: 40 }, () => { c.nextSeed(); return c.values().seed; });
+        form.remove();
+        return out;
+    }""", SCHEMA)
+    assert got["steps"] == {"min": "2", "max": "6", "step": "1", "value": "3"}
+    assert got["width"] == {"min": "320", "max": "640", "step": "64", "value": "384"}
+    assert got["seed"]["min"] == "10" and got["seed"]["max"] == "20" and got["seed"]["value"] == "12"
+    assert got["guidance"]["min"] == "0.5" and got["guidance"]["max"] == "3"
+    assert got["strength"] is None  # not in this schema: no control, never sent
+    assert got["values"] == {"num_inference_steps": 3, "guidance_scale": None, "width": 384, "seed": 12}
+    assert got["guidanceAfter"] == 1.5
+    assert got["mode"] == ["txt2img", "img2img"]
+    assert all(10 <= s <= 20 for s in got["seeds"]) and len(set(got["seeds"])) > 1
+
+
+def test_a_frame_json_is_paired_with_the_next_binary_only(page):
+    got = page.evaluate("""async () => {
+        const { Connection } = await import('./connection.js');
+        const conn = new Connection('ws://127.0.0.1:9/ws');
+        const frames = [];
+        conn.addEventListener('frame', (e) => frames.push({ id: e.detail.info.id, type: e.detail.blob.type,
+                                                            size: e.detail.blob.size }));
+        const jpeg = new Uint8Array([0xff, 0xd8, 0xff, 0xe0, 1, 2, 3]).buffer;
+        const webp = new Uint8Array([0x52, 0x49, 0x46, 0x46, 0, 0, 0, 0, 0x57, 0x45, 0x42, 0x50, 9]).buffer;
+        conn.onMessage(jpeg);                                   // no frame JSON before it: dropped
+        conn.onMessage(JSON.stringify({ type: 'frame', id: 1 }));
+        conn.onMessage(jpeg);                                   // frame 1
+        conn.onMessage(jpeg);                                   // already paired: dropped
+        conn.onMessage(JSON.stringify({ type: 'frame', id: 2 }));
+        conn.onMessage(JSON.stringify({ type: 'frame', id: 3 })); // 2 lost its image: 3 takes the next one
+        conn.onMessage(webp);
+        conn.onMessage('not json');                             // ignored, no throw
+        return frames;
+    }""")
+    assert got == [{"id": 1, "type": "image/jpeg", "size": 7}, {"id": 3, "type": "image/webp", "size": 13}]
+
+
+def test_reconnects_back_off_exponentially_to_a_cap_and_not_after_an_idle_close(page):
+    got = page.evaluate("""async () => {
+        const { Connection } = await import('./connection.js');
+        const conn = new Connection('ws://127.0.0.1:9/ws', { minDelayMs: 100, maxDelayMs: 1000 });
+        conn.connect = () => {};  // count the waits only
+        const waits = [];
+        conn.addEventListener('state', (e) => waits.push(e.detail.retryInMs));
+        for (let i = 0; i < 7; i++) { conn.scheduleReconnect(1006, ''); clearTimeout(conn.timer); conn.timer = null; }
+        conn.onMessage(JSON.stringify({ type: 'hello' }));  // a successful session resets the backoff
+        conn.scheduleReconnect(1012, ''); clearTimeout(conn.timer); conn.timer = null;
+        conn.scheduleReconnect(1000, '');                   // idle close: no timer
+        return { waits, idleTimer: conn.timer };
+    }""")
+    waits = got["waits"]
+    bases = [100, 200, 400, 800, 1000, 1000, 1000, 100]
+    for wait, base in zip(waits, bases, strict=False):
+        assert 0.75 * base - 1 <= wait <= 1.25 * base + 1, (waits, bases)
+    assert waits[-1] is None and got["idleTimer"] is None
+
+
+def test_latency_is_measured_from_the_input_the_frame_was_made_from(page):
+    got = page.evaluate("""async () => {
+        const { InputLog, FpsMeter } = await import('./output.js');
+        const log = new InputLog();
+        log.add({ kind: 'params', at: 1000 });
+        log.add({ kind: 'canvas', at: 1100 });
+        log.add({ kind: 'params', at: 1900 });  // sent while the frame was generating: not in it
+        const info = { timings: { generation_ms: 600, encode_ms: 50 } };
+        const fps = new FpsMeter(3000);
+        [0, 500, 1000, 1500, 2000].forEach((t) => fps.tick(t));
+        return {
+            source: log.sourceOf(info, 2000).at,          // started at 2000 - 650 = 1350
+            canvas: log.sourceOf(info, 2000, 'canvas').at,
+            untimed: log.sourceOf({}, 2000).at,           // no timings: the newest input
+            fps: fps.fps(2000),
+            fpsLater: fps.fps(9000),
+        };
+    }""")
+    assert got == {"source": 1100, "canvas": 1100, "untimed": 1900, "fps": 2, "fpsLater": None}
+
+
+def test_canvas_undo_redo_clear_and_resize(page):
+    got = page.evaluate("""async () => {
+        const { SketchCanvas } = await import('./canvas.js');
+        const el = document.createElement('canvas');
+        el.width = 64; el.height = 64;
+        document.body.append(el);
+        const sketch = new SketchCanvas(el);
+        const px = () => Array.from(el.getContext('2d').getImageData(32, 32, 1, 1).data);
+        const red = document.createElement('canvas');
+        red.width = 8; red.height = 8;
+        const rc = red.getContext('2d'); rc.fillStyle = '#ff0000'; rc.fillRect(0, 0, 8, 8);
+        const changes = [];
+        sketch.addEventListener('change', (e) => changes.push(e.detail.final));
+        const out = { blank: px() };
+        sketch.drawImage(red, 'stretch'); out.drawn = px();
+        sketch.undo(); out.undone = px();
+        sketch.redo(); out.redone = px();
+        sketch.clear(); out.cleared = px();
+        sketch.undo(); out.back = px();
+        sketch.resize(96, 80); out.size = [el.width, el.height]; out.resized = px();
+        out.blob = (await sketch.toBlob()).type;
+        out.changes = changes;
+        el.remove();
+        return out;
+    }""")
+    white, red = [255, 255, 255, 255], [255, 0, 0, 255]
+    assert got["blank"] == white and got["drawn"] == red and got["undone"] == white
+    assert got["redone"] == red and got["cleared"] == white and got["back"] == red
+    assert got["size"] == [96, 80] and got["resized"] == red
+    assert got["blob"] == "image/webp"
+    assert got["changes"] and all(got["changes"])  # whole-canvas actions are final changes (sent at once)
