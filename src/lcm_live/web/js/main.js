@@ -158,6 +158,7 @@ conn.addEventListener("sent", (e) => {
 conn.addEventListener("state", (e) => {
   const { state: s, code, retryInMs } = e.detail;
   document.body.dataset.connection = s;
+  if (s !== "open") delete document.body.dataset.session;
   if (s === "connecting") els.connText.textContent = "connecting…";
   else if (s === "open") els.connText.textContent = "connected";
   else {
@@ -194,6 +195,7 @@ async function explainRefusedHandshake() {
 }
 
 conn.addEventListener("hello", (e) => {
+  document.body.dataset.session = e.detail.session || "";
   banners.clear("connection");
   if (e.detail.schema) setupSchema(e.detail.schema);
   if (e.detail.info) showInfo(e.detail.info);
