@@ -196,3 +196,51 @@ def test_canvas_undo_redo_clear_and_resize(page):
     assert got["size"] == [96, 80] and got["resized"] == red
     assert got["blob"] == "image/webp"
     assert got["changes"] and all(got["changes"])  # whole-canvas actions are final changes (sent at once)
+
+
+def test_pointer_strokes_from_pen_touch_and_mouse(page):
+    got = page.evaluate("""async () => {
+        const { SketchCanvas } = await import('./canvas.js');
+        const el = document.createElement('canvas');
+        el.width = 100; el.height = 100;
+        el.style.width = '200px'; el.style.height = '200px';  // CSS scale 2: events map back to canvas pixels
+        el.style.position = 'fixed'; el.style.left = '0px'; el.style.top = '0px';
+        document.body.append(el);
+        const sketch = new SketchCanvas(el);
+        sketch.color = '#0000ff';
+        sketch.size = 6;
+        const px = (x, y) => Array.from(el.getContext('2d').getImageData(x, y, 1, 1).data).slice(0, 3);
+        const fire = (type, o) => el.dispatchEvent(new PointerEvent(type, { bubbles: true, cancelable: true,
+            isPrimary: true, button: 0, buttons: 1, ...o }));
+        const changes = [];
+        sketch.addEventListener('change', (e) => changes.push(e.detail.final));
+        // A pen stroke along y=40 (client y=80), x from 10 to 90 (client 20..180).
+        fire('pointerdown', { pointerId: 1, pointerType: 'pen', pressure: 0.6, clientX: 20, clientY: 80 });
+        for (let x = 20; x <= 180; x += 20) fire('pointermove', { pointerId: 1, pointerType: 'pen', pressure: 0.6, clientX: x, clientY: 80 });
+        // A second finger during the stroke is ignored.
+        fire('pointerdown', { pointerId: 2, pointerType: 'touch', clientX: 100, clientY: 180 });
+        fire('pointerup', { pointerId: 1, pointerType: 'pen', clientX: 180, clientY: 80 });
+        const out = { stroke: px(50, 40), secondFinger: px(50, 90), changes: [...changes] };
+        // A touch tap draws a dot; a right-button mouse press draws nothing.
+        sketch.tool = 'brush';
+        fire('pointerdown', { pointerId: 3, pointerType: 'touch', clientX: 40, clientY: 160 });
+        fire('pointerup', { pointerId: 3, pointerType: 'touch', clientX: 40, clientY: 160 });
+        fire('pointerdown', { pointerId: 4, pointerType: 'mouse', button: 2, buttons: 2, clientX: 160, clientY: 160 });
+        fire('pointerup', { pointerId: 4, pointerType: 'mouse', button: 2, clientX: 160, clientY: 160 });
+        out.tap = px(20, 80);
+        out.rightClick = px(80, 80);
+        // The eraser paints the background back.
+        sketch.tool = 'eraser';
+        fire('pointerdown', { pointerId: 5, pointerType: 'mouse', clientX: 100, clientY: 80 });
+        fire('pointerup', { pointerId: 5, pointerType: 'mouse', clientX: 100, clientY: 80 });
+        out.erased = px(50, 40);
+        out.history = sketch.undoStack.length;
+        el.remove();
+        return out;
+    }""")
+    blue, white = [0, 0, 255], [255, 255, 255]
+    assert got["stroke"] == blue and got["secondFinger"] == white
+    assert got["changes"][0] is False and got["changes"][-1] is True  # live while drawing, final on release
+    assert got["tap"] == blue and got["rightClick"] == white
+    assert got["erased"] == white
+    assert got["history"] == 3  # pen stroke, tap, eraser: one undo step each

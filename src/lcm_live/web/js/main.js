@@ -59,7 +59,7 @@ function currentParams() {
   const all = {
     mode: state.mode,
     prompt: els.prompt.value,
-    negative_prompt: els.negative.value,
+    negative_prompt: els.negative.disabled ? "" : els.negative.value,
     ...state.controls.values(),
   };
   const params = {};
@@ -255,6 +255,12 @@ function showInfo(info) {
   const parts = [info.model, info.kind, info.device, info.dtype].filter(Boolean);
   els.model.textContent = parts.join(" · ");
   banners.notice(info.notice || "");
+  // A full LCM has its guidance distilled in (a w-embedding): it cannot take a negative prompt at all.
+  const takesNegative = info.kind !== "lcm";
+  els.negative.disabled = !takesNegative;
+  els.negative.placeholder = takesNegative
+    ? "what to avoid (used when guidance is above 1)"
+    : "this model (a full LCM) takes no negative prompt";
 }
 
 // ---------------------------------------------------------------- buttons
