@@ -170,7 +170,7 @@ def _mean_abs_diff(a: list[float], b: list[float]) -> float:
     return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
 
 
-def test_type_a_prompt_then_sketch_and_the_output_follows(page):
+def test_type_a_prompt_then_sketch_and_the_output_follows(page, tmp_path):
     # The smallest size the server allows (read from the schema-built sliders; the canvas follows it), and few
     # steps: 2 for text, 2 x 0.5 = 1 for sketches (the canvas shows through more at a low strength).
     _set_slider(page, "#ctl-width")
@@ -238,6 +238,15 @@ def test_type_a_prompt_then_sketch_and_the_output_follows(page):
     page.click("#apply")
     applied = _pixels(page, "#sketch")
     assert _mean_abs_diff(applied, shown) < 3.0
+
+    # 6. Upload puts an image on the canvas (letterboxed on white when its shape differs).
+    upload = tmp_path / "square.png"
+    Image.new("RGB", (40, 40), (0, 160, 0)).save(upload)
+    page.set_input_files("#upload", str(upload))
+    page.wait_for_function("""() => {
+        const d = document.getElementById('sketch').getContext('2d').getImageData(128, 128, 1, 1).data;
+        return d[0] === 0 && d[1] === 160 && d[2] === 0;
+    }""", timeout=10_000)
 
     page.set_viewport_size({"width": 390, "height": 844})
     page.screenshot(path=str(ARTIFACTS / "studio_page_phone.png"), full_page=True)
