@@ -264,3 +264,16 @@ def test_an_invalid_value_shows_the_error_banner_naming_the_field(page):
     assert page.get_attribute(".control[data-field=seed]", "data-invalid") == "true"
     assert page.input_value("#ctl-seed") == "99999999999"
     assert page.problems == []
+
+
+def test_every_control_has_an_accessible_name(page):
+    unnamed = page.evaluate("""() => Array.from(document.querySelectorAll('input, textarea, select, button, canvas'))
+        .filter((el) => {
+            if (el.getAttribute('aria-label')) return false;
+            if (el.tagName === 'BUTTON') return el.textContent.trim() === '';
+            if (el.tagName === 'CANVAS') return true;
+            return !(el.labels && el.labels.length);
+        })
+        .map((el) => el.id || el.outerHTML.slice(0, 80))""")
+    assert unnamed == []
+    assert page.problems == []

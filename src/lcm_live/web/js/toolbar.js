@@ -64,7 +64,7 @@ export function setupToolbar(sketch, { onImage, onError }) {
     const select = (color) => {
       sketch.color = color;
       if (sketch.tool === "eraser") setTool("brush");
-      for (const s of swatches) s.setAttribute("aria-checked", String(s.dataset.color === color));
+      for (const s of swatches) s.setAttribute("aria-pressed", String(s.dataset.color === color));
     };
     for (const color of PALETTE) {
       const b = document.createElement("button");
@@ -72,7 +72,6 @@ export function setupToolbar(sketch, { onImage, onError }) {
       b.className = "swatch";
       b.dataset.color = color;
       b.style.background = color;
-      b.setAttribute("role", "radio");
       b.setAttribute("aria-label", `Colour ${color}`);
       b.addEventListener("click", () => select(color));
       swatches.push(b);
