@@ -9,7 +9,7 @@ from lcm_live.training.text import MAX_LENGTH, build_text_encoder, build_tokeniz
 def test_every_caption_word_is_one_token_and_round_trips(tmp_path):
     tok = build_tokenizer(tmp_path / "tok")
     ids = tok("a large white triangle on a black background").input_ids
-    assert len(ids) == 9  # start + 7 words + end
+    assert len(ids) == 10  # start + 8 words + end
     again = CLIPTokenizer.from_pretrained(tmp_path / "tok")
     assert again("a large white triangle on a black background").input_ids == ids
     assert tok.decode(ids[1:-1]).strip() == "a large white triangle on a black background"

@@ -25,7 +25,7 @@ STAGES = ["vae", "teacher", "distill", "eval", "ship"]
 # The shipped recipe's knobs (measured choices; see docs/builtin-model.md).
 VAE_STEPS = 500
 TEACHER_STEPS = 1500
-DISTILL_STEPS = 800
+DISTILL_STEPS = 600
 W_RANGE = (2.0, 12.0)  # w = guidance_scale - 1: covers the engine's default guidance 8.0
 
 

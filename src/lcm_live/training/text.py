@@ -16,7 +16,7 @@ from pathlib import Path
 from lcm_live.engine.clip_vocab import bytes_to_unicode, write_byte_level_clip_vocab
 from lcm_live.training.shapes import vocabulary
 
-MAX_LENGTH = 16  # tokens incl. <|startoftext|> and <|endoftext|>; a caption uses 9
+MAX_LENGTH = 16  # tokens incl. <|startoftext|> and <|endoftext|>; a caption uses 10
 TEXT_HIDDEN = 64  # the text encoder's width = the UNet's cross_attention_dim
 
 
