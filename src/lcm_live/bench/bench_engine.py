@@ -103,6 +103,9 @@ def build_fast_engine(config: BenchConfig, device: Any, dtype: Any) -> tuple[Any
     if config.decoder == "taesd":
         pipe.vae = random_taesd(config.arch, dtype, config.model_seed + 10)
     pipe.to(device)
+    from lcm_live.engine.openvino_backend import release_freed_memory
+
+    release_freed_memory()  # the float32 build's heap: the fast path's memory is then its own
     settings = EngineSettings(
         model=f"bench:{config.arch}-random-{config.model_seed}", device=device.type,
         dtype=str(dtype).removeprefix("torch."), decoder=config.decoder, backend=resolve_backend(config, device),

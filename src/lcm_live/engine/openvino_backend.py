@@ -157,6 +157,9 @@ class OpenVINOUNet(torch.nn.Module):
             tmp.with_suffix(".bin").replace(path.with_suffix(".bin"))  # weights first, then the xml that names them
             tmp.replace(path)
             self.conversions += 1
+            del model
+            model = self._core.read_model(path)  # the saved (half-precision) IR, not the float32 graph
+            release_freed_memory()
         # f32 tensors in and out whatever the traced dtype: numpy has no bfloat16.
         ppp = ov.preprocess.PrePostProcessor(model)
         for i in range(len(model.inputs)):
@@ -189,6 +192,7 @@ class OpenVINOUNet(torch.nn.Module):
             tmp.replace(path)
         unet.to("meta")  # frees the weights, keeps the module (and its config) for a later reload
         self._offloaded = True
+        release_freed_memory()
 
     def _torch_module(self):
         unet = self._torch_unet[0]
@@ -235,6 +239,20 @@ class OpenVINOUNet(torch.nn.Module):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         return UNet2DConditionOutput(sample=out)
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap (a conversion's float32 copy and traced graph, offloaded weights: GBs at sd15) back to the
+    OS; glibc keeps it otherwise, and the process would stay that large while it serves (measured: 1.96 -> 0.68
+    GB after moving the sd15 UNet to meta)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _compress_int8(model):
