@@ -31,8 +31,8 @@ class LiveConfig:
     arch: str = "sd15"
     width: int = 256
     height: int = 256
-    num_inference_steps: int = 2
-    strength: float = 0.5  # with 2 steps: one UNet evaluation per frame
+    num_inference_steps: int = 2  # LCM img2img: 2 UNet evaluations per frame, whatever the strength
+    strength: float = 0.5
     guidance_scale: float = 8.0
     seconds: float = 20.0
     backend: str = "auto"
@@ -148,7 +148,7 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
         quiet_diffusers,
         resolve_device_dtype,
     )
-    from lcm_live.bench.measure import describe_machine
+    from lcm_live.bench.measure import StageTimer, describe_machine
     from lcm_live.config import Settings, StudioSettings
     from lcm_live.studio.app import create_app
 
@@ -178,7 +178,10 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
         _wait_ready(f"http://127.0.0.1:{port}", config.ready_timeout_s)
         ready_s = time.perf_counter() - t0
         # 2. Draw.
+        # Timers on the shared components (the img2img pipeline reuses the same unet/vae objects).
+        timer = StageTimer(device).attach(engine.pipe)
         raw = asyncio.run(_draw(f"ws://127.0.0.1:{port}/ws", config))
+        timer.detach()
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -189,14 +192,18 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
     if len(times) < 2:
         raise UserError(f"--live: only {len(times)} frame(s) in {config.seconds} s: raise --seconds")
     span = times[-1] - times[0]
-    unet_steps = int(config.num_inference_steps * config.strength)  # what diffusers' img2img runs
+    # Counted, not derived: LCM's img2img runs num_inference_steps UNet calls spread over the strength-shortened
+    # schedule (unlike SD img2img's steps * strength).
+    generations = max(1, timer.calls["decode"])
     return {
         "config": asdict(config),
         "machine": describe_machine(device),
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "speedups": applied,
-        "unet_evaluations_per_frame": unet_steps,
+        "unet_evaluations_per_frame": timer.calls["unet"] / generations,
+        "stage_ms_per_generation": {"unet": timer.seconds["unet"] / generations * 1000,
+                                    "decode": timer.seconds["decode"] / generations * 1000},
         "studio_ready_s": ready_s,
         "frames": len(times),
         "seconds": span,
@@ -212,7 +219,9 @@ def format_live(report: dict[str, Any]) -> str:
     c, m = report["config"], report["machine"]
     return "\n".join([
         f"live: arch {c['arch']}  {c['width']}x{c['height']}  img2img sketch, {c['num_inference_steps']} steps x "
-        f"strength {c['strength']} = {report['unet_evaluations_per_frame']} UNet evaluation(s) per frame",
+        f"strength {c['strength']}: {report['unet_evaluations_per_frame']:.2g} UNet evaluation(s) per frame (counted)",
+        f"per generation: UNet {report['stage_ms_per_generation']['unet']:.0f} ms, decode "
+        f"{report['stage_ms_per_generation']['decode']:.0f} ms",
         f"device {report['device']} ({m.get('gpu') or m['cpu']}, {m['torch_threads']} threads)  dtype {report['dtype']}"
         f"  speedups {','.join(report['speedups'])}  decoder {c['decoder']}",
         f"studio ready after {report['studio_ready_s']:.1f} s; {report['frames']} frames in {report['seconds']:.1f} s"

@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--width", type=int, default=None, help="default: 512 (sd15), 1024 (sdxl), 64 (tiny)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--num-inference-steps", type=_positive_int, default=None,
-                        help="default: 4 (with --live: 2, which at strength 0.5 is one UNet evaluation per frame)")
+                        help="default: 4 (with --live: 2; LCM img2img runs this many UNet calls per frame)")
     parser.add_argument("--guidance-scale", type=float, default=1.5, help="the seed article's 1.5 by default")
     parser.add_argument("--baseline", default="seed", choices=["seed", "none"])
     parser.add_argument("--runs", type=_positive_int, default=3, help="timed runs of each path")
