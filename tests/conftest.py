@@ -24,3 +24,12 @@ def tiny_sd_dir(tmp_path_factory):
     from lcm_live.engine.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"), full_lcm=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny models on a 2-core machine run far faster on one thread (no thread hand-offs per tiny op)."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield
