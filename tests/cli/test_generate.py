@@ -16,18 +16,6 @@ from lcm_live.cli import main
 from lcm_live.engine.metadata import read_png_parameters, read_sidecar
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models are all overhead: one thread avoids inter-thread waits when other work shares the CPU
-    (a 2-step 64x64 run drops from seconds to ~50 ms on a loaded 2-core machine)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _args(tiny, *extra):
     return ["generate", "a red fox", "--model", str(tiny), "--device", "cpu", "--dtype", "float32",
             "--num-inference-steps", "2", "--width", "64", "--height", "64", "--no-progress", *extra]

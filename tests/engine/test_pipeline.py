@@ -15,18 +15,6 @@ from lcm_live.errors import UserError
 SIZE = 64  # the smallest size the engine accepts; the tiny VAE downsamples by 2, so latents are 32x32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models are all overhead: one thread avoids inter-thread waits when other work shares the CPU
-    (a 2-step 64x64 run drops from seconds to ~50 ms on a loaded 2-core machine)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _engine(folder, kind, **settings):
     from diffusers import DiffusionPipeline
 
