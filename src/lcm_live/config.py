@@ -35,7 +35,8 @@ class EngineSettings(BaseModel):
     decoder: Literal["vae", "taesd"] = "vae"
     taesd: str | None = None  # override the tiny decoder's id/path (default by architecture)
     tiled_vae: Literal["auto", "on", "off"] = "auto"
-    backend: Literal["torch", "openvino"] = "torch"
+    # auto: OpenVINO on a CPU when the extra is installed and the CPU has bf16 (AMX or avx512_bf16), else torch
+    backend: Literal["auto", "torch", "openvino"] = "auto"
     compile: bool = False  # torch.compile the UNet
     quantize: Literal["none", "int8", "nf4"] = "none"
     openvino_cache_dir: str | None = None  # converted OpenVINO UNets; None: ~/.cache/lcm-live/openvino
@@ -56,6 +57,9 @@ class StudioSettings(BaseModel):
     allowed_hosts: list[str] = Field(default_factory=list)  # extra Host names accepted without a token
     # sessions / limits
     max_sessions: int | None = Field(None, ge=1)  # None: 1 on CPU, 4 on GPU
+    # stream batching: frames of up to this many sessions (same size, steps, guidance) in one UNet call;
+    # None: 1 on CPU (batching buys nothing there), max_sessions on GPU
+    max_batch_size: int | None = Field(None, ge=1)
     rest_queue_size: int = Field(2, ge=1)  # POST /api/generate waiting beyond this -> 429
     max_ws_message_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)

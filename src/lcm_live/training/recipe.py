@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -23,9 +24,9 @@ PACKAGE_BUILTIN = Path(__file__).resolve().parent.parent / "builtin"
 STAGES = ["vae", "teacher", "distill", "eval", "ship"]
 
 # The shipped recipe's knobs (measured choices; see docs/builtin-model.md).
-VAE_STEPS = 500
-TEACHER_STEPS = 1500
-DISTILL_STEPS = 600
+VAE_STEPS = 1500
+TEACHER_STEPS = 8000
+DISTILL_STEPS = 1500
 W_RANGE = (2.0, 12.0)  # w = guidance_scale - 1: covers the engine's default guidance 8.0
 
 
@@ -43,14 +44,14 @@ def _record_time(work: Path, stage: str, seconds: float) -> None:
 def stage_vae(work: Path) -> None:
     from lcm_live.training.vae import train_vae
 
-    train_vae(work / "vae", steps=VAE_STEPS, log=_log)
+    train_vae(work / "vae", steps=VAE_STEPS, bf16=False, log=_log)
 
 
 def stage_teacher(work: Path) -> None:
     from lcm_live.training.teacher import train_teacher
 
     train_teacher(work / "teacher", vae_dir=work / "vae", steps=TEACHER_STEPS, batch_size=64,
-                  learning_rate=1e-3, check_every=500, log=_log)
+                  learning_rate=1e-3, check_every=2000, bf16=False, log=_log)
 
 
 def stage_distill(work: Path) -> None:
@@ -59,7 +60,7 @@ def stage_distill(work: Path) -> None:
     distill(DistillConfig(teacher=str(work / "teacher" / "pipeline"), data="shapes",
                           output=str(work / "student"), max_train_steps=DISTILL_STEPS, batch_size=32,
                           learning_rate=3e-4, w_min=W_RANGE[0], w_max=W_RANGE[1], time_cond_proj_dim=64,
-                          pool_size=4096, checkpoint_every=100, resume=True), log=_log)
+                          pool_size=4096, checkpoint_every=250, resume=True, bf16=False), log=_log)
 
 
 def stage_eval(work: Path) -> None:
@@ -93,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="runs/builtin", help="working folder (default: %(default)s)")
     parser.add_argument("--stage", choices=STAGES, action="append", help="run only these stages (repeatable)")
     parser.add_argument("--force", action="store_true", help="redo stages whose output exists")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a shared 2-core machine, 2 threads measured "
-                             "2-4x slower than 1 because each op waits for a preempted thread)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch CPU threads (default: all cores, %(default)s here; on a machine shared with "
+                             "other jobs use 1: a preempted thread stalls every op)")
     args = parser.parse_args(argv)
     import torch
 
