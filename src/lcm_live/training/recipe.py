@@ -25,7 +25,7 @@ STAGES = ["vae", "teacher", "distill", "eval", "ship"]
 
 # The shipped recipe's knobs (measured choices; see docs/builtin-model.md).
 VAE_STEPS = 1500
-TEACHER_STEPS = 8000
+TEACHER_STEPS = 10000
 DISTILL_STEPS = 1500
 W_RANGE = (2.0, 12.0)  # w = guidance_scale - 1: covers the engine's default guidance 8.0
 
