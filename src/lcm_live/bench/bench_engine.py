@@ -233,6 +233,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     gc.collect()
     fast.timed()  # the first timed run happens with the fast path alone: its peak memory is its own
     report["lcm_live_alone_peak_rss_gb"] = round(fast.memory.peak_rss / 2**30, 2)
+    if fast.memory.peak_cuda:  # CUDA: later peaks include the seed pipeline's weights, also on the GPU
+        report["lcm_live_alone_peak_cuda_gb"] = round(fast.memory.peak_cuda / 2**30, 2)
 
     # 2. The seed's path.
     seed = None
@@ -295,6 +297,8 @@ def format_report(report: dict[str, Any]) -> str:
             mem += f" (alone: {report['lcm_live_alone_peak_rss_gb']:.2f} GB)"
         if "peak_cuda_gb" in r:
             mem += f"  peak CUDA {r['peak_cuda_gb']:.2f} GB"
+            if key == "lcm_live" and "lcm_live_alone_peak_cuda_gb" in report:
+                mem += f" (alone: {report['lcm_live_alone_peak_cuda_gb']:.2f} GB)"
         lines.append(mem)
     lines.append(f"lcm-live setup {report['lcm_live_setup_s']:.1f} s, warm-up {report['lcm_live_warmup_s']:.1f} s")
     if "parity_cosine" in report:
