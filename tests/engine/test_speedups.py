@@ -42,7 +42,7 @@ def reference():
 
 def test_bf16_channels_last_parity(reference):
     pipe = tiny(torch.bfloat16)
-    applied = apply_speedups(pipe, EngineSettings(model="tiny"), "cpu", torch.bfloat16)
+    applied = apply_speedups(pipe, EngineSettings(model="tiny", backend="torch"), "cpu", torch.bfloat16)
     assert applied == ["channels_last"]
     conv = pipe.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
@@ -66,7 +66,7 @@ def test_torch_int8_parity(reference):
 @pytest.mark.parametrize(
     "settings, device, dtype, field",
     [
-        (dict(quantize="int8"), "cpu", torch.bfloat16, "quantize"),  # torch dynamic int8 needs float32
+        (dict(quantize="int8", backend="torch"), "cpu", torch.bfloat16, "quantize"),  # dynamic int8: float32
         (dict(quantize="nf4"), "cpu", torch.float32, "quantize"),  # bitsandbytes: CUDA only
         (dict(backend="openvino"), "cuda", torch.float16, "backend"),  # OpenVINO runs on the CPU
         (dict(quantize="int8"), "mps", torch.float16, "quantize"),

@@ -16,8 +16,9 @@ def synchronize(device: Any) -> None:
     """Wait for queued GPU work before reading the clock (a no-op on the CPU)."""
     import torch
 
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -74,7 +75,11 @@ class StageTimer:
 
 class RssSampler:
     """Peak resident memory (RSS, bytes) of this process while a block runs, sampled every ``interval`` s by a
-    thread (psutil), plus ``torch.cuda.max_memory_allocated`` on CUDA. Use as ``with sampler.measure(): ...``."""
+    thread (psutil), plus the peak of ``torch.cuda.max_memory_allocated`` on CUDA (the device's peak is reset at
+    the start of each block). Use as ``with sampler.measure(): ...``.
+
+    Both are the process's, not one pipeline's: with two pipelines resident on the GPU the CUDA peak of a block
+    includes the other's weights (the bench takes its per-path figure from a run made with that path alone)."""
 
     def __init__(self, device: Any = "cpu", interval: float = 0.01):
         import psutil
@@ -92,9 +97,10 @@ class RssSampler:
     def measure(self):
         import torch
 
-        cuda = torch.device(self.device).type == "cuda"
+        device = torch.device(self.device)
+        cuda = device.type == "cuda"
         if cuda:
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(device)
         stop = threading.Event()
         peak = [self.rss()]
 
@@ -111,7 +117,7 @@ class RssSampler:
             thread.join()
             self.peak_rss = max(self.peak_rss, peak[0], self.rss())
             if cuda:
-                self.peak_cuda = max(self.peak_cuda, torch.cuda.max_memory_allocated())
+                self.peak_cuda = max(self.peak_cuda, torch.cuda.max_memory_allocated(device))
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -148,7 +154,9 @@ def describe_machine(device: Any) -> dict[str, Any]:
     except ImportError:
         info["openvino"] = None
     if torch.device(device).type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
     return info
 
 

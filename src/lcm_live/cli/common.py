@@ -28,8 +28,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tiled-vae", default="auto", choices=["auto", "on", "off"],
                    help="tiled VAE decoding: auto turns it on past 1024x1024 pixels")
     g = parser.add_argument_group("speed-ups")
-    g.add_argument("--backend", default="torch", choices=["torch", "openvino"],
-                   help="run the UNet in PyTorch or OpenVINO (CPU)")
+    g.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
+                   help="run the UNet in PyTorch or OpenVINO (CPU); auto: OpenVINO on a CPU with AMX or "
+                        "avx512_bf16 when the [openvino] extra is installed, else torch (default: %(default)s)")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first run)")
     g.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"],
                    help="int8 (CPU: OpenVINO/NNCF or torch dynamic; CUDA: bitsandbytes) or nf4 (CUDA)")

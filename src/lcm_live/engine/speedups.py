@@ -1,37 +1,107 @@
 """Speed-ups that change how the UNet (and VAE) run, applied once after loading:
 
+0. The UNet backend: ``--backend auto|torch|openvino``; ``auto`` is resolved by :func:`resolve_backend`
+   (OpenVINO on a CPU with fast bf16 when the extra is installed and the model is big enough to gain, else torch),
+   and the choice with its reason is reported in ``Engine.info.speedups``.
 1. channels_last memory format for the UNet and the VAE (CPU and CUDA): oneDNN and cuDNN convolutions run
    NHWC natively, so this saves a layout conversion around every conv (measured 1.45 -> 1.17 s per bf16
    UNet step at 512x512 on a 2-core CPU; see docs/benchmarks.md).
 2. Quantization behind ``--quantize``: ``int8`` on CPU through NNCF weight compression (OpenVINO backend) or
    torch's dynamic int8 Linear (torch backend, float32); ``int8`` / ``nf4`` on CUDA through bitsandbytes.
-3. The OpenVINO UNet backend (``--backend openvino``, CPU): see ``openvino_backend.py``.
-4. ``torch.compile`` of the UNet (``settings.compile``): ``max-autotune`` (Triton GEMM autotuning plus CUDA graphs)
-   on CUDA, the default mode with weight freezing on CPU.
+3. The OpenVINO UNet backend (CPU): see ``openvino_backend.py``.
+4. ``torch.compile`` of the UNet (``settings.compile``): ``reduce-overhead`` (Inductor kernels plus CUDA graphs) on
+   CUDA, see :data:`CUDA_COMPILE_MODE`; the default mode with weight freezing on CPU.
 
 dtype itself (bf16/fp16) is chosen by the device logic and applied at load time; SDPA is diffusers' default.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import dataclass
 from typing import Any
 
 from lcm_live.config import EngineSettings
+from lcm_live.engine import devices
 from lcm_live.errors import UserError
 
+# ``--backend auto`` leaves UNets smaller than this on torch: converting to OpenVINO costs seconds (and a disk
+# cache entry) and pays on the real architectures (sd15: 860M parameters, a bf16 512x512 step 0.87 s in OpenVINO
+# against 1.17 s in torch on a 2-core CPU), not on test models or the 1.5M-parameter builtin:shapes, where
+# per-call overhead, not GEMM throughput, is the cost.
+OPENVINO_AUTO_MIN_PARAMETERS = 100_000_000
 
-def check_speedups(settings: EngineSettings, device: Any, dtype: Any) -> None:
-    """Refuse combinations that cannot work, with one line naming the flag and the fix."""
+# torch.compile's mode on CUDA. "reduce-overhead": Inductor's fused kernels plus CUDA graphs, so a UNet call is
+# one graph launch instead of about a thousand kernel launches (the launch overhead is what dominates at batch 1
+# on a fast GPU). Not "max-autotune": on top of the same CUDA graphs it benchmarks Triton templates for every
+# GEMM/conv shape, which takes many minutes for an SD UNet on the first call (and again for every new image size
+# the studio sees), for a gain over cuBLAS/cuDNN that is typically a few percent (not measured here); nor
+# "max-autotune-no-cudagraphs", which pays the same autotuning and drops the graphs.
+CUDA_COMPILE_MODE = "reduce-overhead"
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    name: str  # "torch" or "openvino"
+    reason: str
+
+
+def openvino_installed() -> bool:
+    """Whether the openvino package can be imported (found on the path; not imported here: that takes a second)."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+def resolve_backend(settings: EngineSettings, device: Any, *, unet_parameters: int | None = None,
+                    cpu: devices.CpuFeatures | None = None) -> BackendChoice:
+    """The UNet backend to run, and why. ``auto``: OpenVINO when the device is the CPU, the CPU has fast bf16
+    (AMX or avx512_bf16), the openvino extra is installed, torch.compile was not asked for and the UNet has at
+    least :data:`OPENVINO_AUTO_MIN_PARAMETERS` parameters (unknown before loading: then it is not held against
+    OpenVINO); else torch. An explicit ``torch`` / ``openvino`` is taken as asked (check_speedups refuses the
+    impossible ones)."""
+    import torch
+
+    if settings.backend != "auto":
+        return BackendChoice(settings.backend, f"--backend {settings.backend} was asked for")
+    kind = torch.device(device).type
+    if kind != "cpu":
+        return BackendChoice("torch", f"auto: torch on {kind} (OpenVINO is the CPU backend)")
+    if settings.compile:
+        return BackendChoice("torch", "auto: torch, because --compile applies to the torch backend")
+    cpu = cpu or devices.detect_cpu_features()
+    if not cpu.fast_bf16:
+        return BackendChoice("torch", "auto: torch (this CPU has neither amx_bf16 nor avx512_bf16, where "
+                                      "OpenVINO's bf16 UNet is faster)")
+    if unet_parameters is not None and unet_parameters < OPENVINO_AUTO_MIN_PARAMETERS:
+        return BackendChoice("torch", f"auto: torch (a small UNet, {unet_parameters / 1e6:.1f}M parameters: "
+                                      f"OpenVINO pays from {OPENVINO_AUTO_MIN_PARAMETERS // 10**6}M)")
+    if not openvino_installed():
+        return BackendChoice("torch", "auto: torch (OpenVINO, faster on this CPU, is not installed: "
+                                      "pip install 'lcm-live[openvino]')")
+    return BackendChoice("openvino", f"auto: OpenVINO (a CPU with fast bf16: {', '.join(cpu.fast_bf16)}; "
+                                     "the openvino extra is installed)")
+
+
+def _unet_parameters(pipe: Any) -> int | None:
+    import torch
+
+    unet = getattr(pipe, "unet", None)
+    if not isinstance(unet, torch.nn.Module):
+        return None
+    return sum(p.numel() for p in unet.parameters())
+
+
+def check_speedups(settings: EngineSettings, device: Any, dtype: Any, *, backend: BackendChoice | None = None) -> None:
+    """Refuse combinations that cannot work, with one line naming the flag and the fix. ``backend``: the resolved
+    choice where the caller has it (apply_speedups), else it is resolved here without the model's size."""
     import torch
 
     device = torch.device(device)
-    if settings.backend == "openvino":
+    backend = backend or resolve_backend(settings, device)
+    if backend.name == "openvino":
         if device.type != "cpu":
             raise UserError(f"--backend openvino runs on the CPU, not {device.type}: use --device cpu, "
                             "or --backend torch on a GPU", field="backend")
-        from lcm_live.engine.openvino_backend import openvino_available
-
-        if not openvino_available():
+        if not openvino_installed():
             raise UserError("--backend openvino needs the openvino package: pip install 'lcm-live[openvino]'",
                             field="backend")
         if settings.compile:
@@ -40,10 +110,11 @@ def check_speedups(settings: EngineSettings, device: Any, dtype: Any) -> None:
     if settings.quantize == "nf4" and device.type != "cuda":
         raise UserError("--quantize nf4 needs a CUDA GPU (bitsandbytes); on a CPU use --quantize int8",
                         field="quantize")
-    if (settings.quantize == "int8" and device.type == "cpu" and settings.backend == "torch"
+    if (settings.quantize == "int8" and device.type == "cpu" and backend.name == "torch"
             and dtype != torch.float32):
-        raise UserError(f"--quantize int8 with --backend torch runs torch's dynamic int8 Linear, which needs "
-                        f"float32 (got {str(dtype).removeprefix('torch.')}): add --dtype float32, or use "
+        how = "--backend torch" if settings.backend == "torch" else f"the torch backend ({backend.reason})"
+        raise UserError(f"--quantize int8 with {how} runs torch's dynamic int8 Linear, which needs float32 "
+                        f"(got {str(dtype).removeprefix('torch.')}): add --dtype float32, or use "
                         "--backend openvino", field="quantize")
     if settings.quantize != "none" and device.type == "mps":
         raise UserError("--quantize is not supported on mps: use --quantize none", field="quantize")
@@ -52,13 +123,17 @@ def check_speedups(settings: EngineSettings, device: Any, dtype: Any) -> None:
 def apply_speedups(pipe: Any, settings: EngineSettings, device: Any, dtype: Any) -> list[str]:
     """Apply what ``settings`` asks for (and channels_last where it helps) to ``pipe`` in place.
 
-    Returns the names of what was applied, in order, for ``info`` and the bench report.
+    Returns the names of what was applied, in order, for ``info`` and the bench report; with ``--backend auto``
+    the first entry is the backend chosen and why (``backend:torch (auto: ...)``).
     """
     import torch
 
     device = torch.device(device)
-    check_speedups(settings, device, dtype)
+    backend = resolve_backend(settings, device, unet_parameters=_unet_parameters(pipe))
+    check_speedups(settings, device, dtype, backend=backend)
     applied: list[str] = []
+    if settings.backend == "auto":
+        applied.append(f"backend:{backend.name} ({backend.reason})")
 
     # 1. channels_last: NHWC convolutions on CPU (oneDNN) and CUDA (cuDNN); MPS gains nothing.
     if device.type in ("cpu", "cuda"):
@@ -73,13 +148,13 @@ def apply_speedups(pipe: Any, settings: EngineSettings, device: Any, dtype: Any)
         if device.type == "cuda":
             count = quantize_linears_bitsandbytes(pipe.unet, settings.quantize, device=device, dtype=dtype)
             applied.append(f"{settings.quantize}:bitsandbytes({count} linears)")
-        elif settings.backend == "torch":
+        elif backend.name == "torch":
             count = quantize_linears_dynamic_int8(pipe.unet)
             applied.append(f"int8:torch-dynamic({count} linears)")
         # OpenVINO: NNCF weight compression happens at conversion, below.
 
     # 3. OpenVINO UNet.
-    if settings.backend == "openvino":
+    if backend.name == "openvino":
         from lcm_live.engine.openvino_backend import OpenVINOUNet
 
         precision = str(dtype).removeprefix("torch.")
@@ -90,9 +165,10 @@ def apply_speedups(pipe: Any, settings: EngineSettings, device: Any, dtype: Any)
     # 4. torch.compile.
     if settings.compile:
         if device.type == "cuda":
-            # max-autotune: Triton GEMM/conv autotuning and CUDA graphs (static shapes, no per-launch overhead).
-            pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
-            applied.append("torch.compile(max-autotune)")
+            # fullgraph: the UNet compiles as one graph (diffusers keeps it break-free); bitsandbytes layers may
+            # break it, so a quantized UNet compiles in pieces.
+            pipe.unet = torch.compile(pipe.unet, mode=CUDA_COMPILE_MODE, fullgraph=settings.quantize == "none")
+            applied.append(f"torch.compile({CUDA_COMPILE_MODE})")
         else:
             import torch._inductor.config as inductor_config
 
@@ -119,8 +195,11 @@ def quantize_linears_dynamic_int8(unet: Any) -> int:
 
 
 def quantize_linears_bitsandbytes(module: Any, mode: str, *, device: Any, dtype: Any) -> int:
-    """Replace every ``nn.Linear`` under ``module`` by bitsandbytes' int8 (LLM.int8) or 4-bit NF4 layer;
-    the weights are quantized when moved to the GPU. CUDA only. Returns how many layers were replaced."""
+    """Replace every ``nn.Linear`` under ``module`` by bitsandbytes' int8 (LLM.int8, ``Linear8bitLt``) or 4-bit
+    NF4 (``Linear4bit``) layer, as bitsandbytes documents: the layer gets the float16 weights on the CPU and
+    ``.to(device)`` quantizes them (int8: per-row absmax; nf4: blocks of 64, double-quantized statistics).
+    ``dtype`` is the compute dtype of the NF4 layers. Meant for CUDA (bitsandbytes' CPU kernels also run it).
+    Returns how many layers were replaced."""
     import torch
 
     try:
@@ -130,20 +209,22 @@ def quantize_linears_bitsandbytes(module: Any, mode: str, *, device: Any, dtype:
                         field="quantize") from exc
     count = 0
     for name, child in list(module.named_children()):
-        if isinstance(child, torch.nn.Linear):
+        if type(child) is torch.nn.Linear:  # bitsandbytes' layers subclass nn.Linear: never quantize twice
             has_bias = child.bias is not None
+            # The quantizing .to() only acts on weights that are on the CPU.
             weight = child.weight.data.to("cpu", torch.float16)
+            # device="meta": no throw-away random init of the new layer's own weight (seconds for an SDXL UNet).
             if mode == "int8":
                 new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=has_bias,
-                                          has_fp16_weights=False, threshold=6.0)
+                                          has_fp16_weights=False, threshold=6.0, device="meta")
                 new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
             else:
                 new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=has_bias,
-                                        compute_dtype=dtype, quant_type="nf4")
-                new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+                                        compute_dtype=dtype, quant_type="nf4", device="meta")
+                new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", module=new)
             if has_bias:
-                new.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
-            setattr(module, name, new.to(device))  # .to(cuda) performs the quantization
+                new.bias = torch.nn.Parameter(child.bias.data.to(device, dtype), requires_grad=False)
+            setattr(module, name, new.to(device))  # .to(device) performs the quantization
             count += 1
         else:
             count += quantize_linears_bitsandbytes(child, mode, device=device, dtype=dtype)
