@@ -35,6 +35,29 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     assert report["parity_cosine"] == pytest.approx(float(lines[-2].split(": ")[1]), abs=1e-5)
 
 
+def test_bench_batch_size_tiny_end_to_end(tmp_path, capsys):
+    out_json = tmp_path / "bench.json"
+    assert main(["bench", "--arch", "tiny", "--backend", "torch", "--runs", "1", "--num-inference-steps", "2",
+                 "--batch-size", "2", "--json", str(out_json), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert lines[-2].startswith("parity_cosine: ") and float(lines[-2].split(": ")[1]) >= 0.99
+    assert lines[-1].startswith("speedup_vs_seed: ")
+    assert "batch 2 images per call" in lines[0] and out.count("ms per call (2 images)") == 2
+    report = json.loads(out_json.read_text())
+    assert report["batch_size"] == 2 and report["config"]["batch_size"] == 2
+    for side in ("seed", "lcm_live"):
+        r = report[side]
+        assert r["unet_calls_per_call"] == 2  # two steps, both images in each UNet call
+        assert r["ms_per_image"]["median"] == pytest.approx(r["ms_per_call"]["median"] / 2)
+        assert r["images_per_s"] == pytest.approx(2000 / r["ms_per_call"]["median"])
+
+
+def test_sessions_without_live_is_refused(capsys):
+    assert main(["bench", "--arch", "tiny", "--sessions", "2"]) == 2
+    assert capsys.readouterr().err.startswith("error: --sessions 2")
+
+
 def test_bench_without_baseline_has_no_ratio(capsys):
     assert main(["bench", "--arch", "tiny", "--backend", "torch", "--runs", "1", "--baseline", "none",
                  "--decoder", "vae", "--dtype", "float32", "--no-progress"]) == 0

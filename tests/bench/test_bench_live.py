@@ -18,6 +18,21 @@ def test_live_bench_tiny_end_to_end(capsys):
     assert "2 UNet evaluation(s) per frame (counted)" in lines[0]  # LCM img2img: one per step
 
 
+@pytest.mark.slow
+def test_live_bench_two_sessions_batched(capsys):
+    assert main(["bench", "--live", "--arch", "tiny", "--backend", "torch", "--seconds", "2", "--sessions", "2",
+                 "--batch-size", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    name, total = lines[-1].split(": ")
+    assert name == "live_fps" and float(total) > 0
+    assert "errors 0" in lines[-3]
+    sessions = next(line for line in lines if line.startswith("sessions 2: per-client fps "))
+    per_client = [float(x) for x in sessions.split("per-client fps ")[1].split(" (")[0].split(", ")]
+    assert len(per_client) == 2 and all(x > 0 for x in per_client)
+    assert sum(per_client) == pytest.approx(float(total), abs=0.02)
+    assert "up to 2 frame(s) per engine call" in sessions
+
+
 def test_stroke_canvases_change_from_frame_to_frame():
     points = [stroke_point(i, 64, 64) for i in range(3)]
     first, second = stroke_canvas(64, 64, points[:2]), stroke_canvas(64, 64, points)

@@ -10,6 +10,9 @@ random weights (same shapes, FLOPs and kernels as the released models; no downlo
    shared machine hits both alike. Per-stage times come from timers on the components.
 4. Report medians and spreads, per-stage times, peak memory, and the two closing lines: ``parity_cosine``
    (lcm-live's final latents against the float32 seed path's, same seed) and ``speedup_vs_seed``.
+
+``batch_size`` N: both paths make N images per call (``num_images_per_prompt=N``, one seed, so the same noise),
+one UNet call per step for all N; the report gives ms per call, ms per image (call / N) and images per second.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class BenchConfig:
     num_inference_steps: int = 4
     runs: int = 3
     warmup: int = 1
+    batch_size: int = 1  # images per call on both paths (num_images_per_prompt)
     baseline: str | None = "seed"  # "seed", or None: lcm-live only (no speedup, no parity)
     backend: str = "auto"  # auto: openvino when installed (CPU), else torch
     decoder: str = "taesd"
@@ -149,7 +153,8 @@ def _seed_run(pipe: Any, config: BenchConfig, device: Any) -> Any:
         return {}
 
     pipe(config.prompt, num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-         width=config.width, height=config.height, generator=torch.Generator("cpu").manual_seed(config.seed),
+         width=config.width, height=config.height, num_images_per_prompt=config.batch_size,
+         generator=torch.Generator("cpu").manual_seed(config.seed),
          callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"])
     synchronize(device)
     return final["latents"]
@@ -161,7 +166,7 @@ def _fast_run(engine: Any, config: BenchConfig, device: Any) -> Any:
     final = {}
     request = GenerationRequest(prompt=config.prompt, num_inference_steps=config.num_inference_steps,
                                 guidance_scale=config.guidance_scale, seed=config.seed, width=config.width,
-                                height=config.height)
+                                height=config.height, num_images_per_prompt=config.batch_size)
     engine.generate(request, callback=lambda event: final.__setitem__("latents", event.latents))
     synchronize(device)
     return final["latents"]
@@ -192,15 +197,20 @@ class _Path:
         self.stages.append({"text_encoder": s["text_encoder"], "unet_per_step": per_step, "decode": s["decode"],
                             "other": total - s["text_encoder"] - s["unet"] - s["decode"]})
 
-    def report(self, dtype: Any) -> dict[str, Any]:
+    def report(self, dtype: Any, batch_size: int = 1) -> dict[str, Any]:
         import statistics
 
         stages = {k: statistics.median(x[k] for x in self.stages) * 1000 for k in self.stages[0]}
+        calls = summarize(self.totals)
         out = {
-            "ms_per_image": {k: v * 1000 if k in ("median", "min", "max") else v
-                             for k, v in summarize(self.totals).items()},
-            "stages_ms": stages,
-            "unet_calls_per_image": self.unet_calls,
+            # One call makes batch_size images: ms per image is the call's time / batch_size (spread unchanged).
+            "ms_per_call": {k: v * 1000 if k in ("median", "min", "max") else v for k, v in calls.items()},
+            "ms_per_image": {k: v * 1000 / batch_size if k in ("median", "min", "max") else v
+                             for k, v in calls.items()},
+            "images_per_s": batch_size / calls["median"] if calls["median"] > 0 else 0.0,
+            "stages_ms": stages,  # per call
+            "unet_calls_per_call": self.unet_calls,
+            "unet_calls_per_image": self.unet_calls / batch_size if batch_size > 1 else self.unet_calls,
             "dtype": str(dtype).removeprefix("torch."),
             "peak_rss_gb": round(self.memory.peak_rss / 2**30, 2),
         }
@@ -218,8 +228,10 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     device, dtype = resolve_device_dtype(config)
     if config.runs < 1 or config.warmup < 0:
         raise UserError(f"--runs {config.runs}: use 1 or more (and --warmup 0 or more)", field="runs")
+    if config.batch_size < 1:
+        raise UserError(f"--batch-size {config.batch_size}: use 1 or more", field="batch_size")
     report: dict[str, Any] = {"config": asdict(config), "machine": describe_machine(device),
-                              "device": str(device)}
+                              "device": str(device), "batch_size": config.batch_size}
     t0 = time.perf_counter()
 
     # 1. lcm-live's path, alone in memory for its warm-up and memory sample.
@@ -256,11 +268,11 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                 bar.update()
 
     # 4. Report.
-    report["lcm_live"] = fast.report(dtype) | {"speedups": applied, "decoder": config.decoder,
-                                               "backend": engine.settings.backend}
+    report["lcm_live"] = fast.report(dtype, config.batch_size) | {
+        "speedups": applied, "decoder": config.decoder, "backend": engine.settings.backend}
     if seed:
-        report["seed"] = seed.report(seed_dtype) | {"decoder": "vae", "pipeline": type(pipe).__name__,
-                                                    "guidance_scale": config.guidance_scale}
+        report["seed"] = seed.report(seed_dtype, config.batch_size) | {
+            "decoder": "vae", "pipeline": type(pipe).__name__, "guidance_scale": config.guidance_scale}
         a = fast.latents.detach().float().flatten().cpu()
         b = seed.latents.detach().float().flatten().cpu()
         report["parity_cosine"] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
@@ -274,9 +286,11 @@ def format_report(report: dict[str, Any]) -> str:
     baseline ran."""
     c = report["config"]
     m = report["machine"]
+    batch = int(c.get("batch_size", 1))
     lines = [
         f"arch {c['arch']}  {c['width']}x{c['height']}  {c['num_inference_steps']} steps  "
-        f"guidance {c['guidance_scale']}  runs {c['runs']} (+{c['warmup']} warm-up)",
+        f"guidance {c['guidance_scale']}  runs {c['runs']} (+{c['warmup']} warm-up)"
+        + (f"  batch {batch} images per call" if batch > 1 else ""),
         f"device {report['device']} ({m.get('gpu') or m['cpu']}, {m['torch_threads']} threads)  "
         f"torch {m['torch']}  diffusers {m['diffusers']}  openvino {m.get('openvino')}",
     ]
@@ -288,10 +302,16 @@ def format_report(report: dict[str, Any]) -> str:
         extra = f"  speedups {','.join(r['speedups'])}  decoder {r['decoder']}" if key == "lcm_live" else \
             f"  decoder {r['decoder']}"
         lines.append(f"{label}: dtype {r['dtype']}{extra}")
-        lines.append(f"  ms per image: median {t['median']:.0f}  min {t['min']:.0f}  max {t['max']:.0f}  "
-                     f"spread {t['spread'] * 100:.1f}%")
+        if batch > 1:
+            call = r["ms_per_call"]
+            lines.append(f"  ms per call ({batch} images): median {call['median']:.0f}  min {call['min']:.0f}  max "
+                         f"{call['max']:.0f}  spread {call['spread'] * 100:.1f}%  = {t['median']:.0f} ms per image, "
+                         f"{r['images_per_s']:.2f} images/s")
+        else:
+            lines.append(f"  ms per image: median {t['median']:.0f}  min {t['min']:.0f}  max {t['max']:.0f}  "
+                         f"spread {t['spread'] * 100:.1f}%  ({r['images_per_s']:.2f} images/s)")
         lines.append(f"  stages (median ms): text encoder {s['text_encoder']:.1f}  unet/step {s['unet_per_step']:.0f} "
-                     f"(x{r['unet_calls_per_image']} calls)  decode {s['decode']:.0f}  other {s['other']:.0f}")
+                     f"(x{r['unet_calls_per_call']} calls)  decode {s['decode']:.0f}  other {s['other']:.0f}")
         mem = f"  peak RSS {r['peak_rss_gb']:.2f} GB"
         if key == "lcm_live":
             mem += f" (alone: {report['lcm_live_alone_peak_rss_gb']:.2f} GB)"

@@ -7,6 +7,10 @@
    canvas (JPEG, as the page sends) each time a frame arrives, so one canvas is in flight at a time.
 3. Latency is canvas sent -> frame image received; fps is frames over the measured seconds (the first frame,
    which may wait for kernel selection, is left out). The last line printed is ``live_fps: X``.
+
+``sessions`` K: K clients draw at once (each its own stroke and seed, the same size and steps, so the studio may
+batch their frames: ``max_batch_size``, default the studio's own choice). ``live_fps`` is then the total, the sum
+of the clients' fps; the per-client fps are reported beside it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class LiveConfig:
     openvino_cache_dir: str | None = None
     prompt: str = "a watercolor fox in a snowy forest"
     ready_timeout_s: float = 900.0
+    sessions: int = 1  # WebSocket clients drawing at once
+    max_batch_size: int | None = None  # the studio's; None: its default (1 on a CPU, sessions on a GPU)
 
 
 def stroke_canvas(width: int, height: int, points: list[tuple[float, float]]) -> bytes:
@@ -84,18 +90,19 @@ def _wait_ready(base: str, timeout: float) -> None:
     raise UserError(f"--live: the studio was not ready after {timeout:.0f} s")
 
 
-async def _draw(url: str, config: LiveConfig) -> dict[str, Any]:
+async def _draw(url: str, config: LiveConfig, client: int = 0) -> dict[str, Any]:
     from websockets.asyncio.client import connect
 
     params = {"type": "params", "mode": "img2img", "prompt": config.prompt,
               "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
-              "seed": 1, "width": config.width, "height": config.height, "strength": config.strength,
+              "seed": 1 + client, "width": config.width, "height": config.height, "strength": config.strength,
               "previews": False}
     latencies: list[float] = []
     frame_times: list[float] = []
     server_ms: list[float] = []
     errors: list[dict] = []
-    points = [stroke_point(0, config.width, config.height)]
+    offset = 17 * client  # each client draws its own part of the spiral
+    points = [stroke_point(offset, config.width, config.height)]
     async with connect(url, max_size=8 * 2**20) as ws:
         hello = json.loads(await ws.recv())
         if hello.get("type") != "hello":
@@ -126,10 +133,20 @@ async def _draw(url: str, config: LiveConfig) -> dict[str, Any]:
             if now - start >= config.seconds:
                 break
             # The next stroke segment, sent as soon as the frame is in (the page does the same on each change).
-            points.append(stroke_point(len(points), config.width, config.height))
+            points.append(stroke_point(offset + len(points), config.width, config.height))
             sent = time.perf_counter()
             await ws.send(stroke_canvas(config.width, config.height, points[-40:]))
     return {"latencies": latencies, "frame_times": frame_times, "server_ms": server_ms, "errors": errors}
+
+
+async def _draw_all(url: str, config: LiveConfig) -> list[dict[str, Any]]:
+    return list(await asyncio.gather(*(_draw(url, config, k) for k in range(config.sessions))))
+
+
+def _batch_stats(metrics: Any) -> tuple[float, float]:
+    """(engine calls, frames in them) so far, from the studio's lcm_live_batch_size histogram."""
+    samples = {s.name: s.value for family in metrics.batch_size.collect() for s in family.samples}
+    return samples.get("lcm_live_batch_size_count", 0.0), samples.get("lcm_live_batch_size_sum", 0.0)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -165,7 +182,8 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
     studio = StudioSettings(min_size=min(64, side), max_size=max(768, config.width, config.height),
                             default_width=config.width, default_height=config.height,
                             warmup_width=config.width, warmup_height=config.height,
-                            warmup_steps=config.num_inference_steps, max_sessions=1)
+                            warmup_steps=config.num_inference_steps, max_sessions=config.sessions,
+                            max_batch_size=config.max_batch_size)
     settings = Settings(engine=engine.settings, studio=studio)
     app = create_app(settings, engine_factory=lambda: engine)
     port = _free_port()
@@ -180,20 +198,29 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
         # 2. Draw.
         # Timers on the shared components (the img2img pipeline reuses the same unet/vae objects).
         timer = StageTimer(device).attach(engine.pipe)
-        raw = asyncio.run(_draw(f"ws://127.0.0.1:{port}/ws", config))
+        studio_state = app.state.studio  # no job ran yet (the warm-up is none): its batch counts start at 0
+        clients = asyncio.run(_draw_all(f"ws://127.0.0.1:{port}/ws", config))
         timer.detach()
+        engine_calls, batched_frames = _batch_stats(studio_state.metrics)
+        max_batch = studio_state.worker.max_batch_size
     finally:
         server.should_exit = True
         thread.join(timeout=30)
 
-    # 3. Summarise (the first frame is left out of fps and latency).
-    lat = raw["latencies"][1:] or raw["latencies"]
-    times = raw["frame_times"]
-    if len(times) < 2:
-        raise UserError(f"--live: only {len(times)} frame(s) in {config.seconds} s: raise --seconds")
-    span = times[-1] - times[0]
+    # 3. Summarise (each client's first frame is left out of fps and latency).
+    per_client_fps, lat, server_ms, errors, spans = [], [], [], [], []
+    for raw in clients:
+        times = raw["frame_times"]
+        if len(times) < 2:
+            raise UserError(f"--live: a client got only {len(times)} frame(s) in {config.seconds} s: raise --seconds")
+        span = times[-1] - times[0]
+        spans.append(span)
+        per_client_fps.append((len(times) - 1) / span if span > 0 else 0.0)
+        lat += raw["latencies"][1:] or raw["latencies"]
+        server_ms += raw["server_ms"]
+        errors += raw["errors"]
     # Counted, not derived: LCM's img2img runs num_inference_steps UNet calls spread over the strength-shortened
-    # schedule (unlike SD img2img's steps * strength).
+    # schedule (unlike SD img2img's steps * strength). With batching one call serves several frames.
     generations = max(1, timer.calls["decode"])
     return {
         "config": asdict(config),
@@ -201,29 +228,39 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "speedups": applied,
-        "unet_evaluations_per_frame": timer.calls["unet"] / generations,
+        "unet_evaluations_per_frame": timer.calls["unet"] / generations,  # per engine call when batched
         "stage_ms_per_generation": {"unet": timer.seconds["unet"] / generations * 1000,
                                     "decode": timer.seconds["decode"] / generations * 1000},
         "studio_ready_s": ready_s,
-        "frames": len(times),
-        "seconds": span,
-        "live_fps": (len(times) - 1) / span if span > 0 else 0.0,
+        "sessions": config.sessions,
+        "max_batch_size": max_batch,
+        "engine_calls": int(engine_calls),
+        "mean_batch_size": batched_frames / engine_calls if engine_calls else None,
+        "frames": sum(len(raw["frame_times"]) for raw in clients),
+        "seconds": max(spans),
+        "per_client_fps": per_client_fps,
+        "live_fps": sum(per_client_fps),
         "latency_ms": {"p50": _percentile(lat, 0.5) * 1000, "p95": _percentile(lat, 0.95) * 1000,
                        "mean": statistics.fmean(lat) * 1000},
-        "server_total_ms_median": statistics.median(raw["server_ms"]) if raw["server_ms"] else None,
-        "errors": raw["errors"],
+        "server_total_ms_median": statistics.median(server_ms) if server_ms else None,
+        "errors": errors,
     }
 
 
 def format_live(report: dict[str, Any]) -> str:
     c, m = report["config"], report["machine"]
+    per = "frame" if (report.get("mean_batch_size") or 1) <= 1 else "engine call"  # batched: one call, several frames
     return "\n".join([
         f"live: arch {c['arch']}  {c['width']}x{c['height']}  img2img sketch, {c['num_inference_steps']} steps x "
-        f"strength {c['strength']}: {report['unet_evaluations_per_frame']:.2g} UNet evaluation(s) per frame (counted)",
+        f"strength {c['strength']}: {report['unet_evaluations_per_frame']:.2g} UNet evaluation(s) per {per} (counted)",
         f"per generation: UNet {report['stage_ms_per_generation']['unet']:.0f} ms, decode "
         f"{report['stage_ms_per_generation']['decode']:.0f} ms",
         f"device {report['device']} ({m.get('gpu') or m['cpu']}, {m['torch_threads']} threads)  dtype {report['dtype']}"
         f"  speedups {','.join(report['speedups'])}  decoder {c['decoder']}",
+        *([f"sessions {report['sessions']}: per-client fps "
+           f"{', '.join(f'{x:.2f}' for x in report['per_client_fps'])} (total {report['live_fps']:.2f}); up to "
+           f"{report['max_batch_size']} frame(s) per engine call, mean {report['mean_batch_size'] or 0:.2f} over "
+           f"{report['engine_calls']} calls"] if report["sessions"] > 1 else []),
         f"studio ready after {report['studio_ready_s']:.1f} s; {report['frames']} frames in {report['seconds']:.1f} s"
         f"; errors {len(report['errors'])}",
         f"latency canvas -> frame: p50 {report['latency_ms']['p50']:.0f} ms  p95 {report['latency_ms']['p95']:.0f} ms"

@@ -9,6 +9,8 @@ messages and canvases, polls ``/healthz`` throughout, then scrapes ``/metrics`` 
 
 With one client and no faults, ``studio_overhead_fraction`` is the studio's own share of each frame: client-seen
 latency (params/canvas sent -> frame received) minus the engine's generation time, over that latency.
+``fps_per_client`` gives each client's frames per second beside ``fps_total``; ``--max-batch-size`` sets the
+studio's stream batching (frames of several sessions in one engine call; the default is the studio's own).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class Stats:
         self.latencies_s: list[float] = []  # input sent -> its final frame received
         self.overheads_s: list[float] = []  # latency minus the engine's generation time
         self.frames = 0
+        self.frames_by_client: dict[int, int] = {}
         self.errors: dict[str, int] = {}
         self.close_codes: dict[str, int] = {}
         self.served = 0
@@ -154,6 +157,7 @@ async def _client(idx: int, url: str, deadline: float, stats: Stats, *, faults: 
                         await send_input()
                     elif msg["type"] == "frame" and msg["final"]:
                         stats.frames += 1
+                        stats.frames_by_client[idx] = stats.frames_by_client.get(idx, 0) + 1
                         t_sent = canvas_sent_at.pop() if canvas_sent_at else sent_at.pop(msg["seed"], None)
                         if t_sent is not None:
                             latency = time.monotonic() - t_sent
@@ -219,6 +223,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cmd += ["--model", args.model, "--device", args.device]
     log_path = Path(tempfile.mkdtemp(prefix="bench_ws_")) / "serve.log"
     env = {k: v for k, v in os.environ.items() if k not in ("LCM_LIVE_TOKEN", "LCM_LIVE_FAKE_ENGINE")}
+    if args.max_batch_size is not None:
+        env["LCM_LIVE_STUDIO__MAX_BATCH_SIZE"] = str(args.max_batch_size)
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     try:
@@ -267,6 +273,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "clients": args.clients, "duration_s": round(elapsed, 1), "faults": args.faults,
         "num_inference_steps": args.num_inference_steps, "size": args.size, "mode": args.mode,
         "frames": stats.frames, "fps_total": round(stats.frames / elapsed, 2),
+        "fps_per_client": [round(stats.frames_by_client.get(i, 0) / elapsed, 2) for i in range(args.clients)],
+        "max_batch_size": args.max_batch_size,
         "latency_p50_ms": _ms(_pct(stats.latencies_s, 0.5)), "latency_p95_ms": _ms(_pct(stats.latencies_s, 0.95)),
         "studio_overhead_p50_ms": _ms(_pct(stats.overheads_s, 0.5)),
         "studio_overhead_fraction": None if overhead is None else round(overhead, 4),
@@ -294,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--max-sessions", type=int, default=8)
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="the studio's max_batch_size (default: its own, 1 on a CPU, max-sessions on a GPU)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds")
     p.add_argument("--faults", choices=sorted(FAULTS), default="default")
     p.add_argument("--step-latency", type=float, default=0.02, help="FakeEngine seconds per step")

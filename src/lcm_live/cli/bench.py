@@ -31,6 +31,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--baseline", default="seed", choices=["seed", "none"])
     parser.add_argument("--runs", type=_positive_int, default=3, help="timed runs of each path")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each path first")
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="images per call on both paths (num_images_per_prompt, one seed; default 1); reports "
+                             "ms per call and images/s. With --live: the studio's max_batch_size (frames of several "
+                             "sessions in one engine call; default: 1 on a CPU, --sessions on a GPU)")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
                         help="lcm-live's UNet backend (auto: openvino when installed, on a CPU)")
     parser.add_argument("--decoder", default="taesd", choices=["vae", "taesd"], help="lcm-live's decoder")
@@ -47,6 +51,8 @@ def add_parser(subparsers) -> None:
     live.add_argument("--live", action="store_true", help="measure the studio's sustained fps instead")
     live.add_argument("--seconds", type=float, default=20.0, help="how long to draw (with --live)")
     live.add_argument("--strength", type=float, default=0.5, help="img2img strength of the sketch (with --live)")
+    live.add_argument("--sessions", type=_positive_int, default=1,
+                      help="WebSocket clients drawing at once (with --live); reports total and per-client fps")
     parser.set_defaults(run=run)
 
 
@@ -64,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
     for name, value in (("--width", width), ("--height", height)):
         if value % 8 or not 64 <= value <= 2048:
             raise UserError(f"{name} {value}: use a multiple of 8 from 64 to 2048", field=name[2:])
+    if args.sessions != 1 and not args.live:
+        raise UserError(f"--sessions {args.sessions}: it counts WebSocket clients of --live; add --live, or use "
+                        "--batch-size for several images per call", field="sessions")
     if args.live:
         from lcm_live.bench.bench_live import LiveConfig, format_live, run_live
 
@@ -71,14 +80,14 @@ def run(args: argparse.Namespace) -> int:
             arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps or 2,
             seconds=args.seconds, strength=args.strength, backend=args.backend, decoder=args.decoder,
             dtype=args.dtype, device=args.device, compile=args.compile, quantize=args.quantize,
-            openvino_cache_dir=args.openvino_cache_dir))
+            openvino_cache_dir=args.openvino_cache_dir, sessions=args.sessions, max_batch_size=args.batch_size))
         text = format_live(report)
     else:
         from lcm_live.bench.bench_engine import BenchConfig, format_report, run_bench
 
         report = run_bench(BenchConfig(
             arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps or 4,
-            guidance_scale=args.guidance_scale, runs=args.runs, warmup=args.warmup,
+            guidance_scale=args.guidance_scale, runs=args.runs, warmup=args.warmup, batch_size=args.batch_size or 1,
             baseline=None if args.baseline == "none" else args.baseline, backend=args.backend,
             decoder=args.decoder, dtype=args.dtype, device=args.device, compile=args.compile,
             quantize=args.quantize, seed=args.seed, openvino_cache_dir=args.openvino_cache_dir,

@@ -8,6 +8,8 @@ This is the interface the CLI, the studio and the benchmarks use::
 Seeds are portable: noise always comes from ``torch.Generator("cpu").manual_seed(seed)``, as diffusers' docs
 recommend, so a seed gives the same image here and in any other diffusers tool (bit-exact at CPU float32).
 One generation runs at a time per engine (a lock); the studio calls it from one worker thread.
+``engine.generate_batch(requests, callbacks)`` runs requests that share a batch key (size, steps, guidance, ...)
+as one pipeline call, each with its own prompt, seed and image (stream batching: engine/batching.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 from lcm_live import __version__
 from lcm_live.config import EngineSettings
+from lcm_live.engine.batching import Prepared, StepHook, concat_embeddings, run_batch
 from lcm_live.engine.decoders import LatentPreview, is_tiny_autoencoder, load_taesd, set_tiling, wants_tiling
 from lcm_live.engine.hooks import StepCallback, StepEvent
 from lcm_live.engine.model import LoadedModel
@@ -173,91 +176,121 @@ class Engine:
         """Text-to-image, or image-to-image when ``request.image`` is set. ``callback`` gets a StepEvent after
         every denoising step; if it raises :class:`Cancelled` the run stops before the next UNet call and
         ``Cancelled`` propagates to the caller. Bad values raise UserError (with ``field``)."""
-        import torch
+        prep = self._prepare(request)
 
-        # 1. Validate and resolve every parameter.
+        def on_step(step: int, total: int, timestep: int, latents: Any) -> None:
+            if callback is not None:
+                callback(StepEvent(step=step, total=total, timestep=timestep, latents=latents))
+
+        images, warnings, timings = self._call([prep], on_step)
+        return GenerationResult(images=list(images), parameters=self._parameters(prep, warnings[0]), timings=timings)
+
+    def generate_batch(self, requests: list[GenerationRequest],
+                       callbacks: list[StepCallback | None] | None = None) -> list[GenerationResult]:
+        """Several requests, those with equal batch keys in ONE pipeline call (engine/batching.py): one result
+        per request, in order, each with its own seed, parameters and image (equal to what ``generate`` gives
+        alone, up to float rounding). ``callbacks[i]`` gets request i's StepEvents (latents of shape (1, C, h, w));
+        a member whose callback raises drops out, the call stops when all have. Nothing raises per member: a
+        result's ``error`` holds its UserError, Cancelled or engine exception (and ``images`` is empty)."""
+        return run_batch(self, requests, callbacks)
+
+    def _prepare(self, request: GenerationRequest) -> Prepared:
+        """Validate ``request`` and resolve guidance, CFG, size, seed and negative prompt."""
         validate_request(request)
         guidance_scale, do_cfg = resolve_guidance(request, self.loaded.kind)
         width, height = self._resolve_size(request)
         seed = request.seed if request.seed is not None else secrets.randbits(32)
         negative = (request.negative_prompt or None) if do_cfg else None
-        img2img = request.image is not None
+        return Prepared(request, guidance_scale, do_cfg, width, height, seed, negative)
 
+    def _call(self, preps: list[Prepared], on_step: StepHook) -> tuple[Any, list[list[str]], dict[str, float]]:
+        """ONE pipeline call for requests with equal resolved keys (one request: exactly the plain call). Returns
+        the output images, each member's prompt warnings and the timings; ``on_step(step, total, timestep, x0)``
+        sees the whole batch's x0 after each step and stops the call by raising."""
+        import torch
+
+        first = preps[0]
+        request = first.request
         with self._lock:
             t0 = time.perf_counter()
-            pipe = self._img2img_pipe() if img2img else self.pipe
-            # 2. Prompt embeddings: from the cache, or one text-encoder pass.
-            embeds, _hit = self.prompts.get(self.pipe, request.prompt, negative, do_cfg=do_cfg)
+            pipe = self._img2img_pipe() if first.img2img else self.pipe
+            if first.img2img:
+                _check_lcm_img2img_schedule(pipe, request)
+            # 1. Prompt embeddings: from the cache, or one text-encoder pass per new prompt.
+            embeds = [self.prompts.get(self.pipe, p.request.prompt, p.negative, do_cfg=first.do_cfg)[0] for p in preps]
             t_text = time.perf_counter()
 
-            # 3. Decoder: tiled for large images (or when forced).
-            set_tiling(pipe.vae, wants_tiling(self.settings.tiled_vae, width, height))
+            # 2. Decoder: tiled for large images (or when forced).
+            set_tiling(pipe.vae, wants_tiling(self.settings.tiled_vae, first.width, first.height))
 
-            # 4. The per-step hook: the step's x0 prediction as preview latents, cancellation by exception.
+            # 3. The per-step hook: the step's x0 prediction as preview latents, cancellation by exception.
             use_tensor_input = "denoised" in getattr(pipe, "_callback_tensor_inputs", [])
             recorder = contextlib.nullcontext() if use_tensor_input else _DenoisedRecorder(pipe.scheduler)
             marks = {"last_step": None}
 
             def on_step_end(p, i, t, tensors):
                 marks["last_step"] = time.perf_counter()
-                if callback is not None:
-                    x0 = tensors.get("denoised") if use_tensor_input else recorder.last
-                    if x0 is None:
-                        x0 = tensors["latents"]
-                    callback(StepEvent(step=i + 1, total=int(p.num_timesteps), timestep=int(t), latents=x0))
+                x0 = tensors.get("denoised") if use_tensor_input else recorder.last
+                on_step(i + 1, int(p.num_timesteps), int(t), tensors["latents"] if x0 is None else x0)
                 return {}
 
-            kwargs: dict[str, Any] = dict(embeds.kwargs)
+            # One generator per request: member i's noise comes from generator[i], as it would alone.
+            generators = [torch.Generator("cpu").manual_seed(p.seed) for p in preps]
+            kwargs: dict[str, Any] = concat_embeddings([e.kwargs for e in embeds])
             kwargs.update(
-                num_inference_steps=request.num_inference_steps, guidance_scale=guidance_scale,
+                num_inference_steps=request.num_inference_steps, guidance_scale=first.guidance_scale,
                 num_images_per_prompt=request.num_images_per_prompt,
-                generator=torch.Generator("cpu").manual_seed(seed), output_type=request.output_type,
+                generator=generators[0] if len(preps) == 1 else generators, output_type=request.output_type,
                 callback_on_step_end=on_step_end,
                 callback_on_step_end_tensor_inputs=["latents", "denoised"] if use_tensor_input else ["latents"],
             )
-            if img2img:
-                _check_lcm_img2img_schedule(pipe, request)
-                kwargs.update(image=_prepare_init_image(request.image, width, height), strength=request.strength)
+            if first.img2img:
+                images = [_prepare_init_image(p.request.image, p.width, p.height) for p in preps]
+                kwargs.update(image=images[0] if len(preps) == 1 else images, strength=request.strength)
             else:
-                kwargs.update(width=width, height=height)
+                kwargs.update(width=first.width, height=first.height)
 
-            # 5. Denoise and decode.
-            with recorder:  # a Cancelled raised by the callback propagates from here
+            # 4. Denoise and decode.
+            with recorder:  # a Cancelled raised by the hook propagates from here
                 output = pipe(**kwargs)
             t_end = time.perf_counter()
 
-        images = list(output.images)
         last = marks["last_step"] or t_end
-        parameters = {
-            "prompt": request.prompt,
-            "negative_prompt": negative,
-            "model": self.loaded.name,
-            "kind": self.loaded.kind,
-            "arch": self.loaded.arch,
-            "loras": [dict(x) for x in self.info.loras],
-            "num_inference_steps": request.num_inference_steps,
-            "guidance_scale": guidance_scale,
-            "seed": seed,
-            "width": width,
-            "height": height,
-            "num_images_per_prompt": request.num_images_per_prompt,
-            "mode": "img2img" if img2img else "txt2img",
-            "device": self.info.device,
-            "dtype": self.info.dtype,
-            "decoder": self.info.decoder,
-            "scheduler": self.info.scheduler,
-            "lcm_live_version": __version__,
-            "warnings": list(embeds.warnings),
-        }
-        if img2img:
-            parameters["strength"] = request.strength
         timings = {
             "text_encoder": t_text - t0,  # ~0 on a prompt-cache hit
             "unet": last - t_text,  # the denoising loop (img2img: includes encoding the init image)
             "decode": t_end - last,
             "total": t_end - t0,
         }
-        return GenerationResult(images=images, parameters=parameters, timings=timings)
+        return output.images, [list(e.warnings) for e in embeds], timings
+
+    def _parameters(self, prep: Prepared, warnings: list[str]) -> dict[str, Any]:
+        """Every resolved parameter of one request (what the image's metadata records)."""
+        request = prep.request
+        parameters = {
+            "prompt": request.prompt,
+            "negative_prompt": prep.negative,
+            "model": self.loaded.name,
+            "kind": self.loaded.kind,
+            "arch": self.loaded.arch,
+            "loras": [dict(x) for x in self.info.loras],
+            "num_inference_steps": request.num_inference_steps,
+            "guidance_scale": prep.guidance_scale,
+            "seed": prep.seed,
+            "width": prep.width,
+            "height": prep.height,
+            "num_images_per_prompt": request.num_images_per_prompt,
+            "mode": "img2img" if prep.img2img else "txt2img",
+            "device": self.info.device,
+            "dtype": self.info.dtype,
+            "decoder": self.info.decoder,
+            "scheduler": self.info.scheduler,
+            "lcm_live_version": __version__,
+            "warnings": list(warnings),
+        }
+        if prep.img2img:
+            parameters["strength"] = request.strength
+        return parameters
 
     def _resolve_size(self, request: GenerationRequest) -> tuple[int, int]:
         """Text-to-image: the model's native size where not given. Image-to-image: the init image's size (to a

@@ -26,3 +26,6 @@ class GenerationResult:
     images: list[Any]  # PIL images (or latents with output_type="latent")
     parameters: dict[str, Any]  # every resolved parameter (seed, size, guidance, model, LoRAs, device, dtype, ...)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: text_encoder, unet, decode, total
+    # Engine.generate_batch only: why this request has no image (a UserError, Cancelled, or the engine's own
+    # exception); generate() raises these instead.
+    error: BaseException | None = None

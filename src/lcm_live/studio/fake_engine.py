@@ -1,10 +1,15 @@
 """FakeEngine: the engine's interface without a model, for studio tests, the page's tests and the soak bench.
 
 Same methods as :class:`lcm_live.engine.pipeline.Engine` (``from_settings``, ``info``, ``generate``,
-``decode_preview``, ``warmup``), with a configurable latency per step, scripted or random failures (including
+``generate_batch``, ``decode_preview``, ``warmup``), with a configurable latency per step, scripted or random failures (including
 ``torch.OutOfMemoryError``, constructible without CUDA) and a frame size. Frames are a flat colour that is a pure
 function of (prompt, seed, width, height) — tests can tell frames apart — or seeded noise (incompressible, to
 make big frames).
+
+``generate_batch`` batches as the real engine does: requests grouped by the engine's ``batch_key``, one call per
+group that sleeps once per step for the whole group (what one batched UNet call buys), draws one scripted outcome
+for the whole group (a failed call fails all its members), and fans each step out through the engine's own
+``StepFanout`` (per-member cancellation). ``batch_sizes`` records the size of every call, ``generate`` included.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 from PIL import Image
 
+from lcm_live.engine.batching import StepFanout, batch_key, failed_result, group_indices
 from lcm_live.engine.hooks import StepCallback, StepEvent
 from lcm_live.engine.request import GenerationRequest, GenerationResult
 from lcm_live.errors import UserError
@@ -67,7 +73,8 @@ class FakeEngine:
             setattr(cfg, key, value)
         self.config = cfg
         self.calls: list[GenerationRequest] = []  # every generate() request, in order (not warmup)
-        self.generate_count = 0
+        self.generate_count = 0  # engine calls (a batch is one)
+        self.batch_sizes: list[int] = []  # requests per engine call, in order (not warmup)
         self.steps_run = 0  # denoising steps completed, over all calls
         self.previews_decoded = 0
         self.warmups = 0
@@ -112,10 +119,41 @@ class FakeEngine:
         return "ok"
 
     def generate(self, request: GenerationRequest, callback: StepCallback | None = None) -> GenerationResult:
+        def on_step(step: int, total: int, timestep: int, latents: Any) -> None:
+            if callback is not None:
+                callback(StepEvent(step=step, total=total, timestep=timestep, latents=latents))
+
+        return self._call([request], on_step)[0]
+
+    def generate_batch(self, requests: list[GenerationRequest],
+                       callbacks: list[StepCallback | None] | None = None) -> list[GenerationResult]:
+        """One result per request, errors in ``result.error`` (as ``Engine.generate_batch``)."""
+        requests = list(requests)
+        callbacks = list(callbacks) if callbacks is not None else [None] * len(requests)
+        if len(callbacks) != len(requests):
+            raise UserError(f"generate_batch: {len(callbacks)} callbacks for {len(requests)} requests",
+                            field="callbacks")
+        results: list[GenerationResult | None] = [None] * len(requests)
+        for group in group_indices([batch_key(r) for r in requests]):
+            fanout = StepFanout([callbacks[i] for i in group], split=False)
+            try:
+                outs = self._call([requests[i] for i in group], fanout)
+            except Exception as exc:  # Cancelled (every member out) or the call's failure: all members get it
+                for k, i in enumerate(group):
+                    results[i] = failed_result(requests[i], fanout.stopped.get(k, exc))
+                continue
+            for k, i in enumerate(group):
+                stopped = fanout.stopped.get(k)
+                results[i] = outs[k] if stopped is None else failed_result(requests[i], stopped, outs[k].parameters)
+        return results  # type: ignore[return-value]
+
+    def _call(self, requests: list[GenerationRequest], on_step: Any) -> list[GenerationResult]:
+        """One engine call for requests sharing a batch key: one outcome, one sleep per step for all of them."""
         t0 = time.perf_counter()
         self.generate_count += 1
+        self.batch_sizes.append(len(requests))
         if self.config.record_calls:
-            self.calls.append(request)
+            self.calls.extend(requests)
         outcome = self._next_outcome()
         if outcome == "oom":
             raise make_oom_error()
@@ -123,11 +161,11 @@ class FakeEngine:
             raise RuntimeError("fake engine failure")
         if outcome == "user":
             raise UserError("fake engine refused the request", field="prompt")
-        steps = request.num_inference_steps
-        if request.image is not None:
-            steps = max(1, int(steps * request.strength))
-        width, height = request.width or 512, request.height or 512
-        seed = request.seed if request.seed is not None else random.randrange(2**32)
+        first = requests[0]
+        steps = first.num_inference_steps
+        if first.image is not None:
+            steps = max(1, int(steps * first.strength))
+        seeds = [r.seed if r.seed is not None else random.randrange(2**32) for r in requests]
         for step in range(1, steps + 1):
             latency = self.config.step_latency_s
             if self.config.spike_rate and self._rng.random() < self.config.spike_rate:
@@ -135,8 +173,11 @@ class FakeEngine:
             if latency:
                 time.sleep(latency)
             self.steps_run += 1
-            if callback is not None:
-                callback(StepEvent(step=step, total=steps, timestep=999 - step * (1000 // (steps + 1)), latents=step))
+            on_step(step, steps, 999 - step * (1000 // (steps + 1)), step)
+        return [self._result(r, seed, time.perf_counter() - t0) for r, seed in zip(requests, seeds, strict=True)]
+
+    def _result(self, request: GenerationRequest, seed: int, elapsed: float) -> GenerationResult:
+        width, height = request.width or 512, request.height or 512
         image = self._image(request.prompt, seed, width, height)
         warnings = []
         if len(request.prompt.split()) > PROMPT_TOKEN_WINDOW:
@@ -157,7 +198,7 @@ class FakeEngine:
             parameters["strength"] = request.strength
         if warnings:
             parameters["warnings"] = warnings
-        return GenerationResult(images=[image], parameters=parameters, timings={"total": time.perf_counter() - t0})
+        return GenerationResult(images=[image], parameters=parameters, timings={"total": elapsed})
 
     def _image(self, prompt: str, seed: int, width: int, height: int) -> Image.Image:
         digest = hashlib.blake2b(f"{prompt}\0{seed}".encode(), digest_size=8).digest()

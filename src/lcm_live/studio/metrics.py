@@ -7,6 +7,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Seconds; frames take from ~10 ms (GPU, 1 step) to tens of seconds (CPU, full VAE).
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Frames per engine call (stream batching); 1 whenever batching is off (the default on a CPU).
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
 
 
 class StudioMetrics:
@@ -26,6 +28,10 @@ class StudioMetrics:
         )
         self.generation_seconds = Histogram(
             "lcm_live_generation_seconds", "Engine time of one finished generation", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "lcm_live_batch_size", "Generations run together in one engine call (stream batching)",
+            buckets=_BATCH_BUCKETS, registry=r,
         )
         self.first_frame_seconds = Histogram(
             "lcm_live_first_frame_seconds", "Input accepted to the first frame of that input sent",

@@ -8,6 +8,13 @@ and a job of the same slot that is already running is marked superseded, so the 
 its next denoising step. Slots with a waiting job are served in the order they became waiting (round-robin: a
 busy session cannot starve the others). Events go back to the slot's :class:`JobSink` from this thread; sinks hand
 them to the event loop themselves.
+
+Stream batching: when the worker takes the next slot's job it also takes the waiting jobs of other slots with the
+same batch key (engine/batching.py: mode, size, steps, guidance, strength), up to ``max_batch_size`` (resolved
+once the model is loaded: the setting, else 1 on a CPU and ``max_sessions`` on CUDA/MPS), and runs them as one
+``engine.generate_batch`` call. Each job keeps its own sink, seed, cancellation, deadline and outcome: a job
+superseded mid-batch drops out at its next step (its frame is never sent), and a failed batch fails only its own
+jobs. Clients cannot tell a batched frame from a single one.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lcm_live.config import StudioSettings
+from lcm_live.engine.batching import batch_key
 from lcm_live.engine.hooks import Cancelled, StepEvent
 from lcm_live.errors import UserError
 from lcm_live.studio.images import fit_canvas
@@ -69,6 +77,38 @@ def is_oom(exc: BaseException) -> bool:
     )
 
 
+def resolve_max_batch_size(settings: StudioSettings, device: str) -> int:
+    """``max_batch_size`` as set, else 1 on a CPU (a batch there costs its members' time: nothing to gain) and
+    ``max_sessions`` (default 4) on CUDA or MPS."""
+    if settings.max_batch_size is not None:
+        return settings.max_batch_size
+    if str(device).startswith(("cuda", "mps")):
+        return settings.max_sessions or 4
+    return 1
+
+
+def job_batch_key(job: Job) -> Any:
+    """The engine batch key of the request this job will run (None: never batched)."""
+    img2img = job.params.mode == "img2img" and job.canvas is not None
+    return batch_key(job.params.to_request(image=job.canvas if img2img else None))
+
+
+def _engine_device(engine: Any) -> str:
+    info = engine.info
+    device = info.get("device") if isinstance(info, dict) else getattr(info, "device", None)
+    return str(device or "cpu")
+
+
+@dataclass
+class _Run:
+    """One job inside an engine call: its request, its step callback and the last step total it saw."""
+
+    job: Job
+    request: Any
+    callback: Callable[[StepEvent], None]
+    seen: dict[str, int]
+
+
 def free_device_memory() -> None:
     """After an OOM: drop the failed run's tensors and give cached CUDA blocks back."""
     gc.collect()
@@ -93,6 +133,7 @@ class Worker:
         self.state = "loading"  # loading | ready | failed | stopping | stopped
         self.detail = "loading the model"
         self.consecutive_failures = 0
+        self.max_batch_size = 1  # resolved once the engine is loaded (resolve_max_batch_size)
         self.step_observer: Callable[[Job, StepEvent], None] | None = None  # tests and benchmarks
         self._engine_factory = engine_factory
         self._on_ready = on_ready
@@ -100,8 +141,7 @@ class Worker:
         self._cond = threading.Condition()
         self._pending: dict[str, Job] = {}  # slot -> its newest waiting job
         self._order: deque[str] = deque()  # slots with a waiting job, in round-robin order
-        self._running: Job | None = None
-        self._running_slot: str | None = None
+        self._running: dict[str, Job] = {}  # slot -> its job in the engine call now running
         self._thread = threading.Thread(target=self._run, name="lcm-live-worker", daemon=True)
 
     # ---- control (any thread) ----------------------------------------------------------------------------
@@ -133,8 +173,9 @@ class Worker:
             self._pending[slot] = job
             if old is None:
                 self._order.append(slot)
-            if self._running_slot == slot and self._running is not None:
-                self._running.cancel_reason = "superseded"
+            running = self._running.get(slot)
+            if running is not None:
+                running.cancel_reason = "superseded"
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify()
         if old is not None:
@@ -146,8 +187,9 @@ class Worker:
             old = self._pending.pop(slot, None)
             if old is not None:
                 self._order.remove(slot)
-            if self._running_slot == slot and self._running is not None:
-                self._running.cancel_reason = reason
+            running = self._running.get(slot)
+            if running is not None:
+                running.cancel_reason = reason
             self.metrics.queue_depth.set(len(self._pending))
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -157,8 +199,8 @@ class Worker:
             dropped = list(self._pending.values())
             self._pending.clear()
             self._order.clear()
-            if self._running is not None:
-                self._running.cancel_reason = "shutdown"
+            for running in self._running.values():
+                running.cancel_reason = "shutdown"
             self.metrics.queue_depth.set(0)
             self._cond.notify_all()
         for job in dropped:
@@ -176,29 +218,46 @@ class Worker:
                     self._cond.wait()
                 if self.state != "ready":
                     break
-                slot = self._order.popleft()
-                job = self._pending.pop(slot)
-                self._running, self._running_slot = job, slot
+                self._running = self._take()
+                jobs = list(self._running.values())
                 self.metrics.queue_depth.set(len(self._pending))
             try:
-                self._execute(job)
+                self._execute(jobs)
             except Exception:  # a bug in a sink: keep serving the others
-                log.exception("studio worker: unexpected error around job %s", job.id)
+                log.exception("studio worker: unexpected error around job(s) %s", [j.id for j in jobs])
             finally:
                 with self._cond:
-                    self._running, self._running_slot = None, None
+                    self._running = {}
         self.state = "stopped"
+
+    def _take(self) -> dict[str, Job]:
+        """Under the lock: the next slot's job, and the waiting jobs of other slots with its batch key (in their
+        round-robin order) up to max_batch_size."""
+        slot = self._order.popleft()
+        first = self._pending.pop(slot)
+        taken = {slot: first}
+        key = job_batch_key(first) if self.max_batch_size > 1 and first.cancel_reason is None else None
+        for other in list(self._order) if key is not None else ():
+            if len(taken) >= self.max_batch_size:
+                break
+            job = self._pending[other]
+            if job.cancel_reason is None and job_batch_key(job) == key:
+                self._order.remove(other)
+                taken[other] = self._pending.pop(other)
+        return taken
 
     def _load(self) -> bool:
         s = self.settings
         try:
             self.engine = self._engine_factory()
+            batching = hasattr(self.engine, "generate_batch")
+            self.max_batch_size = resolve_max_batch_size(s, _engine_device(self.engine)) if batching else 1
             width = s.warmup_width or s.default_width
             height = s.warmup_height or s.default_height
             t0 = time.perf_counter()
             self.engine.warmup(width, height, s.warmup_steps)
-            log.info("studio: warmed up at %dx%d, %d step(s), in %.1f s", width, height, s.warmup_steps,
-                     time.perf_counter() - t0)
+            log.info("studio: warmed up at %dx%d, %d step(s), in %.1f s; up to %d frame(s) per engine call",
+                     width, height, s.warmup_steps, time.perf_counter() - t0, self.max_batch_size)
         except Exception as exc:
             message = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             log.error("studio: loading or warming up the model failed: %s", message,
@@ -215,23 +274,45 @@ class Worker:
             self._on_ready(self.engine)
         return self.state == "ready"
 
-    def _execute(self, job: Job) -> None:
+    def _execute(self, jobs: list[Job]) -> None:
+        """Run the jobs that are still wanted as one engine call, then settle each job's outcome."""
         s, m = self.settings, self.metrics
         now = time.monotonic()
-        if job.cancel_reason is not None:
-            job.sink.on_done(job, "cancelled")
+        runs: list[_Run] = []
+        for job in jobs:
+            if job.cancel_reason is not None:
+                job.sink.on_done(job, "cancelled")
+            elif now - job.submitted > s.queue_wait_timeout_s:
+                m.errors.labels(type="timeout").inc()
+                job.sink.on_error(job, "timeout", f"waited {now - job.submitted:.1f} s for the worker (limit "
+                                  f"{s.queue_wait_timeout_s:g} s): the server is busy, try again", None)
+                job.sink.on_done(job, "error")
+            else:
+                job.started = now
+                runs.append(self._prepare_run(job, now))
+        if not runs:
             return
-        if now - job.submitted > s.queue_wait_timeout_s:
-            m.errors.labels(type="timeout").inc()
-            job.sink.on_error(job, "timeout", f"waited {now - job.submitted:.1f} s for the worker (limit "
-                              f"{s.queue_wait_timeout_s:g} s): the server is busy, try again", None)
-            job.sink.on_done(job, "error")
-            return
-        job.started = now
-        deadline = now + s.generation_timeout_s
+        m.batch_size.observe(len(runs))
+        outcomes: list[tuple[_Run, Any, BaseException | None]] = []
+        if len(runs) == 1:
+            try:
+                outcomes.append((runs[0], self.engine.generate(runs[0].request, runs[0].callback), None))
+            except Exception as exc:
+                outcomes.append((runs[0], None, exc))
+        else:
+            try:
+                results = self.engine.generate_batch([r.request for r in runs], [r.callback for r in runs])
+                outcomes = [(r, res if res.error is None else None, res.error)
+                            for r, res in zip(runs, results, strict=True)]
+            except Exception as exc:  # the batch call itself broke: each of its jobs gets the error
+                outcomes = [(r, None, exc) for r in runs]
+        self._settle(outcomes, time.monotonic() - now)
+
+    def _prepare_run(self, job: Job, started: float) -> _Run:
+        s = self.settings
+        deadline = started + s.generation_timeout_s
         p = job.params
         canvas = fit_canvas(job.canvas, p.width, p.height) if (p.mode == "img2img" and job.canvas is not None) else None
-        request = p.to_request(image=canvas)
         seen = {"total": p.num_inference_steps}
 
         def callback(event: StepEvent) -> None:
@@ -250,55 +331,72 @@ class Worker:
                     log.warning("studio: preview decode failed at step %d", event.step, exc_info=True)
                     return
                 job.sink.on_frame(job, preview, final=False, step=event.step, total=event.total,
-                                  generation_s=time.monotonic() - now, parameters={})
+                                  generation_s=time.monotonic() - started, parameters={})
 
-        try:
-            result = self.engine.generate(request, callback)
-        except Cancelled:
-            if job.timed_out:
+        return _Run(job, p.to_request(image=canvas), callback, seen)
+
+    def _settle(self, outcomes: list[tuple[_Run, Any, BaseException | None]], generation_s: float) -> None:
+        """Each job's frame or error. One engine call counts once towards max_consecutive_failures."""
+        s, m = self.settings, self.metrics
+        failed = [(r.job, e) for r, _, e in outcomes if e is not None and not isinstance(e, (Cancelled, UserError))]
+        messages = self._describe_failures(failed)
+        if any(result is not None for _, result, _ in outcomes):
+            with self._cond:
+                self.consecutive_failures = 0
+        for run, result, error in outcomes:
+            job = run.job
+            if error is None:
+                m.generation_seconds.observe(generation_s)
+                if job.cancel_reason is None:
+                    total = run.seen["total"]
+                    job.sink.on_frame(job, result.images[0], final=True, step=total, total=total,
+                                      generation_s=generation_s, parameters=dict(result.parameters))
+                    job.sink.on_done(job, "ok")
+                    continue
+                error = Cancelled(job.cancel_reason)  # superseded during the last step: the frame is already stale
+            if isinstance(error, Cancelled) and job.timed_out:
                 m.errors.labels(type="timeout").inc()
-                job.sink.on_error(job, "timeout", f"the generation ran past {s.generation_timeout_s:g} s: use fewer "
-                                  "steps or a smaller size", None)
-                job.sink.on_done(job, "error")
-            else:
+                self._fail(job, "timeout", f"the generation ran past {s.generation_timeout_s:g} s: use fewer steps "
+                           "or a smaller size")
+            elif isinstance(error, Cancelled):
                 m.cancelled.inc()
                 job.sink.on_done(job, "cancelled")
-            return
-        except UserError as exc:
-            job.sink.on_error(job, "invalid_params", exc.message, exc.field)
-            job.sink.on_done(job, "error")
-            return
-        except Exception as exc:
-            self._failed(job, exc)
-            return
-        generation_s = time.monotonic() - now
-        with self._cond:
-            self.consecutive_failures = 0
-        m.generation_seconds.observe(generation_s)
-        if job.cancel_reason is not None:  # superseded during the last step: the frame is already stale
-            m.cancelled.inc()
-            job.sink.on_done(job, "cancelled")
-            return
-        job.sink.on_frame(job, result.images[0], final=True, step=seen["total"], total=seen["total"],
-                          generation_s=generation_s, parameters=dict(result.parameters))
-        job.sink.on_done(job, "ok")
+            elif isinstance(error, UserError):
+                self._fail(job, "invalid_params", error.message, error.field)
+            else:
+                code, message = messages[id(error)]
+                m.errors.labels(type=code).inc()
+                self._fail(job, code, message)
+        if failed and not any(result is not None for _, result, _ in outcomes):
+            with self._cond:
+                self.consecutive_failures += 1
+                failures = self.consecutive_failures
+            if failures >= s.max_consecutive_failures:
+                log.error("studio: %d consecutive engine failures: /readyz now answers 503", failures)
+                if s.exit_on_failures and self._on_fatal is not None:
+                    self._on_fatal(f"{failures} consecutive engine failures")
 
-    def _failed(self, job: Job, exc: BaseException) -> None:
-        if is_oom(exc):
-            code, message = "oom", ("out of memory for this frame: try a smaller width/height or fewer steps")
-            log.warning("studio: out of memory on job %s (%dx%d, %d steps)", job.id, job.params.width,
-                        job.params.height, job.params.num_inference_steps)
-            free_device_memory()
-        else:
-            code, message = "engine_error", f"the engine failed on this frame ({type(exc).__name__}); see the server log"
-            log.error("studio: engine error on job %s", job.id, exc_info=exc)
-        self.metrics.errors.labels(type=code).inc()
-        with self._cond:
-            self.consecutive_failures += 1
-            failures = self.consecutive_failures
-        job.sink.on_error(job, code, message, None)
+    def _fail(self, job: Job, code: str, message: str, field: str | None = None) -> None:
+        job.sink.on_error(job, code, message, field)
         job.sink.on_done(job, "error")
-        if failures >= self.settings.max_consecutive_failures:
-            log.error("studio: %d consecutive engine failures: /readyz now answers 503", failures)
-            if self.settings.exit_on_failures and self._on_fatal is not None:
-                self._on_fatal(f"{failures} consecutive engine failures")
+
+    def _describe_failures(self, failed: list[tuple[Job, BaseException]]) -> dict[int, tuple[str, str]]:
+        """Log each distinct engine failure once (with the jobs it hit); its code and message, by id(exception)."""
+        by_error: dict[int, tuple[BaseException, list[Job]]] = {}
+        for job, exc in failed:
+            by_error.setdefault(id(exc), (exc, []))[1].append(job)
+        out: dict[int, tuple[str, str]] = {}
+        for key, (exc, jobs) in by_error.items():
+            p = jobs[0].params
+            ids = ", ".join(str(j.id) for j in jobs)
+            if is_oom(exc):
+                out[key] = ("oom", "out of memory for this frame: try a smaller width/height or fewer steps")
+                log.warning("studio: out of memory on job(s) %s (%dx%d, %d steps, %d in the batch%s)", ids, p.width,
+                            p.height, p.num_inference_steps, len(jobs),
+                            "; a lower max_batch_size may help" if len(jobs) > 1 else "")
+                free_device_memory()
+            else:
+                out[key] = ("engine_error",
+                            f"the engine failed on this frame ({type(exc).__name__}); see the server log")
+                log.error("studio: engine error on job(s) %s", ids, exc_info=exc)
+        return out
