@@ -1,0 +1,243 @@
+#!/usr/bin/env bash
+# The GPU check: lcm-live's CUDA tests and `lcm-live bench` figures, in one short run on a lent GPU machine.
+#
+#   On the GPU machine, from the repo root, with $OUT set and .whl carried:   bash scripts/gpu_check.sh
+#   (device tool: command "bash scripts/gpu_check.sh", carry [".whl"], timeout_s 500 for the default budget;
+#   GPU_CHECK_BUDGET_S=540 with timeout_s 600 leaves room for the compile and SDXL nf4 steps at the end)
+#   Dry run here (CPU, tiny model, tiny sizes; every command line parses and runs):
+#       GPU_CHECK_DRY=1 nice -n 19 env OMP_NUM_THREADS=1 bash scripts/gpu_check.sh
+#
+# Two files come back: $OUT/gpu.log (everything printed) and $OUT/bench.json (every step's status and time, a
+# summary of the figures, and each bench's full --json report). Each step runs under its own `timeout`, so one
+# failure or hang never stops the rest; the steps share a budget (GPU_CHECK_BUDGET_S, default 420 s, counted
+# from the start): each step's timeout is cut to what is left, and a step that would start with under 20 s left
+# is skipped and says so. The script ends within the budget plus ~30 s (a kill's grace, the JSON merge).
+# Order: the issue's figures first (sd15 512² at 4 and 1 steps), the CUDA tests, SDXL 1024², the live studio,
+# the bitsandbytes memory figures; then stream batching, torch.compile (compiling the UNet takes a minute or two)
+# and SDXL nf4, the slowest and least needed, last.
+#
+# Time estimates on an H100 host (16 cores), not yet measured: installing the wheels ~15 s; each sd15 bench
+# ~30 s (the random-weight build of both paths and the imports are most of it; the timed runs are < 1 s each);
+# the tests ~60-120 s (torch.compile of the tiny UNet); each SDXL bench ~60 s (two 3.5B-parameter builds);
+# live ~45 s (engine, studio warm-up, 20 s of drawing); torch.compile at sd15 ~2-3 min.
+
+set -u
+cd "$(dirname "$0")/.." || exit 1
+
+DRY=${GPU_CHECK_DRY:-0}
+BUDGET=${GPU_CHECK_BUDGET_S:-420}
+MIN_STEP_S=20
+OUT=${OUT:-$(mktemp -d /tmp/gpu_check_out.XXXXXX)}
+WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+JSONDIR=$WORK/json
+STATUS=$WORK/status.tsv
+LOG=$OUT/gpu.log
+mkdir -p "$OUT" "$JSONDIR"
+: > "$STATUS"
+: > "$LOG"
+
+export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+CLI='import sys; from lcm_live.cli import main; sys.exit(main())'  # lcm_live.cli has no __main__ module
+
+if [[ $DRY == 1 ]]; then
+    PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
+    export PYTHONPATH=$PWD/src
+    DEVICE=cpu; SD15=tiny; SDXL=tiny; S512=64; S1024=64; S256=64; LIVE_SECONDS=3
+    R_FAST=(--runs 1 --warmup 0); R_SLOW=(--runs 1 --warmup 0)
+    # the CPU stand-ins: torch (no OpenVINO conversion), float32 for torch's dynamic int8 (nf4 is CUDA-only:
+    # that step is expected to end with its one-line error, status failed)
+    EXTRA=(--backend torch); INT8_EXTRA=(--dtype float32)
+else
+    PY=${PYTHON:-python3}
+    DEVICE=cuda; SD15=sd15; SDXL=sdxl; S512=512; S1024=1024; S256=256; LIVE_SECONDS=20
+    R_FAST=(--runs 5 --warmup 2); R_SLOW=(--runs 3 --warmup 1)
+    EXTRA=(); INT8_EXTRA=()
+fi
+
+log() { echo "$*" | tee -a "$LOG"; }
+
+START=$(date +%s)
+# step NAME TIMEOUT_S COMMAND...: runs COMMAND under timeout (capped by what is left of the budget), logs it.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local elapsed=$(( $(date +%s) - START ))
+    local left=$(( BUDGET - elapsed ))
+    if (( left < MIN_STEP_S )); then
+        log "=== [$name] SKIPPED: ${elapsed}s of the ${BUDGET}s budget used"
+        printf '%s\tskipped\t\t0\n' "$name" >> "$STATUS"
+        return 0
+    fi
+    (( limit > left )) && limit=$left
+    log "=== [$name] at ${elapsed}s, timeout ${limit}s: ${*//$CLI/<lcm-live>}"
+    local t0
+    t0=$(date +%s)
+    timeout -k 15 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    local took=$(( $(date +%s) - t0 )) what=ok
+    if (( rc == 124 || rc == 137 )); then what=timeout; elif (( rc != 0 )); then what=failed; fi
+    log "=== [$name] $what (exit $rc) after ${took}s"
+    printf '%s\t%s\t%s\t%s\n' "$name" "$what" "$rc" "$took" >> "$STATUS"
+}
+
+# bench NAME TIMEOUT_S ARGS...: one `lcm-live bench` with its JSON report kept for the merge.
+bench() {
+    local name=$1 limit=$2
+    shift 2
+    step "$name" "$limit" "$PY" -c "$CLI" bench --device "$DEVICE" --no-progress --json "$JSONDIR/$name.json" \
+        "$@" ${EXTRA[@]+"${EXTRA[@]}"}
+}
+
+# ---------------------------------------------------------------- the machine and the packages
+log "=== gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) dry=$DRY budget=${BUDGET}s out=$OUT"
+timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+timeout 60 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+import sys
+from importlib import metadata
+
+import torch
+
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cuda available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"GPU {p.name}: {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs, sm_{p.major}{p.minor}")
+for name in ("transformers", "peft", "accelerate", "triton", "numpy", "huggingface_hub", "psutil"):
+    try:
+        print(f"  {name} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+        print(f"  {name} MISSING")
+EOF
+
+if [[ $DRY == 1 ]]; then
+    log "=== [install] dry run: not installing .whl/*.whl (cp312 wheels for the GPU machine)"
+else
+    step install 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl
+    export PYTHONPATH=$PWD/src:/tmp/site:$PWD/.whl/bnb
+fi
+step imports 60 "$PY" -c '
+from importlib import metadata
+import diffusers, fastapi, uvicorn, websockets, pydantic, pydantic_settings  # noqa: F401
+for name in ("diffusers", "fastapi", "starlette", "uvicorn", "websockets", "pydantic", "pydantic-settings", "peft",
+             "bitsandbytes"):
+    try:
+        print(f"  {name} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+        print(f"  {name} MISSING")
+try:
+    import bitsandbytes
+    print("  bitsandbytes imports:", bitsandbytes.__version__)
+except Exception as exc:
+    print("  bitsandbytes does not import:", type(exc).__name__, exc)
+'
+step info 60 "$PY" -c "$CLI" info
+
+HELP=$("$PY" -c "$CLI" bench --help 2>/dev/null)
+HAS_BATCH=0; [[ $HELP == *--batch-size* ]] && HAS_BATCH=1
+HAS_SESSIONS=0; [[ $HELP == *--sessions* ]] && HAS_SESSIONS=1
+log "=== bench flags here: --batch-size $HAS_BATCH, --sessions $HAS_SESSIONS"
+
+# ---------------------------------------------------------------- the steps, most needed first
+# (b), (c): the seed article's fp16 pipeline against lcm-live's default fast path (fp16, channels_last, TAESD,
+# cached prompt embeddings), sd15 512².
+bench sd15_512_4steps 120 --arch "$SD15" --width "$S512" --height "$S512" --num-inference-steps 4 "${R_FAST[@]}"
+bench sd15_512_1step 100 --arch "$SD15" --width "$S512" --height "$S512" --num-inference-steps 1 "${R_FAST[@]}"
+
+# (a): the CUDA tests (skipped, with the reason, where there is no CUDA device).
+step tests 240 "$PY" -m pytest -q -p no:cacheprovider -rA -m gpu tests/engine/test_cuda.py
+
+# (f): SDXL 1024², 4 steps.
+bench sdxl_1024_4steps 150 --arch "$SDXL" --width "$S1024" --height "$S1024" --num-inference-steps 4 "${R_SLOW[@]}"
+
+# (i): the studio over its WebSocket, sketch mode at 256².
+bench live_sd15_256 120 --live --arch "$SD15" --width "$S256" --height "$S256" --seconds "$LIVE_SECONDS"
+
+# (g): bitsandbytes int8 / nf4 at sd15 512²: the fast path's peak GPU memory (lcm_live_alone_peak_cuda_gb) and
+# parity against the seed path.
+bench sd15_512_int8 100 --arch "$SD15" --width "$S512" --height "$S512" --num-inference-steps 4 --quantize int8 \
+    "${R_SLOW[@]}" ${INT8_EXTRA[@]+"${INT8_EXTRA[@]}"}
+bench sd15_512_nf4 100 --arch "$SD15" --width "$S512" --height "$S512" --num-inference-steps 4 --quantize nf4 \
+    "${R_SLOW[@]}"
+
+# (e): several images per UNet call (throughput: images/s).
+if (( HAS_BATCH )); then
+    for n in 8 16; do
+        bench "sd15_512_4steps_batch$n" 100 --arch "$SD15" --width "$S512" --height "$S512" --num-inference-steps 4 \
+            --batch-size "$n" "${R_SLOW[@]}"
+    done
+else
+    log "=== [batch] skipped: this lcm-live bench has no --batch-size"
+fi
+
+# (d): torch.compile on CUDA: engine/speedups.py's CUDA_COMPILE_MODE ("reduce-overhead": Inductor kernels plus
+# CUDA graphs; not "max-autotune", whose per-shape Triton autotuning of the whole UNet takes many minutes on the
+# first call). The compile happens in the first warm-up run.
+bench sd15_512_4steps_compile 240 --arch "$SD15" --width "$S512" --height "$S512" --num-inference-steps 4 --compile \
+    "${R_FAST[@]}"
+
+# (h): SDXL 1024² with nf4 weights: the fast path's memory (the seed's 8 GB card question; lcm-live only).
+bench sdxl_1024_4steps_nf4 120 --arch "$SDXL" --width "$S1024" --height "$S1024" --num-inference-steps 4 \
+    --quantize nf4 --baseline none "${R_SLOW[@]}"
+
+# Stream batching across sessions in the studio (the least needed: last).
+if (( HAS_SESSIONS )); then
+    bench live_sd15_256_4sessions 90 --live --arch "$SD15" --width "$S256" --height "$S256" \
+        --seconds "$LIVE_SECONDS" --sessions 4
+fi
+
+# ---------------------------------------------------------------- one JSON with everything
+timeout 60 "$PY" - "$STATUS" "$JSONDIR" "$OUT/bench.json" "$DRY" <<'EOF' 2>&1 | tee -a "$LOG"
+import json
+import sys
+from pathlib import Path
+
+status, folder, out, dry = sys.argv[1:5]
+steps = []
+for line in Path(status).read_text().splitlines():
+    name, what, rc, took = (line.split("\t") + ["", "", "", ""])[:4]
+    steps.append({"step": name, "status": what, "exit": int(rc) if rc.lstrip("-").isdigit() else None,
+                  "seconds": int(took or 0)})
+reports = {}
+for path in sorted(Path(folder).glob("*.json")):
+    try:
+        reports[path.stem] = json.loads(path.read_text())
+    except ValueError as exc:
+        reports[path.stem] = {"unreadable": str(exc)}
+
+
+def pick(report, *keys):
+    for key in keys:
+        if not isinstance(report, dict):
+            return None
+        report = report.get(key)
+    return report
+
+
+summary = {}
+for name, r in reports.items():
+    row = {
+        "device": r.get("device"), "gpu": pick(r, "machine", "gpu"),
+        "lcm_live_ms_per_image": pick(r, "lcm_live", "ms_per_image", "median"),
+        "seed_ms_per_image": pick(r, "seed", "ms_per_image", "median"),
+        "lcm_live_images_per_s": pick(r, "lcm_live", "images_per_s"),
+        "speedup_vs_seed": r.get("speedup_vs_seed"), "parity_cosine": r.get("parity_cosine"),
+        "lcm_live_unet_ms_per_step": pick(r, "lcm_live", "stages_ms", "unet_per_step"),
+        "lcm_live_peak_cuda_gb_alone": r.get("lcm_live_alone_peak_cuda_gb"),
+        "lcm_live_speedups": pick(r, "lcm_live", "speedups") or r.get("speedups"),
+        "lcm_live_warmup_s": r.get("lcm_live_warmup_s"),
+        "live_fps": r.get("live_fps"), "live_latency_ms": r.get("latency_ms"),
+    }
+    summary[name] = {k: v for k, v in row.items() if v is not None}
+Path(out).write_text(json.dumps({"dry_run": dry == "1", "steps": steps, "summary": summary, "reports": reports},
+                                indent=1, default=str))
+print("=== summary")
+for s in steps:
+    print(f"  {s['step']:<28} {s['status']:<8} {s['seconds']:>4}s")
+for name, row in summary.items():
+    print(f"  {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in row.items() if k not in ("device", "gpu", "lcm_live_speedups")))
+print(f"wrote {out}")
+EOF
+log "=== gpu_check done after $(( $(date +%s) - START ))s; files: $LOG $OUT/bench.json"
+rm -rf "$WORK"
