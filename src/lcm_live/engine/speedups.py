@@ -73,7 +73,7 @@ def resolve_backend(settings: EngineSettings, device: Any, *, unet_parameters: i
                                       "OpenVINO's bf16 UNet is faster)")
     if unet_parameters is not None and unet_parameters < OPENVINO_AUTO_MIN_PARAMETERS:
         return BackendChoice("torch", f"auto: torch (a small UNet, {unet_parameters / 1e6:.1f}M parameters: "
-                                      f"OpenVINO pays from {OPENVINO_AUTO_MIN_PARAMETERS // 10**6}M)")
+                                      f"auto converts to OpenVINO from {OPENVINO_AUTO_MIN_PARAMETERS // 10**6}M)")
     if not openvino_installed():
         return BackendChoice("torch", "auto: torch (OpenVINO, faster on this CPU, is not installed: "
                                       "pip install 'lcm-live[openvino]')")
