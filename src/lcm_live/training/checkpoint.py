@@ -21,13 +21,13 @@ def save_checkpoint(folder: str | Path, modules: dict[str, Any], optimizer, stat
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {f"{name}/{k}": v.detach().contiguous().clone() for name, m in modules.items()
+    tensors = {f"{name}/{k}": v.detach().cpu().contiguous().clone() for name, m in modules.items()
                for k, v in m.state_dict().items()}
     save_file(tensors, str(tmp / "modules.safetensors"))
     if optimizer is not None:
         opt = {}
         for key, value in _flatten_optimizer(optimizer).items():
-            opt[key] = value.contiguous().clone()
+            opt[key] = value.detach().cpu().contiguous().clone()
         save_file(opt, str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
@@ -63,5 +63,5 @@ def _restore_optimizer(optimizer, flat: dict) -> None:
     for g, group in enumerate(optimizer.param_groups):
         for i, p in enumerate(group["params"]):
             fields = {k.split(".", 2)[2]: v for k, v in flat.items() if k.startswith(f"{g}.{i}.")}
-            if fields:
-                optimizer.state[p] = fields
+            if fields:  # moments live where their parameter lives; "step" stays a CPU scalar as torch keeps it
+                optimizer.state[p] = {k: v if k == "step" else v.to(p.device) for k, v in fields.items()}

@@ -37,7 +37,7 @@ class LatentPool:
 
 
 def encode_images(vae, images: np.ndarray, batch_size: int = 128):
-    """uint8 (N, H, W, 3) -> (mean, std) scaled latents, no gradient."""
+    """uint8 (N, H, W, 3) -> (mean, std) scaled latents on the CPU, no gradient (encoded on ``vae.device``)."""
     import torch
 
     from lcm_live.training.shapes import to_tensor
@@ -45,9 +45,9 @@ def encode_images(vae, images: np.ndarray, batch_size: int = 128):
     means, stds = [], []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            dist = vae.encode(to_tensor(images[i:i + batch_size])).latent_dist
-            means.append(dist.mean * vae.config.scaling_factor)
-            stds.append(dist.std * vae.config.scaling_factor)
+            dist = vae.encode(to_tensor(images[i:i + batch_size]).to(vae.device)).latent_dist
+            means.append((dist.mean * vae.config.scaling_factor).cpu())
+            stds.append((dist.std * vae.config.scaling_factor).cpu())
     return torch.cat(means), torch.cat(stds)
 
 

@@ -53,6 +53,7 @@ class DistillConfig:
     seed: int = 0
     resume: bool = False
     bf16: bool = True
+    device: str = "cpu"  # cuda trains the same recipe on a GPU
 
 
 def guidance_scale_embedding(w, dim: int):
@@ -61,7 +62,8 @@ def guidance_scale_embedding(w, dim: int):
 
     w = w.float() * 1000.0
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device)
+                      * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
     emb = w[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
     return torch.nn.functional.pad(emb, (0, dim % 2))
@@ -102,7 +104,7 @@ def lcd_loss(student, target, teacher, latents, noise, cond, empty, t_start, w, 
     w_emb = None if w_dim is None else guidance_scale_embedding(w, w_dim)
     skip_s, out_s = boundary_scalings(t_start)
     skip_e, out_e = boundary_scalings(t_end)
-    amp = dict(device_type="cpu", dtype=torch.bfloat16, enabled=bf16)
+    amp = dict(device_type=latents.device.type, dtype=torch.bfloat16, enabled=bf16)
     with torch.autocast(**amp):
         eps = student(z_start, t_start, timestep_cond=w_emb, encoder_hidden_states=cond).sample.float()
     pred = _bcast(skip_s) * z_start + _bcast(out_s) * predicted_x0(eps, z_start, a_start)
@@ -183,7 +185,8 @@ def distill(cfg: DistillConfig, log=print) -> Path:
         raise UserError(f"--output {out}: exists and is not empty; pass --resume to continue it or pick a new folder",
                         field="output")
     out.mkdir(parents=True, exist_ok=True)
-    pipe = load_teacher(cfg.teacher)
+    device = torch.device(cfg.device)
+    pipe = load_teacher(cfg.teacher).to(device)
     teacher, vae, text_encoder, tokenizer = pipe.unet.eval(), pipe.vae.eval(), pipe.text_encoder.eval(), pipe.tokenizer
     for m in (teacher, vae, text_encoder):
         m.requires_grad_(False)
@@ -192,6 +195,7 @@ def distill(cfg: DistillConfig, log=print) -> Path:
         from lcm_live.training.teacher import noise_scheduler
 
         alphas = noise_scheduler().alphas_cumprod.float()
+    alphas = alphas.to(device)
     if cfg.lora:
         from peft import LoraConfig
 
@@ -201,7 +205,7 @@ def distill(cfg: DistillConfig, log=print) -> Path:
         target = None  # stop-gradient on the student itself
         trainable = [p for p in student.parameters() if p.requires_grad]
     else:
-        student = make_student(teacher, cfg.time_cond_proj_dim)
+        student = make_student(teacher, cfg.time_cond_proj_dim).to(device)
         student.requires_grad_(True)
         target = copy.deepcopy(student).eval().requires_grad_(False)
         trainable = list(student.parameters())
@@ -221,7 +225,7 @@ def distill(cfg: DistillConfig, log=print) -> Path:
     log(f"distill: {'LoRA' if cfg.lora else 'full'} student, {sum(p.numel() for p in trainable) / 1e6:.2f}M "
         f"trainable params, {len(pool)} training latents")
     with torch.no_grad():
-        empty = text_encoder(tokenize(tokenizer, [""])).last_hidden_state  # (1, L, D)
+        empty = text_encoder(tokenize(tokenizer, [""]).to(device)).last_hidden_state  # (1, L, D)
     n_grid = 1000 // cfg.skip
     grid = torch.arange(1, n_grid + 1) * cfg.skip - 1  # 19, 39, ..., 999
     rng = np.random.default_rng(cfg.seed * 104729 + start)
@@ -232,11 +236,12 @@ def distill(cfg: DistillConfig, log=print) -> Path:
         latents, captions = pool.batch(rng, cfg.batch_size, gen)
         b = latents.shape[0]
         with torch.no_grad():
-            cond = text_encoder(tokenize(tokenizer, captions)).last_hidden_state
+            cond = text_encoder(tokenize(tokenizer, captions).to(device)).last_hidden_state
         idx = torch.randint(0, n_grid, (b,), generator=gen)
         noise = torch.randn(latents.shape, generator=gen)
         w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(b, generator=gen)
-        loss = lcd_loss(student, target, teacher, latents, noise, cond, empty, grid[idx], w, alphas,
+        latents, noise, w = latents.to(device), noise.to(device), w.to(device)
+        loss = lcd_loss(student, target, teacher, latents, noise, cond, empty, grid[idx].to(device), w, alphas,
                         skip=cfg.skip, w_dim=None if cfg.lora else cfg.time_cond_proj_dim, bf16=cfg.bf16)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -244,14 +249,15 @@ def distill(cfg: DistillConfig, log=print) -> Path:
         sched.step()
         opt.zero_grad(set_to_none=True)
         if target is not None:
-            with torch.no_grad():
-                for tp, sp in zip(target.parameters(), student.parameters(), strict=True):
-                    tp.lerp_(sp, 1 - cfg.ema_decay)
+            from lcm_live.training.teacher import ema_update
+
+            ema_update(target, student, cfg.ema_decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.max_train_steps:
             save_checkpoint(ckpt, modules, opt, {"step": done, "config": asdict(cfg)})
-    _save(out, cfg, pipe, target if target is not None else student)
+    pipe.to("cpu")
+    _save(out, cfg, pipe, (target if target is not None else student).to("cpu"))
     return out
 
 

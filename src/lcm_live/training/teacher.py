@@ -49,9 +49,8 @@ def noise_scheduler():
 def ema_update(ema, model, decay: float) -> None:
     import torch
 
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-            e.lerp_(p, 1.0 - decay)
+    with torch.no_grad():  # one fused call: a per-tensor loop is hundreds of tiny kernels on a GPU
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
 def save_pipeline(folder: Path, unet, text_encoder, tokenizer, vae) -> Path:
@@ -69,7 +68,7 @@ def save_pipeline(folder: Path, unet, text_encoder, tokenizer, vae) -> Path:
 def train_teacher(
     output: str | Path, *, vae_dir: str | Path, steps: int = 3000, batch_size: int = 64,
     learning_rate: float = 6e-4, pool_size: int = 16384, seed: int = 0, check_every: int = 500,
-    checkpoint_every: int = 250, bf16: bool = True, log=print,
+    checkpoint_every: int = 250, bf16: bool = True, device: str = "cpu", log=print,
 ) -> Path:
     """Train (resuming from ``output/checkpoint`` if there) and save ``output/pipeline``."""
     import torch
@@ -83,10 +82,11 @@ def train_teacher(
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    device = torch.device(device)
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(device)
     tokenizer = build_tokenizer(output / "tokenizer")
-    text_encoder = build_text_encoder(tokenizer, seed=seed).train()
-    unet = build_unet(seed, cross_attention_dim=text_encoder.config.hidden_size).train()
+    text_encoder = build_text_encoder(tokenizer, seed=seed).train().to(device)
+    unet = build_unet(seed, cross_attention_dim=text_encoder.config.hidden_size).train().to(device)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=1e-2)
@@ -102,7 +102,7 @@ def train_teacher(
         f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M; encoding {pool_size} images")
     pool = shapes_pool(vae, pool_size, seed=seed + 1)
     ddpm = noise_scheduler()
-    alphas = ddpm.alphas_cumprod  # (1000,)
+    alphas = ddpm.alphas_cumprod.to(device)  # (1000,)
     snr = alphas / (1 - alphas)
     empty_ids = tokenize(tokenizer, [""])
     rng = np.random.default_rng(seed * 7919 + start)  # a resumed run draws new batches, reproducibly
@@ -115,8 +115,10 @@ def train_teacher(
         ids[drop] = empty_ids
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, 1000, (batch_size,), generator=gen)
-        noisy = ddpm.add_noise(latents, noise, t)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        latents, noise, t, ids = latents.to(device), noise.to(device), t.to(device), ids.to(device)
+        a = alphas[t][:, None, None, None]
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # DDPMScheduler.add_noise, on the device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             cond = text_encoder(ids).last_hidden_state
             pred = unet(noisy, t, encoder_hidden_states=cond).sample.float()
         weight = torch.clamp(snr[t], max=MIN_SNR_GAMMA) / snr[t]  # min-SNR-gamma for epsilon prediction
@@ -136,7 +138,7 @@ def train_teacher(
         if check_every and (done % check_every == 0 or done == steps):
             scores = quick_check(ema_unet, ema_text, tokenizer, vae)
             log(f"teacher step {done}: DDIM 25 steps, guidance 8: {json.dumps(scores)}")
-    save_pipeline(output / "pipeline", ema_unet, ema_text, tokenizer, vae)
+    save_pipeline(output / "pipeline", ema_unet.to("cpu"), ema_text.to("cpu"), tokenizer, vae.to("cpu"))
     return output / "pipeline"
 
 

@@ -39,7 +39,7 @@ def decode_to_uint8(vae, latents) -> np.ndarray:
 
     with torch.no_grad():
         x = vae.decode(latents / vae.config.scaling_factor).sample
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def reconstruction_scores(vae, seed: int = 999_999, n: int = 192) -> dict[str, float]:
@@ -48,13 +48,13 @@ def reconstruction_scores(vae, seed: int = 999_999, n: int = 192) -> dict[str, f
 
     images, specs = sample_batch(seed, n)
     with torch.no_grad():
-        z = vae.encode(to_tensor(images)).latent_dist.mean * vae.config.scaling_factor
+        z = vae.encode(to_tensor(images).to(vae.device)).latent_dist.mean * vae.config.scaling_factor
     return score_images(decode_to_uint8(vae, z), specs)
 
 
 def train_vae(
     output: str | Path, *, steps: int = 700, batch_size: int = 32, learning_rate: float = 2e-3,
-    seed: int = 0, bf16: bool = True, init: str | Path | None = None, log=print,
+    seed: int = 0, bf16: bool = True, init: str | Path | None = None, device: str = "cpu", log=print,
 ) -> Path:
     """Train and save (diffusers folder, safetensors). Batches are drawn fresh each step (seed + step).
 
@@ -71,13 +71,15 @@ def train_vae(
         vae = AutoencoderKL.from_pretrained(init).train()
     else:
         vae = build_vae(seed).train()
+    device = torch.device(device)
+    vae.to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=min(50, steps // 10), num_training_steps=steps)
     bar = tqdm(range(steps), desc=f"vae{' (refine)' if init else ''}", dynamic_ncols=True)
     for step in bar:
         images, _ = sample_batch(seed * 1_000_003 + step, batch_size)
-        x = to_tensor(images)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        x = to_tensor(images).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample()).sample.float()
         kl = post.kl().mean() / post.mean[0].numel()  # per element
@@ -92,10 +94,10 @@ def train_vae(
     # unit-variance latents: std of posterior samples over a fresh batch
     with torch.no_grad():
         images, _ = sample_batch(seed + 777, 256)
-        z = vae.encode(to_tensor(images)).latent_dist.sample()
+        z = vae.encode(to_tensor(images).to(device)).latent_dist.sample()
     std = float(z.std())
     vae.register_to_config(scaling_factor=1.0 / std if math.isfinite(std) and std > 0 else 1.0)
     scores = reconstruction_scores(vae)
     log(f"vae: latent std {std:.3f}, scaling_factor {vae.config.scaling_factor:.4f}, reconstruction {scores}")
-    vae.save_pretrained(output, safe_serialization=True)
+    vae.to("cpu").save_pretrained(output, safe_serialization=True)
     return output
