@@ -68,12 +68,13 @@ def resolve_device_dtype(config: BenchConfig) -> tuple[Any, Any]:
     return device, resolve_dtype(config.dtype, device).dtype
 
 
-def resolve_backend(config: BenchConfig, device: Any) -> str:
-    if config.backend != "auto":
-        return config.backend
-    from lcm_live.engine.openvino_backend import openvino_available
+def resolve_backend(config: BenchConfig, device: Any, pipe: Any) -> str:
+    """The product's rule (engine/speedups.py), so `bench` times what `generate` and `serve` would run."""
+    from lcm_live.config import EngineSettings
+    from lcm_live.engine.speedups import resolve_backend as engine_rule
 
-    return "openvino" if device.type == "cpu" and openvino_available() else "torch"
+    settings = EngineSettings(backend=config.backend, compile=config.compile)
+    return engine_rule(settings, device, unet_parameters=sum(p.numel() for p in pipe.unet.parameters())).name
 
 
 def random_taesd(arch: str, dtype: Any, seed: int) -> Any:
@@ -112,7 +113,7 @@ def build_fast_engine(config: BenchConfig, device: Any, dtype: Any) -> tuple[Any
     release_freed_memory()  # the float32 build's heap: the fast path's memory is then its own
     settings = EngineSettings(
         model=f"bench:{config.arch}-random-{config.model_seed}", device=device.type,
-        dtype=str(dtype).removeprefix("torch."), decoder=config.decoder, backend=resolve_backend(config, device),
+        dtype=str(dtype).removeprefix("torch."), decoder=config.decoder, backend=resolve_backend(config, device, pipe),
         compile=config.compile, quantize=config.quantize, openvino_cache_dir=config.openvino_cache_dir,
     )
     applied = apply_speedups(pipe, settings, device, dtype)
