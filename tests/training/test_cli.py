@@ -46,3 +46,14 @@ def test_bad_flags_are_one_line_errors(tmp_path, tiny_sd_dir, capsys):
     assert "error: --model" in capsys.readouterr().err
     assert _distill(tiny_sd_dir, tmp_path / "x", "--w-min", "9", "--w-max", "3") == 2
     assert "w_min <= w_max" in capsys.readouterr().err
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, tiny_sd_dir, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _distill(tiny_sd_dir, tmp_path / "x", "--device", "cuda") == 2
+    assert main(["eval", "--model", str(tiny_sd_dir), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("--device cuda: torch sees no CUDA device") == 2 and "--device cpu" in err
+    assert not (tmp_path / "x").exists()

@@ -29,6 +29,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
     p.add_argument("--no-bf16", action="store_true", help="float32 instead of bfloat16 autocast")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train (default: cpu)")
     p.set_defaults(run=run)
 
 
@@ -40,6 +41,6 @@ def run(args: argparse.Namespace) -> int:
         max_train_steps=args.max_train_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         w_min=args.w_min, w_max=args.w_max, time_cond_proj_dim=args.time_cond_proj_dim,
         checkpoint_every=args.checkpoint_every, pool_size=args.pool_size,
-        seed=args.seed, resume=args.resume, bf16=not args.no_bf16))
+        seed=args.seed, resume=args.resume, bf16=not args.no_bf16, device=args.device))
     print(f"saved {'LCM-LoRA' if args.lora else 'LCM'} to {out}")
     return 0

@@ -19,6 +19,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", default="1,2,4,8", help="comma-separated step counts (default: %(default)s)")
     p.add_argument("--pairs", type=int, default=96, help="prompt/seed pairs (default 96, balanced)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to sample (default: cpu)")
     p.set_defaults(run=run)
 
 
@@ -33,11 +34,14 @@ def run(args: argparse.Namespace) -> int:
                         field="num_inference_steps") from None
     if any(s < 1 for s in steps):
         raise UserError(f"--steps {args.steps!r}: each step count must be at least 1", field="num_inference_steps")
+    from lcm_live.training.distill import check_device
+
+    check_device(args.device)
     if args.pairs < 1:
         raise UserError(f"--pairs {args.pairs}: must be at least 1", field="pairs")
     teacher = args.teacher
     if teacher is None and args.model == "builtin:shapes":
         teacher = "builtin:shapes-teacher"
     run_eval(resolve_model(args.model), teacher=resolve_model(teacher) if teacher else None,
-             guidance=args.guidance_scale, steps=steps, n=args.pairs, json_path=args.json)
+             guidance=args.guidance_scale, steps=steps, n=args.pairs, json_path=args.json, device=args.device)
     return 0

@@ -154,7 +154,20 @@ def load_teacher(folder: str):
     return pipe
 
 
+def check_device(device: str) -> None:
+    """``--device``: cpu, or cuda when torch sees a CUDA device (a clear error otherwise)."""
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: use cpu or cuda", field="device")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: torch sees no CUDA device here (a CPU build of torch, or no GPU); "
+                            "use --device cpu", field="device")
+
+
 def _validate(cfg: DistillConfig) -> None:
+    check_device(cfg.device)
     if cfg.max_train_steps < 1:
         raise UserError(f"--max-train-steps {cfg.max_train_steps}: must be at least 1", field="max_train_steps")
     if cfg.batch_size < 1:

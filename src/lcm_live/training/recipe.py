@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
+    from lcm_live.training.distill import check_device
+
+    check_device(args.device)
+
     torch.set_num_threads(max(1, args.threads))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
