@@ -1,7 +1,8 @@
 """`make builtin-model`: data -> VAE -> teacher -> distillation -> eval -> copy into the package.
 
 Each stage writes its output under ``--work`` (default ``runs/builtin``) and is skipped when that output
-exists (``--force`` redoes it), so an interrupted recipe resumes where it stopped; the teacher and the
+exists (``--force`` redoes it), so an interrupted recipe resumes where it stopped (``<work>/recipe.json`` records
+the settings: a folder made with other ones is refused unless ``--force``); the teacher and the
 distillation also resume from their own checkpoints. Seeds are fixed: the same command reproduces the
 shipped model (up to CPU floating-point nondeterminism). Wall time per stage is appended to
 ``<work>/times.json``.
@@ -30,6 +31,28 @@ DISTILL_STEPS = 1500
 TEACHER_POOL = 16384  # shapes images encoded once for the teacher
 DISTILL_POOL = 4096
 W_RANGE = (2.0, 12.0)  # w = guidance_scale - 1: covers the engine's default guidance 8.0
+
+
+def knobs() -> dict:
+    """The recipe's settings, written to ``<work>/recipe.json``: outputs made with others are not reused."""
+    return {"vae_steps": VAE_STEPS, "teacher_steps": TEACHER_STEPS, "distill_steps": DISTILL_STEPS,
+            "w_range": list(W_RANGE), "teacher_pool": TEACHER_POOL, "distill_pool": DISTILL_POOL}
+
+
+def check_work_folder(work: Path, force: bool) -> str | None:
+    """None when ``work`` may be used (new, or made by this recipe, or ``--force``); else why not."""
+    path = work / "recipe.json"
+    made = any(OUTPUTS[stage](work) is not None and OUTPUTS[stage](work).exists() for stage in STAGES)
+    if force or not made:
+        return None
+    if not path.exists():
+        return (f"--work {work}: holds outputs of an older recipe (no recipe.json); "
+                "pass --force to redo them, or give a new --work folder")
+    old = json.loads(path.read_text())
+    if old != knobs():
+        diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in knobs().items() if old.get(k) != v)
+        return f"--work {work}: made with other settings ({diff}); pass --force to redo it, or give a new --work folder"
+    return None
 
 
 def _log(msg: str) -> None:
@@ -112,7 +135,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     work = Path(args.work)
+    problem = check_work_folder(work, args.force)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     work.mkdir(parents=True, exist_ok=True)
+    (work / "recipe.json").write_text(json.dumps(knobs(), indent=2))
     for stage in args.stage or STAGES:
         done = OUTPUTS[stage](work)
         if done is not None and done.exists() and not args.force:
