@@ -126,6 +126,8 @@ def test_info_text_and_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["dtype"] in ("float32", "bfloat16", "float16") and info["dtype_reason"].startswith(("auto", "--"))
     assert info["libraries"]["torch"] and "features" in info["cpu"]
+    assert info["backend"] in ("torch", "openvino") and info["backend_reason"].startswith("auto")
+    assert "backend (auto):" in text
 
 
 def _cli() -> list[str]:

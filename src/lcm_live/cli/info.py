@@ -38,6 +38,10 @@ def collect() -> dict:
     device = devices.resolve_device("auto")
     auto = devices.resolve_dtype("auto", device, cpu)
     on_cpu = devices.resolve_dtype("auto", "cpu", cpu)
+    from lcm_live.config import EngineSettings
+    from lcm_live.engine.speedups import OPENVINO_AUTO_MIN_PARAMETERS, resolve_backend
+
+    backend = resolve_backend(EngineSettings(), device, cpu=cpu)  # before a model is loaded: its size unknown
     try:
         from huggingface_hub import constants
 
@@ -51,6 +55,9 @@ def collect() -> dict:
         "device": str(device),
         "dtype": auto.name,
         "dtype_reason": auto.reason,
+        "backend": backend.name,
+        "backend_reason": backend.reason + (f" (UNets under {OPENVINO_AUTO_MIN_PARAMETERS // 10**6}M parameters "
+                                            "stay on torch)" if backend.name == "openvino" else ""),
         "cpu_dtype": on_cpu.name,
         "cpu_dtype_reason": on_cpu.reason,
         "cpu": {"model": cpu.model_name, "features": cpu.flags, "torch_capability": cpu.torch_capability,
@@ -72,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"lcm-live {info['lcm_live']} (Python {info['python']}, {info['platform']})", file=out)
     print(f"device:       {info['device']}", file=out)
     print(f"dtype (auto): {info['dtype']} - {info['dtype_reason']}", file=out)
+    print(f"backend (auto): {info['backend']} - {info['backend_reason']}", file=out)
     if info["device"] != "cpu":
         print(f"on CPU:       {info['cpu_dtype']} - {info['cpu_dtype_reason']}", file=out)
     cpu = info["cpu"]
