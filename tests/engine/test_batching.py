@@ -6,34 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lcm_live.config import EngineSettings
 from lcm_live.engine.batching import StepFanout, batch_key, group_indices
 from lcm_live.engine.hooks import Cancelled
-from lcm_live.engine.model import LoadedModel
-from lcm_live.engine.pipeline import Engine
 from lcm_live.engine.request import GenerationRequest
 from lcm_live.errors import UserError
 
 SIZE = 64
-
-
-def _engine(folder, kind):
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(folder)
-    loaded = LoadedModel(pipe=pipe, kind=kind, arch="sd15", name=f"tiny-{kind}", native_width=SIZE,
-                         native_height=SIZE)
-    return Engine(loaded, EngineSettings(model=str(folder), device="cpu", dtype="float32"))
-
-
-@pytest.fixture(scope="module")
-def lcm(tiny_lcm_dir):
-    return _engine(tiny_lcm_dir, "lcm")
-
-
-@pytest.fixture(scope="module")
-def lora(tiny_sd_dir):
-    return _engine(tiny_sd_dir, "lcm-lora")
 
 
 def _req(prompt, **kwargs):

@@ -7,7 +7,6 @@ import pytest
 
 from lcm_live.config import EngineSettings
 from lcm_live.engine.hooks import Cancelled
-from lcm_live.engine.model import LoadedModel
 from lcm_live.engine.pipeline import Engine
 from lcm_live.engine.request import GenerationRequest
 from lcm_live.errors import UserError
@@ -15,24 +14,6 @@ from lcm_live.errors import UserError
 SIZE = 64  # the smallest size the engine accepts; the tiny VAE downsamples by 2, so latents are 32x32
 
 
-def _engine(folder, kind, **settings):
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(folder)
-    loaded = LoadedModel(pipe=pipe, kind=kind, arch="sd15", name=f"tiny-{kind}", native_width=SIZE,
-                         native_height=SIZE)
-    return Engine(loaded, EngineSettings(model=str(folder), device="cpu", dtype="float32", **settings))
-
-
-@pytest.fixture(scope="module")
-def lcm(tiny_lcm_dir):
-    return _engine(tiny_lcm_dir, "lcm")
-
-
-@pytest.fixture(scope="module")
-def lora(tiny_sd_dir):
-    """A plain SD1.5-shaped model with an LCMScheduler: what an LCM-LoRA model looks like to the engine."""
-    return _engine(tiny_sd_dir, "lcm-lora")
 
 
 def _req(prompt, **kwargs):
@@ -171,7 +152,7 @@ def test_image_to_image_default_size_follows_the_init_image(lcm):
     assert err.value.field == "image" and "100x60" in err.value.message
 
 
-def test_image_to_image_keeps_a_replaced_unet(tiny_lcm_dir):
+def test_image_to_image_keeps_a_replaced_unet(tiny_lcm_dir, tiny_engine):
     """Speed-ups may swap pipe.unet for a wrapper module (OpenVINO); the img2img twin must use it too."""
     import torch
 
@@ -192,7 +173,7 @@ def test_image_to_image_keeps_a_replaced_unet(tiny_lcm_dir):
             self.calls += 1
             return self.inner(*args, **kwargs)
 
-    engine = _engine(tiny_lcm_dir, "lcm")
+    engine = tiny_engine(tiny_lcm_dir, "lcm")
     engine.pipe.unet = wrapper = Wrapper(engine.pipe.unet)
     engine.generate(_req("x", seed=0, image=_init_image(), strength=0.5))
     assert wrapper.calls == 2
@@ -278,16 +259,16 @@ def test_validation_errors_name_the_field(lcm, changes, field):
     assert err.value.field == field and calls == []
 
 
-def test_prompt_cache_hits_and_lru(tiny_lcm_dir):
-    engine = _engine(tiny_lcm_dir, "lcm", prompt_cache_size=2)
+def test_prompt_cache_hits_and_lru(tiny_lcm_dir, tiny_engine):
+    engine = tiny_engine(tiny_lcm_dir, "lcm", prompt_cache_size=2)
     for prompt in ["a", "a", "b", "a", "c", "b"]:  # "b" was evicted by "c" (LRU: a, b -> b, a -> a, c)
         engine.generate(_req(prompt, num_inference_steps=1, seed=0))
     assert (engine.prompts.hits, engine.prompts.misses) == (2, 4)
     assert len(engine.prompts) == 2
 
 
-def test_prompt_cache_disabled(tiny_lcm_dir):
-    engine = _engine(tiny_lcm_dir, "lcm", prompt_cache_size=0)
+def test_prompt_cache_disabled(tiny_lcm_dir, tiny_engine):
+    engine = tiny_engine(tiny_lcm_dir, "lcm", prompt_cache_size=0)
     for _ in range(2):
         engine.generate(_req("a", num_inference_steps=1, seed=0))
     assert (engine.prompts.hits, len(engine.prompts)) == (0, 0)
@@ -376,14 +357,14 @@ def test_from_settings_refuses_an_absent_device_before_loading(monkeypatch, tmp_
     assert err.value.field == "device"
 
 
-def test_taesd_decoder(tiny_lcm_dir, tmp_path):
+def test_taesd_decoder(tiny_lcm_dir, tiny_engine, tmp_path):
     import torch
     from diffusers import AutoencoderTiny
 
     torch.manual_seed(0)
     AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
                     num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(tmp_path / "taesd")
-    engine = _engine(tiny_lcm_dir, "lcm", decoder="taesd", taesd=str(tmp_path / "taesd"))
+    engine = tiny_engine(tiny_lcm_dir, "lcm", decoder="taesd", taesd=str(tmp_path / "taesd"))
     assert engine.info.decoder == "taesd" and type(engine.pipe.vae).__name__ == "AutoencoderTiny"
     events = []
     r = engine.generate(_req("a cat", seed=0), callback=events.append)
@@ -396,19 +377,19 @@ def test_taesd_decoder(tiny_lcm_dir, tmp_path):
     assert type(loaded.pipe.vae).__name__ == "AutoencoderTiny" and loaded.info.decoder == "taesd"
 
 
-def test_taesd_that_cannot_be_had_is_one_clear_error(tiny_lcm_dir, tmp_path):
+def test_taesd_that_cannot_be_had_is_one_clear_error(tiny_lcm_dir, tiny_engine, tmp_path):
     from lcm_live.errors import ModelUnavailableError
 
     with pytest.raises(ModelUnavailableError) as err:
-        _engine(tiny_lcm_dir, "lcm", decoder="taesd", taesd=str(tmp_path / "missing"))
+        tiny_engine(tiny_lcm_dir, "lcm", decoder="taesd", taesd=str(tmp_path / "missing"))
     assert "--decoder vae" in err.value.message
 
 
-def test_tiled_vae_on_and_off(tiny_lcm_dir):
-    on = _engine(tiny_lcm_dir, "lcm", tiled_vae="on")
+def test_tiled_vae_on_and_off(tiny_lcm_dir, tiny_engine):
+    on = tiny_engine(tiny_lcm_dir, "lcm", tiled_vae="on")
     on.generate(_req("x", num_inference_steps=1, seed=0))
     assert on.pipe.vae.use_tiling is True
-    off = _engine(tiny_lcm_dir, "lcm", tiled_vae="off")
+    off = tiny_engine(tiny_lcm_dir, "lcm", tiled_vae="off")
     off.generate(_req("x", num_inference_steps=1, seed=0))
     assert off.pipe.vae.use_tiling is False
 

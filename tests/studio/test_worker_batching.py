@@ -43,18 +43,25 @@ def hold(worker: Worker, prompt: str) -> tuple[threading.Event, threading.Event]
     return gate, blocked
 
 
+def busy_worker(engine: FakeEngine):
+    """A batching worker held inside job a0 of slot a, so that the jobs submitted next wait together.
+    Returns (worker, gate, log, recorders of slots a, b, c, d); set ``gate`` to let a0 go on."""
+    worker = make_worker(engine, max_batch_size=4)
+    gate, blocked = hold(worker, "a0")
+    log: list = []
+    sinks = tuple(Recorder(log, n) for n in "abcd")
+    worker.submit("a", job("a0", sinks[0]))
+    assert blocked.wait(10)
+    return worker, gate, log, sinks
+
+
 def frames(log):
     return [e[2] for e in log if e[0] == "frame"]
 
 
 def test_waiting_jobs_of_several_sessions_run_as_one_batch():
     engine = FakeEngine()
-    worker = make_worker(engine, max_batch_size=4)
-    gate, blocked = hold(worker, "a0")
-    log: list = []
-    a, b, c, d = (Recorder(log, n) for n in "abcd")
-    worker.submit("a", job("a0", a))
-    assert blocked.wait(10)
+    worker, gate, log, (a, b, c, d) = busy_worker(engine)
     worker.submit("b", job("b1", b, seed=11))
     worker.submit("d", job("d1", d, num_inference_steps=3))  # another batch key: runs on its own
     worker.submit("c", job("c1", c, seed=12))
@@ -125,12 +132,7 @@ def test_a_job_superseded_mid_batch_is_dropped_and_the_others_run_on():
 @pytest.mark.parametrize("failure, code", [("error", "engine_error"), ("oom", "oom")])
 def test_a_failed_batch_fails_only_its_members(failure, code):
     engine = FakeEngine(failures=["ok", failure])  # a0 fine, then the batch of b1 + c1 fails
-    worker = make_worker(engine, max_batch_size=4)
-    gate, blocked = hold(worker, "a0")
-    log: list = []
-    a, b, c, d = (Recorder(log, n) for n in "abcd")
-    worker.submit("a", job("a0", a))
-    assert blocked.wait(10)
+    worker, gate, log, (a, b, c, d) = busy_worker(engine)
     worker.submit("b", job("b1", b))
     worker.submit("c", job("c1", c))
     worker.submit("d", job("d1", d, num_inference_steps=3))

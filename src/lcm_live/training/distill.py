@@ -189,6 +189,7 @@ def distill(cfg: DistillConfig, log=print) -> Path:
 
     from lcm_live.training.checkpoint import load_checkpoint, save_checkpoint
     from lcm_live.training.data import make_pool
+    from lcm_live.training.teacher import ema_update
     from lcm_live.training.text import tokenize
 
     _validate(cfg)
@@ -262,8 +263,6 @@ def distill(cfg: DistillConfig, log=print) -> Path:
         sched.step()
         opt.zero_grad(set_to_none=True)
         if target is not None:
-            from lcm_live.training.teacher import ema_update
-
             ema_update(target, student, cfg.ema_decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1

@@ -116,8 +116,7 @@ def train_teacher(
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, 1000, (batch_size,), generator=gen)
         latents, noise, t, ids = latents.to(device), noise.to(device), t.to(device), ids.to(device)
-        a = alphas[t][:, None, None, None]
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # DDPMScheduler.add_noise, on the device
+        noisy = ddpm.add_noise(latents, noise, t)  # moves its schedule to the latents' device itself
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             cond = text_encoder(ids).last_hidden_state
             pred = unet(noisy, t, encoder_hidden_states=cond).sample.float()
