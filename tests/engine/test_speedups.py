@@ -122,12 +122,28 @@ def test_openvino_offloads_torch_unet_and_reconverts_new_sizes(tmp_path):
 
 @needs_openvino
 @pytest.mark.skipif(not has_nncf, reason="nncf not installed")
-def test_openvino_int8_weights_parity(reference, tmp_path):
+def test_openvino_int8_calibrates_quantizes_and_caches(reference, tmp_path):
     settings = EngineSettings(model="tiny", backend="openvino", quantize="int8", openvino_cache_dir=str(tmp_path))
     pipe = tiny()
     applied = apply_speedups(pipe, settings, "cpu", torch.float32)
-    assert applied[-1] == "openvino:float32:int8-weights"
-    assert cosine(final_latents(pipe), reference) > 0.99
+    assert applied[-1] == "openvino:float32:int8-ptq"
+    pipe.unet.calibration_calls = 4  # two generations of 2 steps
+    first = final_latents(pipe)  # runs the float IR, records its 2 calls
+    assert pipe.unet.calibrating and pipe.unet.quantized_shapes == 0
+    assert cosine(first, reference) > 0.9999  # not quantized yet: the float path's result
+    final_latents(pipe, seed=1)  # the 4th call quantizes
+    assert not pipe.unet.calibrating and pipe.unet.quantized_shapes == 1
+    quantized_irs = [p for p in tmp_path.rglob("unet.xml") if "int8-ptq" in str(p)]
+    assert len(quantized_irs) == 1
+    assert quantized_irs[0].read_text().count('type="FakeQuantize"') > 10  # activations and weights quantized
+    int8 = final_latents(pipe)
+    assert 0.97 < cosine(int8, reference) < 0.99999  # int8 now runs: close to the reference, not identical
+
+    # A second engine reads the int8 IR from the cache: nothing to calibrate, same result.
+    again = tiny()
+    apply_speedups(again, settings, "cpu", torch.float32)
+    assert cosine(final_latents(again), int8) > 0.9999
+    assert not again.unet.calibrating and again.unet.quantized_shapes == 0 and again.unet.conversions == 0
 
 
 @needs_openvino
@@ -145,3 +161,21 @@ def test_torch_compile_parity(reference):
     applied = apply_speedups(pipe, EngineSettings(model="tiny", compile=True), "cpu", torch.float32)
     assert applied[-1].startswith("torch.compile(")
     assert cosine(final_latents(pipe), reference) > 0.999
+
+
+@needs_openvino
+@pytest.mark.skipif(not has_nncf, reason="nncf not installed")
+def test_engine_warmup_calibrates_the_int8_unet(tmp_path):
+    from lcm_live.engine.model import LoadedModel
+    from lcm_live.engine.pipeline import Engine
+
+    settings = EngineSettings(model="tiny", backend="openvino", quantize="int8", openvino_cache_dir=str(tmp_path))
+    pipe = tiny()
+    applied = apply_speedups(pipe, settings, "cpu", torch.float32)
+    pipe.unet.calibration_calls = 6
+    engine = Engine(LoadedModel(pipe=pipe, kind="lcm", arch="sd15", name="tiny", native_width=64,
+                                native_height=64), settings, speedups=applied)
+    assert engine.calibrate(64, 64, 2) == 0  # nothing compiled at this size yet: nothing records
+    engine.warmup(64, 64, num_inference_steps=2)  # 1 generation compiles, then 2 more fill the 6 calls
+    assert not pipe.unet.calibrating and pipe.unet.quantized_shapes == 1
+    assert engine.calibrate(64, 64, 2) == 0  # done: later warm-ups do not calibrate again

@@ -17,13 +17,18 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lcm_live.engine.memory import page_out_file, release_freed_memory
+from lcm_live.engine.openvino_int8 import CALIBRATION_CALLS
 from lcm_live.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 # torch dtype name -> OpenVINO INFERENCE_PRECISION_HINT
 _PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
@@ -72,7 +77,8 @@ class OpenVINOUNet(torch.nn.Module):
     """A stand-in for ``pipe.unet`` that runs OpenVINO IR compiled for each input shape it meets."""
 
     def __init__(self, unet, *, model_name: str, precision: str, cache_dir: str | Path | None = None,
-                 quantize: str = "none", device: str = "CPU", offload_torch_unet: bool = True):
+                 quantize: str = "none", device: str = "CPU", offload_torch_unet: bool = True,
+                 calibration_calls: int = CALIBRATION_CALLS):
         import openvino as ov
 
         super().__init__()
@@ -95,6 +101,10 @@ class OpenVINOUNet(torch.nn.Module):
         self._compiled: dict[tuple, Any] = {}  # ((input name, shape), ...) -> OpenVINO infer request
         self.offload_torch_unet = offload_torch_unet
         self._offloaded = False
+        self.paged_out_bytes = 0  # the IR pages handed back after compiling (see engine/memory.py)
+        self.calibration_calls = calibration_calls
+        self._calibration: dict[tuple, Any] = {}  # shape key -> openvino_int8.Calibration, while recording
+        self.quantized_shapes = 0  # int8 IRs this instance quantized (0 when all came from the cache)
         self.conversions = 0  # how many IRs this instance converted from torch (0 when all came from the cache)
 
     # What pipelines read from a UNet.
@@ -122,46 +132,66 @@ class OpenVINOUNet(torch.nn.Module):
             inputs["time_ids"] = added_cond_kwargs["time_ids"]
         return inputs
 
-    def cache_path(self, shapes: dict[str, tuple]) -> Path:
+    def cache_path(self, shapes: dict[str, tuple], quantize: str = "none") -> Path:
         shape_text = "_".join(f"{k}{'x'.join(map(str, v))}" for k, v in shapes.items())
-        key = json.dumps([self.model_name, self.fingerprint, shapes, self.precision, self.quantize])
+        key = json.dumps([self.model_name, self.fingerprint, shapes, self.precision, quantize])
         safe_name = "".join(c if c.isalnum() or c in "-." else "-" for c in self.model_name)[-48:]
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-        return self.cache_dir / f"{safe_name}-{self.fingerprint}" / f"{shape_text}-{self.precision}-{self.quantize}-{digest}" / "unet.xml"
+        return self.cache_dir / f"{safe_name}-{self.fingerprint}" / f"{shape_text}-{self.precision}-{quantize}-{digest}" / "unet.xml"
 
     # 2. Convert (or read from the cache), then compile for this shape.
-    def _compile(self, inputs: dict):
+    def _ir(self, inputs: dict) -> Path:
+        """The cached IR (inference precision, no quantization) for these shapes, converted from torch first when
+        the cache has none."""
         import openvino as ov
 
         shapes = {k: tuple(v.shape) for k, v in inputs.items()}
         path = self.cache_path(shapes)
         if path.exists():
-            model = self._core.read_model(path)
-        else:
-            unet = self._torch_module()
-            # Traced in float32 whatever the torch dtype: OpenVINO lowers precision itself (the inference hint
-            # below), and an IR traced from bfloat16 weights gave NaNs under the bf16 hint here. A half-precision
-            # UNet is copied to float32 for the conversion only (a one-off: the IR is cached).
-            source = unet if self._torch_dtype == torch.float32 else copy.deepcopy(unet).to(torch.float32)
-            example = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in inputs.items()}
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape asserts frozen: shapes are static
-                model = ov.convert_model(_TraceableUNet(source), example_input=example)
-            del source
-            model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})  # static shapes
-            if self.quantize == "int8":
-                model = _compress_int8(model)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name("unet.tmp.xml")
-            # Half-precision weights on disk when inference runs in bf16/f16: half the file, and the compiled
-            # model keeps its own packed copy beside the IR's constants (measured RSS 5.0 -> 3.4 GB at sd15).
-            ov.save_model(model, tmp, compress_to_fp16=self.precision != "float32" and self.quantize == "none")
-            tmp.with_suffix(".bin").replace(path.with_suffix(".bin"))  # weights first, then the xml that names them
-            tmp.replace(path)
-            self.conversions += 1
-            del model
-            model = self._core.read_model(path)  # the saved (half-precision) IR, not the float32 graph
-            release_freed_memory()
+            return path
+        unet = self._torch_module()
+        # Traced in float32 whatever the torch dtype: OpenVINO lowers precision itself (the inference hint
+        # below), and an IR traced from bfloat16 weights gave NaNs under the bf16 hint here. A half-precision
+        # UNet is copied to float32 for the conversion only (a one-off: the IR is cached).
+        source = unet if self._torch_dtype == torch.float32 else copy.deepcopy(unet).to(torch.float32)
+        example = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in inputs.items()}
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape asserts frozen: shapes are static
+            model = ov.convert_model(_TraceableUNet(source), example_input=example)
+        del source
+        model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})  # static shapes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name("unet.tmp.xml")
+        # Half-precision weights on disk when inference runs in bf16/f16: half the file to read and map.
+        ov.save_model(model, tmp, compress_to_fp16=self.precision != "float32")
+        tmp.with_suffix(".bin").replace(path.with_suffix(".bin"))  # weights first, then the xml that names them
+        tmp.replace(path)
+        self.conversions += 1
+        del model
+        release_freed_memory()
+        return path
+
+    def _compile(self, inputs: dict):
+        """An infer request for these shapes: the int8 IR when asked for and cached; else the bf16 (or f32/f16)
+        IR, recording calibration inputs when int8 is asked for (see engine/openvino_int8.py)."""
+        if self.quantize == "int8":
+            from lcm_live.engine.openvino_int8 import INT8_TAG, Calibration
+
+            shapes = {k: tuple(v.shape) for k, v in inputs.items()}
+            quantized = self.cache_path(shapes, INT8_TAG)
+            if quantized.exists():
+                return self._compile_ir(quantized)
+            base = self._ir(inputs)
+            self._calibration[tuple(shapes.items())] = Calibration(base, self.calibration_calls)
+            return self._compile_ir(base)
+        return self._compile_ir(self._ir(inputs))
+
+    def _compile_ir(self, path: Path):
+        import openvino as ov
+
+        if self.offload_torch_unet:  # before compiling: the torch weights and the compile's peak never overlap
+            self._offload_torch_unet()
+        model = self._core.read_model(path)
         # f32 tensors in and out whatever the traced dtype: numpy has no bfloat16.
         ppp = ov.preprocess.PrePostProcessor(model)
         for i in range(len(model.inputs)):
@@ -171,9 +201,28 @@ class OpenVINOUNet(torch.nn.Module):
         model = ppp.build()
         config = {"INFERENCE_PRECISION_HINT": _PRECISION[self.precision], "PERFORMANCE_HINT": "LATENCY"}
         compiled = self._core.compile_model(model, self.ov_device, config)
-        if self.offload_torch_unet:
-            self._offload_torch_unet()
+        del model
+        # The compiled model holds its own packed copy of the weights: the IR's mapped pages are not read again.
+        self.paged_out_bytes += page_out_file(path.with_suffix(".bin"))
         return compiled.create_infer_request()
+
+    @property
+    def calibrating(self) -> bool:
+        """True while some shape runs its bf16 IR, recording inputs for int8 calibration."""
+        return bool(self._calibration)
+
+    def _quantize(self, key: tuple) -> None:
+        from lcm_live.engine.openvino_int8 import INT8_TAG, quantize_ir
+
+        calibration = self._calibration.pop(key)
+        out = self.cache_path(dict(key), INT8_TAG)
+        logger.info("int8: quantizing the UNet for %s over %d recorded calls", dict(key), len(calibration.samples))
+        quantize_ir(self._core, calibration.base_ir, calibration.samples, out)
+        del calibration
+        self._compiled.pop(key, None)  # the bf16 request first: its memory goes before the int8 one compiles
+        release_freed_memory()
+        self._compiled[key] = self._compile_ir(out)
+        self.quantized_shapes += 1
 
     # The torch UNet is needed only to convert a shape not seen before: between conversions its weights wait in
     # a safetensors file next to the IRs instead of in memory (1.7 GB for sd15 in bf16).
@@ -236,33 +285,11 @@ class OpenVINOUNet(torch.nn.Module):
                 for k, v in inputs.items()}
         request.infer(feed)
         out = torch.from_numpy(request.get_output_tensor(0).data.copy()).to(sample.dtype)
+        calibration = self._calibration.get(key)
+        if calibration is not None and calibration.add(feed):
+            self._quantize(key)
         if not return_dict:
             return (out,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         return UNet2DConditionOutput(sample=out)
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap (a conversion's float32 copy and traced graph, offloaded weights: GBs at sd15) back to the
-    OS; glibc keeps it otherwise, and the process would stay that large while it serves (measured: 1.96 -> 0.68
-    GB after moving the sd15 UNet to meta)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
-def _compress_int8(model):
-    """int8 weight compression through NNCF (weights int8 with per-channel scales; compute stays in the
-    inference precision, with int8 kernels where the CPU plugin has them)."""
-    try:
-        import nncf
-    except ImportError as exc:
-        raise UserError("--quantize int8 with --backend openvino needs NNCF: pip install nncf",
-                        field="quantize") from exc
-    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)

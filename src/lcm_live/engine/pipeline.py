@@ -325,7 +325,29 @@ class Engine:
             self._preview.calibrate_once()
         result = self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=num_inference_steps,
                                                  width=width, height=height, seed=0))
+        if self.calibrate(width, height, num_inference_steps):
+            result = self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=num_inference_steps,
+                                                     width=width, height=height, seed=0))  # the int8 UNet's first
         return result.timings
+
+    def calibrate(self, width: int | None = None, height: int | None = None, num_inference_steps: int = 4,
+                  max_generations: int = 64) -> int:
+        """Generations over varied prompts while the UNet backend records calibration inputs (``--quantize
+        int8`` on OpenVINO: it quantizes once it has enough, see engine/openvino_int8.py); how many ran (0 when
+        nothing calibrates). Call after a first generation at this size (which compiles the shape)."""
+        if not getattr(self.pipe.unet, "calibrating", False):
+            return 0
+        from lcm_live.engine.openvino_int8 import CALIBRATION_PROMPTS
+
+        runs = 0
+        while getattr(self.pipe.unet, "calibrating", False):
+            if runs == max_generations:
+                raise RuntimeError(f"int8 calibration still recording after {runs} generations")
+            self.generate(GenerationRequest(prompt=CALIBRATION_PROMPTS[runs % len(CALIBRATION_PROMPTS)],
+                                            num_inference_steps=num_inference_steps, width=width, height=height,
+                                            seed=runs + 1))
+            runs += 1
+        return runs
 
 
 def _check_lcm_img2img_schedule(pipe: Any, request: GenerationRequest) -> None:

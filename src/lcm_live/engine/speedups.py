@@ -6,8 +6,9 @@
 1. channels_last memory format for the UNet and the VAE (CPU and CUDA): oneDNN and cuDNN convolutions run
    NHWC natively, so this saves a layout conversion around every conv (measured 1.45 -> 1.17 s per bf16
    UNet step at 512x512 on a 2-core CPU; see docs/benchmarks.md).
-2. Quantization behind ``--quantize``: ``int8`` on CPU through NNCF weight compression (OpenVINO backend) or
-   torch's dynamic int8 Linear (torch backend, float32); ``int8`` / ``nf4`` on CUDA through bitsandbytes.
+2. Quantization behind ``--quantize``: ``int8`` on CPU through NNCF post-training quantization of weights and
+   activations, calibrated on the engine's warm-up (OpenVINO backend, see ``openvino_int8.py``) or torch's
+   dynamic int8 Linear (torch backend, float32); ``int8`` / ``nf4`` on CUDA through bitsandbytes.
 3. The OpenVINO UNet backend (CPU): see ``openvino_backend.py``.
 4. ``torch.compile`` of the UNet (``settings.compile``): ``reduce-overhead`` (Inductor kernels plus CUDA graphs) on
    CUDA, see :data:`CUDA_COMPILE_MODE`; the default mode with weight freezing on CPU.
@@ -151,7 +152,7 @@ def apply_speedups(pipe: Any, settings: EngineSettings, device: Any, dtype: Any)
         elif backend.name == "torch":
             count = quantize_linears_dynamic_int8(pipe.unet)
             applied.append(f"int8:torch-dynamic({count} linears)")
-        # OpenVINO: NNCF weight compression happens at conversion, below.
+        # OpenVINO: NNCF quantizes the IR once calibrated (engine warm-up), see openvino_int8.py.
 
     # 3. OpenVINO UNet.
     if backend.name == "openvino":
@@ -160,7 +161,7 @@ def apply_speedups(pipe: Any, settings: EngineSettings, device: Any, dtype: Any)
         precision = str(dtype).removeprefix("torch.")
         pipe.unet = OpenVINOUNet(pipe.unet, model_name=settings.model, precision=precision,
                                  cache_dir=settings.openvino_cache_dir, quantize=settings.quantize)
-        applied.append(f"openvino:{precision}" + (":int8-weights" if settings.quantize == "int8" else ""))
+        applied.append(f"openvino:{precision}" + (":int8-ptq" if settings.quantize == "int8" else ""))
 
     # 4. torch.compile.
     if settings.compile:
