@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lcm_live.engine.memory import page_out_file, release_freed_memory
+from lcm_live.engine.memory import page_out_file, paging_out, release_freed_memory
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps and madvise are Linux's")
 
@@ -45,3 +45,16 @@ def test_page_out_of_an_unmapped_file_does_nothing(tmp_path):
     path.write_bytes(b"x")
     assert page_out_file(path) == 0
     release_freed_memory()  # no error, glibc or not
+
+
+@linux
+def test_paging_out_keeps_a_file_being_read_from_staying_resident(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\x02" * (16 << 20))
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        with paging_out(path, interval=0.01) as advised:
+            total = sum(mapped[i] for i in range(0, len(mapped), 4096))  # a reader going through the file
+        assert total == 2 * (16 << 20) // 4096  # every byte read was right
+        if advised[0] == 0:
+            pytest.skip("this kernel does not take MADV_PAGEOUT")
+        assert mapping_rss_kb(path.resolve()) < 4 * 1024  # at the end, nothing of the 16 MB stays resident

@@ -111,6 +111,20 @@ def test_image_to_image_full_lcm(lcm):
     assert not np.array_equal(_px(r1.images[0]), _px(t2i.images[0]))
 
 
+def test_full_lcm_img2img_runs_one_step_at_half_strength(lcm, lora):
+    # LCM's img2img runs all its steps on the strength-shortened schedule: 1 step at strength 0.5 is one UNet
+    # call (the live sketch mode); the SD img2img of an LCM-LoRA model would run 1 * 0.5 steps, i.e. none.
+    assert lcm.lcm_img2img and not lora.lcm_img2img
+    events = []
+    result = lcm.generate(_req("x", image=_init_image(), strength=0.5, num_inference_steps=1, seed=1),
+                          callback=events.append)
+    assert [e.step for e in events] == [1] and result.images
+    assert 400 <= events[0].timestep <= 520  # one step from about the middle of the schedule
+    with pytest.raises(UserError) as err:
+        lora.generate(_req("x", image=_init_image(), strength=0.5, num_inference_steps=1))
+    assert err.value.field == "strength"
+
+
 def test_full_lcm_img2img_needs_enough_schedule_points(lcm):
     # 8 steps at strength 0.125 leave int(50 * 0.125) = 6 of LCM's 50 schedule points: a clear error, not diffusers'
     with pytest.raises(UserError) as err:
@@ -246,7 +260,7 @@ def test_long_prompt_warns_and_names_what_was_cut(lcm, caplog):
     ({"seed": -1}, "seed"),
     ({"strength": 0.0, "image": "init"}, "strength"),
     ({"strength": 1.5, "image": "init"}, "strength"),
-    ({"strength": 0.2, "num_inference_steps": 4, "image": "init"}, "strength"),
+    ({"strength": 0.05, "num_inference_steps": 4, "image": "init"}, "strength"),  # 2 of LCM's 50 points
     ({"image": b"not an image"}, "image"),
     ({"output_type": "np"}, "output_type"),
 ])

@@ -54,6 +54,12 @@ def test_strength_needs_one_step(steps, strength):
         with pytest.raises(UserError) as err:
             validate_request(request)
         assert err.value.field == "strength"
+    # LCM's own img2img runs every step whatever the strength: only the (0, 1] range applies here.
+    if 0 < strength <= 1:
+        validate_request(request, lcm_img2img=True)
+    else:
+        with pytest.raises(UserError):
+            validate_request(request, lcm_img2img=True)
 
 
 @given(size=valid_sizes)

@@ -70,6 +70,9 @@ def test_img2img_needs_at_least_one_step():
     assert info.value.field == "strength" and "0.50" in info.value.message
     assert parse_params(Params, {"mode": "img2img", "num_inference_steps": 2, "strength": 0.5}).strength == 0.5
     assert parse_params(Params, {"mode": "txt2img", "num_inference_steps": 1, "strength": 0.3}).strength == 0.3
+    # An engine whose img2img is LCM's own runs every step whatever the strength.
+    lcm = build_params_model(StudioSettings(), lcm_img2img=True)
+    assert parse_params(lcm, {"mode": "img2img", "num_inference_steps": 1, "strength": 0.3}).strength == 0.3
 
 
 def test_bounds_come_from_settings():

@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--width", type=int, default=None, help="default: 512 (sd15), 1024 (sdxl), 64 (tiny)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--num-inference-steps", type=_positive_int, default=None,
-                        help="default: 4 (with --live: 2; LCM img2img runs this many UNet calls per frame)")
+                        help="default: 4 (with --live: 1; LCM img2img runs this many UNet calls per frame)")
     parser.add_argument("--guidance-scale", type=float, default=1.5, help="the seed article's 1.5 by default")
     parser.add_argument("--baseline", default="seed", choices=["seed", "none"])
     parser.add_argument("--runs", type=_positive_int, default=3, help="timed runs of each path")
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         from lcm_live.bench.bench_live import LiveConfig, format_live, run_live
 
         report = run_live(LiveConfig(
-            arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps or 2,
+            arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps or 1,
             seconds=args.seconds, strength=args.strength, backend=args.backend, decoder=args.decoder,
             dtype=args.dtype, device=args.device, compile=args.compile, quantize=args.quantize,
             openvino_cache_dir=args.openvino_cache_dir, sessions=args.sessions, max_batch_size=args.batch_size))

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale, seed=args.seed, width=args.width, height=args.height,
         num_images_per_prompt=args.num_images, image=image, strength=args.strength,
     )
-    validate_request(request)
+    validate_request(request, lcm_img2img=True)  # the model's own img2img bound is checked once it is loaded
     if args.output is not None:
         check_output_path(args.output)
     settings = engine_settings_from_args(args)

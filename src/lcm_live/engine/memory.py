@@ -9,6 +9,9 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (clean file pages are simply dropped)
@@ -48,3 +51,29 @@ def page_out_file(path: str | Path) -> int:
         if libc.madvise(start, end - start, MADV_PAGEOUT) == 0:
             advised += end - start
     return advised
+
+
+@contextmanager
+def paging_out(path: str | Path, interval: float = 0.1) -> Iterator[list[int]]:
+    """Page out ``path``'s mapped pages every ``interval`` s while the block runs, and once at its end; yields a
+    one-item list that ends up holding the bytes advised in the last pass.
+
+    OpenVINO's compile reads each constant of the mapped IR once, into its packed copy: pages read a moment ago
+    are not read again, so dropping them as it goes keeps the IR from adding its size to the compile's peak
+    (sd15 512x512: 3.37 -> 1.83 GB peak, and no slower). A page read again would simply fault back in.
+    """
+    stop = threading.Event()
+    advised = [0]
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            page_out_file(path)
+
+    thread = threading.Thread(target=loop, name="page-out", daemon=True)
+    thread.start()
+    try:
+        yield advised
+    finally:
+        stop.set()
+        thread.join()
+        advised[0] = page_out_file(path)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lcm_live.engine.memory import page_out_file, release_freed_memory
+from lcm_live.engine.memory import paging_out, release_freed_memory
 from lcm_live.engine.openvino_int8 import CALIBRATION_CALLS
 from lcm_live.errors import UserError
 
@@ -191,19 +191,21 @@ class OpenVINOUNet(torch.nn.Module):
 
         if self.offload_torch_unet:  # before compiling: the torch weights and the compile's peak never overlap
             self._offload_torch_unet()
-        model = self._core.read_model(path)
-        # f32 tensors in and out whatever the traced dtype: numpy has no bfloat16.
-        ppp = ov.preprocess.PrePostProcessor(model)
-        for i in range(len(model.inputs)):
-            if model.inputs[i].get_element_type().is_real():
-                ppp.input(i).tensor().set_element_type(ov.Type.f32)
-        ppp.output(0).tensor().set_element_type(ov.Type.f32)
-        model = ppp.build()
-        config = {"INFERENCE_PRECISION_HINT": _PRECISION[self.precision], "PERFORMANCE_HINT": "LATENCY"}
-        compiled = self._core.compile_model(model, self.ov_device, config)
-        del model
-        # The compiled model holds its own packed copy of the weights: the IR's mapped pages are not read again.
-        self.paged_out_bytes += page_out_file(path.with_suffix(".bin"))
+        # The compiled model holds its own packed copy of the weights: the IR's mapped pages, read once while
+        # compiling, are handed back as it goes (engine/memory.py) and are not read again.
+        with paging_out(path.with_suffix(".bin")) as advised:
+            model = self._core.read_model(path)
+            # f32 tensors in and out whatever the traced dtype: numpy has no bfloat16.
+            ppp = ov.preprocess.PrePostProcessor(model)
+            for i in range(len(model.inputs)):
+                if model.inputs[i].get_element_type().is_real():
+                    ppp.input(i).tensor().set_element_type(ov.Type.f32)
+            ppp.output(0).tensor().set_element_type(ov.Type.f32)
+            model = ppp.build()
+            config = {"INFERENCE_PRECISION_HINT": _PRECISION[self.precision], "PERFORMANCE_HINT": "LATENCY"}
+            compiled = self._core.compile_model(model, self.ov_device, config)
+            del model
+        self.paged_out_bytes += advised[0]
         return compiled.create_infer_request()
 
     @property

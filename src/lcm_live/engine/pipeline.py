@@ -159,6 +159,11 @@ class Engine:
         return cls(loaded, settings, device, dtype, speedups=applied)
 
     # ------------------------------------------------------------------ generation
+    @property
+    def lcm_img2img(self) -> bool:
+        """Whether image-to-image runs LCM's own pipeline: every step runs, whatever the strength."""
+        return IMG2IMG_TWIN.get(type(self.pipe).__name__) == "LatentConsistencyModelImg2ImgPipeline"
+
     def _img2img_pipe(self) -> Any:
         if self._img2img is None:
             import diffusers
@@ -196,7 +201,7 @@ class Engine:
 
     def _prepare(self, request: GenerationRequest) -> Prepared:
         """Validate ``request`` and resolve guidance, CFG, size, seed and negative prompt."""
-        validate_request(request)
+        validate_request(request, lcm_img2img=self.lcm_img2img)
         guidance_scale, do_cfg = resolve_guidance(request, self.loaded.kind)
         width, height = self._resolve_size(request)
         seed = request.seed if request.seed is not None else secrets.randbits(32)
@@ -325,7 +330,7 @@ class Engine:
             self._preview.calibrate_once()
         result = self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=num_inference_steps,
                                                  width=width, height=height, seed=0))
-        if self.calibrate(width, height, num_inference_steps):
+        if self.calibrate(width, height):  # 4 steps whatever the warm-up's: timesteps from 999 down to 259
             result = self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=num_inference_steps,
                                                      width=width, height=height, seed=0))  # the int8 UNet's first
         return result.timings

@@ -2,7 +2,7 @@
 
 Bounds: 1 to 8 steps (LCM's useful range; more steps give no better images), width/height multiples of 8 in
 64..2048 (the VAE downsamples by 8), img2img strength in (0, 1] with at least one denoising step
-(``num_inference_steps * strength >= 1``), guidance >= 0.
+(``num_inference_steps * strength >= 1``, except in LCM's own img2img pipeline), guidance >= 0.
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def validate_request(request: GenerationRequest) -> None:
-    """The checks that do not depend on the model (run them before loading one, for fast feedback)."""
+def validate_request(request: GenerationRequest, *, lcm_img2img: bool = False) -> None:
+    """The checks that do not depend on the model (run them before loading one, for fast feedback).
+
+    ``lcm_img2img``: the image-to-image pipeline is LCM's own (``LatentConsistencyModelImg2ImgPipeline``), which
+    runs all ``num_inference_steps`` on the strength-shortened schedule (so 1 step at strength 0.5 is one UNet
+    call at t ~ 500), not SD's ``steps * strength`` of them; its own bound is checked by the engine."""
     if not isinstance(request.prompt, str):
         raise UserError(f"prompt must be text, got {type(request.prompt).__name__}", field="prompt")
     if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
@@ -62,7 +66,7 @@ def validate_request(request: GenerationRequest) -> None:
         if not _is_number(s) or not 0 < s <= 1:
             raise UserError(f"strength={s!r}: use a number in (0, 1] (how far to move away from the init image)",
                             field="strength")
-        if steps * s < 1 - 1e-9:
+        if not lcm_img2img and steps * s < 1 - 1e-9:
             raise UserError(f"strength={s} with num_inference_steps={steps} runs no denoising step "
                             f"(steps * strength = {steps * s:.2f} < 1); raise strength to at least {1 / steps:.3g} "
                             "or use more steps", field="strength")

@@ -92,7 +92,8 @@ class StudioState:
         guidance = raw_dict.get("default_guidance_scale")
         if guidance is None:
             guidance = 8.0 if raw_dict.get("kind") == "lcm" else 1.0
-        self.params_model = build_params_model(self.settings.studio, float(guidance))
+        self.params_model = build_params_model(self.settings.studio, float(guidance),
+                                               lcm_img2img=bool(getattr(engine, "lcm_img2img", False)))
         self.info = public_info(raw_dict)
         gpu = str(raw_dict.get("device", "cpu")).startswith("cuda")
         self.max_sessions = self.settings.studio.max_sessions or (4 if gpu else 1)

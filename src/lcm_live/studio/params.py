@@ -8,7 +8,7 @@ Nothing is clamped: a value out of bounds is an error that names the field and t
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
@@ -24,6 +24,7 @@ class GenerationParams(BaseModel):
     """Base class; the real fields come from :func:`build_params_model` (bounds from settings)."""
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    lcm_img2img: ClassVar[bool] = False  # set by build_params_model
 
     def to_request(self, image: Any = None) -> GenerationRequest:
         """The engine request (diffusers' names); ``image`` is the decoded canvas for img2img."""
@@ -42,10 +43,13 @@ class GenerationParams(BaseModel):
         )
 
 
-def build_params_model(settings: StudioSettings, default_guidance_scale: float = 8.0) -> type[GenerationParams]:
+def build_params_model(settings: StudioSettings, default_guidance_scale: float = 8.0, *,
+                       lcm_img2img: bool = False) -> type[GenerationParams]:
     """A GenerationParams subclass with the bounds and defaults of ``settings``.
 
     ``default_guidance_scale`` is the model's (full LCM 8.0, LCM-LoRA 1.0) unless the settings fix one.
+    ``lcm_img2img``: the engine's img2img is LCM's own pipeline, which runs every step whatever the strength
+    (``Engine.lcm_img2img``); otherwise img2img runs ``steps * strength`` steps, which must be at least one.
     """
     guidance = settings.default_guidance_scale if settings.default_guidance_scale is not None else default_guidance_scale
     size = dict(ge=settings.min_size, le=settings.max_size, multiple_of=settings.size_multiple)
@@ -62,7 +66,9 @@ def build_params_model(settings: StudioSettings, default_guidance_scale: float =
                                   description="img2img only: how far the canvas is re-noised")),
         "previews": (bool, Field(False, description="send each step's preview before the final frame")),
     }
-    return create_model("GenerationParams", __base__=GenerationParams, **fields)
+    model = create_model("GenerationParams", __base__=GenerationParams, **fields)
+    model.lcm_img2img = lcm_img2img
+    return model
 
 
 @functools.cache
@@ -90,8 +96,9 @@ def parse_params(model: type[GenerationParams], data: Any) -> GenerationParams:
         params = model.model_validate(data)
     except ValidationError as exc:
         raise validation_error_to_user_error(exc) from None
-    # img2img runs about steps * strength denoising steps: fewer than one would run nothing.
-    if params.mode == "img2img" and params.num_inference_steps * params.strength < 1:
+    # SD's img2img runs about steps * strength denoising steps: fewer than one would run nothing.
+    if (params.mode == "img2img" and not model.lcm_img2img
+            and params.num_inference_steps * params.strength < 1):
         raise UserError(
             f"strength={params.strength} with num_inference_steps={params.num_inference_steps} runs no step in "
             f"img2img: raise strength to at least {1 / params.num_inference_steps:.2f} or add steps",
