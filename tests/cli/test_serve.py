@@ -58,7 +58,7 @@ def test_loopback_default_and_uvicorn_settings(fake_uvicorn, capsys):
     assert main(["serve", "--fake-engine", "{}"]) == 0
     config = fake_uvicorn["config"]
     assert (config.host, config.port) == ("127.0.0.1", 7860)
-    assert config.ws == "websockets"
+    assert config.ws == "websockets-sansio"
     assert config.ws_max_size == 2 * 1024 * 1024 and config.ws_max_queue == 8
     assert config.ws_ping_interval == 20 and config.ws_ping_timeout == 20
     assert config.timeout_graceful_shutdown == 10 and config.limit_concurrency

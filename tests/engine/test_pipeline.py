@@ -111,6 +111,24 @@ def test_image_to_image_full_lcm(lcm):
     assert not np.array_equal(_px(r1.images[0]), _px(t2i.images[0]))
 
 
+def test_img2img_keeps_every_component_in_the_engine_dtype(tiny_lcm_dir):
+    # diffusers' from_pipe casts the components it shares to float32 unless told a dtype: the first img2img call
+    # must not turn a bfloat16 engine (text encoder, UNet, VAE, shared with text-to-image) into a float32 one.
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from lcm_live.config import EngineSettings
+    from lcm_live.engine.model import LoadedModel
+    from lcm_live.engine.pipeline import Engine
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_lcm_dir).to(dtype=torch.bfloat16)
+    engine = Engine(LoadedModel(pipe=pipe, kind="lcm", arch="sd15", name="tiny", native_width=64, native_height=64),
+                    EngineSettings(model="tiny", dtype="bfloat16"))
+    engine.generate(_req("x", image=_init_image(), strength=0.5, num_inference_steps=1))
+    for name in ("text_encoder", "unet", "vae"):
+        assert getattr(pipe, name).dtype == torch.bfloat16, name
+
+
 def test_full_lcm_img2img_runs_one_step_at_half_strength(lcm, lora):
     # LCM's img2img runs all its steps on the strength-shortened schedule: 1 step at strength 0.5 is one UNet
     # call (the live sketch mode); the SD img2img of an LCM-LoRA model would run 1 * 0.5 steps, i.e. none.

@@ -189,7 +189,7 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
     settings = Settings(engine=engine.settings, studio=studio)
     app = create_app(settings, engine_factory=lambda: engine)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, ws="websockets", log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning",
                                            lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

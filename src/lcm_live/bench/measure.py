@@ -133,7 +133,11 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 
 def describe_machine(device: Any) -> dict[str, Any]:
-    """CPU model, cores, torch threads, the GPU when there is one, and library versions."""
+    """CPU model, cores, torch threads, the GPU when there is one, library versions, and when (UTC) and under
+    what load (1-minute load average: other processes on a shared machine skew absolute times) it started."""
+    import datetime
+    import os
+
     import diffusers
     import psutil
     import torch
@@ -146,6 +150,8 @@ def describe_machine(device: Any) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
+        "started_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     try:
         import openvino

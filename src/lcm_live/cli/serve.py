@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         app,
         host=s.host,
         port=s.port,
-        ws="websockets",  # pinned: it enforces ws_max_size (wsproto does not the same way)
+        ws="websockets-sansio",  # pinned: it enforces ws_max_size (wsproto does not the same way)
         ws_max_size=s.max_ws_message_bytes,
         ws_max_queue=8,
         ws_ping_interval=20.0,

@@ -172,8 +172,10 @@ class Engine:
             if name is None:
                 raise UserError(f"image-to-image is not supported for {type(self.pipe).__name__}", field="image")
             # unet and vae passed explicitly: from_pipe drops components whose class it does not expect, such as
-            # a swapped-in AutoencoderTiny (TAESD) or the OpenVINO UNet wrapper from engine/speedups.py.
-            self._img2img = getattr(diffusers, name).from_pipe(self.pipe, unet=self.pipe.unet, vae=self.pipe.vae)
+            # a swapped-in AutoencoderTiny (TAESD) or the OpenVINO UNet wrapper from engine/speedups.py. dtype
+            # too: without it from_pipe casts every component (shared with self.pipe) to float32.
+            self._img2img = getattr(diffusers, name).from_pipe(self.pipe, unet=self.pipe.unet, vae=self.pipe.vae,
+                                                               dtype=self.dtype)
             self._img2img.set_progress_bar_config(disable=True)
         return self._img2img
 
