@@ -179,3 +179,45 @@ def test_engine_warmup_calibrates_the_int8_unet(tmp_path):
     engine.warmup(64, 64, num_inference_steps=2)  # 1 generation compiles, then 2 more fill the 6 calls
     assert not pipe.unet.calibrating and pipe.unet.quantized_shapes == 1
     assert engine.calibrate(64, 64, 2) == 0  # done: later warm-ups do not calibrate again
+
+
+@needs_openvino
+@pytest.mark.parametrize("dtype, threshold", [(torch.float32, 0.9999), (torch.bfloat16, 0.99)])
+def test_openvino_taesd_matches_torch(dtype, threshold):
+    import copy
+
+    from lcm_live.bench.bench_engine import random_taesd
+    from lcm_live.engine.openvino_module import wrap_tiny_autoencoder
+
+    reference = random_taesd("sd15", torch.float32, 0)  # taesd's architecture (8x), random weights
+    taesd = copy.deepcopy(reference).to(dtype)
+    assert wrap_tiny_autoencoder(taesd) and not wrap_tiny_autoencoder(taesd)  # once
+    assert taesd.dtype == dtype  # what the pipelines read still answers
+    image, latents = torch.rand(1, 3, 64, 64) * 2 - 1, torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        encoded = taesd.encode(image.to(dtype)).latents
+        decoded = taesd.decode(latents.to(dtype)).sample
+        assert encoded.dtype == decoded.dtype == dtype and decoded.shape == (1, 3, 64, 64)
+        assert cosine(encoded.float(), reference.encode(image).latents) > threshold
+        assert cosine(decoded.float(), reference.decode(latents).sample) > threshold
+        taesd.decode(torch.randn(1, 4, 8, 8, dtype=dtype))  # same shape: reuses the compiled model
+        assert taesd.decoder.conversions == 1
+        taesd.decode(torch.randn(2, 4, 16, 8, dtype=dtype))  # a new shape: converted and compiled once more
+        assert taesd.decoder.conversions == 2
+
+
+@needs_openvino
+def test_openvino_backend_runs_taesd_in_openvino_too(reference, tmp_path):
+    from lcm_live.bench.bench_engine import random_taesd
+
+    pipe, plain = tiny(), tiny()
+    pipe.vae = random_taesd("tiny", torch.float32, 0)
+    plain.vae = random_taesd("tiny", torch.float32, 0)
+    settings = EngineSettings(model="tiny", backend="openvino", openvino_cache_dir=str(tmp_path))
+    applied = apply_speedups(pipe, settings, "cpu", torch.float32)
+    assert applied[-2:] == ["openvino:float32", "openvino:taesd"]
+    image = pipe("a red square", num_inference_steps=2, width=64, height=64, output_type="np",
+                 generator=torch.Generator("cpu").manual_seed(0)).images
+    expected = plain("a red square", num_inference_steps=2, width=64, height=64, output_type="np",
+                     generator=torch.Generator("cpu").manual_seed(0)).images
+    assert cosine(torch.from_numpy(image), torch.from_numpy(expected)) > 0.999

@@ -162,6 +162,10 @@ def apply_speedups(pipe: Any, settings: EngineSettings, device: Any, dtype: Any)
         pipe.unet = OpenVINOUNet(pipe.unet, model_name=settings.model, precision=precision,
                                  cache_dir=settings.openvino_cache_dir, quantize=settings.quantize)
         applied.append(f"openvino:{precision}" + (":int8-ptq" if settings.quantize == "int8" else ""))
+        from lcm_live.engine.openvino_module import wrap_tiny_autoencoder
+
+        if wrap_tiny_autoencoder(pipe.vae):
+            applied.append("openvino:taesd")
 
     # 4. torch.compile.
     if settings.compile:
