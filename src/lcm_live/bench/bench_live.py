@@ -179,6 +179,7 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
                                compile=config.compile, quantize=config.quantize,
                                openvino_cache_dir=config.openvino_cache_dir)
     device, dtype = resolve_device_dtype(bench_config)
+    machine = describe_machine(device)  # at the start: its time and load average are the run's start
     engine, applied = build_fast_engine(bench_config, device, dtype)
     side = min(config.width, config.height, 256)
     studio = StudioSettings(min_size=min(64, side), max_size=max(768, config.width, config.height),
@@ -226,7 +227,7 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
     generations = max(1, timer.calls["decode"])
     return {
         "config": asdict(config),
-        "machine": describe_machine(device),
+        "machine": machine,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "speedups": applied,

@@ -35,6 +35,7 @@ from lcm_live.engine.validation import (
     DEFAULT_GUIDANCE,
     MAX_SIZE,
     MIN_SIZE,
+    check_lcm_img2img_schedule,
     resolve_guidance,
     validate_request,
 )
@@ -222,7 +223,7 @@ class Engine:
             t0 = time.perf_counter()
             pipe = self._img2img_pipe() if first.img2img else self.pipe
             if first.img2img:
-                _check_lcm_img2img_schedule(pipe, request)
+                check_lcm_img2img_schedule(pipe, request)
             # 1. Prompt embeddings: from the cache, or one text-encoder pass per new prompt.
             embeds = [self.prompts.get(self.pipe, p.request.prompt, p.negative, do_cfg=first.do_cfg)[0] for p in preps]
             t_text = time.perf_counter()
@@ -355,21 +356,6 @@ class Engine:
                                             seed=runs + 1))
             runs += 1
         return runs
-
-
-def _check_lcm_img2img_schedule(pipe: Any, request: GenerationRequest) -> None:
-    """LatentConsistencyModelImg2ImgPipeline picks all its steps from the first ``original_inference_steps *
-    strength`` points of LCM's skipping schedule (50 points over 1000 timesteps): there must be enough of them."""
-    if type(pipe).__name__ != "LatentConsistencyModelImg2ImgPipeline":
-        return
-    original = int(getattr(pipe.scheduler.config, "original_inference_steps", 50) or 50)
-    available = int(original * request.strength)
-    if available < request.num_inference_steps:
-        raise UserError(
-            f"strength={request.strength} with num_inference_steps={request.num_inference_steps}: this LCM takes its "
-            f"steps from {available} of its {original} schedule points at that strength; raise strength to at least "
-            f"{request.num_inference_steps / original:.3g} or use at most {max(available, 1)} steps",
-            field="strength")
 
 
 def _multiple_of_8(value: float) -> int:

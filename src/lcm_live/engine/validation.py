@@ -94,3 +94,18 @@ def resolve_guidance(request: GenerationRequest, kind: str) -> tuple[float, bool
                         f"guidance_scale > 1 (it is {g:g}); raise --guidance-scale above 1 (e.g. 1.5) or drop "
                         "the negative prompt", field="negative_prompt")
     return g, do_cfg
+
+
+def check_lcm_img2img_schedule(pipe: Any, request: GenerationRequest) -> None:
+    """LatentConsistencyModelImg2ImgPipeline picks all its steps from the first ``original_inference_steps *
+    strength`` points of LCM's skipping schedule (50 points over 1000 timesteps): there must be enough of them."""
+    if type(pipe).__name__ != "LatentConsistencyModelImg2ImgPipeline":
+        return
+    original = int(getattr(pipe.scheduler.config, "original_inference_steps", 50) or 50)
+    available = int(original * request.strength)
+    if available < request.num_inference_steps:
+        raise UserError(
+            f"strength={request.strength} with num_inference_steps={request.num_inference_steps}: this LCM takes its "
+            f"steps from {available} of its {original} schedule points at that strength; raise strength to at least "
+            f"{request.num_inference_steps / original:.3g} or use at most {max(available, 1)} steps",
+            field="strength")
