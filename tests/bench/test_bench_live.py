@@ -15,7 +15,7 @@ def test_live_bench_tiny_end_to_end(capsys):
     name, value = lines[-1].split(": ")
     assert name == "live_fps" and float(value) > 0
     assert "errors 0" in lines[-3]
-    assert "2 UNet evaluation(s) per frame (counted)" in lines[0]  # LCM img2img: one per step
+    assert "1 steps x strength 0.5: 1 UNet evaluation(s) per frame (counted)" in lines[0]  # the default: 1 step
 
 
 @pytest.mark.slow
