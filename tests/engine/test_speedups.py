@@ -131,8 +131,10 @@ def test_openvino_int8_calibrates_quantizes_and_caches(reference, tmp_path):
     first = final_latents(pipe)  # runs the float IR, records its 2 calls
     assert pipe.unet.calibrating and pipe.unet.quantized_shapes == 0
     assert cosine(first, reference) > 0.9999  # not quantized yet: the float path's result
-    final_latents(pipe, seed=1)  # the 4th call quantizes
-    assert not pipe.unet.calibrating and pipe.unet.quantized_shapes == 1
+    final_latents(pipe, seed=1)  # the 4th call starts the quantization, in a thread
+    assert not pipe.unet.recording
+    pipe.unet.wait_quantized()
+    assert not pipe.unet.calibrating and pipe.unet.quantized_shapes == 1 and not pipe.unet.quantize_errors
     quantized_irs = [p for p in tmp_path.rglob("unet.xml") if "int8-ptq" in str(p)]
     assert len(quantized_irs) == 1
     assert quantized_irs[0].read_text().count('type="FakeQuantize"') > 10  # activations and weights quantized
@@ -161,6 +163,27 @@ def test_torch_compile_parity(reference):
     applied = apply_speedups(pipe, EngineSettings(model="tiny", compile=True), "cpu", torch.float32)
     assert applied[-1].startswith("torch.compile(")
     assert cosine(final_latents(pipe), reference) > 0.999
+
+
+@needs_openvino
+@pytest.mark.skipif(not has_nncf, reason="nncf not installed")
+def test_a_failed_int8_quantization_keeps_the_float_ir(reference, tmp_path, monkeypatch):
+    from lcm_live.engine import openvino_int8
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("NNCF ran out of memory")
+
+    monkeypatch.setattr(openvino_int8, "quantize_ir", broken)
+    settings = EngineSettings(model="tiny", backend="openvino", quantize="int8", openvino_cache_dir=str(tmp_path))
+    pipe = tiny()
+    apply_speedups(pipe, settings, "cpu", torch.float32)
+    pipe.unet.calibration_calls = 2
+    final_latents(pipe)
+    pipe.unet.wait_quantized()
+    assert not pipe.unet.calibrating and pipe.unet.quantized_shapes == 0
+    assert len(pipe.unet.quantize_errors) == 1 and "out of memory" in pipe.unet.quantize_errors[0]
+    assert cosine(final_latents(pipe), reference) > 0.9999  # still generating, on the float IR
+    assert not [p for p in tmp_path.rglob("unet.xml") if "int8-ptq" in str(p)]
 
 
 @needs_openvino

@@ -18,6 +18,7 @@ import copy
 import hashlib
 import json
 import logging
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,9 @@ class OpenVINOUNet(torch.nn.Module):
         self.paged_out_bytes = 0  # the IR pages handed back after compiling (see engine/memory.py)
         self.calibration_calls = calibration_calls
         self._calibration: dict[tuple, Any] = {}  # shape key -> openvino_int8.Calibration, while recording
+        self._quantizing: dict[tuple, threading.Thread] = {}  # shape key -> its quantization thread
         self.quantized_shapes = 0  # int8 IRs this instance quantized (0 when all came from the cache)
+        self.quantize_errors: list[str] = []
         self.conversions = 0  # how many IRs this instance converted from torch (0 when all came from the cache)
 
     # What pipelines read from a UNet.
@@ -186,10 +189,10 @@ class OpenVINOUNet(torch.nn.Module):
             return self._compile_ir(base)
         return self._compile_ir(self._ir(inputs))
 
-    def _compile_ir(self, path: Path):
+    def _compile_ir(self, path: Path, *, offload: bool = True):
         import openvino as ov
 
-        if self.offload_torch_unet:  # before compiling: the torch weights and the compile's peak never overlap
+        if offload and self.offload_torch_unet:  # before compiling: the torch weights and the compile's peak never overlap
             self._offload_torch_unet()
         # The compiled model holds its own packed copy of the weights: the IR's mapped pages, read once while
         # compiling, are handed back as it goes (engine/memory.py) and are not read again.
@@ -209,22 +212,46 @@ class OpenVINOUNet(torch.nn.Module):
         return compiled.create_infer_request()
 
     @property
-    def calibrating(self) -> bool:
-        """True while some shape runs its bf16 IR, recording inputs for int8 calibration."""
+    def recording(self) -> bool:
+        """True while some shape runs its bf16 IR and records inputs for int8 calibration."""
         return bool(self._calibration)
 
-    def _quantize(self, key: tuple) -> None:
+    @property
+    def calibrating(self) -> bool:
+        """True until every shape met with ``--quantize int8`` runs int8 (recording, or quantizing)."""
+        return bool(self._calibration) or bool(self._quantizing)
+
+    def wait_quantized(self, timeout: float | None = None) -> None:
+        """Wait for the quantizations in progress (``Engine.calibrate`` does, at warm-up)."""
+        for thread in list(self._quantizing.values()):
+            thread.join(timeout)
+
+    def _start_quantizing(self, key: tuple) -> None:
+        """Quantize in a thread: frames keep running on the bf16 IR meanwhile (a shape met after warm-up does
+        not stall its session for the minute or two that NNCF takes at 512x512), then the int8 one takes over."""
+        calibration = self._calibration.pop(key)
+        thread = threading.Thread(target=self._quantize, args=(key, calibration), name="int8-quantize", daemon=True)
+        self._quantizing[key] = thread
+        thread.start()
+
+    def _quantize(self, key: tuple, calibration: Any) -> None:
         from lcm_live.engine.openvino_int8 import INT8_TAG, quantize_ir
 
-        calibration = self._calibration.pop(key)
-        out = self.cache_path(dict(key), INT8_TAG)
-        logger.info("int8: quantizing the UNet for %s over %d recorded calls", dict(key), len(calibration.samples))
-        quantize_ir(self._core, calibration.base_ir, calibration.samples, out)
-        del calibration
-        self._compiled.pop(key, None)  # the bf16 request first: its memory goes before the int8 one compiles
-        release_freed_memory()
-        self._compiled[key] = self._compile_ir(out)
-        self.quantized_shapes += 1
+        try:
+            out = self.cache_path(dict(key), INT8_TAG)
+            logger.info("int8: quantizing the UNet for %s over %d recorded calls", dict(key),
+                        len(calibration.samples))
+            quantize_ir(self._core, calibration.base_ir, calibration.samples, out)
+            del calibration
+            release_freed_memory()
+            self._compiled[key] = self._compile_ir(out, offload=False)  # the next call runs int8
+            self.quantized_shapes += 1
+        except Exception as exc:  # a failed quantization fails only itself: the shape stays on its bf16 IR
+            logger.exception("int8: quantizing the UNet for %s failed; it keeps running unquantized", dict(key))
+            self.quantize_errors.append(f"{dict(key)}: {exc}")
+        finally:
+            self._quantizing.pop(key, None)
+            release_freed_memory()
 
     # The torch UNet is needed only to convert a shape not seen before: between conversions its weights wait in
     # a safetensors file next to the IRs instead of in memory (1.7 GB for sd15 in bf16).
@@ -289,7 +316,7 @@ class OpenVINOUNet(torch.nn.Module):
         out = torch.from_numpy(request.get_output_tensor(0).data.copy()).to(sample.dtype)
         calibration = self._calibration.get(key)
         if calibration is not None and calibration.add(feed):
-            self._quantize(key)
+            self._start_quantizing(key)
         if not return_dict:
             return (out,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput

@@ -348,13 +348,15 @@ class Engine:
         from lcm_live.engine.openvino_int8 import CALIBRATION_PROMPTS
 
         runs = 0
-        while getattr(self.pipe.unet, "calibrating", False):
+        unet = self.pipe.unet
+        while unet.recording:
             if runs == max_generations:
                 raise RuntimeError(f"int8 calibration still recording after {runs} generations")
             self.generate(GenerationRequest(prompt=CALIBRATION_PROMPTS[runs % len(CALIBRATION_PROMPTS)],
                                             num_inference_steps=num_inference_steps, width=width, height=height,
                                             seed=runs + 1))
             runs += 1
+        unet.wait_quantized()
         return runs
 
 
