@@ -32,7 +32,7 @@ class EngineSettings(BaseModel):
     loras: list[LoraSpec] = Field(default_factory=list)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    decoder: Literal["vae", "taesd"] = "vae"
+    decoder: Literal["auto", "vae", "taesd"] = "vae"  # auto: TAESD when it fits and loads (serve's default)
     taesd: str | None = None  # override the tiny decoder's id/path (default by architecture)
     tiled_vae: Literal["auto", "on", "off"] = "auto"
     # auto: OpenVINO on a CPU when the extra is installed and the CPU has bf16 (AMX or avx512_bf16), else torch

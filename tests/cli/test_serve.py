@@ -77,6 +77,17 @@ def test_engine_flags_reach_the_settings(fake_uvicorn):
     settings = fake_uvicorn["config"].app.state.studio.settings
     assert settings.engine.model == "builtin:shapes" and settings.engine.device == "cpu"
     assert settings.studio.max_sessions == 2
+    assert settings.engine.decoder == "auto"  # live: the tiny decoder where it fits the model
+
+
+def test_generate_keeps_the_full_vae_by_default():
+    import argparse
+
+    from lcm_live.cli.common import add_engine_arguments
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert parser.parse_args([]).decoder == "vae"
 
 
 def test_environment_settings_are_checked_too(fake_uvicorn, monkeypatch, capsys):

@@ -441,3 +441,40 @@ def test_info_and_warmup(lcm):
     timings = lcm.warmup(SIZE, SIZE, 1)
     assert timings["total"] > 0
     assert lcm._preview._map is not None  # the preview's calibration happens in warm-up, not at the first frame
+
+
+def test_decoder_auto_keeps_the_full_vae_where_taesd_does_not_fit(tiny_lcm_dir, tiny_engine):
+    # The tiny model's VAE (2x down, its own scaling) is not SD's latent space: TAESD would decode noise.
+    engine = tiny_engine(tiny_lcm_dir, "lcm", decoder="auto")
+    assert engine.info.decoder == "vae" and engine.settings.decoder == "vae"
+    assert type(engine.pipe.vae).__name__ == "AutoencoderKL"
+    loaded = Engine.from_settings(EngineSettings(model=str(tiny_lcm_dir), device="cpu", dtype="float32",
+                                                 decoder="auto", backend="torch"), progress=False)
+    assert any(s.startswith("decoder:vae (auto: this model's VAE has its own latent space") for s in loaded.info.speedups)
+
+
+def test_decoder_auto_takes_taesd_where_it_fits_and_loads(tmp_path, caplog):
+    import torch
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    from lcm_live.engine.architectures import build_vae
+    from lcm_live.engine.decoders import resolve_decoder, taesd_fits
+
+    assert taesd_fits(build_vae("sd15", meta=True), "sd15") is None
+    assert taesd_fits(build_vae("sdxl", meta=True), "sdxl") is None
+    assert "own latent space" in taesd_fits(build_vae("sd15", meta=True), "sdxl")  # SDXL's TAESD, SD1.5's VAE
+    # A small VAE with SD's shape of latent space (8x down, 4 channels, scaling 0.18215).
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=8, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        scaling_factor=0.18215)
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4).save_pretrained(
+        tmp_path / "taesd")
+    ok = EngineSettings(model="m", decoder="auto", taesd=str(tmp_path / "taesd"))
+    taesd, why = resolve_decoder(ok, vae, "sd15", device="cpu", dtype=torch.float32)
+    assert type(taesd).__name__ == "AutoencoderTiny" and why.startswith("taesd (auto")
+    missing = EngineSettings(model="m", decoder="auto", taesd=str(tmp_path / "missing"))
+    with caplog.at_level("WARNING"):
+        taesd, why = resolve_decoder(missing, vae, "sd15", device="cpu", dtype=torch.float32)
+    assert taesd is None and why.startswith("vae (auto: the tiny decoder is not available")
+    assert any("--decoder auto: using the full VAE" in r.getMessage() for r in caplog.records)

@@ -9,7 +9,9 @@ from lcm_live.config import DEFAULT_MODEL, EngineSettings, LoraSpec
 from lcm_live.errors import UserError
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+def add_engine_arguments(parser: argparse.ArgumentParser, *, decoder: str = "vae") -> None:
+    """``decoder``: the default of --decoder (generate: the full VAE, for the saved image's quality; serve: auto,
+    the tiny decoder for live speed where it fits the model)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help="hub id, diffusers folder, single .safetensors file, or builtin:shapes (default: %(default)s)")
@@ -21,8 +23,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("device")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--decoder", default="vae", choices=["vae", "taesd"],
-                   help="full VAE, or the tiny decoder (madebyollin/taesd, taesdxl) for speed")
+    g.add_argument("--decoder", default=decoder, choices=["auto", "vae", "taesd"],
+                   help="full VAE, the tiny decoder (madebyollin/taesd, taesdxl) for speed, or auto: the tiny "
+                        "one when it fits the model's VAE and is available, else the full VAE (default: %(default)s)")
     g.add_argument("--taesd", default=None, metavar="ID_OR_PATH",
                    help="the tiny decoder to use with --decoder taesd (default: by architecture)")
     g.add_argument("--tiled-vae", default="auto", choices=["auto", "on", "off"],

@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve", help="the live studio: a page with a drawing canvas, frames streamed over a WebSocket",
         description="Serve the studio: open the printed URL in a browser.")
-    add_engine_arguments(parser)
+    add_engine_arguments(parser, decoder="auto")  # live: the tiny decoder where it fits
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=None,
                    help="address to bind (default: 127.0.0.1, this machine only; anything else needs a token)")

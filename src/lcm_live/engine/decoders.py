@@ -40,6 +40,43 @@ def load_taesd(source: str | None, arch: str, *, device: Any, dtype: Any, cache_
     return taesd.to(device).eval()
 
 
+# The latent spaces TAESD / TAESDXL were trained on: SD's VAE (8x down, 4 channels) and its scaling factors.
+SD_LATENT_SCALING = {"sd15": 0.18215, "sdxl": 0.13025}
+
+
+def taesd_fits(vae: Any, arch: str) -> str | None:
+    """None when the tiny decoder for ``arch`` fits this model's VAE; else why not (a model with its own latent
+    space, such as builtin:shapes, would decode to noise)."""
+    config = vae.config
+    scaling = SD_LATENT_SCALING.get(arch)
+    if scaling is None:
+        return f"no tiny decoder is known for architecture {arch!r}"
+    down = 2 ** (len(getattr(config, "block_out_channels", ())) - 1)
+    factor = float(getattr(config, "scaling_factor", 0.0) or 0.0)
+    if down != 8 or getattr(config, "latent_channels", None) != 4 or abs(factor - scaling) > 1e-3:
+        return (f"this model's VAE has its own latent space ({down}x down, scaling factor {factor:.4g}; TAESD "
+                f"expects SD's 8x, {scaling})")
+    return None
+
+
+def resolve_decoder(settings: Any, vae: Any, arch: str, *, device: Any, dtype: Any) -> tuple[Any, str]:
+    """``--decoder auto``: TAESD when it fits the model's VAE and can be loaded (cache or hub), else the full VAE;
+    returns (TAESD or None, the reason, for ``info``). Explicit ``vae`` / ``taesd`` are taken as asked."""
+    if settings.decoder == "vae":
+        return None, "vae"
+    if settings.decoder == "taesd":
+        return load_taesd(settings.taesd, arch, device=device, dtype=dtype, cache_dir=settings.cache_dir), "taesd"
+    why_not = taesd_fits(vae, arch)
+    if why_not is not None:
+        return None, f"vae (auto: {why_not})"
+    try:
+        taesd = load_taesd(settings.taesd, arch, device=device, dtype=dtype, cache_dir=settings.cache_dir)
+    except ModelUnavailableError as exc:
+        logger.warning("--decoder auto: using the full VAE: %s", exc.message)
+        return None, "vae (auto: the tiny decoder is not available; --decoder taesd says why)"
+    return taesd, "taesd (auto: the tiny decoder, for speed)"
+
+
 def wants_tiling(mode: str, width: int, height: int) -> bool:
     """``on`` / ``off`` / ``auto`` (tiled past ~1 megapixel)."""
     if mode == "on":

@@ -26,7 +26,13 @@ from typing import Any
 from lcm_live import __version__
 from lcm_live.config import EngineSettings
 from lcm_live.engine.batching import Prepared, StepHook, concat_embeddings, run_batch
-from lcm_live.engine.decoders import LatentPreview, is_tiny_autoencoder, load_taesd, set_tiling, wants_tiling
+from lcm_live.engine.decoders import (
+    LatentPreview,
+    is_tiny_autoencoder,
+    resolve_decoder,
+    set_tiling,
+    wants_tiling,
+)
 from lcm_live.engine.hooks import StepCallback, StepEvent
 from lcm_live.engine.model import LoadedModel
 from lcm_live.engine.prompts import PromptCache
@@ -112,15 +118,17 @@ class Engine:
         self.dtype = dtype if dtype is not None else self.pipe.unet.dtype
         self.pipe.set_progress_bar_config(disable=True)  # progress goes through the step callback
         self._taesd = None
-        if self.settings.decoder == "taesd":
+        if self.settings.decoder != "vae":  # taesd, or auto (from_settings has resolved it before the speed-ups)
             if is_tiny_autoencoder(self.pipe.vae):
                 self._taesd = self.pipe.vae
             else:
-                self._taesd = load_taesd(self.settings.taesd, loaded.arch, device=self.device, dtype=self.dtype,
-                                         cache_dir=self.settings.cache_dir)
-                # The pipelines decode (and img2img encodes) through pipe.vae; TAESD takes the scaled latents as
-                # they are (its scaling_factor is 1.0), so swapping it in is all it takes.
-                self.pipe.vae = self._taesd
+                self._taesd, _ = resolve_decoder(self.settings, self.pipe.vae, loaded.arch, device=self.device,
+                                                 dtype=self.dtype)
+                if self._taesd is not None:
+                    # The pipelines decode (and img2img encodes) through pipe.vae; TAESD takes the scaled latents
+                    # as they are (its scaling_factor is 1.0), so swapping it in is all it takes.
+                    self.pipe.vae = self._taesd
+            self.settings = self.settings.model_copy(update={"decoder": "taesd" if self._taesd else "vae"})
         self.prompts = PromptCache(self.settings.prompt_cache_size)
         self._img2img = None
         self._preview = LatentPreview(self.pipe.vae, taesd=self._taesd, scale_factor=self.pipe.vae_scale_factor)
@@ -148,11 +156,15 @@ class Engine:
         if speedups is not None and hasattr(speedups, "check_speedups"):
             speedups.check_speedups(settings, device, dtype)  # refuse impossible flags before a long load
         loaded = load_model(settings, device=device, dtype=dtype, progress=progress)
-        if settings.decoder == "taesd" and not is_tiny_autoencoder(loaded.pipe.vae):
-            # Swapped in before the speed-ups, so that they (channels_last, ...) apply to the decoder in use.
-            loaded.pipe.vae = load_taesd(settings.taesd, loaded.arch, device=device, dtype=dtype,
-                                         cache_dir=settings.cache_dir)
         applied = []
+        if not is_tiny_autoencoder(loaded.pipe.vae):
+            taesd, decoder = resolve_decoder(settings, loaded.pipe.vae, loaded.arch, device=device, dtype=dtype)
+            if settings.decoder == "auto":
+                applied.append(f"decoder:{decoder}")
+            if taesd is not None:
+                # Swapped in before the speed-ups, so that they (channels_last, ...) apply to the decoder in use.
+                loaded.pipe.vae = taesd
+            settings = settings.model_copy(update={"decoder": "taesd" if taesd is not None else "vae"})
         if device.type == "cuda":
             applied += _try_xformers(loaded.pipe)
         if speedups is not None:
