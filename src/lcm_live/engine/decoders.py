@@ -77,6 +77,21 @@ def resolve_decoder(settings: Any, vae: Any, arch: str, *, device: Any, dtype: A
     return taesd, "taesd (auto: the tiny decoder, for speed)"
 
 
+def swap_in_decoder(settings: Any, pipe: Any, arch: str, *, device: Any, dtype: Any) -> tuple[Any, str]:
+    """Resolve ``settings.decoder`` for ``pipe`` and make TAESD its ``pipe.vae`` where it is chosen (the pipelines
+    decode, and img2img encodes, through pipe.vae; TAESD takes the scaled latents as they are: its scaling factor
+    is 1.0). Returns the settings with ``decoder`` resolved to ``taesd`` or ``vae``, and the reason."""
+    if settings.decoder == "vae":
+        return settings, "vae"
+    if is_tiny_autoencoder(pipe.vae):
+        taesd, why = pipe.vae, "taesd"
+    else:
+        taesd, why = resolve_decoder(settings, pipe.vae, arch, device=device, dtype=dtype)
+        if taesd is not None:
+            pipe.vae = taesd
+    return settings.model_copy(update={"decoder": "taesd" if taesd is not None else "vae"}), why
+
+
 def wants_tiling(mode: str, width: int, height: int) -> bool:
     """``on`` / ``off`` / ``auto`` (tiled past ~1 megapixel)."""
     if mode == "on":

@@ -27,20 +27,11 @@ import torch
 
 from lcm_live.engine.memory import paging_out, release_freed_memory
 from lcm_live.engine.openvino_int8 import CALIBRATION_CALLS
+from lcm_live.engine.openvino_module import PRECISION_HINT, compile_request, save_ir
 from lcm_live.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-# torch dtype name -> OpenVINO INFERENCE_PRECISION_HINT
-_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
-
-
-def openvino_available() -> bool:
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def weights_fingerprint(module: Any, *, samples_per_tensor: int = 512) -> str:
@@ -83,7 +74,7 @@ class OpenVINOUNet(torch.nn.Module):
         import openvino as ov
 
         super().__init__()
-        if precision not in _PRECISION:
+        if precision not in PRECISION_HINT:
             raise UserError(f"--dtype {precision}: the OpenVINO backend runs float32, bfloat16 or float16",
                             field="dtype")
         self.config = unet.config
@@ -102,7 +93,6 @@ class OpenVINOUNet(torch.nn.Module):
         self._compiled: dict[tuple, Any] = {}  # ((input name, shape), ...) -> OpenVINO infer request
         self.offload_torch_unet = offload_torch_unet
         self._offloaded = False
-        self.paged_out_bytes = 0  # the IR pages handed back after compiling (see engine/memory.py)
         self.calibration_calls = calibration_calls
         self._calibration: dict[tuple, Any] = {}  # shape key -> openvino_int8.Calibration, while recording
         self._quantizing: dict[tuple, threading.Thread] = {}  # shape key -> its quantization thread
@@ -163,12 +153,8 @@ class OpenVINOUNet(torch.nn.Module):
             model = ov.convert_model(_TraceableUNet(source), example_input=example)
         del source
         model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})  # static shapes
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name("unet.tmp.xml")
         # Half-precision weights on disk when inference runs in bf16/f16: half the file to read and map.
-        ov.save_model(model, tmp, compress_to_fp16=self.precision != "float32")
-        tmp.with_suffix(".bin").replace(path.with_suffix(".bin"))  # weights first, then the xml that names them
-        tmp.replace(path)
+        save_ir(model, path, compress_to_fp16=self.precision != "float32")
         self.conversions += 1
         del model
         release_freed_memory()
@@ -190,26 +176,12 @@ class OpenVINOUNet(torch.nn.Module):
         return self._compile_ir(self._ir(inputs))
 
     def _compile_ir(self, path: Path, *, offload: bool = True):
-        import openvino as ov
-
         if offload and self.offload_torch_unet:  # before compiling: the torch weights and the compile's peak never overlap
             self._offload_torch_unet()
         # The compiled model holds its own packed copy of the weights: the IR's mapped pages, read once while
         # compiling, are handed back as it goes (engine/memory.py) and are not read again.
-        with paging_out(path.with_suffix(".bin")) as advised:
-            model = self._core.read_model(path)
-            # f32 tensors in and out whatever the traced dtype: numpy has no bfloat16.
-            ppp = ov.preprocess.PrePostProcessor(model)
-            for i in range(len(model.inputs)):
-                if model.inputs[i].get_element_type().is_real():
-                    ppp.input(i).tensor().set_element_type(ov.Type.f32)
-            ppp.output(0).tensor().set_element_type(ov.Type.f32)
-            model = ppp.build()
-            config = {"INFERENCE_PRECISION_HINT": _PRECISION[self.precision], "PERFORMANCE_HINT": "LATENCY"}
-            compiled = self._core.compile_model(model, self.ov_device, config)
-            del model
-        self.paged_out_bytes += advised[0]
-        return compiled.create_infer_request()
+        with paging_out(path.with_suffix(".bin")):
+            return compile_request(self._core, self._core.read_model(path), self.ov_device, self.precision)
 
     @property
     def recording(self) -> bool:
@@ -293,11 +265,6 @@ class OpenVINOUNet(torch.nn.Module):
         key = tuple((k, tuple(v.shape)) for k, v in inputs.items())
         if key not in self._compiled:
             self._compiled[key] = self._compile(inputs)
-
-    def release_torch_unet(self) -> None:
-        """Drop the torch UNet once the shapes in use are compiled: halves resident memory; a new shape
-        then needs its IR in the cache."""
-        self._torch_unet[0] = None
 
     # 3. Run.
     def forward(self, sample, timestep, encoder_hidden_states=None, timestep_cond=None, added_cond_kwargs=None,

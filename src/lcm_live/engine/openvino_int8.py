@@ -63,7 +63,7 @@ def quantize_ir(core: Any, base_ir: Path, samples: list[dict[str, np.ndarray]], 
     except ImportError as exc:
         raise UserError("--quantize int8 with --backend openvino needs NNCF: pip install 'lcm-live[openvino]'",
                         field="quantize") from exc
-    import openvino as ov
+    from lcm_live.engine.openvino_module import save_ir
 
     model = core.read_model(base_ir)
     quantized = nncf.quantize(
@@ -73,8 +73,4 @@ def quantize_ir(core: Any, base_ir: Path, samples: list[dict[str, np.ndarray]], 
             smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)),
     )
     del model
-    out_ir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_ir.with_name("unet.tmp.xml")
-    ov.save_model(quantized, tmp, compress_to_fp16=True)  # int8 weights stay int8; scales and biases in f16
-    tmp.with_suffix(".bin").replace(out_ir.with_suffix(".bin"))  # weights first, then the xml that names them
-    tmp.replace(out_ir)
+    save_ir(quantized, out_ir, compress_to_fp16=True)  # int8 weights stay int8; scales and biases in f16

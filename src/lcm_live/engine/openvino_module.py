@@ -1,4 +1,5 @@
-"""OpenVINO for a small single-tensor module: TAESD's encoder and decoder (``--backend openvino``).
+"""OpenVINO for a small single-tensor module: TAESD's encoder and decoder (``--backend openvino``); and the
+compile and save steps that it shares with the UNet backend (``openvino_backend.py``, ``openvino_int8.py``).
 
 Why: in live sketch mode at 256x256 a frame is one UNet call plus a TAESD encode and decode, and with the UNet
 in OpenVINO the two TAESD halves in torch were a third of the frame (77 + 91 ms of 465 ms, bf16, 2-core CPU).
@@ -14,11 +15,38 @@ from __future__ import annotations
 
 import copy
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
 
-_PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+# torch dtype name -> OpenVINO INFERENCE_PRECISION_HINT
+PRECISION_HINT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def compile_request(core: Any, model: Any, device: str, precision: str) -> Any:
+    """Compile ``model`` with float32 tensors in and out whatever its own types (numpy has no bfloat16) and
+    ``precision`` (a torch dtype name) as the inference precision; returns an infer request."""
+    import openvino as ov
+
+    ppp = ov.preprocess.PrePostProcessor(model)
+    for i in range(len(model.inputs)):
+        if model.inputs[i].get_element_type().is_real():
+            ppp.input(i).tensor().set_element_type(ov.Type.f32)
+    ppp.output(0).tensor().set_element_type(ov.Type.f32)
+    config = {"INFERENCE_PRECISION_HINT": PRECISION_HINT.get(precision, "f32"), "PERFORMANCE_HINT": "LATENCY"}
+    return core.compile_model(ppp.build(), device, config).create_infer_request()
+
+
+def save_ir(model: Any, path: Path, *, compress_to_fp16: bool) -> None:
+    """Save an IR so that a reader never sees half of it: the weights first, then the xml that names them."""
+    import openvino as ov
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.xml")  # OpenVINO writes its weights beside it as .tmp.bin
+    ov.save_model(model, tmp, compress_to_fp16=compress_to_fp16)
+    tmp.with_suffix(".bin").replace(path.with_suffix(".bin"))
+    tmp.replace(path)
 
 
 class OpenVINOModule(torch.nn.Module):
@@ -38,19 +66,14 @@ class OpenVINOModule(torch.nn.Module):
     def _compile(self, x: torch.Tensor):
         import openvino as ov
 
-        dtype = next(self.module.parameters()).dtype
+        dtype = str(next(self.module.parameters()).dtype).removeprefix("torch.")
         # Converted from a float32 copy (OpenVINO lowers precision itself through the hint, as for the UNet).
         source = copy.deepcopy(self.module).to(dtype=torch.float32, memory_format=torch.contiguous_format)
         with torch.no_grad():
             model = ov.convert_model(source.eval(), example_input=x.detach().to(torch.float32).contiguous())
         model.reshape({0: ov.PartialShape(list(x.shape))})  # static: one compiled model per shape
-        ppp = ov.preprocess.PrePostProcessor(model)
-        ppp.input(0).tensor().set_element_type(ov.Type.f32)
-        ppp.output(0).tensor().set_element_type(ov.Type.f32)
-        config = {"INFERENCE_PRECISION_HINT": _PRECISION.get(dtype, "f32"), "PERFORMANCE_HINT": "LATENCY"}
-        compiled = self._core.compile_model(ppp.build(), self.ov_device, config)
         self.conversions += 1
-        return compiled.create_infer_request()
+        return compile_request(self._core, model, self.ov_device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = tuple(x.shape)

@@ -28,9 +28,8 @@ from lcm_live.config import EngineSettings
 from lcm_live.engine.batching import Prepared, StepHook, concat_embeddings, run_batch
 from lcm_live.engine.decoders import (
     LatentPreview,
-    is_tiny_autoencoder,
-    resolve_decoder,
     set_tiling,
+    swap_in_decoder,
     wants_tiling,
 )
 from lcm_live.engine.hooks import StepCallback, StepEvent
@@ -117,18 +116,9 @@ class Engine:
         self.device = device if device is not None else self.pipe.device
         self.dtype = dtype if dtype is not None else self.pipe.unet.dtype
         self.pipe.set_progress_bar_config(disable=True)  # progress goes through the step callback
-        self._taesd = None
-        if self.settings.decoder != "vae":  # taesd, or auto (from_settings has resolved it before the speed-ups)
-            if is_tiny_autoencoder(self.pipe.vae):
-                self._taesd = self.pipe.vae
-            else:
-                self._taesd, _ = resolve_decoder(self.settings, self.pipe.vae, loaded.arch, device=self.device,
-                                                 dtype=self.dtype)
-                if self._taesd is not None:
-                    # The pipelines decode (and img2img encodes) through pipe.vae; TAESD takes the scaled latents
-                    # as they are (its scaling_factor is 1.0), so swapping it in is all it takes.
-                    self.pipe.vae = self._taesd
-            self.settings = self.settings.model_copy(update={"decoder": "taesd" if self._taesd else "vae"})
+        # taesd or auto (from_settings resolves them before the speed-ups; built directly, here).
+        self.settings, _ = swap_in_decoder(self.settings, self.pipe, loaded.arch, device=self.device, dtype=self.dtype)
+        self._taesd = self.pipe.vae if self.settings.decoder == "taesd" else None
         self.prompts = PromptCache(self.settings.prompt_cache_size)
         self._img2img = None
         self._preview = LatentPreview(self.pipe.vae, taesd=self._taesd, scale_factor=self.pipe.vae_scale_factor)
@@ -157,14 +147,11 @@ class Engine:
             speedups.check_speedups(settings, device, dtype)  # refuse impossible flags before a long load
         loaded = load_model(settings, device=device, dtype=dtype, progress=progress)
         applied = []
-        if not is_tiny_autoencoder(loaded.pipe.vae):
-            taesd, decoder = resolve_decoder(settings, loaded.pipe.vae, loaded.arch, device=device, dtype=dtype)
-            if settings.decoder == "auto":
-                applied.append(f"decoder:{decoder}")
-            if taesd is not None:
-                # Swapped in before the speed-ups, so that they (channels_last, ...) apply to the decoder in use.
-                loaded.pipe.vae = taesd
-            settings = settings.model_copy(update={"decoder": "taesd" if taesd is not None else "vae"})
+        # The decoder is swapped in before the speed-ups, so that they (channels_last, ...) apply to the one in use.
+        asked = settings.decoder
+        settings, decoder = swap_in_decoder(settings, loaded.pipe, loaded.arch, device=device, dtype=dtype)
+        if asked == "auto":
+            applied.append(f"decoder:{decoder}")
         if device.type == "cuda":
             applied += _try_xformers(loaded.pipe)
         if speedups is not None:
