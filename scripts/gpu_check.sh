@@ -3,6 +3,7 @@
 #
 #   On the GPU machine, from the repo root, with $OUT set and .whl carried:   bash scripts/gpu_check.sh
 #   (device tool: command "bash scripts/gpu_check.sh", carry [".whl"], timeout_s 600 for the default budget)
+#   Some steps only: GPU_CHECK_ONLY="tests sd15_512_4steps" bash scripts/gpu_check.sh (the step names below)
 #   Dry run here (CPU, tiny model, tiny sizes; every command line parses and runs):
 #       GPU_CHECK_DRY=1 nice -n 19 env OMP_NUM_THREADS=1 bash scripts/gpu_check.sh
 #
@@ -57,10 +58,14 @@ fi
 log() { echo "$*" | tee -a "$LOG"; }
 
 START=$(date +%s)
+ONLY=${GPU_CHECK_ONLY:-}  # space-separated step names: run only those (install always runs)
 # step NAME TIMEOUT_S COMMAND...: runs COMMAND under timeout (capped by what is left of the budget), logs it.
 step() {
     local name=$1 limit=$2
     shift 2
+    if [[ -n $ONLY && $name != install && " $ONLY " != *" $name "* ]]; then
+        return 0
+    fi
     local elapsed=$(( $(date +%s) - START ))
     local left=$(( BUDGET - elapsed ))
     if (( left < MIN_STEP_S )); then
@@ -139,6 +144,7 @@ log "=== bench flags here: --batch-size $HAS_BATCH"
 # ---------------------------------------------------------------- the steps, most needed first
 # Where the tiny model on CUDA parts from its CPU float32 reference (3 CUDA tests failed on that in the first run).
 step tiny_parity 60 "$PY" scripts/gpu_tiny_parity.py --device "$DEVICE"
+step conv_parity 60 "$PY" scripts/gpu_conv_parity.py --device "$DEVICE"
 
 # The CUDA tests (skipped, with the reason, where there is no CUDA device).
 step tests 150 "$PY" -m pytest -q -p no:cacheprovider -rA -m gpu tests/engine/test_cuda.py
@@ -159,6 +165,8 @@ bench sd15_512_4steps_compile 180 --arch "$SD15" --width "$S512" --height "$S512
 if (( HAS_BATCH )); then
     bench sd15_512_4steps_batch8_compile 150 --arch "$SD15" --width "$S512" --height "$S512" \
         --num-inference-steps 4 --batch-size 8 --compile --baseline none "${R_SLOW[@]}"
+    bench sd15_512_1step_batch8_compile 150 --arch "$SD15" --width "$S512" --height "$S512" \
+        --num-inference-steps 1 --batch-size 8 --compile --baseline none "${R_SLOW[@]}"
 fi
 
 # SDXL 1024² with nf4 weights: the fast path's memory (the seed's 8 GB card question; lcm-live only).

@@ -96,3 +96,45 @@ def test_stage_timer_counts_component_calls():
     assert all(v > 0 for v in timer.seconds.values())
     timer.detach()
     assert "forward" not in pipe.unet.__dict__ and "decode" not in pipe.vae.__dict__
+
+
+def test_on_cuda_the_total_is_timed_without_the_stage_synchronizations(monkeypatch):
+    """The stage timer synchronizes the device around each stage; on CUDA a run's total comes from a run without
+    those synchronizations, its stages from a second run."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from lcm_live.bench import bench_engine, measure
+
+    syncs = []
+    monkeypatch.setattr(measure, "synchronize", lambda device: syncs.append(device))
+
+    class Part:  # the timer wraps methods on the instance, as on diffusers' modules
+        def forward(self, x):
+            return x
+
+        decode = forward
+
+    pipe = SimpleNamespace(unet=Part(), vae=Part())
+    runs = []
+
+    def run():
+        runs.append(len(syncs))  # synchronizations before this run started
+        for step in range(3):
+            pipe.unet.forward(step)
+        pipe.vae.decode(0)
+        return f"latents of run {len(runs)}"
+
+    for device, runs_per_timed in (("cuda", 2), ("cpu", 1)):
+        syncs.clear()
+        runs.clear()
+        path = bench_engine._Path("lcm-live", run, pipe, device)
+        path.memory = SimpleNamespace(measure=contextlib.nullcontext)  # no CUDA memory counters here
+        path.timed()
+        assert len(runs) == runs_per_timed and len(path.totals) == 1 and path.unet_calls == 3
+        assert path.latents == "latents of run 1" and path.timer.enabled
+        if device == "cuda":
+            assert runs == [0, 0] and len(syncs) == 8  # none in the timed run; 2 per stage call in the second
+        else:
+            assert len(syncs) == 8
+        path.timer.detach()

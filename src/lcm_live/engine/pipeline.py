@@ -34,6 +34,7 @@ from lcm_live.engine.decoders import (
 )
 from lcm_live.engine.hooks import StepCallback, StepEvent
 from lcm_live.engine.model import LoadedModel
+from lcm_live.engine.postprocess import to_pil
 from lcm_live.engine.prompts import PromptCache
 from lcm_live.engine.request import GenerationRequest, GenerationResult
 from lcm_live.engine.validation import (
@@ -247,7 +248,8 @@ class Engine:
             kwargs.update(
                 num_inference_steps=request.num_inference_steps, guidance_scale=first.guidance_scale,
                 num_images_per_prompt=request.num_images_per_prompt,
-                generator=generators[0] if len(preps) == 1 else generators, output_type=request.output_type,
+                generator=generators[0] if len(preps) == 1 else generators,
+                output_type="pt" if request.output_type == "pil" else request.output_type,  # see postprocess
                 callback_on_step_end=on_step_end,
                 callback_on_step_end_tensor_inputs=["latents", "denoised"] if use_tensor_input else ["latents"],
             )
@@ -260,6 +262,7 @@ class Engine:
             # 4. Denoise and decode.
             with recorder:  # a Cancelled raised by the hook propagates from here
                 output = pipe(**kwargs)
+            images = to_pil(output.images) if request.output_type == "pil" else output.images
             t_end = time.perf_counter()
 
         last = marks["last_step"] or t_end
@@ -269,7 +272,7 @@ class Engine:
             "decode": t_end - last,
             "total": t_end - t0,
         }
-        return output.images, [list(e.warnings) for e in embeds], timings
+        return images, [list(e.warnings) for e in embeds], timings
 
     def _parameters(self, prep: Prepared, warnings: list[str]) -> dict[str, Any]:
         """Every resolved parameter of one request (what the image's metadata records)."""
