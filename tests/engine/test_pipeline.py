@@ -443,6 +443,28 @@ def test_info_and_warmup(lcm):
     assert lcm._preview._map is not None  # the preview's calibration happens in warm-up, not at the first frame
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_warmup_runs_each_batch_size_through_a_compiled_unet(tiny_lcm_dir, compiled):
+    """Each new batch size recompiles a torch.compile'd UNet (and records its CUDA graph): the warm-up makes
+    batches of 2..max_batch_size then, not the first frames that arrive together. Uncompiled: one image."""
+    from diffusers import DiffusionPipeline
+
+    from lcm_live.engine.model import LoadedModel
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_lcm_dir)
+    loaded = LoadedModel(pipe=pipe, kind="lcm", arch="sd15", name="tiny-lcm", native_width=SIZE, native_height=SIZE)
+    # what apply_speedups reports after compiling (the UNet itself stays eager here: compiling takes minutes)
+    speedups = ["channels_last", "torch.compile(default, freezing)"] if compiled else ["channels_last"]
+    engine = Engine(loaded, EngineSettings(model=str(tiny_lcm_dir), device="cpu", dtype="float32"),
+                    speedups=speedups)
+    assert engine.compiled is compiled
+    sizes: list[int] = []
+    original = pipe.unet.forward
+    pipe.unet.forward = lambda sample, *a, **k: sizes.append(sample.shape[0]) or original(sample, *a, **k)
+    engine.warmup(SIZE, SIZE, 1, max_batch_size=3)
+    assert sizes == ([1, 2, 3] if compiled else [1])
+
+
 def test_decoder_auto_keeps_the_full_vae_where_taesd_does_not_fit(tiny_lcm_dir, tiny_engine):
     # The tiny model's VAE (2x down, its own scaling) is not SD's latent space: TAESD would decode noise.
     engine = tiny_engine(tiny_lcm_dir, "lcm", decoder="auto")

@@ -14,7 +14,12 @@ from lcm_live.config import EngineSettings
 from lcm_live.engine import speedups
 from lcm_live.engine.architectures import build_pipeline
 from lcm_live.engine.devices import CpuFeatures
-from lcm_live.engine.speedups import OPENVINO_AUTO_MIN_PARAMETERS, apply_speedups, resolve_backend
+from lcm_live.engine.speedups import (
+    OPENVINO_AUTO_MIN_PARAMETERS,
+    apply_speedups,
+    check_speedups,
+    resolve_backend,
+)
 from lcm_live.errors import UserError
 
 AMX = CpuFeatures(flags=["avx2", "avx512f", "amx_tile", "amx_bf16"])
@@ -101,3 +106,16 @@ def test_cli_backend_defaults_to_auto():
     assert args.backend == "auto"
     assert engine_settings_from_args(args).backend == "auto"
     assert parser.parse_args(["--backend", "torch"]).backend == "torch"
+
+
+def test_int8_on_openvino_without_nncf_is_refused_before_loading(machine, monkeypatch):
+    """Without NNCF the quantization could only fail later, in its thread, leaving the model on bf16: refused
+    up front, naming the flag and the install."""
+    machine(AMX, openvino=True)
+    monkeypatch.setattr(speedups, "nncf_installed", lambda: False)
+    with pytest.raises(UserError, match=r"needs NNCF.*lcm-live\[openvino\]") as caught:
+        check_speedups(EngineSettings(quantize="int8"), "cpu", torch.bfloat16)
+    assert caught.value.field == "quantize"
+    check_speedups(EngineSettings(), "cpu", torch.bfloat16)  # without --quantize: fine
+    monkeypatch.setattr(speedups, "nncf_installed", lambda: True)
+    check_speedups(EngineSettings(quantize="int8"), "cpu", torch.bfloat16)

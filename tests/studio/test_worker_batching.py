@@ -169,6 +169,15 @@ def test_gpu_default_batches_up_to_max_sessions():
     worker.stop()
 
 
+def test_the_worker_warms_up_its_batch_size():
+    engine = FakeEngine()
+    worker = make_worker(engine, max_batch_size=3)
+    try:
+        assert worker.max_batch_size == 3 and engine.warmup_max_batch_size == 3
+    finally:
+        worker.stop()
+
+
 def test_resolve_max_batch_size():
     assert resolve_max_batch_size(StudioSettings(), "cpu") == 1
     assert resolve_max_batch_size(StudioSettings(), "cuda:0") == 4

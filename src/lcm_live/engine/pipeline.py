@@ -15,7 +15,6 @@ as one pipeline call, each with its own prompt, seed and image (stream batching:
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import secrets
 import threading
@@ -32,7 +31,7 @@ from lcm_live.engine.decoders import (
     swap_in_decoder,
     wants_tiling,
 )
-from lcm_live.engine.hooks import StepCallback, StepEvent
+from lcm_live.engine.hooks import DenoisedRecorder, StepCallback, StepEvent
 from lcm_live.engine.model import LoadedModel
 from lcm_live.engine.postprocess import to_pil
 from lcm_live.engine.prompts import PromptCache
@@ -76,33 +75,6 @@ class EngineInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class _DenoisedRecorder:
-    """Keeps the x0 prediction of the scheduler's last step, for pipelines whose step callback does not expose
-    ``denoised`` (StableDiffusion*Pipeline drop the second output of ``LCMScheduler.step``)."""
-
-    def __init__(self, scheduler: Any):
-        self.scheduler = scheduler
-        self.last = None
-
-    def __enter__(self) -> _DenoisedRecorder:
-        original = type(self.scheduler).step.__get__(self.scheduler)
-
-        # wraps() keeps step's signature visible: pipelines inspect it to decide whether to pass `generator`
-        # (without it, the re-noising between steps would draw from the global RNG and seeds would not hold).
-        @functools.wraps(original)
-        def step(*args, **kwargs):
-            out = original(*args, **kwargs)
-            denoised = out[1] if isinstance(out, tuple) and len(out) > 1 else getattr(out, "denoised", None)
-            self.last = denoised
-            return out
-
-        self.scheduler.step = step  # instance attribute, removed on exit; the class is untouched
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.scheduler.__dict__.pop("step", None)
 
 
 class Engine:
@@ -160,6 +132,11 @@ class Engine:
         return cls(loaded, settings, device, dtype, speedups=applied)
 
     # ------------------------------------------------------------------ generation
+    @property
+    def compiled(self) -> bool:
+        """Whether the UNet is torch.compile'd (its first call at each shape compiles)."""
+        return any(name.startswith("torch.compile") for name in self.info.speedups)
+
     @property
     def lcm_img2img(self) -> bool:
         """Whether image-to-image runs LCM's own pipeline: every step runs, whatever the strength."""
@@ -233,7 +210,7 @@ class Engine:
 
             # 3. The per-step hook: the step's x0 prediction as preview latents, cancellation by exception.
             use_tensor_input = "denoised" in getattr(pipe, "_callback_tensor_inputs", [])
-            recorder = contextlib.nullcontext() if use_tensor_input else _DenoisedRecorder(pipe.scheduler)
+            recorder = contextlib.nullcontext() if use_tensor_input else DenoisedRecorder(pipe.scheduler)
             marks = {"last_step": None}
 
             def on_step_end(p, i, t, tensors):
@@ -328,13 +305,20 @@ class Engine:
         with self._preview_lock:  # only guards the one-time calibration
             return self._preview(latents, index)
 
-    def warmup(self, width: int | None = None, height: int | None = None, num_inference_steps: int = 4) -> dict:
+    def warmup(self, width: int | None = None, height: int | None = None, num_inference_steps: int = 4,
+               max_batch_size: int = 1) -> dict:
         """One throw-away generation at this size (first-call kernel selection, allocator growth), and the
-        preview's one-time calibration (without TAESD); the generation's timings."""
+        preview's one-time calibration (without TAESD); the generation's timings. With a compiled UNet
+        (``--compile``) also one batch of each size 2..``max_batch_size``: each new batch size recompiles it (and
+        records its CUDA graph), which would otherwise stall the first frames that arrive together."""
         with self._preview_lock:
             self._preview.calibrate_once()
         result = self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=num_inference_steps,
                                                  width=width, height=height, seed=0))
+        if self.compiled:
+            for n in range(2, max_batch_size + 1):
+                self.generate_batch([GenerationRequest(prompt="warm-up", num_inference_steps=num_inference_steps,
+                                                       width=width, height=height, seed=i) for i in range(n)])
         if self.calibrate(width, height):  # 4 steps whatever the warm-up's: timesteps from 999 down to 259
             result = self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=num_inference_steps,
                                                      width=width, height=height, seed=0))  # the int8 UNet's first

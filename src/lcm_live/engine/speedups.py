@@ -52,6 +52,11 @@ def openvino_installed() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
+def nncf_installed() -> bool:
+    """Whether NNCF (``--quantize int8`` on OpenVINO) can be imported; found on the path, not imported."""
+    return importlib.util.find_spec("nncf") is not None
+
+
 def resolve_backend(settings: EngineSettings, device: Any, *, unet_parameters: int | None = None,
                     cpu: devices.CpuFeatures | None = None) -> BackendChoice:
     """The UNet backend to run, and why. ``auto``: OpenVINO when the device is the CPU, the CPU has fast bf16
@@ -108,6 +113,9 @@ def check_speedups(settings: EngineSettings, device: Any, dtype: Any, *, backend
         if settings.compile:
             raise UserError("--compile applies to the torch backend; with --backend openvino leave it off "
                             "(OpenVINO compiles its own graph)", field="compile")
+        if settings.quantize == "int8" and not nncf_installed():
+            raise UserError("--quantize int8 with the OpenVINO backend needs NNCF (post-training quantization): "
+                            "pip install 'lcm-live[openvino]', or leave --quantize off", field="quantize")
     if settings.quantize == "nf4" and device.type != "cuda":
         raise UserError("--quantize nf4 needs a CUDA GPU (bitsandbytes); on a CPU use --quantize int8",
                         field="quantize")

@@ -78,6 +78,7 @@ class FakeEngine:
         self.steps_run = 0  # denoising steps completed, over all calls
         self.previews_decoded = 0
         self.warmups = 0
+        self.warmup_max_batch_size: int | None = None
         self._lock = threading.Lock()
         self._script = list(cfg.failures)
         self._rng = random.Random(cfg.fault_seed)
@@ -212,8 +213,9 @@ class FakeEngine:
         level = int(latents) * 30 % 256 if isinstance(latents, int) else 128
         return Image.new("RGB", (64, 64), (level, level, level))
 
-    def warmup(self, width: int, height: int, num_inference_steps: int) -> None:
+    def warmup(self, width: int, height: int, num_inference_steps: int, max_batch_size: int = 1) -> None:
         self.warmups += 1
+        self.warmup_max_batch_size = max_batch_size
         if self.config.warmup_failure:
             raise RuntimeError("fake warmup failure")
         # Not recorded in ``calls`` and never consumes a scripted failure: tests count user generations only.

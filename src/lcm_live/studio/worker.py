@@ -255,7 +255,7 @@ class Worker:
             width = s.warmup_width or s.default_width
             height = s.warmup_height or s.default_height
             t0 = time.perf_counter()
-            self.engine.warmup(width, height, s.warmup_steps)
+            self.engine.warmup(width, height, s.warmup_steps, max_batch_size=self.max_batch_size)
             log.info("studio: warmed up at %dx%d, %d step(s), in %.1f s; up to %d frame(s) per engine call",
                      width, height, s.warmup_steps, time.perf_counter() - t0, self.max_batch_size)
         except Exception as exc:
