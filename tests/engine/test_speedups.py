@@ -188,6 +188,26 @@ def test_a_failed_int8_quantization_keeps_the_float_ir(reference, tmp_path, monk
 
 @needs_openvino
 @pytest.mark.skipif(not has_nncf, reason="nncf not installed")
+def test_int8_quantization_without_the_memory_for_nncf_is_refused(reference, tmp_path, monkeypatch):
+    """NNCF peaks at ~7.5x the IR's weights file; with less available the quantization is refused with the
+    figures (not left to the OOM killer, which would take the whole studio) and the shape stays on its IR."""
+    import psutil
+
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=1000))
+    settings = EngineSettings(model="tiny", backend="openvino", quantize="int8", openvino_cache_dir=str(tmp_path))
+    pipe = tiny()
+    apply_speedups(pipe, settings, "cpu", torch.float32)
+    pipe.unet.calibration_calls = 2
+    final_latents(pipe)
+    pipe.unet.wait_quantized()
+    assert pipe.unet.quantized_shapes == 0 and len(pipe.unet.quantize_errors) == 1
+    assert "NNCF needs about" in pipe.unet.quantize_errors[0] and "0.0 GB is available" in pipe.unet.quantize_errors[0]
+    assert cosine(final_latents(pipe), reference) > 0.9999  # still generating, on the float IR
+
+
+@needs_openvino
+@pytest.mark.skipif(not has_nncf, reason="nncf not installed")
 def test_engine_warmup_calibrates_the_int8_unet(tmp_path):
     from lcm_live.engine.model import LoadedModel
     from lcm_live.engine.pipeline import Engine

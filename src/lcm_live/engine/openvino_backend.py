@@ -219,7 +219,10 @@ class OpenVINOUNet(torch.nn.Module):
             self._compiled[key] = self._compile_ir(out, offload=False)  # the next call runs int8
             self.quantized_shapes += 1
         except Exception as exc:  # a failed quantization fails only itself: the shape stays on its bf16 IR
-            logger.exception("int8: quantizing the UNet for %s failed; it keeps running unquantized", dict(key))
+            if isinstance(exc, UserError):  # refused with its reason (not enough memory, no NNCF): one line
+                logger.warning("int8: not quantizing the UNet for %s: %s", dict(key), exc.message)
+            else:
+                logger.exception("int8: quantizing the UNet for %s failed; it keeps running unquantized", dict(key))
             self.quantize_errors.append(f"{dict(key)}: {exc}")
         finally:
             self._quantizing.pop(key, None)

@@ -22,6 +22,9 @@ import numpy as np
 from lcm_live.errors import UserError
 
 CALIBRATION_CALLS = 16  # UNet calls recorded per shape (e.g. 4 generations of 4 steps)
+# NNCF's peak memory per byte of the IR's weights file: it compiles the model in float32 to collect activation
+# ranges. Measured 12.65 GB for sd15's 1.72 GB float16 .bin (2026-11-26, a process of its own), so 7.5x.
+NNCF_MEMORY_PER_WEIGHT_BYTE = 7.5
 INT8_TAG = "int8-ptq"  # the cache key's quantize part (the weights-only int8 IRs of earlier versions differ)
 
 # Prompts for the warm-up generations that calibrate: varied subjects and styles, so the text conditioning spans
@@ -52,6 +55,21 @@ class Calibration:
         return len(self.samples) >= self.calls
 
 
+def check_memory_for_quantization(base_ir: Path) -> None:
+    """Refuse, with the figures, when NNCF's peak would not fit in the memory available now: the OOM killer
+    would take the whole studio, where a refusal leaves this shape on its bf16 IR and everything else running."""
+    import psutil
+
+    weights = Path(base_ir).with_suffix(".bin")
+    need = NNCF_MEMORY_PER_WEIGHT_BYTE * weights.stat().st_size if weights.exists() else 0
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise UserError(f"--quantize int8: NNCF needs about {need / 2**30:.1f} GB of free memory to quantize this "
+                        f"UNet once (its int8 copy is then cached), and {available / 2**30:.1f} GB is available; "
+                        "the UNet keeps running in bf16. Close other programs and restart, or leave --quantize off",
+                        field="quantize")
+
+
 def quantize_ir(core: Any, base_ir: Path, samples: list[dict[str, np.ndarray]], out_ir: Path) -> None:
     """NNCF post-training quantization of the IR at ``base_ir`` over ``samples``; saved to ``out_ir``."""
     try:
@@ -65,6 +83,7 @@ def quantize_ir(core: Any, base_ir: Path, samples: list[dict[str, np.ndarray]], 
                         field="quantize") from exc
     from lcm_live.engine.openvino_module import save_ir
 
+    check_memory_for_quantization(base_ir)
     model = core.read_model(base_ir)
     quantized = nncf.quantize(
         model, nncf.Dataset(samples), subset_size=len(samples), model_type=nncf.ModelType.TRANSFORMER,
