@@ -14,7 +14,7 @@
 # is skipped and says so. The script ends within the budget plus ~30 s (a kill's grace, the JSON merge).
 # Order: the CUDA tests; the figures (sd15 512² at 4 steps, the live
 # studio, sdxl 1024², sd15 at 1 step); torch.compile at batch 1 and 8 (compiling the UNet takes about a minute
-# per shape); SDXL nf4, the least needed, last. The bitsandbytes sd15 figures and batching without compile were
+# per shape) and in the live studio; SDXL nf4, the least needed, last. The bitsandbytes sd15 figures and batching without compile were
 # measured in the first GPU run (docs/benchmarks.md) and are not repeated.
 #
 # Times measured on an H200 host (16 cores), 2026-11-26: installing the wheels 1 s, imports 15 s, each sd15
@@ -171,6 +171,10 @@ if (( HAS_BATCH )); then
     bench sd15_512_1step_batch8_compile 150 --arch "$SD15" --width "$S512" --height "$S512" \
         --num-inference-steps 1 --batch-size 8 --compile --baseline none "${R_SLOW[@]}"
 fi
+
+# The live studio with --compile (its warm-up compiles the 256² shape; not yet measured).
+bench live_sd15_256_compile 120 --live --arch "$SD15" --width "$S256" --height "$S256" --seconds "$LIVE_SECONDS" \
+    --compile
 
 # SDXL 1024² with nf4 weights: the fast path's memory (the seed's 8 GB card question; lcm-live only).
 bench sdxl_1024_4steps_nf4 80 --arch "$SDXL" --width "$S1024" --height "$S1024" --num-inference-steps 4 \

@@ -157,6 +157,43 @@ def test_weights_fingerprint_tells_weights_apart():
     assert weights_fingerprint(a) != weights_fingerprint(build_pipeline("tiny", seed=1).unet)
 
 
+def test_contiguous_inputs_puts_every_tensor_in_the_default_layout():
+    from lcm_live.engine.speedups import contiguous_inputs
+
+    latents = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)  # what img2img's encoder gives
+    states = torch.randn(2, 77, 32)
+    args, kwargs = contiguous_inputs(None, (latents, 999), {"encoder_hidden_states": states, "return_dict": False})
+    assert args[0].is_contiguous() and torch.equal(args[0], latents) and args[1] == 999
+    assert kwargs["encoder_hidden_states"] is states and kwargs["return_dict"] is False  # already so: untouched
+
+
+@pytest.mark.slow
+def test_a_compiled_unet_does_not_recompile_for_img2img(tiny_lcm_dir):
+    """img2img's latents come from a channels_last encoder with other strides than txt2img's noise; the
+    compiled UNet's pre-hook makes them contiguous, so the graph compiled by a txt2img warm-up serves sketch
+    frames too (without the hook: a second graph, compiled at the first frame)."""
+    import numpy as np
+    from PIL import Image
+    from torch._dynamo.utils import counters
+
+    from lcm_live.engine.pipeline import Engine
+    from lcm_live.engine.request import GenerationRequest
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        engine = Engine.from_settings(EngineSettings(model=str(tiny_lcm_dir), device="cpu", dtype="float32",
+                                                     backend="torch", compile=True), progress=False)
+        assert "channels_last" in engine.info.speedups and engine.compiled
+        canvas = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+        for extra in ({}, {"image": canvas, "strength": 0.5}, {"image": canvas, "strength": 0.7}):
+            engine.generate(GenerationRequest("a red square", seed=1, num_inference_steps=1, width=64, height=64,
+                                              **extra))
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_torch_compile_parity(reference):
     pipe = tiny()

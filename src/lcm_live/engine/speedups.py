@@ -189,7 +189,22 @@ def apply_speedups(pipe: Any, settings: EngineSettings, device: Any, dtype: Any)
             inductor_config.freezing = True
             pipe.unet = torch.compile(pipe.unet)
             applied.append("torch.compile(default, freezing)")
+        # Runs before the compiled code's guards: see contiguous_inputs.
+        pipe.unet.register_forward_pre_hook(contiguous_inputs, with_kwargs=True)
     return applied
+
+
+def contiguous_inputs(_module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of a compiled UNet: every tensor input in the default (NCHW) layout. A compiled graph is
+    guarded on its inputs' strides, and img2img's latents come out of a channels_last encoder with other strides
+    than txt2img's noise: without this the first sketch frame after a txt2img warm-up recompiles the UNet (about
+    a minute on a GPU; measured as a recompile of the tiny model on the CPU, tests/engine/test_speedups.py)."""
+    import torch
+
+    def fix(value: Any) -> Any:
+        return value.contiguous() if isinstance(value, torch.Tensor) else value
+
+    return tuple(fix(a) for a in args), {k: fix(v) for k, v in kwargs.items()}
 
 
 def quantize_linears_dynamic_int8(unet: Any) -> int:
