@@ -463,6 +463,15 @@ def test_warmup_runs_each_batch_size_through_a_compiled_unet(tiny_lcm_dir, compi
     pipe.unet.forward = lambda sample, *a, **k: sizes.append(sample.shape[0]) or original(sample, *a, **k)
     engine.warmup(SIZE, SIZE, 1, max_batch_size=3)
     assert sizes == ([1, 2, 3] if compiled else [1])
+    if compiled:  # a batch that fails fails the warm-up (generate_batch itself reports per member)
+        def no_room_for_two(sample, *args, **kwargs):
+            if sample.shape[0] > 1:
+                raise RuntimeError("CUDA out of memory")
+            return original(sample, *args, **kwargs)
+
+        pipe.unet.forward = no_room_for_two
+        with pytest.raises(RuntimeError, match="out of memory"):
+            engine.warmup(SIZE, SIZE, 1, max_batch_size=2)
 
 
 def test_decoder_auto_keeps_the_full_vae_where_taesd_does_not_fit(tiny_lcm_dir, tiny_engine):

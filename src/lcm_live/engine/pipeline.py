@@ -317,8 +317,11 @@ class Engine:
                                                  width=width, height=height, seed=0))
         if self.compiled:
             for n in range(2, max_batch_size + 1):
-                self.generate_batch([GenerationRequest(prompt="warm-up", num_inference_steps=num_inference_steps,
-                                                       width=width, height=height, seed=i) for i in range(n)])
+                batch = self.generate_batch([GenerationRequest(prompt="warm-up", seed=i, width=width, height=height,
+                                                               num_inference_steps=num_inference_steps)
+                                             for i in range(n)])
+                if batch[0].error is not None:  # generate_batch reports per member; a warm-up fails loudly
+                    raise batch[0].error
         if self.calibrate(width, height):  # 4 steps whatever the warm-up's: timesteps from 999 down to 259
             result = self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=num_inference_steps,
                                                      width=width, height=height, seed=0))  # the int8 UNet's first
