@@ -8,12 +8,14 @@ as plain ``LCM_LIVE_TOKEN``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "SimianLuo/LCM_Dreamshaper_v7"
+CompileMode = Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 
 class LoraSpec(BaseModel):
@@ -38,6 +40,9 @@ class EngineSettings(BaseModel):
     # auto: OpenVINO on a CPU when the extra is installed and the CPU has bf16 (AMX or avx512_bf16), else torch
     backend: Literal["auto", "torch", "openvino"] = "auto"
     compile: bool = False  # torch.compile the UNet
+    # with compile: torch.compile's mode; auto: reduce-overhead (CUDA graphs) on CUDA, default (+ weight freezing)
+    # on the CPU. max-autotune also tunes Triton/C++ GEMM and conv kernels: many minutes per image shape.
+    compile_mode: CompileMode = "auto"
     quantize: Literal["none", "int8", "nf4"] = "none"
     openvino_cache_dir: str | None = None  # converted OpenVINO UNets; None: ~/.cache/lcm-live/openvino
     cache_dir: str | None = None  # Hugging Face cache; None: HF_HOME / the default

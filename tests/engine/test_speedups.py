@@ -70,6 +70,8 @@ def test_torch_int8_parity(reference):
         (dict(quantize="nf4"), "cpu", torch.float32, "quantize"),  # bitsandbytes: CUDA only
         (dict(backend="openvino"), "cuda", torch.float16, "backend"),  # OpenVINO runs on the CPU
         (dict(quantize="int8"), "mps", torch.float16, "quantize"),
+        (dict(compile_mode="max-autotune"), "cuda", torch.float16, "compile_mode"),  # without --compile
+        (dict(compile=True, compile_mode="reduce-overhead"), "cpu", torch.bfloat16, "compile_mode"),  # CUDA graphs
     ],
 )
 def test_impossible_combinations_are_one_clear_error(settings, device, dtype, field):
@@ -77,6 +79,36 @@ def test_impossible_combinations_are_one_clear_error(settings, device, dtype, fi
         check_speedups(EngineSettings(model="tiny", **settings), device, dtype)
     assert err.value.field == field
     assert "\n" not in err.value.message and "--" in err.value.message  # names the flag
+
+
+@pytest.mark.parametrize("device, mode, called, applied", [
+    ("cpu", "auto", "default", "torch.compile(default, freezing)"),
+    ("cpu", "max-autotune", "max-autotune", "torch.compile(max-autotune, freezing)"),
+    ("cuda", "auto", "reduce-overhead", "torch.compile(reduce-overhead)"),
+    ("cuda", "max-autotune", "max-autotune", "torch.compile(max-autotune)"),
+])
+def test_compile_mode_reaches_torch_compile(monkeypatch, device, mode, called, applied):
+    """--compile-mode is torch.compile's mode (auto: CUDA graphs on CUDA, default on a CPU); torch.compile is
+    replaced by a spy here, so nothing compiles (and the CUDA rows run without a GPU: channels_last and the
+    compile step only label and wrap the modules)."""
+    import torch._inductor.config as inductor_config
+
+    calls = []
+
+    def spy(module, **kwargs):
+        calls.append(kwargs)
+        return module
+
+    monkeypatch.setattr(torch, "compile", spy)
+    pipe = tiny()
+    freezing = inductor_config.freezing
+    try:
+        out = apply_speedups(pipe, EngineSettings(model="tiny", backend="torch", compile=True, compile_mode=mode),
+                             torch.device(device), torch.float32)
+    finally:
+        inductor_config.freezing = freezing
+    assert len(calls) == 1 and calls[0]["mode"] == called and out[-1] == applied
+    assert pipe.unet._forward_pre_hooks  # contiguous_inputs, ahead of the compiled code's guards
 
 
 @needs_openvino

@@ -106,6 +106,11 @@ def test_cli_backend_defaults_to_auto():
     assert args.backend == "auto"
     assert engine_settings_from_args(args).backend == "auto"
     assert parser.parse_args(["--backend", "torch"]).backend == "torch"
+    assert engine_settings_from_args(args).compile_mode == "auto"
+    tuned = engine_settings_from_args(parser.parse_args(["--compile", "--compile-mode", "max-autotune"]))
+    assert tuned.compile and tuned.compile_mode == "max-autotune"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--compile-mode", "fastest"])
 
 
 def test_int8_on_openvino_without_nncf_is_refused_before_loading(machine, monkeypatch):

@@ -45,6 +45,7 @@ class BenchConfig:
     dtype: str = "auto"
     device: str = "auto"
     compile: bool = False
+    compile_mode: str = "auto"
     quantize: str = "none"
     guidance_scale: float = SEED_GUIDANCE
     prompt: str = "a watercolor fox in a snowy forest, detailed, soft light"
@@ -114,7 +115,8 @@ def build_fast_engine(config: BenchConfig, device: Any, dtype: Any) -> tuple[Any
     settings = EngineSettings(
         model=f"bench:{config.arch}-random-{config.model_seed}", device=device.type,
         dtype=str(dtype).removeprefix("torch."), decoder=config.decoder, backend=resolve_backend(config, device, pipe),
-        compile=config.compile, quantize=config.quantize, openvino_cache_dir=config.openvino_cache_dir,
+        compile=config.compile, compile_mode=config.compile_mode, quantize=config.quantize,
+        openvino_cache_dir=config.openvino_cache_dir,
     )
     applied = apply_speedups(pipe, settings, device, dtype)
     size = 1024 if config.arch == "sdxl" else 512

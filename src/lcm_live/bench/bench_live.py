@@ -46,6 +46,7 @@ class LiveConfig:
     dtype: str = "auto"
     device: str = "auto"
     compile: bool = False
+    compile_mode: str = "auto"
     quantize: str = "none"
     openvino_cache_dir: str | None = None
     prompt: str = "a watercolor fox in a snowy forest"
@@ -176,7 +177,7 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
     bench_config = BenchConfig(arch=config.arch, width=config.width, height=config.height,
                                num_inference_steps=config.num_inference_steps, backend=config.backend,
                                decoder=config.decoder, dtype=config.dtype, device=config.device,
-                               compile=config.compile, quantize=config.quantize,
+                               compile=config.compile, compile_mode=config.compile_mode, quantize=config.quantize,
                                openvino_cache_dir=config.openvino_cache_dir)
     device, dtype = resolve_device_dtype(bench_config)
     machine = describe_machine(device)  # at the start: its time and load average are the run's start

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lcm_live.config import COMPILE_MODES
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -42,6 +44,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="lcm-live's dtype (the seed path is float32 on CPU, float16 on CUDA)")
     parser.add_argument("--compile", action="store_true", help="torch.compile lcm-live's UNet")
+    parser.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES,
+                        help="with --compile: torch.compile's mode (auto: reduce-overhead on CUDA, default on a CPU)")
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"])
     parser.add_argument("--seed", type=int, default=0, help="the image seed (same noise on both paths)")
     parser.add_argument("--openvino-cache-dir", default=None)
@@ -79,8 +83,9 @@ def run(args: argparse.Namespace) -> int:
         report = run_live(LiveConfig(
             arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps or 1,
             seconds=args.seconds, strength=args.strength, backend=args.backend, decoder=args.decoder,
-            dtype=args.dtype, device=args.device, compile=args.compile, quantize=args.quantize,
-            openvino_cache_dir=args.openvino_cache_dir, sessions=args.sessions, max_batch_size=args.batch_size))
+            dtype=args.dtype, device=args.device, compile=args.compile, compile_mode=args.compile_mode,
+            quantize=args.quantize, openvino_cache_dir=args.openvino_cache_dir, sessions=args.sessions,
+            max_batch_size=args.batch_size))
         text = format_live(report)
     else:
         from lcm_live.bench.bench_engine import BenchConfig, format_report, run_bench
@@ -90,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance_scale, runs=args.runs, warmup=args.warmup, batch_size=args.batch_size or 1,
             baseline=None if args.baseline == "none" else args.baseline, backend=args.backend,
             decoder=args.decoder, dtype=args.dtype, device=args.device, compile=args.compile,
-            quantize=args.quantize, seed=args.seed, openvino_cache_dir=args.openvino_cache_dir,
+            compile_mode=args.compile_mode, quantize=args.quantize, seed=args.seed, openvino_cache_dir=args.openvino_cache_dir,
             progress=not args.no_progress))
         text = format_report(report)
     if args.json:

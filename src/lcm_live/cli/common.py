@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from lcm_live.config import DEFAULT_MODEL, EngineSettings, LoraSpec
+from lcm_live.config import COMPILE_MODES, DEFAULT_MODEL, EngineSettings, LoraSpec
 from lcm_live.errors import UserError
 
 
@@ -35,6 +35,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, decoder: str = "vae
                    help="run the UNet in PyTorch or OpenVINO (CPU); auto: OpenVINO on a CPU with AMX or "
                         "avx512_bf16 when the [openvino] extra is installed, else torch (default: %(default)s)")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first run)")
+    g.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES,
+                   help="with --compile: auto is reduce-overhead (CUDA graphs) on CUDA, default with weight "
+                        "freezing on a CPU; max-autotune also tunes the kernels (many minutes per image shape)")
     g.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"],
                    help="int8 (CPU: OpenVINO/NNCF or torch dynamic; CUDA: bitsandbytes) or nf4 (CUDA)")
 
@@ -66,7 +69,7 @@ def engine_settings_from_args(args: argparse.Namespace, **overrides) -> EngineSe
         cache_dir=args.cache_dir,
     )
     # Flags added later: parsers (or hand-made namespaces) without them keep the settings' defaults.
-    for name in ("taesd", "backend", "compile", "quantize"):
+    for name in ("taesd", "backend", "compile", "compile_mode", "quantize"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     values.update(overrides)

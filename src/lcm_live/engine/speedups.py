@@ -32,12 +32,12 @@ from lcm_live.errors import UserError
 # per-call overhead, not GEMM throughput, is the cost.
 OPENVINO_AUTO_MIN_PARAMETERS = 100_000_000
 
-# torch.compile's mode on CUDA. "reduce-overhead": Inductor's fused kernels plus CUDA graphs, so a UNet call is
-# one graph launch instead of about a thousand kernel launches (the launch overhead is what dominates at batch 1
-# on a fast GPU). Not "max-autotune": on top of the same CUDA graphs it benchmarks Triton templates for every
-# GEMM/conv shape, which takes many minutes for an SD UNet on the first call (and again for every new image size
-# the studio sees), for a gain over cuBLAS/cuDNN that is typically a few percent (not measured here); nor
-# "max-autotune-no-cudagraphs", which pays the same autotuning and drops the graphs.
+# torch.compile's mode on CUDA under --compile-mode auto. "reduce-overhead": Inductor's fused kernels plus CUDA
+# graphs, so a UNet call is one graph launch instead of about a thousand kernel launches (an sd15 step at 512x512
+# went from 38 to 6 ms on an H200). Not "max-autotune" by default: on top of the same CUDA graphs it benchmarks
+# Triton templates for every GEMM/conv shape, which takes many minutes for an SD UNet on the first call (and again
+# for every new image size the studio sees), for a gain over cuBLAS/cuDNN not measured here; it is there for
+# whoever can wait (--compile-mode max-autotune).
 CUDA_COMPILE_MODE = "reduce-overhead"
 
 
@@ -125,6 +125,12 @@ def check_speedups(settings: EngineSettings, device: Any, dtype: Any, *, backend
         raise UserError(f"--quantize int8 with {how} runs torch's dynamic int8 Linear, which needs float32 "
                         f"(got {str(dtype).removeprefix('torch.')}): add --dtype float32, or use "
                         "--backend openvino", field="quantize")
+    if settings.compile_mode != "auto" and not settings.compile:
+        raise UserError(f"--compile-mode {settings.compile_mode} applies with --compile: add --compile, or leave "
+                        "--compile-mode off", field="compile_mode")
+    if settings.compile and settings.compile_mode == "reduce-overhead" and device.type != "cuda":
+        raise UserError(f"--compile-mode reduce-overhead records CUDA graphs, which {device.type} has not: use "
+                        "--compile-mode auto (default) or max-autotune", field="compile_mode")
     if settings.quantize != "none" and device.type == "mps":
         raise UserError("--quantize is not supported on mps: use --quantize none", field="quantize")
 
@@ -177,21 +183,29 @@ def apply_speedups(pipe: Any, settings: EngineSettings, device: Any, dtype: Any)
 
     # 4. torch.compile.
     if settings.compile:
+        mode = compile_mode(settings, device)
         if device.type == "cuda":
             # fullgraph: the UNet compiles as one graph (diffusers keeps it break-free); bitsandbytes layers may
             # break it, so a quantized UNet compiles in pieces.
-            pipe.unet = torch.compile(pipe.unet, mode=CUDA_COMPILE_MODE, fullgraph=settings.quantize == "none")
-            applied.append(f"torch.compile({CUDA_COMPILE_MODE})")
+            pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=settings.quantize == "none")
+            applied.append(f"torch.compile({mode})")
         else:
             import torch._inductor.config as inductor_config
 
             # Freezing folds the (inference-only) weights into the graph so oneDNN can prepack them.
             inductor_config.freezing = True
-            pipe.unet = torch.compile(pipe.unet)
-            applied.append("torch.compile(default, freezing)")
+            pipe.unet = torch.compile(pipe.unet, mode=mode)
+            applied.append(f"torch.compile({mode}, freezing)")
         # Runs before the compiled code's guards: see contiguous_inputs.
         pipe.unet.register_forward_pre_hook(contiguous_inputs, with_kwargs=True)
     return applied
+
+
+def compile_mode(settings: EngineSettings, device: Any) -> str:
+    """torch.compile's mode for ``--compile-mode``: auto is CUDA_COMPILE_MODE on CUDA, "default" elsewhere."""
+    if settings.compile_mode != "auto":
+        return settings.compile_mode
+    return CUDA_COMPILE_MODE if getattr(device, "type", str(device)) == "cuda" else "default"
 
 
 def contiguous_inputs(_module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
