@@ -7,10 +7,11 @@ import threading
 import pytest
 
 from lcm_live.config import StudioSettings
+from lcm_live.studio.batching import resolve_max_batch_size
 from lcm_live.studio.fake_engine import FakeEngine
 from lcm_live.studio.metrics import StudioMetrics
 from lcm_live.studio.params import default_params_model
-from lcm_live.studio.worker import Job, Worker, resolve_max_batch_size
+from lcm_live.studio.worker import Job, Worker
 
 from .conftest import wait_until
 from .test_worker import Recorder

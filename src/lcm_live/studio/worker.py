@@ -11,7 +11,8 @@ them to the event loop themselves.
 
 Stream batching: when the worker takes the next slot's job it also takes the waiting jobs of other slots with the
 same batch key (engine/batching.py: mode, size, steps, guidance, strength), up to ``max_batch_size`` (resolved
-once the model is loaded: the setting, else 1 on a CPU and ``max_sessions`` on CUDA/MPS), and runs them as one
+once the model is loaded: the setting, else 1 on a CPU and ``max_sessions`` on CUDA/MPS; studio/batching.py), and
+runs them as one
 ``engine.generate_batch`` call. Each job keeps its own sink, seed, cancellation, deadline and outcome: a job
 superseded mid-batch drops out at its next step (its frame is never sent), and a failed batch fails only its own
 jobs. Clients cannot tell a batched frame from a single one.
@@ -31,9 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lcm_live.config import StudioSettings
-from lcm_live.engine.batching import batch_key
 from lcm_live.engine.hooks import Cancelled, StepEvent
 from lcm_live.errors import UserError
+from lcm_live.studio.batching import engine_device, job_batch_key, resolve_max_batch_size
 from lcm_live.studio.images import fit_canvas
 from lcm_live.studio.metrics import StudioMetrics
 from lcm_live.studio.params import GenerationParams
@@ -75,28 +76,6 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, (RuntimeError, MemoryError)) and (
         isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
     )
-
-
-def resolve_max_batch_size(settings: StudioSettings, device: str) -> int:
-    """``max_batch_size`` as set, else 1 on a CPU (a batch there costs its members' time: nothing to gain) and
-    ``max_sessions`` (default 4) on CUDA or MPS."""
-    if settings.max_batch_size is not None:
-        return settings.max_batch_size
-    if str(device).startswith(("cuda", "mps")):
-        return settings.max_sessions or 4
-    return 1
-
-
-def job_batch_key(job: Job) -> Any:
-    """The engine batch key of the request this job will run (None: never batched)."""
-    img2img = job.params.mode == "img2img" and job.canvas is not None
-    return batch_key(job.params.to_request(image=job.canvas if img2img else None))
-
-
-def _engine_device(engine: Any) -> str:
-    info = engine.info
-    device = info.get("device") if isinstance(info, dict) else getattr(info, "device", None)
-    return str(device or "cpu")
 
 
 @dataclass
@@ -251,7 +230,7 @@ class Worker:
         try:
             self.engine = self._engine_factory()
             batching = hasattr(self.engine, "generate_batch")
-            self.max_batch_size = resolve_max_batch_size(s, _engine_device(self.engine)) if batching else 1
+            self.max_batch_size = resolve_max_batch_size(s, engine_device(self.engine)) if batching else 1
             width = s.warmup_width or s.default_width
             height = s.warmup_height or s.default_height
             t0 = time.perf_counter()
