@@ -12,10 +12,9 @@ them to the event loop themselves.
 Stream batching: when the worker takes the next slot's job it also takes the waiting jobs of other slots with the
 same batch key (engine/batching.py: mode, size, steps, guidance, strength), up to ``max_batch_size`` (resolved
 once the model is loaded: the setting, else 1 on a CPU and ``max_sessions`` on CUDA/MPS; studio/batching.py), and
-runs them as one
-``engine.generate_batch`` call. Each job keeps its own sink, seed, cancellation, deadline and outcome: a job
-superseded mid-batch drops out at its next step (its frame is never sent), and a failed batch fails only its own
-jobs. Clients cannot tell a batched frame from a single one.
+runs them as one ``engine.generate_batch`` call. Each job keeps its own sink, seed, cancellation, deadline and
+outcome: a job superseded mid-batch drops out at its next step (its frame is never sent), and a failed batch fails
+only its own jobs. Clients cannot tell a batched frame from a single one.
 """
 
 from __future__ import annotations
