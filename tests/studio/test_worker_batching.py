@@ -170,11 +170,16 @@ def test_gpu_default_batches_up_to_max_sessions():
     worker.stop()
 
 
-def test_the_worker_warms_up_its_batch_size():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_worker_warms_up_its_batch_size(caplog, compiled):
     engine = FakeEngine()
-    worker = make_worker(engine, max_batch_size=3)
+    engine.compiled = compiled  # as Engine.compiled: a torch.compile'd UNet
+    with caplog.at_level("INFO", logger="lcm_live.studio"):
+        worker = make_worker(engine, max_batch_size=3)
     try:
         assert worker.max_batch_size == 3 and engine.warmup_max_batch_size == 3
+        said = "torch.compile compiles the UNet for batches of 1 to 3" in caplog.text
+        assert said is compiled  # the long compile is announced before it starts
     finally:
         worker.stop()
 

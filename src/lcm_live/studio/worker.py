@@ -233,6 +233,9 @@ class Worker:
             width = s.warmup_width or s.default_width
             height = s.warmup_height or s.default_height
             t0 = time.perf_counter()
+            if getattr(self.engine, "compiled", False):  # minutes with no other sign of life: say so first
+                log.info("studio: warming up at %dx%d: torch.compile compiles the UNet for batches of 1 to %d, "
+                         "a minute or more (once per image size)", width, height, self.max_batch_size)
             self.engine.warmup(width, height, s.warmup_steps, max_batch_size=self.max_batch_size)
             log.info("studio: warmed up at %dx%d, %d step(s), in %.1f s; up to %d frame(s) per engine call",
                      width, height, s.warmup_steps, time.perf_counter() - t0, self.max_batch_size)
