@@ -190,7 +190,9 @@ class _Path:
     def timed(self) -> None:
         """One timed run: its total, and its per-stage times. On CUDA the stage timer's synchronizations would
         slow the run it measures, so the total comes from a run without them and the stages from a second run."""
-        separate = getattr(self.device, "type", str(self.device)) == "cuda"
+        import torch
+
+        separate = torch.device(self.device).type == "cuda"
         self.timer.reset()
         self.timer.enabled = not separate
         try:

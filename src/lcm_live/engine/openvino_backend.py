@@ -133,12 +133,11 @@ class OpenVINOUNet(torch.nn.Module):
         return self.cache_dir / f"{safe_name}-{self.fingerprint}" / f"{shape_text}-{self.precision}-{quantize}-{digest}" / "unet.xml"
 
     # 2. Convert (or read from the cache), then compile for this shape.
-    def _ir(self, inputs: dict) -> Path:
+    def _ir(self, inputs: dict, shapes: dict[str, tuple]) -> Path:
         """The cached IR (inference precision, no quantization) for these shapes, converted from torch first when
         the cache has none."""
         import openvino as ov
 
-        shapes = {k: tuple(v.shape) for k, v in inputs.items()}
         path = self.cache_path(shapes)
         if path.exists():
             return path
@@ -160,20 +159,28 @@ class OpenVINOUNet(torch.nn.Module):
         release_freed_memory()
         return path
 
-    def _compile(self, inputs: dict):
+    def _request(self, inputs: dict) -> tuple[tuple, Any]:
+        """(shape key, infer request) for these inputs, compiled at their first call."""
+        key = tuple((k, tuple(v.shape)) for k, v in inputs.items())
+        request = self._compiled.get(key)
+        if request is None:
+            request = self._compiled[key] = self._compile(inputs, key)
+        return key, request
+
+    def _compile(self, inputs: dict, key: tuple):
         """An infer request for these shapes: the int8 IR when asked for and cached; else the bf16 (or f32/f16)
         IR, recording calibration inputs when int8 is asked for (see engine/openvino_int8.py)."""
+        shapes = dict(key)
         if self.quantize == "int8":
             from lcm_live.engine.openvino_int8 import INT8_TAG, Calibration
 
-            shapes = {k: tuple(v.shape) for k, v in inputs.items()}
             quantized = self.cache_path(shapes, INT8_TAG)
             if quantized.exists():
                 return self._compile_ir(quantized)
-            base = self._ir(inputs)
-            self._calibration[tuple(shapes.items())] = Calibration(base, self.calibration_calls)
+            base = self._ir(inputs, shapes)
+            self._calibration[key] = Calibration(base, self.calibration_calls)
             return self._compile_ir(base)
-        return self._compile_ir(self._ir(inputs))
+        return self._compile_ir(self._ir(inputs, shapes))
 
     def _compile_ir(self, path: Path, *, offload: bool = True):
         if offload and self.offload_torch_unet:  # before compiling: the torch weights and the compile's peak never overlap
@@ -264,10 +271,7 @@ class OpenVINOUNet(torch.nn.Module):
 
     def warm(self, sample, timestep, encoder_hidden_states, timestep_cond=None, added_cond_kwargs=None):
         """Convert/compile for these shapes now (e.g. at engine warm-up), without running."""
-        inputs = self._inputs(sample, timestep, encoder_hidden_states, timestep_cond, added_cond_kwargs)
-        key = tuple((k, tuple(v.shape)) for k, v in inputs.items())
-        if key not in self._compiled:
-            self._compiled[key] = self._compile(inputs)
+        self._request(self._inputs(sample, timestep, encoder_hidden_states, timestep_cond, added_cond_kwargs))
 
     # 3. Run.
     def forward(self, sample, timestep, encoder_hidden_states=None, timestep_cond=None, added_cond_kwargs=None,
@@ -276,10 +280,7 @@ class OpenVINOUNet(torch.nn.Module):
             raise UserError("the OpenVINO backend runs fused weights: a LoRA scale at call time is not supported; "
                             "fuse the LoRA or use --backend torch", field="backend")
         inputs = self._inputs(sample, timestep, encoder_hidden_states, timestep_cond, added_cond_kwargs)
-        key = tuple((k, tuple(v.shape)) for k, v in inputs.items())
-        request = self._compiled.get(key)
-        if request is None:
-            request = self._compiled[key] = self._compile(inputs)
+        key, request = self._request(inputs)
         feed = {k: v.detach().to(torch.float32).contiguous().numpy() if v.is_floating_point() else v.numpy()
                 for k, v in inputs.items()}
         request.infer(feed)

@@ -202,10 +202,11 @@ def apply_speedups(pipe: Any, settings: EngineSettings, device: Any, dtype: Any)
 
 
 def compile_mode(settings: EngineSettings, device: Any) -> str:
-    """torch.compile's mode for ``--compile-mode``: auto is CUDA_COMPILE_MODE on CUDA, "default" elsewhere."""
+    """torch.compile's mode for ``--compile-mode`` on ``device`` (a torch.device): auto is CUDA_COMPILE_MODE on
+    CUDA, "default" elsewhere."""
     if settings.compile_mode != "auto":
         return settings.compile_mode
-    return CUDA_COMPILE_MODE if getattr(device, "type", str(device)) == "cuda" else "default"
+    return CUDA_COMPILE_MODE if device.type == "cuda" else "default"
 
 
 def contiguous_inputs(_module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
