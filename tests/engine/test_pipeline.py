@@ -41,7 +41,10 @@ def test_text_to_image_reports_steps_parameters_and_timings(lcm):
     assert [(e.step, e.total) for e in events] == [(1, 3), (2, 3), (3, 3)]
     assert all(tuple(e.latents.shape) == (1, 4, 32, 32) for e in events)
     assert events[0].timestep > events[-1].timestep  # timesteps go down
+    # Read from the host copy of the schedule (engine/scheduler.py), and the ones the steps ran at.
+    assert [e.timestep for e in events] == lcm.pipe.scheduler.timesteps.tolist() == [999, 679, 339]
     p = result.parameters
+    assert p["scheduler"] == "LCMScheduler"  # HostLCMScheduler computes it; the metadata names diffusers' class
     assert (p["seed"], p["num_inference_steps"], p["guidance_scale"], p["mode"]) == (7, 3, 8.0, "txt2img")
     assert (p["width"], p["height"], p["device"], p["dtype"], p["model"]) == (SIZE, SIZE, "cpu", "float32", "tiny-lcm")
     assert p["negative_prompt"] is None and "strength" not in p and p["lcm_live_version"]

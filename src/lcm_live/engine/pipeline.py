@@ -86,6 +86,9 @@ class Engine:
         self.loaded = loaded
         self.settings = settings or EngineSettings(model=loaded.name)
         self.pipe = loaded.pipe
+        from lcm_live.engine.scheduler import use_host_scheduler
+
+        use_host_scheduler(self.pipe)  # LCMScheduler's function, without waiting for the device at each step
         self.device = device if device is not None else self.pipe.device
         self.dtype = dtype if dtype is not None else self.pipe.unet.dtype
         self.pipe.set_progress_bar_config(disable=True)  # progress goes through the step callback
@@ -103,7 +106,7 @@ class Engine:
             native_height=loaded.native_height, default_guidance_scale=DEFAULT_GUIDANCE[loaded.kind],
             decoder=self.settings.decoder, notice=loaded.notice,
             loras=[{"source": s, "scale": float(w)} for s, w in loaded.loras], speedups=list(speedups or []),
-            scheduler=type(self.pipe.scheduler).__name__,
+            scheduler=_diffusers_class_name(self.pipe.scheduler),
         )
 
     # ------------------------------------------------------------------ construction
@@ -216,7 +219,9 @@ class Engine:
             def on_step_end(p, i, t, tensors):
                 marks["last_step"] = time.perf_counter()
                 x0 = tensors.get("denoised") if use_tensor_input else recorder.last
-                on_step(i + 1, int(p.num_timesteps), int(t), tensors["latents"] if x0 is None else x0)
+                timestep = getattr(p.scheduler, "last_timestep", None)  # int(t) would wait for the device
+                on_step(i + 1, int(p.num_timesteps), int(t) if timestep is None else timestep,
+                        tensors["latents"] if x0 is None else x0)
                 return {}
 
             # One generator per request: member i's noise comes from generator[i], as it would alone.
@@ -347,6 +352,15 @@ class Engine:
             runs += 1
         unet.wait_quantized()
         return runs
+
+
+def _diffusers_class_name(component: Any) -> str:
+    """The name of the diffusers class ``component`` is or extends (HostLCMScheduler -> "LCMScheduler"): the
+    name a diffusers user would load it with, as recorded in images' metadata."""
+    for cls in type(component).__mro__:
+        if cls.__module__.startswith("diffusers."):
+            return cls.__name__
+    return type(component).__name__
 
 
 def _multiple_of_8(value: float) -> int:
