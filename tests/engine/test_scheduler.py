@@ -127,3 +127,18 @@ def test_a_whole_pipeline_call_gives_the_same_latents(dtype):
                     generator=torch.Generator().manual_seed(7), output_type="latent").images
 
     assert torch.equal(final(HostLCMScheduler), final(LCMScheduler))
+
+
+def test_initial_latents_are_prepare_latents_noise_in_every_dtype():
+    """The engine passes these as ``latents=``: in float32 exactly what the pipeline would draw, and in a half
+    dtype the same noise rounded (not a half-precision draw, which some torch builds sample differently)."""
+    from lcm_live.engine.scheduler import initial_latents
+
+    pipe = build_pipeline("tiny", dtype=torch.float32)
+    expected = pipe.prepare_latents(2, 4, 64, 48, torch.float32, torch.device("cpu"),
+                                    torch.Generator().manual_seed(11))
+    ours = initial_latents(pipe, 2, 48, 64, torch.Generator().manual_seed(11), "cpu", torch.float32)
+    f = pipe.vae_scale_factor
+    assert ours.shape == (2, 4, 64 // f, 48 // f) and torch.equal(ours, expected)
+    half = initial_latents(pipe, 2, 48, 64, torch.Generator().manual_seed(11), "cpu", torch.float16)
+    assert half.dtype == torch.float16 and torch.equal(half, expected.half())

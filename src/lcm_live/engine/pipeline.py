@@ -38,10 +38,10 @@ from lcm_live.engine.prompts import PromptCache
 from lcm_live.engine.request import GenerationRequest, GenerationResult
 from lcm_live.engine.validation import (
     DEFAULT_GUIDANCE,
-    MAX_SIZE,
-    MIN_SIZE,
     check_lcm_img2img_schedule,
+    prepare_init_image,
     resolve_guidance,
+    resolve_size,
     validate_request,
 )
 from lcm_live.errors import UserError
@@ -186,7 +186,7 @@ class Engine:
         """Validate ``request`` and resolve guidance, CFG, size, seed and negative prompt."""
         validate_request(request, lcm_img2img=self.lcm_img2img)
         guidance_scale, do_cfg = resolve_guidance(request, self.loaded.kind)
-        width, height = self._resolve_size(request)
+        width, height = resolve_size(request, self.loaded.native_width, self.loaded.native_height)
         seed = request.seed if request.seed is not None else secrets.randbits(32)
         negative = (request.negative_prompt or None) if do_cfg else None
         return Prepared(request, guidance_scale, do_cfg, width, height, seed, negative)
@@ -236,10 +236,15 @@ class Engine:
                 callback_on_step_end_tensor_inputs=["latents", "denoised"] if use_tensor_input else ["latents"],
             )
             if first.img2img:
-                images = [_prepare_init_image(p.request.image, p.width, p.height) for p in preps]
+                images = [prepare_init_image(p.request.image, p.width, p.height) for p in preps]
                 kwargs.update(image=images[0] if len(preps) == 1 else images, strength=request.strength)
             else:
-                kwargs.update(width=first.width, height=first.height)
+                from lcm_live.engine.scheduler import initial_latents
+
+                batch = len(preps) * request.num_images_per_prompt
+                kwargs.update(width=first.width, height=first.height,
+                              latents=initial_latents(pipe, batch, first.width, first.height, kwargs["generator"],
+                                                      self.device, self.dtype))
 
             # 4. Denoise and decode.
             with recorder:  # a Cancelled raised by the hook propagates from here
@@ -283,23 +288,6 @@ class Engine:
         if prep.img2img:
             parameters["strength"] = request.strength
         return parameters
-
-    def _resolve_size(self, request: GenerationRequest) -> tuple[int, int]:
-        """Text-to-image: the model's native size where not given. Image-to-image: the init image's size (to a
-        multiple of 8, as diffusers' preprocessing does), or its aspect ratio when only one side is given."""
-        if request.image is None or (request.width and request.height):
-            return request.width or self.loaded.native_width, request.height or self.loaded.native_height
-        iw, ih = request.image.size
-        if request.width:
-            width, height = request.width, _multiple_of_8(request.width * ih / iw)
-        elif request.height:
-            width, height = _multiple_of_8(request.height * iw / ih), request.height
-        else:
-            width, height = iw // 8 * 8, ih // 8 * 8
-        if not (MIN_SIZE <= width <= MAX_SIZE and MIN_SIZE <= height <= MAX_SIZE):
-            raise UserError(f"the init image is {iw}x{ih}, which gives {width}x{height}; pass width and height "
-                            f"(multiples of 8 from {MIN_SIZE} to {MAX_SIZE}) to resize it", field="image")
-        return width, height
 
     # ------------------------------------------------------------------ previews and warm-up
     def decode_preview(self, latents: Any, index: int = 0) -> Any:
@@ -361,20 +349,6 @@ def _diffusers_class_name(component: Any) -> str:
         if cls.__module__.startswith("diffusers."):
             return cls.__name__
     return type(component).__name__
-
-
-def _multiple_of_8(value: float) -> int:
-    return max(8, int(round(value / 8)) * 8)
-
-
-def _prepare_init_image(image: Any, width: int, height: int) -> Any:
-    """RGB at exactly width x height (a plain resize, as diffusers' own preprocessing does by default)."""
-    from PIL import Image
-
-    image = image.convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.LANCZOS)
-    return image
 
 
 def _speedups_module() -> Any:

@@ -161,3 +161,12 @@ def use_host_scheduler(pipe: Any) -> bool:
         return isinstance(pipe.scheduler, HostLCMScheduler)
     pipe.scheduler = HostLCMScheduler.from_config(pipe.scheduler.config)
     return True
+
+
+def initial_latents(pipe: Any, batch_size: int, width: int, height: int, generator: Any, device: Any,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Text-to-image's starting noise, as the pipeline's ``prepare_latents`` would draw it from ``generator``
+    (one, or one per batch member), but drawn in float32 and cast (:func:`draw_noise`): the same seed starts
+    from the same noise in every dtype. Passed to the pipeline as ``latents=``."""
+    shape = (batch_size, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    return draw_noise(shape, generator, torch.device(device), dtype)

@@ -109,3 +109,35 @@ def check_lcm_img2img_schedule(pipe: Any, request: GenerationRequest) -> None:
             f"steps from {available} of its {original} schedule points at that strength; raise strength to at least "
             f"{request.num_inference_steps / original:.3g} or use at most {max(available, 1)} steps",
             field="strength")
+
+
+def resolve_size(request: GenerationRequest, native_width: int, native_height: int) -> tuple[int, int]:
+    """Text-to-image: the model's native size where not given. Image-to-image: the init image's size (to a
+    multiple of 8, as diffusers' preprocessing does), or its aspect ratio when only one side is given."""
+    if request.image is None or (request.width and request.height):
+        return request.width or native_width, request.height or native_height
+    iw, ih = request.image.size
+    if request.width:
+        width, height = request.width, _multiple_of_8(request.width * ih / iw)
+    elif request.height:
+        width, height = _multiple_of_8(request.height * iw / ih), request.height
+    else:
+        width, height = iw // 8 * 8, ih // 8 * 8
+    if not (MIN_SIZE <= width <= MAX_SIZE and MIN_SIZE <= height <= MAX_SIZE):
+        raise UserError(f"the init image is {iw}x{ih}, which gives {width}x{height}; pass width and height "
+                        f"(multiples of 8 from {MIN_SIZE} to {MAX_SIZE}) to resize it", field="image")
+    return width, height
+
+
+def _multiple_of_8(value: float) -> int:
+    return max(8, int(round(value / 8)) * 8)
+
+
+def prepare_init_image(image: Any, width: int, height: int) -> Any:
+    """RGB at exactly width x height (a plain resize, as diffusers' own preprocessing does by default)."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    return image
