@@ -139,7 +139,10 @@ except Exception as exc:
 
 HELP=$("$PY" -c "$CLI" bench --help 2>/dev/null)
 HAS_BATCH=0; [[ $HELP == *--batch-size* ]] && HAS_BATCH=1
-log "=== bench flags here: --batch-size $HAS_BATCH"
+HAS_PROFILE=0; [[ $HELP == *--profile* ]] && HAS_PROFILE=1
+log "=== bench flags here: --batch-size $HAS_BATCH --profile $HAS_PROFILE"
+# profile_arg NAME: "--profile $OUT/profile_NAME.json" where bench has the flag (an older checkout: nothing).
+profile_arg() { (( HAS_PROFILE )) && echo "--profile $OUT/profile_$1.json"; }
 
 # ---------------------------------------------------------------- the steps, most needed first
 # Diagnoses, only when GPU_CHECK_ONLY names them: where the tiny model on CUDA parts from the CPU reference (how
@@ -163,11 +166,14 @@ bench sd15_512_1step 80 --arch "$SD15" --width "$S512" --height "$S512" --num-in
 # graphs; not "max-autotune", whose per-shape Triton autotuning of the whole UNet takes many minutes on the
 # first call). The compile happens in the first warm-up run. Then the same with 8 images per UNet call
 # (throughput, lcm-live alone: the seed path is the same as in the step above).
+# Each of these two also profiles one more call (bench --profile): its trace comes back as $OUT/profile_*.json
+# (ui.perfetto.dev), and its summary (host waits, device busy time, top kernels) is in the step's report.
 bench sd15_512_4steps_compile 180 --arch "$SD15" --width "$S512" --height "$S512" --num-inference-steps 4 \
-    --compile "${R_FAST[@]}"
+    --compile "${R_FAST[@]}" $(profile_arg sd15_512_4steps_compile)
 if (( HAS_BATCH )); then
     bench sd15_512_4steps_batch8_compile 150 --arch "$SD15" --width "$S512" --height "$S512" \
-        --num-inference-steps 4 --batch-size 8 --compile --baseline none "${R_SLOW[@]}"
+        --num-inference-steps 4 --batch-size 8 --compile --baseline none "${R_SLOW[@]}" \
+        $(profile_arg sd15_512_4steps_batch8_compile)
     bench sd15_512_1step_batch8_compile 150 --arch "$SD15" --width "$S512" --height "$S512" \
         --num-inference-steps 1 --batch-size 8 --compile --baseline none "${R_SLOW[@]}"
 fi
@@ -221,6 +227,8 @@ for name, r in reports.items():
         "lcm_live_speedups": pick(r, "lcm_live", "speedups") or r.get("speedups"),
         "lcm_live_warmup_s": r.get("lcm_live_warmup_s"),
         "live_fps": r.get("live_fps"), "live_latency_ms": r.get("latency_ms"),
+        "profile_wall_ms": pick(r, "profile", "wall_ms"), "profile_device_busy_ms": pick(r, "profile", "device_busy_ms"),
+        "profile_host_waits": pick(r, "profile", "host_waits"),
     }
     summary[name] = {k: v for k, v in row.items() if v is not None}
 Path(out).write_text(json.dumps({"dry_run": dry == "1", "steps": steps, "summary": summary, "reports": reports},
@@ -231,6 +239,9 @@ for s in steps:
 for name, row in summary.items():
     print(f"  {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in row.items() if k not in ("device", "gpu", "lcm_live_speedups")))
+    table = pick(reports[name], "profile", "table")
+    if table:
+        print(table)
 print(f"wrote {out}")
 EOF
 log "=== gpu_check done after $(( $(date +%s) - START ))s; files: $LOG $OUT/bench.json"

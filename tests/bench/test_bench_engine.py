@@ -58,11 +58,35 @@ def test_sessions_without_live_is_refused(capsys):
     assert capsys.readouterr().err.startswith("error: --sessions 2")
 
 
-def test_bench_without_baseline_has_no_ratio(capsys):
+def test_bench_without_baseline_has_no_ratio_and_profiles_a_call(tmp_path, capsys):
+    trace, out_json = tmp_path / "prof" / "trace.json", tmp_path / "r.json"
     assert main(["bench", "--arch", "tiny", "--backend", "torch", "--runs", "1", "--baseline", "none",
-                 "--decoder", "vae", "--dtype", "float32", "--no-progress"]) == 0
+                 "--decoder", "vae", "--dtype", "float32", "--no-progress", "--profile", str(trace),
+                 "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
     assert "lcm-live: dtype float32" in out and "speedup_vs_seed" not in out
+    assert "profile: one lcm-live call" in out and str(trace) in out
+    assert "aten::" in out.split("top operators by self cpu time total:")[1]
+    assert json.loads(trace.read_text())["traceEvents"]
+    profile = json.loads(out_json.read_text())["profile"]
+    assert profile["wall_ms"] > 0 and profile["top"][0]["self_ms"] >= profile["top"][-1]["self_ms"]
+    # The one wait of a call: the scheduler finding its first step's index (engine/scheduler.py).
+    assert profile["host_waits"] == {"aten::_local_scalar_dense": 1}
+
+
+@pytest.mark.parametrize("flag", ["--json", "--profile"])
+def test_unwritable_report_paths_are_refused_before_the_benchmark(tmp_path, capsys, flag):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert main(["bench", "--arch", "tiny", flag, str(a_file / "r.json")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {flag} {a_file / 'r.json'}: cannot make its folder")
+    assert main(["bench", "--arch", "tiny", flag, str(tmp_path)]) == 2
+    assert "that is a folder" in capsys.readouterr().err
+
+
+def test_profile_does_not_apply_to_live(capsys):
+    assert main(["bench", "--live", "--arch", "tiny", "--profile", "p.json"]) == 2
+    assert capsys.readouterr().err.startswith("error: --profile times one engine call")
 
 
 def test_bad_size_is_one_error_line(capsys):

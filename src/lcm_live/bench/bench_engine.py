@@ -53,6 +53,7 @@ class BenchConfig:
     model_seed: int = 0  # the random weights' seed
     openvino_cache_dir: str | None = None
     progress: bool = True
+    profile: str | None = None  # a file: one more lcm-live call under torch.profiler (bench/profile.py)
 
 
 def quiet_diffusers() -> None:
@@ -292,6 +293,11 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                 fast.timed()
                 bar.update()
 
+    if config.profile:
+        from lcm_live.bench.profile import profile_call
+
+        report["profile"] = profile_call(lambda: _fast_run(engine, config, device), device, config.profile)
+
     # 4. Report.
     report["lcm_live"] = fast.report(dtype, config.batch_size) | {
         "speedups": applied, "decoder": config.decoder, "backend": engine.settings.backend}
@@ -349,6 +355,10 @@ def format_report(report: dict[str, Any]) -> str:
                 mem += f" (alone: {report['lcm_live_alone_peak_cuda_gb']:.2f} GB)"
         lines.append(mem)
     lines.append(f"lcm-live setup {report['lcm_live_setup_s']:.1f} s, warm-up {report['lcm_live_warmup_s']:.1f} s")
+    if "profile" in report:
+        from lcm_live.bench.profile import format_profile
+
+        lines += format_profile(report["profile"])
     if "parity_cosine" in report:
         lines.append(f"parity_cosine: {report['parity_cosine']:.5f}")
         lines.append(f"speedup_vs_seed: {report['speedup_vs_seed']:.2f}")

@@ -50,6 +50,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the image seed (same noise on both paths)")
     parser.add_argument("--openvino-cache-dir", default=None)
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the full report as JSON")
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="after the timed runs, one more lcm-live call under torch.profiler: its trace to FILE "
+                             "(Chrome trace JSON, for ui.perfetto.dev), top operators and host waits in the report")
     parser.add_argument("--no-progress", action="store_true")
     live = parser.add_argument_group("live (the studio over its WebSocket)")
     live.add_argument("--live", action="store_true", help="measure the studio's sustained fps instead")
@@ -67,6 +70,25 @@ def _size(args: argparse.Namespace) -> tuple[int, int]:
     return args.width or default, args.height or default
 
 
+def _check_output_path(flag: str, value: str | None) -> None:
+    """A file the report can be written to: its folder exists or can be made, and it is not a folder."""
+    from pathlib import Path
+
+    from lcm_live.errors import UserError
+
+    if not value:
+        return
+    path = Path(value)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{flag} {value}: cannot make its folder {path.parent} ({exc.strerror}); pass a file in a "
+                        "writable folder", field=flag[2:]) from None
+    if path.is_dir():
+        raise UserError(f"{flag} {value}: that is a folder; pass a file name, e.g. {path / 'report.json'}",
+                        field=flag[2:])
+
+
 def run(args: argparse.Namespace) -> int:
     from lcm_live.errors import UserError
 
@@ -74,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
     for name, value in (("--width", width), ("--height", height)):
         if value % 8 or not 64 <= value <= 2048:
             raise UserError(f"{name} {value}: use a multiple of 8 from 64 to 2048", field=name[2:])
+    for flag, value in (("--json", args.json), ("--profile", args.profile)):
+        _check_output_path(flag, value)  # before minutes of benchmarking, not after
+    if args.profile and args.live:
+        raise UserError("--profile times one engine call; it does not apply to --live", field="profile")
     if args.sessions != 1 and not args.live:
         raise UserError(f"--sessions {args.sessions}: it counts WebSocket clients of --live; add --live, or use "
                         "--batch-size for several images per call", field="sessions")
@@ -96,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
             baseline=None if args.baseline == "none" else args.baseline, backend=args.backend,
             decoder=args.decoder, dtype=args.dtype, device=args.device, compile=args.compile,
             compile_mode=args.compile_mode, quantize=args.quantize, seed=args.seed, openvino_cache_dir=args.openvino_cache_dir,
-            progress=not args.no_progress))
+            progress=not args.no_progress, profile=args.profile))
         text = format_report(report)
     if args.json:
         from lcm_live.bench.bench_engine import write_json
