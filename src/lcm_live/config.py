@@ -86,11 +86,14 @@ class StudioSettings(BaseModel):
     frame_format: Literal["jpeg", "webp"] = "jpeg"
     frame_quality: int = Field(85, ge=1, le=100)
     # parameter bounds published in the schema and enforced on every request
-    min_size: int = Field(256, ge=64)
-    max_size: int = Field(768, ge=64)
+    # Sizes left as None follow the model (for_model): the default is its native size (SD1.5 512, SDXL 1024,
+    # builtin:shapes 64: a model made at 64 px tiles its shapes over a 512 px image), the bounds 256..768
+    # widened to take it in.
+    min_size: int | None = Field(None, ge=64)
+    max_size: int | None = Field(None, ge=64)
     size_multiple: int = Field(8, ge=8)
-    default_width: int = 512
-    default_height: int = 512
+    default_width: int | None = Field(None, ge=64)
+    default_height: int | None = Field(None, ge=64)
     min_steps: int = Field(1, ge=1)
     max_steps: int = Field(8, ge=1)
     default_steps: int = 4
@@ -104,17 +107,39 @@ class StudioSettings(BaseModel):
     def _check(self) -> StudioSettings:
         if "*" in self.allowed_origins or "null" in self.allowed_origins:
             raise ValueError("allowed_origins: list explicit origins like http://myhost:7860; '*' and 'null' are refused")
-        if not self.min_size <= self.max_size:
+        if self.min_size is not None and self.max_size is not None and not self.min_size <= self.max_size:
             raise ValueError(f"min_size {self.min_size} is above max_size {self.max_size}")
+        low = self.min_size if self.min_size is not None else 64  # the model may widen the bounds to its size
+        high = self.max_size if self.max_size is not None else 2048
         for name in ("default_width", "default_height"):
             value = getattr(self, name)
-            if not (self.min_size <= value <= self.max_size and value % self.size_multiple == 0):
-                raise ValueError(f"{name}={value}: use a multiple of {self.size_multiple} in [{self.min_size}, {self.max_size}]")
+            if value is not None and not (low <= value <= high and value % self.size_multiple == 0):
+                raise ValueError(f"{name}={value}: use a multiple of {self.size_multiple} in [{low}, {high}]")
         if not self.min_steps <= self.default_steps <= self.max_steps:
             raise ValueError(f"default_steps={self.default_steps}: use {self.min_steps}..{self.max_steps}")
         if not self.min_strength <= self.default_strength <= 1:
             raise ValueError(f"default_strength={self.default_strength}: use {self.min_strength}..1")
         return self
+
+
+    def for_model(self, native_width: int = 512, native_height: int = 512) -> StudioSettings:
+        """These settings with every size left as None resolved for a model of that native size: the default
+        size is the native one, the bounds are 256..768 widened to include it (down to 64, the engine's least).
+        Raises ValueError where a size
+        that was set does not fit the resolved bounds."""
+        m = self.size_multiple
+        width, height = (max(m, round(v / m) * m) for v in (native_width, native_height))
+        low = self.min_size if self.min_size is not None else max(64, min(256, width, height))
+        high = self.max_size if self.max_size is not None else max(768, width, height)
+        first, last = -(-low // m) * m, high // m * m  # the multiples of m inside the bounds
+
+        def fit(side: int) -> int:
+            return min(max(side, first), last)
+
+        sizes = {"min_size": low, "max_size": high,
+                 "default_width": self.default_width or fit(width),
+                 "default_height": self.default_height or fit(height)}
+        return StudioSettings.model_validate(self.model_dump() | sizes)
 
 
 class Settings(BaseSettings):

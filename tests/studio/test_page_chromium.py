@@ -244,7 +244,8 @@ def test_type_a_prompt_then_sketch_and_the_output_follows(page, tmp_path):
     Image.new("RGB", (40, 40), (0, 160, 0)).save(upload)
     page.set_input_files("#upload", str(upload))
     page.wait_for_function("""() => {
-        const d = document.getElementById('sketch').getContext('2d').getImageData(128, 128, 1, 1).data;
+        const c = document.getElementById('sketch');
+        const d = c.getContext('2d').getImageData(c.width / 2, c.height / 2, 1, 1).data;
         return d[0] === 0 && d[1] === 160 && d[2] === 0;
     }""", timeout=10_000)
 

@@ -235,6 +235,7 @@ def test_pointer_strokes_from_pen_touch_and_mouse(page):
         fire('pointerup', { pointerId: 5, pointerType: 'mouse', clientX: 100, clientY: 80 });
         out.erased = px(50, 40);
         out.history = sketch.undoStack.length;
+        out.mouseWidth = sketch.lineWidth({ pointerType: 'mouse' });  // 6 screen px on a canvas shown at 2x
         el.remove();
         return out;
     }""")
@@ -244,3 +245,4 @@ def test_pointer_strokes_from_pen_touch_and_mouse(page):
     assert got["tap"] == blue and got["rightClick"] == white
     assert got["erased"] == white
     assert got["history"] == 3  # pen stroke, tap, eraser: one undo step each
+    assert got["mouseWidth"] == 3  # the brush size is in screen pixels: 3 canvas pixels here

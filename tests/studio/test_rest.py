@@ -140,6 +140,28 @@ def test_schema_publishes_the_bounds(studio):
     assert props["prompt"]["maxLength"] == 1000 and props["previews"]["type"] == "boolean"
 
 
+@pytest.mark.parametrize("native, bounds", [(64, (64, 768)), (512, (256, 768)), (1024, (256, 1024))])
+def test_the_default_size_is_the_models_native_size(native, bounds):
+    """A model made at 64 px (builtin:shapes) tiles its shapes over a 512 px image; SDXL is made at 1024: the
+    studio starts at the model's own size, with the bounds widened to take it in, and warms up at it."""
+    with running_studio(FakeEngine(native_size=native)) as (client, engine, _):
+        props = client.get("/api/schema").json()["properties"]
+        for side in ("width", "height"):
+            assert (props[side]["default"], props[side]["minimum"], props[side]["maximum"]) == (native, *bounds)
+        assert engine.warmup_size == (native, native)
+        assert client.post("/api/generate", json={"prompt": "x"}).headers["content-type"] == "image/png"
+        assert engine.calls[-1].width == native
+
+
+def test_sizes_set_in_the_settings_win_over_the_models():
+    with running_studio(FakeEngine(native_size=64), default_width=256, default_height=320,
+                        max_size=512) as (client, engine, _):
+        props = client.get("/api/schema").json()["properties"]
+        assert (props["width"]["default"], props["height"]["default"]) == (256, 320)
+        assert (props["width"]["minimum"], props["width"]["maximum"]) == (64, 512)
+        assert engine.warmup_size == (256, 320)
+
+
 def test_lcm_lora_model_gets_guidance_default_1():
     with running_studio(FakeEngine(kind="lcm-lora")) as (client, _, _):
         assert client.get("/api/schema").json()["properties"]["guidance_scale"]["default"] == 1.0

@@ -40,6 +40,7 @@ class FakeEngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     notice: str | None = None
+    native_size: int = 512  # the model's native width and height (the studio's default size follows it)
     # Scripted outcome of successive generate() calls: "ok", "oom", "error", "user" (a UserError). Then all ok.
     failures: list[str] = field(default_factory=list)
     error_rate: float = 0.0  # random engine errors (soak)
@@ -79,6 +80,7 @@ class FakeEngine:
         self.previews_decoded = 0
         self.warmups = 0
         self.warmup_max_batch_size: int | None = None
+        self.warmup_size: tuple[int, int] | None = None
         self._lock = threading.Lock()
         self._script = list(cfg.failures)
         self._rng = random.Random(cfg.fault_seed)
@@ -100,8 +102,8 @@ class FakeEngine:
             "arch": "sd15",
             "device": self.config.device,
             "dtype": self.config.dtype,
-            "native_width": 512,
-            "native_height": 512,
+            "native_width": self.config.native_size,
+            "native_height": self.config.native_size,
             "default_guidance_scale": 8.0 if self.config.kind == "lcm" else 1.0,
             "decoder": "fake",
             "notice": self.config.notice,
@@ -215,6 +217,7 @@ class FakeEngine:
 
     def warmup(self, width: int, height: int, num_inference_steps: int, max_batch_size: int = 1) -> None:
         self.warmups += 1
+        self.warmup_size = (width, height)
         self.warmup_max_batch_size = max_batch_size
         if self.config.warmup_failure:
             raise RuntimeError("fake warmup failure")

@@ -7,6 +7,7 @@ Nothing is clamped: a value out of bounds is an error that names the field and t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, ClassVar, Literal
 
@@ -44,13 +45,15 @@ class GenerationParams(BaseModel):
 
 
 def build_params_model(settings: StudioSettings, default_guidance_scale: float = 8.0, *,
-                       lcm_img2img: bool = False) -> type[GenerationParams]:
+                       lcm_img2img: bool = False, native_size: tuple[int, int] = (512, 512)) -> type[GenerationParams]:
     """A GenerationParams subclass with the bounds and defaults of ``settings``.
 
     ``default_guidance_scale`` is the model's (full LCM 8.0, LCM-LoRA 1.0) unless the settings fix one.
     ``lcm_img2img``: the engine's img2img is LCM's own pipeline, which runs every step whatever the strength
     (``Engine.lcm_img2img``); otherwise img2img runs ``steps * strength`` steps, which must be at least one.
+    ``native_size``: the model's (width, height), for the sizes the settings leave to the model (``for_model``).
     """
+    settings = settings.for_model(*native_size)
     guidance = settings.default_guidance_scale if settings.default_guidance_scale is not None else default_guidance_scale
     size = dict(ge=settings.min_size, le=settings.max_size, multiple_of=settings.size_multiple)
     fields: dict[str, Any] = {
@@ -69,6 +72,19 @@ def build_params_model(settings: StudioSettings, default_guidance_scale: float =
     model = create_model("GenerationParams", __base__=GenerationParams, **fields)
     model.lcm_img2img = lcm_img2img
     return model
+
+
+def engine_info(engine: Any) -> dict[str, Any]:
+    """``engine.info`` (a dataclass, a dict or a plain object: the Engine's or a stand-in's) as a dict."""
+    raw = engine.info
+    if dataclasses.is_dataclass(raw):
+        return dataclasses.asdict(raw)
+    return dict(raw) if isinstance(raw, dict) else dict(vars(raw))
+
+
+def native_size(info: dict[str, Any]) -> tuple[int, int]:
+    """The model's native (width, height) from the engine's info; SD1.5's 512 where it does not say."""
+    return int(info.get("native_width") or 512), int(info.get("native_height") or 512)
 
 
 @functools.cache

@@ -52,10 +52,14 @@ export class SketchCanvas extends EventTarget {
     };
   }
 
+  /** The stroke's width in canvas pixels: the brush size is in screen (CSS) pixels, so a brush looks the same
+   * on a 64 px canvas (a model made at 64 px) as on a 1024 px one. */
   lineWidth(e) {
     // Pens report real pressure in [0, 1]; mice report a constant 0.5 while pressed, so ignore it for them.
     const pressure = e.pointerType === "pen" && e.pressure > 0 ? e.pressure : 1;
-    return Math.max(1, this.size * (0.3 + 0.7 * pressure));
+    const shown = this.canvas.getBoundingClientRect().width;
+    const perCssPixel = shown > 0 ? this.canvas.width / shown : 1;
+    return Math.max(1, this.size * perCssPixel * (0.3 + 0.7 * pressure));
   }
 
   onDown(e) {

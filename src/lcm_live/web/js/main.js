@@ -40,6 +40,7 @@ const conn = new Connection(wsUrl.href);
 const state = {
   mode: "txt2img",
   controls: null, // Controls, once the schema is known
+  schemaText: "", // the schema they were built from
   fields: null, // names the server accepts
   promptMaxLength: undefined, // from the schema: shown by the counter, never enforced by cutting the text
   wantSend: false, // input arrived before the schema: send once the controls exist
@@ -81,9 +82,22 @@ function updateCounter() {
 }
 
 function setupSchema(schema) {
-  if (state.controls) return;
+  // A reconnect's hello repeats the schema: the controls stay as the user left them. A different one (the
+  // model, loaded after the page fetched the provisional schema, brought its own size and guidance) rebuilds
+  // them, keeping each value whose field is unchanged.
+  const text = JSON.stringify(schema);
+  if (state.controls && text === state.schemaText) return;
+  const previous = state.controls && { values: state.controls.values(), props: state.controls.props };
+  state.schemaText = text;
   state.promptMaxLength = schemaProperties(schema).prompt?.maxLength;
   state.controls = new Controls(els.controlsForm, schema);
+  if (previous) {
+    for (const [name, value] of Object.entries(previous.values)) {
+      if (JSON.stringify(previous.props[name]) === JSON.stringify(state.controls.props[name])) {
+        state.controls.set(name, value);
+      }
+    }
+  }
   state.fields = state.controls.fieldNames;
   els.negativeWrap.hidden = !state.fields.includes("negative_prompt");
   const modeProp = schemaProperties(schema).mode;
