@@ -156,11 +156,17 @@ def test_3mb_message_closes_with_1009_and_others_are_still_served(server):
             await next_message(other, "hello")
             async with connect(server.ws_url, max_size=None) as ws:
                 await next_message(ws, "hello")
-                await ws.send(b"\x89PNG" + b"\0" * (3 * 1024 * 1024))
                 with pytest.raises(ConnectionClosed) as info:
+                    # The server refuses the frame from its header, without reading the 3 MB: when it closes
+                    # while the client is still writing them, the client's send fails with a reset (seen on a
+                    # loaded machine) and the close frame may be lost with it.
+                    await ws.send(b"\x89PNG" + b"\0" * (3 * 1024 * 1024))
                     while True:
                         await asyncio.wait_for(ws.recv(), timeout=20)
-                assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+                if info.value.rcvd is not None:  # the close frame arrived: it says why
+                    assert info.value.rcvd.code == 1009
+                else:
+                    assert isinstance(info.value.__cause__, ConnectionResetError), info.value
             await other.send(params(prompt="still here", num_inference_steps=1))
             frame = await next_final(other)
             assert frame["params"]["prompt"] == "still here"
