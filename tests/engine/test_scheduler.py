@@ -142,3 +142,42 @@ def test_initial_latents_are_prepare_latents_noise_in_every_dtype():
     assert ours.shape == (2, 4, 64 // f, 48 // f) and torch.equal(ours, expected)
     half = initial_latents(pipe, 2, 48, 64, torch.Generator().manual_seed(11), "cpu", torch.float16)
     assert half.dtype == torch.float16 and torch.equal(half, expected.half())
+
+
+def test_a_seed_gives_the_same_image_in_every_dtype_even_where_half_draws_differ(monkeypatch):
+    """Some torch builds (2.11, CUDA machines) draw a different sequence for float16/bfloat16 than for float32 from
+    one CPU seed. Simulated here by a torch.randn whose half-precision draws are negated: diffusers' pipeline in
+    bfloat16 then starts elsewhere than in float32, the engine (float32 draws, cast) does not."""
+    from lcm_live.config import EngineSettings
+    from lcm_live.engine.model import LoadedModel
+    from lcm_live.engine.pipeline import Engine
+    from lcm_live.engine.request import GenerationRequest
+
+    real_randn = torch.randn
+    half = (torch.float16, torch.bfloat16)
+
+    def skewed_randn(*args, dtype=None, **kwargs):
+        if dtype in half:
+            return (-real_randn(*args, dtype=torch.float32, **kwargs)).to(dtype)
+        return real_randn(*args, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", skewed_randn)
+
+    def cos(a, b):
+        return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
+
+    def engine_latents(dtype):
+        pipe = build_pipeline("tiny", dtype=torch.float32).to(dtype=dtype)
+        engine = Engine(LoadedModel(pipe=pipe, kind="lcm", arch="sd15", name="tiny", native_width=64,
+                                    native_height=64), EngineSettings(model="tiny"), "cpu", dtype)
+        return engine.generate(GenerationRequest("a red square", seed=4, num_inference_steps=4,
+                                                 output_type="latent")).images[0]
+
+    def diffusers_latents(dtype):
+        pipe = build_pipeline("tiny", dtype=torch.float32).to(dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a red square", num_inference_steps=4, guidance_scale=8.0, width=64, height=64,
+                    generator=torch.Generator().manual_seed(4), output_type="latent").images[0]
+
+    assert cos(diffusers_latents(torch.bfloat16), diffusers_latents(torch.float32)) < 0.5  # the skew bites
+    assert cos(engine_latents(torch.bfloat16), engine_latents(torch.float32)) > 0.99
