@@ -25,3 +25,17 @@ def test_a_profiled_call_writes_a_trace_and_counts_host_waits(tmp_path):
     lines = format_profile(summary)
     assert lines[0].startswith("profile: one lcm-live call") and "aten::_local_scalar_dense x3" in lines[1]
     assert len(lines) == 3 + 5
+
+
+def test_a_failing_profiler_leaves_the_figures(monkeypatch, capsys):
+    import lcm_live.bench.profile as profile
+    from lcm_live.cli import main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUPTI unavailable")
+
+    monkeypatch.setattr(profile, "profile_call", broken)
+    assert main(["bench", "--arch", "tiny", "--backend", "torch", "--runs", "1", "--baseline", "none",
+                 "--no-progress", "--profile", "unused.json"]) == 0
+    out = capsys.readouterr().out
+    assert "profile: failed (RuntimeError: CUPTI unavailable)" in out and "ms per image: median" in out

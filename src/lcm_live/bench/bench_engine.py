@@ -293,10 +293,13 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                 fast.timed()
                 bar.update()
 
-    if config.profile:
+    if config.profile:  # after the figures: a failing profiler costs its own summary only
         from lcm_live.bench.profile import profile_call
 
-        report["profile"] = profile_call(lambda: _fast_run(engine, config, device), device, config.profile)
+        try:
+            report["profile"] = profile_call(lambda: _fast_run(engine, config, device), device, config.profile)
+        except Exception as exc:  # e.g. a profiler that cannot trace this device
+            report["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
 
     # 4. Report.
     report["lcm_live"] = fast.report(dtype, config.batch_size) | {

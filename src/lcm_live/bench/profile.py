@@ -64,6 +64,8 @@ def _self_time_us(event: Any, cuda: bool) -> float:
 
 def format_profile(summary: dict[str, Any]) -> list[str]:
     """The report's lines for one profiled call."""
+    if "error" in summary:
+        return [f"profile: failed ({summary['error']}); the figures above are not affected"]
     lines = [f"profile: one lcm-live call, {summary['wall_ms']:.1f} ms wall"
              + (f", device busy {summary['device_busy_ms']:.1f} ms" if "device_busy_ms" in summary else "")
              + f"; trace {summary['trace']}"]
