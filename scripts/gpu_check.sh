@@ -96,6 +96,9 @@ bench() {
 # ---------------------------------------------------------------- the machine and the packages
 log "=== gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) dry=$DRY budget=${BUDGET}s out=$OUT"
 timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+# The host CPU: issue 5's CPU floors were set on a 2-core Sapphire Rapids with AMX (see cpu_amx_sd15 below).
+log "host CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-) | $(nproc) cores | $(grep -o -w -E \
+    'amx_bf16|amx_int8|avx512_bf16|avx512_vnni' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 timeout 60 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
 import sys
 from importlib import metadata
@@ -181,6 +184,16 @@ fi
 # The live studio with --compile (its warm-up compiles the 256² shape; not yet measured).
 bench live_sd15_256_compile 120 --live --arch "$SD15" --width "$S256" --height "$S256" --seconds "$LIVE_SECONDS" \
     --compile
+
+# Issue 5's CPU floors on the kind of CPU they were set on, where the host has AMX: 2 cores of it (taskset), the
+# torch path (OpenVINO's wheel does not fit beside .whl in one call), sd15 512² 4 steps against the seed path.
+# GPU_CHECK_CPU_AMX=force runs it without AMX (a dry run's check of the command), =skip never.
+AMX=${GPU_CHECK_CPU_AMX:-auto}
+if [[ $AMX == force || ( $AMX == auto && $(grep -c -w amx_bf16 /proc/cpuinfo) -gt 0 ) ]]; then
+    step cpu_amx_sd15 240 env OMP_NUM_THREADS=2 taskset -c 0,1 "$PY" -c "$CLI" bench --device cpu --backend torch \
+        --arch "$SD15" --width "$S512" --height "$S512" --num-inference-steps 4 --runs 2 --warmup 1 --no-progress \
+        --json "$JSONDIR/cpu_amx_sd15.json"
+fi
 
 # SDXL 1024² with nf4 weights: the fast path's memory (the seed's 8 GB card question; lcm-live only).
 bench sdxl_1024_4steps_nf4 80 --arch "$SDXL" --width "$S1024" --height "$S1024" --num-inference-steps 4 \
