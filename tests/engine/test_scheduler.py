@@ -181,3 +181,16 @@ def test_a_seed_gives_the_same_image_in_every_dtype_even_where_half_draws_differ
 
     assert cos(diffusers_latents(torch.bfloat16), diffusers_latents(torch.float32)) < 0.5  # the skew bites
     assert cos(engine_latents(torch.bfloat16), engine_latents(torch.float32)) > 0.99
+
+
+def test_set_timesteps_keeps_lcm_schedulers_signature_and_custom_timesteps():
+    import inspect
+
+    def names(cls):
+        return [(p.name, p.default) for p in inspect.signature(cls.set_timesteps).parameters.values()]
+
+    assert names(HostLCMScheduler) == names(LCMScheduler)
+    base, host = schedulers()
+    for scheduler in (base, host):
+        scheduler.set_timesteps(timesteps=[999, 759, 499, 259], device="cpu")
+    assert host.host_timesteps == base.timesteps.tolist() == [999, 759, 499, 259]

@@ -56,9 +56,11 @@ class HostLCMScheduler(LCMScheduler):
     _scalars: list[StepScalars] = []
     _host_alphas: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None, *args: Any,
-                      **kwargs: Any) -> None:
-        super().set_timesteps(num_inference_steps, None, *args, **kwargs)  # on the host first
+    def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None,
+                      original_inference_steps: int | None = None, timesteps: list[int] | None = None,
+                      strength: float = 1.0) -> None:
+        # LCMScheduler's signature, which pipelines inspect (e.g. for `timesteps`); computed on the host first.
+        super().set_timesteps(num_inference_steps, None, original_inference_steps, timesteps, strength)
         if self._host_alphas is None:  # a copy: add_noise (image-to-image) moves alphas_cumprod to the device
             self._host_alphas = (self.alphas_cumprod.detach().to("cpu", torch.float32).clone(),
                                  self.final_alpha_cumprod.detach().to("cpu", torch.float32).clone())
