@@ -121,12 +121,10 @@ class StudioSettings(BaseModel):
             raise ValueError(f"default_strength={self.default_strength}: use {self.min_strength}..1")
         return self
 
-
     def for_model(self, native_width: int = 512, native_height: int = 512) -> StudioSettings:
         """These settings with every size left as None resolved for a model of that native size: the default
         size is the native one, the bounds are 256..768 widened to include it (down to 64, the engine's least).
-        Raises ValueError where a size
-        that was set does not fit the resolved bounds."""
+        Raises ValueError where a size that was set does not fit the resolved bounds."""
         m = self.size_multiple
         width, height = (max(m, round(v / m) * m) for v in (native_width, native_height))
         low = self.min_size if self.min_size is not None else max(64, min(256, width, height))
