@@ -296,10 +296,13 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     if config.profile:  # after the figures: a failing profiler costs its own summary only
         from lcm_live.bench.profile import profile_call
 
+        fast.timer.enabled = False  # the stage timer's synchronizations would show as the call's host waits
         try:
             report["profile"] = profile_call(lambda: _fast_run(engine, config, device), device, config.profile)
         except Exception as exc:  # e.g. a profiler that cannot trace this device
             report["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            fast.timer.enabled = True
 
     # 4. Report.
     report["lcm_live"] = fast.report(dtype, config.batch_size) | {
