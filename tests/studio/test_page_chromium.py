@@ -249,6 +249,31 @@ def test_type_a_prompt_then_sketch_and_the_output_follows(page, tmp_path):
         return d[0] === 0 && d[1] === 160 && d[2] === 0;
     }""", timeout=10_000)
 
+    # 7. Record: the final frames from Record to Stop as a WebM video, their parameters in a JSON log beside it.
+    downloads = []
+    page.on("download", lambda d: downloads.append(d))
+    before = _frame_seq(page)
+    page.click("#record")
+    assert page.get_attribute("#record", "aria-pressed") == "true"
+    page.click("#prompt")
+    page.keyboard.press("End")
+    page.keyboard.type(" at night", delay=15)
+    _wait_settled_frame(page, before, "img2img")
+    assert page.inner_text("#record").startswith("Stop · ")
+    page.click("#record")
+    page.wait_for_function("() => document.getElementById('record').getAttribute('aria-pressed') === 'false'"
+                           " && !document.getElementById('record').disabled", timeout=FRAME_TIMEOUT_MS)
+    deadline = time.monotonic() + 30
+    while len(downloads) < 2 and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+    by_name = {d.suggested_filename.rsplit(".", 1)[-1]: d for d in downloads}
+    assert set(by_name) == {"webm", "json"}, [d.suggested_filename for d in downloads]
+    assert Path(by_name["webm"].path()).stat().st_size > 0
+    log = json.loads(Path(by_name["json"].path()).read_text())
+    assert log["video"] == by_name["webm"].suggested_filename
+    assert log["frames"] and log["frames"][-1]["params"]["prompt"] == "a lighthouse on a cliff at dusk at night"
+    assert page.is_hidden("#banner-error"), page.inner_text("#banner-error")
+
     page.set_viewport_size({"width": 390, "height": 844})
     page.screenshot(path=str(ARTIFACTS / "studio_page_phone.png"), full_page=True)
     # Phone width: one column, nothing wider than the screen.

@@ -246,3 +246,39 @@ def test_pointer_strokes_from_pen_touch_and_mouse(page):
     assert got["erased"] == white
     assert got["history"] == 3  # pen stroke, tap, eraser: one undo step each
     assert got["mouseWidth"] == 3  # the brush size is in screen pixels: 3 canvas pixels here
+
+
+def test_recorder_makes_a_webm_of_the_frames_with_their_log(page):
+    got = page.evaluate("""async () => {
+        const { SessionRecorder, recordableType, recordingName } = await import('./recorder.js');
+        const frame = (colour) => {
+            const c = document.createElement('canvas');
+            c.width = 64; c.height = 32;
+            const ctx = c.getContext('2d'); ctx.fillStyle = colour; ctx.fillRect(0, 0, 64, 32);
+            return c;
+        };
+        const rec = new SessionRecorder();
+        rec.addFrame(frame('#f00'), { seed: 0 });  // not recording: ignored
+        rec.start(63, 63);  // odd sides: rounded to even ones for the encoder
+        const size = [rec.canvas.width, rec.canvas.height];
+        let twice = null;
+        try { rec.start(64, 64); } catch (err) { twice = err.message; }
+        for (const [i, colour] of ['#f00', '#0f0', '#00f'].entries()) {
+            rec.addFrame(frame(colour), { seed: i, params: { prompt: `p${i}` } });
+            await new Promise((r) => setTimeout(r, 60));
+        }
+        const recording = rec.recording;
+        const { blob, frames, log } = await rec.stop();
+        return { type: recordableType(), size, twice, recording, after: rec.recording, blobType: blob.type,
+                 bytes: blob.size, frames, log,
+                 name: recordingName(new Date(2026, 10, 26, 9, 5, 7)) };
+    }""")
+    assert got["type"].startswith("video/webm") and got["blobType"].startswith("video/webm")
+    assert got["size"] == [64, 64] and got["twice"] == "already recording"
+    assert got["recording"] is True and got["after"] is False
+    assert got["bytes"] > 0 and got["frames"] == 3
+    assert [e["seed"] for e in got["log"]] == [0, 1, 2] and got["log"][2]["params"] == {"prompt": "p2"}
+    assert [e["width"] for e in got["log"]] == [64, 64, 64]
+    times = [e["at_ms"] for e in got["log"]]
+    assert times == sorted(times) and times[2] - times[0] >= 100
+    assert got["name"] == "lcm-live-session-20261126-090507.webm"

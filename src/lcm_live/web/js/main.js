@@ -5,7 +5,8 @@ import { Banners } from "./banner.js";
 import { SketchCanvas } from "./canvas.js";
 import { Connection, closeText } from "./connection.js";
 import { Controls, schemaProperties } from "./controls.js";
-import { FpsMeter, InputLog, OutputView, errorText, saveFrame } from "./output.js";
+import { FpsMeter, InputLog, OutputView, downloadBlob, errorText, saveFrame } from "./output.js";
+import { SessionRecorder, recordableType, recordingName } from "./recorder.js";
 import { setupToolbar } from "./toolbar.js";
 
 const STROKE_SEND_MS = 120; // while a stroke goes on, send the canvas at most this often
@@ -25,6 +26,7 @@ const els = {
   model: $("model-info"),
   save: $("save"),
   apply: $("apply"),
+  record: $("record"),
   outputWrap: $("output-wrap"),
 };
 
@@ -33,6 +35,7 @@ const sketch = new SketchCanvas($("sketch"));
 const output = new OutputView({ img: $("output"), empty: $("output-empty"), badge: $("step-badge"), info: $("frame-info") });
 const fps = new FpsMeter();
 const inputs = new InputLog();
+const recorder = new SessionRecorder();
 const wsUrl = new URL("ws", location.href);
 wsUrl.protocol = location.protocol === "https:" ? "wss:" : "ws:";
 const conn = new Connection(wsUrl.href);
@@ -240,6 +243,10 @@ conn.addEventListener("frame", async (e) => {
     if (state.controls) state.controls.clearInvalid();
   }
   await output.show(info, blob, receivedAt);
+  if (final && recorder.recording) {
+    recorder.addFrame($("output"), info);
+    renderRecord();
+  }
   els.save.disabled = !final;
   els.apply.disabled = false;
   renderBusy(final ? null : `step ${info.step}/${info.total}`);
@@ -296,6 +303,47 @@ els.save.addEventListener("click", async () => {
     els.save.disabled = false;
   }
 });
+
+// Record: the final frames as a video, from now until Stop (recorder.js); the frames' parameters beside it.
+els.record.hidden = !recordableType();
+els.record.addEventListener("click", async () => {
+  if (!recorder.recording) {
+    const img = $("output");
+    const size = img.naturalWidth ? { width: img.naturalWidth, height: img.naturalHeight }
+      : state.controls ? state.controls.size() : { width: sketch.width, height: sketch.height };
+    try {
+      recorder.start(size.width, size.height);
+    } catch (err) {
+      banners.show(`Record failed: ${err.message}`, { source: "record" });
+      return;
+    }
+    state.recordingName = recordingName(new Date());
+    if (img.naturalWidth && output.current && output.current.info.final !== false) {
+      recorder.addFrame(img, output.current.info); // the picture on screen opens the video
+    }
+    renderRecord();
+    return;
+  }
+  els.record.disabled = true;
+  try {
+    const { blob, log } = await recorder.stop();
+    downloadBlob(blob, state.recordingName);
+    downloadBlob(new Blob([JSON.stringify({ video: state.recordingName, frames: log }, null, 1)],
+      { type: "application/json" }), `${state.recordingName}.json`);
+    banners.clear("record");
+  } catch (err) {
+    banners.show(`Record failed: ${err.message}`, { source: "record" });
+  } finally {
+    els.record.disabled = false;
+    renderRecord();
+  }
+});
+
+function renderRecord() {
+  els.record.setAttribute("aria-pressed", String(recorder.recording));
+  const n = recorder.frames;
+  els.record.textContent = recorder.recording ? `Stop · ${n} frame${n === 1 ? "" : "s"}` : "Record";
+}
 
 els.apply.addEventListener("click", () => {
   const img = $("output");

@@ -123,11 +123,15 @@ export async function saveFrame({ params, canvasBlob }) {
     credentials: "same-origin",
   });
   if (!res.ok) throw new Error(await errorText(res));
-  const png = await res.blob();
+  downloadBlob(await res.blob(), `lcm-live-${params.seed}.png`);
+}
+
+/** Hand `blob` to the browser as a download named `name`. */
+export function downloadBlob(blob, name) {
   const a = document.createElement("a");
-  const url = URL.createObjectURL(png);
+  const url = URL.createObjectURL(blob);
   a.href = url;
-  a.download = `lcm-live-${params.seed}.png`;
+  a.download = name;
   document.body.append(a);
   a.click();
   a.remove();
