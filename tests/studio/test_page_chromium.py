@@ -25,7 +25,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 # a fake camera (an animated test pattern), allowed without asking: the Camera button's tests
+                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 READY_TIMEOUT_S = 180  # model load + warm-up of the tiny model on a busy 2-core CPU
 FRAME_TIMEOUT_MS = 120_000  # a frame of the tiny model takes seconds on a 2-core CPU shared with other work
@@ -278,6 +280,26 @@ def test_type_a_prompt_then_sketch_and_the_output_follows(page, tmp_path):
     page.screenshot(path=str(ARTIFACTS / "studio_page_phone.png"), full_page=True)
     # Phone width: one column, nothing wider than the screen.
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    assert page.problems == []
+
+
+def test_the_camera_feeds_sketch_mode_until_turned_off(page):
+    _set_slider(page, "#ctl-width")
+    _set_slider(page, "#ctl-height")
+    _set_slider(page, "#ctl-num_inference_steps", "1")
+    page.click("#prompt")
+    page.keyboard.type("a street", delay=10)
+    page.click("#camera")  # in text mode: switches to sketch mode first
+    page.wait_for_selector("#camera[aria-pressed=true]", timeout=FRAME_TIMEOUT_MS)
+    assert page.get_attribute("body", "data-mode") == "img2img"
+    first = _wait_settled_frame(page, _frame_seq(page), "img2img")
+    second = _wait_settled_frame(page, first, "img2img")  # the next camera frame followed by itself
+    assert second > first
+    page.click("#camera")
+    page.wait_for_selector("#camera[aria-pressed=false]")
+    page.click("label.mode-option:has(input[value=txt2img])")
+    assert page.get_attribute("#camera", "aria-pressed") == "false"
+    assert page.is_hidden("#banner-error"), page.inner_text("#banner-error")
     assert page.problems == []
 
 

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 WEB = Path(lcm_live.__file__).resolve().parent / "web"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 # a fake camera (an animated test pattern), allowed without asking: the Camera button's tests
+                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 
 if not CHROMIUM.exists():
     pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (`make test` installs it: "
@@ -282,3 +284,48 @@ def test_recorder_makes_a_webm_of_the_frames_with_their_log(page):
     times = [e["at_ms"] for e in got["log"]]
     assert times == sorted(times) and times[2] - times[0] >= 100
     assert got["name"] == "lcm-live-session-20261126-090507.webm"
+
+
+def test_camera_frames_fill_the_canvas_with_one_undo_step(page):
+    got = page.evaluate("""async () => {
+        const { SketchCanvas } = await import('./canvas.js');
+        const { CameraFeed, cameraAvailable } = await import('./camera.js');
+        const el = document.createElement('canvas');
+        el.width = 64; el.height = 48;
+        document.body.append(el);
+        const sketch = new SketchCanvas(el);
+        const changes = [];
+        sketch.addEventListener('change', (e) => changes.push(e.detail.final));
+        const white = () => {
+            const d = el.getContext('2d').getImageData(0, 0, 64, 48).data;
+            for (let i = 0; i < d.length; i += 4) if (d[i] < 250 || d[i + 1] < 250 || d[i + 2] < 250) return false;
+            return true;
+        };
+        const camera = new CameraFeed(sketch);
+        const out = { available: cameraAvailable(), before: white(), grabbedOff: camera.grab() };
+        const turns = [];
+        camera.onChange = () => turns.push(camera.on);
+        await camera.start();
+        out.on = camera.on;
+        out.after = white();
+        await new Promise((r) => setTimeout(r, 100));
+        out.second = camera.grab();
+        out.grabs = camera.grabs;
+        out.undo = sketch.undoStack.length;  // the drawing before the camera: one step, not one per frame
+        const tracks = camera.stream.getTracks();
+        camera.stop();
+        out.ended = tracks.every((t) => t.readyState === 'ended');
+        out.grabbedAfter = camera.grab();
+        out.turns = turns;
+        out.changes = [...changes];
+        sketch.undo();
+        out.undone = white();
+        el.remove();
+        return out;
+    }""")
+    assert got["available"] is True and got["before"] is True and got["grabbedOff"] is False
+    assert got["on"] is True and got["after"] is False  # the camera's picture, not the white canvas
+    assert got["second"] is True and got["grabs"] == 2 and got["undo"] == 1
+    assert got["ended"] is True and got["grabbedAfter"] is False and got["turns"] == [True, False]
+    assert got["changes"] == [True, True]  # each frame is a final change: sent at once
+    assert got["undone"] is True  # one undo brings the drawing back

@@ -119,20 +119,21 @@ export class SketchCanvas extends EventTarget {
   }
 
   /**
-   * Draw an image (ImageBitmap, HTMLImageElement, canvas) onto the canvas.
+   * Draw an image (ImageBitmap, HTMLImageElement, canvas, video) onto the canvas.
    * fit "contain": letterboxed on white (uploads keep their proportions); "stretch": fills the canvas (Apply: the
-   * output already has the canvas' aspect ratio).
+   * output already has the canvas' aspect ratio); "cover": fills it, cropping the middle (camera frames).
+   * history false: no undo step (a camera frame every few hundred milliseconds).
    */
-  drawImage(source, fit = "contain") {
-    const sw = source.naturalWidth || source.width;
-    const sh = source.naturalHeight || source.height;
+  drawImage(source, fit = "contain", { history = true } = {}) {
+    const sw = source.naturalWidth || source.videoWidth || source.width;
+    const sh = source.naturalHeight || source.videoHeight || source.height;
     if (!sw || !sh) return;
-    this.pushHistory();
+    if (history) this.pushHistory();
     this.fill();
     let w = this.canvas.width;
     let h = this.canvas.height;
-    if (fit === "contain") {
-      const scale = Math.min(w / sw, h / sh);
+    if (fit === "contain" || fit === "cover") {
+      const scale = (fit === "contain" ? Math.min : Math.max)(w / sw, h / sh);
       w = sw * scale;
       h = sh * scale;
     }

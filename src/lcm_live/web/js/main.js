@@ -5,8 +5,9 @@ import { Banners } from "./banner.js";
 import { SketchCanvas } from "./canvas.js";
 import { Connection, closeText } from "./connection.js";
 import { Controls, schemaProperties } from "./controls.js";
-import { FpsMeter, InputLog, OutputView, downloadBlob, errorText, saveFrame } from "./output.js";
-import { SessionRecorder, recordableType, recordingName } from "./recorder.js";
+import { CameraFeed, setupCamera } from "./camera.js";
+import { FpsMeter, InputLog, OutputView, errorText, saveFrame } from "./output.js";
+import { setupRecording } from "./recorder.js";
 import { setupToolbar } from "./toolbar.js";
 
 const STROKE_SEND_MS = 120; // while a stroke goes on, send the canvas at most this often
@@ -26,7 +27,6 @@ const els = {
   model: $("model-info"),
   save: $("save"),
   apply: $("apply"),
-  record: $("record"),
   outputWrap: $("output-wrap"),
 };
 
@@ -35,7 +35,7 @@ const sketch = new SketchCanvas($("sketch"));
 const output = new OutputView({ img: $("output"), empty: $("output-empty"), badge: $("step-badge"), info: $("frame-info") });
 const fps = new FpsMeter();
 const inputs = new InputLog();
-const recorder = new SessionRecorder();
+const camera = new CameraFeed(sketch); // wired to its button below, with Record
 const wsUrl = new URL("ws", location.href);
 wsUrl.protocol = location.protocol === "https:" ? "wss:" : "ws:";
 const conn = new Connection(wsUrl.href);
@@ -150,6 +150,7 @@ async function setMode(mode) {
   if (mode === "img2img") {
     await sendCanvasNow(); // the server waits for a canvas before the first sketch frame
   } else {
+    camera.stop(); // the camera feeds the canvas, which text to image ignores
     state.canvasSeq += 1;
     conn.sendCanvas(null);
   }
@@ -243,9 +244,9 @@ conn.addEventListener("frame", async (e) => {
     if (state.controls) state.controls.clearInvalid();
   }
   await output.show(info, blob, receivedAt);
-  if (final && recorder.recording) {
-    recorder.addFrame($("output"), info);
-    renderRecord();
+  if (final) {
+    recording.frame($("output"), info);
+    camera.grab(); // with the camera on: its next frame, now that this one is in
   }
   els.save.disabled = !final;
   els.apply.disabled = false;
@@ -304,46 +305,18 @@ els.save.addEventListener("click", async () => {
   }
 });
 
-// Record: the final frames as a video, from now until Stop (recorder.js); the frames' parameters beside it.
-els.record.hidden = !recordableType();
-els.record.addEventListener("click", async () => {
-  if (!recorder.recording) {
-    const img = $("output");
-    const size = img.naturalWidth ? { width: img.naturalWidth, height: img.naturalHeight }
-      : state.controls ? state.controls.size() : { width: sketch.width, height: sketch.height };
-    try {
-      recorder.start(size.width, size.height);
-    } catch (err) {
-      banners.show(`Record failed: ${err.message}`, { source: "record" });
-      return;
-    }
-    state.recordingName = recordingName(new Date());
-    if (img.naturalWidth && output.current && output.current.info.final !== false) {
-      recorder.addFrame(img, output.current.info); // the picture on screen opens the video
-    }
-    renderRecord();
-    return;
-  }
-  els.record.disabled = true;
-  try {
-    const { blob, log } = await recorder.stop();
-    downloadBlob(blob, state.recordingName);
-    downloadBlob(new Blob([JSON.stringify({ video: state.recordingName, frames: log }, null, 1)],
-      { type: "application/json" }), `${state.recordingName}.json`);
-    banners.clear("record");
-  } catch (err) {
-    banners.show(`Record failed: ${err.message}`, { source: "record" });
-  } finally {
-    els.record.disabled = false;
-    renderRecord();
-  }
+// Record (recorder.js) and Camera (camera.js): the final frames as a video; a webcam as the canvas.
+const recording = setupRecording($("record"), {
+  frameSize: () => (state.controls ? state.controls.size() : { width: sketch.width, height: sketch.height }),
+  current: () => (output.current && output.current.info.final !== false ? [$("output"), output.current.info] : null),
+  onError: (text) => banners.show(text, { source: "record" }),
+  onDone: () => banners.clear("record"),
 });
-
-function renderRecord() {
-  els.record.setAttribute("aria-pressed", String(recorder.recording));
-  const n = recorder.frames;
-  els.record.textContent = recorder.recording ? `Stop · ${n} frame${n === 1 ? "" : "s"}` : "Record";
-}
+setupCamera($("camera"), camera, {
+  beforeStart: () => (state.mode === "img2img" ? null : setMode("img2img")),
+  onError: (text) => banners.show(text, { source: "camera" }),
+  onDone: () => banners.clear("camera"),
+});
 
 els.apply.addEventListener("click", () => {
   const img = $("output");

@@ -3,6 +3,8 @@
 // page. Nothing leaves the browser: stopping hands back the video as a Blob for the page to download, with a log of
 // every frame's parameters and time (saved beside it: every saved picture carries its parameters).
 
+import { downloadBlob } from "./output.js";
+
 const MIME_TYPES = ["video/webm;codecs=vp9", "video/webm;codecs=vp8", "video/webm"];
 
 /** The first video type this browser can record, or null (no MediaRecorder or no canvas streams). */
@@ -92,4 +94,60 @@ export function recordingName(date) {
   const p = (n) => String(n).padStart(2, "0");
   return `lcm-live-session-${date.getFullYear()}${p(date.getMonth() + 1)}${p(date.getDate())}-`
     + `${p(date.getHours())}${p(date.getMinutes())}${p(date.getSeconds())}.webm`;
+}
+
+/**
+ * Wire the Record button: Record starts a video at the output's size (the picture on screen opens it), Stop
+ * downloads it and its log. `frameSize()`: {width, height} when nothing is on screen; `current()`: [img, info] of
+ * the final frame on screen, or null. Returns {frame(img, info)}, to call with each final frame shown.
+ */
+export function setupRecording(button, { frameSize, current, onError, onDone }) {
+  const recorder = new SessionRecorder();
+  let name = "";
+  button.hidden = !recordableType();
+
+  function render() {
+    const n = recorder.frames;
+    button.setAttribute("aria-pressed", String(recorder.recording));
+    button.textContent = recorder.recording ? `Stop · ${n} frame${n === 1 ? "" : "s"}` : "Record";
+  }
+
+  button.addEventListener("click", async () => {
+    if (!recorder.recording) {
+      const shown = current();
+      const img = shown && shown[0];
+      const size = img && img.naturalWidth ? { width: img.naturalWidth, height: img.naturalHeight } : frameSize();
+      try {
+        recorder.start(size.width, size.height);
+      } catch (err) {
+        onError(`Record failed: ${err.message}`);
+        return;
+      }
+      name = recordingName(new Date());
+      if (shown) recorder.addFrame(...shown);
+      render();
+      return;
+    }
+    button.disabled = true;
+    try {
+      const { blob, log } = await recorder.stop();
+      downloadBlob(blob, name);
+      downloadBlob(new Blob([JSON.stringify({ video: name, frames: log }, null, 1)], { type: "application/json" }),
+        `${name}.json`);
+      onDone();
+    } catch (err) {
+      onError(`Record failed: ${err.message}`);
+    } finally {
+      button.disabled = false;
+      render();
+    }
+  });
+
+  return {
+    frame(img, info) {
+      if (!recorder.recording) return;
+      recorder.addFrame(img, info);
+      render();
+    },
+  };
 }
