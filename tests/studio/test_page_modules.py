@@ -329,3 +329,29 @@ def test_camera_frames_fill_the_canvas_with_one_undo_step(page):
     assert got["ended"] is True and got["grabbedAfter"] is False and got["turns"] == [True, False]
     assert got["changes"] == [True, True]  # each frame is a final change: sent at once
     assert got["undone"] is True  # one undo brings the drawing back
+
+
+def test_without_a_camera_or_a_recorder_the_buttons_say_why(page):
+    got = page.evaluate("""async () => {
+        const { CameraFeed, setupCamera } = await import('./camera.js');
+        const { setupRecording } = await import('./recorder.js');
+        const saved = { devices: Object.getOwnPropertyDescriptor(Navigator.prototype, 'mediaDevices'),
+                        recorder: window.MediaRecorder };
+        Object.defineProperty(Navigator.prototype, 'mediaDevices', { get: () => undefined, configurable: true });
+        window.MediaRecorder = undefined;
+        const camera = document.createElement('button');
+        const record = document.createElement('button');
+        try {
+            setupCamera(camera, new CameraFeed(null), { beforeStart() {}, onError() {}, onDone() {} });
+            setupRecording(record, { frameSize: () => ({ width: 64, height: 64 }), current: () => null,
+                                     onError() {}, onDone() {} });
+        } finally {
+            Object.defineProperty(Navigator.prototype, 'mediaDevices', saved.devices);
+            window.MediaRecorder = saved.recorder;
+        }
+        return { camera: [camera.disabled, camera.title], record: [record.disabled, record.title],
+                 restored: typeof navigator.mediaDevices.getUserMedia };
+    }""")
+    assert got["camera"][0] is True and "https" in got["camera"][1]
+    assert got["record"][0] is True and "cannot record video" in got["record"][1]
+    assert got["restored"] == "function"

@@ -76,7 +76,11 @@ export class CameraFeed {
  * promise: the page switches to sketch mode), off stops it. Errors (no camera, permission refused) go to onError.
  */
 export function setupCamera(button, camera, { beforeStart, onError, onDone }) {
-  button.hidden = !cameraAvailable();
+  if (!cameraAvailable()) {  // browsers give pages a camera only in a secure context
+    button.disabled = true;
+    button.title = "The browser offers the camera only to https pages or on this computer (localhost)";
+    return;
+  }
   const render = () => button.setAttribute("aria-pressed", String(camera.on));
   camera.onChange = render;
   button.addEventListener("click", async () => {

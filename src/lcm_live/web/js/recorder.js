@@ -104,7 +104,10 @@ export function recordingName(date) {
 export function setupRecording(button, { frameSize, current, onError, onDone }) {
   const recorder = new SessionRecorder();
   let name = "";
-  button.hidden = !recordableType();
+  if (!recordableType()) {
+    button.disabled = true;
+    button.title = "This browser cannot record video (no MediaRecorder for WebM)";
+  }
 
   function render() {
     const n = recorder.frames;
