@@ -60,6 +60,10 @@ class StudioSettings(BaseModel):
     token: str | None = None  # also plain LCM_LIVE_TOKEN; required (>= 32 chars) off loopback
     allowed_origins: list[str] = Field(default_factory=list)  # extra WebSocket/POST origins, "scheme://host[:port]"
     allowed_hosts: list[str] = Field(default_factory=list)  # extra Host names accepted without a token
+    # HTTPS (both or neither, PEM files): browsers give pages the camera only over https or on localhost, so a
+    # phone or another computer on the LAN needs it to use Camera.
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
     # sessions / limits
     max_sessions: int | None = Field(None, ge=1)  # None: 1 on CPU, 4 on GPU
     # stream batching: frames of up to this many sessions (same size, steps, guidance) in one UNet call;
@@ -107,6 +111,8 @@ class StudioSettings(BaseModel):
     def _check(self) -> StudioSettings:
         if "*" in self.allowed_origins or "null" in self.allowed_origins:
             raise ValueError("allowed_origins: list explicit origins like http://myhost:7860; '*' and 'null' are refused")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile: give both (a certificate and its private key) or neither")
         if self.min_size is not None and self.max_size is not None and not self.min_size <= self.max_size:
             raise ValueError(f"min_size {self.min_size} is above max_size {self.max_size}")
         low = self.min_size if self.min_size is not None else 64  # the model may widen the bounds to its size

@@ -33,20 +33,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(url: str, headers: dict | None = None) -> tuple[int, str]:
+def _get(url: str, headers: dict | None = None, context=None) -> tuple[int, str]:
     request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=5) as res:
+        with urllib.request.urlopen(request, timeout=5, context=context) as res:
             return res.status, res.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
 
 
 class Server:
-    def __init__(self, tmp_path: Path, fake: dict, *extra: str, token: str | None = None):
+    def __init__(self, tmp_path: Path, fake: dict, *extra: str, token: str | None = None, tls=None):
+        """``tls``: an ssl.SSLContext trusting the certificate given in ``extra`` (--ssl-certfile): https/wss."""
         self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
+        self.tls = tls
+        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.ws_url = f"{'wss' if tls else 'ws'}://127.0.0.1:{self.port}/ws"
         self.log_path = tmp_path / f"serve-{self.port}.log"
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         env = {k: v for k, v in os.environ.items() if k != "LCM_LIVE_TOKEN"}
@@ -60,7 +62,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"serve exited {self.proc.returncode}:\n{self.log()}")
             with contextlib.suppress(OSError):
-                if _get(self.base + "/readyz", self.headers)[0] == 200:
+                if _get(self.base + "/readyz", self.headers, self.tls)[0] == 200:
                     break
             if time.monotonic() > deadline:
                 raise AssertionError(f"serve not ready:\n{self.log()}")
@@ -70,7 +72,7 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def metric(self, name: str) -> float:
-        status, text = _get(self.base + "/metrics", self.headers)
+        status, text = _get(self.base + "/metrics", self.headers, self.tls)
         assert status == 200
         total = 0.0
         for line in text.splitlines():

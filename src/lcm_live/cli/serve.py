@@ -37,6 +37,10 @@ def add_parser(subparsers) -> None:
                    help="extra browser origin allowed to connect, e.g. https://studio.example:443; repeatable")
     g.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="extra Host name accepted without a token (loopback names always are); repeatable")
+    g.add_argument("--ssl-certfile", default=None, metavar="PEM",
+                   help="serve over https with this certificate (with --ssl-keyfile): browsers give pages on other "
+                        "machines (a phone on the LAN) the camera only over https")
+    g.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="the certificate's private key")
     g.add_argument("--max-sessions", type=int, default=None,
                    help="concurrent WebSocket sessions (default: 1 on CPU, 4 on GPU)")
     g.add_argument("--frame-format", choices=["jpeg", "webp"], default=None, help="live frame encoding (default: jpeg)")
@@ -62,6 +66,17 @@ def check_exposure(host: str, token: str | None) -> None:
         )
 
 
+def check_tls_files(certfile: str | None, keyfile: str | None) -> None:
+    """Both PEM files readable, or neither given (one line naming the fix)."""
+    if (certfile is None) != (keyfile is None):
+        raise UserError("--ssl-certfile and --ssl-keyfile go together: give the certificate and its private key")
+    for flag, path in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if path is not None and not os.access(path, os.R_OK):
+            raise UserError(f"{flag} {path}: no readable file there; make a self-signed pair with: openssl req -x509 "
+                            "-newkey rsa:2048 -nodes -days 365 -keyout key.pem -out cert.pem -subj /CN=lcm-live "
+                            "-addext subjectAltName=IP:<this machine's address>")
+
+
 def build_settings(args: argparse.Namespace):
     """Studio settings: the environment (LCM_LIVE_STUDIO__*, LCM_LIVE_TOKEN) first, then the flags given."""
     from pydantic import ValidationError
@@ -70,7 +85,8 @@ def build_settings(args: argparse.Namespace):
 
     flags = {"host": args.host, "port": args.port, "token": args.token, "allowed_origins": args.allow_origin or None,
              "allowed_hosts": args.allow_host or None, "max_sessions": args.max_sessions,
-             "frame_format": args.frame_format, "exit_on_failures": args.exit_on_failures or None}
+             "frame_format": args.frame_format, "exit_on_failures": args.exit_on_failures or None,
+             "ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile}
     try:
         values = Settings().studio.model_dump()
         values["token"] = os.environ.get("LCM_LIVE_TOKEN") or values["token"]
@@ -99,9 +115,11 @@ def _say(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_tls_files(args.ssl_certfile, args.ssl_keyfile)
     settings = build_settings(args)
     token = settings.studio.token
     check_exposure(settings.studio.host, token)
+    check_tls_files(settings.studio.ssl_certfile, settings.studio.ssl_keyfile)  # from the environment too
 
     import uvicorn
     from PIL import Image
@@ -153,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
         server_header=False,
         log_level="info",
         lifespan="on",
+        ssl_certfile=s.ssl_certfile,
+        ssl_keyfile=s.ssl_keyfile,
     )
     # Pinned on purpose (the brief and R6): uvicorn 0.54 calls this backend deprecated; it still enforces
     # ws_max_size and ws_max_queue, so only its warning is silenced.
@@ -163,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
 
     shown = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
     shown = f"[{shown}]" if ":" in shown else shown
-    url = f"http://{shown}:{s.port}/" + (f"?token={token}" if token else "")
+    scheme = "https" if s.ssl_certfile else "http"
+    url = f"{scheme}://{shown}:{s.port}/" + (f"?token={token}" if token else "")
     _say(f"lcm-live studio: open {url}")
     if s.host in ("0.0.0.0", "::"):
         _say("  listening on all interfaces: from another machine use this machine's address instead of 127.0.0.1")

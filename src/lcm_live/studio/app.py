@@ -174,7 +174,8 @@ def create_app(
                 studio.metrics.rejected.labels(reason="auth").inc()
                 return error_response(401, "unauthorized", "wrong token: use the URL that `lcm-live serve` printed")
             response = RedirectResponse("/", status_code=303)
-            response.set_cookie(COOKIE_NAME, s.token, httponly=True, samesite="strict", path="/")
+            response.set_cookie(COOKIE_NAME, s.token, httponly=True, samesite="strict", path="/",
+                                secure=request.url.scheme == "https")  # over https: never sent in the clear
             return response
         index_file = WEB_DIR / "index.html"
         if index_file.is_file():
