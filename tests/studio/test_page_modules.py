@@ -355,3 +355,38 @@ def test_without_a_camera_or_a_recorder_the_buttons_say_why(page):
     assert got["camera"][0] is True and "https" in got["camera"][1]
     assert got["record"][0] is True and "cannot record video" in got["record"][1]
     assert got["restored"] == "function"
+
+
+def test_a_still_camera_scene_is_not_sent_again(page):
+    got = page.evaluate("""async () => {
+        const { SketchCanvas } = await import('./canvas.js');
+        const { CameraFeed, changedPixels } = await import('./camera.js');
+        const el = document.createElement('canvas');
+        el.width = 64; el.height = 64;
+        const sketch = new SketchCanvas(el);
+        const sent = [];
+        sketch.addEventListener('change', () => sent.push(1));
+        const scene = document.createElement('canvas');  // stands in for the video: a still scene
+        scene.width = 160; scene.height = 120;
+        const ctx = scene.getContext('2d');
+        const paint = (colour, x) => { ctx.fillStyle = '#888'; ctx.fillRect(0, 0, 160, 120);
+                                       ctx.fillStyle = colour; ctx.fillRect(x, 30, 40, 40); };
+        paint('#f00', 10);
+        const camera = new CameraFeed(sketch);
+        camera.attach(scene, { getTracks: () => [] });
+        const out = { first: camera.grab(), still: camera.grab(), again: camera.grab() };
+        ctx.fillStyle = 'rgba(255,255,255,0.01)'; ctx.fillRect(0, 0, 160, 120);  // sensor-noise-sized change
+        out.noise = camera.grab();
+        ctx.fillStyle = '#00f'; ctx.fillRect(150, 110, 10, 10);  // something small appears in a corner
+        out.corner = camera.grab();
+        paint('#f00', 90);  // the object moved
+        out.moved = camera.grab();
+        out.grabs = camera.grabs; out.skipped = camera.skipped; out.sent = sent.length;
+        out.diff = changedPixels(new Float32Array([0, 10, 20, 50]), new Float32Array([3, 10, 29, 30]));
+        camera.stop();
+        return out;
+    }""")
+    assert got["first"] is True and got["still"] is False and got["again"] is False and got["noise"] is False
+    assert got["corner"] is True and got["moved"] is True
+    assert (got["grabs"], got["skipped"], got["sent"]) == (3, 3, 3)
+    assert got["diff"] == 2  # 9 and 20 are above the level of 8; 3 and 0 are not

@@ -2,8 +2,24 @@
 // current video frame over the canvas (filling it, the middle cropped to its shape) without an undo step per frame;
 // the drawing from before the camera stays one undo away. The page grabs the next frame as each picture arrives (one
 // frame in flight, as with strokes) and, should none arrive, at least every WATCHDOG_MS.
+// A still scene is not sent again and again (StreamDiffusion's similarity filter, deterministic here): a frame is
+// skipped when no pixel of its 32x24 grey thumbnail moved by more than CHANGE_LEVEL (0-255) from the last sent
+// one's. Each thumbnail pixel averages a few hundred camera pixels, so sensor noise stays far below that level,
+// while a small object moving in one corner still crosses it. A camera on a still desk then leaves the machine
+// idle instead of re-making the same picture.
 
 const WATCHDOG_MS = 1500;
+const THUMB_W = 32;
+const THUMB_H = 24;
+
+const CHANGE_LEVEL = 8;
+
+/** How many pixels of two equal-length grey thumbnails (0-255) differ by more than `level`. */
+export function changedPixels(a, b, level = CHANGE_LEVEL) {
+  let n = 0;
+  for (let i = 0; i < a.length; i++) n += Math.abs(a[i] - b[i]) > level;
+  return n;
+}
 
 export function cameraAvailable() {
   return Boolean(navigator.mediaDevices && typeof navigator.mediaDevices.getUserMedia === "function");
@@ -19,6 +35,9 @@ export class CameraFeed {
     this.lastGrab = 0;
     this.watchdog = null;
     this.onChange = () => {}; // called when it turns on or off
+    this.skipped = 0; // frames left out as too like the last one sent
+    this.lastThumb = null;
+    this.thumbCanvas = null;
   }
 
   get on() {
@@ -41,14 +60,20 @@ export class CameraFeed {
       for (const track of stream.getTracks()) track.stop();
       throw err;
     }
-    this.stream = stream;
-    this.video = video;
+    this.attach(video, stream);
     this.sketch.pushHistory(); // one undo step back to the drawing, however many frames follow
     this.grab();
     this.watchdog = setInterval(() => {
       if (performance.now() - this.lastGrab >= WATCHDOG_MS) this.grab();
     }, WATCHDOG_MS / 3);
     this.onChange();
+  }
+
+  /** Use `video` (anything drawImage takes) as the frames of `stream` (whose tracks stop() ends). */
+  attach(video, stream) {
+    this.video = video;
+    this.stream = stream;
+    this.lastThumb = null;
   }
 
   stop() {
@@ -61,13 +86,39 @@ export class CameraFeed {
     this.onChange();
   }
 
-  /** Draw the camera's current frame onto the canvas (a "change" the page sends); false when there is none. */
+  /**
+   * Draw the camera's current frame onto the canvas (a "change" the page sends); false when there is none, or
+   * when it is too like the last one sent (a still scene).
+   */
   grab() {
-    if (!this.on || !this.video.videoWidth) return false;
+    if (!this.on || !(this.video.videoWidth || this.video.width)) return false;
+    this.lastGrab = performance.now();
+    const thumb = this.thumbnail();
+    if (this.lastThumb && changedPixels(thumb, this.lastThumb) === 0) {
+      this.skipped += 1;
+      return false;
+    }
+    this.lastThumb = thumb;
     this.sketch.drawImage(this.video, "cover", { history: false });
     this.grabs += 1;
-    this.lastGrab = performance.now();
     return true;
+  }
+
+  /** The current frame as a THUMB_W x THUMB_H grey thumbnail (a Float32Array, 0-255). */
+  thumbnail() {
+    if (!this.thumbCanvas) {
+      this.thumbCanvas = document.createElement("canvas");
+      this.thumbCanvas.width = THUMB_W;
+      this.thumbCanvas.height = THUMB_H;
+    }
+    const ctx = this.thumbCanvas.getContext("2d", { willReadFrequently: true });
+    ctx.drawImage(this.video, 0, 0, THUMB_W, THUMB_H);
+    const rgba = ctx.getImageData(0, 0, THUMB_W, THUMB_H).data;
+    const grey = new Float32Array(THUMB_W * THUMB_H);
+    for (let i = 0; i < grey.length; i++) {
+      grey[i] = 0.299 * rgba[4 * i] + 0.587 * rgba[4 * i + 1] + 0.114 * rgba[4 * i + 2];
+    }
+    return grey;
   }
 }
 
