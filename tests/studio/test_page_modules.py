@@ -390,3 +390,22 @@ def test_a_still_camera_scene_is_not_sent_again(page):
     assert got["corner"] is True and got["moved"] is True
     assert (got["grabs"], got["skipped"], got["sent"]) == (3, 3, 3)
     assert got["diff"] == 2  # 9 and 20 are above the level of 8; 3 and 0 are not
+
+
+def test_a_refused_camera_says_how_to_allow_it(page):
+    got = page.evaluate("""async () => {
+        const { setupCamera } = await import('./camera.js');
+        const button = document.createElement('button');
+        const errors = [];
+        const refusing = { on: false, stop() {}, async start() {
+            throw new DOMException('Permission denied', 'NotAllowedError'); } };
+        let switched = 0;
+        setupCamera(button, refusing, { beforeStart() { switched += 1; }, onError: (t) => errors.push(t),
+                                        onDone() {} });
+        button.click();
+        await new Promise((r) => setTimeout(r, 50));
+        return { errors, switched, pressed: button.getAttribute('aria-pressed'), disabled: button.disabled };
+    }""")
+    assert got["switched"] == 1 and got["pressed"] == "false" and got["disabled"] is False
+    assert got["errors"] == ["Camera unavailable (the browser or the user refused it; allow the camera for this "
+                             "page)."]
