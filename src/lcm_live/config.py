@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_MODEL = "SimianLuo/LCM_Dreamshaper_v7"
 CompileMode = Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+CPU_DEFAULT_SIDE = 512  # the studio's default image side on a CPU at most (StudioSettings.for_model)
 
 
 class LoraSpec(BaseModel):
@@ -127,17 +128,21 @@ class StudioSettings(BaseModel):
             raise ValueError(f"default_strength={self.default_strength}: use {self.min_strength}..1")
         return self
 
-    def for_model(self, native_width: int = 512, native_height: int = 512) -> StudioSettings:
+    def for_model(self, native_width: int = 512, native_height: int = 512, device: str = "cpu") -> StudioSettings:
         """These settings with every size left as None resolved for a model of that native size: the default
         size is the native one, the bounds are 256..768 widened to include it (down to 64, the engine's least).
+        On a CPU the default's long side stays at most CPU_DEFAULT_SIDE: SDXL's 1024 would take minutes a frame
+        there (past the generation timeout); the bounds still reach the native size.
         Raises ValueError where a size that was set does not fit the resolved bounds."""
         m = self.size_multiple
         width, height = (max(m, round(v / m) * m) for v in (native_width, native_height))
         low = self.min_size if self.min_size is not None else max(64, min(256, width, height))
         high = self.max_size if self.max_size is not None else max(768, width, height)
         first, last = -(-low // m) * m, high // m * m  # the multiples of m inside the bounds
+        scale = CPU_DEFAULT_SIDE / max(width, height) if device == "cpu" else 1.0
 
         def fit(side: int) -> int:
+            side = round(side * scale / m) * m if scale < 1 else side
             return min(max(side, first), last)
 
         sizes = {"min_size": low, "max_size": high,

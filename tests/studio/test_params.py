@@ -107,17 +107,22 @@ def test_error_messages_name_value_and_bound():
 def test_sizes_left_to_the_model_follow_its_native_size():
     s = StudioSettings()
     assert (s.min_size, s.max_size, s.default_width, s.default_height) == (None, None, None, None)
-    resolved = {n: s.for_model(n, n) for n in (32, 64, 512, 1024)}
+    resolved = {n: s.for_model(n, n, device="cuda") for n in (32, 64, 512, 1024)}
     assert [(r.min_size, r.max_size, r.default_width) for r in resolved.values()] == [
         (64, 768, 64), (64, 768, 64), (256, 768, 512), (256, 1024, 1024)]
-    wide = s.for_model(768, 432)  # not square: each side its own, the bounds take in both
+    wide = s.for_model(768, 432, device="cuda")  # not square: each side its own, the bounds take in both
     assert (wide.default_width, wide.default_height, wide.min_size, wide.max_size) == (768, 432, 256, 768)
+    # On a CPU the default's long side stays at 512 (SDXL's 1024 would take minutes a frame); the bounds do not.
+    cpu = s.for_model(1024, 1024, device="cpu")
+    assert (cpu.default_width, cpu.min_size, cpu.max_size) == (512, 256, 1024)
+    assert (s.for_model(768, 432).default_width, s.for_model(768, 432).default_height) == (512, 288)
+    assert s.for_model(64, 64).default_width == 64 and s.for_model(512, 512).default_width == 512
     assert s.for_model(512, 512).for_model(64, 64).default_width == 512  # resolved once, then fixed
 
 
 def test_sizes_that_were_set_are_kept_or_refused_with_the_bounds():
     assert StudioSettings(min_size=300).for_model(64, 64).default_width == 304  # the first multiple of 8 in
-    kept = StudioSettings(default_width=256, max_size=400).for_model(1024, 1024)
+    kept = StudioSettings(default_width=256, max_size=400).for_model(1024, 1024, device="cuda")
     assert (kept.default_width, kept.default_height, kept.max_size) == (256, 400, 400)
     with pytest.raises(ValueError, match="default_width=100: use a multiple of 8"):
         StudioSettings(default_width=100)

@@ -140,17 +140,21 @@ def test_schema_publishes_the_bounds(studio):
     assert props["prompt"]["maxLength"] == 1000 and props["previews"]["type"] == "boolean"
 
 
-@pytest.mark.parametrize("native, bounds", [(64, (64, 768)), (512, (256, 768)), (1024, (256, 1024))])
-def test_the_default_size_is_the_models_native_size(native, bounds):
+@pytest.mark.parametrize("native, device, default, bounds", [
+    (64, "cpu", 64, (64, 768)), (512, "cpu", 512, (256, 768)), (1024, "cuda", 1024, (256, 1024)),
+    (1024, "cpu", 512, (256, 1024)),  # SDXL on a CPU: 1024 would take minutes a frame
+])
+def test_the_default_size_is_the_models_native_size(native, device, default, bounds):
     """A model made at 64 px (builtin:shapes) tiles its shapes over a 512 px image; SDXL is made at 1024: the
-    studio starts at the model's own size, with the bounds widened to take it in, and warms up at it."""
-    with running_studio(FakeEngine(native_size=native)) as (client, engine, _):
+    studio starts at the model's own size (on a CPU at most 512), the bounds widened to take it in, and warms up
+    at it."""
+    with running_studio(FakeEngine(native_size=native, device=device)) as (client, engine, _):
         props = client.get("/api/schema").json()["properties"]
         for side in ("width", "height"):
-            assert (props[side]["default"], props[side]["minimum"], props[side]["maximum"]) == (native, *bounds)
-        assert engine.warmup_size == (native, native)
+            assert (props[side]["default"], props[side]["minimum"], props[side]["maximum"]) == (default, *bounds)
+        assert engine.warmup_size == (default, default)
         assert client.post("/api/generate", json={"prompt": "x"}).headers["content-type"] == "image/png"
-        assert engine.calls[-1].width == native
+        assert engine.calls[-1].width == default
 
 
 def test_sizes_set_in_the_settings_win_over_the_models():

@@ -45,15 +45,17 @@ class GenerationParams(BaseModel):
 
 
 def build_params_model(settings: StudioSettings, default_guidance_scale: float = 8.0, *,
-                       lcm_img2img: bool = False, native_size: tuple[int, int] = (512, 512)) -> type[GenerationParams]:
+                       lcm_img2img: bool = False, native_size: tuple[int, int] = (512, 512),
+                       device: str = "cpu") -> type[GenerationParams]:
     """A GenerationParams subclass with the bounds and defaults of ``settings``.
 
     ``default_guidance_scale`` is the model's (full LCM 8.0, LCM-LoRA 1.0) unless the settings fix one.
     ``lcm_img2img``: the engine's img2img is LCM's own pipeline, which runs every step whatever the strength
     (``Engine.lcm_img2img``); otherwise img2img runs ``steps * strength`` steps, which must be at least one.
-    ``native_size``: the model's (width, height), for the sizes the settings leave to the model (``for_model``).
+    ``native_size``, ``device``: the model's (width, height) and the engine's device type, for the sizes the
+    settings leave to the model (``StudioSettings.for_model``).
     """
-    settings = settings.for_model(*native_size)
+    settings = settings.for_model(*native_size, device=device)
     guidance = settings.default_guidance_scale if settings.default_guidance_scale is not None else default_guidance_scale
     size = dict(ge=settings.min_size, le=settings.max_size, multiple_of=settings.size_multiple)
     fields: dict[str, Any] = {
@@ -85,6 +87,11 @@ def engine_info(engine: Any) -> dict[str, Any]:
 def native_size(info: dict[str, Any]) -> tuple[int, int]:
     """The model's native (width, height) from the engine's info; SD1.5's 512 where it does not say."""
     return int(info.get("native_width") or 512), int(info.get("native_height") or 512)
+
+
+def device_type(info: dict[str, Any]) -> str:
+    """"cpu", "cuda" or "mps" from the engine's info ("cuda:0" -> "cuda")."""
+    return str(info.get("device") or "cpu").split(":", 1)[0]
 
 
 @functools.cache

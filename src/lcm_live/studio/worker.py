@@ -36,7 +36,7 @@ from lcm_live.errors import UserError
 from lcm_live.studio.batching import engine_device, job_batch_key, resolve_max_batch_size
 from lcm_live.studio.images import fit_canvas
 from lcm_live.studio.metrics import StudioMetrics
-from lcm_live.studio.params import GenerationParams, engine_info, native_size
+from lcm_live.studio.params import GenerationParams, device_type, engine_info, native_size
 
 log = logging.getLogger("lcm_live.studio")
 
@@ -230,7 +230,8 @@ class Worker:
             self.engine = self._engine_factory()
             batching = hasattr(self.engine, "generate_batch")
             self.max_batch_size = resolve_max_batch_size(s, engine_device(self.engine)) if batching else 1
-            s = s.for_model(*native_size(engine_info(self.engine)))  # the sizes left to the model
+            info = engine_info(self.engine)
+            s = s.for_model(*native_size(info), device=device_type(info))  # the sizes left to the model
             width = s.warmup_width or s.default_width
             height = s.warmup_height or s.default_height
             t0 = time.perf_counter()
