@@ -107,6 +107,9 @@ class StudioSettings(BaseModel):
     max_prompt_chars: int = Field(1000, ge=1)
     min_strength: float = Field(0.05, gt=0, le=1)
     default_strength: float = 0.6
+    # None: on for a CPU (a 4-step SD1.5 frame takes seconds there: the first step's picture comes at a quarter
+    # of that), off on a GPU (frames come in milliseconds; previews would only cost decodes)
+    default_previews: bool | None = None
 
     @model_validator(mode="after")
     def _check(self) -> StudioSettings:
@@ -129,8 +132,9 @@ class StudioSettings(BaseModel):
         return self
 
     def for_model(self, native_width: int = 512, native_height: int = 512, device: str = "cpu") -> StudioSettings:
-        """These settings with every size left as None resolved for a model of that native size: the default
-        size is the native one, the bounds are 256..768 widened to include it (down to 64, the engine's least).
+        """These settings with every size (and the previews default) left as None resolved for a model of that
+        native size on that device: the default size is the native one, the bounds are 256..768 widened to include
+        it (down to 64, the engine's least); previews are on for a CPU.
         On a CPU the default's long side stays at most CPU_DEFAULT_SIDE: SDXL's 1024 would take minutes a frame
         there (past the generation timeout); the bounds still reach the native size.
         Raises ValueError where a size that was set does not fit the resolved bounds."""
@@ -145,10 +149,12 @@ class StudioSettings(BaseModel):
             side = round(side * scale / m) * m if scale < 1 else side
             return min(max(side, first), last)
 
-        sizes = {"min_size": low, "max_size": high,
-                 "default_width": self.default_width or fit(width),
-                 "default_height": self.default_height or fit(height)}
-        return StudioSettings.model_validate(self.model_dump() | sizes)
+        resolved = {"min_size": low, "max_size": high,
+                    "default_width": self.default_width or fit(width),
+                    "default_height": self.default_height or fit(height),
+                    "default_previews": self.default_previews if self.default_previews is not None
+                    else device == "cpu"}
+        return StudioSettings.model_validate(self.model_dump() | resolved)
 
 
 class Settings(BaseSettings):

@@ -87,7 +87,11 @@ def test_bounds_come_from_settings():
 
 def test_defaults_and_request():
     p = parse_params(Params, {"prompt": "a cat", "negative_prompt": ""})
-    assert (p.mode, p.num_inference_steps, p.width, p.height, p.seed, p.previews) == ("txt2img", 4, 512, 512, 0, False)
+    # previews default on for a CPU (the default settings' device), where a frame takes seconds
+    assert (p.mode, p.num_inference_steps, p.width, p.height, p.seed, p.previews) == ("txt2img", 4, 512, 512, 0, True)
+    gpu = build_params_model(StudioSettings(), native_size=(512, 512), device="cuda")
+    assert parse_params(gpu, {}).previews is False
+    assert parse_params(build_params_model(StudioSettings(default_previews=False)), {}).previews is False
     request = p.to_request(image="ignored in txt2img")
     assert request.prompt == "a cat" and request.negative_prompt is None and request.image is None
     img2img = parse_params(Params, {"mode": "img2img", "strength": 0.7}).to_request(image="canvas")

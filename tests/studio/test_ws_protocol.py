@@ -194,6 +194,19 @@ def test_previews_come_before_the_final_frame(studio):
     assert engine.previews_decoded >= 1
 
 
+@pytest.mark.parametrize("device, previews", [("cpu", True), ("cuda", False)])
+def test_previews_are_on_by_default_on_a_cpu_only(device, previews):
+    """On a CPU a 4-step SD1.5 frame takes seconds: the first step's picture comes at a quarter of that."""
+    with running_studio(FakeEngine(device=device)) as (client, engine, _):
+        with client.websocket_connect("/ws") as ws:
+            receive(ws)
+            ws.send_text(params(prompt="x", num_inference_steps=3))  # previews not given
+            frames = []
+            while not frames or not frames[-1]["final"]:
+                frames.append(next_of(ws, "frame"))
+        assert (len(frames) > 1) is previews and (engine.previews_decoded >= 1) is previews
+
+
 def test_long_prompt_warning(studio):
     client, _, _ = studio
     with client.websocket_connect("/ws") as ws:

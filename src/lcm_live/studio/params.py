@@ -69,7 +69,8 @@ def build_params_model(settings: StudioSettings, default_guidance_scale: float =
         "height": (int, Field(settings.default_height, **size)),
         "strength": (float, Field(settings.default_strength, ge=settings.min_strength, le=1.0,
                                   description="img2img only: how far the canvas is re-noised")),
-        "previews": (bool, Field(False, description="send each step's preview before the final frame")),
+        "previews": (bool, Field(settings.default_previews, description="send each step's preview before the final "
+                                 "frame (default on for a CPU, where a frame takes seconds)")),
     }
     model = create_model("GenerationParams", __base__=GenerationParams, **fields)
     model.lcm_img2img = lcm_img2img
