@@ -19,6 +19,9 @@ TOKEN = "t0k3n-for-tests-0123456789abcdefghijkl"
 
 def studio_settings(**overrides: Any) -> Settings:
     overrides.setdefault("allowed_hosts", ["testserver"])  # TestClient's Host header
+    # One frame per generation unless a test asks for previews (on a CPU they default on; whether a preview goes
+    # out before an instant FakeEngine's final frame depends on timing)
+    overrides.setdefault("default_previews", False)
     return Settings(studio=StudioSettings(**overrides))
 
 

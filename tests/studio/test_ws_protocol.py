@@ -197,7 +197,9 @@ def test_previews_come_before_the_final_frame(studio):
 @pytest.mark.parametrize("device, previews", [("cpu", True), ("cuda", False)])
 def test_previews_are_on_by_default_on_a_cpu_only(device, previews):
     """On a CPU a 4-step SD1.5 frame takes seconds: the first step's picture comes at a quarter of that."""
-    with running_studio(FakeEngine(device=device)) as (client, engine, _):
+    # default_previews=None: the device decides (the tests' settings fix it off); steps slow enough for a
+    # preview to go out before the final frame
+    with running_studio(FakeEngine(device=device, step_latency_s=0.05), default_previews=None) as (client, engine, _):
         with client.websocket_connect("/ws") as ws:
             receive(ws)
             ws.send_text(params(prompt="x", num_inference_steps=3))  # previews not given
