@@ -7,6 +7,7 @@ look at: studio_page.png (laptop) and studio_page_phone.png (phone width).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -51,16 +52,14 @@ def _get(url: str) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
-@pytest.fixture(scope="module")
-def studio_url(tiny_lcm_dir, tmp_path_factory):
-    """`lcm-live serve` on a free loopback port with the tiny LCM on CPU; yields its URL once /readyz is 200."""
+@contextlib.contextmanager
+def _serving(log_dir: Path, *args: str, env: dict[str, str] | None = None):
+    """`lcm-live serve ARGS` on a free loopback port; yields its URL once /readyz is 200, stops it after."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [str(Path(sys.executable).with_name("lcm-live")), "serve", "--model", str(tiny_lcm_dir),
-           "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)]
-    # The smallest default size: the warm-up runs at it (the tiny model is slow at 512 on a busy 2-core CPU).
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LCM_LIVE_STUDIO__DEFAULT_WIDTH": "256",
-           "LCM_LIVE_STUDIO__DEFAULT_HEIGHT": "256"}
+    log_path = log_dir / "serve.log"
+    cmd = [str(Path(sys.executable).with_name("lcm-live")), "serve", *args, "--host", "127.0.0.1",
+           "--port", str(port)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     env.pop("LCM_LIVE_TOKEN", None)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -86,6 +85,16 @@ def studio_url(tiny_lcm_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def studio_url(tiny_lcm_dir, tmp_path_factory):
+    """The studio with the tiny LCM on CPU."""
+    # The smallest default size: the warm-up runs at it (the tiny model is slow at 512 on a busy 2-core CPU).
+    with _serving(tmp_path_factory.mktemp("serve"), "--model", str(tiny_lcm_dir), "--device", "cpu",
+                  "--dtype", "float32", env={"LCM_LIVE_STUDIO__DEFAULT_WIDTH": "256",
+                                             "LCM_LIVE_STUDIO__DEFAULT_HEIGHT": "256"}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -325,3 +334,36 @@ def test_every_control_has_an_accessible_name(page):
         .map((el) => el.id || el.outerHTML.slice(0, 80))""")
     assert unnamed == []
     assert page.problems == []
+
+
+def test_a_long_stroke_gets_frames_while_it_goes_on(browser, tmp_path):
+    """With frames slower than the page's stroke sends (0.6 s here, a FakeEngine of 2 x 0.3 s steps; a real model
+    on a CPU takes that or more), every canvas sent mid-frame used to supersede the frame in flight: a stroke saw
+    no picture until it ended. One frame in flight while drawing: pictures follow the stroke as it goes."""
+    with _serving(tmp_path, "--fake-engine", json.dumps({"step_latency_s": 0.3})) as url:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        try:
+            page.goto(url)
+            page.wait_for_selector("#ctl-num_inference_steps", state="attached", timeout=FRAME_TIMEOUT_MS)
+            _set_slider(page, "#ctl-num_inference_steps", "2")
+            page.click("label.mode-option:has(input[value=img2img])")
+            _wait_settled_frame(page, 0, "img2img")
+            finals = "window.__finals = 0; new MutationObserver(() => { const o = document.getElementById('output');" \
+                     " if (o.dataset.final === 'true') window.__finals += 1; }).observe(" \
+                     "document.getElementById('output'), { attributes: true, attributeFilter: ['data-seq'] });"
+            page.evaluate(finals)
+            box = page.locator("#sketch").bounding_box()
+            x0, y0 = box["x"] + 20, box["y"] + 20
+            page.mouse.move(x0, y0)
+            page.mouse.down()
+            t0 = time.monotonic()
+            i = 0
+            while time.monotonic() - t0 < 3.5:  # one stroke, a move every ~40 ms
+                i += 1
+                page.mouse.move(x0 + (i * 3) % 300, y0 + (i * 2) % 300)
+                page.wait_for_timeout(40)
+            during = page.evaluate("window.__finals")
+            page.mouse.up()
+            assert during >= 2, f"{during} final frame(s) during a 3.5 s stroke"
+        finally:
+            page.close()

@@ -51,6 +51,9 @@ const state = {
   pending: false, // input sent, no frame or idle status since
   canvasSeq: 0, // orders canvas encodes: an older encode never replaces a newer one
   strokeTimer: null,
+  heldCanvas: false, // a stroke's canvas held back while a frame is on its way (one frame in flight)
+  holdTimer: null,
+  frameMs: null, // input-to-frame time of the last final frame
 };
 
 // ---------------------------------------------------------------- params
@@ -127,6 +130,9 @@ function applySize({ width, height }) {
 async function sendCanvasNow() {
   clearTimeout(state.strokeTimer);
   state.strokeTimer = null;
+  clearTimeout(state.holdTimer);
+  state.holdTimer = null;
+  state.heldCanvas = false;
   if (state.mode !== "img2img") return;
   const seq = ++state.canvasSeq;
   const blob = await sketch.toBlob();
@@ -134,14 +140,24 @@ async function sendCanvasNow() {
   conn.sendCanvas(blob);
 }
 
+// While a stroke goes on, one frame in flight: a canvas sent mid-frame would supersede it, and on a machine slower
+// than STROKE_SEND_MS a frame no stroke would ever see finish. The stroke's newest canvas waits for the frame (at
+// most twice the last frame's time, should none come); the stroke's end is sent at once.
 sketch.addEventListener("change", (e) => {
   if (state.mode !== "img2img") return;
   if (e.detail.final) {
     sendCanvasNow();
+  } else if (state.pending) {
+    state.heldCanvas = true;
+    if (state.holdTimer === null) state.holdTimer = setTimeout(sendHeldCanvas, Math.max(1500, 2 * (state.frameMs || 0)));
   } else if (state.strokeTimer === null) {
     state.strokeTimer = setTimeout(sendCanvasNow, STROKE_SEND_MS);
   }
 });
+
+function sendHeldCanvas() {
+  if (state.heldCanvas) sendCanvasNow();
+}
 
 async function setMode(mode) {
   state.mode = mode;
@@ -213,7 +229,10 @@ conn.addEventListener("hello", (e) => {
 
 conn.addEventListener("status", (e) => {
   state.serverBusy = e.detail.state === "busy";
-  if (e.detail.state === "idle") state.pending = false;
+  if (e.detail.state === "idle") {
+    state.pending = false;
+    sendHeldCanvas();
+  }
   renderBusy();
 });
 
@@ -239,6 +258,7 @@ conn.addEventListener("frame", async (e) => {
     const source = inputs.sourceOf(info, receivedAt);
     const latency = source ? receivedAt - source.at : null;
     els.latency.textContent = latency === null ? "–" : `${Math.round(latency)} ms`;
+    if (latency !== null) state.frameMs = latency;
     output.describe(info, latency);
     banners.clear("generation");
     if (state.controls) state.controls.clearInvalid();
@@ -247,6 +267,7 @@ conn.addEventListener("frame", async (e) => {
   if (final) {
     recording.frame($("output"), info);
     camera.grab(); // with the camera on: its next frame, now that this one is in
+    sendHeldCanvas(); // the stroke's newest canvas, now that this frame is in
   }
   els.save.disabled = !final;
   els.apply.disabled = false;
