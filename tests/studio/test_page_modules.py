@@ -409,3 +409,25 @@ def test_a_refused_camera_says_how_to_allow_it(page):
     assert got["switched"] == 1 and got["pressed"] == "false" and got["disabled"] is False
     assert got["errors"] == ["Camera unavailable (the browser or the user refused it; allow the camera for this "
                              "page)."]
+
+
+def test_the_camera_watchdog_waits_while_a_frame_is_on_its_way(page):
+    """A camera frame sent while a slow frame generates would supersede it: on a CPU no frame would ever finish."""
+    got = page.evaluate("""async () => {
+        const { SketchCanvas } = await import('./canvas.js');
+        const { CameraFeed } = await import('./camera.js');
+        const el = document.createElement('canvas');
+        el.width = 64; el.height = 48;
+        const camera = new CameraFeed(new SketchCanvas(el));
+        let busy = true;
+        camera.busy = () => busy;
+        await camera.start();  // its first frame goes at once
+        await new Promise((r) => setTimeout(r, 2200));
+        const whileBusy = camera.grabs;
+        busy = false;
+        await new Promise((r) => setTimeout(r, 2200));
+        const after = camera.grabs;
+        camera.stop();
+        return { whileBusy, after };
+    }""")
+    assert got["whileBusy"] == 1 and got["after"] >= 2

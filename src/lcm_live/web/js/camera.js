@@ -1,7 +1,8 @@
 // Camera: a webcam as the sketch canvas' source, so sketch-to-image follows the camera. Each grab draws the
 // current video frame over the canvas (filling it, the middle cropped to its shape) without an undo step per frame;
 // the drawing from before the camera stays one undo away. The page grabs the next frame as each picture arrives (one
-// frame in flight, as with strokes) and, should none arrive, at least every WATCHDOG_MS.
+// frame in flight, as with strokes) and, should none arrive, every WATCHDOG_MS while no frame is on its way (a new
+// canvas would supersede a slow frame, and on a CPU no frame would ever finish).
 // A still scene is not sent again and again (StreamDiffusion's similarity filter, deterministic here): a frame is
 // skipped when no pixel of its 32x24 grey thumbnail moved by more than CHANGE_LEVEL (0-255) from the last sent
 // one's. Each thumbnail pixel averages a few hundred camera pixels, so sensor noise stays far below that level,
@@ -35,6 +36,7 @@ export class CameraFeed {
     this.lastGrab = 0;
     this.watchdog = null;
     this.onChange = () => {}; // called when it turns on or off
+    this.busy = () => false; // a frame is on its way: the watchdog waits (a new frame would supersede it)
     this.skipped = 0; // frames left out as too like the last one sent
     this.lastThumb = null;
     this.thumbCanvas = null;
@@ -64,7 +66,7 @@ export class CameraFeed {
     this.sketch.pushHistory(); // one undo step back to the drawing, however many frames follow
     this.grab();
     this.watchdog = setInterval(() => {
-      if (performance.now() - this.lastGrab >= WATCHDOG_MS) this.grab();
+      if (!this.busy() && performance.now() - this.lastGrab >= WATCHDOG_MS) this.grab();
     }, WATCHDOG_MS / 3);
     this.onChange();
   }

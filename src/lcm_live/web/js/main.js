@@ -36,6 +36,7 @@ const output = new OutputView({ img: $("output"), empty: $("output-empty"), badg
 const fps = new FpsMeter();
 const inputs = new InputLog();
 const camera = new CameraFeed(sketch); // wired to its button below, with Record
+camera.busy = () => frameInFlight(); // its watchdog must not supersede a slow frame
 const wsUrl = new URL("ws", location.href);
 wsUrl.protocol = location.protocol === "https:" ? "wss:" : "ws:";
 const conn = new Connection(wsUrl.href);
@@ -54,6 +55,7 @@ const state = {
   heldCanvas: false, // a stroke's canvas held back while a frame is on its way (one frame in flight)
   holdTimer: null,
   frameMs: null, // input-to-frame time of the last final frame
+  sentAt: 0, // when the last input went out
 };
 
 // ---------------------------------------------------------------- params
@@ -147,9 +149,9 @@ sketch.addEventListener("change", (e) => {
   if (state.mode !== "img2img") return;
   if (e.detail.final) {
     sendCanvasNow();
-  } else if (state.pending) {
+  } else if (frameInFlight()) {
     state.heldCanvas = true;
-    if (state.holdTimer === null) state.holdTimer = setTimeout(sendHeldCanvas, Math.max(1500, 2 * (state.frameMs || 0)));
+    if (state.holdTimer === null) state.holdTimer = setTimeout(sendHeldCanvas, holdLimitMs());
   } else if (state.strokeTimer === null) {
     state.strokeTimer = setTimeout(sendCanvasNow, STROKE_SEND_MS);
   }
@@ -157,6 +159,16 @@ sketch.addEventListener("change", (e) => {
 
 function sendHeldCanvas() {
   if (state.heldCanvas) sendCanvasNow();
+}
+
+/** How long input waits for a frame in flight before it goes anyway (should the frame never come). */
+function holdLimitMs() {
+  return Math.max(1500, 2 * (state.frameMs || 0));
+}
+
+/** An input was sent and its frame has not come yet (nor has the server gone idle), within holdLimitMs. */
+function frameInFlight() {
+  return state.pending && performance.now() - state.sentAt < holdLimitMs();
 }
 
 async function setMode(mode) {
@@ -178,6 +190,7 @@ async function setMode(mode) {
 conn.addEventListener("sent", (e) => {
   inputs.add(e.detail);
   state.pending = true;
+  state.sentAt = performance.now();
   renderBusy();
 });
 
