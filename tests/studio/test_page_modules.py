@@ -286,14 +286,21 @@ def test_recorder_makes_a_webm_of_the_frames_with_their_log(page):
     assert got["name"] == "lcm-live-session-20261126-090507.webm"
 
 
-def test_camera_frames_fill_the_canvas_with_one_undo_step(page):
-    got = page.evaluate("""async () => {
-        const { SketchCanvas } = await import('./canvas.js');
-        const { CameraFeed, cameraAvailable } = await import('./camera.js');
+def _camera_js(width: int, height: int, body: str) -> str:
+    """A page function: the canvas and camera modules imported, ``el`` a width x height canvas and ``sketch`` its
+    SketchCanvas, then ``body``."""
+    return f"""async () => {{
+        const {{ SketchCanvas }} = await import('./canvas.js');
+        const {{ CameraFeed, cameraAvailable, changedPixels }} = await import('./camera.js');
         const el = document.createElement('canvas');
-        el.width = 64; el.height = 48;
-        document.body.append(el);
+        el.width = {width}; el.height = {height};
         const sketch = new SketchCanvas(el);
+""" + body + "\n    }"
+
+
+def test_camera_frames_fill_the_canvas_with_one_undo_step(page):
+    got = page.evaluate(_camera_js(64, 48, """
+        document.body.append(el);
         const changes = [];
         sketch.addEventListener('change', (e) => changes.push(e.detail.final));
         const white = () => {
@@ -321,8 +328,7 @@ def test_camera_frames_fill_the_canvas_with_one_undo_step(page):
         sketch.undo();
         out.undone = white();
         el.remove();
-        return out;
-    }""")
+        return out;"""))
     assert got["available"] is True and got["before"] is True and got["grabbedOff"] is False
     assert got["on"] is True and got["after"] is False  # the camera's picture, not the white canvas
     assert got["second"] is True and got["grabs"] == 2 and got["undo"] == 1
@@ -358,12 +364,7 @@ def test_without_a_camera_or_a_recorder_the_buttons_say_why(page):
 
 
 def test_a_still_camera_scene_is_not_sent_again(page):
-    got = page.evaluate("""async () => {
-        const { SketchCanvas } = await import('./canvas.js');
-        const { CameraFeed, changedPixels } = await import('./camera.js');
-        const el = document.createElement('canvas');
-        el.width = 64; el.height = 64;
-        const sketch = new SketchCanvas(el);
+    got = page.evaluate(_camera_js(64, 64, """
         const sent = [];
         sketch.addEventListener('change', () => sent.push(1));
         const scene = document.createElement('canvas');  // stands in for the video: a still scene
@@ -384,8 +385,7 @@ def test_a_still_camera_scene_is_not_sent_again(page):
         out.grabs = camera.grabs; out.skipped = camera.skipped; out.sent = sent.length;
         out.diff = changedPixels(new Float32Array([0, 10, 20, 50]), new Float32Array([3, 10, 29, 30]));
         camera.stop();
-        return out;
-    }""")
+        return out;"""))
     assert got["first"] is True and got["still"] is False and got["again"] is False and got["noise"] is False
     assert got["corner"] is True and got["moved"] is True
     assert (got["grabs"], got["skipped"], got["sent"]) == (3, 3, 3)
@@ -413,12 +413,8 @@ def test_a_refused_camera_says_how_to_allow_it(page):
 
 def test_the_camera_watchdog_waits_while_a_frame_is_on_its_way(page):
     """A camera frame sent while a slow frame generates would supersede it: on a CPU no frame would ever finish."""
-    got = page.evaluate("""async () => {
-        const { SketchCanvas } = await import('./canvas.js');
-        const { CameraFeed } = await import('./camera.js');
-        const el = document.createElement('canvas');
-        el.width = 64; el.height = 48;
-        const camera = new CameraFeed(new SketchCanvas(el));
+    got = page.evaluate(_camera_js(64, 48, """
+        const camera = new CameraFeed(sketch);
         let busy = true;
         camera.busy = () => busy;
         await camera.start();  // its first frame goes at once
@@ -428,6 +424,5 @@ def test_the_camera_watchdog_waits_while_a_frame_is_on_its_way(page):
         await new Promise((r) => setTimeout(r, 2200));
         const after = camera.grabs;
         camera.stop();
-        return { whileBusy, after };
-    }""")
+        return { whileBusy, after };"""))
     assert got["whileBusy"] == 1 and got["after"] >= 2
