@@ -209,6 +209,20 @@ def test_previews_are_on_by_default_on_a_cpu_only(device, previews):
         assert (len(frames) > 1) is previews and (engine.previews_decoded >= 1) is previews
 
 
+def test_new_params_stop_the_running_generation_inside_its_step():
+    """A step takes seconds on a CPU: superseded, the generation stops inside it (engine/interrupt.py; the
+    FakeEngine reads the same stop check in its step's sleep), not at its end."""
+    engine = FakeEngine(step_latency_s=1.0)
+    with running_studio(engine) as (client, _, _), client.websocket_connect("/ws") as ws:
+        receive(ws)
+        ws.send_text(params(prompt="first", num_inference_steps=1))
+        wait_until(lambda: engine.generate_count == 1, what="the first generation to start")
+        ws.send_text(params(prompt="second", num_inference_steps=1))
+        assert next_final(ws)["params"]["prompt"] == "second"
+    # The first one's only step never finished: it stopped inside it.
+    assert engine.stopped_mid_step == 1 and engine.steps_run == 1
+
+
 def test_long_prompt_warning(studio):
     client, _, _ = studio
     with client.websocket_connect("/ws") as ws:

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from lcm_live.engine.interrupt import infer_interruptible
 from lcm_live.engine.memory import paging_out, release_freed_memory
 from lcm_live.engine.openvino_int8 import CALIBRATION_CALLS
 from lcm_live.engine.openvino_module import PRECISION_HINT, compile_request, save_ir
@@ -283,7 +284,7 @@ class OpenVINOUNet(torch.nn.Module):
         key, request = self._request(inputs)
         feed = {k: v.detach().to(torch.float32).contiguous().numpy() if v.is_floating_point() else v.numpy()
                 for k, v in inputs.items()}
-        request.infer(feed)
+        infer_interruptible(request, feed)  # a superseded generation stops mid-step (engine/interrupt.py)
         out = torch.from_numpy(request.get_output_tensor(0).data.copy()).to(sample.dtype)
         calibration = self._calibration.get(key)
         if calibration is not None and calibration.add(feed):

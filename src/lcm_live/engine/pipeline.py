@@ -19,6 +19,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,7 +32,8 @@ from lcm_live.engine.decoders import (
     swap_in_decoder,
     wants_tiling,
 )
-from lcm_live.engine.hooks import DenoisedRecorder, StepCallback, StepEvent
+from lcm_live.engine.hooks import DenoisedRecorder, StepCallback, StepEvent, stop_check
+from lcm_live.engine.interrupt import install_block_checks
 from lcm_live.engine.model import LoadedModel
 from lcm_live.engine.postprocess import to_pil
 from lcm_live.engine.prompts import PromptCache
@@ -100,6 +102,8 @@ class Engine:
         self._preview = LatentPreview(self.pipe.vae, taesd=self._taesd, scale_factor=self.pipe.vae_scale_factor)
         self._lock = threading.Lock()  # one generation at a time
         self._preview_lock = threading.Lock()
+        if not hasattr(self.pipe.unet, "_orig_mod"):  # not torch.compile'd (engine/interrupt.py)
+            install_block_checks(self.pipe.unet)  # should_stop is read between the UNet's blocks too
         self.info = EngineInfo(
             model=loaded.name, kind=loaded.kind, arch=loaded.arch, device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."), native_width=loaded.native_width,
@@ -160,17 +164,21 @@ class Engine:
             self._img2img.set_progress_bar_config(disable=True)
         return self._img2img
 
-    def generate(self, request: GenerationRequest, callback: StepCallback | None = None) -> GenerationResult:
+    def generate(self, request: GenerationRequest, callback: StepCallback | None = None, *,
+                 should_stop: Callable[[], str | None] | None = None) -> GenerationResult:
         """Text-to-image, or image-to-image when ``request.image`` is set. ``callback`` gets a StepEvent after
         every denoising step; if it raises :class:`Cancelled` the run stops before the next UNet call and
-        ``Cancelled`` propagates to the caller. Bad values raise UserError (with ``field``)."""
+        ``Cancelled`` propagates to the caller. ``should_stop()`` (a reason, or None) is also read inside each UNet
+        evaluation (engine/interrupt.py): a reason stops the run there with ``Cancelled(reason)``. Bad values
+        raise UserError (with ``field``)."""
         prep = self._prepare(request)
 
         def on_step(step: int, total: int, timestep: int, latents: Any) -> None:
             if callback is not None:
                 callback(StepEvent(step=step, total=total, timestep=timestep, latents=latents))
 
-        images, warnings, timings = self._call([prep], on_step)
+        with stop_check(should_stop):
+            images, warnings, timings = self._call([prep], on_step)
         return GenerationResult(images=list(images), parameters=self._parameters(prep, warnings[0]), timings=timings)
 
     def generate_batch(self, requests: list[GenerationRequest],

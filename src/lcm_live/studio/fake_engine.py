@@ -19,13 +19,14 @@ import json
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from PIL import Image
 
 from lcm_live.engine.batching import StepFanout, batch_key, failed_result, group_indices
-from lcm_live.engine.hooks import StepCallback, StepEvent
+from lcm_live.engine.hooks import Cancelled, StepCallback, StepEvent, stop_check, stop_reason
 from lcm_live.engine.request import GenerationRequest, GenerationResult
 from lcm_live.errors import UserError
 
@@ -81,6 +82,7 @@ class FakeEngine:
         self.warmups = 0
         self.warmup_max_batch_size: int | None = None
         self.warmup_size: tuple[int, int] | None = None
+        self.stopped_mid_step = 0  # generations stopped inside a step by their should_stop check
         self._lock = threading.Lock()
         self._script = list(cfg.failures)
         self._rng = random.Random(cfg.fault_seed)
@@ -121,12 +123,14 @@ class FakeEngine:
             return "error"
         return "ok"
 
-    def generate(self, request: GenerationRequest, callback: StepCallback | None = None) -> GenerationResult:
+    def generate(self, request: GenerationRequest, callback: StepCallback | None = None, *,
+                 should_stop: Callable[[], str | None] | None = None) -> GenerationResult:
         def on_step(step: int, total: int, timestep: int, latents: Any) -> None:
             if callback is not None:
                 callback(StepEvent(step=step, total=total, timestep=timestep, latents=latents))
 
-        return self._call([request], on_step)[0]
+        with stop_check(should_stop):  # read during each step's sleep, as the Engine reads it inside the UNet
+            return self._call([request], on_step)[0]
 
     def generate_batch(self, requests: list[GenerationRequest],
                        callbacks: list[StepCallback | None] | None = None) -> list[GenerationResult]:
@@ -174,10 +178,20 @@ class FakeEngine:
             if self.config.spike_rate and self._rng.random() < self.config.spike_rate:
                 latency *= 10
             if latency:
-                time.sleep(latency)
+                self._step_sleep(latency)
             self.steps_run += 1
             on_step(step, steps, 999 - step * (1000 // (steps + 1)), step)
         return [self._result(r, seed, time.perf_counter() - t0) for r, seed in zip(requests, seeds, strict=True)]
+
+    def _step_sleep(self, seconds: float) -> None:
+        """A step's time, stopped (Cancelled) as soon as the generation's stop check says so."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            reason = stop_reason()
+            if reason:
+                self.stopped_mid_step += 1
+                raise Cancelled(reason)
+            time.sleep(min(left, 0.01))
 
     def _result(self, request: GenerationRequest, seed: int, elapsed: float) -> GenerationResult:
         width, height = request.width or 512, request.height or 512

@@ -79,12 +79,14 @@ def is_oom(exc: BaseException) -> bool:
 
 @dataclass
 class _Run:
-    """One job inside an engine call: its request, its step callback and the last step total it saw."""
+    """One job inside an engine call: its request, its step callback, the last step total it saw, and its stop
+    check (superseded, closed or past its deadline: why to stop now, else None)."""
 
     job: Job
     request: Any
     callback: Callable[[StepEvent], None]
     seen: dict[str, int]
+    should_stop: Callable[[], str | None]
 
 
 def free_device_memory() -> None:
@@ -279,7 +281,9 @@ class Worker:
         outcomes: list[tuple[_Run, Any, BaseException | None]] = []
         if len(runs) == 1:
             try:
-                outcomes.append((runs[0], self.engine.generate(runs[0].request, runs[0].callback), None))
+                run = runs[0]  # alone: stopped inside a step too when superseded (engine/interrupt.py)
+                outcomes.append((run, self.engine.generate(run.request, run.callback, should_stop=run.should_stop),
+                                 None))
             except Exception as exc:
                 outcomes.append((runs[0], None, exc))
         else:
@@ -298,13 +302,19 @@ class Worker:
         canvas = fit_canvas(job.canvas, p.width, p.height) if (p.mode == "img2img" and job.canvas is not None) else None
         seen = {"total": p.num_inference_steps}
 
-        def callback(event: StepEvent) -> None:
-            seen["total"] = event.total
+        def should_stop() -> str | None:
             if job.cancel_reason is not None:
-                raise Cancelled(job.cancel_reason)
+                return job.cancel_reason
             if time.monotonic() > deadline:
                 job.timed_out = True
-                raise Cancelled("deadline")
+                return "deadline"
+            return None
+
+        def callback(event: StepEvent) -> None:
+            seen["total"] = event.total
+            reason = should_stop()
+            if reason is not None:
+                raise Cancelled(reason)
             if self.step_observer is not None:
                 self.step_observer(job, event)
             if p.previews and event.step < event.total and job.sink.wants_preview():
@@ -316,7 +326,7 @@ class Worker:
                 job.sink.on_frame(job, preview, final=False, step=event.step, total=event.total,
                                   generation_s=time.monotonic() - started, parameters={})
 
-        return _Run(job, p.to_request(image=canvas), callback, seen)
+        return _Run(job, p.to_request(image=canvas), callback, seen, should_stop)
 
     def _settle(self, outcomes: list[tuple[_Run, Any, BaseException | None]], generation_s: float) -> None:
         """Each job's frame or error. One engine call counts once towards max_consecutive_failures."""
