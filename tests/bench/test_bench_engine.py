@@ -162,3 +162,17 @@ def test_on_cuda_the_total_is_timed_without_the_stage_synchronizations(monkeypat
         else:
             assert len(syncs) == 8
         path.timer.detach()
+
+
+def test_the_parity_reference_is_the_seed_paths_own_image_on_a_cpu():
+    """The reference run draws lcm-live's float32 noise; on a CPU in float32 that is the seed path's image, bit
+    for bit (on a torch that draws half precision differently, only the reference shares lcm-live's noise)."""
+    import torch
+
+    from lcm_live.bench.bench_engine import BenchConfig, _seed_reference, _seed_run, build_seed_pipeline
+
+    config = BenchConfig(arch="tiny", width=64, height=64, num_inference_steps=3, batch_size=2)
+    pipe, _ = build_seed_pipeline(config, torch.device("cpu"))
+    scheduler = type(pipe.scheduler)
+    assert torch.equal(_seed_reference(pipe, config, "cpu"), _seed_run(pipe, config, "cpu"))
+    assert type(pipe.scheduler) is scheduler  # the seed's own scheduler is back
