@@ -169,10 +169,11 @@ def test_the_parity_reference_is_the_seed_paths_own_image_on_a_cpu():
     for bit (on a torch that draws half precision differently, only the reference shares lcm-live's noise)."""
     import torch
 
-    from lcm_live.bench.bench_engine import BenchConfig, _seed_reference, _seed_run, build_seed_pipeline
+    from lcm_live.bench.bench_engine import BenchConfig
+    from lcm_live.bench.seed_path import build_seed_pipeline, seed_reference, seed_run
 
     config = BenchConfig(arch="tiny", width=64, height=64, num_inference_steps=3, batch_size=2)
     pipe, _ = build_seed_pipeline(config, torch.device("cpu"))
     scheduler = type(pipe.scheduler)
-    assert torch.equal(_seed_reference(pipe, config, "cpu"), _seed_run(pipe, config, "cpu"))
+    assert torch.equal(seed_reference(pipe, config, "cpu"), seed_run(pipe, config, "cpu"))
     assert type(pipe.scheduler) is scheduler  # the seed's own scheduler is back

@@ -10,7 +10,7 @@ random weights (same shapes, FLOPs and kernels as the released models; no downlo
    shared machine hits both alike. Per-stage times come from timers on the components.
 4. Report medians and spreads, per-stage times, peak memory, and the two closing lines: ``parity_cosine``
    (lcm-live's final latents against the seed path's, run once more untimed from lcm-live's own noise:
-   ``_seed_reference``) and ``speedup_vs_seed``.
+   ``seed_reference``) and ``speedup_vs_seed``.
 
 ``batch_size`` N: both paths make N images per call (``num_images_per_prompt=N``, one seed, so the same noise),
 one UNet call per step for all N; the report gives ms per call, ms per image (call / N) and images per second.
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lcm_live.bench.measure import RssSampler, StageTimer, describe_machine, summarize, synchronize
+from lcm_live.bench.seed_path import build_seed_pipeline, seed_reference, seed_run
 from lcm_live.errors import UserError
 
 SEED_GUIDANCE = 1.5  # the seed article's value
@@ -125,65 +126,6 @@ def build_fast_engine(config: BenchConfig, device: Any, dtype: Any) -> tuple[Any
     loaded = LoadedModel(pipe=pipe, kind="lcm", arch="sdxl" if config.arch == "sdxl" else "sd15",
                          name=settings.model, native_width=size, native_height=size)
     return Engine(loaded, settings, device, dtype, speedups=applied), applied
-
-
-def build_seed_pipeline(config: BenchConfig, device: Any) -> tuple[Any, Any]:
-    """The seed article's path: StableDiffusionPipeline (or SDXL's) + LCMScheduler, full VAE, fp32 / fp16."""
-    import torch
-    from diffusers import LCMScheduler, StableDiffusionPipeline
-
-    from lcm_live.engine.architectures import build_pipeline
-
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    built = build_pipeline(config.arch, full_lcm=True, dtype=torch.float32, seed=config.model_seed)
-    if type(built).__name__ == "StableDiffusionXLPipeline":
-        pipe = built
-    else:
-        pipe = StableDiffusionPipeline(vae=built.vae, text_encoder=built.text_encoder, tokenizer=built.tokenizer,
-                                       unet=built.unet, scheduler=built.scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, dtype), dtype
-
-
-def _seed_run(pipe: Any, config: BenchConfig, device: Any, **noise: Any) -> Any:
-    """One image the seed's way; returns the final latents (the last step's output, = its x0 for LCM).
-    ``noise``: ``generator`` and ``latents`` to use instead of a fresh seeded generator."""
-    import torch
-
-    final = {}
-
-    def keep(p, i, t, tensors):
-        final["latents"] = tensors["latents"]
-        return {}
-
-    noise.setdefault("generator", torch.Generator("cpu").manual_seed(config.seed))
-    pipe(config.prompt, num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-         width=config.width, height=config.height, num_images_per_prompt=config.batch_size,
-         callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"], **noise)
-    synchronize(device)
-    return final["latents"]
-
-
-def _seed_reference(pipe: Any, config: BenchConfig, device: Any) -> Any:
-    """The seed path once more, untimed, from lcm-live's own noise: the starting latents and the re-noising drawn
-    in float32 as the engine draws them (engine/scheduler.py), so parity compares two computations of one image.
-    On a CPU in float32 this is the seed path's own image, bit for bit; in float16 on a torch whose sampler draws
-    half precision differently (2.11), the seed article's own draws would be another image altogether."""
-    import torch
-
-    from lcm_live.engine.scheduler import HostLCMScheduler, initial_latents
-
-    original = pipe.scheduler
-    pipe.scheduler = HostLCMScheduler.from_config(original.config)
-    try:
-        generator = torch.Generator("cpu").manual_seed(config.seed)
-        latents = initial_latents(pipe, config.batch_size, config.width, config.height, generator, device,
-                                  pipe.unet.dtype)
-        return _seed_run(pipe, config, device, generator=generator, latents=latents)
-    finally:
-        pipe.scheduler = original
 
 
 def _fast_run(engine: Any, config: BenchConfig, device: Any) -> Any:
@@ -300,9 +242,9 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     seed = None
     if config.baseline == "seed":
         pipe, seed_dtype = build_seed_pipeline(config, device)
-        seed = _Path("seed", lambda: _seed_run(pipe, config, device), pipe, device)
+        seed = _Path("seed", lambda: seed_run(pipe, config, device), pipe, device)
         for _ in range(config.warmup):
-            _seed_run(pipe, config, device)
+            seed_run(pipe, config, device)
 
     # 3. Alternate.
     steps = (config.runs - 1) + (config.runs if seed else 0)
@@ -332,8 +274,10 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     if seed:
         report["seed"] = seed.report(seed_dtype, config.batch_size) | {
             "decoder": "vae", "pipeline": type(pipe).__name__, "guidance_scale": config.guidance_scale}
+        # In float32 (a CPU) the reference run would be the timed seed image bit for bit (seed_path.py): reused.
+        reference = seed.latents if seed_dtype == torch.float32 else seed_reference(pipe, config, device)
         a = fast.latents.detach().float().flatten().cpu()
-        b = _seed_reference(pipe, config, device).detach().float().flatten().cpu()
+        b = reference.detach().float().flatten().cpu()
         report["parity_cosine"] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
         report["speedup_vs_seed"] = (report["seed"]["ms_per_image"]["median"]
                                      / report["lcm_live"]["ms_per_image"]["median"])

@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 
 from lcm_live.config import Settings
 from lcm_live.studio.metrics import StudioMetrics
-from lcm_live.studio.params import GenerationParams, build_params_model, device_type, engine_info, native_size
+from lcm_live.studio.params import GenerationParams, build_params_model, engine_info
 from lcm_live.studio.security import (
     COOKIE_NAME,
     GuardMiddleware,
@@ -91,9 +91,9 @@ class StudioState:
         guidance = raw_dict.get("default_guidance_scale")
         if guidance is None:
             guidance = 8.0 if raw_dict.get("kind") == "lcm" else 1.0
-        self.params_model = build_params_model(self.settings.studio, float(guidance),
-                                               lcm_img2img=bool(getattr(engine, "lcm_img2img", False)),
-                                               native_size=native_size(raw_dict), device=device_type(raw_dict))
+        # The worker's settings, resolved for this model and device when it loaded it (StudioSettings.for_model).
+        self.params_model = build_params_model(self.worker.settings, float(guidance),
+                                               lcm_img2img=bool(getattr(engine, "lcm_img2img", False)))
         self.info = public_info(raw_dict)
         gpu = str(raw_dict.get("device", "cpu")).startswith("cuda")
         self.max_sessions = self.settings.studio.max_sessions or (4 if gpu else 1)

@@ -27,9 +27,3 @@ def job_batch_key(job: Job) -> Any:
     img2img = job.params.mode == "img2img" and job.canvas is not None
     return batch_key(job.params.to_request(image=job.canvas if img2img else None))
 
-
-def engine_device(engine: Any) -> str:
-    """The loaded engine's device ("cpu", "cuda:0", ...), from its info (an object, or a dict for fakes)."""
-    info = engine.info
-    device = info.get("device") if isinstance(info, dict) else getattr(info, "device", None)
-    return str(device or "cpu")

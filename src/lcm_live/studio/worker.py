@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from lcm_live.config import StudioSettings
 from lcm_live.engine.hooks import Cancelled, StepEvent
 from lcm_live.errors import UserError
-from lcm_live.studio.batching import engine_device, job_batch_key, resolve_max_batch_size
+from lcm_live.studio.batching import job_batch_key, resolve_max_batch_size
 from lcm_live.studio.images import fit_canvas
 from lcm_live.studio.metrics import StudioMetrics
 from lcm_live.studio.params import GenerationParams, device_type, engine_info, native_size
@@ -231,9 +231,11 @@ class Worker:
         try:
             self.engine = self._engine_factory()
             batching = hasattr(self.engine, "generate_batch")
-            self.max_batch_size = resolve_max_batch_size(s, engine_device(self.engine)) if batching else 1
             info = engine_info(self.engine)
-            s = s.for_model(*native_size(info), device=device_type(info))  # the sizes left to the model
+            device = device_type(info)
+            self.max_batch_size = resolve_max_batch_size(s, device) if batching else 1
+            # The sizes and previews left to the model, resolved once: the app builds its schema from these.
+            s = self.settings = s.for_model(*native_size(info), device=device)
             width = s.warmup_width or s.default_width
             height = s.warmup_height or s.default_height
             t0 = time.perf_counter()
