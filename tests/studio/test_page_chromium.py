@@ -7,91 +7,37 @@ look at: studio_page.png (laptop) and studio_page_phone.png (phone width).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from .chromium import (
+    CHROMIUM,
+    FRAME_TIMEOUT_MS,
+    NO_CHROMIUM,
+    chromium,
+    frame_seq,
+    serving,
+    set_slider,
+    wait_settled_frame,
+)
+
 # Slow: a server start (tiny model load + warm-up) and a few real generations on CPU; generous on a busy machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 # a fake camera (an animated test pattern), allowed without asking: the Camera button's tests
-                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
-READY_TIMEOUT_S = 180  # model load + warm-up of the tiny model on a busy 2-core CPU
-FRAME_TIMEOUT_MS = 120_000  # a frame of the tiny model takes seconds on a 2-core CPU shared with other work
 
 if not CHROMIUM.exists():
-    pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (`make test` installs it: "
-                "apt-get install -y chromium)", allow_module_level=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as res:
-            return res.status, res.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
-
-
-@contextlib.contextmanager
-def _serving(log_dir: Path, *args: str, env: dict[str, str] | None = None):
-    """`lcm-live serve ARGS` on a free loopback port; yields its URL once /readyz is 200, stops it after."""
-    port = _free_port()
-    log_path = log_dir / "serve.log"
-    cmd = [str(Path(sys.executable).with_name("lcm-live")), "serve", *args, "--host", "127.0.0.1",
-           "--port", str(port)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    env.pop("LCM_LIVE_TOKEN", None)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"`lcm-live serve` exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if _get(url + "readyz")[0] == 200:
-                    break
-            except OSError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                pytest.fail(f"`lcm-live serve` not ready in {READY_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    pytest.skip(NO_CHROMIUM, allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
 def studio_url(tiny_lcm_dir, tmp_path_factory):
     """The studio with the tiny LCM on CPU."""
     # The smallest default size: the warm-up runs at it (the tiny model is slow at 512 on a busy 2-core CPU).
-    with _serving(tmp_path_factory.mktemp("serve"), "--model", str(tiny_lcm_dir), "--device", "cpu",
+    with serving(tmp_path_factory.mktemp("serve"), "--model", str(tiny_lcm_dir), "--device", "cpu",
                   "--dtype", "float32", env={"LCM_LIVE_STUDIO__DEFAULT_WIDTH": "256",
                                              "LCM_LIVE_STUDIO__DEFAULT_HEIGHT": "256"}) as url:
         yield url
@@ -99,12 +45,8 @@ def studio_url(tiny_lcm_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture
@@ -123,36 +65,6 @@ def page(browser, studio_url):
     page.wait_for_selector("#ctl-num_inference_steps", state="attached", timeout=FRAME_TIMEOUT_MS)
     yield page
     context.close()  # closes the WebSocket: the server (one session on CPU) is free for the next test
-
-
-def _set_slider(page, selector: str, value: str | None = None) -> None:
-    """Move a slider the way a user would (input events, then change on release); None: to its minimum."""
-    page.eval_on_selector(selector, """(el, value) => {
-        el.value = value === null ? el.min : value;
-        el.dispatchEvent(new Event('input', {bubbles: true}));
-        el.dispatchEvent(new Event('change', {bubbles: true}));
-    }""", value)
-
-
-def _frame_seq(page) -> int:
-    """How many frames the page has shown (the server's frame ids restart on each connection)."""
-    value = page.get_attribute("#output", "data-seq")
-    return int(value) if value else 0
-
-
-def _wait_settled_frame(page, after_id: int, mode: str) -> int:
-    """Wait for a final frame shown after frame number ``after_id`` and made in ``mode``, with nothing left
-    generating; returns its number."""
-    page.wait_for_function(
-        """([after, mode]) => {
-            const img = document.getElementById('output');
-            return Number(img.dataset.seq || 0) > after && img.dataset.final === 'true'
-                && img.dataset.mode === mode && img.complete && img.naturalWidth > 0
-                && document.body.dataset.busy === 'false';
-        }""",
-        arg=[after_id, mode], timeout=FRAME_TIMEOUT_MS,
-    )
-    return _frame_seq(page)
 
 
 def _pixels(page, selector: str) -> list[float]:
@@ -184,16 +96,16 @@ def _mean_abs_diff(a: list[float], b: list[float]) -> float:
 def test_type_a_prompt_then_sketch_and_the_output_follows(page, tmp_path):
     # The smallest size the server allows (read from the schema-built sliders; the canvas follows it), and few
     # steps: 2 for text, 2 x 0.5 = 1 for sketches (the canvas shows through more at a low strength).
-    _set_slider(page, "#ctl-width")
-    _set_slider(page, "#ctl-height")
+    set_slider(page, "#ctl-width")
+    set_slider(page, "#ctl-height")
     assert page.get_attribute("#sketch", "width") == page.eval_on_selector("#ctl-width", "el => el.min")
-    _set_slider(page, "#ctl-num_inference_steps", "2")
-    _set_slider(page, "#ctl-strength", "0.5")
+    set_slider(page, "#ctl-num_inference_steps", "2")
+    set_slider(page, "#ctl-strength", "0.5")
 
     # 1. Text to image: typing makes a picture.
     page.click("#prompt")
     page.keyboard.type("a lighthouse on a cliff at dusk", delay=15)
-    first_id = _wait_settled_frame(page, 0, "txt2img")
+    first_id = wait_settled_frame(page, 0, "txt2img")
     txt2img = _pixels(page, "#output")
     assert page.inner_text("#latency").endswith("ms")
     assert "seed" in page.inner_text("#frame-info")
@@ -201,11 +113,11 @@ def test_type_a_prompt_then_sketch_and_the_output_follows(page, tmp_path):
     # 2. Sketch to image: the canvas becomes the init image.
     page.click("label.mode-option:has(input[value=img2img])")
     assert page.get_attribute("body", "data-mode") == "img2img"
-    blank_id = _wait_settled_frame(page, first_id, "img2img")
+    blank_id = wait_settled_frame(page, first_id, "img2img")
     blank = _pixels(page, "#output")
 
     # 3. Draw three thick strokes with the mouse, in two colours.
-    _set_slider(page, "#brush-size", page.eval_on_selector("#brush-size", "el => el.max"))
+    set_slider(page, "#brush-size", page.eval_on_selector("#brush-size", "el => el.max"))
     box = page.locator("#sketch").bounding_box()
     for k, colour in enumerate(["#e53935", "#1e88e5", "#e53935"]):
         page.click(f".swatch[data-color='{colour}']")
@@ -218,7 +130,7 @@ def test_type_a_prompt_then_sketch_and_the_output_follows(page, tmp_path):
     canvas = _pixels(page, "#sketch")
     assert sum(1 for i in range(0, len(canvas), 3) if canvas[i] < 200 or canvas[i + 2] < 200) > 10, "no stroke drawn"
     assert page.is_enabled("#undo")
-    sketched_id = _wait_settled_frame(page, blank_id, "img2img")
+    sketched_id = wait_settled_frame(page, blank_id, "img2img")
     sketched = _pixels(page, "#output")
 
     # The picture follows the input: the same params and seed on a blank and on a sketched canvas give different
@@ -263,13 +175,13 @@ def test_type_a_prompt_then_sketch_and_the_output_follows(page, tmp_path):
     # 7. Record: the final frames from Record to Stop as a WebM video, their parameters in a JSON log beside it.
     downloads = []
     page.on("download", lambda d: downloads.append(d))
-    before = _frame_seq(page)
+    before = frame_seq(page)
     page.click("#record")
     assert page.get_attribute("#record", "aria-pressed") == "true"
     page.click("#prompt")
     page.keyboard.press("End")
     page.keyboard.type(" at night", delay=15)
-    _wait_settled_frame(page, before, "img2img")
+    wait_settled_frame(page, before, "img2img")
     assert page.inner_text("#record").startswith("Stop · ")
     page.click("#record")
     page.wait_for_function("() => document.getElementById('record').getAttribute('aria-pressed') === 'false'"
@@ -293,16 +205,16 @@ def test_type_a_prompt_then_sketch_and_the_output_follows(page, tmp_path):
 
 
 def test_the_camera_feeds_sketch_mode_until_turned_off(page):
-    _set_slider(page, "#ctl-width")
-    _set_slider(page, "#ctl-height")
-    _set_slider(page, "#ctl-num_inference_steps", "1")
+    set_slider(page, "#ctl-width")
+    set_slider(page, "#ctl-height")
+    set_slider(page, "#ctl-num_inference_steps", "1")
     page.click("#prompt")
     page.keyboard.type("a street", delay=10)
     page.click("#camera")  # in text mode: switches to sketch mode first
     page.wait_for_selector("#camera[aria-pressed=true]", timeout=FRAME_TIMEOUT_MS)
     assert page.get_attribute("body", "data-mode") == "img2img"
-    first = _wait_settled_frame(page, _frame_seq(page), "img2img")
-    second = _wait_settled_frame(page, first, "img2img")  # the next camera frame followed by itself
+    first = wait_settled_frame(page, frame_seq(page), "img2img")
+    second = wait_settled_frame(page, first, "img2img")  # the next camera frame followed by itself
     assert second > first
     page.click("#camera")
     page.wait_for_selector("#camera[aria-pressed=false]")
@@ -334,36 +246,3 @@ def test_every_control_has_an_accessible_name(page):
         .map((el) => el.id || el.outerHTML.slice(0, 80))""")
     assert unnamed == []
     assert page.problems == []
-
-
-def test_a_long_stroke_gets_frames_while_it_goes_on(browser, tmp_path):
-    """With frames slower than the page's stroke sends (0.6 s here, a FakeEngine of 2 x 0.3 s steps; a real model
-    on a CPU takes that or more), every canvas sent mid-frame used to supersede the frame in flight: a stroke saw
-    no picture until it ended. One frame in flight while drawing: pictures follow the stroke as it goes."""
-    with _serving(tmp_path, "--fake-engine", json.dumps({"step_latency_s": 0.3})) as url:
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        try:
-            page.goto(url)
-            page.wait_for_selector("#ctl-num_inference_steps", state="attached", timeout=FRAME_TIMEOUT_MS)
-            _set_slider(page, "#ctl-num_inference_steps", "2")
-            page.click("label.mode-option:has(input[value=img2img])")
-            _wait_settled_frame(page, 0, "img2img")
-            finals = "window.__finals = 0; new MutationObserver(() => { const o = document.getElementById('output');" \
-                     " if (o.dataset.final === 'true') window.__finals += 1; }).observe(" \
-                     "document.getElementById('output'), { attributes: true, attributeFilter: ['data-seq'] });"
-            page.evaluate(finals)
-            box = page.locator("#sketch").bounding_box()
-            x0, y0 = box["x"] + 20, box["y"] + 20
-            page.mouse.move(x0, y0)
-            page.mouse.down()
-            t0 = time.monotonic()
-            i = 0
-            while time.monotonic() - t0 < 3.5:  # one stroke, a move every ~40 ms
-                i += 1
-                page.mouse.move(x0 + (i * 3) % 300, y0 + (i * 2) % 300)
-                page.wait_for_timeout(40)
-            during = page.evaluate("window.__finals")
-            page.mouse.up()
-            assert during >= 2, f"{during} final frame(s) during a 3.5 s stroke"
-        finally:
-            page.close()

@@ -7,50 +7,20 @@ the canvas undoes and redoes.
 
 from __future__ import annotations
 
-import functools
-import http.server
-import threading
-from pathlib import Path
-
 import pytest
 
-import lcm_live
+from .chromium import CHROMIUM, NO_CHROMIUM, js_module_page
 
 pytestmark = pytest.mark.slow
 
-WEB = Path(lcm_live.__file__).resolve().parent / "web"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 # a fake camera (an animated test pattern), allowed without asking: the Camera button's tests
-                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
-
 if not CHROMIUM.exists():
-    pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (`make test` installs it: "
-                "apt-get install -y chromium)", allow_module_level=True)
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):  # no request lines in the test output
-        pass
+    pytest.skip(NO_CHROMIUM, allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
 def page():
-    from playwright.sync_api import sync_playwright
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(WEB)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{server.server_address[1]}/js/")
-            yield page
-            browser.close()
-    finally:
-        server.shutdown()
+    with js_module_page() as page:
+        yield page
 
 
 SCHEMA = {

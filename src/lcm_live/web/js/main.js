@@ -6,6 +6,7 @@ import { SketchCanvas } from "./canvas.js";
 import { Connection, closeText } from "./connection.js";
 import { Controls, schemaProperties } from "./controls.js";
 import { CameraFeed, setupCamera } from "./camera.js";
+import { FramePacer } from "./pacing.js";
 import { FpsMeter, InputLog, OutputView, errorText, saveFrame } from "./output.js";
 import { setupRecording } from "./recorder.js";
 import { setupToolbar } from "./toolbar.js";
@@ -36,7 +37,8 @@ const output = new OutputView({ img: $("output"), empty: $("output-empty"), badg
 const fps = new FpsMeter();
 const inputs = new InputLog();
 const camera = new CameraFeed(sketch); // wired to its button below, with Record
-camera.busy = () => frameInFlight(); // its watchdog must not supersede a slow frame
+const pacer = new FramePacer(); // one frame in flight while input streams in (pacing.js)
+camera.busy = () => pacer.inFlight(); // its watchdog must not supersede a slow frame
 const wsUrl = new URL("ws", location.href);
 wsUrl.protocol = location.protocol === "https:" ? "wss:" : "ws:";
 const conn = new Connection(wsUrl.href);
@@ -49,13 +51,8 @@ const state = {
   promptMaxLength: undefined, // from the schema: shown by the counter, never enforced by cutting the text
   wantSend: false, // input arrived before the schema: send once the controls exist
   serverBusy: false,
-  pending: false, // input sent, no frame or idle status since
   canvasSeq: 0, // orders canvas encodes: an older encode never replaces a newer one
   strokeTimer: null,
-  heldCanvas: false, // a stroke's canvas held back while a frame is on its way (one frame in flight)
-  holdTimer: null,
-  frameMs: null, // input-to-frame time of the last final frame
-  sentAt: 0, // when the last input went out
 };
 
 // ---------------------------------------------------------------- params
@@ -74,6 +71,7 @@ function currentParams() {
 }
 
 function sendParams() {
+  pacer.drop("params"); // this send carries the newest params
   if (!state.controls) {
     state.wantSend = true;
     return;
@@ -114,7 +112,7 @@ function setupSchema(schema) {
       radio.closest("label").hidden = !modeProp.enum.includes(radio.value);
     }
   }
-  state.controls.addEventListener("input", sendParams);
+  state.controls.addEventListener("input", offerParams);
   state.controls.addEventListener("size", (e) => applySize(e.detail));
   applySize(state.controls.size());
   updateCounter();
@@ -132,9 +130,7 @@ function applySize({ width, height }) {
 async function sendCanvasNow() {
   clearTimeout(state.strokeTimer);
   state.strokeTimer = null;
-  clearTimeout(state.holdTimer);
-  state.holdTimer = null;
-  state.heldCanvas = false;
+  pacer.drop("canvas"); // this send carries the newest canvas
   if (state.mode !== "img2img") return;
   const seq = ++state.canvasSeq;
   const blob = await sketch.toBlob();
@@ -142,33 +138,20 @@ async function sendCanvasNow() {
   conn.sendCanvas(blob);
 }
 
-// While a stroke goes on, one frame in flight: a canvas sent mid-frame would supersede it, and on a machine slower
-// than STROKE_SEND_MS a frame no stroke would ever see finish. The stroke's newest canvas waits for the frame (at
-// most twice the last frame's time, should none come); the stroke's end is sent at once.
+// While a stroke goes on, one frame in flight (pacing.js): the stroke's newest canvas waits for the frame on its
+// way; the stroke's end goes at once. With nothing in flight, a stroke sends at most every STROKE_SEND_MS.
 sketch.addEventListener("change", (e) => {
   if (state.mode !== "img2img") return;
-  if (e.detail.final) {
-    sendCanvasNow();
-  } else if (frameInFlight()) {
-    state.heldCanvas = true;
-    if (state.holdTimer === null) state.holdTimer = setTimeout(sendHeldCanvas, holdLimitMs());
+  if (e.detail.final || pacer.inFlight()) {
+    pacer.offer("canvas", sendCanvasNow, { final: e.detail.final });
   } else if (state.strokeTimer === null) {
     state.strokeTimer = setTimeout(sendCanvasNow, STROKE_SEND_MS);
   }
 });
 
-function sendHeldCanvas() {
-  if (state.heldCanvas) sendCanvasNow();
-}
-
-/** How long input waits for a frame in flight before it goes anyway (should the frame never come). */
-function holdLimitMs() {
-  return Math.max(1500, 2 * (state.frameMs || 0));
-}
-
-/** An input was sent and its frame has not come yet (nor has the server gone idle), within holdLimitMs. */
-function frameInFlight() {
-  return state.pending && performance.now() - state.sentAt < holdLimitMs();
+/** Typing and slider drags: held while a frame is on its way, sent when it comes or when the input settles. */
+function offerParams() {
+  pacer.offer("params", sendParams, { settle: true });
 }
 
 async function setMode(mode) {
@@ -189,8 +172,7 @@ async function setMode(mode) {
 
 conn.addEventListener("sent", (e) => {
   inputs.add(e.detail);
-  state.pending = true;
-  state.sentAt = performance.now();
+  pacer.sent();
   renderBusy();
 });
 
@@ -204,7 +186,7 @@ conn.addEventListener("state", (e) => {
     const wait = retryInMs ? `, retry in ${(retryInMs / 1000).toFixed(1)} s` : ", type or draw to reconnect";
     els.connText.textContent = `offline (${closeText(code)})${wait}`;
     state.serverBusy = false;
-    state.pending = false;
+    pacer.reset();
     renderBusy();
     if (code === 1008) {
       banners.show("The server refused this page: open the address that `lcm-live serve` printed " +
@@ -242,10 +224,7 @@ conn.addEventListener("hello", (e) => {
 
 conn.addEventListener("status", (e) => {
   state.serverBusy = e.detail.state === "busy";
-  if (e.detail.state === "idle") {
-    state.pending = false;
-    sendHeldCanvas();
-  }
+  if (e.detail.state === "idle") pacer.done();
   renderBusy();
 });
 
@@ -254,7 +233,7 @@ conn.addEventListener("error", (e) => {
   const where = field && !(message || "").includes(field) ? ` (${field})` : "";
   banners.show(`${message || code}${where}`, { source: code === "capacity" || code === "not_ready" ? "connection" : "generation" });
   if (state.controls) state.controls.markInvalid(field);
-  state.pending = false;
+  pacer.reset();
   renderBusy();
 });
 
@@ -265,13 +244,12 @@ conn.addEventListener("warning", (e) => {
 conn.addEventListener("frame", async (e) => {
   const { info, blob, receivedAt } = e.detail;
   const final = info.final !== false;
+  let latency = null;
   if (final) {
-    state.pending = false;
     fps.tick(receivedAt);
     const source = inputs.sourceOf(info, receivedAt);
-    const latency = source ? receivedAt - source.at : null;
+    latency = source ? receivedAt - source.at : null;
     els.latency.textContent = latency === null ? "–" : `${Math.round(latency)} ms`;
-    if (latency !== null) state.frameMs = latency;
     output.describe(info, latency);
     banners.clear("generation");
     if (state.controls) state.controls.clearInvalid();
@@ -279,8 +257,8 @@ conn.addEventListener("frame", async (e) => {
   await output.show(info, blob, receivedAt);
   if (final) {
     recording.frame($("output"), info);
-    camera.grab(); // with the camera on: its next frame, now that this one is in
-    sendHeldCanvas(); // the stroke's newest canvas, now that this frame is in
+    pacer.done(latency); // what was held (a stroke's newest canvas, typed params) goes, now that this frame is in
+    camera.grab(); // with the camera on: its next frame
   }
   els.save.disabled = !final;
   els.apply.disabled = false;
@@ -288,7 +266,7 @@ conn.addEventListener("frame", async (e) => {
 });
 
 function renderBusy(stepText = null) {
-  const busy = state.serverBusy || state.pending;
+  const busy = state.serverBusy || pacer.pending;
   document.body.dataset.busy = String(busy);
   els.busyText.textContent = stepText || (busy ? "generating…" : "idle");
 }
@@ -370,9 +348,9 @@ setupToolbar(sketch, {
 
 els.prompt.addEventListener("input", () => {
   updateCounter();
-  sendParams();
+  offerParams();
 });
-els.negative.addEventListener("input", sendParams);
+els.negative.addEventListener("input", offerParams);
 for (const radio of document.querySelectorAll('input[name="mode"]')) {
   radio.addEventListener("change", () => radio.checked && setMode(radio.value));
 }

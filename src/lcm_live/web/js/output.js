@@ -88,6 +88,8 @@ export class OutputView {
     img.dataset.final = String(info.final !== false);
     img.dataset.seed = String(info.seed);
     img.dataset.mode = String((info.params && info.params.mode) || "");
+    const prompt = info.params && info.params.prompt;
+    img.alt = prompt ? `Generated image: ${prompt}` : "Generated image"; // what it shows, for screen readers
     if (info.final === false) {
       badge.textContent = `step ${info.step}/${info.total}`;
       badge.hidden = false;

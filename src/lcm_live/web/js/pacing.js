@@ -1,0 +1,99 @@
+// Pacing: one frame in flight while input streams in (a stroke, typing, a slider drag).
+//
+// The server keeps only the newest input and stops the generation it supersedes, which is right for one change and
+// wrong for a stream of them: on a machine slower than the stream (a CPU at 0.5-10 s a frame) every input would
+// supersede the frame in flight, and no picture would come until the stream ended. So while a frame is on its way,
+// input is held, the newest of each kind ("canvas", "params") replacing the one held before, and goes out:
+// - when the frame arrives (or the server says it is idle);
+// - when the stream ends: a stroke's end at once, typing when no key came for SETTLE_MS;
+// - after holdLimitMs() should no frame come at all (twice the last frame's time, at least MIN_HOLD_MS).
+// On a GPU, where a frame takes less than a keystroke's gap, nothing is ever held for long.
+
+export const SETTLE_MS = 400;
+export const MIN_HOLD_MS = 1500;
+
+export class FramePacer {
+  constructor({ settleMs = SETTLE_MS, minHoldMs = MIN_HOLD_MS, now = () => performance.now() } = {}) {
+    this.settleMs = settleMs;
+    this.minHoldMs = minHoldMs;
+    this.now = now;
+    this.pending = false; // input sent, no frame or idle status since
+    this.sentAt = 0; // when the last input went out
+    this.frameMs = null; // input-to-frame time of the last final frame
+    this.held = new Map(); // kind -> the send function of its newest held input
+    this.holdTimer = null;
+    this.settleTimers = new Map(); // kind -> timer that ends its stream
+    this.heldCount = 0; // inputs held back so far (for tests and the curious)
+  }
+
+  /** How long input waits for a frame in flight before it goes anyway (should the frame never come). */
+  holdLimitMs() {
+    return Math.max(this.minHoldMs, 2 * (this.frameMs || 0));
+  }
+
+  /** An input was sent and its frame has not come yet (nor has the server gone idle), within holdLimitMs. */
+  inFlight() {
+    return this.pending && this.now() - this.sentAt < this.holdLimitMs();
+  }
+
+  /**
+   * New input of one kind: `send` sends it. It goes now when nothing is in flight or when `final` (a stroke's end);
+   * otherwise it is held. With `settle`, a held input also goes once no newer input of its kind came for settleMs.
+   */
+  offer(kind, send, { final = false, settle = false } = {}) {
+    this.clearSettle(kind);
+    if (final || !this.inFlight()) {
+      this.held.delete(kind);
+      send();
+      return;
+    }
+    this.held.set(kind, send);
+    this.heldCount += 1;
+    if (this.holdTimer === null) this.holdTimer = setTimeout(() => this.flush(), this.holdLimitMs());
+    if (settle) this.settleTimers.set(kind, setTimeout(() => this.flush(kind), this.settleMs));
+  }
+
+  /** Send what is held: every kind, or just `kind`. */
+  flush(kind = null) {
+    const kinds = kind === null ? [...this.held.keys()] : [kind];
+    if (kind === null) {
+      clearTimeout(this.holdTimer);
+      this.holdTimer = null;
+    }
+    for (const k of kinds) {
+      this.clearSettle(k);
+      const send = this.held.get(k);
+      this.held.delete(k);
+      if (send) send();
+    }
+  }
+
+  /** Forget a held input of this kind (a newer one of it was sent by other means). */
+  drop(kind) {
+    this.clearSettle(kind);
+    this.held.delete(kind);
+  }
+
+  clearSettle(kind) {
+    clearTimeout(this.settleTimers.get(kind));
+    this.settleTimers.delete(kind);
+  }
+
+  /** The connection sent an input. */
+  sent() {
+    this.pending = true;
+    this.sentAt = this.now();
+  }
+
+  /** A final frame came (with its input-to-frame latency, when known), or the server went idle: held input goes. */
+  done(latencyMs = null) {
+    this.pending = false;
+    if (latencyMs !== null) this.frameMs = latencyMs;
+    this.flush();
+  }
+
+  /** The connection closed or the input failed: nothing is in flight. Held input waits for the next input. */
+  reset() {
+    this.pending = false;
+  }
+}

@@ -1,0 +1,150 @@
+"""What the Chromium tests share: the browser's flags, `lcm-live serve` in a subprocess, the page's JS modules under
+a static HTTP server, and readers of the page's frame state."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import lcm_live
+
+WEB = Path(lcm_live.__file__).resolve().parent / "web"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 # a fake camera (an animated test pattern), allowed without asking: the Camera button's tests
+                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+NO_CHROMIUM = ("Debian's chromium is not installed at /usr/bin/chromium (`make test` installs it: "
+               "apt-get install -y chromium)")
+READY_TIMEOUT_S = 180  # model load + warm-up of the tiny model on a busy 2-core CPU
+FRAME_TIMEOUT_MS = 120_000  # a frame of the tiny model takes seconds on a 2-core CPU shared with other work
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as res:
+            return res.status, res.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+@contextlib.contextmanager
+def serving(log_dir: Path, *args: str, env: dict[str, str] | None = None):
+    """`lcm-live serve ARGS` on a free loopback port; yields its URL once /readyz is 200, stops it after."""
+    port = free_port()
+    log_path = log_dir / "serve.log"
+    cmd = [str(Path(sys.executable).with_name("lcm-live")), "serve", *args, "--host", "127.0.0.1",
+           "--port", str(port)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    env.pop("LCM_LIVE_TOKEN", None)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"`lcm-live serve` exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if http_get(url + "readyz")[0] == 200:
+                    break
+            except OSError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                pytest.fail(f"`lcm-live serve` not ready in {READY_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # no request lines in the test output
+        pass
+
+
+@contextlib.contextmanager
+def static_js_server():
+    """The page's JS modules (`web/js/`) under a static HTTP server; yields the URL of `js/`."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(WEB)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/js/"
+    finally:
+        server.shutdown()
+
+
+@contextlib.contextmanager
+def js_module_page(browser=None):
+    """A Chromium page on the page's JS modules: no server, no model. In ``browser``, or in a Chromium of its own."""
+    with static_js_server() as url, (contextlib.nullcontext(browser) if browser else chromium()) as b:
+        page = b.new_page()
+        page.goto(url)
+        yield page
+        page.close()
+
+
+@contextlib.contextmanager
+def chromium():
+    """A headless Chromium (Playwright's sync API)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def set_slider(page, selector: str, value: str | None = None) -> None:
+    """Move a slider the way a user would (input events, then change on release); None: to its minimum."""
+    page.eval_on_selector(selector, """(el, value) => {
+        el.value = value === null ? el.min : value;
+        el.dispatchEvent(new Event('input', {bubbles: true}));
+        el.dispatchEvent(new Event('change', {bubbles: true}));
+    }""", value)
+
+
+def frame_seq(page) -> int:
+    """How many frames the page has shown (the server's frame ids restart on each connection)."""
+    value = page.get_attribute("#output", "data-seq")
+    return int(value) if value else 0
+
+
+def wait_settled_frame(page, after_id: int, mode: str) -> int:
+    """Wait for a final frame shown after frame number ``after_id`` and made in ``mode``, with nothing left
+    generating; returns its number."""
+    page.wait_for_function(
+        """([after, mode]) => {
+            const img = document.getElementById('output');
+            return Number(img.dataset.seq || 0) > after && img.dataset.final === 'true'
+                && img.dataset.mode === mode && img.complete && img.naturalWidth > 0
+                && document.body.dataset.busy === 'false';
+        }""",
+        arg=[after_id, mode], timeout=FRAME_TIMEOUT_MS,
+    )
+    return frame_seq(page)
