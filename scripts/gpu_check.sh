@@ -2,7 +2,8 @@
 # The GPU check: lcm-live's CUDA tests and `lcm-live bench` figures, in one short run on a lent GPU machine.
 #
 #   On the GPU machine, from the repo root, with $OUT set and .whl carried:   bash scripts/gpu_check.sh
-#   (device tool: command "bash scripts/gpu_check.sh", carry [".whl"], timeout_s 600 for the default budget)
+#   (device tool: command "bash scripts/gpu_check.sh", carry [".whl", ".whl_cpu"], timeout_s 600 for the default
+#   budget; scripts/device_wheels.sh makes both folders: 20 + 35 MB of the 64 MiB a call carries)
 #   Some steps only: GPU_CHECK_ONLY="tests sd15_512_4steps" bash scripts/gpu_check.sh (the step names below)
 #   Dry run here (CPU, tiny model, tiny sizes; every command line parses and runs):
 #       GPU_CHECK_DRY=1 nice -n 19 env OMP_NUM_THREADS=1 bash scripts/gpu_check.sh
@@ -15,7 +16,8 @@
 # is skipped and says so. The script ends within the budget plus ~30 s (a kill's grace, the JSON merge).
 # Order: the CUDA tests; the issue's figures (sd15 512² at 4 steps, the live studio, sdxl 1024², sd15 at 1 step);
 # torch.compile at batch 1, 8 and 16 (compiling the UNet takes about a minute per shape) and in the live studio;
-# the CPU comparison on the host's AMX cores where it has them; SDXL nf4, the least needed, last. The default
+# SDXL nf4, the least needed, last. Beside them all, from the start, on 2 cores of their own: the CPU comparison on
+# the host's AMX cores where it has them (OpenVINO from .whl_cpu; see cpu_amx below). The default
 # budget does not reach the last few: a second call names them, e.g.
 #   GPU_CHECK_ONLY="sd15_512_4steps_batch16_compile live_sd15_256_compile cpu_amx_sd15" bash scripts/gpu_check.sh
 # The bitsandbytes sd15 figures and batching without compile were measured in the first GPU run
@@ -62,6 +64,7 @@ fi
 log() { echo "$*" | tee -a "$LOG"; }
 
 START=$(date +%s)
+PIN=()  # a `taskset -c CORES` prefix for every step's command (set when the AMX job has cores of its own)
 ONLY=${GPU_CHECK_ONLY:-}  # space-separated step names: run only those (install always runs)
 # step NAME TIMEOUT_S COMMAND...: runs COMMAND under timeout (capped by what is left of the budget), logs it.
 step() {
@@ -81,7 +84,7 @@ step() {
     log "=== [$name] at ${elapsed}s, timeout ${limit}s: ${*//$CLI/<lcm-live>}"
     local t0
     t0=$(date +%s)
-    timeout -k 15 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    timeout -k 15 "$limit" ${PIN[@]+"${PIN[@]}"} "$@" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     local took=$(( $(date +%s) - t0 )) what=ok
     if (( rc == 124 || rc == 137 )); then what=timeout; elif (( rc != 0 )); then what=failed; fi
@@ -100,7 +103,7 @@ bench() {
 # ---------------------------------------------------------------- the machine and the packages
 log "=== gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) dry=$DRY budget=${BUDGET}s out=$OUT"
 timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
-# The host CPU: issue 5's CPU floors were set on a 2-core Sapphire Rapids with AMX (see cpu_amx_sd15 below).
+# The host CPU: issue 5's CPU floors were set on a 2-core Sapphire Rapids with AMX (see cpu_amx below).
 log "host CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-) | $(nproc) cores | $(grep -o -w -E \
     'amx_bf16|amx_int8|avx512_bf16|avx512_vnni' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 timeout 60 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
@@ -125,7 +128,7 @@ if [[ $DRY == 1 ]]; then
     log "=== [install] dry run: not installing .whl/*.whl (cp312 wheels for the GPU machine)"
 else
     step install 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl
+        --target /tmp/site .whl/*.whl $(ls .whl_cpu/*.whl 2>/dev/null)
     export PYTHONPATH=$PWD/src:/tmp/site:$PWD/.whl/bnb
 fi
 step imports 60 "$PY" -c '
@@ -150,6 +153,42 @@ HAS_PROFILE=0; [[ $HELP == *--profile* ]] && HAS_PROFILE=1
 log "=== bench flags here: --batch-size $HAS_BATCH --profile $HAS_PROFILE"
 # profile_arg NAME: "--profile $OUT/profile_NAME.json" where bench has the flag (an older checkout: nothing).
 profile_arg() { (( HAS_PROFILE )) && echo "--profile $OUT/profile_$1.json"; }
+
+# ---------------------------------------------------------------- issue 5's CPU floors, beside the GPU steps
+# Where the host has AMX (the kind of CPU the floors were set on): the issue's CPU figures on 2 of its cores, the
+# last two, while every GPU step runs on the others. OpenVINO (bf16, then NNCF int8 where the host has scipy, which
+# .whl_cpu leaves out) where .whl_cpu was carried, else torch. Their log is $OUT/cpu_amx.log.
+# GPU_CHECK_CPU_AMX=force runs them without AMX (a dry run's check of the commands), =skip never.
+AMX=${GPU_CHECK_CPU_AMX:-auto}
+AMX_PID=
+if [[ $AMX == force || ( $AMX == auto && $(grep -c -w amx_bf16 /proc/cpuinfo) -gt 0 ) ]]; then
+    NCPU=$(nproc)
+    (
+        LOG=$OUT/cpu_amx.log
+        : > "$LOG"
+        if (( NCPU >= 4 )); then PIN=(taskset -c "$((NCPU - 2)),$((NCPU - 1))"); fi
+        export OMP_NUM_THREADS=2
+        BACKEND=torch
+        "$PY" -c 'import openvino' 2>/dev/null && BACKEND=openvino
+        cpu_bench() {
+            local name=$1 limit=$2
+            shift 2
+            step "$name" "$limit" "$PY" -c "$CLI" bench --device cpu --backend "$BACKEND" --arch "$SD15" \
+                --no-progress --json "$JSONDIR/$name.json" "$@"
+        }
+        cpu_bench cpu_amx_sd15 300 --width "$S512" --height "$S512" --num-inference-steps 4 --runs 2 --warmup 1
+        cpu_bench cpu_amx_live_256 120 --live --width "$S256" --height "$S256" --seconds "$LIVE_SECONDS"
+        if [[ $BACKEND == openvino ]] && "$PY" -c 'import nncf' >> "$LOG" 2>&1; then
+            cpu_bench cpu_amx_sd15_int8 400 --width "$S512" --height "$S512" --num-inference-steps 4 \
+                --quantize int8 --runs 2 --warmup 1
+        else
+            log "=== [cpu_amx_sd15_int8] not run: needs OpenVINO and NNCF (scipy) on this host"
+        fi
+    ) &
+    AMX_PID=$!
+    if (( NCPU >= 4 )); then PIN=(taskset -c "0-$((NCPU - 3))"); fi
+    log "=== cpu_amx: started beside the GPU steps (log: cpu_amx.log); GPU steps on ${PIN[*]:-every core}"
+fi
 
 # ---------------------------------------------------------------- the steps, most needed first
 # Diagnoses, only when GPU_CHECK_ONLY names them: where the tiny model on CUDA parts from the CPU reference (how
@@ -192,19 +231,15 @@ fi
 bench live_sd15_256_compile 120 --live --arch "$SD15" --width "$S256" --height "$S256" --seconds "$LIVE_SECONDS" \
     --compile
 
-# Issue 5's CPU floors on the kind of CPU they were set on, where the host has AMX: 2 cores of it (taskset), the
-# torch path (OpenVINO's wheel does not fit beside .whl in one call), sd15 512² 4 steps against the seed path.
-# GPU_CHECK_CPU_AMX=force runs it without AMX (a dry run's check of the command), =skip never.
-AMX=${GPU_CHECK_CPU_AMX:-auto}
-if [[ $AMX == force || ( $AMX == auto && $(grep -c -w amx_bf16 /proc/cpuinfo) -gt 0 ) ]]; then
-    step cpu_amx_sd15 240 env OMP_NUM_THREADS=2 taskset -c 0,1 "$PY" -c "$CLI" bench --device cpu --backend torch \
-        --arch "$SD15" --width "$S512" --height "$S512" --num-inference-steps 4 --runs 2 --warmup 1 --no-progress \
-        --json "$JSONDIR/cpu_amx_sd15.json"
-fi
-
 # SDXL 1024² with nf4 weights: the fast path's memory (the seed's 8 GB card question; lcm-live only).
 bench sdxl_1024_4steps_nf4 80 --arch "$SDXL" --width "$S1024" --height "$S1024" --num-inference-steps 4 \
     --quantize nf4 --baseline none "${R_SLOW[@]}"
+
+if [[ -n $AMX_PID ]]; then
+    log "=== waiting for cpu_amx (its steps end within the budget)"
+    wait "$AMX_PID"
+    cat "$OUT/cpu_amx.log" >> "$LOG"
+fi
 
 # ---------------------------------------------------------------- one JSON with everything
 timeout 60 "$PY" - "$STATUS" "$JSONDIR" "$OUT/bench.json" "$DRY" <<'EOF' 2>&1 | tee -a "$LOG"
