@@ -49,6 +49,9 @@ class EngineSettings(BaseModel):
     cache_dir: str | None = None  # Hugging Face cache; None: HF_HOME / the default
     offline_fallback: bool = True  # the default hub model missing -> builtin:shapes, said loudly
     prompt_cache_size: int = 64
+    # A ControlNet (hub id, or a folder of config.json + safetensors): "control" mode, where an image (the studio's
+    # canvas) guides the layout of text-to-image. Runs on the torch UNet (OpenVINO's takes no residual inputs).
+    controlnet: str | None = None
 
 
 class StudioSettings(BaseModel):
@@ -107,6 +110,9 @@ class StudioSettings(BaseModel):
     max_prompt_chars: int = Field(1000, ge=1)
     min_strength: float = Field(0.05, gt=0, le=1)
     default_strength: float = 0.6
+    # control mode (with --controlnet): how strongly the canvas guides the image
+    max_controlnet_conditioning_scale: float = Field(2.0, gt=0)
+    default_controlnet_conditioning_scale: float = Field(1.0, ge=0)
     # None: on for a CPU (a 4-step SD1.5 frame takes seconds there: the first step's picture comes at a quarter
     # of that), off on a GPU (frames come in milliseconds; previews would only cost decodes)
     default_previews: bool | None = None
@@ -129,6 +135,9 @@ class StudioSettings(BaseModel):
             raise ValueError(f"default_steps={self.default_steps}: use {self.min_steps}..{self.max_steps}")
         if not self.min_strength <= self.default_strength <= 1:
             raise ValueError(f"default_strength={self.default_strength}: use {self.min_strength}..1")
+        if self.default_controlnet_conditioning_scale > self.max_controlnet_conditioning_scale:
+            raise ValueError(f"default_controlnet_conditioning_scale={self.default_controlnet_conditioning_scale}: "
+                             f"use 0..{self.max_controlnet_conditioning_scale}")
         return self
 
     def for_model(self, native_width: int = 512, native_height: int = 512, device: str = "cpu") -> StudioSettings:

@@ -70,6 +70,10 @@ def test_image_to_image(tiny_lcm_dir, tmp_path):
     (["--image", "INIT", "--strength", "0"], "strength=0.0"),
     (["--output", "out.jpg"], ".png"),
     (["--lora", "nowhere/style.safetensors"], "nowhere/style.safetensors"),
+    (["--control-image", "INIT"], "--control-image and --controlnet go together"),
+    (["--controlnet", "org/cn", "--control-image", "GARBAGE"], "--control-image"),
+    (["--controlnet", "org/cn", "--control-image", "INIT", "--controlnet-conditioning-scale", "-1"],
+     "controlnet_conditioning_scale=-1.0"),
 ])
 def test_bad_input_is_one_error_line_exit_2_and_no_file(tiny_lcm_dir, tmp_path, monkeypatch, capsys, extra,
                                                         needle):
@@ -85,6 +89,22 @@ def test_bad_input_is_one_error_line_exit_2_and_no_file(tiny_lcm_dir, tmp_path, 
     [line] = _error_lines(err)
     assert needle in line and "Traceback" not in err
     assert set(tmp_path.iterdir()) == before  # no outputs/ folder, no partial file
+
+
+def test_controlnet_with_a_control_image(tiny_lcm_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from lcm_live.engine.tiny import save_tiny_controlnet
+
+    controlnet = save_tiny_controlnet(tmp_path / "cn", UNet2DConditionModel.from_pretrained(tiny_lcm_dir / "unet"))
+    lines = tmp_path / "lines.png"
+    Image.new("RGB", (100, 100), "black").save(lines)
+    out = tmp_path / "control.png"
+    assert main(_args(tiny_lcm_dir, "--controlnet", str(controlnet), "--control-image", str(lines),
+                      "--controlnet-conditioning-scale", "0.7", "--seed", "4", "--output", str(out))) == 0
+    params = read_png_parameters(out)
+    assert params["mode"] == "control" and params["controlnet"] == str(controlnet)
+    assert params["controlnet_conditioning_scale"] == 0.7 and Image.open(out).size == (64, 64)
 
 
 def test_lcm_lora_model_with_style_lora_cfg_and_negative_prompt(tiny_sd_dir, tmp_path):

@@ -19,6 +19,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, decoder: str = "vae
                    help="LCM-LoRA for plain SD1.5/SDXL models (auto picks by architecture; ignored for full LCMs)")
     g.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID[:SCALE]",
                    help="style LoRA stacked on the model, fused for speed; repeatable")
+    g.add_argument("--controlnet", default=None, metavar="ID_OR_PATH",
+                   help="a ControlNet for the model's architecture (hub id, or a diffusers folder: config.json + "
+                        "safetensors): an image guides the layout (generate --control-image; the studio's Lines "
+                        "mode); runs on the torch UNet")
     g.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: HF_HOME or ~/.cache/huggingface)")
     g = parser.add_argument_group("device")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -69,7 +73,7 @@ def engine_settings_from_args(args: argparse.Namespace, **overrides) -> EngineSe
         cache_dir=args.cache_dir,
     )
     # Flags added later: parsers (or hand-made namespaces) without them keep the settings' defaults.
-    for name in ("taesd", "backend", "compile", "compile_mode", "quantize"):
+    for name in ("taesd", "backend", "compile", "compile_mode", "quantize", "controlnet"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     values.update(overrides)

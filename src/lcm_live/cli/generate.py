@@ -35,6 +35,11 @@ def add_parser(subparsers) -> None:
     g.add_argument("--image", default=None, metavar="PATH", help="init image: image-to-image")
     g.add_argument("--strength", type=float, default=0.5, metavar="S",
                    help="image-to-image: how far to move from the init image, in (0, 1] (default: %(default)s)")
+    g.add_argument("--control-image", default=None, metavar="PATH",
+                   help="with --controlnet: the image that guides the layout (for line ControlNets, white lines on "
+                        "black), used as given and resized to the output size")
+    g.add_argument("--controlnet-conditioning-scale", type=float, default=1.0, metavar="X",
+                   help="with --control-image: how strongly it guides, >= 0 (default: %(default)s)")
     g = parser.add_argument_group("output")
     g.add_argument("--output", default=None, metavar="PATH",
                    help="a .png file (several images: PATH-1.png, ...); default: a new name under outputs/")
@@ -45,21 +50,22 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def read_init_image(path: str):
-    """The init image, fully decoded now (a truncated or bogus file fails here, not mid-generation)."""
+def read_init_image(path: str, flag: str = "--image", field: str = "image"):
+    """The init image (or another image flag's), fully decoded now (a truncated or bogus file fails here, not
+    mid-generation)."""
     from PIL import Image, UnidentifiedImageError
 
     file = Path(path).expanduser()
     if not file.is_file():
-        raise UserError(f"--image {path!r}: no such file", field="image")
+        raise UserError(f"{flag} {path!r}: no such file", field=field)
     try:
         with Image.open(file) as image:
             image.load()
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"--image {path!r}: cannot read it as an image ({reason}); give a PNG, JPEG or WebP file",
-                        field="image") from None
+        raise UserError(f"{flag} {path!r}: cannot read it as an image ({reason}); give a PNG, JPEG or WebP file",
+                        field=field) from None
 
 
 def _quiet_libraries() -> None:
@@ -78,16 +84,22 @@ def _quiet_libraries() -> None:
 def run(args: argparse.Namespace) -> int:
     from lcm_live.engine.metadata import check_output_path, save_images
     from lcm_live.engine.request import GenerationRequest
-    from lcm_live.engine.validation import validate_request
+    from lcm_live.engine.validation import check_control, validate_request
 
     # 1. Everything checkable without the model, first.
     image = read_init_image(args.image) if args.image else None
+    if bool(args.control_image) != bool(args.controlnet):
+        raise UserError("--control-image and --controlnet go together: the ControlNet (a hub id or folder) and the "
+                        "image that guides it", field="control_image")
+    control = read_init_image(args.control_image, "--control-image", "control_image") if args.control_image else None
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale, seed=args.seed, width=args.width, height=args.height,
-        num_images_per_prompt=args.num_images, image=image, strength=args.strength,
+        num_images_per_prompt=args.num_images, image=image, strength=args.strength, control_image=control,
+        controlnet_conditioning_scale=args.controlnet_conditioning_scale,
     )
     validate_request(request, lcm_img2img=True)  # the model's own img2img bound is checked once it is loaded
+    check_control(request, args.controlnet)
     if args.output is not None:
         check_output_path(args.output)
     settings = engine_settings_from_args(args)

@@ -40,17 +40,19 @@ def batch_key(request: GenerationRequest) -> Hashable | None:
     if request.num_images_per_prompt != 1:
         return None
     img2img = request.image is not None
+    control = request.control_image is not None
     image_size = None
     if img2img and not (request.width and request.height):
         image_size = tuple(getattr(request.image, "size", ()))  # the size then comes from the init image
     return (
-        "img2img" if img2img else "txt2img",
+        "img2img" if img2img else "control" if control else "txt2img",
         request.width,
         request.height,
         image_size,
         request.num_inference_steps,
         request.guidance_scale,
         request.strength if img2img else None,
+        request.controlnet_conditioning_scale if control else None,
         request.output_type,
     )
 
@@ -77,8 +79,10 @@ class Prepared:
         r = self.request
         if r.num_images_per_prompt != 1:
             return None
-        return (self.img2img, self.width, self.height, r.num_inference_steps, self.guidance_scale, self.do_cfg,
-                r.strength if self.img2img else None, r.output_type)
+        control = r.control_image is not None
+        return (self.img2img, control, self.width, self.height, r.num_inference_steps, self.guidance_scale,
+                self.do_cfg, r.strength if self.img2img else None,
+                r.controlnet_conditioning_scale if control else None, r.output_type)
 
 
 def group_indices(keys: Sequence[Hashable | None]) -> list[list[int]]:

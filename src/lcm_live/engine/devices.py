@@ -8,12 +8,15 @@ Every choice comes with the reason, which ``lcm-live info`` prints.
 
 from __future__ import annotations
 
+import logging
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lcm_live.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 # The CPU flags (Linux /proc/cpuinfo names) that matter for inference speed, in the order `info` shows them.
 INTERESTING_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
@@ -150,3 +153,17 @@ def cuda_device_name() -> str | None:
     index = torch.cuda.current_device()
     props = torch.cuda.get_device_properties(index)
     return f"{props.name} ({props.total_memory / 2**30:.1f} GiB, compute capability {props.major}.{props.minor})"
+
+
+def try_xformers(pipe: Any) -> list[str]:
+    """xFormers attention where it is installed and works (else PyTorch SDPA stays); what was applied."""
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None:
+        return []
+    try:
+        pipe.enable_xformers_memory_efficient_attention()
+    except Exception as exc:  # xFormers present but unusable for this GPU/build: SDPA stays
+        logger.warning("xFormers is installed but could not be enabled (%s); using PyTorch SDPA", exc)
+        return []
+    return ["xformers"]

@@ -10,7 +10,8 @@
    LoRAs are read before the (long) pipeline load, so a bad LoRA fails at once; a UNet-only model then gets its
    base pipeline (engine/unet_only.py) and loads into it;
 4. plain models get ``LCMScheduler`` and the LCM-LoRA, style LoRAs are stacked with it, and all are fused;
-5. the pipeline moves to the device and dtype.
+5. the pipeline moves to the device and dtype; a ControlNet (``--controlnet``, fetched before the pipeline
+   load) is checked against the UNet and loads beside it (engine/controlnet.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from lcm_live.config import DEFAULT_MODEL, EngineSettings
 from lcm_live.engine.architectures import config_dir
+from lcm_live.engine.controlnet import controlnet_folder, load_controlnet
 from lcm_live.engine.loras import LCM_LORA_IDS, apply_loras, lcm_lora_source, read_loras
 from lcm_live.engine.model import LoadedModel
 from lcm_live.engine.sources import (
@@ -91,6 +93,9 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
             wanted.append((lcm_lora, 1.0, "--lcm-lora"))
     wanted += [(spec.source, spec.scale, "--lora") for spec in settings.loras]
     loras = read_loras(wanted, cache_dir=settings.cache_dir)
+    controlnet_dir = None
+    if settings.controlnet:  # fetched (or refused) before the long pipeline load, as the LoRAs are
+        controlnet_dir = controlnet_folder(settings.controlnet, cache_dir=settings.cache_dir, progress=progress)
     if source.kind == "single_file":
         pipe = _load_single_file(Path(source.location), arch, dtype=dtype, progress=progress)
     elif source.kind == "unet":
@@ -114,9 +119,14 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
         pipe.to(dtype=dtype)
     pipe.to(device)
     width, height = native_size(pipe, source.name, arch)
+    controlnet = None
+    if controlnet_dir is not None:
+        controlnet = load_controlnet(settings.controlnet, controlnet_dir, unet=pipe.unet, arch=arch, dtype=dtype,
+                                     device=device)
     return LoadedModel(pipe=pipe, kind="lcm" if full_lcm else "lcm-lora", arch=arch, name=source.name,
                        native_width=width, native_height=height,
-                       loras=[(lora.source, lora.scale) for lora in loras], notice=notice)
+                       loras=[(lora.source, lora.scale) for lora in loras], notice=notice,
+                       controlnet=controlnet, controlnet_name=settings.controlnet if controlnet is not None else None)
 
 
 def _check_auto_lcm_lora(setting: str, info: ModelInfo, name: str) -> None:

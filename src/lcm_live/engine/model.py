@@ -17,3 +17,5 @@ class LoadedModel:
     native_height: int
     loras: list[tuple[str, float]] = field(default_factory=list)  # (LCM-LoRA or style LoRA, scale), in load order
     notice: str | None = None  # said loudly to the user (e.g. "offline: using builtin:shapes instead of ...")
+    controlnet: Any = None  # a diffusers ControlNetModel (--controlnet), on the pipeline's device and dtype
+    controlnet_name: str | None = None  # as the user gave it

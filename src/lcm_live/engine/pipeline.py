@@ -15,7 +15,6 @@ as one pipeline call, each with its own prompt, seed and image (stream batching:
 from __future__ import annotations
 
 import contextlib
-import logging
 import secrets
 import threading
 import time
@@ -40,6 +39,7 @@ from lcm_live.engine.prompts import PromptCache
 from lcm_live.engine.request import GenerationRequest, GenerationResult
 from lcm_live.engine.validation import (
     DEFAULT_GUIDANCE,
+    check_control,
     check_lcm_img2img_schedule,
     prepare_init_image,
     resolve_guidance,
@@ -47,8 +47,6 @@ from lcm_live.engine.validation import (
     validate_request,
 )
 from lcm_live.errors import UserError
-
-logger = logging.getLogger(__name__)
 
 # The image-to-image twin of each text-to-image pipeline, sharing its components (diffusers' from_pipe).
 IMG2IMG_TWIN = {
@@ -73,6 +71,7 @@ class EngineInfo:
     loras: list[dict[str, Any]] = field(default_factory=list)  # [{"source": ..., "scale": ...}]
     speedups: list[str] = field(default_factory=list)  # what engine/speedups.py applied (channels_last, ...)
     scheduler: str = "LCMScheduler"
+    controlnet: str | None = None  # --controlnet, as given: "control" generations take a control_image
     version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,7 +87,7 @@ class Engine:
         self.loaded = loaded
         self.settings = settings or EngineSettings(model=loaded.name)
         self.pipe = loaded.pipe
-        from lcm_live.engine.scheduler import use_host_scheduler
+        from lcm_live.engine.scheduler import diffusers_class_name, use_host_scheduler
 
         use_host_scheduler(self.pipe)  # LCMScheduler's function, without waiting for the device at each step
         self.device = device if device is not None else self.pipe.device
@@ -99,6 +98,7 @@ class Engine:
         self._taesd = self.pipe.vae if self.settings.decoder == "taesd" else None
         self.prompts = PromptCache(self.settings.prompt_cache_size)
         self._img2img = None
+        self._control = None  # the ControlNet twin pipeline, built on first use
         self._preview = LatentPreview(self.pipe.vae, taesd=self._taesd, scale_factor=self.pipe.vae_scale_factor)
         self._lock = threading.Lock()  # one generation at a time
         self._preview_lock = threading.Lock()
@@ -110,14 +110,14 @@ class Engine:
             native_height=loaded.native_height, default_guidance_scale=DEFAULT_GUIDANCE[loaded.kind],
             decoder=self.settings.decoder, notice=loaded.notice,
             loras=[{"source": s, "scale": float(w)} for s, w in loaded.loras], speedups=list(speedups or []),
-            scheduler=_diffusers_class_name(self.pipe.scheduler),
+            scheduler=diffusers_class_name(self.pipe.scheduler), controlnet=loaded.controlnet_name,
         )
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_settings(cls, settings: EngineSettings, *, progress: bool = True) -> Engine:
         """Resolve device and dtype, load the model (engine/loading.py), apply speed-ups, build the engine."""
-        from lcm_live.engine.devices import resolve_device, resolve_dtype
+        from lcm_live.engine.devices import resolve_device, resolve_dtype, try_xformers
         from lcm_live.engine.loading import load_model
 
         device = resolve_device(settings.device)
@@ -133,7 +133,7 @@ class Engine:
         if asked == "auto":
             applied.append(f"decoder:{decoder}")
         if device.type == "cuda":
-            applied += _try_xformers(loaded.pipe)
+            applied += try_xformers(loaded.pipe)
         if speedups is not None:
             applied += list(speedups.apply_speedups(loaded.pipe, settings, device, dtype) or [])
         return cls(loaded, settings, device, dtype, speedups=applied)
@@ -164,6 +164,18 @@ class Engine:
             self._img2img.set_progress_bar_config(disable=True)
         return self._img2img
 
+    def _pipe_for(self, prep: Prepared) -> Any:
+        """The pipeline a request runs on: image-to-image's, ControlNet's (both built on first use) or the base."""
+        if prep.img2img:
+            return self._img2img_pipe()
+        if prep.request.control_image is None:
+            return self.pipe
+        if self._control is None:
+            from lcm_live.engine.controlnet import control_pipeline
+
+            self._control = control_pipeline(self.pipe, self.loaded.controlnet, self.loaded.arch, self.dtype)
+        return self._control
+
     def generate(self, request: GenerationRequest, callback: StepCallback | None = None, *,
                  should_stop: Callable[[], str | None] | None = None) -> GenerationResult:
         """Text-to-image, or image-to-image when ``request.image`` is set. ``callback`` gets a StepEvent after
@@ -193,6 +205,7 @@ class Engine:
     def _prepare(self, request: GenerationRequest) -> Prepared:
         """Validate ``request`` and resolve guidance, CFG, size, seed and negative prompt."""
         validate_request(request, lcm_img2img=self.lcm_img2img)
+        check_control(request, self.info.controlnet)
         guidance_scale, do_cfg = resolve_guidance(request, self.loaded.kind)
         width, height = resolve_size(request, self.loaded.native_width, self.loaded.native_height)
         seed = request.seed if request.seed is not None else secrets.randbits(32)
@@ -209,7 +222,7 @@ class Engine:
         request = first.request
         with self._lock:
             t0 = time.perf_counter()
-            pipe = self._img2img_pipe() if first.img2img else self.pipe
+            pipe = self._pipe_for(first)
             if first.img2img:
                 check_lcm_img2img_schedule(pipe, request)
             # 1. Prompt embeddings: from the cache, or one text-encoder pass per new prompt.
@@ -253,6 +266,10 @@ class Engine:
                 kwargs.update(width=first.width, height=first.height,
                               latents=initial_latents(pipe, batch, first.width, first.height, kwargs["generator"],
                                                       self.device, self.dtype))
+                if request.control_image is not None:
+                    controls = [prepare_init_image(p.request.control_image, p.width, p.height) for p in preps]
+                    kwargs.update(image=controls[0] if len(preps) == 1 else controls,
+                                  controlnet_conditioning_scale=float(request.controlnet_conditioning_scale))
 
             # 4. Denoise and decode.
             with recorder:  # a Cancelled raised by the hook propagates from here
@@ -285,7 +302,7 @@ class Engine:
             "width": prep.width,
             "height": prep.height,
             "num_images_per_prompt": request.num_images_per_prompt,
-            "mode": "img2img" if prep.img2img else "txt2img",
+            "mode": "img2img" if prep.img2img else "control" if request.control_image is not None else "txt2img",
             "device": self.info.device,
             "dtype": self.info.dtype,
             "decoder": self.info.decoder,
@@ -295,6 +312,9 @@ class Engine:
         }
         if prep.img2img:
             parameters["strength"] = request.strength
+        if request.control_image is not None:
+            parameters.update(controlnet=self.info.controlnet,
+                              controlnet_conditioning_scale=float(request.controlnet_conditioning_scale))
         return parameters
 
     # ------------------------------------------------------------------ previews and warm-up
@@ -350,15 +370,6 @@ class Engine:
         return runs
 
 
-def _diffusers_class_name(component: Any) -> str:
-    """The name of the diffusers class ``component`` is or extends (HostLCMScheduler -> "LCMScheduler"): the
-    name a diffusers user would load it with, as recorded in images' metadata."""
-    for cls in type(component).__mro__:
-        if cls.__module__.startswith("diffusers."):
-            return cls.__name__
-    return type(component).__name__
-
-
 def _speedups_module() -> Any:
     """engine/speedups.py (channels_last, torch.compile, OpenVINO, quantization), or None where it is absent."""
     try:
@@ -368,16 +379,3 @@ def _speedups_module() -> Any:
             raise
         return None
     return speedups
-
-
-def _try_xformers(pipe: Any) -> list[str]:
-    import importlib.util
-
-    if importlib.util.find_spec("xformers") is None:
-        return []
-    try:
-        pipe.enable_xformers_memory_efficient_attention()
-    except Exception as exc:  # xFormers present but unusable for this GPU/build: SDPA stays
-        logger.warning("xFormers is installed but could not be enabled (%s); using PyTorch SDPA", exc)
-        return []
-    return ["xformers"]

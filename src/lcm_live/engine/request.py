@@ -18,6 +18,10 @@ class GenerationRequest:
     num_images_per_prompt: int = 1
     image: Any = None  # PIL.Image.Image for image-to-image, else None
     strength: float = 0.5  # img2img only: how far to noise the init image, in (0, 1]
+    # With a ControlNet loaded (--controlnet): the PIL image that guides the layout of a text-to-image run (lines,
+    # edges; white on black for line ControlNets), and how strongly (0 leaves the image as without it).
+    control_image: Any = None
+    controlnet_conditioning_scale: float = 1.0
     output_type: str = "pil"  # "pil" or "latent"
 
 

@@ -172,3 +172,12 @@ def initial_latents(pipe: Any, batch_size: int, width: int, height: int, generat
     from the same noise in every dtype. Passed to the pipeline as ``latents=``."""
     shape = (batch_size, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     return draw_noise(shape, generator, torch.device(device), dtype)
+
+
+def diffusers_class_name(component: Any) -> str:
+    """The name of the diffusers class ``component`` is or extends (HostLCMScheduler -> "LCMScheduler"): the
+    name a diffusers user would load it with, as recorded in images' metadata."""
+    for cls in type(component).__mro__:
+        if cls.__module__.startswith("diffusers."):
+            return cls.__name__
+    return type(component).__name__

@@ -134,6 +134,25 @@ def save_tiny_single_file(path: str | Path, *, seed: int = 0) -> tuple[Path, Pat
     return path, folder
 
 
+def save_tiny_controlnet(folder: str | Path, unet: Any, *, seed: int = 0, std: float = 0.2) -> Path:
+    """A ControlNet shaped for ``unet`` (diffusers' ``from_unet``, random weights: an LCM UNet's guidance projection
+    has no place in a ControlNet, which real ones lack too) saved as a diffusers folder (config.json +
+    safetensors). Its zero convolutions get random weights, so the control image changes the output (a fresh
+    ControlNet adds exactly nothing). The conditioning embedding downsamples as the tiny VAE does (2x)."""
+    import torch
+    from diffusers import ControlNetModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8), load_weights_from_unet=False)
+    with torch.no_grad():
+        for name, param in controlnet.named_parameters():
+            if not param.abs().any():  # the zero-initialised convolutions; the image's way in made to count
+                param.normal_(0.0, 2.0 if name.startswith("controlnet_cond_embedding.conv_out") else std)
+    controlnet.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def save_tiny_lora(path: str | Path, unet: Any, *, rank: int = 4, seed: int = 0, std: float = 0.05) -> Path:
     """A LoRA for ``unet`` made with peft (random A and B, so it changes the output), saved as one .safetensors
     file in diffusers' LoRA format (``unet.``-prefixed keys, what ``load_lora_weights`` reads). Leaves ``unet``

@@ -74,6 +74,24 @@ def validate_request(request: GenerationRequest, *, lcm_img2img: bool = False) -
             raise UserError("image must be a PIL image (the init image for image-to-image)", field="image")
 
 
+def check_control(request: GenerationRequest, controlnet: str | None) -> None:
+    """A control image needs a ControlNet, a text-to-image run and a conditioning scale >= 0."""
+    if request.control_image is None:
+        return
+    if controlnet is None:
+        raise UserError("control_image needs a ControlNet: load one with --controlnet (a hub id or a diffusers "
+                        "ControlNet folder), or drop the control image", field="control_image")
+    if request.image is not None:
+        raise UserError("control_image with an init image (image-to-image) is not supported: give one of the two",
+                        field="control_image")
+    if not hasattr(request.control_image, "convert"):
+        raise UserError("control_image must be a PIL image", field="control_image")
+    scale = request.controlnet_conditioning_scale
+    if not _is_number(scale) or scale < 0:
+        raise UserError(f"controlnet_conditioning_scale={scale!r}: use a number >= 0 (1.0 is the usual strength, "
+                        "0 turns the ControlNet off)", field="controlnet_conditioning_scale")
+
+
 def resolve_guidance(request: GenerationRequest, kind: str) -> tuple[float, bool]:
     """The guidance scale to use and whether classifier-free guidance (two UNet passes) runs.
 

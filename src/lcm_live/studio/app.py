@@ -93,7 +93,8 @@ class StudioState:
             guidance = 8.0 if raw_dict.get("kind") == "lcm" else 1.0
         # The worker's settings, resolved for this model and device when it loaded it (StudioSettings.for_model).
         self.params_model = build_params_model(self.worker.settings, float(guidance),
-                                               lcm_img2img=bool(getattr(engine, "lcm_img2img", False)))
+                                               lcm_img2img=bool(getattr(engine, "lcm_img2img", False)),
+                                               controlnet=bool(raw_dict.get("controlnet")))
         self.info = public_info(raw_dict)
         gpu = str(raw_dict.get("device", "cpu")).startswith("cuda")
         self.max_sessions = self.settings.studio.max_sessions or (4 if gpu else 1)

@@ -24,6 +24,5 @@ def resolve_max_batch_size(settings: StudioSettings, device: str) -> int:
 
 def job_batch_key(job: Job) -> Any:
     """The engine batch key of the request this job will run (None: never batched)."""
-    img2img = job.params.mode == "img2img" and job.canvas is not None
-    return batch_key(job.params.to_request(image=job.canvas if img2img else None))
+    return batch_key(job.params.to_request(image=job.canvas))  # the canvas goes where the mode uses it
 

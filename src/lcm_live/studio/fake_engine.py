@@ -42,6 +42,7 @@ class FakeEngineConfig:
     dtype: str = "float32"
     notice: str | None = None
     native_size: int = 512  # the model's native width and height (the studio's default size follows it)
+    controlnet: str | None = None  # a ControlNet's name: control mode, whose frames show the control image
     # Scripted outcome of successive generate() calls: "ok", "oom", "error", "user" (a UserError). Then all ok.
     failures: list[str] = field(default_factory=list)
     error_rate: float = 0.0  # random engine errors (soak)
@@ -110,6 +111,7 @@ class FakeEngine:
             "decoder": "fake",
             "notice": self.config.notice,
             "loras": [],
+            "controlnet": self.config.controlnet,
         }
 
     def _next_outcome(self) -> str:
@@ -169,6 +171,8 @@ class FakeEngine:
         if outcome == "user":
             raise UserError("fake engine refused the request", field="prompt")
         first = requests[0]
+        if first.control_image is not None and not self.config.controlnet:
+            raise UserError("control_image needs a ControlNet: start with --controlnet", field="control_image")
         steps = first.num_inference_steps
         if first.image is not None:
             steps = max(1, int(steps * first.strength))
@@ -196,6 +200,9 @@ class FakeEngine:
     def _result(self, request: GenerationRequest, seed: int, elapsed: float) -> GenerationResult:
         width, height = request.width or 512, request.height or 512
         image = self._image(request.prompt, seed, width, height)
+        if request.control_image is not None:  # the layout shows through, as a ControlNet's lines would
+            control = request.control_image.convert("RGB").resize((width, height))
+            image = Image.blend(image, control, 0.5 * min(1.0, request.controlnet_conditioning_scale))
         warnings = []
         if len(request.prompt.split()) > PROMPT_TOKEN_WINDOW:
             warnings.append(f"the prompt is longer than {PROMPT_TOKEN_WINDOW} tokens: the rest was cut")
@@ -213,6 +220,9 @@ class FakeEngine:
         }
         if request.image is not None:
             parameters["strength"] = request.strength
+        if request.control_image is not None:
+            parameters.update(mode="control", controlnet=self.config.controlnet,
+                              controlnet_conditioning_scale=request.controlnet_conditioning_scale)
         if warnings:
             parameters["warnings"] = warnings
         return GenerationResult(images=[image], parameters=parameters, timings={"total": elapsed})

@@ -70,6 +70,17 @@ def fit_canvas(img: Image.Image, width: int, height: int) -> Image.Image:
     return img.resize((width, height), Image.Resampling.LANCZOS)
 
 
+def prepare_canvas(img: Image.Image, mode: str, width: int, height: int, *, invert: bool = False) -> Image.Image:
+    """The canvas as the engine takes it: at the generation size; in control mode inverted when asked (a line
+    ControlNet wants white lines on black, a canvas has dark lines on white)."""
+    img = fit_canvas(img, width, height)
+    if mode == "control" and invert:
+        from PIL import ImageOps
+
+        img = ImageOps.invert(img.convert("RGB"))
+    return img
+
+
 def encode_frame(img: Image.Image, fmt: str = "jpeg", quality: int = 85) -> bytes:
     """A frame for the WebSocket: JPEG or WebP bytes."""
     buf = io.BytesIO()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
@@ -19,6 +19,8 @@ from lcm_live.errors import UserError
 
 MAX_SEED = 2**32 - 1
 MODES = ("txt2img", "img2img")
+CONTROL_MODE = "control"  # with a ControlNet loaded: the canvas guides a text-to-image run
+CANVAS_MODES = ("img2img", CONTROL_MODE)  # the modes that use the canvas
 
 
 class GenerationParams(BaseModel):
@@ -28,9 +30,11 @@ class GenerationParams(BaseModel):
     lcm_img2img: ClassVar[bool] = False  # set by build_params_model
 
     def to_request(self, image: Any = None) -> GenerationRequest:
-        """The engine request (diffusers' names); ``image`` is the decoded canvas for img2img."""
+        """The engine request (diffusers' names); ``image`` is the decoded canvas: the init image in img2img, the
+        control image in control mode (as the worker prepared it: fitted, inverted where asked)."""
         data = self.model_dump()
         img2img = data["mode"] == "img2img"
+        control = data["mode"] == CONTROL_MODE
         return GenerationRequest(
             prompt=data["prompt"],
             negative_prompt=data["negative_prompt"] or None,
@@ -41,25 +45,30 @@ class GenerationParams(BaseModel):
             height=data["height"],
             image=image if img2img else None,
             strength=data["strength"],
+            control_image=image if control else None,
+            controlnet_conditioning_scale=data.get("controlnet_conditioning_scale", 1.0),
         )
 
 
 def build_params_model(settings: StudioSettings, default_guidance_scale: float = 8.0, *,
                        lcm_img2img: bool = False, native_size: tuple[int, int] = (512, 512),
-                       device: str = "cpu") -> type[GenerationParams]:
+                       device: str = "cpu", controlnet: bool = False) -> type[GenerationParams]:
     """A GenerationParams subclass with the bounds and defaults of ``settings``.
 
     ``default_guidance_scale`` is the model's (full LCM 8.0, LCM-LoRA 1.0) unless the settings fix one.
     ``lcm_img2img``: the engine's img2img is LCM's own pipeline, which runs every step whatever the strength
     (``Engine.lcm_img2img``); otherwise img2img runs ``steps * strength`` steps, which must be at least one.
     ``native_size``, ``device``: the model's (width, height) and the engine's device type, for the sizes the
-    settings leave to the model (``StudioSettings.for_model``).
+    settings leave to the model (``StudioSettings.for_model``). ``controlnet``: the engine has a ControlNet, so
+    "control" mode and its two fields are offered.
     """
     settings = settings.for_model(*native_size, device=device)
     guidance = settings.default_guidance_scale if settings.default_guidance_scale is not None else default_guidance_scale
     size = dict(ge=settings.min_size, le=settings.max_size, multiple_of=settings.size_multiple)
     fields: dict[str, Any] = {
-        "mode": (Literal["txt2img", "img2img"], Field("txt2img", description="img2img: the canvas is the init image")),
+        "mode": (Literal[(*MODES, CONTROL_MODE)] if controlnet else Literal[MODES],  # type: ignore[valid-type]
+                 Field("txt2img", description="img2img: the canvas is the init image" + (
+                     "; control: the canvas guides the layout (ControlNet)" if controlnet else ""))),
         "prompt": (str, Field("", max_length=settings.max_prompt_chars)),
         "negative_prompt": (str, Field("", max_length=settings.max_prompt_chars)),
         "num_inference_steps": (int, Field(settings.default_steps, ge=settings.min_steps, le=settings.max_steps)),
@@ -72,9 +81,20 @@ def build_params_model(settings: StudioSettings, default_guidance_scale: float =
         "previews": (bool, Field(settings.default_previews, description="send each step's preview before the final "
                                  "frame (default on for a CPU, where a frame takes seconds)")),
     }
+    if controlnet:
+        fields["controlnet_conditioning_scale"] = (float, Field(
+            settings.default_controlnet_conditioning_scale, ge=0.0, le=settings.max_controlnet_conditioning_scale,
+            description="control only: how strongly the canvas guides the image (0: not at all)"))
+        fields["control_invert"] = (bool, Field(True, description="control only: invert the canvas (dark lines on "
+                                                "white become the white lines on black that line ControlNets take)"))
     model = create_model("GenerationParams", __base__=GenerationParams, **fields)
     model.lcm_img2img = lcm_img2img
     return model
+
+
+def modes_of(model: type[GenerationParams]) -> tuple[str, ...]:
+    """The modes a params model accepts ("control" only with a ControlNet)."""
+    return get_args(model.model_fields["mode"].annotation)
 
 
 def engine_info(engine: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request, Response
 
 from lcm_live.errors import UserError
 from lcm_live.studio.images import decode_canvas, encode_png_with_parameters
-from lcm_live.studio.params import parse_params
+from lcm_live.studio.params import CANVAS_MODES, modes_of, parse_params
 from lcm_live.studio.worker import Job
 
 if TYPE_CHECKING:
@@ -84,12 +84,14 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
             studio.metrics.rejected.labels(reason="invalid_params").inc()
             raise ApiError(422, "invalid_params", exc.message, exc.field) from None
         canvas = None
-        if params.mode == "img2img":
+        if params.mode in CANVAS_MODES:
             if not isinstance(image_b64, str) or not image_b64:
-                raise ApiError(422, "invalid_params", "img2img needs \"image\": a base64 PNG, JPEG or WebP", "image")
+                raise ApiError(422, "invalid_params", f"{params.mode} needs \"image\": a base64 PNG, JPEG or WebP",
+                               "image")
             canvas = await _decode_image(image_b64, studio)
         elif image_b64 is not None:
-            raise ApiError(422, "invalid_params", "\"image\" is only used with \"mode\": \"img2img\": set the mode "
+            modes = " or ".join(f'\"{m}\"' for m in CANVAS_MODES if m in modes_of(studio.params_model))
+            raise ApiError(422, "invalid_params", f"\"image\" is only used with \"mode\": {modes}: set the mode "
                            "or drop the image", "image")
         if studio.rest_waiting >= s.rest_queue_size:
             studio.metrics.rejected.labels(reason="capacity").inc()
@@ -121,6 +123,9 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
         metadata = {**params.model_dump(exclude={"previews"}), **parameters}
         if params.mode != "img2img":
             metadata.pop("strength", None)
+        if params.mode != "control":
+            metadata.pop("controlnet_conditioning_scale", None)
+            metadata.pop("control_invert", None)
         png = await asyncio.to_thread(encode_png_with_parameters, image, metadata)
         seed = metadata.get("seed", params.seed)
         return Response(png, media_type="image/png",

@@ -23,7 +23,7 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from lcm_live.errors import UserError
 from lcm_live.studio.images import decode_canvas, encode_frame
-from lcm_live.studio.params import GenerationParams, parse_params
+from lcm_live.studio.params import CANVAS_MODES, GenerationParams, parse_params
 from lcm_live.studio.worker import Job
 
 if TYPE_CHECKING:
@@ -194,18 +194,18 @@ class Session:
         params = self.params
         if params is None or self.closed:
             return
-        img2img = params.mode == "img2img"
-        if img2img and self.canvas is None:
+        uses_canvas = params.mode in CANVAS_MODES
+        if uses_canvas and self.canvas is None:
             if not self._warned_canvas:
                 self._warned_canvas = True
-                self.send_control({"type": "warning", "message": "img2img: waiting for the canvas (send it as a "
-                                   "binary PNG, JPEG or WebP message)"})
+                self.send_control({"type": "warning", "message": f"{params.mode}: waiting for the canvas (send it "
+                                   "as a binary PNG, JPEG or WebP message)"})
             return
-        key = (params.model_dump_json(), self.canvas_hash if img2img else None)
+        key = (params.model_dump_json(), self.canvas_hash if uses_canvas else None)
         if key == self.last_key:
             return  # unchanged input: no new frame
         self.last_key = key
-        job = Job(params=params, sink=self, canvas=self.canvas if img2img else None)
+        job = Job(params=params, sink=self, canvas=self.canvas if uses_canvas else None)
         self.active_job = job
         try:
             self.studio.worker.submit(self.id, job)

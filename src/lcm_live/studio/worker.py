@@ -34,7 +34,7 @@ from lcm_live.config import StudioSettings
 from lcm_live.engine.hooks import Cancelled, StepEvent
 from lcm_live.errors import UserError
 from lcm_live.studio.batching import job_batch_key, resolve_max_batch_size
-from lcm_live.studio.images import fit_canvas
+from lcm_live.studio.images import prepare_canvas
 from lcm_live.studio.metrics import StudioMetrics
 from lcm_live.studio.params import GenerationParams, device_type, engine_info, native_size
 
@@ -301,7 +301,8 @@ class Worker:
         s = self.settings
         deadline = started + s.generation_timeout_s
         p = job.params
-        canvas = fit_canvas(job.canvas, p.width, p.height) if (p.mode == "img2img" and job.canvas is not None) else None
+        canvas = (prepare_canvas(job.canvas, p.mode, p.width, p.height, invert=getattr(p, "control_invert", False))
+                  if job.canvas is not None else None)
         seen = {"total": p.num_inference_steps}
 
         def should_stop() -> str | None:

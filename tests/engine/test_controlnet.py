@@ -1,0 +1,186 @@
+"""ControlNet (engine/controlnet.py): a control image guides text-to-image on the engine's own UNet and scheduler.
+
+A tiny ControlNet shaped for the tiny models (random weights, its zero convolutions randomised so that it has an
+effect), saved as a diffusers folder; the engine's image is diffusers' own StableDiffusionControlNetPipeline's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from lcm_live.config import EngineSettings
+from lcm_live.engine.controlnet import controlnet_folder
+from lcm_live.engine.pipeline import Engine
+from lcm_live.engine.request import GenerationRequest
+from lcm_live.engine.speedups import check_speedups, resolve_backend
+from lcm_live.errors import ModelUnavailableError, UserError
+
+TINY_SIZE = 64  # the smallest size the engine accepts (tests/engine/conftest.py)
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tiny_lcm_dir, tmp_path_factory):
+    from diffusers import UNet2DConditionModel
+
+    from lcm_live.engine.tiny import save_tiny_controlnet
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_lcm_dir / "unet")
+    return save_tiny_controlnet(tmp_path_factory.mktemp("controlnet"), unet)
+
+
+def _engine(model_dir, controlnet, **settings) -> Engine:
+    settings = {"device": "cpu", "dtype": "float32", "decoder": "vae", **settings}
+    return Engine.from_settings(EngineSettings(model=str(model_dir), controlnet=str(controlnet), **settings),
+                                progress=False)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_lcm_dir, controlnet_dir):
+    return _engine(tiny_lcm_dir, controlnet_dir)
+
+
+def _lines(offset: int = 0) -> Image.Image:
+    """White lines on black, as a scribble ControlNet takes them."""
+    img = Image.new("RGB", (TINY_SIZE, TINY_SIZE), "black")
+    draw = ImageDraw.Draw(img)
+    draw.line([(4 + offset, 4), (60, 60 - offset)], fill="white", width=4)
+    draw.ellipse([20, 30 + offset, 44, 54], outline="white", width=3)
+    return img
+
+
+def _request(**kw) -> GenerationRequest:
+    return GenerationRequest(**{"prompt": "a red circle", "seed": 3, "width": TINY_SIZE, "height": TINY_SIZE, **kw})
+
+
+def _pixels(result) -> np.ndarray:
+    return np.asarray(result.images[0], dtype=np.float64)
+
+
+def test_the_control_image_guides_the_image_and_is_recorded(engine, controlnet_dir):
+    plain = engine.generate(_request())
+    a = engine.generate(_request(control_image=_lines()))
+    b = engine.generate(_request(control_image=_lines(offset=12)))
+    assert np.abs(_pixels(a) - _pixels(plain)).mean() > 1  # the ControlNet acts
+    assert np.abs(_pixels(a) - _pixels(b)).mean() > 0.5  # and follows its image
+    assert np.array_equal(_pixels(a), _pixels(engine.generate(_request(control_image=_lines()))))  # seeds hold
+    p = a.parameters
+    assert p["mode"] == "control" and p["controlnet"] == str(controlnet_dir)
+    assert p["controlnet_conditioning_scale"] == 1.0 and "strength" not in p
+    assert engine.info.controlnet == str(controlnet_dir)
+    assert plain.parameters["mode"] == "txt2img" and "controlnet" not in plain.parameters
+
+
+def test_scale_zero_is_the_plain_image(engine):
+    plain = engine.generate(_request())
+    off = engine.generate(_request(control_image=_lines(), controlnet_conditioning_scale=0.0))
+    assert np.array_equal(_pixels(off), _pixels(plain))
+
+
+def test_the_image_is_diffusers_own_controlnet_pipelines(engine, tiny_lcm_dir, controlnet_dir):
+    """The same components in diffusers' StableDiffusionControlNetPipeline with its LCMScheduler, same seed."""
+    import torch
+    from diffusers import ControlNetModel, DiffusionPipeline, LCMScheduler, StableDiffusionControlNetPipeline
+
+    base = DiffusionPipeline.from_pretrained(tiny_lcm_dir)
+    pipe = StableDiffusionControlNetPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        controlnet=ControlNetModel.from_pretrained(controlnet_dir),
+        scheduler=LCMScheduler.from_config(base.scheduler.config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    reference = pipe("a red circle", image=_lines(), num_inference_steps=4, guidance_scale=8.0, width=TINY_SIZE,
+                     height=TINY_SIZE, generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
+    ours = _pixels(engine.generate(_request(control_image=_lines(), num_inference_steps=4, guidance_scale=8.0)))
+    assert np.abs(ours - reference * 255).max() <= 1.0  # 8-bit rounding
+
+
+def test_a_batch_of_control_requests_is_each_alone(engine):
+    requests = [_request(control_image=_lines(), seed=5), _request(control_image=_lines(offset=12), seed=6)]
+    batch = engine.generate_batch(requests)
+    for request, result in zip(requests, batch, strict=True):
+        assert result.error is None
+        assert np.abs(_pixels(result) - _pixels(engine.generate(request))).max() <= 1.0
+
+
+def test_lcm_lora_with_classifier_free_guidance_takes_the_control_image(tiny_sd_dir, controlnet_dir):
+    engine = _engine(tiny_sd_dir, controlnet_dir, lcm_lora="none")
+    plain = engine.generate(_request(guidance_scale=1.5, negative_prompt="blue"))
+    control = engine.generate(_request(guidance_scale=1.5, negative_prompt="blue", control_image=_lines()))
+    assert np.abs(_pixels(control) - _pixels(plain)).mean() > 1
+    assert control.parameters["negative_prompt"] == "blue"
+
+
+@pytest.mark.parametrize(("kw", "needle"), [
+    ({"image": Image.new("RGB", (64, 64))}, "init image"),
+    ({"controlnet_conditioning_scale": -0.5}, "controlnet_conditioning_scale=-0.5"),
+    ({"control_image": "lines.png"}, "PIL image"),
+])
+def test_bad_control_requests_say_what_to_change(engine, kw, needle):
+    kw = {"control_image": _lines(), **kw}
+    with pytest.raises(UserError) as excinfo:
+        engine.generate(_request(**kw))
+    assert needle in excinfo.value.message
+    assert excinfo.value.field in ("control_image", "controlnet_conditioning_scale")
+
+
+def test_a_control_image_without_a_controlnet_names_the_flag(lcm):
+    with pytest.raises(UserError) as excinfo:
+        lcm.generate(_request(control_image=_lines()))
+    assert "--controlnet" in excinfo.value.message and excinfo.value.field == "control_image"
+
+
+def test_a_controlnet_for_another_architecture_is_refused_before_loading(tiny_lcm_dir, controlnet_dir, tmp_path):
+    import shutil
+
+    other = tmp_path / "sdxl_controlnet"
+    shutil.copytree(controlnet_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["cross_attention_dim"] = 2048
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as excinfo:
+        _engine(tiny_lcm_dir, other)
+    assert "made for sdxl" in excinfo.value.message and excinfo.value.field == "controlnet"
+
+
+def test_what_is_not_a_safetensors_controlnet_folder_is_refused(tiny_lcm_dir, controlnet_dir, tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((controlnet_dir / "config.json").read_text())
+    (pickled / "diffusion_pytorch_model.bin").write_bytes(b"not loaded")
+    cases = {
+        str(pickled): "only pickle weights",
+        str(tiny_lcm_dir / "unet"): "not a ControlNetModel",
+        str(controlnet_dir / "diffusion_pytorch_model.safetensors"): "single-file ControlNets are not supported",
+        str(tmp_path / "missing"): "no such folder",
+    }
+    for source, needle in cases.items():
+        with pytest.raises(UserError) as excinfo:
+            controlnet_folder(source, cache_dir=None, progress=False)
+        assert needle in excinfo.value.message, source
+
+
+def test_a_hub_controlnet_loads_from_the_cache_and_says_so_when_missing(monkeypatch, tmp_path, tiny_lcm_dir,
+                                                                         controlnet_dir):
+    from lcm_live.engine.tiny import put_in_hf_cache
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "hub"
+    put_in_hf_cache(cache, "someorg/tiny-scribble", controlnet_dir)
+    engine = _engine(tiny_lcm_dir, "someorg/tiny-scribble", cache_dir=str(cache))
+    assert engine.generate(_request(control_image=_lines())).parameters["controlnet"] == "someorg/tiny-scribble"
+    with pytest.raises(ModelUnavailableError) as excinfo:
+        controlnet_folder("someorg/not-cached", cache_dir=str(cache), progress=False)
+    assert "--controlnet 'someorg/not-cached' cannot be had" in excinfo.value.message
+    assert "--controlnet PATH" in excinfo.value.message and excinfo.value.field == "controlnet"
+
+
+def test_controlnet_runs_on_the_torch_unet():
+    settings = EngineSettings(model="x", controlnet="org/cn", device="cpu")
+    choice = resolve_backend(settings, "cpu")
+    assert choice.name == "torch" and "--controlnet" in choice.reason
+    with pytest.raises(UserError) as excinfo:
+        check_speedups(settings.model_copy(update={"backend": "openvino"}), "cpu", None)
+    assert "--controlnet" in excinfo.value.message and excinfo.value.field == "backend"
