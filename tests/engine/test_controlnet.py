@@ -184,3 +184,18 @@ def test_controlnet_runs_on_the_torch_unet():
     with pytest.raises(UserError) as excinfo:
         check_speedups(settings.model_copy(update={"backend": "openvino"}), "cpu", None)
     assert "--controlnet" in excinfo.value.message and excinfo.value.field == "backend"
+
+
+def test_sdxl_takes_an_sdxl_controlnet(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from lcm_live.engine.tiny import save_tiny_controlnet, save_tiny_sdxl_pipeline
+
+    model = save_tiny_sdxl_pipeline(tmp_path / "sdxl")
+    controlnet = save_tiny_controlnet(tmp_path / "cn", UNet2DConditionModel.from_pretrained(model / "unet"))
+    engine = _engine(model, controlnet)
+    plain = engine.generate(_request())
+    control = engine.generate(_request(control_image=_lines()))
+    assert type(engine._control).__name__ == "StableDiffusionXLControlNetPipeline"
+    assert control.parameters["mode"] == "control" and control.images[0].size == (TINY_SIZE, TINY_SIZE)
+    assert np.abs(_pixels(control) - _pixels(plain)).mean() > 1
