@@ -1,12 +1,21 @@
 // The sketch canvas: brush (size, colour, pen pressure), eraser, undo/redo, clear, images dropped onto it.
 // Pointer events, so mouse, pen and touch all draw. The canvas keeps the generation size in pixels (CSS scales
-// it to the column) and an opaque white background: it is sent as the init image in sketch mode.
+// it to the column) and an opaque white background: it is sent as the init image in sketch mode, as the
+// ControlNet's control image in lines mode.
 //
 // Events: "change" {final: boolean}  final=false while a stroke is in progress (throttled by the caller),
 //         "history" {canUndo, canRedo}
 
 const BACKGROUND = "#ffffff";
 const MAX_HISTORY = 20; // ImageData snapshots; a 768x768 one is ~2.4 MB
+
+/** The modes that use the canvas: img2img ("Sketch to image", the init image) and control ("Lines to image",
+ * the ControlNet's control image; offered only when the server has a ControlNet). Text to image ignores it. */
+export const CANVAS_MODES = new Set(["img2img", "control"]);
+
+export function usesCanvas(mode) {
+  return CANVAS_MODES.has(mode);
+}
 
 export class SketchCanvas extends EventTarget {
   /** @param {HTMLCanvasElement} canvas */

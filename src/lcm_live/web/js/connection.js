@@ -93,8 +93,8 @@ export class Connection extends EventTarget {
     ws.onopen = () => {
       this.opened = true;
       this.emit("state", { state: "open" });
-      // A new connection is a new session on the server: give it the newest canvas first (img2img waits for
-      // one), then the newest params.
+      // A new connection is a new session on the server: give it the newest canvas first (the canvas modes wait
+      // for one), then the newest params.
       if (this.latestCanvas) this.rawSend("canvas", this.latestCanvas);
       if (this.latestParams) this.rawSend("params", JSON.stringify(this.latestParams), this.latestParams);
     };

@@ -29,11 +29,17 @@ export function schemaProperties(schema) {
   return out;
 }
 
-// What each known field looks like; labels and hints are the page's, bounds are the server's.
+// What each known field looks like; labels and hints are the page's, bounds are the server's. `img2img` and
+// `control`: the field is used only in that mode (dimmed in the others, by style.css).
 const FIELDS = [
   { name: "num_inference_steps", label: "Steps", hint: "LCM needs 1-8 steps; more is slower and finer." },
   { name: "guidance_scale", label: "Guidance", hint: "How strongly the prompt steers the image." },
   { name: "strength", label: "Strength", hint: "Sketch mode: how far the drawing is changed.", img2img: true },
+  // Only with a ControlNet on the server (lines mode).
+  { name: "controlnet_conditioning_scale", label: "Control strength",
+    hint: "Lines mode: how strongly the drawing guides the picture.", control: true },
+  { name: "control_invert", label: "Invert drawing",
+    hint: "Lines mode: white lines on black, as line ControlNets expect.", control: true },
   { name: "width", label: "Width", size: true },
   { name: "height", label: "Height", size: true },
   { name: "seed", label: "Seed" },
@@ -137,7 +143,10 @@ export class Controls extends EventTarget {
   }
 
   wrap(f, children, hintText) {
-    const w = el("div", { class: "control", "data-field": f.name, "data-img2img-only": f.img2img ? "true" : null });
+    const w = el("div", {
+      class: "control", "data-field": f.name,
+      "data-img2img-only": f.img2img ? "true" : null, "data-control-only": f.control ? "true" : null,
+    });
     w.append(...children);
     if (hintText) w.append(el("p", { class: "control-hint", text: hintText }));
     this.wrappers[f.name] = w;

@@ -2,7 +2,7 @@
 // Protocol: docs/protocol.md. Every input sends the full params at once; the server keeps only the newest.
 
 import { Banners } from "./banner.js";
-import { SketchCanvas } from "./canvas.js";
+import { SketchCanvas, usesCanvas } from "./canvas.js";
 import { Connection, closeText } from "./connection.js";
 import { Controls, schemaProperties } from "./controls.js";
 import { CameraFeed, setupCamera } from "./camera.js";
@@ -111,6 +111,8 @@ function setupSchema(schema) {
     for (const radio of document.querySelectorAll('input[name="mode"]')) {
       radio.closest("label").hidden = !modeProp.enum.includes(radio.value);
     }
+    // A server without the mode the page is in (lines mode, after a restart without its ControlNet): text to image.
+    if (!modeProp.enum.includes(state.mode)) setMode("txt2img");
   }
   state.controls.addEventListener("input", offerParams);
   state.controls.addEventListener("size", (e) => applySize(e.detail));
@@ -131,17 +133,17 @@ async function sendCanvasNow() {
   clearTimeout(state.strokeTimer);
   state.strokeTimer = null;
   pacer.drop("canvas"); // this send carries the newest canvas
-  if (state.mode !== "img2img") return;
+  if (!usesCanvas(state.mode)) return;
   const seq = ++state.canvasSeq;
   const blob = await sketch.toBlob();
-  if (seq !== state.canvasSeq || !blob || state.mode !== "img2img") return;
+  if (seq !== state.canvasSeq || !blob || !usesCanvas(state.mode)) return;
   conn.sendCanvas(blob);
 }
 
 // While a stroke goes on, one frame in flight (pacing.js): the stroke's newest canvas waits for the frame on its
 // way; the stroke's end goes at once. With nothing in flight, a stroke sends at most every STROKE_SEND_MS.
 sketch.addEventListener("change", (e) => {
-  if (state.mode !== "img2img") return;
+  if (!usesCanvas(state.mode)) return;
   if (e.detail.final || pacer.inFlight()) {
     pacer.offer("canvas", sendCanvasNow, { final: e.detail.final });
   } else if (state.strokeTimer === null) {
@@ -158,14 +160,20 @@ async function setMode(mode) {
   state.mode = mode;
   document.body.dataset.mode = mode;
   for (const radio of document.querySelectorAll('input[name="mode"]')) radio.checked = radio.value === mode;
-  if (mode === "img2img") {
-    await sendCanvasNow(); // the server waits for a canvas before the first sketch frame
+  if (usesCanvas(mode)) {
+    await sendCanvasNow(); // the server waits for a canvas before the first sketch (or lines) frame
   } else {
     camera.stop(); // the camera feeds the canvas, which text to image ignores
     state.canvasSeq += 1;
     conn.sendCanvas(null);
   }
   sendParams();
+}
+
+/** The camera, an upload and Apply put a picture on the canvas: from text to image, switch to sketch mode;
+ * a canvas mode the user chose (lines mode too) stays. May return a promise (the mode switch). */
+function useCanvasMode() {
+  return usesCanvas(state.mode) ? null : setMode("img2img");
 }
 
 // ---------------------------------------------------------------- server -> page
@@ -306,7 +314,7 @@ els.save.addEventListener("click", async () => {
   els.save.disabled = true;
   els.save.textContent = "Saving…";
   try {
-    const canvasBlob = params.mode === "img2img" ? (source ? source.payload : await sketch.toBlob()) : null;
+    const canvasBlob = usesCanvas(params.mode) ? (source ? source.payload : await sketch.toBlob()) : null;
     await saveFrame({ params, canvasBlob });
     banners.clear("save");
   } catch (err) {
@@ -325,7 +333,7 @@ const recording = setupRecording($("record"), {
   onDone: () => banners.clear("record"),
 });
 setupCamera($("camera"), camera, {
-  beforeStart: () => (state.mode === "img2img" ? null : setMode("img2img")),
+  beforeStart: useCanvasMode,
   onError: (text) => banners.show(text, { source: "camera" }),
   onDone: () => banners.clear("camera"),
 });
@@ -334,13 +342,11 @@ els.apply.addEventListener("click", () => {
   const img = $("output");
   if (!img.naturalWidth) return;
   sketch.drawImage(img, "stretch");
-  if (state.mode !== "img2img") setMode("img2img");
+  useCanvasMode();
 });
 
 setupToolbar(sketch, {
-  onImage: () => {
-    if (state.mode !== "img2img") setMode("img2img");
-  },
+  onImage: useCanvasMode,
   onError: (text) => banners.show(text, { source: "upload" }),
 });
 

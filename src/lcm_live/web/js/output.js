@@ -1,6 +1,8 @@
 // The live output: shows each frame (step previews, then the final one), keeps what Save needs, and measures
 // frames per second and input-to-frame latency.
 
+import { usesCanvas } from "./canvas.js";
+
 /** Frames per second over the final frames of the last `windowMs` milliseconds. */
 export class FpsMeter {
   constructor(windowMs = 3000) {
@@ -117,7 +119,7 @@ export class OutputView {
 /** Save: render the shown frame again through POST /api/generate (same params and seed) and download the PNG. */
 export async function saveFrame({ params, canvasBlob }) {
   const body = { ...params };
-  if (body.mode === "img2img" && canvasBlob) body.image = await blobToBase64(canvasBlob);
+  if (usesCanvas(body.mode) && canvasBlob) body.image = await blobToBase64(canvasBlob);
   const res = await fetch("api/generate", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
