@@ -53,6 +53,18 @@ def test_bench_batch_size_tiny_end_to_end(tmp_path, capsys):
         assert r["images_per_s"] == pytest.approx(2000 / r["ms_per_call"]["median"])
 
 
+def test_bench_controlnet_times_its_own_stage_on_the_torch_unet(tmp_path, capsys):
+    out_json = tmp_path / "bench.json"
+    assert main(["bench", "--arch", "tiny", "--runs", "1", "--num-inference-steps", "2", "--baseline", "none",
+                 "--controlnet", "--json", str(out_json), "--no-progress"]) == 0
+    assert "controlnet/step" in capsys.readouterr().out
+    r = json.loads(out_json.read_text())["lcm_live"]
+    assert r["stages_ms"]["controlnet_per_step"] > 0 and r["unet_calls_per_call"] == 2
+    assert not any(s.startswith("backend:openvino") or s.startswith("openvino") for s in r["speedups"])
+    assert main(["bench", "--arch", "tiny", "--controlnet", "--no-progress"]) == 2
+    assert "--baseline none" in capsys.readouterr().err
+
+
 def test_sessions_without_live_is_refused(capsys):
     assert main(["bench", "--arch", "tiny", "--sessions", "2"]) == 2
     assert capsys.readouterr().err.startswith("error: --sessions 2")

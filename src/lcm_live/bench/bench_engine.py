@@ -30,6 +30,7 @@ from lcm_live.bench.seed_path import build_seed_pipeline, seed_reference, seed_r
 from lcm_live.errors import UserError
 
 SEED_GUIDANCE = 1.5  # the seed article's value
+CONTROLNET_NAME = "bench:random-controlnet"
 
 
 @dataclass
@@ -56,6 +57,7 @@ class BenchConfig:
     openvino_cache_dir: str | None = None
     progress: bool = True
     profile: str | None = None  # a file: one more lcm-live call under torch.profiler (bench/profile.py)
+    controlnet: bool = False  # lcm-live's path with a ControlNet of the arch's shape (random weights), lines given
 
 
 def quiet_diffusers() -> None:
@@ -77,7 +79,8 @@ def resolve_backend(config: BenchConfig, device: Any, pipe: Any) -> str:
     from lcm_live.config import EngineSettings
     from lcm_live.engine.speedups import resolve_backend as engine_rule
 
-    settings = EngineSettings(backend=config.backend, compile=config.compile)
+    settings = EngineSettings(backend=config.backend, compile=config.compile,
+                              controlnet=CONTROLNET_NAME if config.controlnet else None)
     return engine_rule(settings, device, unet_parameters=sum(p.numel() for p in pipe.unet.parameters())).name
 
 
@@ -118,14 +121,43 @@ def build_fast_engine(config: BenchConfig, device: Any, dtype: Any) -> tuple[Any
     settings = EngineSettings(
         model=f"bench:{config.arch}-random-{config.model_seed}", device=device.type,
         dtype=str(dtype).removeprefix("torch."), decoder=config.decoder, backend=resolve_backend(config, device, pipe),
+        controlnet=CONTROLNET_NAME if config.controlnet else None,
         compile=config.compile, compile_mode=config.compile_mode, quantize=config.quantize,
         openvino_cache_dir=config.openvino_cache_dir,
     )
     applied = apply_speedups(pipe, settings, device, dtype)
     size = 1024 if config.arch == "sdxl" else 512
+    controlnet = (random_controlnet(pipe.unet, pipe.vae_scale_factor, dtype, device, config.model_seed + 20)
+                  if config.controlnet else None)
     loaded = LoadedModel(pipe=pipe, kind="lcm", arch="sdxl" if config.arch == "sdxl" else "sd15",
-                         name=settings.model, native_width=size, native_height=size)
+                         name=settings.model, native_width=size, native_height=size, controlnet=controlnet,
+                         controlnet_name=CONTROLNET_NAME if controlnet is not None else None)
     return Engine(loaded, settings, device, dtype, speedups=applied), applied
+
+
+def random_controlnet(unet: Any, vae_scale_factor: int, dtype: Any, device: Any, seed: int) -> Any:
+    """A ControlNet shaped for ``unet`` (diffusers' from_unet: the encoder's shapes and FLOPs), random weights; its
+    image embedding downsamples as the VAE does (SD's 8x: the released ControlNets' 16, 32, 96, 256 channels)."""
+    import torch
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    levels = vae_scale_factor.bit_length()  # 8 -> 4 levels (3 stride-2 convolutions), 2 -> 2
+    controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False,
+                                           conditioning_embedding_out_channels=(16, 32, 96, 256)[:levels])
+    controlnet.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    return controlnet.eval()
+
+
+def control_lines(width: int, height: int) -> Any:
+    """A fixed line drawing (white on black, as a scribble ControlNet takes it)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), "black")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([width // 4, height // 4, 3 * width // 4, 3 * height // 4], outline="white", width=6)
+    draw.line([(0, height - 1), (width - 1, height // 2)], fill="white", width=6)
+    return image
 
 
 def _fast_run(engine: Any, config: BenchConfig, device: Any) -> Any:
@@ -134,7 +166,9 @@ def _fast_run(engine: Any, config: BenchConfig, device: Any) -> Any:
     final = {}
     request = GenerationRequest(prompt=config.prompt, num_inference_steps=config.num_inference_steps,
                                 guidance_scale=config.guidance_scale, seed=config.seed, width=config.width,
-                                height=config.height, num_images_per_prompt=config.batch_size)
+                                height=config.height, num_images_per_prompt=config.batch_size,
+                                control_image=control_lines(config.width, config.height) if config.controlnet
+                                else None)
     engine.generate(request, callback=lambda event: final.__setitem__("latents", event.latents))
     synchronize(device)
     return final["latents"]
@@ -143,9 +177,9 @@ def _fast_run(engine: Any, config: BenchConfig, device: Any) -> Any:
 class _Path:
     """One side of the comparison: how to run it, its stage timer, and what was measured."""
 
-    def __init__(self, name: str, run, pipe: Any, device: Any):
+    def __init__(self, name: str, run, pipe: Any, device: Any, controlnet: Any = None):
         self.name, self.run, self.device = name, run, device
-        self.timer = StageTimer(device).attach(pipe)
+        self.timer = StageTimer(device).attach(pipe, controlnet)
         self.totals: list[float] = []
         self.stages: list[dict[str, float]] = []
         self.unet_calls = 0
@@ -176,8 +210,11 @@ class _Path:
         s = self.timer.seconds
         self.unet_calls = self.timer.calls["unet"]
         per_step = s["unet"] / max(1, self.timer.calls["unet"])
-        self.stages.append({"text_encoder": s["text_encoder"], "unet_per_step": per_step, "decode": s["decode"],
-                            "other": total - s["text_encoder"] - s["unet"] - s["decode"]})
+        stage = {"text_encoder": s["text_encoder"], "unet_per_step": per_step, "decode": s["decode"],
+                 "other": total - sum(s.values())}
+        if "controlnet" in s:
+            stage["controlnet_per_step"] = s["controlnet"] / max(1, self.timer.calls["controlnet"])
+        self.stages.append(stage)
 
     def report(self, dtype: Any, batch_size: int = 1) -> dict[str, Any]:
         import statistics
@@ -212,13 +249,17 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         raise UserError(f"--runs {config.runs}: use 1 or more (and --warmup 0 or more)", field="runs")
     if config.batch_size < 1:
         raise UserError(f"--batch-size {config.batch_size}: use 1 or more", field="batch_size")
+    if config.controlnet and config.baseline:
+        raise UserError("--controlnet times lcm-live's path with a ControlNet, which the seed article's has not: add "
+                        "--baseline none (and compare with the same command without --controlnet)",
+                        field="controlnet")
     report: dict[str, Any] = {"config": asdict(config), "machine": describe_machine(device),
                               "device": str(device), "batch_size": config.batch_size}
     t0 = time.perf_counter()
 
     # 1. lcm-live's path, alone in memory for its warm-up and memory sample.
     engine, applied = build_fast_engine(config, device, dtype)
-    fast = _Path("lcm-live", lambda: _fast_run(engine, config, device), engine.pipe, device)
+    fast = _Path("lcm-live", lambda: _fast_run(engine, config, device), engine.pipe, device, engine.loaded.controlnet)
     report["lcm_live_setup_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     warm_memory = RssSampler(device)
@@ -314,7 +355,8 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"  ms per image: median {t['median']:.0f}  min {t['min']:.0f}  max {t['max']:.0f}  "
                          f"spread {t['spread'] * 100:.1f}%  ({r['images_per_s']:.2f} images/s)")
         lines.append(f"  stages (median ms): text encoder {s['text_encoder']:.1f}  unet/step {s['unet_per_step']:.0f} "
-                     f"(x{r['unet_calls_per_call']} calls)  decode {s['decode']:.0f}  other {s['other']:.0f}")
+                     f"(x{r['unet_calls_per_call']} calls)  decode {s['decode']:.0f}  other {s['other']:.0f}"
+                     + (f"  controlnet/step {s['controlnet_per_step']:.0f}" if "controlnet_per_step" in s else ""))
         mem = f"  peak RSS {r['peak_rss_gb']:.2f} GB"
         if key == "lcm_live":
             mem += f" (alone: {report['lcm_live_alone_peak_rss_gb']:.2f} GB"

@@ -38,13 +38,17 @@ class StageTimer:
     calls: dict[str, int] = field(default_factory=lambda: {"text_encoder": 0, "unet": 0, "decode": 0})
     _undo: list = field(default_factory=list)
 
-    def attach(self, pipe: Any) -> StageTimer:
+    def attach(self, pipe: Any, controlnet: Any = None) -> StageTimer:
+        """Wrap ``pipe``'s components, and ``controlnet`` (its own stage) where given."""
         for name in ("text_encoder", "text_encoder_2"):
             module = getattr(pipe, name, None)
             if module is not None:
                 self._wrap(module, "forward", "text_encoder")
         self._wrap(pipe.unet, "forward", "unet")
         self._wrap(pipe.vae, "decode", "decode")
+        if controlnet is not None:
+            self.seconds["controlnet"], self.calls["controlnet"] = 0.0, 0
+            self._wrap(controlnet, "forward", "controlnet")
         return self
 
     def _wrap(self, obj: Any, method: str, stage: str) -> None:

@@ -47,6 +47,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES,
                         help="with --compile: torch.compile's mode (auto: reduce-overhead on CUDA, default on a CPU)")
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"])
+    parser.add_argument("--controlnet", action="store_true",
+                        help="lcm-live's path with a ControlNet of the architecture's shape (random weights), a line "
+                             "drawing as its image (with --baseline none)")
     parser.add_argument("--seed", type=int, default=0, help="the image seed (same noise on both paths)")
     parser.add_argument("--openvino-cache-dir", default=None)
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the full report as JSON")
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
             baseline=None if args.baseline == "none" else args.baseline, backend=args.backend,
             decoder=args.decoder, dtype=args.dtype, device=args.device, compile=args.compile,
             compile_mode=args.compile_mode, quantize=args.quantize, seed=args.seed, openvino_cache_dir=args.openvino_cache_dir,
-            progress=not args.no_progress, profile=args.profile))
+            progress=not args.no_progress, profile=args.profile, controlnet=args.controlnet))
         text = format_report(report)
     if args.json:
         from lcm_live.bench.bench_engine import write_json
