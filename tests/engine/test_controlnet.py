@@ -6,6 +6,7 @@ effect), saved as a diffusers folder; the engine's image is diffusers' own Stabl
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -16,7 +17,7 @@ from lcm_live.config import EngineSettings
 from lcm_live.engine.controlnet import controlnet_folder
 from lcm_live.engine.pipeline import Engine
 from lcm_live.engine.request import GenerationRequest
-from lcm_live.engine.speedups import check_speedups, resolve_backend
+from lcm_live.engine.speedups import resolve_backend
 from lcm_live.errors import ModelUnavailableError, UserError
 
 TINY_SIZE = 64  # the smallest size the engine accepts (tests/engine/conftest.py)
@@ -177,13 +178,26 @@ def test_a_hub_controlnet_loads_from_the_cache_and_says_so_when_missing(monkeypa
     assert "--controlnet PATH" in excinfo.value.message and excinfo.value.field == "controlnet"
 
 
-def test_controlnet_runs_on_the_torch_unet():
-    settings = EngineSettings(model="x", controlnet="org/cn", device="cpu")
-    choice = resolve_backend(settings, "cpu")
-    assert choice.name == "torch" and "--controlnet" in choice.reason
-    with pytest.raises(UserError) as excinfo:
-        check_speedups(settings.model_copy(update={"backend": "openvino"}), "cpu", None)
-    assert "--controlnet" in excinfo.value.message and excinfo.value.field == "backend"
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
+def test_the_openvino_unet_takes_the_controlnets_residuals(engine, tiny_lcm_dir, controlnet_dir, tmp_path):
+    """The residuals become inputs of an IR of their own; the image is the torch UNet's."""
+    ov = _engine(tiny_lcm_dir, controlnet_dir, backend="openvino", openvino_cache_dir=str(tmp_path))
+    assert type(ov.pipe.unet).__name__ == "OpenVINOUNet"
+    for kw in ({}, {"control_image": _lines()}, {"control_image": _lines(offset=12)}):
+        ours, reference = _pixels(ov.generate(_request(**kw))), _pixels(engine.generate(_request(**kw)))
+        assert np.abs(ours - reference).mean() < 0.5 and np.abs(ours - reference).max() <= 8, kw
+    assert ov.pipe.unet.conversions == 2  # one IR without residuals, one with: the two images share it
+    folders = sorted(p.parent.name for p in tmp_path.rglob("unet.xml"))
+    assert len(folders) == 2 and sum("_controlnet" in f for f in folders) == 1
+
+
+def test_auto_picks_openvino_with_a_controlnet_too(monkeypatch):
+    from lcm_live.engine import speedups
+    from lcm_live.engine.devices import CpuFeatures
+
+    monkeypatch.setattr(speedups.devices, "detect_cpu_features", lambda *a, **k: CpuFeatures(flags=["amx_bf16"]))
+    monkeypatch.setattr(speedups, "openvino_installed", lambda: True)
+    assert resolve_backend(EngineSettings(model="x", controlnet="org/cn"), "cpu").name == "openvino"
 
 
 def test_sdxl_takes_an_sdxl_controlnet(tmp_path):

@@ -9,7 +9,8 @@ compiled once, then reused.
 
 The stand-in keeps what the diffusers pipelines read from a UNet: ``.config``, ``.dtype``, ``.device``,
 ``.add_embedding`` (SDXL's time-ids check), ``.encoder_hid_proj``, and ``forward(sample, timestep,
-encoder_hidden_states, timestep_cond=None, added_cond_kwargs=None, return_dict=True)``.
+encoder_hidden_states, timestep_cond=None, added_cond_kwargs=None, down_block_additional_residuals=None,
+mid_block_additional_residual=None, return_dict=True)``: a ControlNet's residuals are inputs of an IR of their own.
 """
 
 from __future__ import annotations
@@ -53,17 +54,32 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "lcm-live" / "openvino"
 
 
+# A ControlNet's residuals become inputs of their own: one per down-block output (SD1.5 12, SDXL 9) and the middle's.
+MAX_DOWN_RESIDUALS = 12
+DOWN_RESIDUAL = "down_residual_{}"
+MID_RESIDUAL = "mid_residual"
+
+
 class _TraceableUNet(torch.nn.Module):
-    """Keyword view of a diffusers UNet for tracing: returns the sample tensor, not a dataclass."""
+    """Keyword view of a diffusers UNet for tracing: returns the sample tensor, not a dataclass. A ControlNet's
+    residuals come as named tensors (the tracer maps inputs by name; an absent one is None)."""
 
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, text_embeds=None, time_ids=None):
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, text_embeds=None, time_ids=None,
+                mid_residual=None, down_residual_0=None, down_residual_1=None, down_residual_2=None,
+                down_residual_3=None, down_residual_4=None, down_residual_5=None, down_residual_6=None,
+                down_residual_7=None, down_residual_8=None, down_residual_9=None, down_residual_10=None,
+                down_residual_11=None):
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}  # SDXL
+        down = [r for r in (down_residual_0, down_residual_1, down_residual_2, down_residual_3, down_residual_4,
+                            down_residual_5, down_residual_6, down_residual_7, down_residual_8, down_residual_9,
+                            down_residual_10, down_residual_11) if r is not None]
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, timestep_cond=timestep_cond,
-                         added_cond_kwargs=added, return_dict=False)[0]
+                         added_cond_kwargs=added, down_block_additional_residuals=down or None,
+                         mid_block_additional_residual=mid_residual, return_dict=False)[0]
 
 
 class OpenVINOUNet(torch.nn.Module):
@@ -114,7 +130,8 @@ class OpenVINOUNet(torch.nn.Module):
         return self
 
     # 1. Inputs, keyed by shape.
-    def _inputs(self, sample, timestep, encoder_hidden_states, timestep_cond, added_cond_kwargs):
+    def _inputs(self, sample, timestep, encoder_hidden_states, timestep_cond, added_cond_kwargs,
+                down_residuals=None, mid_residual=None):
         batch = sample.shape[0]
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
         t = t.reshape(-1).to(torch.float32).expand(batch).contiguous()  # (B,) float timesteps
@@ -124,10 +141,21 @@ class OpenVINOUNet(torch.nn.Module):
         if added_cond_kwargs:
             inputs["text_embeds"] = added_cond_kwargs["text_embeds"]
             inputs["time_ids"] = added_cond_kwargs["time_ids"]
+        if down_residuals is not None:  # a ControlNet's: an IR of their own (the shape key names them)
+            if len(down_residuals) > MAX_DOWN_RESIDUALS:
+                raise UserError(f"the OpenVINO UNet takes at most {MAX_DOWN_RESIDUALS} ControlNet residuals (this "
+                                f"ControlNet gives {len(down_residuals)}): use --backend torch", field="backend")
+            if mid_residual is not None:
+                inputs[MID_RESIDUAL] = mid_residual
+            inputs.update((DOWN_RESIDUAL.format(i), r) for i, r in enumerate(down_residuals))
         return inputs
 
     def cache_path(self, shapes: dict[str, tuple], quantize: str = "none") -> Path:
-        shape_text = "_".join(f"{k}{'x'.join(map(str, v))}" for k, v in shapes.items())
+        # The folder names the main inputs' shapes (the digest covers them all): 13 residuals would make it too long
+        shown = {k: v for k, v in shapes.items() if not k.startswith(("down_residual", MID_RESIDUAL))}
+        shape_text = "_".join(f"{k}{'x'.join(map(str, v))}" for k, v in shown.items())
+        if len(shown) < len(shapes):
+            shape_text += f"_controlnet{len(shapes) - len(shown)}"
         key = json.dumps([self.model_name, self.fingerprint, shapes, self.precision, quantize])
         safe_name = "".join(c if c.isalnum() or c in "-." else "-" for c in self.model_name)[-48:]
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -276,11 +304,13 @@ class OpenVINOUNet(torch.nn.Module):
 
     # 3. Run.
     def forward(self, sample, timestep, encoder_hidden_states=None, timestep_cond=None, added_cond_kwargs=None,
-                cross_attention_kwargs=None, return_dict: bool = True, **unused):
+                cross_attention_kwargs=None, down_block_additional_residuals=None,
+                mid_block_additional_residual=None, return_dict: bool = True, **unused):
         if cross_attention_kwargs and cross_attention_kwargs.get("scale", 1.0) != 1.0:
             raise UserError("the OpenVINO backend runs fused weights: a LoRA scale at call time is not supported; "
                             "fuse the LoRA or use --backend torch", field="backend")
-        inputs = self._inputs(sample, timestep, encoder_hidden_states, timestep_cond, added_cond_kwargs)
+        inputs = self._inputs(sample, timestep, encoder_hidden_states, timestep_cond, added_cond_kwargs,
+                              down_block_additional_residuals, mid_block_additional_residual)
         key, request = self._request(inputs)
         feed = {k: v.detach().to(torch.float32).contiguous().numpy() if v.is_floating_point() else v.numpy()
                 for k, v in inputs.items()}

@@ -73,9 +73,6 @@ def resolve_backend(settings: EngineSettings, device: Any, *, unet_parameters: i
         return BackendChoice("torch", f"auto: torch on {kind} (OpenVINO is the CPU backend)")
     if settings.compile:
         return BackendChoice("torch", "auto: torch, because --compile applies to the torch backend")
-    if settings.controlnet:
-        return BackendChoice("torch", "auto: torch, because --controlnet feeds the UNet residuals that the OpenVINO "
-                                      "UNet does not take")
     cpu = cpu or devices.detect_cpu_features()
     if not cpu.fast_bf16:
         return BackendChoice("torch", "auto: torch (this CPU has neither amx_bf16 nor avx512_bf16, where "
@@ -116,9 +113,6 @@ def check_speedups(settings: EngineSettings, device: Any, dtype: Any, *, backend
         if settings.compile:
             raise UserError("--compile applies to the torch backend; with --backend openvino leave it off "
                             "(OpenVINO compiles its own graph)", field="compile")
-        if settings.controlnet:
-            raise UserError("--controlnet runs on the torch backend (the OpenVINO UNet takes no ControlNet "
-                            "residuals): use --backend torch or auto", field="backend")
         if settings.quantize == "int8" and not nncf_installed():
             raise UserError("--quantize int8 with the OpenVINO backend needs NNCF (post-training quantization): "
                             "pip install 'lcm-live[openvino]', or leave --quantize off", field="quantize")
