@@ -50,7 +50,8 @@ class EngineSettings(BaseModel):
     offline_fallback: bool = True  # the default hub model missing -> builtin:shapes, said loudly
     prompt_cache_size: int = 64
     # A ControlNet (hub id, or a folder of config.json + safetensors): "control" mode, where an image (the studio's
-    # canvas) guides the layout of text-to-image. Runs on the torch UNet (OpenVINO's takes no residual inputs).
+    # canvas) guides the layout of text-to-image. The ControlNet runs in torch; the UNet on either backend (the
+    # OpenVINO UNet takes its residuals as inputs of an IR of their own).
     controlnet: str | None = None
 
 

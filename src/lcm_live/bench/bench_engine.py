@@ -127,8 +127,10 @@ def build_fast_engine(config: BenchConfig, device: Any, dtype: Any) -> tuple[Any
     )
     applied = apply_speedups(pipe, settings, device, dtype)
     size = 1024 if config.arch == "sdxl" else 512
-    controlnet = (random_controlnet(pipe.unet, pipe.vae_scale_factor, dtype, device, config.model_seed + 20)
-                  if config.controlnet else None)
+    controlnet = None
+    if config.controlnet:  # built in float32 and cast, like the pipeline: the float32 heap handed back after
+        controlnet = random_controlnet(pipe.unet, pipe.vae_scale_factor, dtype, device, config.model_seed + 20)
+        release_freed_memory()
     loaded = LoadedModel(pipe=pipe, kind="lcm", arch="sdxl" if config.arch == "sdxl" else "sd15",
                          name=settings.model, native_width=size, native_height=size, controlnet=controlnet,
                          controlnet_name=CONTROLNET_NAME if controlnet is not None else None)

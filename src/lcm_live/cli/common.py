@@ -22,7 +22,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, decoder: str = "vae
     g.add_argument("--controlnet", default=None, metavar="ID_OR_PATH",
                    help="a ControlNet for the model's architecture (hub id, or a diffusers folder: config.json + "
                         "safetensors): an image guides the layout (generate --control-image; the studio's Lines "
-                        "mode); runs on the torch UNet")
+                        "mode)")
     g.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: HF_HOME or ~/.cache/huggingface)")
     g = parser.add_argument_group("device")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
