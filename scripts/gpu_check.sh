@@ -233,6 +233,10 @@ fi
 bench live_sd15_256_compile 120 --live --arch "$SD15" --width "$S256" --height "$S256" --seconds "$LIVE_SECONDS" \
     --compile
 
+# sd15 512² with a ControlNet of its shape (lines mode), lcm-live only: what a ControlNet costs per step on a GPU.
+bench sd15_512_4steps_controlnet 80 --arch "$SD15" --width "$S512" --height "$S512" --num-inference-steps 4 \
+    --controlnet --baseline none "${R_FAST[@]}"
+
 # SDXL 1024² with nf4 weights: the fast path's memory (the seed's 8 GB card question; lcm-live only).
 bench sdxl_1024_4steps_nf4 80 --arch "$SDXL" --width "$S1024" --height "$S1024" --num-inference-steps 4 \
     --quantize nf4 --baseline none "${R_SLOW[@]}"

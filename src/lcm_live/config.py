@@ -49,9 +49,9 @@ class EngineSettings(BaseModel):
     cache_dir: str | None = None  # Hugging Face cache; None: HF_HOME / the default
     offline_fallback: bool = True  # the default hub model missing -> builtin:shapes, said loudly
     prompt_cache_size: int = 64
-    # A ControlNet (hub id, or a folder of config.json + safetensors): "control" mode, where an image (the studio's
-    # canvas) guides the layout of text-to-image. The ControlNet runs in torch; the UNet on either backend (the
-    # OpenVINO UNet takes its residuals as inputs of an IR of their own).
+    # A ControlNet (hub id, a folder of config.json + safetensors, or one original-layout .safetensors file):
+    # "control" mode, where an image (the studio's canvas) guides the layout of text-to-image. The ControlNet runs
+    # in torch; the UNet on either backend (the OpenVINO UNet takes its residuals as inputs of an IR of their own).
     controlnet: str | None = None
 
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from lcm_live.config import EngineSettings
-from lcm_live.engine.controlnet import controlnet_folder
+from lcm_live.engine.controlnet import controlnet_location
 from lcm_live.engine.pipeline import Engine
 from lcm_live.engine.request import GenerationRequest
 from lcm_live.engine.speedups import resolve_backend
@@ -154,13 +154,46 @@ def test_what_is_not_a_safetensors_controlnet_folder_is_refused(tiny_lcm_dir, co
     cases = {
         str(pickled): "only pickle weights",
         str(tiny_lcm_dir / "unet"): "not a ControlNetModel",
-        str(controlnet_dir / "diffusion_pytorch_model.safetensors"): "single-file ControlNets are not supported",
+        str(pickled / "diffusion_pytorch_model.bin"): "not a safetensors file",
         str(tmp_path / "missing"): "no such folder",
     }
     for source, needle in cases.items():
         with pytest.raises(UserError) as excinfo:
-            controlnet_folder(source, cache_dir=None, progress=False)
+            controlnet_location(source, cache_dir=None, progress=False)
         assert needle in excinfo.value.message, source
+
+
+def test_a_single_file_controlnet_in_the_original_layout_loads_with_the_models_config(tiny_lcm_dir, tmp_path):
+    """The ControlNet 1.1 releases' layout (control_model.*), no config: the one from_unet derives is used. Its image
+    embedding is the released 8x one, so the tiny model (2x VAE) cannot run it: the weights are compared."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from lcm_live.engine.controlnet import load_controlnet
+    from lcm_live.engine.tiny import save_tiny_controlnet_single_file
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_lcm_dir / "unet")
+    path, made = save_tiny_controlnet_single_file(tmp_path / "control_tiny.safetensors", unet)
+    assert controlnet_location(str(path), cache_dir=None, progress=False) == path
+    loaded = load_controlnet(str(path), path, unet=unet, arch="sd15", dtype=torch.float32, device="cpu")
+    want, got = made.state_dict(), loaded.state_dict()
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_single_file_controlnet_for_another_width_is_refused_before_loading(tiny_lcm_dir, tmp_path):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from lcm_live.engine.controlnet import load_controlnet
+    from lcm_live.engine.tiny import save_tiny_controlnet_single_file, save_tiny_sdxl_pipeline
+
+    sdxl = save_tiny_sdxl_pipeline(tmp_path / "sdxl")
+    path, _ = save_tiny_controlnet_single_file(tmp_path / "xl.safetensors",
+                                               UNet2DConditionModel.from_pretrained(sdxl / "unet"))
+    with pytest.raises(UserError) as excinfo:
+        load_controlnet(str(path), path, unet=UNet2DConditionModel.from_pretrained(tiny_lcm_dir / "unet"),
+                        arch="sd15", dtype=torch.float32, device="cpu")
+    assert "cross_attention_dim 80" in excinfo.value.message and "cross_attention_dim 32" in excinfo.value.message
 
 
 def test_a_hub_controlnet_loads_from_the_cache_and_says_so_when_missing(monkeypatch, tmp_path, tiny_lcm_dir,
@@ -173,7 +206,7 @@ def test_a_hub_controlnet_loads_from_the_cache_and_says_so_when_missing(monkeypa
     engine = _engine(tiny_lcm_dir, "someorg/tiny-scribble", cache_dir=str(cache))
     assert engine.generate(_request(control_image=_lines())).parameters["controlnet"] == "someorg/tiny-scribble"
     with pytest.raises(ModelUnavailableError) as excinfo:
-        controlnet_folder("someorg/not-cached", cache_dir=str(cache), progress=False)
+        controlnet_location("someorg/not-cached", cache_dir=str(cache), progress=False)
     assert "--controlnet 'someorg/not-cached' cannot be had" in excinfo.value.message
     assert "--controlnet PATH" in excinfo.value.message and excinfo.value.field == "controlnet"
 

@@ -20,9 +20,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, decoder: str = "vae
     g.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID[:SCALE]",
                    help="style LoRA stacked on the model, fused for speed; repeatable")
     g.add_argument("--controlnet", default=None, metavar="ID_OR_PATH",
-                   help="a ControlNet for the model's architecture (hub id, or a diffusers folder: config.json + "
-                        "safetensors): an image guides the layout (generate --control-image; the studio's Lines "
-                        "mode)")
+                   help="a ControlNet for the model's architecture (hub id, diffusers folder, or a single "
+                        ".safetensors file in the original layout): an image guides the layout (generate "
+                        "--control-image; the studio's Lines mode)")
     g.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: HF_HOME or ~/.cache/huggingface)")
     g = parser.add_argument_group("device")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])

@@ -1,7 +1,10 @@
 """ControlNet: an image (lines, edges, a scribble) guides the layout of a text-to-image run.
 
-``--controlnet SOURCE`` loads a diffusers ``ControlNetModel`` from a hub id (into the Hugging Face cache) or a local
-folder (``config.json`` + ``diffusion_pytorch_model.safetensors``), safetensors only. It must fit the model: its
+``--controlnet SOURCE`` loads a diffusers ``ControlNetModel`` from a hub id (into the Hugging Face cache), a local
+folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) or a single ``.safetensors`` file in the original
+layout (``control_model.*``, e.g. the ControlNet 1.1 releases converted to safetensors), safetensors only. A single
+file has no config: it is the one ``ControlNetModel.from_unet`` derives from the model's UNet (the released
+ControlNets are made that way), read through diffusers' ``from_single_file``. It must fit the model: its
 cross-attention width and down blocks are those of the UNet it feeds residuals into (an SD1.5 ControlNet for SD1.5
 models, an SDXL one for SDXL), which is checked before it loads.
 
@@ -35,13 +38,15 @@ def _looks_like_path(text: str) -> bool:
             or text.lower().endswith((".safetensors", *PICKLE_SUFFIXES)))
 
 
-def controlnet_folder(source: str, *, cache_dir: str | None, progress: bool) -> Path:
-    """The local folder of ``source``: a folder as given, or a hub repo's config and safetensors weights fetched
-    into (or found in) the Hugging Face cache."""
+def controlnet_location(source: str, *, cache_dir: str | None, progress: bool) -> Path:
+    """Where ``source``'s weights are: a single .safetensors file, a folder as given, or a hub repo's config and
+    safetensors weights fetched into (or found in) the Hugging Face cache."""
     path = Path(source).expanduser()
     if path.is_file():
-        raise _error(source, "single-file ControlNets are not supported; give a diffusers ControlNet folder "
-                             f"(config.json + {WEIGHTS}) or a hub id such as lllyasviel/control_v11p_sd15_scribble")
+        if path.suffix.lower() != ".safetensors":
+            raise _error(source, f"{path.suffix or 'this file'} is not a safetensors file (pickle formats such as "
+                                 ".pth or .ckpt can run code when loaded); use the model's .safetensors release")
+        return path
     if not path.exists():
         if _looks_like_path(source):
             raise _error(source, "no such folder; give a diffusers ControlNet folder or a hub id (org/name)")
@@ -90,23 +95,55 @@ def check_fit(source: str, config: dict[str, Any], unet_config: Any, arch: str) 
                                  f"a ControlNet trained for {arch}")
 
 
-def load_controlnet(source: str, folder: Path, *, unet: Any, arch: str, dtype: Any, device: Any) -> Any:
-    """The ControlNetModel in ``folder`` (from :func:`controlnet_folder`), checked against ``unet``, on ``device`` in
-    ``dtype``."""
+def load_controlnet(source: str, location: Path, *, unet: Any, arch: str, dtype: Any, device: Any) -> Any:
+    """The ControlNetModel at ``location`` (from :func:`controlnet_location`), checked against ``unet``, on
+    ``device`` in ``dtype``."""
     import torch
     from diffusers import ControlNetModel
 
-    config = json.loads((folder / "config.json").read_text())
-    check_fit(source, config, unet.config, arch)
     try:
-        with quiet_logs():
-            controlnet = ControlNetModel.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
+        if location.is_file():
+            controlnet = _load_single_file(source, location, unet=unet, arch=arch, dtype=dtype)
+        else:
+            check_fit(source, json.loads((location / "config.json").read_text()), unet.config, arch)
+            with quiet_logs():
+                controlnet = ControlNetModel.from_pretrained(str(location), torch_dtype=dtype, use_safetensors=True)
+    except UserError:
+        raise
     except Exception as exc:
-        raise _error(source, f"could not be loaded ({str(exc).strip().splitlines()[0][:200]})") from None
+        raise _error(source, f"could not be loaded ({str(exc).strip().splitlines()[0][:200]}); is it a ControlNet "
+                             f"for {arch}?") from None
     controlnet.to(device)
     if torch.device(device).type in ("cpu", "cuda"):
         controlnet.to(memory_format=torch.channels_last)
     return controlnet.eval()
+
+
+def _load_single_file(source: str, path: Path, *, unet: Any, arch: str, dtype: Any) -> Any:
+    """An original-layout file, with the config ``from_unet`` derives from ``unet`` (written to a temporary folder:
+    ``from_single_file`` reads configs from folders). Its cross-attention width is read from the header first."""
+    import tempfile
+
+    import accelerate
+    from diffusers import ControlNetModel
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        if not any(k.startswith("control_model.") or k.startswith("time_embed.") for k in keys):
+            raise _error(source, "not a ControlNet in the original layout (no control_model.* weights); give a "
+                                 "diffusers ControlNet folder or a hub id")
+        width = next((f.get_slice(k).get_shape()[1] for k in keys if k.endswith("attn2.to_k.weight")), None)
+    want = unet.config.cross_attention_dim
+    if width is not None and width != want:
+        made_for = {768: "sd15", 2048: "sdxl"}.get(width, "another model")
+        raise _error(source, f"made for {made_for} (cross_attention_dim {width}), but the model is {arch} "
+                             f"(cross_attention_dim {want}); use a ControlNet trained for {arch}")
+    with accelerate.init_empty_weights():  # the config only: no weights are made
+        shaped = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    with tempfile.TemporaryDirectory(prefix="lcm-live-controlnet-") as folder, quiet_logs():
+        shaped.save_config(folder)
+        return ControlNetModel.from_single_file(str(path), config=folder, torch_dtype=dtype)
 
 
 def control_pipeline(pipe: Any, controlnet: Any, arch: str, dtype: Any) -> Any:

@@ -11,6 +11,7 @@ code (there are no real checkpoints here). It inverts diffusers' converter for t
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 _RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
@@ -148,3 +149,27 @@ def vae_to_ldm(state: dict[str, Any]) -> dict[str, Any]:
                     value = value[:, :, None, None]
         out[new.replace("conv_shortcut", "nin_shortcut")] = value
     return out
+
+
+def controlnet_state_dict(controlnet: Any) -> dict[str, Any]:
+    """A diffusers ControlNetModel under the original single-file keys (``control_model.*``, as the lllyasviel
+    ControlNet 1.1 releases): its UNet encoder in the UNet's layout, ``zero_convs``, ``middle_block_out`` and the
+    image embedding as ``input_hint_block`` (convolutions at even indices, SiLUs between them)."""
+    state = controlnet.state_dict()
+    encoder = {k: v for k, v in state.items() if k.split(".")[0] in ("time_embedding", "conv_in", "down_blocks",
+                                                                       "mid_block")}
+    levels = controlnet.config  # a ControlNet has no up blocks: their layout is never read
+    shape = SimpleNamespace(layers_per_block=levels.layers_per_block, block_out_channels=levels.block_out_channels,
+                            up_block_types=["UpBlock2D"] * len(levels.block_out_channels))
+    out = {"control_model." + key: value for key, value in unet_to_ldm(encoder, shape).items()}
+    embedding = "controlnet_cond_embedding"
+    blocks = len(controlnet.controlnet_cond_embedding.blocks)
+    for p in ("weight", "bias"):
+        for i in range(len(controlnet.controlnet_down_blocks)):
+            out[f"control_model.zero_convs.{i}.0.{p}"] = state[f"controlnet_down_blocks.{i}.{p}"]
+        out[f"control_model.middle_block_out.0.{p}"] = state[f"controlnet_mid_block.{p}"]
+        out[f"control_model.input_hint_block.0.{p}"] = state[f"{embedding}.conv_in.{p}"]
+        for i in range(blocks):
+            out[f"control_model.input_hint_block.{2 * i + 2}.{p}"] = state[f"{embedding}.blocks.{i}.{p}"]
+        out[f"control_model.input_hint_block.{2 * blocks + 2}.{p}"] = state[f"{embedding}.conv_out.{p}"]
+    return {k: v.contiguous() for k, v in out.items()}

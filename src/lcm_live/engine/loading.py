@@ -22,7 +22,7 @@ from typing import Any
 
 from lcm_live.config import DEFAULT_MODEL, EngineSettings
 from lcm_live.engine.architectures import config_dir
-from lcm_live.engine.controlnet import controlnet_folder, load_controlnet
+from lcm_live.engine.controlnet import controlnet_location, load_controlnet
 from lcm_live.engine.loras import LCM_LORA_IDS, apply_loras, lcm_lora_source, read_loras
 from lcm_live.engine.model import LoadedModel
 from lcm_live.engine.sources import (
@@ -93,9 +93,9 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
             wanted.append((lcm_lora, 1.0, "--lcm-lora"))
     wanted += [(spec.source, spec.scale, "--lora") for spec in settings.loras]
     loras = read_loras(wanted, cache_dir=settings.cache_dir)
-    controlnet_dir = None
+    controlnet_at = None
     if settings.controlnet:  # fetched (or refused) before the long pipeline load, as the LoRAs are
-        controlnet_dir = controlnet_folder(settings.controlnet, cache_dir=settings.cache_dir, progress=progress)
+        controlnet_at = controlnet_location(settings.controlnet, cache_dir=settings.cache_dir, progress=progress)
     if source.kind == "single_file":
         pipe = _load_single_file(Path(source.location), arch, dtype=dtype, progress=progress)
     elif source.kind == "unet":
@@ -120,8 +120,8 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
     pipe.to(device)
     width, height = native_size(pipe, source.name, arch)
     controlnet = None
-    if controlnet_dir is not None:
-        controlnet = load_controlnet(settings.controlnet, controlnet_dir, unet=pipe.unet, arch=arch, dtype=dtype,
+    if controlnet_at is not None:
+        controlnet = load_controlnet(settings.controlnet, controlnet_at, unet=pipe.unet, arch=arch, dtype=dtype,
                                      device=device)
     return LoadedModel(pipe=pipe, kind="lcm" if full_lcm else "lcm-lora", arch=arch, name=source.name,
                        native_width=width, native_height=height,

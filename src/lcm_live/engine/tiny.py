@@ -153,6 +153,27 @@ def save_tiny_controlnet(folder: str | Path, unet: Any, *, seed: int = 0, std: f
     return folder
 
 
+def save_tiny_controlnet_single_file(path: str | Path, unet: Any, *, seed: int = 0) -> tuple[Path, Any]:
+    """A ControlNet shaped for ``unet`` with the released ControlNets' image embedding (8x down: 16, 32, 96, 256
+    channels, the only one the original layout's converter reads) as ONE .safetensors file in the original layout
+    (``control_model.*``, engine/ldm_layout.py). Returns (file, the ControlNetModel it holds)."""
+    import torch
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    from lcm_live.engine.ldm_layout import controlnet_state_dict
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    with torch.no_grad():
+        for param in controlnet.parameters():
+            if not param.abs().any():
+                param.normal_(0.0, 0.2)
+    save_file(controlnet_state_dict(controlnet), str(path))
+    return path, controlnet
+
+
 def save_tiny_lora(path: str | Path, unet: Any, *, rank: int = 4, seed: int = 0, std: float = 0.05) -> Path:
     """A LoRA for ``unet`` made with peft (random A and B, so it changes the output), saved as one .safetensors
     file in diffusers' LoRA format (``unet.``-prefixed keys, what ``load_lora_weights`` reads). Leaves ``unet``
