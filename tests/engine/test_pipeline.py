@@ -1,42 +1,21 @@
-"""The engine on tiny random models (CPU, float32): t2i, img2img, the step hook, seeds, guidance rules, caching."""
+"""The engine on tiny random models (CPU, float32): t2i, the step hook, seeds, guidance rules, caching, previews
+(image-to-image: test_pipeline_img2img.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from engine_requests import SIZE, init_image, px, req  # tests/engine/engine_requests.py
 
 from lcm_live.config import EngineSettings
 from lcm_live.engine.hooks import Cancelled
 from lcm_live.engine.pipeline import Engine
-from lcm_live.engine.request import GenerationRequest
 from lcm_live.errors import UserError
-
-SIZE = 64  # the smallest size the engine accepts; the tiny VAE downsamples by 2, so latents are 32x32
-
-
-
-
-def _req(prompt, **kwargs):
-    """A request with 2 steps unless the test says otherwise (keeps the suite fast on a 2-core CPU)."""
-    kwargs.setdefault("num_inference_steps", 2)
-    return GenerationRequest(prompt, **kwargs)
-
-
-def _px(image):
-    return np.asarray(image).astype(np.int16)
-
-
-def _init_image():
-    from PIL import Image
-
-    x = np.linspace(0, 255, SIZE, dtype=np.uint8)
-    rgb = np.stack([np.tile(x, (SIZE, 1)), np.tile(x[:, None], (1, SIZE)), np.full((SIZE, SIZE), 90, np.uint8)], -1)
-    return Image.fromarray(rgb, "RGB")
 
 
 def test_text_to_image_reports_steps_parameters_and_timings(lcm):
     events = []
-    result = lcm.generate(_req("a red circle", seed=7, num_inference_steps=3), callback=events.append)
+    result = lcm.generate(req("a red circle", seed=7, num_inference_steps=3), callback=events.append)
     assert len(result.images) == 1 and result.images[0].size == (SIZE, SIZE)
     assert [(e.step, e.total) for e in events] == [(1, 3), (2, 3), (3, 3)]
     assert all(tuple(e.latents.shape) == (1, 4, 32, 32) for e in events)
@@ -60,7 +39,7 @@ def test_fp32_pixels_equal_diffusers_own_lcm_pipeline(lcm, tiny_lcm_dir):
     ref_pipe.set_progress_bar_config(disable=True)
     ref = ref_pipe("a lighthouse at dusk", num_inference_steps=3, guidance_scale=8.0, width=SIZE, height=SIZE,
                    num_images_per_prompt=2, generator=torch.Generator("cpu").manual_seed(1234)).images
-    ours = lcm.generate(_req("a lighthouse at dusk", seed=1234, num_images_per_prompt=2, num_inference_steps=3)).images
+    ours = lcm.generate(req("a lighthouse at dusk", seed=1234, num_images_per_prompt=2, num_inference_steps=3)).images
     assert len(ours) == 2
     for a, b in zip(ref, ours, strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
@@ -77,141 +56,26 @@ def test_fp32_pixels_equal_diffusers_for_lcm_lora_shaped_model(lora, tiny_sd_dir
     ref = ref_pipe("a boat", negative_prompt=negative, num_inference_steps=3, guidance_scale=guidance, width=SIZE,
                    height=SIZE, generator=torch.Generator("cpu").manual_seed(5)).images[0]
     events = []
-    result = lora.generate(_req("a boat", negative_prompt=negative, guidance_scale=guidance, seed=5, num_inference_steps=3),
+    result = lora.generate(req("a boat", negative_prompt=negative, guidance_scale=guidance, seed=5, num_inference_steps=3),
                            callback=events.append)
     assert np.array_equal(np.asarray(ref), np.asarray(result.images[0]))
     assert len(events) == 3 and result.parameters["negative_prompt"] == negative
     # Preview latents are the x0 prediction, not the re-noised sample: the last one is the final latents.
-    final = lora.generate(_req("a boat", negative_prompt=negative, guidance_scale=guidance, seed=5,
+    final = lora.generate(req("a boat", negative_prompt=negative, guidance_scale=guidance, seed=5,
                                             num_inference_steps=3, output_type="latent")).images[0]
     assert torch.equal(events[-1].latents[0], final)
 
 
 def test_same_seed_same_image_and_random_seed_is_reported(lcm):
-    a = lcm.generate(_req("a cat", seed=11)).images[0]
-    b = lcm.generate(_req("a cat", seed=11)).images[0]
-    c = lcm.generate(_req("a cat", seed=12)).images[0]
-    assert np.array_equal(_px(a), _px(b)) and not np.array_equal(_px(a), _px(c))
-    r = lcm.generate(_req("a cat"))
+    a = lcm.generate(req("a cat", seed=11)).images[0]
+    b = lcm.generate(req("a cat", seed=11)).images[0]
+    c = lcm.generate(req("a cat", seed=12)).images[0]
+    assert np.array_equal(px(a), px(b)) and not np.array_equal(px(a), px(c))
+    r = lcm.generate(req("a cat"))
     seed = r.parameters["seed"]
     assert isinstance(seed, int) and 0 <= seed < 2**32
-    again = lcm.generate(_req("a cat", seed=seed)).images[0]
-    assert np.array_equal(_px(r.images[0]), _px(again))
-
-
-def test_image_to_image_full_lcm(lcm):
-    init = _init_image()
-    events = []
-    r1 = lcm.generate(_req("a sunset", image=init, strength=0.5, seed=3), callback=events.append)
-    r2 = lcm.generate(_req("a sunset", image=init, strength=0.5, seed=3))
-    r3 = lcm.generate(_req("a sunset", image=init, strength=0.9, seed=3))
-    t2i = lcm.generate(_req("a sunset", seed=3))
-    assert r1.images[0].size == (SIZE, SIZE)
-    assert r1.parameters["mode"] == "img2img" and r1.parameters["strength"] == 0.5
-    assert events and events[-1].step == events[-1].total
-    assert np.array_equal(_px(r1.images[0]), _px(r2.images[0]))
-    assert not np.array_equal(_px(r1.images[0]), _px(r3.images[0]))
-    assert not np.array_equal(_px(r1.images[0]), _px(t2i.images[0]))
-
-
-def test_img2img_keeps_every_component_in_the_engine_dtype(tiny_lcm_dir):
-    # diffusers' from_pipe casts the components it shares to float32 unless told a dtype: the first img2img call
-    # must not turn a bfloat16 engine (text encoder, UNet, VAE, shared with text-to-image) into a float32 one.
-    import torch
-    from diffusers import DiffusionPipeline
-
-    from lcm_live.config import EngineSettings
-    from lcm_live.engine.model import LoadedModel
-    from lcm_live.engine.pipeline import Engine
-
-    pipe = DiffusionPipeline.from_pretrained(tiny_lcm_dir).to(dtype=torch.bfloat16)
-    engine = Engine(LoadedModel(pipe=pipe, kind="lcm", arch="sd15", name="tiny", native_width=64, native_height=64),
-                    EngineSettings(model="tiny", dtype="bfloat16"))
-    engine.generate(_req("x", image=_init_image(), strength=0.5, num_inference_steps=1))
-    for name in ("text_encoder", "unet", "vae"):
-        assert getattr(pipe, name).dtype == torch.bfloat16, name
-
-
-def test_full_lcm_img2img_runs_one_step_at_half_strength(lcm, lora):
-    # LCM's img2img runs all its steps on the strength-shortened schedule: 1 step at strength 0.5 is one UNet
-    # call (the live sketch mode); the SD img2img of an LCM-LoRA model would run 1 * 0.5 steps, i.e. none.
-    assert lcm.lcm_img2img and not lora.lcm_img2img
-    events = []
-    result = lcm.generate(_req("x", image=_init_image(), strength=0.5, num_inference_steps=1, seed=1),
-                          callback=events.append)
-    assert [e.step for e in events] == [1] and result.images
-    assert 400 <= events[0].timestep <= 520  # one step from about the middle of the schedule
-    with pytest.raises(UserError) as err:
-        lora.generate(_req("x", image=_init_image(), strength=0.5, num_inference_steps=1))
-    assert err.value.field == "strength"
-
-
-def test_full_lcm_img2img_needs_enough_schedule_points(lcm):
-    # 8 steps at strength 0.125 leave int(50 * 0.125) = 6 of LCM's 50 schedule points: a clear error, not diffusers'
-    with pytest.raises(UserError) as err:
-        lcm.generate(_req("x", image=_init_image(), strength=0.125, num_inference_steps=8))
-    assert err.value.field == "strength" and "at most 6 steps" in err.value.message
-
-
-def test_img2img_pixels_equal_diffusers(lcm, lora, tiny_lcm_dir, tiny_sd_dir):
-    import torch
-    from diffusers import LatentConsistencyModelImg2ImgPipeline, LCMScheduler, StableDiffusionImg2ImgPipeline
-
-    init = _init_image()
-    ref_lcm = LatentConsistencyModelImg2ImgPipeline.from_pretrained(tiny_lcm_dir)
-    ref_sd = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd_dir)
-    ref_sd.scheduler = LCMScheduler.from_config(ref_sd.scheduler.config)
-    for engine, ref, guidance in ((lcm, ref_lcm, 8.0), (lora, ref_sd, 1.0)):
-        ref.set_progress_bar_config(disable=True)
-        expected = ref("a sunset", image=init, strength=0.6, num_inference_steps=3, guidance_scale=guidance,
-                       generator=torch.Generator("cpu").manual_seed(21)).images[0]
-        ours = engine.generate(_req("a sunset", image=init, strength=0.6, num_inference_steps=3, seed=21)).images[0]
-        assert np.array_equal(np.asarray(expected), np.asarray(ours))
-
-
-def test_image_to_image_lcm_lora_runs_steps_times_strength_and_resizes(lora):
-    init = _init_image().resize((100, 60))  # any size: resized to the requested width x height
-    events = []
-    r = lora.generate(_req("a sunset", image=init, strength=0.5, num_inference_steps=4, seed=3,
-                                        width=64, height=128), callback=events.append)
-    assert r.images[0].size == (64, 128)
-    assert [e.step for e in events] == [1, 2] and events[0].total == 2  # 4 steps * strength 0.5
-
-
-def test_image_to_image_default_size_follows_the_init_image(lcm):
-    init = _init_image().resize((203, 121))
-    assert lcm.generate(_req("x", image=init, seed=0)).images[0].size == (200, 120)  # down to multiples of 8
-    assert lcm.generate(_req("x", image=init, seed=0, width=128)).images[0].size == (128, 80)  # keeps the aspect
-    with pytest.raises(UserError) as err:
-        lcm.generate(_req("x", image=_init_image().resize((100, 60)), seed=0))
-    assert err.value.field == "image" and "100x60" in err.value.message
-
-
-def test_image_to_image_keeps_a_replaced_unet(tiny_lcm_dir, tiny_engine):
-    """Speed-ups may swap pipe.unet for a wrapper module (OpenVINO); the img2img twin must use it too."""
-    import torch
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self, unet):
-            super().__init__()
-            self.inner, self.config, self.calls = unet, unet.config, 0
-
-        @property
-        def dtype(self):
-            return self.inner.dtype
-
-        @property
-        def device(self):
-            return self.inner.device
-
-        def forward(self, *args, **kwargs):
-            self.calls += 1
-            return self.inner(*args, **kwargs)
-
-    engine = tiny_engine(tiny_lcm_dir, "lcm")
-    engine.pipe.unet = wrapper = Wrapper(engine.pipe.unet)
-    engine.generate(_req("x", seed=0, image=_init_image(), strength=0.5))
-    assert wrapper.calls == 2
+    again = lcm.generate(req("a cat", seed=seed)).images[0]
+    assert np.array_equal(px(r.images[0]), px(again))
 
 
 def test_cancel_through_the_hook_stops_between_steps(lcm):
@@ -223,12 +87,12 @@ def test_cancel_through_the_hook_stops_between_steps(lcm):
             raise Cancelled()
 
     with pytest.raises(Cancelled):
-        lcm.generate(_req("a dog", num_inference_steps=6, seed=1), callback=cancel_at_two)
+        lcm.generate(req("a dog", num_inference_steps=6, seed=1), callback=cancel_at_two)
     assert seen == [1, 2]
     # The engine is usable right after, and the cancelled run left no state behind (same pixels as before).
-    a = lcm.generate(_req("a dog", num_inference_steps=6, seed=1)).images[0]
-    b = lcm.generate(_req("a dog", num_inference_steps=6, seed=1)).images[0]
-    assert np.array_equal(_px(a), _px(b))
+    a = lcm.generate(req("a dog", num_inference_steps=6, seed=1)).images[0]
+    b = lcm.generate(req("a dog", num_inference_steps=6, seed=1)).images[0]
+    assert np.array_equal(px(a), px(b))
 
 
 def test_cancel_in_lcm_lora_img2img(lora):
@@ -236,36 +100,36 @@ def test_cancel_in_lcm_lora_img2img(lora):
         raise Cancelled()
 
     with pytest.raises(Cancelled):
-        lora.generate(_req("x", image=_init_image(), strength=1.0, seed=1), callback=cancel)
+        lora.generate(req("x", image=init_image(), strength=1.0, seed=1), callback=cancel)
     assert lora.pipe.scheduler.__dict__.get("step") is None  # the x0 recorder was removed
 
 
 def test_negative_prompt_on_full_lcm_is_an_error_that_says_why(lcm):
     with pytest.raises(UserError) as err:
-        lcm.generate(_req("a cat", negative_prompt="blurry"))
+        lcm.generate(req("a cat", negative_prompt="blurry"))
     assert err.value.field == "negative_prompt" and "w-embedding" in err.value.message
 
 
 def test_negative_prompt_on_lcm_lora_needs_guidance_above_one(lora):
     with pytest.raises(UserError) as err:
-        lora.generate(_req("a cat", negative_prompt="blurry"))  # default guidance 1.0
+        lora.generate(req("a cat", negative_prompt="blurry"))  # default guidance 1.0
     assert err.value.field == "negative_prompt" and "above 1" in err.value.message
-    r = lora.generate(_req("a cat", negative_prompt="blurry", guidance_scale=1.5, seed=0))
+    r = lora.generate(req("a cat", negative_prompt="blurry", guidance_scale=1.5, seed=0))
     assert r.parameters["guidance_scale"] == 1.5 and r.parameters["negative_prompt"] == "blurry"
-    assert lora.generate(_req("a cat", negative_prompt="", seed=0)).parameters["guidance_scale"] == 1.0
+    assert lora.generate(req("a cat", negative_prompt="", seed=0)).parameters["guidance_scale"] == 1.0
 
 
 def test_long_prompt_warns_and_names_what_was_cut(lcm, caplog):
     words = " ".join(f"w{i}" for i in range(60)) + " zebra tail end"  # each "wN" is ~3 byte-level tokens
     with caplog.at_level("WARNING", logger="lcm_live.engine.prompts"):
-        r = lcm.generate(_req(words, seed=0))
+        r = lcm.generate(req(words, seed=0))
     [warning] = r.parameters["warnings"]
     assert "77-token window" in warning and "zebra tail end" in warning
     assert "w0" not in warning.split("cut:")[1]
     assert any("zebra tail end" in rec.getMessage() for rec in caplog.records)
     # A cache hit still reports the warning.
-    assert lcm.generate(_req(words, seed=0)).parameters["warnings"] == [warning]
-    assert lcm.generate(_req("short", seed=0)).parameters["warnings"] == []
+    assert lcm.generate(req(words, seed=0)).parameters["warnings"] == [warning]
+    assert lcm.generate(req("short", seed=0)).parameters["warnings"] == []
 
 
 @pytest.mark.parametrize("changes, field", [
@@ -287,17 +151,17 @@ def test_long_prompt_warns_and_names_what_was_cut(lcm, caplog):
 ])
 def test_validation_errors_name_the_field(lcm, changes, field):
     if changes.get("image") == "init":
-        changes = {**changes, "image": _init_image()}
+        changes = {**changes, "image": init_image()}
     calls = []
     with pytest.raises(UserError) as err:
-        lcm.generate(_req("a cat", **changes), callback=calls.append)
+        lcm.generate(req("a cat", **changes), callback=calls.append)
     assert err.value.field == field and calls == []
 
 
 def test_prompt_cache_hits_and_lru(tiny_lcm_dir, tiny_engine):
     engine = tiny_engine(tiny_lcm_dir, "lcm", prompt_cache_size=2)
     for prompt in ["a", "a", "b", "a", "c", "b"]:  # "b" was evicted by "c" (LRU: a, b -> b, a -> a, c)
-        engine.generate(_req(prompt, num_inference_steps=1, seed=0))
+        engine.generate(req(prompt, num_inference_steps=1, seed=0))
     assert (engine.prompts.hits, engine.prompts.misses) == (2, 4)
     assert len(engine.prompts) == 2
 
@@ -305,7 +169,7 @@ def test_prompt_cache_hits_and_lru(tiny_lcm_dir, tiny_engine):
 def test_prompt_cache_disabled(tiny_lcm_dir, tiny_engine):
     engine = tiny_engine(tiny_lcm_dir, "lcm", prompt_cache_size=0)
     for _ in range(2):
-        engine.generate(_req("a", num_inference_steps=1, seed=0))
+        engine.generate(req("a", num_inference_steps=1, seed=0))
     assert (engine.prompts.hits, len(engine.prompts)) == (0, 0)
 
 
@@ -369,7 +233,7 @@ def test_preview_calibration_of_an_fp16_vae_leaves_it_fp16(tiny_lcm_dir):
 def test_decode_preview_from_inside_the_step_callback(lcm):
     """The studio previews each step from its callback, inside generate(): this must not deadlock."""
     previews = []
-    lcm.generate(_req("a cat", seed=0), callback=lambda e: previews.append(lcm.decode_preview(e.latents)))
+    lcm.generate(req("a cat", seed=0), callback=lambda e: previews.append(lcm.decode_preview(e.latents)))
     assert len(previews) == 2 and all(p.size == (SIZE, SIZE) and p.mode == "RGB" for p in previews)
 
 
@@ -377,7 +241,7 @@ def test_from_settings_loads_resolves_device_and_dtype(tiny_lcm_dir, tiny_sd_dir
     engine = Engine.from_settings(EngineSettings(model=str(tiny_lcm_dir), device="cpu", dtype="float32"),
                                   progress=False)
     assert (engine.info.kind, engine.info.device, engine.info.dtype) == ("lcm", "cpu", "float32")
-    assert engine.generate(_req("a cat", seed=0, width=SIZE, height=SIZE)).images[0].size == (SIZE, SIZE)
+    assert engine.generate(req("a cat", seed=0, width=SIZE, height=SIZE)).images[0].size == (SIZE, SIZE)
     lora_engine = Engine.from_settings(EngineSettings(model=str(tiny_sd_dir), lcm_lora="none", device="cpu",
                                                       dtype="float32"), progress=False)
     assert lora_engine.info.kind == "lcm-lora" and lora_engine.info.default_guidance_scale == 1.0
