@@ -18,6 +18,15 @@ def test_live_bench_tiny_end_to_end(capsys):
     assert "1 steps x strength 0.5: 1 UNet evaluation(s) per frame (counted)" in lines[0]  # the default: 1 step
 
 
+def test_live_bench_lines_mode_with_a_controlnet(capsys):
+    assert main(["bench", "--live", "--arch", "tiny", "--backend", "torch", "--seconds", "2", "--controlnet"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("live_fps: ") and float(lines[-1].split(": ")[1]) > 0
+    assert "errors 0" in lines[-3]
+    assert "lines (ControlNet), 1 steps: 1 UNet evaluation(s) per frame (counted)" in lines[0]
+    assert "controlnet" in lines[1] and "UNet" in lines[1]  # its own stage, timed
+
+
 @pytest.mark.slow
 def test_live_bench_two_sessions_batched(capsys):
     assert main(["bench", "--live", "--arch", "tiny", "--backend", "torch", "--seconds", "2", "--sessions", "2",

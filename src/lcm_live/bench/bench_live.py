@@ -53,6 +53,7 @@ class LiveConfig:
     ready_timeout_s: float = 900.0
     sessions: int = 1  # WebSocket clients drawing at once
     max_batch_size: int | None = None  # the studio's; None: its default (1 on a CPU, sessions on a GPU)
+    controlnet: bool = False  # lines mode: the stroke is a ControlNet's image (random weights of the arch's shape)
 
 
 def stroke_canvas(width: int, height: int, points: list[tuple[float, float]]) -> bytes:
@@ -96,7 +97,7 @@ def _wait_ready(base: str, timeout: float) -> None:
 async def _draw(url: str, config: LiveConfig, client: int = 0) -> dict[str, Any]:
     from websockets.asyncio.client import connect
 
-    params = {"type": "params", "mode": "img2img", "prompt": config.prompt,
+    params = {"type": "params", "mode": "control" if config.controlnet else "img2img", "prompt": config.prompt,
               "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
               "seed": 1 + client, "width": config.width, "height": config.height, "strength": config.strength,
               "previews": False}
@@ -178,7 +179,7 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
                                num_inference_steps=config.num_inference_steps, backend=config.backend,
                                decoder=config.decoder, dtype=config.dtype, device=config.device,
                                compile=config.compile, compile_mode=config.compile_mode, quantize=config.quantize,
-                               openvino_cache_dir=config.openvino_cache_dir)
+                               openvino_cache_dir=config.openvino_cache_dir, controlnet=config.controlnet)
     device, dtype = resolve_device_dtype(bench_config)
     machine = describe_machine(device)  # at the start: its time and load average are the run's start
     engine, applied = build_fast_engine(bench_config, device, dtype)
@@ -201,7 +202,7 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
         ready_s = time.perf_counter() - t0
         # 2. Draw.
         # Timers on the shared components (the img2img pipeline reuses the same unet/vae objects).
-        timer = StageTimer(device).attach(engine.pipe)
+        timer = StageTimer(device).attach(engine.pipe, engine.loaded.controlnet)
         studio_state = app.state.studio  # no job ran yet (the warm-up is none): its batch counts start at 0
         clients = asyncio.run(_draw_all(f"ws://127.0.0.1:{port}/ws", config))
         timer.detach()
@@ -233,8 +234,8 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
         "dtype": str(dtype).removeprefix("torch."),
         "speedups": applied,
         "unet_evaluations_per_frame": timer.calls["unet"] / generations,  # per engine call when batched
-        "stage_ms_per_generation": {"unet": timer.seconds["unet"] / generations * 1000,
-                                    "decode": timer.seconds["decode"] / generations * 1000},
+        "stage_ms_per_generation": {stage: timer.seconds[stage] / generations * 1000
+                                    for stage in ("unet", "decode", "controlnet") if stage in timer.seconds},
         "studio_ready_s": ready_s,
         "sessions": config.sessions,
         "max_batch_size": max_batch,
@@ -255,10 +256,12 @@ def format_live(report: dict[str, Any]) -> str:
     c, m = report["config"], report["machine"]
     per = "frame" if (report.get("mean_batch_size") or 1) <= 1 else "engine call"  # batched: one call, several frames
     return "\n".join([
-        f"live: arch {c['arch']}  {c['width']}x{c['height']}  img2img sketch, {c['num_inference_steps']} steps x "
-        f"strength {c['strength']}: {report['unet_evaluations_per_frame']:.2g} UNet evaluation(s) per {per} (counted)",
-        f"per generation: UNet {report['stage_ms_per_generation']['unet']:.0f} ms, decode "
-        f"{report['stage_ms_per_generation']['decode']:.0f} ms",
+        f"live: arch {c['arch']}  {c['width']}x{c['height']}  "
+        + (f"lines (ControlNet), {c['num_inference_steps']} steps" if c.get("controlnet") else
+           f"img2img sketch, {c['num_inference_steps']} steps x strength {c['strength']}")
+        + f": {report['unet_evaluations_per_frame']:.2g} UNet evaluation(s) per {per} (counted)",
+        "per generation: " + ", ".join(f"{'UNet' if k == 'unet' else k} {v:.0f} ms"
+                                       for k, v in report["stage_ms_per_generation"].items()),
         f"device {report['device']} ({m.get('gpu') or m['cpu']}, {m['torch_threads']} threads)  dtype {report['dtype']}"
         f"  speedups {','.join(report['speedups'])}  decoder {c['decoder']}",
         *([f"sessions {report['sessions']}: per-client fps "

@@ -49,7 +49,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"])
     parser.add_argument("--controlnet", action="store_true",
                         help="lcm-live's path with a ControlNet of the architecture's shape (random weights), a line "
-                             "drawing as its image (with --baseline none)")
+                             "drawing as its image (with --baseline none; with --live: the studio's lines mode)")
     parser.add_argument("--seed", type=int, default=0, help="the image seed (same noise on both paths)")
     parser.add_argument("--openvino-cache-dir", default=None)
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the full report as JSON")
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             seconds=args.seconds, strength=args.strength, backend=args.backend, decoder=args.decoder,
             dtype=args.dtype, device=args.device, compile=args.compile, compile_mode=args.compile_mode,
             quantize=args.quantize, openvino_cache_dir=args.openvino_cache_dir, sessions=args.sessions,
-            max_batch_size=args.batch_size))
+            max_batch_size=args.batch_size, controlnet=args.controlnet))
         text = format_live(report)
     else:
         from lcm_live.bench.bench_engine import BenchConfig, format_report, run_bench
