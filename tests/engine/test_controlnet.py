@@ -75,6 +75,16 @@ def test_the_control_image_guides_the_image_and_is_recorded(engine, controlnet_d
     assert plain.parameters["mode"] == "txt2img" and "controlnet" not in plain.parameters
 
 
+def test_warmup_runs_lines_mode_too(tiny_lcm_dir, controlnet_dir):
+    """Its first frame would otherwise convert the OpenVINO UNet's residual IR mid-session (minutes on a CPU)."""
+    engine = _engine(tiny_lcm_dir, controlnet_dir)
+    calls = []
+    forward = engine.loaded.controlnet.forward
+    engine.loaded.controlnet.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    engine.warmup(TINY_SIZE, TINY_SIZE, num_inference_steps=2)
+    assert engine._control is not None and len(calls) == 2
+
+
 def test_scale_zero_is_the_plain_image(engine):
     plain = engine.generate(_request())
     off = engine.generate(_request(control_image=_lines(), controlnet_conditioning_scale=0.0))

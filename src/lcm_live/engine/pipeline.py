@@ -336,6 +336,13 @@ class Engine:
             self._preview.calibrate_once()
         result = self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=num_inference_steps,
                                                  width=width, height=height, seed=0))
+        if self.loaded.controlnet is not None:
+            # Lines mode's first frame: the ControlNet, and on OpenVINO the UNet's IR with residual inputs
+            # (minutes to convert), here rather than mid-session.
+            from PIL import Image
+
+            self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=num_inference_steps, width=width,
+                                            height=height, seed=0, control_image=Image.new("RGB", (64, 64))))
         if self.compiled:
             for n in range(2, max_batch_size + 1):
                 batch = self.generate_batch([GenerationRequest(prompt="warm-up", seed=i, width=width, height=height,
