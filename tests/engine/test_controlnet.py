@@ -232,6 +232,13 @@ def test_the_openvino_unet_takes_the_controlnets_residuals(engine, tiny_lcm_dir,
     assert ov.pipe.unet.conversions == 2  # one IR without residuals, one with: the two images share it
     folders = sorted(p.parent.name for p in tmp_path.rglob("unet.xml"))
     assert len(folders) == 2 and sum("_controlnet" in f for f in folders) == 1
+    # The ControlNet runs in OpenVINO too (its own IR, one shape), the real ControlNetModel still in the pipeline.
+    runner = ov.loaded.controlnet.forward
+    assert type(runner).__name__ == "OpenVINOControlNet" and "openvino:controlnet" in ov.info.speedups
+    assert runner.conversions == 1 and runner.torch_calls == 0 and len(list(tmp_path.rglob("controlnet.xml"))) == 1
+    half = _pixels(ov.generate(_request(control_image=_lines(), controlnet_conditioning_scale=0.5)))
+    reference = _pixels(engine.generate(_request(control_image=_lines(), controlnet_conditioning_scale=0.5)))
+    assert np.abs(half - reference).mean() < 0.5  # the scale applied after the IR, as diffusers does
 
 
 def test_auto_picks_openvino_with_a_controlnet_too(monkeypatch):

@@ -67,9 +67,10 @@ class StageTimer:
             self.calls[stage] += 1
             return out
 
+        previous = obj.__dict__.get(method)  # an instance's own (e.g. an OpenVINO runner): put back on detach
         obj.__dict__[method] = timed
         obj.__dict__[f"_timed_{method}"] = True
-        self._undo.append((obj, method))
+        self._undo.append((obj, method, previous))
 
     def reset(self) -> None:
         for key in self.seconds:
@@ -77,9 +78,11 @@ class StageTimer:
             self.calls[key] = 0
 
     def detach(self) -> None:
-        for obj, method in self._undo:
+        for obj, method, previous in self._undo:
             obj.__dict__.pop(method, None)
             obj.__dict__.pop(f"_timed_{method}", None)
+            if previous is not None:
+                obj.__dict__[method] = previous
         self._undo.clear()
 
 

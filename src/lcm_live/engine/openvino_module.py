@@ -33,7 +33,8 @@ def compile_request(core: Any, model: Any, device: str, precision: str) -> Any:
     for i in range(len(model.inputs)):
         if model.inputs[i].get_element_type().is_real():
             ppp.input(i).tensor().set_element_type(ov.Type.f32)
-    ppp.output(0).tensor().set_element_type(ov.Type.f32)
+    for i in range(len(model.outputs)):
+        ppp.output(i).tensor().set_element_type(ov.Type.f32)
     config = {"INFERENCE_PRECISION_HINT": PRECISION_HINT.get(precision, "f32"), "PERFORMANCE_HINT": "LATENCY"}
     return core.compile_model(ppp.build(), device, config).create_infer_request()
 

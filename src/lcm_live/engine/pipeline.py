@@ -102,6 +102,11 @@ class Engine:
         self._preview = LatentPreview(self.pipe.vae, taesd=self._taesd, scale_factor=self.pipe.vae_scale_factor)
         self._lock = threading.Lock()  # one generation at a time
         self._preview_lock = threading.Lock()
+        if loaded.controlnet is not None and type(self.pipe.unet).__name__ == "OpenVINOUNet":
+            from lcm_live.engine.openvino_controlnet import run_in_openvino
+
+            run_in_openvino(loaded.controlnet, self.pipe.unet)  # the ControlNet beside the OpenVINO UNet
+            speedups = [*(speedups or []), "openvino:controlnet"]
         if not hasattr(self.pipe.unet, "_orig_mod"):  # not torch.compile'd (engine/interrupt.py)
             install_block_checks(self.pipe.unet)  # should_stop is read between the UNet's blocks too
         self.info = EngineInfo(
