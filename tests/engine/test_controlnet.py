@@ -239,6 +239,10 @@ def test_the_openvino_unet_takes_the_controlnets_residuals(engine, tiny_lcm_dir,
     half = _pixels(ov.generate(_request(control_image=_lines(), controlnet_conditioning_scale=0.5)))
     reference = _pixels(engine.generate(_request(control_image=_lines(), controlnet_conditioning_scale=0.5)))
     assert np.abs(half - reference).mean() < 0.5  # the scale applied after the IR, as diffusers does
+    # A new size: an IR of its own, from the same torch weights.
+    wide = {"control_image": _lines(), "width": 2 * TINY_SIZE}
+    ours, reference = _pixels(ov.generate(_request(**wide))), _pixels(engine.generate(_request(**wide)))
+    assert np.abs(ours - reference).mean() < 0.5 and runner.conversions == 2
 
 
 def test_auto_picks_openvino_with_a_controlnet_too(monkeypatch):
