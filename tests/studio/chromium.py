@@ -148,3 +148,29 @@ def wait_settled_frame(page, after_id: int, mode: str) -> int:
         arg=[after_id, mode], timeout=FRAME_TIMEOUT_MS,
     )
     return frame_seq(page)
+
+
+def pixels(page, selector: str) -> list[float]:
+    """The element's picture (img or canvas) at its own size, averaged over 16x16 blocks of RGB: a signature
+    that does not depend on how the browser resamples (an img and a canvas are scaled differently)."""
+    return page.eval_on_selector(selector, """el => {
+        const w = el.naturalWidth || el.width, h = el.naturalHeight || el.height, n = 16;
+        const c = document.createElement('canvas');
+        c.width = w; c.height = h;
+        const ctx = c.getContext('2d');
+        ctx.drawImage(el, 0, 0);
+        const data = ctx.getImageData(0, 0, w, h).data;
+        const sums = new Array(n * n * 3).fill(0), counts = new Array(n * n).fill(0);
+        for (let y = 0; y < h; y++) {
+            for (let x = 0; x < w; x++) {
+                const b = Math.floor(y * n / h) * n + Math.floor(x * n / w), i = (y * w + x) * 4;
+                for (let k = 0; k < 3; k++) sums[b * 3 + k] += data[i + k];
+                counts[b] += 1;
+            }
+        }
+        return sums.map((v, i) => v / counts[Math.floor(i / 3)]);
+    }""")
+
+
+def mean_abs_diff(a: list[float], b: list[float]) -> float:
+    return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)

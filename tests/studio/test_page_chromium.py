@@ -19,6 +19,8 @@ from .chromium import (
     NO_CHROMIUM,
     chromium,
     frame_seq,
+    mean_abs_diff,
+    pixels,
     serving,
     set_slider,
     wait_settled_frame,
@@ -67,32 +69,6 @@ def page(browser, studio_url):
     context.close()  # closes the WebSocket: the server (one session on CPU) is free for the next test
 
 
-def _pixels(page, selector: str) -> list[float]:
-    """The element's picture (img or canvas) at its own size, averaged over 16x16 blocks of RGB: a signature
-    that does not depend on how the browser resamples (an img and a canvas are scaled differently)."""
-    return page.eval_on_selector(selector, """el => {
-        const w = el.naturalWidth || el.width, h = el.naturalHeight || el.height, n = 16;
-        const c = document.createElement('canvas');
-        c.width = w; c.height = h;
-        const ctx = c.getContext('2d');
-        ctx.drawImage(el, 0, 0);
-        const data = ctx.getImageData(0, 0, w, h).data;
-        const sums = new Array(n * n * 3).fill(0), counts = new Array(n * n).fill(0);
-        for (let y = 0; y < h; y++) {
-            for (let x = 0; x < w; x++) {
-                const b = Math.floor(y * n / h) * n + Math.floor(x * n / w), i = (y * w + x) * 4;
-                for (let k = 0; k < 3; k++) sums[b * 3 + k] += data[i + k];
-                counts[b] += 1;
-            }
-        }
-        return sums.map((v, i) => v / counts[Math.floor(i / 3)]);
-    }""")
-
-
-def _mean_abs_diff(a: list[float], b: list[float]) -> float:
-    return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
-
-
 def test_type_a_prompt_then_sketch_and_the_output_follows(page, tmp_path):
     # The smallest size the server allows (read from the schema-built sliders; the canvas follows it), and few
     # steps: 2 for text, 2 x 0.5 = 1 for sketches (the canvas shows through more at a low strength).
@@ -106,7 +82,7 @@ def test_type_a_prompt_then_sketch_and_the_output_follows(page, tmp_path):
     page.click("#prompt")
     page.keyboard.type("a lighthouse on a cliff at dusk", delay=15)
     first_id = wait_settled_frame(page, 0, "txt2img")
-    txt2img = _pixels(page, "#output")
+    txt2img = pixels(page, "#output")
     assert page.inner_text("#latency").endswith("ms")
     assert "seed" in page.inner_text("#frame-info")
 
@@ -114,7 +90,7 @@ def test_type_a_prompt_then_sketch_and_the_output_follows(page, tmp_path):
     page.click("label.mode-option:has(input[value=img2img])")
     assert page.get_attribute("body", "data-mode") == "img2img"
     blank_id = wait_settled_frame(page, first_id, "img2img")
-    blank = _pixels(page, "#output")
+    blank = pixels(page, "#output")
 
     # 3. Draw three thick strokes with the mouse, in two colours.
     set_slider(page, "#brush-size", page.eval_on_selector("#brush-size", "el => el.max"))
@@ -127,18 +103,18 @@ def test_type_a_prompt_then_sketch_and_the_output_follows(page, tmp_path):
         for i in range(1, 25):
             page.mouse.move(x0 + box["width"] * 0.028 * i, y0 + box["height"] * 0.01 * i)
         page.mouse.up()
-    canvas = _pixels(page, "#sketch")
+    canvas = pixels(page, "#sketch")
     assert sum(1 for i in range(0, len(canvas), 3) if canvas[i] < 200 or canvas[i + 2] < 200) > 10, "no stroke drawn"
     assert page.is_enabled("#undo")
     sketched_id = wait_settled_frame(page, blank_id, "img2img")
-    sketched = _pixels(page, "#output")
+    sketched = pixels(page, "#output")
 
     # The picture follows the input: the same params and seed on a blank and on a sketched canvas give different
     # pictures (generation is deterministic, so any difference is the canvas'). The tiny model's random VAE
     # shows a sketch only faintly (about 0.6 of 255 on average over 16x16 blocks), hence the small margin.
     assert sketched_id > blank_id > first_id
-    assert _mean_abs_diff(blank, sketched) > 0.2, "drawing on the canvas did not change the output"
-    assert _mean_abs_diff(txt2img, sketched) > 0.2
+    assert mean_abs_diff(blank, sketched) > 0.2, "drawing on the canvas did not change the output"
+    assert mean_abs_diff(txt2img, sketched) > 0.2
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "studio_page.png"), full_page=True)
@@ -157,10 +133,10 @@ def test_type_a_prompt_then_sketch_and_the_output_follows(page, tmp_path):
     assert page.is_hidden("#banner-error"), page.inner_text("#banner-error")
 
     # 5. Apply copies the output onto the canvas.
-    shown = _pixels(page, "#output")
+    shown = pixels(page, "#output")
     page.click("#apply")
-    applied = _pixels(page, "#sketch")
-    assert _mean_abs_diff(applied, shown) < 3.0
+    applied = pixels(page, "#sketch")
+    assert mean_abs_diff(applied, shown) < 3.0
 
     # 6. Upload puts an image on the canvas (letterboxed on white when its shape differs).
     upload = tmp_path / "square.png"

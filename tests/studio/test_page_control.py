@@ -18,6 +18,8 @@ from .chromium import (
     chromium,
     frame_seq,
     js_module_page,
+    mean_abs_diff,
+    pixels,
     serving,
     set_slider,
     wait_settled_frame,
@@ -115,31 +117,6 @@ def page(browser, control_studio):
     context.close()
 
 
-def _pixels(page, selector: str) -> list[float]:
-    """The element's picture (img or canvas) at its own size, averaged over 16x16 blocks of RGB."""
-    return page.eval_on_selector(selector, """el => {
-        const w = el.naturalWidth || el.width, h = el.naturalHeight || el.height, n = 16;
-        const c = document.createElement('canvas');
-        c.width = w; c.height = h;
-        const ctx = c.getContext('2d');
-        ctx.drawImage(el, 0, 0);
-        const data = ctx.getImageData(0, 0, w, h).data;
-        const sums = new Array(n * n * 3).fill(0), counts = new Array(n * n).fill(0);
-        for (let y = 0; y < h; y++) {
-            for (let x = 0; x < w; x++) {
-                const b = Math.floor(y * n / h) * n + Math.floor(x * n / w), i = (y * w + x) * 4;
-                for (let k = 0; k < 3; k++) sums[b * 3 + k] += data[i + k];
-                counts[b] += 1;
-            }
-        }
-        return sums.map((v, i) => v / counts[Math.floor(i / 3)]);
-    }""")
-
-
-def _mean_abs_diff(a: list[float], b: list[float]) -> float:
-    return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
-
-
 def _opacity(page, field: str) -> str:
     return page.eval_on_selector(f".control[data-field={field}]", "el => getComputedStyle(el).opacity")
 
@@ -172,7 +149,7 @@ def test_lines_mode_draws_from_the_canvas_and_its_settings_make_frames(page):
     assert page.get_attribute("body", "data-mode") == "control"
     assert page.is_checked("input[name=mode][value=control]")
     blank_id = wait_settled_frame(page, 0, "control")
-    blank = _pixels(page, "#output")
+    blank = pixels(page, "#output")
     # Lines mode: its settings are the bright ones, sketch mode's strength is dimmed, the canvas is in use.
     assert _opacity(page, "controlnet_conditioning_scale") == "1" and _opacity(page, "control_invert") == "1"
     assert _opacity(page, "strength") == "0.5"
@@ -180,19 +157,19 @@ def test_lines_mode_draws_from_the_canvas_and_its_settings_make_frames(page):
 
     _stroke(page)
     stroked_id = wait_settled_frame(page, blank_id, "control")
-    stroked = _pixels(page, "#output")
-    assert _mean_abs_diff(blank, stroked) > 1.0, "drawing on the canvas did not change the control frame"
+    stroked = pixels(page, "#output")
+    assert mean_abs_diff(blank, stroked) > 1.0, "drawing on the canvas did not change the control frame"
 
     set_slider(page, SCALE, "0")  # the drawing no longer guides the picture: another frame, without it
     unguided_id = wait_settled_frame(page, stroked_id, "control")
-    unguided = _pixels(page, "#output")
-    assert _mean_abs_diff(stroked, unguided) > 1.0, "a control strength of 0 gave the same picture"
+    unguided = pixels(page, "#output")
+    assert mean_abs_diff(stroked, unguided) > 1.0, "a control strength of 0 gave the same picture"
 
     set_slider(page, SCALE, "1")
     page.click(INVERT)  # the checkbox sends too: the drawing as drawn, dark lines on white
     plain_id = wait_settled_frame(page, unguided_id, "control")
     assert plain_id > unguided_id and not page.is_checked(INVERT)
-    assert _mean_abs_diff(stroked, _pixels(page, "#output")) > 1.0, "un-inverting gave the same picture"
+    assert mean_abs_diff(stroked, pixels(page, "#output")) > 1.0, "un-inverting gave the same picture"
     assert page.is_hidden("#banner-error"), page.inner_text("#banner-error")
     assert page.problems == []
 
