@@ -76,7 +76,7 @@ def _download(repo_id: str, *, cache_dir: str | None, progress: bool) -> Path:
         error = unavailable(repo_id, cache_dir, exc)
         raise ModelUnavailableError(error.message.replace("model ", "--controlnet ", 1).replace(
             "--model PATH (a diffusers folder or .safetensors file), --model builtin:shapes",
-            "--controlnet PATH (a diffusers ControlNet folder)"), field="controlnet") from None
+            "--controlnet PATH (a diffusers ControlNet folder or a .safetensors file)"), field="controlnet") from None
 
 
 def check_fit(source: str, config: dict[str, Any], unet_config: Any, arch: str) -> None:
