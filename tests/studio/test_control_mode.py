@@ -40,14 +40,16 @@ def test_control_mode_and_its_fields_only_with_a_controlnet(control_studio, stud
     with_cn = control_studio[0].get("/api/schema").json()["properties"]
     without = studio[0].get("/api/schema").json()["properties"]
     assert with_cn["mode"]["enum"] == ["txt2img", "img2img", "control"]
-    assert with_cn["controlnet_conditioning_scale"]["maximum"] == 2.0 and with_cn["control_invert"]["default"] is True
+    assert with_cn["controlnet_conditioning_scale"]["maximum"] == 2.0
+    assert with_cn["control_preprocess"]["enum"] == ["invert", "edges", "none"]
+    assert with_cn["control_preprocess"]["default"] == "invert"
     assert without["mode"]["enum"] == ["txt2img", "img2img"]
-    assert "controlnet_conditioning_scale" not in without and "control_invert" not in without
+    assert "controlnet_conditioning_scale" not in without and "control_preprocess" not in without
     r = studio[0].post("/api/generate", json={"mode": "control", "image": base64.b64encode(_png(_canvas())).decode()})
     assert r.status_code == 422 and r.json()["field"] == "mode"
 
 
-def test_the_canvas_is_the_control_image_inverted_unless_asked_not_to(control_studio):
+def test_the_canvas_is_the_control_image_inverted_or_its_edges_or_as_drawn(control_studio):
     client, engine, _ = control_studio
     with client.websocket_connect("/ws") as ws:
         receive(ws)
@@ -56,15 +58,21 @@ def test_the_canvas_is_the_control_image_inverted_unless_asked_not_to(control_st
         ws.send_bytes(_png(_canvas()))
         frame = next_final(ws)
         assert frame["params"]["mode"] == "control"
-        ws.send_text(params(mode="control", prompt="a house", width=256, height=256, control_invert=False))
+        ws.send_text(params(mode="control", prompt="a house", width=256, height=256, control_preprocess="none"))
         next_final(ws)
-    first, second = engine.calls
+        ws.send_text(params(mode="control", prompt="a house", width=256, height=256, control_preprocess="edges"))
+        next_final(ws)
+    first, second, third = engine.calls
     assert first.image is None and first.control_image.size == (256, 256)
     assert first.controlnet_conditioning_scale == 0.8
     assert first.control_image.getpixel((5, 5)) == (235, 235, 235)  # the dark stroke, inverted
     assert first.control_image.getpixel((250, 5)) == (0, 0, 0)  # the white paper, inverted
     assert second.control_image.getpixel((250, 5)) == (255, 255, 255)  # as drawn
     assert second.controlnet_conditioning_scale == 1.0
+    # A photo's (or the camera's) edges: white where the dark rectangle meets the paper, black on both sides.
+    edges = third.control_image
+    assert edges.getpixel((50, 128)) == (0, 0, 0) and edges.getpixel((200, 128)) == (0, 0, 0)
+    assert max(edges.getpixel((x, 128))[0] for x in range(100, 120)) == 255
 
 
 def test_rest_control_mode_needs_an_image_and_records_its_parameters(control_studio):
@@ -83,5 +91,5 @@ def test_rest_control_mode_needs_an_image_and_records_its_parameters(control_stu
     img2img = client.post("/api/generate", json={"mode": "img2img", "prompt": "x", "width": 256, "height": 256,
                                                  "image": base64.b64encode(_png(_canvas())).decode()})
     meta = read_png_parameters(io.BytesIO(img2img.content))
-    assert "controlnet_conditioning_scale" not in meta and "control_invert" not in meta
+    assert "controlnet_conditioning_scale" not in meta and "control_preprocess" not in meta
     assert engine.calls[-1].control_image is None and engine.calls[-1].image is not None

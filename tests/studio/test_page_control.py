@@ -33,14 +33,14 @@ if not CHROMIUM.exists():
 WITH_CONTROLNET = json.dumps({"controlnet": "fake/scribble", "step_latency_s": 0.05})
 LINES_RADIO = "label.mode-option:has(input[value=control])"
 SCALE = "#ctl-controlnet_conditioning_scale"
-INVERT = "#ctl-control_invert"
+PREPROCESS = "#ctl-control_preprocess"
 
 CONTROL_SCHEMA = {
     "properties": {
         "mode": {"enum": ["txt2img", "img2img", "control"], "type": "string", "default": "txt2img"},
         "strength": {"type": "number", "minimum": 0.05, "maximum": 1, "default": 0.6},
         "controlnet_conditioning_scale": {"type": "number", "minimum": 0, "maximum": 2, "default": 1.0},
-        "control_invert": {"type": "boolean", "default": True},
+        "control_preprocess": {"enum": ["invert", "edges", "none"], "type": "string", "default": "invert"},
     },
 }
 
@@ -61,33 +61,37 @@ def test_controls_build_the_control_fields_and_the_canvas_modes_are_named_once(b
             const c = new Controls(form, schema);
             const names = [];
             c.addEventListener('input', (e) => names.push(e.detail.name));
-            const invert = document.getElementById('ctl-control_invert');
+            const preprocess = document.getElementById('ctl-control_preprocess');
             const scale = document.getElementById('ctl-controlnet_conditioning_scale');
             const out = {
-                values: c.values(), invertType: invert.type,
+                values: c.values(), preprocessTag: preprocess.tagName,
+                options: Array.from(preprocess.options, (o) => [o.value, o.textContent]),
                 scale: { min: scale.min, max: scale.max, value: scale.value },
                 controlOnly: Array.from(form.querySelectorAll('[data-control-only=true]'), (w) => w.dataset.field),
                 img2imgOnly: Array.from(form.querySelectorAll('[data-img2img-only=true]'), (w) => w.dataset.field),
-                labels: [invert.labels[0].textContent.trim(), scale.labels[0].textContent.trim()],
+                labels: [preprocess.labels[0].textContent.trim(), scale.labels[0].textContent.trim()],
                 canvasModes: [...CANVAS_MODES],
                 uses: ['txt2img', 'img2img', 'control'].map(usesCanvas),
             };
-            invert.click();  // a user unticks it: an "input" event, and the value is a boolean
-            out.afterClick = c.values().control_invert;
+            preprocess.value = 'edges';  // a user picks another: an "input" event, and the value is its enum value
+            preprocess.dispatchEvent(new Event('change'));
+            out.afterChange = c.values().control_preprocess;
             out.names = names;
             form.remove();
             return out;
         }""", CONTROL_SCHEMA)
-    assert got["values"] == {"strength": 0.6, "controlnet_conditioning_scale": 1.0, "control_invert": True}
-    assert got["invertType"] == "checkbox"
+    assert got["values"] == {"strength": 0.6, "controlnet_conditioning_scale": 1.0, "control_preprocess": "invert"}
+    assert got["preprocessTag"] == "SELECT"
+    assert got["options"] == [["invert", "Drawing (inverted)"], ["edges", "Photo or camera (its edges)"],
+                              ["none", "As it is"]]
     assert got["scale"] == {"min": "0", "max": "2", "value": "1"}
-    assert got["controlOnly"] == ["controlnet_conditioning_scale", "control_invert"]
+    assert got["controlOnly"] == ["controlnet_conditioning_scale", "control_preprocess"]
     assert got["img2imgOnly"] == ["strength"]
-    assert got["labels"] == ["Invert drawing", "Control strength"]
+    assert got["labels"] == ["Canvas as", "Control strength"]
     assert sorted(got["canvasModes"]) == ["control", "img2img"]
     assert got["uses"] == [False, True, True]
-    assert got["afterClick"] is False
-    assert got["names"] == ["control_invert"]
+    assert got["afterChange"] == "edges"
+    assert got["names"] == ["control_preprocess"]
 
 
 def _open(browser, url):
@@ -137,8 +141,9 @@ def _stroke(page) -> None:
 def test_lines_mode_draws_from_the_canvas_and_its_settings_make_frames(page):
     assert page.is_visible(LINES_RADIO)
     assert page.inner_text(LINES_RADIO).strip() == "Lines to image"
-    assert page.is_visible(SCALE) and page.is_visible(INVERT)
-    assert page.is_checked(INVERT)  # line ControlNets take white lines on black: the page's black on white inverted
+    assert page.is_visible(SCALE) and page.is_visible(PREPROCESS)
+    # Line ControlNets take white lines on black: the page's black on white is inverted by default.
+    assert page.input_value(PREPROCESS) == "invert"
     # Text to image: the control settings are dimmed, the canvas hint shows.
     assert _opacity(page, "controlnet_conditioning_scale") == "0.5" and _opacity(page, "strength") == "0.5"
     assert page.is_visible("#canvas-hint")
@@ -151,7 +156,7 @@ def test_lines_mode_draws_from_the_canvas_and_its_settings_make_frames(page):
     blank_id = wait_settled_frame(page, 0, "control")
     blank = pixels(page, "#output")
     # Lines mode: its settings are the bright ones, sketch mode's strength is dimmed, the canvas is in use.
-    assert _opacity(page, "controlnet_conditioning_scale") == "1" and _opacity(page, "control_invert") == "1"
+    assert _opacity(page, "controlnet_conditioning_scale") == "1" and _opacity(page, "control_preprocess") == "1"
     assert _opacity(page, "strength") == "0.5"
     assert page.is_hidden("#canvas-hint")
 
@@ -166,9 +171,9 @@ def test_lines_mode_draws_from_the_canvas_and_its_settings_make_frames(page):
     assert mean_abs_diff(stroked, unguided) > 1.0, "a control strength of 0 gave the same picture"
 
     set_slider(page, SCALE, "1")
-    page.click(INVERT)  # the checkbox sends too: the drawing as drawn, dark lines on white
+    page.select_option(PREPROCESS, "none")  # the choice sends too: the drawing as drawn, dark lines on white
     plain_id = wait_settled_frame(page, unguided_id, "control")
-    assert plain_id > unguided_id and not page.is_checked(INVERT)
+    assert plain_id > unguided_id and page.input_value(PREPROCESS) == "none"
     assert mean_abs_diff(stroked, pixels(page, "#output")) > 1.0, "un-inverting gave the same picture"
     assert page.is_hidden("#banner-error"), page.inner_text("#banner-error")
     assert page.problems == []
@@ -220,12 +225,27 @@ def plain_studio(tmp_path_factory):
         yield url
 
 
+def test_the_camera_in_lines_mode_sends_its_edges(page):
+    """A camera frame is a photo: starting the camera in lines mode turns "Canvas as" from the drawing's inversion
+    to its edges, and its frames make control frames."""
+    page.click(LINES_RADIO)
+    first = wait_settled_frame(page, frame_seq(page), "control")
+    page.click("#camera")
+    page.wait_for_selector("#camera[aria-pressed=true]", timeout=FRAME_TIMEOUT_MS)
+    assert page.input_value(PREPROCESS) == "edges"
+    assert page.get_attribute("body", "data-mode") == "control"  # lines mode stays
+    wait_settled_frame(page, first, "control")
+    page.click("#camera")
+    page.wait_for_selector("#camera[aria-pressed=false]")
+    assert page.problems == []
+
+
 def test_without_a_controlnet_there_is_no_lines_mode(browser, plain_studio):
     context, page = _open(browser, plain_studio)
     try:
         assert page.is_visible("label.mode-option:has(input[value=img2img])")
         assert page.is_hidden(LINES_RADIO)
-        assert page.locator(SCALE).count() == 0 and page.locator(INVERT).count() == 0
+        assert page.locator(SCALE).count() == 0 and page.locator(PREPROCESS).count() == 0
         assert page.locator(".control[data-control-only]").count() == 0
         page.click("label.mode-option:has(input[value=img2img])")
         wait_settled_frame(page, 0, "img2img")

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from lcm_live.config import StudioSettings
 from lcm_live.engine.request import GenerationRequest
 from lcm_live.errors import UserError
+from lcm_live.studio.images import CONTROL_PREPROCESS
 
 MAX_SEED = 2**32 - 1
 MODES = ("txt2img", "img2img")
@@ -85,8 +86,9 @@ def build_params_model(settings: StudioSettings, default_guidance_scale: float =
         fields["controlnet_conditioning_scale"] = (float, Field(
             settings.default_controlnet_conditioning_scale, ge=0.0, le=settings.max_controlnet_conditioning_scale,
             description="control only: how strongly the canvas guides the image (0: not at all)"))
-        fields["control_invert"] = (bool, Field(True, description="control only: invert the canvas (dark lines on "
-                                                "white become the white lines on black that line ControlNets take)"))
+        fields["control_preprocess"] = (Literal[CONTROL_PREPROCESS], Field(  # type: ignore[valid-type]
+            "invert", description="control only: the canvas as the white lines on black that line ControlNets take: "
+            "invert (a drawing), edges (a photo, the camera), none (as it is)"))
     model = create_model("GenerationParams", __base__=GenerationParams, **fields)
     model.lcm_img2img = lcm_img2img
     return model

@@ -125,7 +125,7 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
             metadata.pop("strength", None)
         if params.mode != "control":
             metadata.pop("controlnet_conditioning_scale", None)
-            metadata.pop("control_invert", None)
+            metadata.pop("control_preprocess", None)
         png = await asyncio.to_thread(encode_png_with_parameters, image, metadata)
         seed = metadata.get("seed", params.seed)
         return Response(png, media_type="image/png",

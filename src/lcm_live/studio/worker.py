@@ -301,7 +301,8 @@ class Worker:
         s = self.settings
         deadline = started + s.generation_timeout_s
         p = job.params
-        canvas = (prepare_canvas(job.canvas, p.mode, p.width, p.height, invert=getattr(p, "control_invert", False))
+        canvas = (prepare_canvas(job.canvas, p.mode, p.width, p.height,
+                                 preprocess=getattr(p, "control_preprocess", "none"))
                   if job.canvas is not None else None)
         seen = {"total": p.num_inference_steps}
 

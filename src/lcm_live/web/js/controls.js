@@ -38,8 +38,9 @@ const FIELDS = [
   // Only with a ControlNet on the server (lines mode).
   { name: "controlnet_conditioning_scale", label: "Control strength",
     hint: "Lines mode: how strongly the drawing guides the picture.", control: true },
-  { name: "control_invert", label: "Invert drawing",
-    hint: "Lines mode: white lines on black, as line ControlNets expect.", control: true },
+  { name: "control_preprocess", label: "Canvas as",
+    hint: "Lines mode: line ControlNets take white lines on black.", control: true,
+    choices: { invert: "Drawing (inverted)", edges: "Photo or camera (its edges)", none: "As it is" } },
   { name: "width", label: "Width", size: true },
   { name: "height", label: "Height", size: true },
   { name: "seed", label: "Seed" },
@@ -96,6 +97,7 @@ export class Controls extends EventTarget {
       if (!prop) continue; // the server does not take it: no control
       if (f.name === "seed") this.addSeed(f, prop);
       else if (prop.type === "boolean") this.addCheckbox(f, prop);
+      else if (prop.type === "string" && Array.isArray(prop.enum)) this.addSelect(f, prop);
       else if (prop.type === "integer" || prop.type === "number") this.addSlider(f, prop);
     }
   }
@@ -204,6 +206,19 @@ export class Controls extends EventTarget {
     this.getters[f.name] = () => input.checked;
     this.setters[f.name] = (v) => { input.checked = Boolean(v); };
     this.wrap(f, [el("label", { class: "check", for: id }, [input, f.label])], f.hint);
+  }
+
+  /** A choice among the schema's `enum` values (shown with the field's own labels where it has them). */
+  addSelect(f, prop) {
+    const id = `ctl-${f.name}`;
+    const select = el("select", { id, name: f.name }, prop.enum.map((value) => el("option", {
+      value, text: (f.choices && f.choices[value]) || value, selected: value === prop.default,
+    })));
+    select.addEventListener("change", () => this.changed(f.name));
+    this.getters[f.name] = () => select.value;
+    this.setters[f.name] = (v) => { select.value = String(v); };
+    const head = el("div", { class: "control-head" }, [el("label", { for: id, text: f.label })]);
+    this.wrap(f, [head, el("div", { class: "control-row" }, [select])], f.hint);
   }
 
   addSeed(f, prop) {

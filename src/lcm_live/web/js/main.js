@@ -333,7 +333,14 @@ const recording = setupRecording($("record"), {
   onDone: () => banners.clear("record"),
 });
 setupCamera($("camera"), camera, {
-  beforeStart: useCanvasMode,
+  beforeStart: () => {
+    // A camera frame is a photo: in lines mode, its edges are what a line ControlNet can follow.
+    if (state.mode === "control" && state.controls?.values().control_preprocess === "invert") {
+      state.controls.set("control_preprocess", "edges");
+      sendParams();
+    }
+    return useCanvasMode();
+  },
   onError: (text) => banners.show(text, { source: "camera" }),
   onDone: () => banners.clear("camera"),
 });
