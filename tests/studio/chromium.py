@@ -8,18 +8,16 @@ import functools
 import http.server
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 import lcm_live
+from lcm_live.bench.local_http import free_port, http_get
 
 WEB = Path(lcm_live.__file__).resolve().parent / "web"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -31,20 +29,6 @@ NO_CHROMIUM = ("Debian's chromium is not installed at /usr/bin/chromium (`make t
                "apt-get install -y chromium)")
 READY_TIMEOUT_S = 180  # model load + warm-up of the tiny model on a busy 2-core CPU
 FRAME_TIMEOUT_MS = 120_000  # a frame of the tiny model takes seconds on a 2-core CPU shared with other work
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as res:
-            return res.status, res.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
 
 
 @contextlib.contextmanager

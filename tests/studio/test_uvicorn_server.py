@@ -20,17 +20,13 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from lcm_live.bench.local_http import free_port
+
 from .conftest import TOKEN
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 LCM_LIVE = str(Path(sys.executable).with_name("lcm-live"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, headers: dict | None = None, context=None) -> tuple[int, str]:
@@ -45,7 +41,7 @@ def _get(url: str, headers: dict | None = None, context=None) -> tuple[int, str]
 class Server:
     def __init__(self, tmp_path: Path, fake: dict, *extra: str, token: str | None = None, tls=None):
         """``tls``: an ssl.SSLContext trusting the certificate given in ``extra`` (--ssl-certfile): https/wss."""
-        self.port = _free_port()
+        self.port = free_port()
         self.tls = tls
         self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.ws_url = f"{'wss' if tls else 'ws'}://127.0.0.1:{self.port}/ws"
@@ -296,7 +292,7 @@ def test_slow_reader_gets_the_newest_frame_and_memory_stays_bounded(tmp_path):
 
 
 def test_warmup_failure_exits_non_zero(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "LCM_LIVE_TOKEN"}
     done = subprocess.run([LCM_LIVE, "serve", "--port", str(port), "--fake-engine", '{"warmup_failure": true}'],
                           capture_output=True, text=True, timeout=60, env=env)

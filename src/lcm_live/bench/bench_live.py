@@ -19,14 +19,13 @@ import asyncio
 import io
 import json
 import math
-import socket
 import statistics
 import threading
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from lcm_live.bench.local_http import free_port, http_get
 from lcm_live.errors import UserError
 
 
@@ -75,19 +74,12 @@ def stroke_point(i: int, width: int, height: int) -> tuple[float, float]:
     return width / 2 + radius * math.cos(angle), height / 2 + radius * math.sin(angle)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_ready(base: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{base}/readyz", timeout=5) as r:
-                if r.status == 200:
-                    return
+            if http_get(f"{base}/readyz")[0] == 200:
+                return
         except OSError:
             pass
         time.sleep(0.5)
@@ -191,7 +183,7 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
                             max_batch_size=config.max_batch_size)
     settings = Settings(engine=engine.settings, studio=studio)
     app = create_app(settings, engine_factory=lambda: engine)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning",
                                            lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -22,16 +22,15 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
+
+from lcm_live.bench.local_http import free_port, http_get
 
 DOCUMENTED_ERROR_CODES = {"invalid_params", "invalid_image", "too_large", "oom", "engine_error", "timeout",
                           "capacity", "not_ready"}
@@ -42,20 +41,6 @@ FAULTS = {
     "none": {},
     "default": {"error_rate": 0.05, "oom_rate": 0.01, "spike_rate": 0.02},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as res:
-            return res.status, res.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
 
 
 def _canvas(rng: random.Random, size: int = 256) -> bytes:
@@ -184,7 +169,7 @@ async def _poll_health(base: str, deadline: float, stats: Stats) -> None:
     while time.monotonic() < deadline:
         stats.healthz_total += 1
         try:
-            status, _ = await asyncio.to_thread(_get, base + "/healthz")
+            status, _ = await asyncio.to_thread(http_get, base + "/healthz")
         except OSError:
             status = 0
         if status != 200:
@@ -193,7 +178,8 @@ async def _poll_health(base: str, deadline: float, stats: Stats) -> None:
 
 
 def _metrics(base: str) -> dict[str, float]:
-    status, text = _get(base + "/metrics")
+    status, body = http_get(base + "/metrics")
+    text = body.decode()
     out: dict[str, float] = {}
     for line in text.splitlines() if status == 200 else []:
         if line.startswith("lcm_live_") and " " in line:
@@ -212,7 +198,7 @@ def _pct(values: list[float], q: float) -> float | None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import psutil
 
-    port = _free_port()
+    port = free_port()
     base, url = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/ws"
     cmd = [str(Path(sys.executable).with_name("lcm-live")), "serve", "--port", str(port),
            "--max-sessions", str(args.max_sessions)]
@@ -233,7 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if proc.poll() is not None:
                 raise SystemExit(f"serve exited {proc.returncode}: {log_path.read_text()[-2000:]}")
             try:
-                if _get(base + "/readyz")[0] == 200:
+                if http_get(base + "/readyz")[0] == 200:
                     break
             except OSError:
                 pass

@@ -1,0 +1,24 @@
+"""Loopback helpers for the benchmarks that start a studio (and for the tests that do the same): a free port, and
+a GET that returns any HTTP status instead of raising on it."""
+
+from __future__ import annotations
+
+import socket
+import urllib.error
+import urllib.request
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on at this moment (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """(status, body) of a GET; raises OSError only when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as res:
+            return res.status, res.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
