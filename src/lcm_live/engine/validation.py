@@ -79,8 +79,8 @@ def check_control(request: GenerationRequest, controlnet: str | None) -> None:
     if request.control_image is None:
         return
     if controlnet is None:
-        raise UserError("control_image needs a ControlNet: load one with --controlnet (a hub id or a diffusers "
-                        "ControlNet folder), or drop the control image", field="control_image")
+        raise UserError("control_image needs a ControlNet: load one with --controlnet (a hub id, a diffusers "
+                        "ControlNet folder or a .safetensors file), or drop the control image", field="control_image")
     if request.image is not None:
         raise UserError("control_image with an init image (image-to-image) is not supported: give one of the two",
                         field="control_image")

@@ -32,7 +32,8 @@ class GenerationParams(BaseModel):
 
     def to_request(self, image: Any = None) -> GenerationRequest:
         """The engine request (diffusers' names); ``image`` is the decoded canvas: the init image in img2img, the
-        control image in control mode (as the worker prepared it: fitted, inverted where asked)."""
+        control image in control mode (as the worker prepared it: fitted, then made into lines as
+        ``control_preprocess`` says)."""
         data = self.model_dump()
         img2img = data["mode"] == "img2img"
         control = data["mode"] == CONTROL_MODE
