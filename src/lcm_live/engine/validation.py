@@ -82,7 +82,8 @@ def check_control(request: GenerationRequest, controlnet: str | None) -> None:
         raise UserError("control_image needs a ControlNet: load one with --controlnet (a hub id, a diffusers "
                         "ControlNet folder or a .safetensors file), or drop the control image", field="control_image")
     if request.image is not None:
-        raise UserError("control_image with an init image (image-to-image) is not supported: give one of the two",
+        raise UserError("control_image with an init image (image-to-image) is not supported (diffusers' ControlNet "
+                        "image-to-image pipelines give a full LCM no guidance embedding): give one of the two",
                         field="control_image")
     if not hasattr(request.control_image, "convert"):
         raise UserError("control_image must be a PIL image", field="control_image")
