@@ -239,10 +239,20 @@ def test_the_openvino_unet_takes_the_controlnets_residuals(engine, tiny_lcm_dir,
     half = _pixels(ov.generate(_request(control_image=_lines(), controlnet_conditioning_scale=0.5)))
     reference = _pixels(engine.generate(_request(control_image=_lines(), controlnet_conditioning_scale=0.5)))
     assert np.abs(half - reference).mean() < 0.5  # the scale applied after the IR, as diffusers does
-    # A new size: an IR of its own, from the same torch weights.
+    # Its torch weights wait on disk between conversions (the module keeps its dtype and the CPU as device); a new
+    # size brings them back for an IR of its own.
+    assert ov.loaded.controlnet.conv_in.weight.numel() == 0 and ov.loaded.controlnet.device.type == "cpu"
     wide = {"control_image": _lines(), "width": 2 * TINY_SIZE}
     ours, reference = _pixels(ov.generate(_request(**wide))), _pixels(engine.generate(_request(**wide)))
     assert np.abs(ours - reference).mean() < 0.5 and runner.conversions == 2
+    # What the IR does not cover (here guess mode) goes to the torch forward, its weights back from the file.
+    import torch
+    from diffusers import ControlNetModel
+
+    args = (torch.randn(1, 4, 32, 32), torch.tensor(500), torch.randn(1, 77, 32), torch.rand(1, 3, 64, 64))
+    want = ControlNetModel.from_pretrained(controlnet_dir)(*args, guess_mode=True, return_dict=False)[1]
+    got = ov.loaded.controlnet(*args, guess_mode=True, return_dict=False)[1]
+    assert runner.torch_calls == 1 and torch.allclose(got, want, atol=1e-5)
 
 
 def test_auto_picks_openvino_with_a_controlnet_too(monkeypatch):

@@ -63,6 +63,7 @@ class OpenVINOControlNet:
         self._lock = threading.Lock()
         self.conversions = 0  # IRs converted from torch by this instance (0 when all came from the cache)
         self.torch_calls = 0  # calls the IR does not cover, run by the torch forward
+        self._offloaded = False
 
     def cache_path(self, shapes: dict[str, tuple]) -> Path:
         key = json.dumps([self.model_name, self.fingerprint, shapes, self.precision])
@@ -78,6 +79,7 @@ class OpenVINOControlNet:
         path = self.cache_path(shapes)
         if path.exists():
             return path
+        self._torch_module()
         installed = self.controlnet.__dict__.pop("forward", None)  # the copy traces the class's forward, not this
         try:
             source = copy.deepcopy(self.controlnet)
@@ -103,14 +105,44 @@ class OpenVINOControlNet:
             request = self._compiled.get(key)
             if request is None:
                 path = self._ir(inputs, dict(key))
+                self._offload()  # before compiling: the torch weights and the compile's peak never overlap
                 with paging_out(path.with_suffix(".bin")):  # the compiled model keeps its own copy (as the UNet's)
                     request = self._compiled[key] = compile_request(self._core, self._core.read_model(path),
                                                                     self.ov_device, self.precision)
         return request
 
-    # The torch weights stay in memory (0.7 GB for an sd15 ControlNet in bf16), unlike the UNet's: diffusers
-    # pipelines take their execution device from their first component in name order, which is the ControlNet,
-    # and a module moved to the meta device would make it "meta".
+    # The torch weights are needed only for a new shape's conversion and for what the IR does not cover: between
+    # those they wait in a safetensors file next to the IRs (0.7 GB for an sd15 ControlNet in bf16). Each
+    # parameter keeps its dtype on the CPU with no elements, not the meta device: diffusers pipelines take their
+    # execution device from their first component by name, which is the ControlNet.
+    def _weights_path(self) -> Path:
+        return self.cache_path({"sample": ()}).parent.parent / f"torch-controlnet-{self.precision}.safetensors"
+
+    def _offload(self) -> None:
+        if self._offloaded:
+            return
+        from safetensors.torch import save_file
+
+        path = self._weights_path()
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({k: v.contiguous() for k, v in self.controlnet.state_dict().items()}, str(tmp))
+            tmp.replace(path)
+        for param in self.controlnet.parameters():
+            param.data = torch.empty(0, dtype=param.dtype)
+        self._offloaded = True
+        release_freed_memory()
+
+    def _torch_module(self) -> Any:
+        if self._offloaded:
+            from safetensors.torch import load_file
+
+            state = load_file(str(self._weights_path()))
+            for name, param in self.controlnet.named_parameters():
+                param.data = state[name]
+            self._offloaded = False
+        return self.controlnet
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, controlnet_cond=None, conditioning_scale=1.0,
                  class_labels=None, timestep_cond=None, attention_mask=None, added_cond_kwargs=None,
@@ -118,6 +150,7 @@ class OpenVINOControlNet:
         if (guess_mode or class_labels is not None or timestep_cond is not None or attention_mask is not None
                 or cross_attention_kwargs or self.controlnet.config.global_pool_conditions):
             self.torch_calls += 1
+            self._torch_module()
             return self.torch_forward(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                                       controlnet_cond=controlnet_cond, conditioning_scale=conditioning_scale,
                                       class_labels=class_labels, timestep_cond=timestep_cond,
