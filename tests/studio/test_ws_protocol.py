@@ -116,6 +116,24 @@ def test_unchanged_input_makes_no_new_frame(studio):
     assert [(c.prompt, c.seed) for c in engine.calls] == [("same", 3), ("same", 4)]
 
 
+def test_statuses_count_the_inputs_read_and_unchanged_input_is_answered_idle(studio):
+    """A client that sent more inputs than an "idle" counts knows that it came before its newest one was read."""
+    client, engine, _ = studio
+    with client.websocket_connect("/ws") as ws:
+        receive(ws)
+        ws.send_text(params(prompt="a", seed=1))
+        status = next_of(ws, "status")
+        assert (status["state"], status["inputs"]) == ("busy", 1)
+        next_final(ws)
+        assert next_of(ws, "status")["state"] == "idle"
+        ws.send_text(params(prompt="a", seed=1))  # unchanged: no frame, and said so (nothing runs)
+        status = next_of(ws, "status")
+        assert (status["state"], status["inputs"]) == ("idle", 2)
+        ws.send_bytes(png_bytes())  # a canvas in txt2img: read, counted, nothing to run
+        assert next_of(ws, "status")["inputs"] == 3
+    assert len(engine.calls) == 1
+
+
 def test_latest_params_win():
     engine = FakeEngine(step_latency_s=0.02)
     with running_studio(engine) as (client, _, state), client.websocket_connect("/ws") as ws:

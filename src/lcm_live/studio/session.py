@@ -57,6 +57,7 @@ class Session:
         self.canvas_hash: str | None = None
         self.last_key: tuple[str, str | None] | None = None  # the input of the last generation asked for
         self.active_job: Job | None = None
+        self.inputs = 0  # input messages received (params and canvases, good or not): statuses say how many
         self.frame_id = 0
         self.closed = False
         self._warned_canvas = False
@@ -123,7 +124,18 @@ class Session:
             self.last_key = None  # the same input again may retry
         if outcome != "replaced":
             self.active_job = None
-            self.send_control({"type": "status", "state": "idle", "queue_depth": self.studio.worker.queue_depth()})
+            self._send_status("idle")
+
+    def _send_status(self, state: str) -> None:
+        """``inputs``: how many input messages the session had read when it said so. A client that sent more
+        knows that an "idle" was said before its newest input arrived (docs/protocol.md)."""
+        self.send_control({"type": "status", "state": state, "queue_depth": self.studio.worker.queue_depth(),
+                           "inputs": self.inputs})
+
+    def _idle_if_nothing_runs(self) -> None:
+        """Input that starts nothing (unchanged, or waiting for a canvas) is answered too, when nothing runs."""
+        if self.active_job is None:
+            self._send_status("idle")
 
     async def run(self) -> None:
         """Serve the connection until it closes. The caller has accepted it and registered the session."""
@@ -159,6 +171,7 @@ class Session:
                 await sender
 
     def _on_text(self, text: str) -> None:
+        self.inputs += 1
         try:
             data = json.loads(text)
         except ValueError:
@@ -174,9 +187,10 @@ class Session:
         self._maybe_submit()
 
     async def _on_binary(self, data: bytes) -> None:
+        self.inputs += 1
         digest = hashlib.blake2b(data, digest_size=16).hexdigest()
         if digest == self.canvas_hash:
-            return
+            return self._idle_if_nothing_runs()
         s = self.studio.settings.studio
         try:
             image = await asyncio.to_thread(decode_canvas, data, max_pixels=s.max_image_pixels,
@@ -192,18 +206,20 @@ class Session:
 
     def _maybe_submit(self) -> None:
         params = self.params
-        if params is None or self.closed:
+        if self.closed:
             return
+        if params is None:  # a canvas before any params
+            return self._idle_if_nothing_runs()
         uses_canvas = params.mode in CANVAS_MODES
         if uses_canvas and self.canvas is None:
             if not self._warned_canvas:
                 self._warned_canvas = True
                 self.send_control({"type": "warning", "message": f"{params.mode}: waiting for the canvas (send it "
                                    "as a binary PNG, JPEG or WebP message)"})
-            return
+            return self._idle_if_nothing_runs()
         key = (params.model_dump_json(), self.canvas_hash if uses_canvas else None)
         if key == self.last_key:
-            return  # unchanged input: no new frame
+            return self._idle_if_nothing_runs()  # unchanged input: no new frame
         self.last_key = key
         job = Job(params=params, sink=self, canvas=self.canvas if uses_canvas else None)
         self.active_job = job
@@ -212,7 +228,7 @@ class Session:
         except RuntimeError:
             self.send_error("not_ready", "the server is shutting down", None)
             return
-        self.send_control({"type": "status", "state": "busy", "queue_depth": self.studio.worker.queue_depth()})
+        self._send_status("busy")
 
     async def _sender(self) -> None:
         """The only task that writes to the socket while the session runs, in the order messages were posted."""

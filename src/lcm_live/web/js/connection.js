@@ -52,6 +52,7 @@ export class Connection extends EventTarget {
     this.pendingFrame = null; // frame JSON waiting for its binary image
     this.latestParams = null; // newest params (object), re-sent after every reconnect
     this.latestCanvas = null; // newest canvas (Blob) or null when the mode does not use it
+    this.sentCount = 0; // input messages sent on this connection (compared with a status's "inputs")
     this.stopped = false;
     window.addEventListener("online", () => this.reconnectNow());
     document.addEventListener("visibilitychange", () => {
@@ -92,6 +93,7 @@ export class Connection extends EventTarget {
     this.ws = ws;
     ws.onopen = () => {
       this.opened = true;
+      this.sentCount = 0; // a new session on the server counts from zero too (status "inputs")
       this.emit("state", { state: "open" });
       // A new connection is a new session on the server: give it the newest canvas first (the canvas modes wait
       // for one), then the newest params.
@@ -182,6 +184,7 @@ export class Connection extends EventTarget {
     } catch {
       return; // the close handler reconnects and re-sends the newest input
     }
+    this.sentCount += 1;
     this.emit("sent", { kind, at: performance.now(), payload });
   }
 

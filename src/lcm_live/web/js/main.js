@@ -157,6 +157,9 @@ function offerParams() {
 }
 
 async function setMode(mode) {
+  // Params held for the old mode would go out in the new one while the canvas is still being encoded, ahead of
+  // it (and a canvas mode waits for a canvas): the new mode's params go at the end, after the canvas.
+  pacer.drop("params");
   state.mode = mode;
   document.body.dataset.mode = mode;
   for (const radio of document.querySelectorAll('input[name="mode"]')) radio.checked = radio.value === mode;
@@ -232,7 +235,8 @@ conn.addEventListener("hello", (e) => {
 
 conn.addEventListener("status", (e) => {
   state.serverBusy = e.detail.state === "busy";
-  if (e.detail.state === "idle") pacer.done();
+  // An "idle" said before the server read our newest input (it counts what it read) is not the end of it.
+  if (e.detail.state === "idle" && !(e.detail.inputs < conn.sentCount)) pacer.done();
   renderBusy();
 });
 
