@@ -20,8 +20,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lcm_live.engine.loras import looks_like_path
 from lcm_live.engine.sources import PICKLE_SUFFIXES, hub_progress, quiet_logs, unavailable
-from lcm_live.errors import ModelUnavailableError, UserError
+from lcm_live.errors import UserError
 
 CONTROLNET_PIPELINES = {"sd15": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -33,9 +34,9 @@ def _error(source: str, text: str) -> UserError:
     return UserError(f"--controlnet {source}: {text}", field="controlnet")
 
 
-def _looks_like_path(text: str) -> bool:
-    return (text.startswith((".", "/", "~", "\\")) or text.count("/") != 1
-            or text.lower().endswith((".safetensors", *PICKLE_SUFFIXES)))
+def _made_for(cross_attention_dim: Any) -> str:
+    """The architecture a ControlNet of this cross-attention width is for (SD1.5's CLIP-L 768, SDXL's 2048)."""
+    return {768: "sd15", 2048: "sdxl"}.get(cross_attention_dim, "another model")
 
 
 def controlnet_location(source: str, *, cache_dir: str | None, progress: bool) -> Path:
@@ -48,7 +49,7 @@ def controlnet_location(source: str, *, cache_dir: str | None, progress: bool) -
                                  ".pth or .ckpt can run code when loaded); use the model's .safetensors release")
         return path
     if not path.exists():
-        if _looks_like_path(source):
+        if looks_like_path(source):
             raise _error(source, "no such folder; give a diffusers ControlNet folder or a hub id (org/name)")
         path = _download(source, cache_dir=cache_dir, progress=progress)
     config_path = path / "config.json"
@@ -73,10 +74,8 @@ def _download(repo_id: str, *, cache_dir: str | None, progress: bool) -> Path:
         with hub_progress(progress), quiet_logs():
             return Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=["config.json", WEIGHTS]))
     except Exception as exc:  # offline, unreachable, not cached, no such repo
-        error = unavailable(repo_id, cache_dir, exc)
-        raise ModelUnavailableError(error.message.replace("model ", "--controlnet ", 1).replace(
-            "--model PATH (a diffusers folder or .safetensors file), --model builtin:shapes",
-            "--controlnet PATH (a diffusers ControlNet folder or a .safetensors file)"), field="controlnet") from None
+        raise unavailable(repo_id, cache_dir, exc, flag="--controlnet", field="controlnet",
+                          ways_out="--controlnet PATH (a diffusers ControlNet folder or a .safetensors file)") from None
 
 
 def check_fit(source: str, config: dict[str, Any], unet_config: Any, arch: str) -> None:
@@ -90,8 +89,7 @@ def check_fit(source: str, config: dict[str, Any], unet_config: Any, arch: str) 
         if key == "layers_per_block" and isinstance(want, int) and have is None:
             continue
         if have != want:
-            made_for = {768: "sd15", 2048: "sdxl"}.get(config.get("cross_attention_dim"), "another model")
-            raise _error(source, f"made for {made_for} ({key} {have}), but the model is {arch} ({key} {want}); use "
+            raise _error(source, f"made for {_made_for(config.get('cross_attention_dim'))} ({key} {have}), but the model is {arch} ({key} {want}); use "
                                  f"a ControlNet trained for {arch}")
 
 
@@ -136,8 +134,7 @@ def _load_single_file(source: str, path: Path, *, unet: Any, arch: str, dtype: A
         width = next((f.get_slice(k).get_shape()[1] for k in keys if k.endswith("attn2.to_k.weight")), None)
     want = unet.config.cross_attention_dim
     if width is not None and width != want:
-        made_for = {768: "sd15", 2048: "sdxl"}.get(width, "another model")
-        raise _error(source, f"made for {made_for} (cross_attention_dim {width}), but the model is {arch} "
+        raise _error(source, f"made for {_made_for(width)} (cross_attention_dim {width}), but the model is {arch} "
                              f"(cross_attention_dim {want}); use a ControlNet trained for {arch}")
     with accelerate.init_empty_weights():  # the config only: no weights are made
         shaped = ControlNetModel.from_unet(unet, load_weights_from_unet=False)

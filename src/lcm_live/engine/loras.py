@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lcm_live.engine.sources import PICKLE_SUFFIXES, quiet_logs, unavailable
-from lcm_live.errors import ModelUnavailableError, UserError
+from lcm_live.errors import UserError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights names it
 LCM_LORA_IDS = {"sd15": "latent-consistency/lcm-lora-sdv1-5", "sdxl": "latent-consistency/lcm-lora-sdxl"}
@@ -39,7 +39,7 @@ def read_lora(source: str, *, flag: str, cache_dir: str | None) -> dict[str, Any
     from safetensors.torch import load_file
 
     path = Path(source).expanduser()
-    if not path.exists() and not _looks_like_path(source):
+    if not path.exists() and not looks_like_path(source):
         path = _download_lora(source, flag=flag, cache_dir=cache_dir)
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
@@ -64,7 +64,8 @@ def read_lora(source: str, *, flag: str, cache_dir: str | None) -> dict[str, Any
     raise UserError(f"{flag} {source}: no such file or folder", field=_field(flag))
 
 
-def _looks_like_path(text: str) -> bool:
+def looks_like_path(text: str) -> bool:
+    """A LoRA's or a ControlNet's source: a hub id is exactly "org/name"; anything else was meant as a path."""
     return (text.startswith((".", "/", "~", "\\")) or text.count("/") != 1
             or text.lower().endswith((".safetensors", *PICKLE_SUFFIXES)))
 
@@ -88,12 +89,9 @@ def _download_lora(repo_id: str, *, flag: str, cache_dir: str | None) -> Path:
     except UserError:
         raise
     except Exception as exc:  # offline, unreachable, not cached, no such repo
-        error = unavailable(repo_id, cache_dir, exc)
-        raise ModelUnavailableError(error.message.replace("model ", f"{flag} ", 1).replace(
-            "--model PATH (a diffusers folder or .safetensors file), --model builtin:shapes",
-            f"{flag} PATH (a .safetensors LoRA file)" + (", --lcm-lora none (a model that needs none)"
-                                                          if flag == "--lcm-lora" else "")),
-            field=_field(flag)) from None
+        ways_out = f"{flag} PATH (a .safetensors LoRA file)" + (
+            ", --lcm-lora none (a model that needs none)" if flag == "--lcm-lora" else "")
+        raise unavailable(repo_id, cache_dir, exc, flag=flag, ways_out=ways_out, field=_field(flag)) from None
 
 
 @dataclass

@@ -29,7 +29,14 @@ import torch
 from lcm_live.engine.interrupt import infer_interruptible
 from lcm_live.engine.memory import paging_out, release_freed_memory
 from lcm_live.engine.openvino_int8 import CALIBRATION_CALLS
-from lcm_live.engine.openvino_module import PRECISION_HINT, compile_request, save_ir
+from lcm_live.engine.openvino_module import (
+    PRECISION_HINT,
+    batch_timesteps,
+    cache_name,
+    compile_request,
+    save_ir,
+    save_weights_once,
+)
 from lcm_live.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -132,10 +139,8 @@ class OpenVINOUNet(torch.nn.Module):
     # 1. Inputs, keyed by shape.
     def _inputs(self, sample, timestep, encoder_hidden_states, timestep_cond, added_cond_kwargs,
                 down_residuals=None, mid_residual=None):
-        batch = sample.shape[0]
-        t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
-        t = t.reshape(-1).to(torch.float32).expand(batch).contiguous()  # (B,) float timesteps
-        inputs = {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states}
+        inputs = {"sample": sample, "timestep": batch_timesteps(timestep, sample.shape[0]),
+                  "encoder_hidden_states": encoder_hidden_states}
         if timestep_cond is not None:
             inputs["timestep_cond"] = timestep_cond
         if added_cond_kwargs:
@@ -157,9 +162,12 @@ class OpenVINOUNet(torch.nn.Module):
         if len(shown) < len(shapes):
             shape_text += f"_controlnet{len(shapes) - len(shown)}"
         key = json.dumps([self.model_name, self.fingerprint, shapes, self.precision, quantize])
-        safe_name = "".join(c if c.isalnum() or c in "-." else "-" for c in self.model_name)[-48:]
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-        return self.cache_dir / f"{safe_name}-{self.fingerprint}" / f"{shape_text}-{self.precision}-{quantize}-{digest}" / "unet.xml"
+        return self._folder() / f"{shape_text}-{self.precision}-{quantize}-{digest}" / "unet.xml"
+
+    def _folder(self) -> Path:
+        """This model's and weights' folder in the IR cache."""
+        return self.cache_dir / f"{cache_name(self.model_name)}-{self.fingerprint}"
 
     # 2. Convert (or read from the cache), then compile for this shape.
     def _ir(self, inputs: dict, shapes: dict[str, tuple]) -> Path:
@@ -267,20 +275,13 @@ class OpenVINOUNet(torch.nn.Module):
     # The torch UNet is needed only to convert a shape not seen before: between conversions its weights wait in
     # a safetensors file next to the IRs instead of in memory (1.7 GB for sd15 in bf16).
     def _torch_weights_path(self) -> Path:
-        return self.cache_path({}).parent.parent / f"torch-unet-{self.precision}.safetensors"
+        return self._folder() / f"torch-unet-{self.precision}.safetensors"
 
     def _offload_torch_unet(self) -> None:
         unet = self._torch_unet[0]
         if unet is None or self._offloaded:
             return
-        from safetensors.torch import save_file
-
-        path = self._torch_weights_path()
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(tmp))
-            tmp.replace(path)
+        save_weights_once(unet, self._torch_weights_path())
         unet.to("meta")  # frees the weights, keeps the module (and its config) for a later reload
         self._offloaded = True
         release_freed_memory()

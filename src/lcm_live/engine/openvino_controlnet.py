@@ -26,7 +26,13 @@ import torch
 from lcm_live.engine.interrupt import infer_interruptible
 from lcm_live.engine.memory import paging_out, release_freed_memory
 from lcm_live.engine.openvino_backend import default_cache_dir, weights_fingerprint
-from lcm_live.engine.openvino_module import compile_request, save_ir
+from lcm_live.engine.openvino_module import (
+    batch_timesteps,
+    cache_name,
+    compile_request,
+    save_ir,
+    save_weights_once,
+)
 
 
 class _TraceableControlNet(torch.nn.Module):
@@ -69,9 +75,11 @@ class OpenVINOControlNet:
         key = json.dumps([self.model_name, self.fingerprint, shapes, self.precision])
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         sample = "x".join(map(str, shapes["sample"]))
-        safe_name = "".join(c if c.isalnum() or c in "-." else "-" for c in self.model_name)[-48:]
-        return (self.cache_dir / f"{safe_name}-controlnet-{self.fingerprint}" / f"sample{sample}-{self.precision}-{digest}"
-                / "controlnet.xml")
+        return self._folder() / f"sample{sample}-{self.precision}-{digest}" / "controlnet.xml"
+
+    def _folder(self) -> Path:
+        """This ControlNet's and weights' folder in the IR cache (beside the UNet's)."""
+        return self.cache_dir / f"{cache_name(self.model_name)}-controlnet-{self.fingerprint}"
 
     def _ir(self, inputs: dict[str, torch.Tensor], shapes: dict[str, tuple]) -> Path:
         import openvino as ov
@@ -116,19 +124,12 @@ class OpenVINOControlNet:
     # parameter keeps its dtype on the CPU with no elements, not the meta device: diffusers pipelines take their
     # execution device from their first component by name, which is the ControlNet.
     def _weights_path(self) -> Path:
-        return self.cache_path({"sample": ()}).parent.parent / f"torch-controlnet-{self.precision}.safetensors"
+        return self._folder() / f"torch-controlnet-{self.precision}.safetensors"
 
     def _offload(self) -> None:
         if self._offloaded:
             return
-        from safetensors.torch import save_file
-
-        path = self._weights_path()
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({k: v.contiguous() for k, v in self.controlnet.state_dict().items()}, str(tmp))
-            tmp.replace(path)
+        save_weights_once(self.controlnet, self._weights_path())
         for param in self.controlnet.parameters():
             param.data = torch.empty(0, dtype=param.dtype)
         self._offloaded = True
@@ -157,9 +158,7 @@ class OpenVINOControlNet:
                                       attention_mask=attention_mask, added_cond_kwargs=added_cond_kwargs,
                                       cross_attention_kwargs=cross_attention_kwargs, guess_mode=guess_mode,
                                       return_dict=return_dict)
-        batch = sample.shape[0]
-        t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
-        inputs = {"sample": sample, "timestep": t.reshape(-1).to(torch.float32).expand(batch).contiguous(),
+        inputs = {"sample": sample, "timestep": batch_timesteps(timestep, sample.shape[0]),
                   "encoder_hidden_states": encoder_hidden_states, "controlnet_cond": controlnet_cond}
         if added_cond_kwargs:
             inputs["text_embeds"] = added_cond_kwargs["text_embeds"]

@@ -50,6 +50,30 @@ def save_ir(model: Any, path: Path, *, compress_to_fp16: bool) -> None:
     tmp.replace(path)
 
 
+def batch_timesteps(timestep: Any, batch: int) -> torch.Tensor:
+    """A step's timestep (a number, 0-d or (B,) tensor) as the (B,) float32 input the traced IRs take."""
+    t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
+    return t.reshape(-1).to(torch.float32).expand(batch).contiguous()
+
+
+def cache_name(model_name: str) -> str:
+    """``model_name`` as a folder name in the IR cache (its last 48 characters, anything odd made "-")."""
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in model_name)[-48:]
+
+
+def save_weights_once(module: torch.nn.Module, path: Path) -> None:
+    """``module``'s weights as a safetensors file at ``path``, unless one is there (written whole, then renamed:
+    a reader never sees half of it)."""
+    if path.exists():
+        return
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
 class OpenVINOModule(torch.nn.Module):
     """``forward(x) -> tensor`` of ``module``, run by OpenVINO compiled for each input shape it meets."""
 

@@ -263,16 +263,18 @@ def hub_progress(show: bool):
             enable_progress_bars()
 
 
-def unavailable(repo_id: str, cache_dir: str | None, exc: BaseException, *,
-                needed_by: str | None = None) -> ModelUnavailableError:
+def unavailable(repo_id: str, cache_dir: str | None, exc: BaseException, *, needed_by: str | None = None,
+                flag: str | None = None, ways_out: str | None = None, field: str = "model") -> ModelUnavailableError:
+    """Why ``repo_id`` cannot be had, and the ways out. ``flag``, ``ways_out`` and ``field``: another flag's
+    (``--lora``, ``--controlnet``) name, local alternatives and settings field, instead of ``--model``'s."""
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     why = "HF_HUB_OFFLINE is set and it is not cached" if offline else _short_reason(exc)
     what = (f"model {needed_by!r} is a UNet only and runs inside the base pipeline {repo_id!r} (text encoders, "
-            "tokenizers, VAE), which" if needed_by else f"model {repo_id!r}")
+            "tokenizers, VAE), which" if needed_by else f"{flag or 'model'} {repo_id!r}")
+    ways_out = ways_out or "--model PATH (a diffusers folder or .safetensors file), --model builtin:shapes"
     return ModelUnavailableError(
         f"{what} cannot be had ({why}); looked in the cache {cache_location(cache_dir)}. "
-        "Ways out: --model PATH (a diffusers folder or .safetensors file), --model builtin:shapes, "
-        "or connect and run again to download it", field="model")
+        f"Ways out: {ways_out}, or connect and run again to download it", field=field)
 
 
 def _short_reason(exc: BaseException) -> str:
