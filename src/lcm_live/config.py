@@ -79,6 +79,15 @@ class StudioSettings(BaseModel):
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(1024 * 1024, ge=64 * 64)  # decoded canvas, width * height
     max_image_side: int = Field(1024, ge=64)
+    # A params message is small JSON: text messages past this are refused (the session stays), and any client JSON
+    # (WebSocket or REST) nests at most json_max_depth levels, checked before parsing (studio/json_input.py).
+    max_ws_text_bytes: int = Field(256 * 1024, ge=1024)
+    json_max_depth: int = Field(8, ge=2, le=64)
+    # Decoding a canvas: a progressive JPEG may repeat its scans (each costs a full pass over the image: 1.4 MB of
+    # them took 5-9 s); more scans than this are refused before decoding. Decodes run on their own threads,
+    # at most decode_threads at a time, so crafted images cannot take the cores the worker needs.
+    max_jpeg_scans: int = Field(16, ge=1)
+    decode_threads: int = Field(1, ge=1)
     # deadlines (seconds)
     queue_wait_timeout_s: float = Field(10.0, gt=0)
     generation_timeout_s: float = Field(30.0, gt=0)
@@ -91,6 +100,25 @@ class StudioSettings(BaseModel):
     warmup_width: int | None = None
     warmup_height: int | None = None
     warmup_steps: int = Field(1, ge=1)
+    # connections (studio/connections.py; uvicorn's own knobs where it has them). Seconds, then counts.
+    request_header_timeout_s: float = Field(5.0, gt=0)  # a request's head complete within this of connecting
+    # (or of the previous response): idle and slow-header connections are closed
+    keep_alive_timeout_s: float = Field(5.0, gt=0)  # uvicorn timeout_keep_alive: idle after a response
+    request_body_timeout_s: float = Field(30.0, gt=0)  # a request body complete within this of its head
+    write_timeout_s: float = Field(30.0, gt=0)  # writes blocked (the peer reads nothing) this long: aborted
+    close_timeout_s: float = Field(3.0, gt=0)  # a close (WebSocket closing handshake, shutdown, timeouts)
+    # not finished within this: aborted, unsent data dropped; also uvicorn's wait for a WebSocket close reply
+    ws_ping_interval_s: float = Field(20.0, gt=0)  # uvicorn ws_ping_interval
+    ws_ping_timeout_s: float = Field(20.0, gt=0)  # uvicorn ws_ping_timeout: no pong within this -> closed (1011)
+    graceful_shutdown_timeout_s: float = Field(10.0, gt=0)  # uvicorn timeout_graceful_shutdown
+    max_header_bytes: int = Field(16 * 1024, ge=1024)  # uvicorn h11_max_incomplete_event_size: request head
+    # Open connections from one client address (an IPv6 /64 counts as one): past it, that address's oldest
+    # connection waiting for a request is closed, or, with all busy, the new one. In all: past it, the oldest one
+    # idle for 1 s is closed, or the new one may only ask for /healthz, /readyz and /metrics (others 503), up to
+    # probe_reserve_connections more; past those, the oldest waiting at all is closed, or the new one.
+    max_connections_per_client: int = Field(32, ge=1)
+    max_connections: int = Field(256, ge=1)
+    probe_reserve_connections: int = Field(16, ge=1)
     # frames
     frame_format: Literal["jpeg", "webp"] = "jpeg"
     frame_quality: int = Field(85, ge=1, le=100)

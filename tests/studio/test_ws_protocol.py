@@ -337,13 +337,19 @@ def test_idle_session_is_closed():
         assert msg["type"] == "close" and msg["code"] == 1000
 
 
-def test_too_big_message_closes_with_1009():
-    with running_studio(max_ws_message_bytes=4096) as (client, _, state), client.websocket_connect("/ws") as ws:
+def test_too_big_message_is_refused_alone_and_counted():
+    with running_studio(max_ws_message_bytes=4096, max_ws_text_bytes=2048) as (client, _, state), \
+            client.websocket_connect("/ws") as ws:
         receive(ws)
         ws.send_bytes(b"\0" * 5000)
-        assert next_of(ws, "error")["code"] == "too_large"
-        assert receive(ws)["code"] == 1009
-        assert state.metrics.rejected.labels(reason="too_large")._value.get() == 1
+        error = next_of(ws, "error")
+        assert error["code"] == "too_large" and "5000 bytes" in error["message"] and "4096" in error["message"]
+        ws.send_text(json.dumps({"type": "params", "prompt": "x" * 3000}))
+        error = next_of(ws, "error")
+        assert error["code"] == "too_large" and "2048" in error["message"]
+        assert state.metrics.rejected.labels(reason="too_large")._value.get() == 2
+        ws.send_text(params(prompt="still here"))  # the session goes on
+        assert next_final(ws)["params"]["prompt"] == "still here"
 
 
 def test_200_random_malformed_messages_never_reach_the_engine(studio):

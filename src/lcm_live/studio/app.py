@@ -1,18 +1,20 @@
 """The studio app factory: routes, auth, the WebSocket endpoint and the lifespan that owns the worker.
 
-``create_app(settings, engine_factory)`` builds a FastAPI app with its own metrics registry, worker thread and
-session table (two apps in one process share nothing). The model is loaded and warmed on the worker thread,
-started by the lifespan; ``/readyz`` answers 503 until that is done.
+``create_app(settings, engine_factory)`` builds a FastAPI app with its own metrics registry, worker thread, decode
+threads and session table (two apps in one process share nothing). The model is loaded and warmed on the worker
+thread, started by the lifespan; ``/readyz`` answers 503 until that is done. The routes come in groups, one
+function each: the page, health and metrics, the JSON API, REST generation (rest.py) and the WebSocket.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,11 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from fastapi.staticfiles import StaticFiles
 
 from lcm_live.config import Settings
+from lcm_live.studio.http_errors import ApiError, error_response, internal_error_response
+from lcm_live.studio.images import decode_canvas
 from lcm_live.studio.metrics import StudioMetrics
 from lcm_live.studio.params import GenerationParams, build_params_model, engine_info
+from lcm_live.studio.public import public_info
 from lcm_live.studio.security import (
     COOKIE_NAME,
     GuardMiddleware,
@@ -40,36 +45,6 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 PUBLIC_PATHS = {"/", "/healthz", "/static"}
 
 
-class ApiError(Exception):
-    """An HTTP error in the protocol's JSON shape."""
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.field, self.headers = status, code, message, field, headers
-
-
-def error_response(status: int, code: str, message: str, field: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"type": "error", "code": code, "message": message, "field": field}, status_code=status,
-                        headers=headers)
-
-
-def public_info(info: Any) -> dict[str, Any]:
-    """What the page may know about the model: names only, never a path or a token."""
-    if dataclasses.is_dataclass(info):
-        info = dataclasses.asdict(info)
-    elif not isinstance(info, dict):
-        info = dict(vars(info))
-    model = str(info.get("model") or info.get("name") or "unknown")
-    if "/" in model and (os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model)):
-        model = Path(model).name  # a local folder or file: its name only
-    elif "\\" in model:
-        model = model.rsplit("\\", 1)[-1]
-    return {"model": model, "kind": info.get("kind"), "device": str(info.get("device")),
-            "dtype": str(info.get("dtype")), "notice": info.get("notice")}
-
-
 class StudioState:
     """Everything one app owns. Mutated on the event loop, except what the worker sets when the model is ready."""
 
@@ -84,6 +59,9 @@ class StudioState:
         self.max_sessions = settings.studio.max_sessions or 1
         self._on_ready = on_ready
         self.worker = Worker(engine_factory, settings.studio, self.metrics, on_ready=self._ready, on_fatal=on_fatal)
+        # Canvas decoding on threads of its own, decode_threads at a time: a flood of costly images waits here
+        # instead of taking every core from the worker (and from other sessions' frame encoding).
+        self.decoder = ThreadPoolExecutor(max_workers=settings.studio.decode_threads, thread_name_prefix="decode")
 
     def _ready(self, engine: Any) -> None:
         """On the worker thread, once the model is loaded and warm."""
@@ -104,6 +82,13 @@ class StudioState:
     def schema(self) -> dict[str, Any]:
         return self.params_model.model_json_schema()
 
+    async def decode_canvas(self, data: bytes) -> Any:
+        """Image bytes -> RGB PIL image within the settings' limits (UserError otherwise), on the decode threads."""
+        s = self.settings.studio
+        job = partial(decode_canvas, data, max_pixels=s.max_image_pixels, max_side=s.max_image_side,
+                      max_jpeg_scans=s.max_jpeg_scans)
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, job)
+
 
 def default_engine_factory(settings: Settings) -> Callable[[], Any]:
     def factory() -> Any:
@@ -114,36 +99,17 @@ def default_engine_factory(settings: Settings) -> Callable[[], Any]:
     return factory
 
 
-def create_app(
-    settings: Settings | None = None,
-    engine_factory: Callable[[], Any] | None = None,
-    *,
-    on_ready: Callable[[Any], None] | None = None,
-    on_fatal: Callable[[str], None] | None = None,
-) -> FastAPI:
-    settings = settings or Settings()
-    studio = StudioState(settings, engine_factory or default_engine_factory(settings), on_ready, on_fatal)
-    s = settings.studio
+@dataclass
+class Guards:
+    """The FastAPI dependencies every route but PUBLIC_PATHS carries."""
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        studio.worker.start()
-        try:
-            yield
-        finally:
-            for session in list(studio.sessions.values()):
-                await session.close(1001, "server shutdown")
-            await asyncio.to_thread(studio.worker.stop, 10.0)
-            log.info("studio: stopped")
+    require_auth: Callable[[Request], None]
+    require_ws_auth: Callable[[WebSocket], None]
+    require_same_origin: Callable[[Request], None]
 
-    app = FastAPI(title="lcm-live studio", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.studio = studio
-    app.add_middleware(GuardMiddleware, max_body_bytes=s.max_body_bytes, token=s.token, allowed_hosts=s.allowed_hosts,
-                       on_reject=lambda reason: studio.metrics.rejected.labels(reason=reason).inc())
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+def make_guards(studio: StudioState) -> Guards:
+    s = studio.settings.studio
 
     def require_auth(request: Request) -> None:
         if not is_authorized(request, s.token):
@@ -165,7 +131,12 @@ def create_app(
             studio.metrics.rejected.labels(reason="origin").inc()
             raise ApiError(403, "forbidden_origin", "requests from another site are refused (see --allow-origin)")
 
-    app.state.auth_dependencies = (require_auth, require_ws_auth)
+    return Guards(require_auth, require_ws_auth, require_same_origin)
+
+
+def add_page_routes(app: FastAPI, studio: StudioState) -> None:
+    """The page (``?token=`` trades the token for an httponly cookie, then redirects to a URL without it)."""
+    s = studio.settings.studio
 
     @app.get("/")
     async def index(request: Request) -> Response:
@@ -185,11 +156,15 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=WEB_DIR, check_dir=False), name="static")
 
+
+def add_health_routes(app: FastAPI, studio: StudioState, guards: Guards) -> None:
+    """``/healthz`` (alive; public), ``/readyz`` (model loaded, warm, worker healthy), ``/metrics``."""
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", dependencies=[Depends(require_auth)])
+    @app.get("/readyz", dependencies=[Depends(guards.require_auth)])
     async def readyz() -> JSONResponse:
         worker = studio.worker
         if worker.ready:
@@ -202,28 +177,33 @@ def create_app(
             status, detail = worker.state, worker.detail
         return JSONResponse({"status": status, "detail": detail}, status_code=503)
 
-    @app.get("/metrics", dependencies=[Depends(require_auth)])
+    @app.get("/metrics", dependencies=[Depends(guards.require_auth)])
     async def metrics() -> Response:
         studio.metrics.sessions_active.set(len(studio.sessions))
         studio.metrics.queue_depth.set(studio.worker.queue_depth())
         body, content_type = studio.metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/api/schema", dependencies=[Depends(require_auth)])
+
+def add_api_routes(app: FastAPI, studio: StudioState, guards: Guards) -> None:
+    """The parameter schema the page builds its controls from, and the model's public info."""
+
+    @app.get("/api/schema", dependencies=[Depends(guards.require_auth)])
     async def api_schema() -> dict[str, Any]:
         return studio.schema()
 
-    @app.get("/api/info", dependencies=[Depends(require_auth)])
+    @app.get("/api/info", dependencies=[Depends(guards.require_auth)])
     async def api_info() -> JSONResponse:
         if not studio.info:
             return error_response(503, "not_ready", "the model is still loading", headers={"Retry-After": "5"})
         return JSONResponse(studio.info)
 
-    from lcm_live.studio.rest import add_rest_routes
 
-    add_rest_routes(app, studio, [Depends(require_auth), Depends(require_same_origin)])
+def add_ws_route(app: FastAPI, studio: StudioState, guards: Guards) -> None:
+    """``/ws``: Origin checked before accept (HTTP 403), then readiness and capacity (1013), then the session."""
+    s = studio.settings.studio
 
-    @app.websocket("/ws", dependencies=[Depends(require_ws_auth)])
+    @app.websocket("/ws", dependencies=[Depends(guards.require_ws_auth)])
     async def ws(websocket: WebSocket) -> None:
         if not origin_allowed(websocket.headers.get("origin"), websocket.headers.get("host"), s.allowed_origins,
                               secure=websocket.url.scheme == "wss"):
@@ -250,4 +230,52 @@ def create_app(
             studio.sessions.pop(session.id, None)
             studio.metrics.sessions_active.set(len(studio.sessions))
 
+
+def create_app(
+    settings: Settings | None = None,
+    engine_factory: Callable[[], Any] | None = None,
+    *,
+    on_ready: Callable[[Any], None] | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+) -> FastAPI:
+    settings = settings or Settings()
+    studio = StudioState(settings, engine_factory or default_engine_factory(settings), on_ready, on_fatal)
+    s = settings.studio
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        studio.worker.start()
+        try:
+            yield
+        finally:
+            for session in list(studio.sessions.values()):
+                await session.close(1001, "server shutdown")
+            await asyncio.to_thread(studio.worker.stop, 10.0)
+            studio.decoder.shutdown(wait=False, cancel_futures=True)
+            log.info("studio: stopped")
+
+    app = FastAPI(title="lcm-live studio", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.studio = studio
+    app.add_middleware(GuardMiddleware, max_body_bytes=s.max_body_bytes, token=s.token, allowed_hosts=s.allowed_hosts,
+                       on_reject=lambda reason: studio.metrics.rejected.labels(reason=reason).inc())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        # A bug: the client gets the JSON shape and no detail; the log gets the traceback (Starlette re-raises).
+        studio.metrics.errors.labels(type="internal").inc()
+        return internal_error_response()
+
+    guards = make_guards(studio)
+    app.state.auth_dependencies = (guards.require_auth, guards.require_ws_auth)
+    add_page_routes(app, studio)
+    add_health_routes(app, studio, guards)
+    add_api_routes(app, studio, guards)
+    from lcm_live.studio.rest import add_rest_routes
+
+    add_rest_routes(app, studio, [Depends(guards.require_auth), Depends(guards.require_same_origin)])
+    add_ws_route(app, studio, guards)
     return app

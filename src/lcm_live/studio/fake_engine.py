@@ -20,7 +20,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -36,6 +36,7 @@ PROMPT_TOKEN_WINDOW = 77  # like CLIP: longer prompts get a warning (counted in 
 @dataclass
 class FakeEngineConfig:
     step_latency_s: float = 0.0  # time.sleep per denoising step (blocks the calling thread, like a real UNet)
+    model: str = "fake"  # the model's source as the engine reports it (a path, for the public-name tests)
     load_latency_s: float = 0.0  # time.sleep in from_settings
     kind: str = "lcm"
     device: str = "cpu"
@@ -57,9 +58,6 @@ class FakeEngineConfig:
     def from_json(cls, text: str) -> FakeEngineConfig:
         data = json.loads(text) if text.strip() else {}
         return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
 
 
 def make_oom_error(message: str = "fake CUDA out of memory") -> BaseException:
@@ -100,7 +98,7 @@ class FakeEngine:
     @property
     def info(self) -> dict[str, Any]:
         return {
-            "model": "fake",
+            "model": self.config.model,
             "kind": self.config.kind,
             "arch": "sd15",
             "device": self.config.device,
@@ -214,7 +212,7 @@ class FakeEngine:
             "seed": seed,
             "width": width,
             "height": height,
-            "model": "fake",
+            "model": self.config.model,
             "device": self.config.device,
             "dtype": self.config.dtype,
         }

@@ -6,10 +6,9 @@ All of these are CPU work: callers run them off the event loop (``asyncio.to_thr
 from __future__ import annotations
 
 import io
-import json
 from typing import Any
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from lcm_live.errors import UserError
 
@@ -30,15 +29,59 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def decode_canvas(data: bytes, *, max_pixels: int, max_side: int) -> Image.Image:
+def count_jpeg_scans(data: bytes, stop_after: int) -> int:
+    """How many scans (SOS segments) a JPEG holds, counted from its markers without decoding; stops counting
+    once past ``stop_after``. Each scan of a progressive JPEG is a full pass of the decoder over the image, so the
+    scan count bounds the decode cost (a browser's canvas.toBlob JPEG has 1 scan, a progressive one about 10)."""
+    n, pos, scans = len(data), 2, 0  # after SOI
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:  # not at a marker: broken structure, Pillow will say so
+            return scans
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:  # EOI
+            return scans
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker != 0xDA:
+            continue
+        scans += 1
+        if scans > stop_after:
+            return scans
+        while True:  # entropy-coded data: runs to the next marker that is not 0xFF00 stuffing or a restart
+            pos = data.find(b"\xff", pos)
+            if pos < 0 or pos + 1 >= n:
+                return scans
+            following = data[pos + 1]
+            if following == 0x00 or 0xD0 <= following <= 0xD7:
+                pos += 2
+            elif following == 0xFF:
+                pos += 1
+            else:
+                break
+    return scans
+
+
+def decode_canvas(data: bytes, *, max_pixels: int, max_side: int, max_jpeg_scans: int = 16) -> Image.Image:
     """Decode a PNG/JPEG/WebP canvas to RGB, refusing oversized images before any pixel is decoded.
 
     Pillow's ``Image.open`` reads only the header, so a tiny file that claims 50000x50000 is refused here in
-    microseconds without allocating its pixels. Transparent pixels become white (the canvas background).
+    microseconds without allocating its pixels; a JPEG with more than ``max_jpeg_scans`` scans (a progressive
+    file with its scans repeated: seconds of decoding in 1.4 MB) is refused from its markers alone. Animated
+    images give their first frame. Transparent pixels become white (the canvas background).
     """
     fmt = sniff_format(data)
     if fmt is None:
         raise UserError("the canvas is not a PNG, JPEG or WebP image: send one of those", field="image")
+    if fmt == "JPEG":
+        scans = count_jpeg_scans(data, max_jpeg_scans)
+        if scans > max_jpeg_scans:
+            raise UserError(f"the canvas is a JPEG of more than {max_jpeg_scans} scans, too costly to decode: "
+                            "send a baseline JPEG, a PNG or a WebP", field="image")
     try:
         img = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError:
@@ -118,16 +161,10 @@ def encode_frame(img: Image.Image, fmt: str = "jpeg", quality: int = 85) -> byte
     return buf.getvalue()
 
 
-def frame_mime(fmt: str) -> str:
-    return "image/webp" if fmt == "webp" else "image/jpeg"
-
-
 def encode_png_with_parameters(img: Image.Image, parameters: dict[str, Any]) -> bytes:
-    """PNG with the parameters as text chunks: ``parameters`` (JSON of all) plus one chunk per key."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", json.dumps(parameters, sort_keys=True, default=str))
-    for key, value in parameters.items():
-        info.add_text(str(key), value if isinstance(value, str) else json.dumps(value, default=str))
+    """PNG with the parameters as text chunks, written as the CLI writes them (engine/metadata.py: one writer)."""
+    from lcm_live.engine.metadata import png_info
+
     buf = io.BytesIO()
-    img.save(buf, format="PNG", pnginfo=info)
+    img.save(buf, format="PNG", pnginfo=png_info(parameters))
     return buf.getvalue()

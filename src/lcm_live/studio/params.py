@@ -19,6 +19,7 @@ from lcm_live.errors import UserError
 from lcm_live.studio.images import CONTROL_PREPROCESS
 
 MAX_SEED = 2**32 - 1
+ECHO_CHARS = 60  # error messages quote at most this much of a client's value or field name
 MODES = ("txt2img", "img2img")
 CONTROL_MODE = "control"  # with a ControlNet loaded: the canvas guides a text-to-image run
 CANVAS_MODES = ("img2img", CONTROL_MODE)  # the modes that use the canvas
@@ -128,11 +129,17 @@ def validation_error_to_user_error(exc: ValidationError) -> UserError:
     """The first problem as one line naming the field, the value and what is allowed."""
     err = exc.errors(include_url=False)[0]
     field = ".".join(str(x) for x in err.get("loc", ())) or None
-    value = err.get("input")
-    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    # What the client sent is quoted, never in full: a 2 MB field name must not come back twice (or at all).
+    field = echo(field) if field is not None else None
+    shown = echo(repr(err.get("input")))
     if err.get("type") == "extra_forbidden":
         return UserError(f"unknown field {field!r}: remove it (see /api/schema for the fields)", field=field)
-    return UserError(f"{field}={shown}: {err.get('msg', 'invalid')}", field=field)
+    return UserError(f"{field}={shown}: {echo(str(err.get('msg', 'invalid')), 200)}", field=field)
+
+
+def echo(text: str, limit: int = ECHO_CHARS) -> str:
+    """``text`` as an error message may quote it: at most ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def parse_params(model: type[GenerationParams], data: Any) -> GenerationParams:

@@ -9,15 +9,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import secrets
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, Response
 
 from lcm_live.errors import UserError
-from lcm_live.studio.images import decode_canvas, encode_png_with_parameters
+from lcm_live.studio.http_errors import ApiError
+from lcm_live.studio.images import encode_png_with_parameters
+from lcm_live.studio.json_input import JsonRefused, loads_checked
 from lcm_live.studio.params import CANVAS_MODES, modes_of, parse_params
+from lcm_live.studio.public import public_parameters
 from lcm_live.studio.worker import Job
 
 if TYPE_CHECKING:
@@ -61,8 +63,6 @@ class RestSink:
 
 
 def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> None:
-    from lcm_live.studio.app import ApiError  # circular at import time otherwise
-
     s = studio.settings.studio
 
     @app.post("/api/generate", dependencies=dependencies)
@@ -72,9 +72,10 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
                            headers={"Retry-After": "5"})
         body = await request.body()  # GuardMiddleware caps it at max_body_bytes while it streams in
         try:
-            data = json.loads(body)
-        except ValueError:
-            raise ApiError(422, "invalid_params", "the body is not JSON: send the params as a JSON object") from None
+            data = loads_checked(body, max_bytes=s.max_body_bytes, max_depth=s.json_max_depth, what="the body")
+        except JsonRefused as exc:
+            studio.metrics.rejected.labels(reason=exc.code).inc()
+            raise ApiError(413 if exc.code == "too_large" else 422, exc.code, exc.message) from None
         if not isinstance(data, dict):
             raise ApiError(422, "invalid_params", "the body must be a JSON object of params")
         image_b64 = data.pop("image", None)
@@ -83,16 +84,14 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
         except UserError as exc:
             studio.metrics.rejected.labels(reason="invalid_params").inc()
             raise ApiError(422, "invalid_params", exc.message, exc.field) from None
-        canvas = None
-        if params.mode in CANVAS_MODES:
-            if not isinstance(image_b64, str) or not image_b64:
-                raise ApiError(422, "invalid_params", f"{params.mode} needs \"image\": a base64 PNG, JPEG or WebP",
-                               "image")
-            canvas = await _decode_image(image_b64, studio)
-        elif image_b64 is not None:
+        if params.mode in CANVAS_MODES and (not isinstance(image_b64, str) or not image_b64):
+            raise ApiError(422, "invalid_params", f"{params.mode} needs \"image\": a base64 PNG, JPEG or WebP",
+                           "image")
+        if params.mode not in CANVAS_MODES and image_b64 is not None:
             modes = " or ".join(f'\"{m}\"' for m in CANVAS_MODES if m in modes_of(studio.params_model))
             raise ApiError(422, "invalid_params", f"\"image\" is only used with \"mode\": {modes}: set the mode "
                            "or drop the image", "image")
+        # Capacity before any decoding: a request that would be refused costs nothing but its parsing.
         if studio.rest_waiting >= s.rest_queue_size:
             studio.metrics.rejected.labels(reason="capacity").inc()
             raise ApiError(429, "capacity", f"{studio.rest_waiting} generations are already waiting: retry shortly",
@@ -101,6 +100,7 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
         slot = f"rest-{secrets.token_hex(6)}"
         studio.rest_waiting += 1
         try:
+            canvas = await _decode_image(image_b64, studio) if params.mode in CANVAS_MODES else None
             try:
                 studio.worker.submit(slot, Job(params=params, sink=sink, canvas=canvas))
             except RuntimeError:
@@ -120,7 +120,7 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
             _, code, message, field = outcome
             raise ApiError(_STATUS.get(code, 500), code, message, field)
         _, image, parameters = outcome
-        metadata = {**params.model_dump(exclude={"previews"}), **parameters}
+        metadata = public_parameters({**params.model_dump(exclude={"previews"}), **parameters})
         if params.mode != "img2img":
             metadata.pop("strength", None)
         if params.mode != "control":
@@ -133,9 +133,6 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
 
 
 async def _decode_image(image_b64: str, studio: StudioState) -> Any:
-    from lcm_live.studio.app import ApiError
-
-    s = studio.settings.studio
     if "," in image_b64[:100] and image_b64.startswith("data:"):
         image_b64 = image_b64.split(",", 1)[1]  # a data: URL from a canvas.toDataURL()
     try:
@@ -143,7 +140,7 @@ async def _decode_image(image_b64: str, studio: StudioState) -> Any:
     except (binascii.Error, ValueError):
         raise ApiError(422, "invalid_image", "\"image\" is not valid base64", "image") from None
     try:
-        return await asyncio.to_thread(decode_canvas, raw, max_pixels=s.max_image_pixels, max_side=s.max_image_side)
+        return await studio.decode_canvas(raw)
     except UserError as exc:
         studio.metrics.rejected.labels(reason="invalid_image").inc()
         raise ApiError(422, "invalid_image", exc.message, "image") from None

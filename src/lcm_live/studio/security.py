@@ -28,9 +28,12 @@ SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options"
 
 
 def is_loopback_host(host: str) -> bool:
-    """True for names that only ever reach this machine: ``localhost``, 127.0.0.0/8, ``::1``."""
-    host = host.strip().strip("[]").lower()
-    if host == "localhost" or host.endswith(".localhost"):
+    """True for names that only ever reach this machine: ``localhost``, 127.0.0.0/8, ``::1``.
+
+    ``*.localhost`` is not: browsers map it to loopback, but the resolver behind ``--host`` may not (a hosts file
+    or a DNS search domain can point ``evil.localhost`` anywhere), and a bind there must not go without a token."""
+    host = host.strip().strip("[]").lower().rstrip(".")
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback

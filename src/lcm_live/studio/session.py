@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 from starlette.websockets import WebSocket, WebSocketState
 
 from lcm_live.errors import UserError
-from lcm_live.studio.images import decode_canvas, encode_frame
+from lcm_live.studio.images import encode_frame
+from lcm_live.studio.json_input import JsonRefused, loads_checked
 from lcm_live.studio.params import CANVAS_MODES, GenerationParams, parse_params
 from lcm_live.studio.worker import Job
 
@@ -52,7 +53,8 @@ class Session:
         self.ws = websocket
         self.studio = studio
         self.loop = asyncio.get_running_loop()
-        self.params: GenerationParams | None = None  # the last good params
+        self.params: GenerationParams | None = None  # the last params that passed validation
+        self._engine_accepted: GenerationParams | None = None  # the last params the engine ran without refusing
         self.canvas: Any = None  # decoded RGB canvas
         self.canvas_hash: str | None = None
         self.last_key: tuple[str, str | None] | None = None  # the input of the last generation asked for
@@ -114,10 +116,17 @@ class Session:
         self._wake.set()
 
     def _post_error(self, job: Job, code: str, message: str, field: str | None) -> None:
+        if code == "invalid_params" and self.params is job.params:
+            # The engine refused what validation let through (a negative prompt a full LCM cannot use, say):
+            # these params never become the session's, the last ones the engine accepted stay.
+            self.params = self._engine_accepted
+            self.last_key = None
         if job is self.active_job:
             self.send_error(code, message, field)
 
     def _job_done(self, job: Job, outcome: str) -> None:
+        if outcome == "ok":
+            self._engine_accepted = job.params
         if job is not self.active_job:
             return
         if outcome == "error":
@@ -151,18 +160,15 @@ class Session:
                     await self.close(1000, "idle timeout")
                     break
                 if message["type"] == "websocket.disconnect":
+                    if message.get("code") == 1009:  # past the protocol's own cap: uvicorn closed it already
+                        self.studio.metrics.rejected.labels(reason="too_large").inc()
                     break
-                text, data = message.get("text"), message.get("bytes")
-                size = len(text.encode()) if text is not None else len(data or b"")
-                if size > s.max_ws_message_bytes:
-                    self.studio.metrics.rejected.labels(reason="too_large").inc()
-                    await self.close(1009, "message too big", error=("too_large", f"a message is {size} bytes: "
-                                     f"the limit is {s.max_ws_message_bytes}; send a smaller canvas"))
-                    break
-                if text is not None:
-                    self._on_text(text)
-                elif data is not None:
-                    await self._on_binary(data)
+                try:
+                    await self._on_message(message.get("text"), message.get("bytes"))
+                except Exception:  # a bug while handling one message fails that message only
+                    log.error("session %s: a message could not be handled", self.id, exc_info=True)
+                    self._reject("internal_error", "the server could not handle this message; the session goes "
+                                 "on with its last good input", None)
         finally:
             self.closed = True
             self.studio.worker.cancel(self.id)
@@ -170,12 +176,29 @@ class Session:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sender
 
+    async def _on_message(self, text: str | None, data: bytes | None) -> None:
+        """One input message. A message too large is refused alone (the session stays, as for any bad input);
+        only one past the protocol's cap (twice this limit, serve.py) makes uvicorn close with 1009."""
+        s = self.studio.settings.studio
+        size = len(data) if data is not None else None
+        if size is not None and size > s.max_ws_message_bytes:
+            self.inputs += 1
+            return self._reject("too_large", f"a binary message is {size} bytes: the limit is "
+                                f"{s.max_ws_message_bytes}; send a smaller canvas (at most {s.max_image_side} px a "
+                                "side, as WebP or JPEG)", "image")
+        if text is not None:
+            self._on_text(text)
+        elif data is not None:
+            await self._on_binary(data)
+
     def _on_text(self, text: str) -> None:
         self.inputs += 1
+        s = self.studio.settings.studio
         try:
-            data = json.loads(text)
-        except ValueError:
-            return self._reject("invalid_params", "the message is not JSON: send {\"type\": \"params\", ...}", None)
+            data = loads_checked(text, max_bytes=s.max_ws_text_bytes, max_depth=s.json_max_depth,
+                                 what="the text message")
+        except JsonRefused as exc:
+            return self._reject(exc.code, exc.message, None)
         if not isinstance(data, dict) or data.get("type") != "params":
             return self._reject("invalid_params", "unknown message: send {\"type\": \"params\", ...} as text and "
                                 "the canvas as binary", "type")
@@ -187,16 +210,18 @@ class Session:
         self._maybe_submit()
 
     async def _on_binary(self, data: bytes) -> None:
-        self.inputs += 1
         digest = hashlib.blake2b(data, digest_size=16).hexdigest()
         if digest == self.canvas_hash:
+            self.inputs += 1
             return self._idle_if_nothing_runs()
-        s = self.studio.settings.studio
         try:
-            image = await asyncio.to_thread(decode_canvas, data, max_pixels=s.max_image_pixels,
-                                            max_side=s.max_image_side)
+            image = await self.studio.decode_canvas(data)
         except UserError as exc:
             return self._reject("invalid_image", exc.message, "image")
+        finally:
+            # Counted once decoded, not when it arrived: a status said while it decoded (another job's "idle")
+            # then carries the count before it, and the page knows this input is still unread.
+            self.inputs += 1
         self.canvas, self.canvas_hash = image, digest
         self._maybe_submit()
 
