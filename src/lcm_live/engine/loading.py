@@ -23,7 +23,7 @@ from typing import Any
 from lcm_live.config import DEFAULT_MODEL, EngineSettings
 from lcm_live.engine.architectures import config_dir
 from lcm_live.engine.controlnet import controlnet_location, load_controlnet
-from lcm_live.engine.loras import LCM_LORA_IDS, apply_loras, lcm_lora_source, read_loras
+from lcm_live.engine.loras import BUILTIN_LCM_LORAS, LCM_LORA_IDS, apply_loras, lcm_lora_source, read_loras
 from lcm_live.engine.model import LoadedModel
 from lcm_live.engine.sources import (
     ModelInfo,
@@ -88,7 +88,7 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
     wanted: list[tuple[str, float, str]] = []
     if not full_lcm:
         _check_auto_lcm_lora(settings.lcm_lora, info, source.name)
-        lcm_lora = lcm_lora_source(settings.lcm_lora, arch)
+        lcm_lora = lcm_lora_source(settings.lcm_lora, arch, info.context_width)
         if lcm_lora is not None:
             wanted.append((lcm_lora, 1.0, "--lcm-lora"))
     wanted += [(spec.source, spec.scale, "--lora") for spec in settings.loras]
@@ -133,7 +133,7 @@ def _check_auto_lcm_lora(setting: str, info: ModelInfo, name: str) -> None:
     """The hub LCM-LoRAs fit only the real SD1.5 / SDXL widths: say so before fetching one that cannot fit (a
     small model such as builtin:shapes-teacher needs an LCM-LoRA trained for it)."""
     want = REAL_CONTEXT_WIDTH[info.arch]
-    if setting == "auto" and info.context_width != want:
+    if setting == "auto" and info.context_width != want and info.context_width not in BUILTIN_LCM_LORAS:
         raise UserError(f"--lcm-lora auto: {name} is not an LCM and {LCM_LORA_IDS[info.arch]} fits only {info.arch} "
                         f"models of cross-attention width {want} (this one: {info.context_width}); pass --lcm-lora "
                         "PATH (an LCM-LoRA trained for it, e.g. with `lcm-live distill --lora`) or --lcm-lora none",

@@ -13,11 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lcm_live.engine.sources import PICKLE_SUFFIXES, quiet_logs, unavailable
+from lcm_live.engine.sources import BUILTIN_PREFIX, PICKLE_SUFFIXES, builtin_lora, quiet_logs, unavailable
 from lcm_live.errors import UserError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights names it
 LCM_LORA_IDS = {"sd15": "latent-consistency/lcm-lora-sdv1-5", "sdxl": "latent-consistency/lcm-lora-sdxl"}
+# The shipped LCM-LoRA ``auto`` picks for a model of the built-in family, told apart by its cross-attention
+# width (builtin:shapes-teacher and its fine-tunes: 64; the hub's LCM-LoRAs fit only 768 and 2048).
+BUILTIN_LCM_LORAS = {64: "builtin:shapes-lcm-lora"}
 
 
 def _field(flag: str) -> str:
@@ -25,21 +28,24 @@ def _field(flag: str) -> str:
     return "lcm_lora" if flag == "--lcm-lora" else "loras"
 
 
-def lcm_lora_source(setting: str, arch: str) -> str | None:
-    """``--lcm-lora auto|none|PATH_OR_ID`` -> the LoRA to load, or None for "none"."""
+def lcm_lora_source(setting: str, arch: str, context_width: int | None = None) -> str | None:
+    """``--lcm-lora auto|none|PATH_OR_ID|builtin:NAME`` -> the LoRA to load, or None for "none"."""
     if setting == "none":
         return None
     if setting == "auto":
-        return LCM_LORA_IDS[arch]
+        return BUILTIN_LCM_LORAS.get(context_width) or LCM_LORA_IDS[arch]
     return setting
 
 
 def read_lora(source: str, *, flag: str, cache_dir: str | None) -> dict[str, Any]:
-    """A LoRA's state dict, read from a local .safetensors file or folder, or from a hub repo's safetensors file."""
+    """A LoRA's state dict, read from a local .safetensors file or folder, a shipped ``builtin:NAME``, or a hub
+    repo's safetensors file."""
     from safetensors.torch import load_file
 
     path = Path(source).expanduser()
-    if not path.exists() and not looks_like_path(source):
+    if source.startswith(BUILTIN_PREFIX):
+        path = builtin_lora(source[len(BUILTIN_PREFIX):], flag=flag, field=_field(flag))
+    elif not path.exists() and not looks_like_path(source):
         path = _download_lora(source, flag=flag, cache_dir=cache_dir)
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))

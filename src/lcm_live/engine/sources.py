@@ -53,14 +53,33 @@ def resolve(model: str) -> Source:
     return Source("hub", model, model)
 
 
+BUILTIN_LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def builtin_names(kind: Literal["model", "lora"] = "model") -> list[str]:
+    """The shipped built-ins of one kind, as ``builtin:NAME``: pipelines (model_index.json) or LoRAs."""
+    root = builtin_root()
+    marker = "model_index.json" if kind == "model" else BUILTIN_LORA_FILE
+    return sorted(f"{BUILTIN_PREFIX}{p.name}" for p in root.iterdir() if (p / marker).is_file()) if root.is_dir() else []
+
+
 def builtin_folder(name: str) -> Path:
     root = builtin_root()
     folder = root / name
     if name and "/" not in name and "\\" not in name and (folder / "model_index.json").is_file():
         return folder
-    shipped = sorted(p.name for p in root.iterdir() if (p / "model_index.json").is_file()) if root.is_dir() else []
-    have = ", ".join(f"builtin:{n}" for n in shipped) or "none (run `make builtin-model` to make builtin:shapes)"
+    have = ", ".join(builtin_names()) or "none (run `make builtin-model` to make builtin:shapes)"
     raise UserError(f"--model builtin:{name}: no such built-in model in {root}; shipped: {have}", field="model")
+
+
+def builtin_lora(name: str, *, flag: str, field: str) -> Path:
+    """The LoRA file of the shipped ``builtin:NAME`` (``make builtin-lora`` makes them), or a refusal naming
+    the shipped ones."""
+    path = builtin_root() / name / BUILTIN_LORA_FILE
+    if name and "/" not in name and "\\" not in name and path.is_file():
+        return path
+    have = ", ".join(builtin_names("lora")) or "none (run `make builtin-lora`)"
+    raise UserError(f"{flag} builtin:{name}: no such built-in LoRA; shipped: {have}", field=field)
 
 
 def _looks_like_path(text: str) -> bool:
