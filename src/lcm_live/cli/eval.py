@@ -11,14 +11,20 @@ def add_parser(subparsers) -> None:
         description="Samples a fixed, balanced set of prompt/seed pairs and reads colour, shape, size and "
                     "background back from the pixels. LCM rows at each step count; with --teacher also the "
                     "teacher under DDIM and DPM-Solver++ at the same step counts and guidance.")
-    p.add_argument("--model", required=True,
-                   help="LCM folder, builtin:NAME, or an LCM-LoRA folder (then --teacher is its base)")
+    p.add_argument("--task", default="model", choices=["model", "lora"],
+                   help="model: score --model (default); lora: the shipped LCM-LoRA family at each step count "
+                        "(base + LCM-LoRA, the outline fine-tune + LCM-LoRA, + outline LoRA, the fine-tune under "
+                        "DDIM / DPM-Solver++, the full LCM; docs/builtin-model.md)")
+    p.add_argument("--model", default=None,
+                   help="LCM folder, builtin:NAME, or an LCM-LoRA folder (then --teacher is its base); "
+                        "required for --task model")
     p.add_argument("--teacher", default=None, help="teacher folder or builtin:NAME (default: none; "
                                                    "builtin:shapes-teacher for builtin:shapes)")
     p.add_argument("--guidance-scale", type=float, default=8.0)
     p.add_argument("--steps", default="1,2,4,8", help="comma-separated step counts (default: %(default)s)")
     p.add_argument("--pairs", type=int, default=96, help="prompt/seed pairs (default 96, balanced)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--grid", default=None, metavar="FILE", help="--task lora: also save a sample grid (PNG)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to sample (default: cpu)")
     p.set_defaults(run=run)
 
@@ -39,6 +45,14 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     if args.pairs < 1:
         raise UserError(f"--pairs {args.pairs}: must be at least 1", field="pairs")
+    if args.task == "lora":
+        from lcm_live.training.eval_lora import LoraModels, run_lora_eval
+
+        run_lora_eval(LoraModels.builtin(), steps=steps, n=args.pairs, json_path=args.json, grid_path=args.grid,
+                      device=args.device)
+        return 0
+    if args.model is None:
+        raise UserError("--model is required (an LCM folder or builtin:NAME), or pass --task lora", field="model")
     teacher = args.teacher
     if teacher is None and args.model == "builtin:shapes":
         teacher = "builtin:shapes-teacher"

@@ -51,12 +51,13 @@ def encode_images(vae, images: np.ndarray, batch_size: int = 128):
     return torch.cat(means), torch.cat(stds)
 
 
-def shapes_pool(vae, n: int, seed: int = 1) -> LatentPool:
+def shapes_pool(vae, n: int, seed: int = 1, outline: bool = False) -> LatentPool:
+    """``n`` shapes images encoded once; ``outline``: the outlined variant (captions end ", outlined")."""
     from lcm_live.training.shapes import sample_batch
 
     means, stds, captions = [], [], []
     for start in range(0, n, 1024):  # chunks keep drawing memory small
-        images, specs = sample_batch(seed * 1_000_003 + start, min(1024, n - start))
+        images, specs = sample_batch(seed * 1_000_003 + start, min(1024, n - start), outline=outline)
         m, s = encode_images(vae, images)
         means.append(m)
         stds.append(s)
@@ -91,7 +92,8 @@ def folder_pool(vae, folder: str | Path, resolution: int) -> LatentPool:
 
 
 def make_pool(vae, data: str, *, n_shapes: int, resolution: int, seed: int = 1) -> LatentPool:
-    """``data``: "shapes" (the generator, ``n_shapes`` images) or a folder of pairs."""
-    if data == "shapes":
-        return shapes_pool(vae, n_shapes, seed=seed)
+    """``data``: "shapes" (the generator, ``n_shapes`` images), "shapes-outlined" (its outlined variant) or a
+    folder of pairs."""
+    if data in ("shapes", "shapes-outlined"):
+        return shapes_pool(vae, n_shapes, seed=seed, outline=data == "shapes-outlined")
     return folder_pool(vae, data, resolution)

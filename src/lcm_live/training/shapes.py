@@ -3,11 +3,16 @@
 Images are uint8 arrays (N, 64, 64, 3). Each sample is fully described by a :class:`ShapeSpec`, whose
 caption is ``a {small|large} {color} {circle|square|triangle} on a {color} background``. Drawing is
 vectorised numpy over a coordinate grid (no per-pixel Python loop), a batch of 256 takes a few ms.
+
+The outlined variant (issue 18, the fine-tune's style): every shape gets a 2-3 px ring just outside it,
+black, or white where the background or the shape is black, and the caption ends with ``, outlined``.
+Where that ring would have the shape's own colour (a white shape on black) it is not drawn: it could not be
+seen and would only make the shape look bigger.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -29,6 +34,8 @@ SHAPES = ["circle", "square", "triangle"]
 SIZES = ["small", "large"]
 # Shape side (bounding-box width = height) in pixels at 64x64, inclusive ranges (issue 4).
 SIZE_RANGE = {"small": (20, 28), "large": (36, 52)}
+OUTLINE_WIDTHS = (2, 3)  # pixels, the outlined variant's ring width
+OUTLINE_SUFFIX = ", outlined"
 
 
 @dataclass(frozen=True)
@@ -40,10 +47,29 @@ class ShapeSpec:
     side: int  # bounding-box side in pixels
     x0: int  # top-left corner of the bounding box, pixels
     y0: int
+    outline: int = 0  # ring width in pixels around the shape; 0: the plain data set
 
     @property
     def caption(self) -> str:
-        return caption_for(self.size, self.color, self.shape, self.background)
+        plain = caption_for(self.size, self.color, self.shape, self.background)
+        return plain + OUTLINE_SUFFIX if self.outline else plain
+
+
+def outline_color(spec: ShapeSpec) -> str:
+    """The ring's colour: black, or white on a black background or around a black shape."""
+    return "white" if "black" in (spec.background, spec.color) else "black"
+
+
+def outline_visible(spec: ShapeSpec) -> bool:
+    """An outlined spec whose ring differs from both the shape and the background (all but white-on-black
+    and black-on-white)."""
+    return bool(spec.outline) and outline_color(spec) not in (spec.color, spec.background)
+
+
+def with_outline(specs: list[ShapeSpec], rng: np.random.Generator) -> list[ShapeSpec]:
+    """The same specs, outlined: each ring 2 or 3 px wide, drawn from ``rng``."""
+    widths = rng.choice(OUTLINE_WIDTHS, size=len(specs))
+    return [replace(s, outline=int(k)) for s, k in zip(specs, widths, strict=True)]
 
 
 def caption_for(size: str, color: str, shape: str, background: str) -> str:
@@ -99,16 +125,43 @@ def shape_masks(specs: list[ShapeSpec], size: int = IMAGE_SIZE) -> np.ndarray:
     return masks
 
 
+def dilate(masks: np.ndarray) -> np.ndarray:
+    """Boolean (N, H, W) grown by one pixel in all 8 directions (a 3x3 square)."""
+    n, h, w = masks.shape
+    p = np.pad(masks, ((0, 0), (1, 1), (1, 1)))
+    out = np.zeros_like(masks)
+    for dy in range(3):
+        for dx in range(3):
+            out |= p[:, dy:dy + h, dx:dx + w]
+    return out
+
+
 def draw(specs: list[ShapeSpec], size: int = IMAGE_SIZE) -> np.ndarray:
-    """uint8 images (N, size, size, 3)."""
+    """uint8 images (N, size, size, 3); outlined specs get their ring (pixels at Chebyshev distance 1..width)."""
     fg = np.array([PALETTE[s.color] for s in specs], np.uint8)[:, None, None, :]
     bg = np.array([PALETTE[s.background] for s in specs], np.uint8)[:, None, None, :]
-    return np.where(shape_masks(specs, size)[..., None], fg, bg)
+    masks = shape_masks(specs, size)
+    images = np.where(masks[..., None], fg, bg)
+    drawn = [i for i, s in enumerate(specs) if outline_visible(s)]
+    if drawn:
+        width = np.array([specs[i].outline for i in drawn])[:, None, None]
+        grown, ring = masks[drawn], np.zeros_like(masks[drawn])  # (M, H, W)
+        for k in range(1, max(OUTLINE_WIDTHS) + 1):
+            grown = dilate(grown)
+            ring |= grown & (width >= k)  # the ring covers distances 1..width
+        ring &= ~masks[drawn]
+        color = np.array([PALETTE[outline_color(specs[i])] for i in drawn], np.uint8)[:, None, None, :]
+        images[drawn] = np.where(ring[..., None], color, images[drawn])
+    return images
 
 
-def sample_batch(seed: int, n: int) -> tuple[np.ndarray, list[ShapeSpec]]:
-    """A reproducible batch: the same ``seed`` and ``n`` give the same images and captions."""
-    specs = random_specs(np.random.default_rng(seed), n)
+def sample_batch(seed: int, n: int, outline: bool = False) -> tuple[np.ndarray, list[ShapeSpec]]:
+    """A reproducible batch: the same ``seed`` and ``n`` give the same images and captions; ``outline``: the
+    same shapes, outlined (the ring widths are drawn after the specs, so the shapes do not change)."""
+    rng = np.random.default_rng(seed)
+    specs = random_specs(rng, n)
+    if outline:
+        specs = with_outline(specs, rng)
     return draw(specs), specs
 
 
@@ -119,11 +172,12 @@ def to_tensor(images: np.ndarray):
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def eval_specs(n_per_cell: int = 1) -> list[ShapeSpec]:
+def eval_specs(n_per_cell: int = 1, outline: bool = False) -> list[ShapeSpec]:
     """The fixed, balanced eval set: 3 shapes x 2 sizes x 16 (colour, background) pairs = 96 specs.
 
     Each colour is the foreground twice and the background twice. Sides and positions are fixed by a
-    constant seed, so the set never changes; ``n_per_cell`` repeats the grid with new positions.
+    constant seed, so the set never changes; ``n_per_cell`` repeats the grid with new positions;
+    ``outline``: the same specs, outlined (ring widths from another constant seed).
     """
     rng = np.random.default_rng(20231104)
     pairs = [(c, (c + off) % len(COLORS)) for c in range(len(COLORS)) for off in (1, 4)]
@@ -136,4 +190,4 @@ def eval_specs(n_per_cell: int = 1) -> list[ShapeSpec]:
                     side = int(rng.integers(lo, hi + 1))
                     x0, y0 = (int(v) for v in rng.integers(0, IMAGE_SIZE - side + 1, size=2))
                     specs.append(ShapeSpec(size, COLORS[c], shape, COLORS[b], side, x0, y0))
-    return specs
+    return with_outline(specs, np.random.default_rng(18)) if outline else specs
