@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup serve test lint builtin-model bench clean
+.PHONY: setup serve test soak lint builtin-model bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,11 @@ serve: $(STAMP)
 test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q
+
+# The long soak (issue 13): 32 clients for 5 minutes with faults injected; `make test` runs a 60 s version.
+soak: $(STAMP)
+	$(BIN)/python -m lcm_live.bench.bench_ws --clients 32 --max-sessions 32 --duration 300 --faults default \
+		--json soak.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

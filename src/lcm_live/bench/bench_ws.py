@@ -33,7 +33,7 @@ from typing import Any
 from lcm_live.bench.local_http import free_port, http_get
 
 DOCUMENTED_ERROR_CODES = {"invalid_params", "invalid_image", "too_large", "oom", "engine_error", "timeout",
-                          "capacity", "not_ready"}
+                          "internal_error", "capacity", "not_ready"}
 DOCUMENTED_CLOSE_CODES = {1000, 1001, 1008, 1009, 1011, 1012, 1013}
 UNHANDLED_MARKERS = ("Exception in ASGI application", "Task exception was never retrieved", "Exception in thread",
                      "unexpected error around job")
@@ -57,6 +57,36 @@ def _canvas(rng: random.Random, size: int = 256) -> bytes:
     return buf.getvalue()
 
 
+def _bad_image(rng: random.Random) -> bytes:
+    """Bytes a hostile or clumsy client sends as a canvas: garbage, a truncated PNG, a PNG whose header claims
+    50000x50000 (a bomb), or a progressive JPEG with one scan repeated 2000 times (seconds to decode)."""
+    from PIL import Image
+
+    kind = rng.randrange(4)
+    if kind == 0:
+        return rng.randbytes(rng.randrange(1, 4096))
+    buf = io.BytesIO()
+    if kind == 1:
+        Image.new("RGB", (64, 64), "white").save(buf, format="PNG")
+        return buf.getvalue()[: rng.randrange(8, 60)]
+    if kind == 2:
+        import struct
+        import zlib
+
+        header = struct.pack(">IIBBBBB", 50000, 50000, 8, 2, 0, 0, 0)
+        chunk = b"IHDR" + header
+        return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(header)) + chunk
+                + struct.pack(">I", zlib.crc32(chunk)) + b"\0" * 64)
+    Image.new("RGB", (256, 256), (120, 130, 140)).save(buf, format="JPEG", progressive=True)
+    data = buf.getvalue()
+    first, end = data.index(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    second = data.find(b"\xff\xda", first + 2)
+    return data[:end] + data[first:second] * 2000 + data[end:]
+
+
+OVERSIZE = 2 * 1024 * 1024 + 1  # one byte past the studio's message limit: refused alone, the session stays
+
+
 class Stats:
     def __init__(self) -> None:
         self.latencies_s: list[float] = []  # input sent -> its final frame received
@@ -70,6 +100,9 @@ class Stats:
         self.undocumented: list[str] = []
         self.healthz_total = 0
         self.healthz_failed = 0
+        self.last_inputs = 0  # sessions that ended by choice, each after a last input of its own
+        self.last_inputs_lost: list[str] = []  # which of those never got their frame
+        self.aborted = 0  # sessions ended by dropping the TCP connection mid-generation
 
 
 async def _client(idx: int, url: str, deadline: float, stats: Stats, *, faults: bool, steps: int, size: int,
@@ -115,7 +148,13 @@ async def _client(idx: int, url: str, deadline: float, stats: Stats, *, faults: 
                         counter += 1
                         if faults and rng.random() < 0.02:
                             await ws.send(rng.choice(["{bad json", json.dumps({"type": "params", "steps": 99}),
-                                                      json.dumps({"type": "nope"})]))
+                                                      json.dumps({"type": "nope"}), "[" * 5000]))
+                            continue
+                        if faults and rng.random() < 0.02:
+                            await ws.send(_bad_image(rng))
+                            continue
+                        if faults and rng.random() < 0.005:
+                            await ws.send(b"\0" * OVERSIZE)
                             continue
                         data = _canvas(rng, size) if mode == "img2img" else None
                         sent_at[counter % 2**32] = time.monotonic()
@@ -127,6 +166,11 @@ async def _client(idx: int, url: str, deadline: float, stats: Stats, *, faults: 
                         params_sent[:] = [True]
 
                 await send_input()
+                if faults and rng.random() < 0.15:  # gone mid-generation, without a closing handshake
+                    await asyncio.sleep(rng.uniform(0, 0.1))
+                    ws.transport.abort()
+                    stats.aborted += 1
+                    continue
                 while time.monotonic() < session_end:
                     try:
                         raw = await asyncio.wait_for(ws.recv(), timeout=max(0.05, session_end - time.monotonic()))
@@ -151,6 +195,9 @@ async def _client(idx: int, url: str, deadline: float, stats: Stats, *, faults: 
                         if slow_reader:
                             await asyncio.sleep(rng.uniform(0.5, 2.0))
                         await send_input()
+                if faults:
+                    counter += 1
+                    await _last_input(ws, idx, counter % 2**32, mode, steps, size, rng, stats)
         except InvalidStatus as exc:
             code = f"http {exc.response.status_code}"
             stats.rejected[code] = stats.rejected.get(code, 0) + 1
@@ -163,6 +210,34 @@ async def _client(idx: int, url: str, deadline: float, stats: Stats, *, faults: 
         except (OSError, asyncio.TimeoutError) as exc:
             stats.undocumented.append(f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(0.5)
+
+
+async def _last_input(ws, idx: int, seed: int, mode: str, steps: int, size: int, rng: random.Random,
+                      stats: Stats, timeout: float = 20.0) -> None:
+    """Nothing is lost: a session's last input gets its frame. An engine fault on it (injected) is retried as a
+    user would, by sending it again (the session forgets a failed input, so the same input runs anew)."""
+    stats.last_inputs += 1
+    message = json.dumps({"type": "params", "mode": mode, "prompt": f"last {idx}", "seed": seed,
+                          "num_inference_steps": steps, "width": size, "height": size, "strength": 0.6})
+    canvas = _canvas(rng, size) if mode == "img2img" else None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await ws.send(message)
+        if canvas is not None:
+            await ws.send(canvas)
+        while time.monotonic() < deadline:
+            try:
+                raw = await asyncio.wait_for(ws.recv(), timeout=max(0.05, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                break
+            if isinstance(raw, bytes):
+                continue
+            msg = json.loads(raw)
+            if msg["type"] == "frame" and msg["final"] and msg["seed"] == seed:
+                return
+            if msg["type"] == "error" and msg["code"] in ("engine_error", "oom", "timeout"):
+                break  # this input failed in the engine: send it again
+    stats.last_inputs_lost.append(f"client {idx} seed {seed}")
 
 
 async def _poll_health(base: str, deadline: float, stats: Stats) -> None:
@@ -265,6 +340,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "studio_overhead_p50_ms": _ms(_pct(stats.overheads_s, 0.5)),
         "studio_overhead_fraction": None if overhead is None else round(overhead, 4),
         "sessions_served": stats.served, "rejected": stats.rejected, "errors": stats.errors,
+        "last_inputs": stats.last_inputs, "last_inputs_lost": stats.last_inputs_lost[:20],
+        "sessions_aborted": stats.aborted,
         "close_codes": stats.close_codes, "undocumented": stats.undocumented[:20],
         "healthz_total": stats.healthz_total, "healthz_failed": stats.healthz_failed,
         "rss_growth_mb": round((rss_end - rss_start) / 2**20, 1), "unhandled_in_log": unhandled,
@@ -273,7 +350,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
     }
     result["passed"] = (stats.healthz_failed == 0 and not unhandled and not stats.undocumented
-                        and result["rss_growth_mb"] < 50 and proc.returncode == 0 and stats.frames > 0)
+                        and result["rss_growth_mb"] < 50 and proc.returncode == 0 and stats.frames > 0
+                        and not stats.last_inputs_lost)
     return result
 
 
