@@ -1,19 +1,21 @@
-"""Stream batching: several requests (several studio sessions' frames) in ONE diffusers pipeline call.
+"""Stream batching: several requests (several studio sessions' frames) in ONE denoising loop.
 
 On a GPU one UNet call on a batch of B latents costs far less than B calls of one, so the studio hands the engine
 the waiting frames of several sessions at once (``Engine.generate_batch``). Requests can share a call when
-everything the pipeline takes as one value for the whole batch is equal: the mode (text-to-image or
-image-to-image), the size, the number of steps, the guidance scale (and so whether classifier-free guidance runs),
-the img2img strength and the output type. What may differ per request, and stays per request:
+everything the loop takes as one value for the whole batch is equal: the mode (engine/modes.py: init image,
+control image, mask, number of regions), the size, the number of steps, the guidance scale (and so whether
+classifier-free guidance runs), the img2img strength, the ControlNet's scale and the output type. What may differ
+per request, and stays per request:
 
-* the prompt and negative prompt: each comes from the prompt-embedding cache, the cached tensors are concatenated
-  (``prompt_embeds=`` of batch B, ``num_images_per_prompt=1``);
-* the seed: one ``torch.Generator`` per request (diffusers draws member i's noise from ``generator[i]``), so each
-  image equals the one its request gives alone with the same seed (up to float rounding in the batched kernels);
-* the init image (img2img): a list, one per request;
+* the prompt, negative prompt, prompt blend and region prompts: each from the prompt-embedding cache, the cached
+  tensors concatenated as the UNet's rows (engine/denoiser.py);
+* the seed and seed blend: one ``torch.Generator`` per request (member i's noise from ``generator[i]``, as
+  diffusers draws it), so each image equals the one its request gives alone with the same seed (up to float
+  rounding in the batched kernels);
+* the init image, control image, mask and region masks: one per request;
 * the step callback: each member gets its own StepEvent with its own x0 slice (shape (1, C, h, w)); a member
   whose callback raises (Cancelled: superseded, disconnected, past its deadline) drops out of the batch while the
-  others run on; the pipeline stops early only when every member has dropped out.
+  others run on; the loop stops early only when every member has dropped out.
 
 A request with ``num_images_per_prompt > 1`` is never batched with others (``batch_key`` gives None): it runs in a
 call of its own, as ``Engine.generate`` would run it.
@@ -22,39 +24,25 @@ call of its own, as ``Engine.generate`` would run it.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from lcm_live.engine import modes
 from lcm_live.engine.hooks import Cancelled, StepCallback, StepEvent
+from lcm_live.engine.masks import PreparedMask
 from lcm_live.engine.request import GenerationRequest, GenerationResult
 from lcm_live.errors import UserError
 
 
 def batch_key(request: GenerationRequest) -> Hashable | None:
-    """What must be equal for two requests to share one pipeline call, from the request as given (before the
-    engine resolves defaults); None when the request is never batched (``num_images_per_prompt > 1``).
+    """What must be equal for two requests to share one call, from the request as given (before the engine
+    resolves defaults); None when the request is never batched (``num_images_per_prompt > 1``). Read from the
+    conditionings' registry (engine/modes.py).
 
     Equal keys always mean one call (the engine's own grouping, on the resolved values, is at least as wide:
     ``width=None`` and the native width end up in one call too). The studio groups its waiting jobs by it.
     """
-    if request.num_images_per_prompt != 1:
-        return None
-    img2img = request.image is not None
-    control = request.control_image is not None
-    image_size = None
-    if img2img and not (request.width and request.height):
-        image_size = tuple(getattr(request.image, "size", ()))  # the size then comes from the init image
-    return (
-        "img2img" if img2img else "control" if control else "txt2img",
-        request.width,
-        request.height,
-        image_size,
-        request.num_inference_steps,
-        request.guidance_scale,
-        request.strength if img2img else None,
-        request.controlnet_conditioning_scale if control else None,
-        request.output_type,
-    )
+    return modes.batch_key(request)
 
 
 @dataclass
@@ -68,21 +56,30 @@ class Prepared:
     height: int
     seed: int
     negative: str | None  # the negative prompt actually used (None without CFG)
+    init_image: Any = None  # the init image, RGB at width x height
+    control_image: Any = None  # the control image, RGB at width x height
+    mask: PreparedMask | None = None
+    region_weights: Any = None  # (1 + R, 1, h, w) float32, the base prompt first (engine/masks.py)
+    notes: list[str] = field(default_factory=list)  # what the engine changed and says (a mask fitted, ...)
 
     @property
     def img2img(self) -> bool:
         return self.request.image is not None
 
     @property
+    def mode(self) -> str:
+        return modes.mode_name(self.request)
+
+    @property
     def key(self) -> Hashable | None:
-        """The resolved batch key: requests with equal keys run as one pipeline call; None: a call of its own."""
+        """The resolved batch key: requests with equal keys run as one call; None: a call of its own."""
         r = self.request
         if r.num_images_per_prompt != 1:
             return None
-        control = r.control_image is not None
-        return (self.img2img, control, self.width, self.height, r.num_inference_steps, self.guidance_scale,
-                self.do_cfg, r.strength if self.img2img else None,
-                r.controlnet_conditioning_scale if control else None, r.output_type)
+        return (self.mode, self.width, self.height, r.num_inference_steps, self.guidance_scale, self.do_cfg,
+                r.strength if self.img2img else None,
+                r.controlnet_conditioning_scale if r.control_image is not None else None, len(r.regions),
+                r.output_type)
 
 
 def group_indices(keys: Sequence[Hashable | None]) -> list[list[int]]:
@@ -91,19 +88,6 @@ def group_indices(keys: Sequence[Hashable | None]) -> list[list[int]]:
     for i, key in enumerate(keys):
         groups.setdefault(("alone", i) if key is None else ("key", key), []).append(i)
     return list(groups.values())
-
-
-def concat_embeddings(kwargs_list: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Cached prompt embeddings of several prompts (each batch 1) as one batch: tensors concatenated on dim 0."""
-    import torch
-
-    if len(kwargs_list) == 1:
-        return dict(kwargs_list[0])
-    keys = set(kwargs_list[0])
-    for kwargs in kwargs_list[1:]:
-        if set(kwargs) != keys:  # cannot happen for equal resolved keys (same CFG mode, same pipeline)
-            raise ValueError(f"prompt embeddings of different kinds in one batch: {sorted(keys)} vs {sorted(kwargs)}")
-    return {k: torch.cat([kwargs[k] for kwargs in kwargs_list], dim=0) for k in kwargs_list[0]}
 
 
 class StepFanout:
@@ -143,7 +127,7 @@ def failed_result(request: GenerationRequest, error: BaseException,
 def run_batch(engine: Any, requests: Sequence[GenerationRequest],
               callbacks: Sequence[StepCallback | None] | None = None) -> list[GenerationResult]:
     """``Engine.generate_batch``: one result per request, in order. Requests are grouped by their resolved key,
-    each group runs as one pipeline call. Errors never escape: a request that fails validation, a member that is
+    each group runs as one call. Errors never escape: a request that fails validation, a member that is
     cancelled, or every member of a group whose call failed gets a result with ``error`` set and no images."""
     requests = list(requests)
     callbacks = list(callbacks) if callbacks is not None else [None] * len(requests)

@@ -9,32 +9,30 @@ Seeds are portable: noise always comes from ``torch.Generator("cpu").manual_seed
 recommend, so a seed gives the same image here and in any other diffusers tool (bit-exact at CPU float32).
 One generation runs at a time per engine (a lock); the studio calls it from one worker thread.
 ``engine.generate_batch(requests, callbacks)`` runs requests that share a batch key (size, steps, guidance, ...)
-as one pipeline call, each with its own prompt, seed and image (stream batching: engine/batching.py).
+as one call, each with its own prompt, seed and image (stream batching: engine/batching.py).
+
+The engine runs its own denoising loop (engine/generation.py, engine/sampling.py) on the loaded pipeline's
+components (UNet, ControlNet, VAE or TAESD, text encoders, the LCMScheduler's schedule); what a request may
+compose (init image, control image, mask, region prompts, blends) is declared in engine/modes.py. At ``--device cpu
+--dtype float32`` its images equal diffusers' own pipelines' (tests/engine/test_pipeline*.py, test_controlnet.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lcm_live import __version__
 from lcm_live.config import EngineSettings
-from lcm_live.engine.batching import Prepared, StepHook, concat_embeddings, run_batch
-from lcm_live.engine.decoders import (
-    LatentPreview,
-    set_tiling,
-    swap_in_decoder,
-    wants_tiling,
-)
-from lcm_live.engine.hooks import DenoisedRecorder, StepCallback, StepEvent, stop_check
+from lcm_live.engine.batching import Prepared, StepHook, run_batch
+from lcm_live.engine.decoders import LatentPreview, set_tiling, swap_in_decoder, wants_tiling
+from lcm_live.engine.hooks import StepCallback, StepEvent, stop_check
 from lcm_live.engine.interrupt import install_block_checks
+from lcm_live.engine.masks import prepare_mask, region_weights
 from lcm_live.engine.model import LoadedModel
-from lcm_live.engine.postprocess import to_pil
 from lcm_live.engine.prompts import PromptCache
 from lcm_live.engine.request import GenerationRequest, GenerationResult
 from lcm_live.engine.validation import (
@@ -46,14 +44,6 @@ from lcm_live.engine.validation import (
     resolve_size,
     validate_request,
 )
-from lcm_live.errors import UserError
-
-# The image-to-image twin of each text-to-image pipeline, sharing its components (diffusers' from_pipe).
-IMG2IMG_TWIN = {
-    "LatentConsistencyModelPipeline": "LatentConsistencyModelImg2ImgPipeline",
-    "StableDiffusionPipeline": "StableDiffusionImg2ImgPipeline",
-    "StableDiffusionXLPipeline": "StableDiffusionXLImg2ImgPipeline",
-}
 
 
 @dataclass
@@ -71,7 +61,7 @@ class EngineInfo:
     loras: list[dict[str, Any]] = field(default_factory=list)  # [{"source": ..., "scale": ...}]
     speedups: list[str] = field(default_factory=list)  # what engine/speedups.py applied (channels_last, ...)
     scheduler: str = "LCMScheduler"
-    controlnet: str | None = None  # --controlnet, as given: "control" generations take a control_image
+    controlnet: str | None = None  # --controlnet, as given: generations may take a control_image
     version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,8 +87,11 @@ class Engine:
         self.settings, _ = swap_in_decoder(self.settings, self.pipe, loaded.arch, device=self.device, dtype=self.dtype)
         self._taesd = self.pipe.vae if self.settings.decoder == "taesd" else None
         self.prompts = PromptCache(self.settings.prompt_cache_size)
-        self._img2img = None
-        self._control = None  # the ControlNet twin pipeline, built on first use
+        from diffusers.image_processor import VaeImageProcessor
+
+        # Control images as diffusers' ControlNet pipelines take them: RGB in [0, 1], not normalised.
+        self.control_processor = VaeImageProcessor(vae_scale_factor=self.pipe.vae_scale_factor,
+                                                   do_convert_rgb=True, do_normalize=False)
         self._preview = LatentPreview(self.pipe.vae, taesd=self._taesd, scale_factor=self.pipe.vae_scale_factor)
         self._lock = threading.Lock()  # one generation at a time
         self._preview_lock = threading.Lock()
@@ -151,35 +144,9 @@ class Engine:
 
     @property
     def lcm_img2img(self) -> bool:
-        """Whether image-to-image runs LCM's own pipeline: every step runs, whatever the strength."""
-        return IMG2IMG_TWIN.get(type(self.pipe).__name__) == "LatentConsistencyModelImg2ImgPipeline"
-
-    def _img2img_pipe(self) -> Any:
-        if self._img2img is None:
-            import diffusers
-
-            name = IMG2IMG_TWIN.get(type(self.pipe).__name__)
-            if name is None:
-                raise UserError(f"image-to-image is not supported for {type(self.pipe).__name__}", field="image")
-            # unet and vae passed explicitly: from_pipe drops components whose class it does not expect, such as
-            # a swapped-in AutoencoderTiny (TAESD) or the OpenVINO UNet wrapper from engine/speedups.py. dtype
-            # too: without it from_pipe casts every component (shared with self.pipe) to float32.
-            self._img2img = getattr(diffusers, name).from_pipe(self.pipe, unet=self.pipe.unet, vae=self.pipe.vae,
-                                                               dtype=self.dtype)
-            self._img2img.set_progress_bar_config(disable=True)
-        return self._img2img
-
-    def _pipe_for(self, prep: Prepared) -> Any:
-        """The pipeline a request runs on: image-to-image's, ControlNet's (both built on first use) or the base."""
-        if prep.img2img:
-            return self._img2img_pipe()
-        if prep.request.control_image is None:
-            return self.pipe
-        if self._control is None:
-            from lcm_live.engine.controlnet import control_pipeline
-
-            self._control = control_pipeline(self.pipe, self.loaded.controlnet, self.loaded.arch, self.dtype)
-        return self._control
+        """Whether image-to-image runs as LCM's own pipeline (LatentConsistencyModelImg2ImgPipeline): every step
+        runs, on the schedule shortened by the strength; else as SD's (``steps * strength`` steps run)."""
+        return type(self.pipe).__name__ == "LatentConsistencyModelPipeline"
 
     def generate(self, request: GenerationRequest, callback: StepCallback | None = None, *,
                  should_stop: Callable[[], str | None] | None = None) -> GenerationResult:
@@ -208,88 +175,40 @@ class Engine:
         return run_batch(self, requests, callbacks)
 
     def _prepare(self, request: GenerationRequest) -> Prepared:
-        """Validate ``request`` and resolve guidance, CFG, size, seed and negative prompt."""
+        """Validate ``request``; resolve guidance, CFG, size, seed and negative prompt; fit its images and masks."""
         validate_request(request, lcm_img2img=self.lcm_img2img)
         check_control(request, self.info.controlnet)
         guidance_scale, do_cfg = resolve_guidance(request, self.loaded.kind)
         width, height = resolve_size(request, self.loaded.native_width, self.loaded.native_height)
         seed = request.seed if request.seed is not None else secrets.randbits(32)
         negative = (request.negative_prompt or None) if do_cfg else None
-        return Prepared(request, guidance_scale, do_cfg, width, height, seed, negative)
+        prep = Prepared(request, guidance_scale, do_cfg, width, height, seed, negative)
+        if request.image is not None:
+            if self.lcm_img2img:
+                check_lcm_img2img_schedule(self.pipe.scheduler, request)
+            prep.init_image = prepare_init_image(request.image, width, height)
+        if request.control_image is not None:
+            prep.control_image = prepare_init_image(request.control_image, width, height)
+        if request.mask_image is not None:
+            prep.mask, note = prepare_mask(request.mask_image, width, height, request.mask_feather)
+            prep.notes += [note] if note else []
+        if request.regions:
+            prep.region_weights, notes = region_weights([r.mask_image for r in request.regions], width, height,
+                                                        self.pipe.vae_scale_factor)
+            prep.notes += notes
+        return prep
 
     def _call(self, preps: list[Prepared], on_step: StepHook) -> tuple[Any, list[list[str]], dict[str, float]]:
-        """ONE pipeline call for requests with equal resolved keys (one request: exactly the plain call). Returns
-        the output images, each member's prompt warnings and the timings; ``on_step(step, total, timestep, x0)``
-        sees the whole batch's x0 after each step and stops the call by raising."""
-        import torch
+        """ONE denoising loop for requests with equal resolved keys (engine/generation.py). Returns the output
+        images, each member's warnings and the timings; ``on_step(step, total, timestep, x0)`` sees the whole
+        batch's x0 after each step and stops the call by raising."""
+        from lcm_live.engine.generation import run_call
 
         first = preps[0]
-        request = first.request
         with self._lock:
-            t0 = time.perf_counter()
-            pipe = self._pipe_for(first)
-            if first.img2img:
-                check_lcm_img2img_schedule(pipe, request)
-            # 1. Prompt embeddings: from the cache, or one text-encoder pass per new prompt.
-            embeds = [self.prompts.get(self.pipe, p.request.prompt, p.negative, do_cfg=first.do_cfg)[0] for p in preps]
-            t_text = time.perf_counter()
-
-            # 2. Decoder: tiled for large images (or when forced).
-            set_tiling(pipe.vae, wants_tiling(self.settings.tiled_vae, first.width, first.height))
-
-            # 3. The per-step hook: the step's x0 prediction as preview latents, cancellation by exception.
-            use_tensor_input = "denoised" in getattr(pipe, "_callback_tensor_inputs", [])
-            recorder = contextlib.nullcontext() if use_tensor_input else DenoisedRecorder(pipe.scheduler)
-            marks = {"last_step": None}
-
-            def on_step_end(p, i, t, tensors):
-                marks["last_step"] = time.perf_counter()
-                x0 = tensors.get("denoised") if use_tensor_input else recorder.last
-                timestep = getattr(p.scheduler, "last_timestep", None)  # int(t) would wait for the device
-                on_step(i + 1, int(p.num_timesteps), int(t) if timestep is None else timestep,
-                        tensors["latents"] if x0 is None else x0)
-                return {}
-
-            # One generator per request: member i's noise comes from generator[i], as it would alone.
-            generators = [torch.Generator("cpu").manual_seed(p.seed) for p in preps]
-            kwargs: dict[str, Any] = concat_embeddings([e.kwargs for e in embeds])
-            kwargs.update(
-                num_inference_steps=request.num_inference_steps, guidance_scale=first.guidance_scale,
-                num_images_per_prompt=request.num_images_per_prompt,
-                generator=generators[0] if len(preps) == 1 else generators,
-                output_type="pt" if request.output_type == "pil" else request.output_type,  # see postprocess
-                callback_on_step_end=on_step_end,
-                callback_on_step_end_tensor_inputs=["latents", "denoised"] if use_tensor_input else ["latents"],
-            )
-            if first.img2img:
-                images = [prepare_init_image(p.request.image, p.width, p.height) for p in preps]
-                kwargs.update(image=images[0] if len(preps) == 1 else images, strength=request.strength)
-            else:
-                from lcm_live.engine.scheduler import initial_latents
-
-                batch = len(preps) * request.num_images_per_prompt
-                kwargs.update(width=first.width, height=first.height,
-                              latents=initial_latents(pipe, batch, first.width, first.height, kwargs["generator"],
-                                                      self.device, self.dtype))
-                if request.control_image is not None:
-                    controls = [prepare_init_image(p.request.control_image, p.width, p.height) for p in preps]
-                    kwargs.update(image=controls[0] if len(preps) == 1 else controls,
-                                  controlnet_conditioning_scale=float(request.controlnet_conditioning_scale))
-
-            # 4. Denoise and decode.
-            with recorder:  # a Cancelled raised by the hook propagates from here
-                output = pipe(**kwargs)
-            images = to_pil(output.images) if request.output_type == "pil" else output.images
-            t_end = time.perf_counter()
-
-        last = marks["last_step"] or t_end
-        timings = {
-            "text_encoder": t_text - t0,  # ~0 on a prompt-cache hit
-            "unet": last - t_text,  # the denoising loop (img2img: includes encoding the init image)
-            "decode": t_end - last,
-            "total": t_end - t0,
-        }
-        return images, [list(e.warnings) for e in embeds], timings
+            # Decoder: tiled for large images (or when forced).
+            set_tiling(self.pipe.vae, wants_tiling(self.settings.tiled_vae, first.width, first.height))
+            return run_call(self, preps, on_step)
 
     def _parameters(self, prep: Prepared, warnings: list[str]) -> dict[str, Any]:
         """Every resolved parameter of one request (what the image's metadata records)."""
@@ -307,7 +226,7 @@ class Engine:
             "width": prep.width,
             "height": prep.height,
             "num_images_per_prompt": request.num_images_per_prompt,
-            "mode": "img2img" if prep.img2img else "control" if request.control_image is not None else "txt2img",
+            "mode": prep.mode,
             "device": self.info.device,
             "dtype": self.info.dtype,
             "decoder": self.info.decoder,
@@ -320,6 +239,15 @@ class Engine:
         if request.control_image is not None:
             parameters.update(controlnet=self.info.controlnet,
                               controlnet_conditioning_scale=float(request.controlnet_conditioning_scale))
+        if request.mask_image is not None:
+            parameters["mask_feather"] = request.mask_feather
+        if request.regions:
+            parameters["regions"] = [{"prompt": r.prompt} for r in request.regions]
+        if request.prompt_blend is not None:
+            parameters["prompt_blend"] = {"prompt": request.prompt_blend.prompt,
+                                          "weight": float(request.prompt_blend.weight)}
+        if request.seed_blend is not None:
+            parameters["seed_blend"] = {"seed": request.seed_blend.seed, "weight": float(request.seed_blend.weight)}
         return parameters
 
     # ------------------------------------------------------------------ previews and warm-up

@@ -1,9 +1,37 @@
-"""What a caller asks of the engine and what it gets back. Names follow diffusers."""
+"""What a caller asks of the engine and what it gets back. Names follow diffusers (``mask_image`` is the name
+diffusers' inpainting pipelines take); the blends and regions have no diffusers counterpart and are named here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+MAX_REGIONS = 8  # region prompts in one request: one UNet batch of up to 8 (+1 for the base prompt)
+
+
+@dataclass
+class Region:
+    """A region prompt: ``prompt`` is drawn where ``mask_image`` is white; the request's prompt covers the rest."""
+
+    prompt: str
+    mask_image: Any  # PIL image, white = this region (fitted to the output size when it differs)
+
+
+@dataclass
+class PromptBlend:
+    """A second prompt: the text embeddings are ``(1 - weight) * prompt + weight * blend.prompt``."""
+
+    prompt: str
+    weight: float = 0.5  # 0: the request's prompt alone; 1: this prompt alone
+
+
+@dataclass
+class SeedBlend:
+    """A second seed: the initial noise is the spherical interpolation (slerp) of both seeds' noises at ``weight``
+    (slerp keeps the noise's norm, so every weight is a valid starting noise; a plain mix would shrink it)."""
+
+    seed: int
+    weight: float = 0.5  # 0: the request's seed alone; 1: this seed's noise
 
 
 @dataclass
@@ -16,12 +44,19 @@ class GenerationRequest:
     width: int | None = None  # None: the model's (or preset's) native size
     height: int | None = None
     num_images_per_prompt: int = 1
-    image: Any = None  # PIL.Image.Image for image-to-image, else None
-    strength: float = 0.5  # img2img only: how far to noise the init image, in (0, 1]
-    # With a ControlNet loaded (--controlnet): the PIL image that guides the layout of a text-to-image run (lines,
-    # edges; white on black for line ControlNets), and how strongly (0 leaves the image as without it).
+    image: Any = None  # PIL.Image.Image: the init image (image-to-image, inpainting), else None
+    strength: float = 0.5  # with an init image: how far to noise it, in (0, 1]
+    # With a ControlNet loaded (--controlnet): the PIL image that guides the layout (lines, edges; white on black
+    # for line ControlNets), and how strongly (0 leaves the image as without it).
     control_image: Any = None
     controlnet_conditioning_scale: float = 1.0
+    # Inpainting (needs ``image``): white = redraw, black = keep. Pixels farther than ``mask_feather`` pixels
+    # outside the white area are the init image's exactly; the band between is a linear blend.
+    mask_image: Any = None
+    mask_feather: int = 8
+    regions: list[Region] = field(default_factory=list)  # up to MAX_REGIONS region prompts
+    prompt_blend: PromptBlend | None = None
+    seed_blend: SeedBlend | None = None
     output_type: str = "pil"  # "pil" or "latent"
 
 

@@ -94,18 +94,11 @@ class HostLCMScheduler(LCMScheduler):
             return None
         return self.host_timesteps[self.step_index - 1]
 
-    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor,
-             generator: torch.Generator | list[torch.Generator] | None = None,
-             return_dict: bool = True) -> LCMSchedulerOutput | tuple:
-        """``LCMScheduler.step`` for the schedule's step at ``step_index`` (``timestep`` is only read to find the
-        first step's index, as diffusers does)."""
-        if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
-                             "the scheduler")
-        if self.step_index is None:
-            self._init_step_index(timestep)  # the one wait: which schedule entry is this timestep?
-        s = self._scalars[self.step_index]
-
+    def denoised(self, s: StepScalars, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """The consistency function's estimate of the clean latents, f(z_t) = c_skip z_t + c_out x0_pred, for the
+        step whose scalars are ``s`` (LCMScheduler.step's steps 3 to 5, in its order of operations: the engine's
+        sampler, engine/sampling.py, and :meth:`step` both use it)."""
+        # Copied from diffusers.schedulers.scheduling_lcm.LCMScheduler.step (steps 3-5), scalars from the host.
         prediction_type = self.config.prediction_type
         if prediction_type == "epsilon":
             predicted_original_sample = (sample - s.sqrt_beta_prod * model_output) / s.sqrt_alpha_prod
@@ -123,7 +116,25 @@ class HostLCMScheduler(LCMScheduler):
             predicted_original_sample = predicted_original_sample.clamp(
                 -self.config.clip_sample_range, self.config.clip_sample_range)
 
-        denoised = s.c_out * predicted_original_sample + s.c_skip * sample
+        return s.c_out * predicted_original_sample + s.c_skip * sample
+
+    def run_schedule(self, start: int = 0) -> tuple[torch.Tensor, list[StepScalars]]:
+        """The timesteps (on the device given to set_timesteps) and host scalars of the steps that run, from
+        schedule index ``start`` (SD's image-to-image starts part-way, diffusers' ``set_begin_index``)."""
+        return self.timesteps[start:], self._scalars[start:]
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor,
+             generator: torch.Generator | list[torch.Generator] | None = None,
+             return_dict: bool = True) -> LCMSchedulerOutput | tuple:
+        """``LCMScheduler.step`` for the schedule's step at ``step_index`` (``timestep`` is only read to find the
+        first step's index, as diffusers does)."""
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        if self.step_index is None:
+            self._init_step_index(timestep)  # the one wait: which schedule entry is this timestep?
+        s = self._scalars[self.step_index]
+        denoised = self.denoised(s, model_output, sample)
 
         # No noise on the schedule's last step (nor for one-step sampling).
         if self.step_index != self.num_inference_steps - 1:

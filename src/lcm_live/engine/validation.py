@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from lcm_live.engine import modes
 from lcm_live.engine.request import GenerationRequest
 from lcm_live.errors import UserError
 
@@ -28,7 +29,8 @@ def _is_number(value: Any) -> bool:
 
 
 def validate_request(request: GenerationRequest, *, lcm_img2img: bool = False) -> None:
-    """The checks that do not depend on the model (run them before loading one, for fast feedback).
+    """The checks that do not depend on the model (run them before loading one, for fast feedback): the common
+    fields here, each conditioning's in its registry entry.
 
     ``lcm_img2img``: the image-to-image pipeline is LCM's own (``LatentConsistencyModelImg2ImgPipeline``), which
     runs all ``num_inference_steps`` on the strength-shortened schedule (so 1 step at strength 0.5 is one UNet
@@ -54,43 +56,22 @@ def validate_request(request: GenerationRequest, *, lcm_img2img: bool = False) -
                         field="guidance_scale")
     seed = request.seed
     if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
-        raise UserError(f"seed={seed!r}: use a whole number from 0 to 2**64-1, or leave it out for a random one",
-                        field="seed")
+        raise UserError(f"seed={seed!r}: use a whole number from 0 to {MAX_SEED} (2**64-1), or leave it out for a "
+                        "random one", field="seed")
     n = request.num_images_per_prompt
     if not _is_int(n) or n < 1:
         raise UserError(f"num_images_per_prompt={n!r}: use a whole number >= 1", field="num_images_per_prompt")
     if request.output_type not in ("pil", "latent"):
         raise UserError(f"output_type={request.output_type!r}: use 'pil' or 'latent'", field="output_type")
-    if request.image is not None:
-        s = request.strength
-        if not _is_number(s) or not 0 < s <= 1:
-            raise UserError(f"strength={s!r}: use a number in (0, 1] (how far to move away from the init image)",
-                            field="strength")
-        if not lcm_img2img and steps * s < 1 - 1e-9:
-            raise UserError(f"strength={s} with num_inference_steps={steps} runs no denoising step "
-                            f"(steps * strength = {steps * s:.2f} < 1); raise strength to at least {1 / steps:.3g} "
-                            "or use more steps", field="strength")
-        if not hasattr(request.image, "convert"):
-            raise UserError("image must be a PIL image (the init image for image-to-image)", field="image")
+    # The conditionings' own checks (init image, mask, regions, blends: engine/modes.py); the ControlNet's needs
+    # the model, see check_control.
+    modes.check(request, modes.ModelCaps(lcm_img2img=lcm_img2img), model_checks=False)
 
 
 def check_control(request: GenerationRequest, controlnet: str | None) -> None:
-    """A control image needs a ControlNet, a text-to-image run and a conditioning scale >= 0."""
-    if request.control_image is None:
-        return
-    if controlnet is None:
-        raise UserError("control_image needs a ControlNet: load one with --controlnet (a hub id, a diffusers "
-                        "ControlNet folder or a .safetensors file), or drop the control image", field="control_image")
-    if request.image is not None:
-        raise UserError("control_image with an init image (image-to-image) is not supported (diffusers' ControlNet "
-                        "image-to-image pipelines give a full LCM no guidance embedding): give one of the two",
-                        field="control_image")
-    if not hasattr(request.control_image, "convert"):
-        raise UserError("control_image must be a PIL image", field="control_image")
-    scale = request.controlnet_conditioning_scale
-    if not _is_number(scale) or scale < 0:
-        raise UserError(f"controlnet_conditioning_scale={scale!r}: use a number >= 0 (1.0 is the usual strength, "
-                        "0 turns the ControlNet off)", field="controlnet_conditioning_scale")
+    """A control image needs a ControlNet (``controlnet``: its name, None without one) and a scale >= 0."""
+    if request.control_image is not None:
+        modes.BY_NAME["control_image"].check(request, modes.ModelCaps(controlnet=controlnet))
 
 
 def resolve_guidance(request: GenerationRequest, kind: str) -> tuple[float, bool]:
@@ -115,12 +96,10 @@ def resolve_guidance(request: GenerationRequest, kind: str) -> tuple[float, bool
     return g, do_cfg
 
 
-def check_lcm_img2img_schedule(pipe: Any, request: GenerationRequest) -> None:
-    """LatentConsistencyModelImg2ImgPipeline picks all its steps from the first ``original_inference_steps *
-    strength`` points of LCM's skipping schedule (50 points over 1000 timesteps): there must be enough of them."""
-    if type(pipe).__name__ != "LatentConsistencyModelImg2ImgPipeline":
-        return
-    original = int(getattr(pipe.scheduler.config, "original_inference_steps", 50) or 50)
+def check_lcm_img2img_schedule(scheduler: Any, request: GenerationRequest) -> None:
+    """LCM's own image-to-image picks all its steps from the first ``original_inference_steps * strength`` points of
+    LCM's skipping schedule (50 points over 1000 timesteps): there must be enough of them."""
+    original = int(getattr(scheduler.config, "original_inference_steps", 50) or 50)
     available = int(original * request.strength)
     if available < request.num_inference_steps:
         raise UserError(

@@ -1,0 +1,216 @@
+"""The conditionings a generation composes, declared once: validation, the mode name, the batch key, the
+parameter schema (studio) and the CLI flags are all read from :data:`CONDITIONINGS`.
+
+A request's mode is the set of conditionings it uses besides text: an init image (``img2img``), a mask over it
+(``inpaint``), a control image (``control``), region prompts (``regions``); blends change inputs, not the mode.
+Adding a conditioning means one entry here and its few lines in engine/generation.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lcm_live.engine.request import MAX_REGIONS, GenerationRequest
+from lcm_live.errors import UserError
+
+
+@dataclass(frozen=True)
+class Param:
+    """One request field: diffusers' name where it has one, its JSON type and bounds, its CLI flag."""
+
+    name: str
+    type: str  # "string", "integer", "number", "image", or "object"/"array" for the structured ones
+    description: str
+    default: Any = None
+    minimum: float | None = None
+    maximum: float | None = None
+    flag: str | None = None  # `lcm-live generate` flag
+    fields: dict[str, str] = field(default_factory=dict)  # "object"/"array" items: field -> type
+
+
+@dataclass(frozen=True)
+class ModelCaps:
+    """What the loaded model offers, as validation needs it."""
+
+    controlnet: str | None = None  # the ControlNet's name, None without one
+    lcm_img2img: bool = False  # img2img as LCM's own pipeline (all steps run whatever the strength)
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    name: str
+    label: str | None  # its part of the mode name
+    params: tuple[Param, ...]
+    active: Callable[[GenerationRequest], bool]
+    check: Callable[[GenerationRequest, ModelCaps], None]  # raises UserError naming the field
+    key: Callable[[GenerationRequest], tuple] = lambda r: ()  # what requests in one batched call share
+    needs_controlnet: bool = False
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_image(value: Any) -> bool:
+    return hasattr(value, "convert") and hasattr(value, "size")
+
+
+def _check_init(request: GenerationRequest, caps: ModelCaps) -> None:
+    s, steps = request.strength, request.num_inference_steps
+    if not _is_number(s) or not 0 < s <= 1:
+        raise UserError(f"strength={s!r}: use a number in (0, 1] (how far to move away from the init image)",
+                        field="strength")
+    if not caps.lcm_img2img and steps * s < 1 - 1e-9:
+        raise UserError(f"strength={s} with num_inference_steps={steps} runs no denoising step "
+                        f"(steps * strength = {steps * s:.2f} < 1); raise strength to at least {1 / steps:.3g} "
+                        "or use more steps", field="strength")
+    if not _is_image(request.image):
+        raise UserError("image must be a PIL image (the init image for image-to-image)", field="image")
+
+
+def _check_control(request: GenerationRequest, caps: ModelCaps) -> None:
+    if caps.controlnet is None:
+        raise UserError("control_image needs a ControlNet: load one with --controlnet (a hub id, a diffusers "
+                        "ControlNet folder or a .safetensors file), or drop the control image", field="control_image")
+    if not _is_image(request.control_image):
+        raise UserError("control_image must be a PIL image", field="control_image")
+    scale = request.controlnet_conditioning_scale
+    if not _is_number(scale) or scale < 0:
+        raise UserError(f"controlnet_conditioning_scale={scale!r}: use a number >= 0 (1.0 is the usual strength, "
+                        "0 turns the ControlNet off)", field="controlnet_conditioning_scale")
+
+
+def _check_mask(request: GenerationRequest, caps: ModelCaps) -> None:
+    if request.image is None:
+        raise UserError("mask_image needs an init image (image): the mask says which part of it to redraw",
+                        field="mask_image")
+    if not _is_image(request.mask_image):
+        raise UserError("mask_image must be an image (white = redraw, black = keep)", field="mask_image")
+    f = request.mask_feather
+    if not isinstance(f, int) or isinstance(f, bool) or not 0 <= f <= 64:
+        raise UserError(f"mask_feather={f!r}: use a whole number of pixels from 0 to 64", field="mask_feather")
+
+
+def _check_regions(request: GenerationRequest, caps: ModelCaps) -> None:
+    regions = request.regions
+    if not isinstance(regions, list) or len(regions) > MAX_REGIONS:
+        n = len(regions) if isinstance(regions, list) else regions
+        raise UserError(f"regions: {n} given; use at most {MAX_REGIONS} region prompts", field="regions")
+    for k, region in enumerate(regions):
+        if not isinstance(getattr(region, "prompt", None), str) or not region.prompt.strip():
+            raise UserError(f"regions[{k}].prompt is empty: give each region the prompt to draw there",
+                            field=f"regions[{k}].prompt")
+        if not _is_image(getattr(region, "mask_image", None)):
+            raise UserError(f"regions[{k}].mask_image must be an image (white = this region)",
+                            field=f"regions[{k}].mask_image")
+
+
+def _check_weight(name: str, weight: Any) -> None:
+    if not _is_number(weight) or not 0 <= weight <= 1:
+        raise UserError(f"{name}.weight={weight!r}: use a number from 0 to 1", field=f"{name}.weight")
+
+
+def _check_prompt_blend(request: GenerationRequest, caps: ModelCaps) -> None:
+    blend = request.prompt_blend
+    if not isinstance(getattr(blend, "prompt", None), str):
+        raise UserError("prompt_blend.prompt must be text", field="prompt_blend.prompt")
+    _check_weight("prompt_blend", blend.weight)
+
+
+def _check_seed_blend(request: GenerationRequest, caps: ModelCaps) -> None:
+    from lcm_live.engine.validation import MAX_SEED
+
+    seed = getattr(request.seed_blend, "seed", None)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise UserError(f"seed_blend.seed={seed!r}: use a whole number from 0 to {MAX_SEED}", field="seed_blend.seed")
+    _check_weight("seed_blend", request.seed_blend.weight)
+
+
+CONDITIONINGS: tuple[Conditioning, ...] = (
+    Conditioning(
+        "init_image", "img2img",
+        (Param("image", "image", "init image: image-to-image", flag="--image"),
+         Param("strength", "number", "with an init image: how far to move from it, in (0, 1]", 0.5, 0.0, 1.0,
+               flag="--strength")),
+        active=lambda r: r.image is not None, check=_check_init,
+        key=lambda r: (r.strength, None if (r.width and r.height) else tuple(getattr(r.image, "size", ())))),
+    Conditioning(
+        "control_image", "control",
+        (Param("control_image", "image", "with a ControlNet: the image that guides the layout (white lines on "
+                                         "black for line ControlNets)", flag="--control-image"),
+         Param("controlnet_conditioning_scale", "number", "how strongly the control image guides, >= 0", 1.0, 0.0,
+               flag="--controlnet-conditioning-scale")),
+        active=lambda r: r.control_image is not None, check=_check_control,
+        key=lambda r: (r.controlnet_conditioning_scale,), needs_controlnet=True),
+    Conditioning(
+        "mask", "inpaint",
+        (Param("mask_image", "image", "with an init image: white = redraw, black = keep", flag="--mask"),
+         Param("mask_feather", "integer", "pixels over which the redrawn area fades into the init image", 8, 0, 64,
+               flag="--mask-feather")),
+        active=lambda r: r.mask_image is not None, check=_check_mask),
+    Conditioning(
+        "regions", "regions",
+        (Param("regions", "array", f"up to {MAX_REGIONS} region prompts, each drawn where its mask is white; the "
+                                   "prompt covers the rest", [], 0, MAX_REGIONS, flag="--region",
+               fields={"prompt": "string", "mask_image": "image"}),),
+        active=lambda r: bool(r.regions), check=_check_regions, key=lambda r: (len(r.regions),)),
+    Conditioning(
+        "prompt_blend", None,
+        (Param("prompt_blend", "object", "a second prompt and its weight in [0, 1]: the text embeddings "
+                                         "interpolated", flag="--prompt-blend",
+               fields={"prompt": "string", "weight": "number"}),),
+        active=lambda r: r.prompt_blend is not None, check=_check_prompt_blend),
+    Conditioning(
+        "seed_blend", None,
+        (Param("seed_blend", "object", "a second seed and its weight in [0, 1]: the starting noises slerped",
+               flag="--seed-blend", fields={"seed": "integer", "weight": "number"}),),
+        active=lambda r: r.seed_blend is not None, check=_check_seed_blend),
+)
+BY_NAME = {c.name: c for c in CONDITIONINGS}
+
+
+def active(request: GenerationRequest) -> list[Conditioning]:
+    return [c for c in CONDITIONINGS if c.active(request)]
+
+
+def mode_name(request: GenerationRequest) -> str:
+    """``txt2img``, or the labels of the conditionings in use joined by ``+`` (``inpaint`` stands for
+    ``img2img`` with a mask): ``img2img``, ``control``, ``inpaint+control``, ``regions``, ..."""
+    labels = [c.label for c in active(request) if c.label]
+    if "inpaint" in labels:  # in img2img's place
+        labels.remove("inpaint")
+        labels[labels.index("img2img")] = "inpaint"
+    return "+".join(labels) or "txt2img"
+
+
+def check(request: GenerationRequest, caps: ModelCaps, *, model_checks: bool = True) -> None:
+    """Every active conditioning's checks, in the registry's order (the first problem is raised);
+    ``model_checks=False`` leaves out those that need the model (a ControlNet), for checks before loading it."""
+    for conditioning in active(request):
+        if model_checks or not conditioning.needs_controlnet:
+            conditioning.check(request, caps)
+
+
+def batch_key(request: GenerationRequest) -> Hashable | None:
+    """What must be equal for two requests to share one call, from the request as given (before the engine
+    resolves defaults); None when the request is never batched (``num_images_per_prompt > 1``)."""
+    if request.num_images_per_prompt != 1:
+        return None
+    parts = tuple((c.name, c.key(request)) for c in active(request))
+    return (mode_name(request), request.width, request.height, request.num_inference_steps,
+            request.guidance_scale, request.output_type, parts)
+
+
+def param_schema(caps: ModelCaps | None = None) -> list[dict[str, Any]]:
+    """The conditionings' parameters as plain dicts (name, type, description, default, bounds, flag, fields,
+    conditioning), those needing a ControlNet only when ``caps`` has one: what a page builds its controls from."""
+    caps = caps or ModelCaps()
+    out = []
+    for c in CONDITIONINGS:
+        if c.needs_controlnet and caps.controlnet is None:
+            continue
+        out += [{**asdict(p), "conditioning": c.name} for p in c.params]
+    return out
