@@ -8,9 +8,16 @@ random weights (same shapes, FLOPs and kernels as the released models; no downlo
    ``LCMScheduler``, full VAE, float32 on CPU / float16 on CUDA, guidance 1.5. Warm it up.
 3. Alternate timed runs (seed, lcm-live, seed, ...) in this one process, same prompt and seed, so drift on a
    shared machine hits both alike. Per-stage times come from timers on the components.
-4. Report medians and spreads, per-stage times, peak memory, and the two closing lines: ``parity_cosine``
-   (lcm-live's final latents against the seed path's, run once more untimed from lcm-live's own noise:
-   ``seed_reference``) and ``speedup_vs_seed``.
+4. Measure the machine's peak in each path's backend and dtype (a GEMM, bench/roofline.py), right after the
+   timed runs, and count each path's FLOPs from its components (bench/flops.py).
+5. Report medians and spreads, per-stage times, peak memory, the rooflines and the closing lines:
+   ``roofline_fraction`` (lcm-live's achieved FLOP/s over its peak), ``parity_cosine`` (lcm-live's final latents
+   against the seed path's, run once more untimed from lcm-live's own noise: ``seed_reference``) and
+   ``speedup_vs_seed``.
+
+``arch``: sd15 and sdxl are full LCMs (the seed article's guidance 1.5); the fast families (sd-turbo,
+sdxl-turbo, sdxs, bk-sdm-tiny/small; engine/architectures.py) run with their own step count and guidance
+(no CFG) unless given, on both paths.
 
 ``batch_size`` N: both paths make N images per call (``num_images_per_prompt=N``, one seed, so the same noise),
 one UNet call per step for all N; the report gives ms per call, ms per image (call / N) and images per second.
@@ -19,13 +26,19 @@ one UNet call per step for all N; the report gives ms per call, ms per image (ca
 from __future__ import annotations
 
 import gc
-import json
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from lcm_live.bench.measure import RssSampler, StageTimer, describe_machine, summarize, synchronize
+from lcm_live.bench.measure import (
+    RssSampler,
+    StageTimer,
+    current_load,
+    describe_machine,
+    summarize,
+    synchronize,
+)
+from lcm_live.bench.report import format_report, write_json  # noqa: F401 (their home before report.py)
 from lcm_live.bench.seed_path import build_seed_pipeline, seed_reference, seed_run
 from lcm_live.errors import UserError
 
@@ -38,7 +51,7 @@ class BenchConfig:
     arch: str = "sd15"
     width: int = 512
     height: int = 512
-    num_inference_steps: int = 4
+    num_inference_steps: int | None = None  # None: the family's (sd15 4, sd-turbo/sdxs 1, ...)
     runs: int = 3
     warmup: int = 1
     batch_size: int = 1  # images per call on both paths (num_images_per_prompt)
@@ -50,7 +63,7 @@ class BenchConfig:
     compile: bool = False
     compile_mode: str = "auto"
     quantize: str = "none"
-    guidance_scale: float = SEED_GUIDANCE
+    guidance_scale: float | None = None  # None: the family's (sd15: the seed article's 1.5; turbo: 0)
     prompt: str = "a watercolor fox in a snowy forest, detailed, soft light"
     seed: int = 0  # the image seed (noise)
     model_seed: int = 0  # the random weights' seed
@@ -58,6 +71,20 @@ class BenchConfig:
     progress: bool = True
     profile: str | None = None  # a file: one more lcm-live call under torch.profiler (bench/profile.py)
     controlnet: bool = False  # lcm-live's path with a ControlNet of the arch's shape (random weights), lines given
+
+    def __post_init__(self) -> None:  # the family's step count and guidance where none is given
+        f = bench_family(self.arch)
+        self.num_inference_steps = self.num_inference_steps or f.num_inference_steps
+        self.guidance_scale = f.guidance_scale if self.guidance_scale is None else self.guidance_scale
+
+
+def bench_family(arch: str) -> Any:
+    """The family of ``arch`` (engine/architectures.py); "tiny": the seconds-long test model, a full LCM at 64x64."""
+    from lcm_live.engine.architectures import Family, family
+
+    if arch == "tiny":
+        return Family("tiny", "tiny", "sd15", 64, 4, SEED_GUIDANCE, full_lcm=True)
+    return family(arch)
 
 
 def quiet_diffusers() -> None:
@@ -110,7 +137,8 @@ def build_fast_engine(config: BenchConfig, device: Any, dtype: Any) -> tuple[Any
     from lcm_live.engine.speedups import apply_speedups
 
     # 1. float32 weights first, then cast: the fast path and the float32 seed path hold the same weights.
-    pipe = build_pipeline(config.arch, full_lcm=True, dtype=torch.float32, seed=config.model_seed)
+    fam = bench_family(config.arch)
+    pipe = build_pipeline(config.arch, full_lcm=fam.full_lcm, dtype=torch.float32, seed=config.model_seed)
     pipe.to(dtype=dtype)
     if config.decoder == "taesd":
         pipe.vae = random_taesd(config.arch, dtype, config.model_seed + 10)
@@ -126,12 +154,12 @@ def build_fast_engine(config: BenchConfig, device: Any, dtype: Any) -> tuple[Any
         openvino_cache_dir=config.openvino_cache_dir,
     )
     applied = apply_speedups(pipe, settings, device, dtype)
-    size = 1024 if config.arch == "sdxl" else 512
+    size = fam.native_size
     controlnet = None
     if config.controlnet:  # built in float32 and cast, like the pipeline: the float32 heap handed back after
         controlnet = random_controlnet(pipe.unet, pipe.vae_scale_factor, dtype, device, config.model_seed + 20)
         release_freed_memory()
-    loaded = LoadedModel(pipe=pipe, kind="lcm", arch="sdxl" if config.arch == "sdxl" else "sd15",
+    loaded = LoadedModel(pipe=pipe, kind="lcm" if fam.full_lcm else "lcm-lora", arch=fam.pipeline_arch,
                          name=settings.model, native_width=size, native_height=size, controlnet=controlnet,
                          controlnet_name=CONTROLNET_NAME if controlnet is not None else None)
     engine = Engine(loaded, settings, device, dtype, speedups=applied)
@@ -186,6 +214,8 @@ class _Path:
         self.totals: list[float] = []
         self.stages: list[dict[str, float]] = []
         self.unet_calls = 0
+        self.samples: dict[str, int] = {}  # what each component processed in one call (bench/flops.py)
+        self.stage_seconds: list[dict[str, float]] = []
         self.latents = None
         self.memory = RssSampler(device)
 
@@ -211,10 +241,13 @@ class _Path:
             self.run()
             total = time.perf_counter() - t0  # "other" below: the stage run's own remainder
         s = self.timer.seconds
+        self.samples, self.stage_seconds = dict(self.timer.samples), self.stage_seconds + [dict(s)]
         self.unet_calls = self.timer.calls["unet"]
         per_step = s["unet"] / max(1, self.timer.calls["unet"])
         stage = {"text_encoder": s["text_encoder"], "unet_per_step": per_step, "decode": s["decode"],
                  "other": total - sum(s.values())}
+        if s.get("encode"):
+            stage["encode"] = s["encode"]
         if "controlnet" in s:
             stage["controlnet_per_step"] = s["controlnet"] / max(1, self.timer.calls["controlnet"])
         self.stages.append(stage)
@@ -239,6 +272,19 @@ class _Path:
         if self.memory.peak_cuda:
             out["peak_cuda_gb"] = round(self.memory.peak_cuda / 2**30, 2)
         return out
+
+
+def _roofline(path: _Path, pipe: Any, config: BenchConfig, peak: Any, controlnet: Any = None) -> dict[str, Any]:
+    import statistics
+
+    from lcm_live.bench.flops import pipeline_flops
+    from lcm_live.bench.roofline import path_roofline
+
+    flops = pipeline_flops(pipe, config.width, config.height, controlnet)
+    stage_seconds = {k: statistics.median(run.get(k, 0.0) for run in path.stage_seconds)
+                     for k in path.stage_seconds[-1]}
+    out = path_roofline(path.samples, stage_seconds, flops, statistics.median(path.totals), peak)
+    return out | {"flops_per_sample": flops}
 
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:
@@ -301,6 +347,15 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                 fast.timed()
                 bar.update()
 
+    # 4. The peaks, right after the timed runs (the same load), and the FLOPs each path did.
+    from lcm_live.bench.roofline import measure_peak, path_precision
+
+    fast_peak = measure_peak(*path_precision(engine.settings.backend, str(dtype).removeprefix("torch."),
+                                             config.quantize, device.type))
+    seed_peak = measure_peak(*path_precision("torch", str(seed_dtype).removeprefix("torch."), "none",
+                                             device.type)) if seed else None
+    report["machine"]["load_average_1m_end"] = current_load()
+
     if config.profile:  # after the figures: a failing profiler costs its own summary only
         from lcm_live.bench.profile import profile_call
 
@@ -312,12 +367,15 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         finally:
             fast.timer.enabled = True
 
-    # 4. Report.
+    # 5. Report.
     report["lcm_live"] = fast.report(dtype, config.batch_size) | {
-        "speedups": applied, "decoder": config.decoder, "backend": engine.settings.backend}
+        "speedups": applied, "decoder": config.decoder, "backend": engine.settings.backend,
+        "roofline": _roofline(fast, engine.pipe, config, fast_peak, engine.loaded.controlnet)}
+    report["roofline_fraction"] = report["lcm_live"]["roofline"]["roofline_fraction"]
     if seed:
         report["seed"] = seed.report(seed_dtype, config.batch_size) | {
-            "decoder": "vae", "pipeline": type(pipe).__name__, "guidance_scale": config.guidance_scale}
+            "decoder": "vae", "pipeline": type(pipe).__name__, "guidance_scale": config.guidance_scale,
+            "roofline": _roofline(seed, pipe, config, seed_peak)}
         # In float32 (a CPU) the reference run would be the timed seed image bit for bit (seed_path.py): reused.
         reference = seed.latents if seed_dtype == torch.float32 else seed_reference(pipe, config, device)
         a = fast.latents.detach().float().flatten().cpu()
@@ -326,65 +384,3 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         report["speedup_vs_seed"] = (report["seed"]["ms_per_image"]["median"]
                                      / report["lcm_live"]["ms_per_image"]["median"])
     return report
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """Human-readable lines; the last two are ``parity_cosine: X`` and ``speedup_vs_seed: X`` when a
-    baseline ran."""
-    c = report["config"]
-    m = report["machine"]
-    batch = int(c.get("batch_size", 1))
-    lines = [
-        f"arch {c['arch']}  {c['width']}x{c['height']}  {c['num_inference_steps']} steps  "
-        f"guidance {c['guidance_scale']}  runs {c['runs']} (+{c['warmup']} warm-up)"
-        + (f"  batch {batch} images per call" if batch > 1 else ""),
-        f"device {report['device']} ({m.get('gpu') or m['cpu']}, {m['torch_threads']} threads)  "
-        f"torch {m['torch']}  diffusers {m['diffusers']}  openvino {m.get('openvino')}",
-    ]
-    for key, label in (("seed", "seed (StableDiffusionPipeline + LCMScheduler)"), ("lcm_live", "lcm-live")):
-        r = report.get(key)
-        if r is None:
-            continue
-        t, s = r["ms_per_image"], r["stages_ms"]
-        extra = f"  speedups {','.join(r['speedups'])}  decoder {r['decoder']}" if key == "lcm_live" else \
-            f"  decoder {r['decoder']}"
-        lines.append(f"{label}: dtype {r['dtype']}{extra}")
-        if batch > 1:
-            call = r["ms_per_call"]
-            lines.append(f"  ms per call ({batch} images): median {call['median']:.0f}  min {call['min']:.0f}  max "
-                         f"{call['max']:.0f}  spread {call['spread'] * 100:.1f}%  = {t['median']:.0f} ms per image, "
-                         f"{r['images_per_s']:.2f} images/s")
-        else:
-            lines.append(f"  ms per image: median {t['median']:.0f}  min {t['min']:.0f}  max {t['max']:.0f}  "
-                         f"spread {t['spread'] * 100:.1f}%  ({r['images_per_s']:.2f} images/s)")
-        lines.append(f"  stages (median ms): text encoder {s['text_encoder']:.1f}  unet/step {s['unet_per_step']:.0f} "
-                     f"(x{r['unet_calls_per_call']} calls)  decode {s['decode']:.0f}  other {s['other']:.0f}"
-                     + (f"  controlnet/step {s['controlnet_per_step']:.0f}" if "controlnet_per_step" in s else ""))
-        mem = f"  peak RSS {r['peak_rss_gb']:.2f} GB"
-        if key == "lcm_live":
-            mem += f" (alone: {report['lcm_live_alone_peak_rss_gb']:.2f} GB"
-            if "lcm_live_warmup_peak_rss_gb" in report:
-                mem += f"; during warm-up: {report['lcm_live_warmup_peak_rss_gb']:.2f} GB"
-            mem += ")"
-        if "peak_cuda_gb" in r:
-            mem += f"  peak CUDA {r['peak_cuda_gb']:.2f} GB"
-            if key == "lcm_live" and "lcm_live_alone_peak_cuda_gb" in report:
-                mem += f" (alone: {report['lcm_live_alone_peak_cuda_gb']:.2f} GB)"
-        lines.append(mem)
-    lines.append(f"lcm-live setup {report['lcm_live_setup_s']:.1f} s, warm-up {report['lcm_live_warmup_s']:.1f} s")
-    if "profile" in report:
-        from lcm_live.bench.profile import format_profile
-
-        lines += format_profile(report["profile"])
-    if "parity_cosine" in report:
-        lines.append(f"parity_cosine: {report['parity_cosine']:.5f}")
-        lines.append(f"speedup_vs_seed: {report['speedup_vs_seed']:.2f}")
-    return "\n".join(lines)
-
-
-def write_json(report: dict[str, Any], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    tmp.replace(path)

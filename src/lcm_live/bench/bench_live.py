@@ -6,7 +6,11 @@
 2. A ``websockets`` client draws a moving stroke in sketch (img2img) mode: it sends the params once, then a new
    canvas (JPEG, as the page sends) each time a frame arrives, so one canvas is in flight at a time.
 3. Latency is canvas sent -> frame image received; fps is frames over the measured seconds (the first frame,
-   which may wait for kernel selection, is left out). The last line printed is ``live_fps: X``.
+   which may wait for kernel selection, is left out).
+4. The roofline: the FLOPs of a frame (what the UNet, the decoder and the encoder processed while drawing, counted
+   from the components at this size: bench/flops.py) times ``live_fps``, over this machine's GEMM peak in the
+   UNet's backend and dtype, measured right after the drawing. The last two lines printed are
+   ``roofline_fraction: X`` and ``live_fps: X``.
 
 ``sessions`` K: K clients draw at once (each its own stroke and seed, the same size and steps, so the studio may
 batch their frames: ``max_batch_size``, default the studio's own choice). ``live_fps`` is then the total, the sum
@@ -38,7 +42,7 @@ class LiveConfig:
     # evaluation per frame (at t ~ 500), the live mode of docs/benchmarks.md.
     num_inference_steps: int = 1
     strength: float = 0.5
-    guidance_scale: float = 8.0
+    guidance_scale: float | None = None  # None: 8 for a full LCM (its w-embedding), the family's otherwise (no CFG)
     seconds: float = 20.0
     backend: str = "auto"
     decoder: str = "taesd"
@@ -157,16 +161,22 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
 
     from lcm_live.bench.bench_engine import (
         BenchConfig,
+        bench_family,
         build_fast_engine,
         quiet_diffusers,
         resolve_device_dtype,
     )
-    from lcm_live.bench.measure import StageTimer, describe_machine
+    from lcm_live.bench.measure import StageTimer, current_load, describe_machine
     from lcm_live.config import Settings, StudioSettings
     from lcm_live.studio.app import create_app
 
     # 1. The engine and the studio around it.
     quiet_diffusers()
+    if config.guidance_scale is None:
+        import dataclasses
+
+        fam = bench_family(config.arch)
+        config = dataclasses.replace(config, guidance_scale=8.0 if fam.full_lcm else fam.guidance_scale)
     bench_config = BenchConfig(arch=config.arch, width=config.width, height=config.height,
                                num_inference_steps=config.num_inference_steps, backend=config.backend,
                                decoder=config.decoder, dtype=config.dtype, device=config.device,
@@ -204,6 +214,15 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
         server.should_exit = True
         thread.join(timeout=30)
 
+    # 4. The peak, right after the drawing (the same load), in the UNet's backend and dtype.
+    from lcm_live.bench.flops import pipeline_flops
+    from lcm_live.bench.roofline import measure_peak, path_precision, roofline
+
+    peak = measure_peak(*path_precision(engine.settings.backend, str(dtype).removeprefix("torch."),
+                                        config.quantize, device.type))
+    machine["load_average_1m_end"] = current_load()
+    flops = pipeline_flops(engine.pipe, config.width, config.height, engine.loaded.controlnet)
+
     # 3. Summarise (each client's first frame is left out of fps and latency).
     per_client_fps, lat, server_ms, errors, spans = [], [], [], [], []
     for raw in clients:
@@ -219,6 +238,11 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
     # Counted, not derived: LCM's img2img runs num_inference_steps UNet calls spread over the strength-shortened
     # schedule (unlike SD img2img's steps * strength). With batching one call serves several frames.
     generations = max(1, timer.calls["decode"])
+    frames_made = max(1, timer.samples.get("decode", 0))
+    flops_per_frame = sum(n * flops.get(name, 0.0) for name, n in timer.samples.items()) / frames_made
+    live_fps = sum(per_client_fps)
+    line = roofline(flops_per_frame * live_fps, 1.0, peak)
+    unet_flops = timer.samples.get("unet", 0) * flops["unet"]
     return {
         "config": asdict(config),
         "machine": machine,
@@ -227,7 +251,7 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
         "speedups": applied,
         "unet_evaluations_per_frame": timer.calls["unet"] / generations,  # per engine call when batched
         "stage_ms_per_generation": {stage: timer.seconds[stage] / generations * 1000
-                                    for stage in ("unet", "decode", "controlnet") if stage in timer.seconds},
+                                    for stage in ("unet", "decode", "encode", "controlnet") if stage in timer.seconds},
         "studio_ready_s": ready_s,
         "sessions": config.sessions,
         "max_batch_size": max_batch,
@@ -236,7 +260,12 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
         "frames": sum(len(raw["frame_times"]) for raw in clients),
         "seconds": max(spans),
         "per_client_fps": per_client_fps,
-        "live_fps": sum(per_client_fps),
+        "roofline": {"flops_per_frame": flops_per_frame, "flops_per_sample": flops, "samples": dict(timer.samples),
+                     "peak": peak.to_dict(), **line,
+                     "unet_stage_fraction": roofline(unet_flops, timer.seconds["unet"], peak)["roofline_fraction"]
+                     if timer.seconds["unet"] > 0 else None},
+        "roofline_fraction": line["roofline_fraction"],
+        "live_fps": live_fps,
         "latency_ms": {"p50": _percentile(lat, 0.5) * 1000, "p95": _percentile(lat, 0.95) * 1000,
                        "mean": statistics.fmean(lat) * 1000},
         "server_total_ms_median": statistics.median(server_ms) if server_ms else None,
@@ -264,5 +293,18 @@ def format_live(report: dict[str, Any]) -> str:
         f"; errors {len(report['errors'])}",
         f"latency canvas -> frame: p50 {report['latency_ms']['p50']:.0f} ms  p95 {report['latency_ms']['p95']:.0f} ms"
         f"  (server total median {report['server_total_ms_median'] or 0:.0f} ms)",
+        *_roofline_lines(report),
         f"live_fps: {report['live_fps']:.2f}",
     ])
+
+
+def _roofline_lines(report: dict[str, Any]) -> list[str]:
+    r = report.get("roofline")
+    if not r:
+        return []
+    p, unet = r["peak"], r.get("unet_stage_fraction")
+    return [f"roofline: {r['flops_per_frame'] / 1e9:.1f} GFLOP per frame x {report['live_fps']:.2f} fps = "
+            f"{r['achieved_tflops']:.3g} TFLOP/s of {r['peak_tflops']:.3g} ({p['backend']} {p['dtype']} "
+            f"{p['n']}x{p['n']} GEMM, measured after the drawing)"
+            + (f"; UNet stage {unet:.2f}" if unet is not None else ""),
+            f"roofline_fraction: {report['roofline_fraction']:.2f}"]

@@ -30,12 +30,17 @@ class StageTimer:
     run as two calls; diffusers batches CFG into one call of batch 2). On CUDA each timed stage synchronizes the
     device before and after, which stops the host from queueing work ahead of the GPU: a run's total time is
     taken with ``enabled = False`` (the wrappers then only pass the call on) and its stages in a run of their
-    own."""
+    own.
+
+    ``samples`` counts what each wrapped component processed (the batch size of each call, summed) under its
+    own name ("text_encoder", "text_encoder_2", "unet", "controlnet", "decode", "encode"): with FLOPs per sample
+    (bench/flops.py) they give the FLOPs a run did, CFG's doubled batch and several images per call included."""
 
     device: Any = "cpu"
     enabled: bool = True
     seconds: dict[str, float] = field(default_factory=lambda: {"text_encoder": 0.0, "unet": 0.0, "decode": 0.0})
     calls: dict[str, int] = field(default_factory=lambda: {"text_encoder": 0, "unet": 0, "decode": 0})
+    samples: dict[str, int] = field(default_factory=dict)
     _undo: list = field(default_factory=list)
 
     def attach(self, pipe: Any, controlnet: Any = None) -> StageTimer:
@@ -43,18 +48,20 @@ class StageTimer:
         for name in ("text_encoder", "text_encoder_2"):
             module = getattr(pipe, name, None)
             if module is not None:
-                self._wrap(module, "forward", "text_encoder")
+                self._wrap(module, "forward", "text_encoder", name)
         self._wrap(pipe.unet, "forward", "unet")
         self._wrap(pipe.vae, "decode", "decode")
+        self._wrap(pipe.vae, "encode", "encode")  # image-to-image: its own stage, only when called
         if controlnet is not None:
             self.seconds["controlnet"], self.calls["controlnet"] = 0.0, 0
             self._wrap(controlnet, "forward", "controlnet")
         return self
 
-    def _wrap(self, obj: Any, method: str, stage: str) -> None:
+    def _wrap(self, obj: Any, method: str, stage: str, name: str | None = None) -> None:
         if getattr(obj, method, None) is None or f"_timed_{method}" in obj.__dict__:
             return
         original = getattr(obj, method)
+        name = name or stage
 
         def timed(*args, **kwargs):
             if not self.enabled:
@@ -63,8 +70,9 @@ class StageTimer:
             t0 = time.perf_counter()
             out = original(*args, **kwargs)
             synchronize(self.device)
-            self.seconds[stage] += time.perf_counter() - t0
-            self.calls[stage] += 1
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+            self.calls[stage] = self.calls.get(stage, 0) + 1
+            self.samples[name] = self.samples.get(name, 0) + _batch_size(args, kwargs)
             return out
 
         previous = obj.__dict__.get(method)  # an instance's own (e.g. an OpenVINO runner): put back on detach
@@ -76,6 +84,7 @@ class StageTimer:
         for key in self.seconds:
             self.seconds[key] = 0.0
             self.calls[key] = 0
+        self.samples.clear()
 
     def detach(self) -> None:
         for obj, method, previous in self._undo:
@@ -84,6 +93,14 @@ class StageTimer:
             if previous is not None:
                 obj.__dict__[method] = previous
         self._undo.clear()
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    """The leading dimension of a call's first tensor (sample, latents, image or input_ids)."""
+    for value in (*args, *kwargs.values()):
+        if hasattr(value, "shape") and len(value.shape) > 0:
+            return int(value.shape[0])
+    return 1
 
 
 class RssSampler:
@@ -149,7 +166,6 @@ def describe_machine(device: Any) -> dict[str, Any]:
     """CPU model, cores, torch threads, the GPU when there is one, library versions, and when (UTC) and under
     what load (1-minute load average: other processes on a shared machine skew absolute times) it started."""
     import datetime
-    import os
 
     import diffusers
     import psutil
@@ -163,8 +179,10 @@ def describe_machine(device: Any) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
+        "cpu_flags": _cpu_flags(),  # the matrix extensions that set the peak: amx_* (Sapphire Rapids+), VNNI, bf16
+        "amx": any(flag.startswith("amx") for flag in _cpu_flags()),
         "started_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "load_average_1m": current_load(),
     }
     try:
         import openvino
@@ -177,6 +195,26 @@ def describe_machine(device: Any) -> dict[str, Any]:
         info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(torch.device(device)).total_memory / 2**30, 1)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def current_load() -> float | None:
+    """The 1-minute load average (other processes on a shared machine skew absolute times)."""
+    import os
+
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def _cpu_flags() -> list[str]:
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    return [flag for flag in wanted if flag in present]
+    except OSError:
+        pass
+    return []
 
 
 def _cpu_model() -> str:

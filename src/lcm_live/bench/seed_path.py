@@ -26,7 +26,8 @@ def build_seed_pipeline(config: BenchConfig, device: Any) -> tuple[Any, Any]:
     from lcm_live.engine.architectures import build_pipeline
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    built = build_pipeline(config.arch, full_lcm=True, dtype=torch.float32, seed=config.model_seed)
+    built = build_pipeline(config.arch, full_lcm=None if config.arch != "tiny" else True, dtype=torch.float32,
+                           seed=config.model_seed)  # the family's own UNet (a full LCM for sd15, sdxl)
     if type(built).__name__ == "StableDiffusionXLPipeline":
         pipe = built
     else:

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from lcm_live.config import COMPILE_MODES
+from lcm_live.engine.architectures import ARCHES
 
 
 def _positive_int(text: str) -> int:
@@ -19,17 +20,24 @@ def _positive_int(text: str) -> int:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench", help="benchmark lcm-live against the seed article's code path (random-weight architectures)",
-        description="Builds the real SD1.5 (LCM_Dreamshaper_v7 shapes) or SDXL architecture with random weights and "
-                    "times the seed article's StableDiffusionPipeline + LCMScheduler path against lcm-live's fast "
-                    "path, alternating in one process. Ends with 'parity_cosine: X' and 'speedup_vs_seed: X' "
-                    "(with --live: 'live_fps: X').",
+        description="Builds the real SD1.5 (LCM_Dreamshaper_v7 shapes), SDXL or a fast family's architecture with "
+                    "random weights and times the seed article's StableDiffusionPipeline + LCMScheduler path against "
+                    "lcm-live's fast path, alternating in one process, then measures this machine's GEMM peak in "
+                    "each path's backend and dtype. Ends with 'roofline_fraction: X', 'parity_cosine: X' and "
+                    "'speedup_vs_seed: X' (with --live: 'roofline_fraction: X', 'live_fps: X').",
     )
-    parser.add_argument("--arch", default="sd15", choices=["sd15", "sdxl", "tiny"])
-    parser.add_argument("--width", type=int, default=None, help="default: 512 (sd15), 1024 (sdxl), 64 (tiny)")
+    parser.add_argument("--arch", default="sd15", choices=[*ARCHES, "tiny"],
+                        help="sd15, sdxl: full LCMs; sd-turbo, sdxl-turbo, sdxs, bk-sdm-tiny, bk-sdm-small: the fast "
+                             "families' shapes (configs/README.md), their own steps and guidance; tiny: the test model")
+    parser.add_argument("--width", type=int, default=None,
+                        help="default: the family's native size (512; sdxl 1024; tiny 64); with --live 256 (sdxl 512)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--num-inference-steps", type=_positive_int, default=None,
-                        help="default: 4 (with --live: 1; LCM img2img runs this many UNet calls per frame)")
-    parser.add_argument("--guidance-scale", type=float, default=1.5, help="the seed article's 1.5 by default")
+                        help="default: the family's (sd15 4, sd-turbo/sdxl-turbo/sdxs 1, bk-sdm 4; with --live: 1; "
+                             "LCM img2img runs this many UNet calls per frame)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="default: the family's (sd15/sdxl: the seed article's 1.5, with --live 8; turbo and "
+                             "sdxs 0, bk-sdm 1: no CFG)")
     parser.add_argument("--baseline", default="seed", choices=["seed", "none"])
     parser.add_argument("--runs", type=_positive_int, default=3, help="timed runs of each path")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each path first")
@@ -67,9 +75,11 @@ def add_parser(subparsers) -> None:
 
 
 def _size(args: argparse.Namespace) -> tuple[int, int]:
-    default = {"sd15": 512, "sdxl": 1024, "tiny": 64}[args.arch]
+    from lcm_live.bench.bench_engine import bench_family
+
+    default = bench_family(args.arch).native_size
     if args.live:
-        default = {"sd15": 256, "sdxl": 512, "tiny": 64}[args.arch]
+        default = min(default, 256) if args.arch != "sdxl" else 512
     return args.width or default, args.height or default
 
 
@@ -111,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
         report = run_live(LiveConfig(
             arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps or 1,
-            seconds=args.seconds, strength=args.strength, backend=args.backend, decoder=args.decoder,
+            guidance_scale=args.guidance_scale, seconds=args.seconds, strength=args.strength, backend=args.backend, decoder=args.decoder,
             dtype=args.dtype, device=args.device, compile=args.compile, compile_mode=args.compile_mode,
             quantize=args.quantize, openvino_cache_dir=args.openvino_cache_dir, sessions=args.sessions,
             max_batch_size=args.batch_size, controlnet=args.controlnet))
@@ -120,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         from lcm_live.bench.bench_engine import BenchConfig, format_report, run_bench
 
         report = run_bench(BenchConfig(
-            arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps or 4,
+            arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale, runs=args.runs, warmup=args.warmup, batch_size=args.batch_size or 1,
             baseline=None if args.baseline == "none" else args.baseline, backend=args.backend,
             decoder=args.decoder, dtype=args.dtype, device=args.device, compile=args.compile,
