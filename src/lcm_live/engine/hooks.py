@@ -3,13 +3,12 @@
 The engine calls ``callback(StepEvent)`` after every denoising step. To cancel, the callback raises
 :class:`Cancelled`; the engine stops before the next UNet call and re-raises it to the caller. A ``should_stop``
 check (``stop_check``) is also read inside each UNet evaluation, so a superseded generation stops mid-step.
-:class:`DenoisedRecorder` gives the step's x0 for pipelines whose step callback does not carry it.
+The engine's own loop (engine/sampling.py) calls it with the step's clean estimate x0: no scheduler patching.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -63,30 +62,3 @@ def raise_if_stopped(*_: Any) -> None:
     reason = stop_reason()
     if reason:
         raise Cancelled(reason)
-
-
-class DenoisedRecorder:
-    """Keeps the x0 prediction of the scheduler's last step, for pipelines whose step callback does not expose
-    ``denoised`` (StableDiffusion*Pipeline drop the second output of ``LCMScheduler.step``)."""
-
-    def __init__(self, scheduler: Any):
-        self.scheduler = scheduler
-        self.last = None
-
-    def __enter__(self) -> DenoisedRecorder:
-        original = type(self.scheduler).step.__get__(self.scheduler)
-
-        # wraps() keeps step's signature visible: pipelines inspect it to decide whether to pass `generator`
-        # (without it, the re-noising between steps would draw from the global RNG and seeds would not hold).
-        @functools.wraps(original)
-        def step(*args, **kwargs):
-            out = original(*args, **kwargs)
-            denoised = out[1] if isinstance(out, tuple) and len(out) > 1 else getattr(out, "denoised", None)
-            self.last = denoised
-            return out
-
-        self.scheduler.step = step  # instance attribute, removed on exit; the class is untouched
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.scheduler.__dict__.pop("step", None)
