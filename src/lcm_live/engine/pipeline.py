@@ -22,7 +22,6 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lcm_live import __version__
@@ -34,6 +33,7 @@ from lcm_live.engine.interrupt import install_block_checks
 from lcm_live.engine.masks import prepare_mask, region_weights
 from lcm_live.engine.model import LoadedModel
 from lcm_live.engine.prompts import PromptCache
+from lcm_live.engine.protocol import EngineInfo
 from lcm_live.engine.request import GenerationRequest, GenerationResult
 from lcm_live.engine.validation import (
     DEFAULT_GUIDANCE,
@@ -44,28 +44,6 @@ from lcm_live.engine.validation import (
     resolve_size,
     validate_request,
 )
-
-
-@dataclass
-class EngineInfo:
-    model: str
-    kind: str  # "lcm" (full LCM, w-embedding) or "lcm-lora"
-    arch: str  # "sd15" or "sdxl"
-    device: str
-    dtype: str
-    native_width: int
-    native_height: int
-    default_guidance_scale: float
-    decoder: str  # "vae" or "taesd"
-    notice: str | None = None
-    loras: list[dict[str, Any]] = field(default_factory=list)  # [{"source": ..., "scale": ...}]
-    speedups: list[str] = field(default_factory=list)  # what engine/speedups.py applied (channels_last, ...)
-    scheduler: str = "LCMScheduler"
-    controlnet: str | None = None  # --controlnet, as given: generations may take a control_image
-    version: str = __version__
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Engine:

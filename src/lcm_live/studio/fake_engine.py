@@ -1,7 +1,8 @@
 """FakeEngine: the engine's interface without a model, for studio tests, the page's tests and the soak bench.
 
-Same methods as :class:`lcm_live.engine.pipeline.Engine` (``from_settings``, ``info``, ``generate``,
-``generate_batch``, ``decode_preview``, ``warmup``), with a configurable latency per step, scripted or random failures (including
+The engine's contract, :class:`lcm_live.engine.protocol.EngineLike` (``info``, ``compiled``, ``lcm_img2img``,
+``generate``, ``generate_batch``, ``decode_preview``, ``warmup``; tests/engine/test_protocol.py checks it), plus
+``from_settings``, with a configurable latency per step, scripted or random failures (including
 ``torch.OutOfMemoryError``, constructible without CUDA) and a frame size. Frames are a flat colour that is a pure
 function of (prompt, seed, width, height) — tests can tell frames apart — or seeded noise (incompressible, to
 make big frames).
@@ -27,6 +28,7 @@ from PIL import Image
 
 from lcm_live.engine.batching import StepFanout, batch_key, failed_result, group_indices
 from lcm_live.engine.hooks import Cancelled, StepCallback, StepEvent, stop_check, stop_reason
+from lcm_live.engine.protocol import EngineInfo
 from lcm_live.engine.request import GenerationRequest, GenerationResult
 from lcm_live.errors import UserError
 
@@ -44,6 +46,7 @@ class FakeEngineConfig:
     notice: str | None = None
     native_size: int = 512  # the model's native width and height (the studio's default size follows it)
     controlnet: str | None = None  # a ControlNet's name: control mode, whose frames show the control image
+    lcm_img2img: bool = False  # img2img as LCM's own (every step runs), as Engine.lcm_img2img reports it
     # Scripted outcome of successive generate() calls: "ok", "oom", "error", "user" (a UserError). Then all ok.
     failures: list[str] = field(default_factory=list)
     error_rate: float = 0.0  # random engine errors (soak)
@@ -96,21 +99,21 @@ class FakeEngine:
         return engine
 
     @property
-    def info(self) -> dict[str, Any]:
-        return {
-            "model": self.config.model,
-            "kind": self.config.kind,
-            "arch": "sd15",
-            "device": self.config.device,
-            "dtype": self.config.dtype,
-            "native_width": self.config.native_size,
-            "native_height": self.config.native_size,
-            "default_guidance_scale": 8.0 if self.config.kind == "lcm" else 1.0,
-            "decoder": "fake",
-            "notice": self.config.notice,
-            "loras": [],
-            "controlnet": self.config.controlnet,
-        }
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            model=self.config.model, kind=self.config.kind, arch="sd15", device=self.config.device,
+            dtype=self.config.dtype, native_width=self.config.native_size, native_height=self.config.native_size,
+            default_guidance_scale=8.0 if self.config.kind == "lcm" else 1.0, decoder="fake",
+            notice=self.config.notice, loras=[], controlnet=self.config.controlnet,
+        )
+
+    @property
+    def compiled(self) -> bool:
+        return False
+
+    @property
+    def lcm_img2img(self) -> bool:
+        return self.config.lcm_img2img
 
     def _next_outcome(self) -> str:
         with self._lock:
@@ -208,7 +211,7 @@ class FakeEngine:
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt,
             "num_inference_steps": request.num_inference_steps,
-            "guidance_scale": request.guidance_scale if request.guidance_scale is not None else self.info["default_guidance_scale"],
+            "guidance_scale": request.guidance_scale if request.guidance_scale is not None else self.info.default_guidance_scale,
             "seed": seed,
             "width": width,
             "height": height,
@@ -232,12 +235,14 @@ class FakeEngine:
             return Image.frombytes("RGB", (width, height), rng.randbytes(width * height * 3))
         return Image.new("RGB", (width, height), tuple(digest[:3]))
 
-    def decode_preview(self, latents: Any) -> Image.Image:
+    def decode_preview(self, latents: Any, index: int = 0) -> Image.Image:
         self.previews_decoded += 1
         level = int(latents) * 30 % 256 if isinstance(latents, int) else 128
         return Image.new("RGB", (64, 64), (level, level, level))
 
-    def warmup(self, width: int, height: int, num_inference_steps: int, max_batch_size: int = 1) -> None:
+    def warmup(self, width: int | None = None, height: int | None = None, num_inference_steps: int = 4,
+               max_batch_size: int = 1) -> None:
+        width, height = width or self.config.native_size, height or self.config.native_size
         self.warmups += 1
         self.warmup_size = (width, height)
         self.warmup_max_batch_size = max_batch_size
