@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lcm_live.errors import UserError
+
+FROZEN_PARTS = ("text_encoder", "tokenizer", "vae")  # what a fine-tune keeps from its teacher
 
 
 @dataclass
@@ -143,6 +146,9 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
         from lcm_live.training.teacher import save_pipeline
 
         save_pipeline(out, ema.to("cpu"), text_encoder.to("cpu"), tokenizer, vae.to("cpu"))
+        for part in FROZEN_PARTS:  # untouched: the teacher's own files, byte for byte (so they can be shared)
+            shutil.rmtree(out / part)
+            shutil.copytree(Path(cfg.teacher) / part, out / part)
     (out / "finetune_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     return out
 

@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 
 # The shipped recipe's knobs (see docs/builtin-model.md, "LCM-LoRA").
-LCM_LORA = dict(lora_rank=16, max_train_steps=1500, batch_size=32, learning_rate=1e-3, w_min=7.0, w_max=7.0,
+LCM_LORA = dict(lora_rank=16, max_train_steps=600, batch_size=32, learning_rate=1e-3, w_min=7.0, w_max=7.0,
                 pool_size=4096)
 OUTLINE_TEACHER = dict(max_train_steps=1200, batch_size=32, learning_rate=2e-4, pool_size=4096)
-OUTLINE_LORA = dict(lora_rank=8, max_train_steps=1200, batch_size=32, learning_rate=1e-3, pool_size=4096)
-SHARED_PARTS = ("text_encoder", "tokenizer", "vae")  # the fine-tune trains only its UNet
+OUTLINE_LORA = dict(lora_rank=8, max_train_steps=800, batch_size=32, learning_rate=1e-3, pool_size=4096)
 SHIPPED = {"lcm-lora": "shapes-lcm-lora", "outline-teacher": "shapes-outline-teacher",
            "outline-lora": "shapes-outline-lora"}
 STAGES = ["lcm-lora", "outline-teacher", "outline-lora", "lora-eval"]
@@ -89,13 +88,15 @@ OUTPUTS = {
 def ship(work: Path, root: Path, log=_log) -> None:
     """Copy the three outputs into ``root`` (the package's builtin folder), without checkpoints; the
     fine-tune's unchanged parts become relative links to ``root/shapes-teacher`` when byte-identical."""
+    from lcm_live.training.finetune import FROZEN_PARTS
+
     base = root / "shapes-teacher"
     for stage, name in SHIPPED.items():
         dest = root / name
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(work / stage, dest, ignore=shutil.ignore_patterns("checkpoint*", "*.tmp"))
         if stage == "outline-teacher":
-            for part in SHARED_PARTS:
+            for part in FROZEN_PARTS:
                 if _same_tree(dest / part, base / part):
                     shutil.rmtree(dest / part)
                     (dest / part).symlink_to(Path("..") / base.name / part, target_is_directory=True)
