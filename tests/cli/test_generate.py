@@ -74,14 +74,22 @@ def test_image_to_image(tiny_lcm_dir, tmp_path):
     (["--controlnet", "org/cn", "--control-image", "GARBAGE"], "--control-image"),
     (["--controlnet", "org/cn", "--control-image", "INIT", "--controlnet-conditioning-scale", "-1"],
      "controlnet_conditioning_scale=-1.0"),
+    (["--mask", "MASK"], "mask_image needs an init image"),
+    (["--image", "INIT", "--mask", "INIT"], "all black, so nothing would change"),
+    (["--image", "INIT", "--mask", "GARBAGE"], "--mask"),
+    (["--region", "MASK", " "], "regions[0].prompt is empty"),
+    (["--region", "MASK", "a"] * 9, "at most 8"),
+    (["--prompt-blend", "a cat", "half"], "the weight must be a number"),
+    (["--seed-blend", "7", "1.5"], "seed_blend.weight=1.5"),
 ])
 def test_bad_input_is_one_error_line_exit_2_and_no_file(tiny_lcm_dir, tmp_path, monkeypatch, capsys, extra,
                                                         needle):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
     Image.new("RGB", (64, 64)).save(tmp_path / "init.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
     names = {"MISSING": str(tmp_path / "missing.png"), "GARBAGE": str(tmp_path / "garbage.png"),
-             "INIT": str(tmp_path / "init.png")}
+             "INIT": str(tmp_path / "init.png"), "MASK": str(tmp_path / "mask.png")}
     extra = [names.get(x, x) for x in extra]
     before = set(tmp_path.iterdir())
     assert main(_args(tiny_lcm_dir, *extra)) == 2
@@ -89,6 +97,36 @@ def test_bad_input_is_one_error_line_exit_2_and_no_file(tiny_lcm_dir, tmp_path, 
     [line] = _error_lines(err)
     assert needle in line and "Traceback" not in err
     assert set(tmp_path.iterdir()) == before  # no outputs/ folder, no partial file
+
+
+def test_inpainting_keeps_the_pixels_outside_the_mask(tiny_lcm_dir, tmp_path, capsys):
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(init)
+    mask = Image.new("L", (32, 32), 0)  # half the output's size: fitted, and said
+    mask.paste(255, (0, 0, 12, 32))
+    mask.save(tmp_path / "mask.png")
+    out = tmp_path / "inpaint.png"
+    assert main(_args(tiny_lcm_dir, "--image", str(init), "--mask", str(tmp_path / "mask.png"), "--mask-feather",
+                      "4", "--strength", "1.0", "--seed", "1", "--output", str(out))) == 0
+    assert "warning: mask_image was 32x32; fitted to the output's 64x64" in capsys.readouterr().err
+    got, before = np.asarray(Image.open(out)).astype(int), np.asarray(Image.open(init)).astype(int)
+    assert np.array_equal(got[:, 28:], before[:, 28:]) and np.abs(got[:, :24] - before[:, :24]).mean() > 5
+    params = read_png_parameters(out)
+    assert params["mode"] == "inpaint" and params["mask_feather"] == 4
+
+
+def test_regions_and_blends(tiny_lcm_dir, tmp_path):
+    left = tmp_path / "left.png"
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    mask.save(left)
+    out = tmp_path / "regions.png"
+    assert main(_args(tiny_lcm_dir, "--region", str(left), "a red circle", "--prompt-blend", "a blue square",
+                      "0.25", "--seed-blend", "9", "0.5", "--seed", "1", "--output", str(out))) == 0
+    params = read_png_parameters(out)
+    assert params["mode"] == "regions" and params["regions"] == [{"prompt": "a red circle"}]
+    assert params["prompt_blend"] == {"prompt": "a blue square", "weight": 0.25}
+    assert params["seed_blend"] == {"seed": 9, "weight": 0.5}
 
 
 def test_controlnet_with_a_control_image(tiny_lcm_dir, tmp_path):

@@ -1,5 +1,8 @@
 """`lcm-live generate PROMPT`: one LCM image (or a few) in 1 to 8 steps, saved as PNG with its parameters.
 
+The conditionings' flags (``--image``, ``--control-image``, ``--mask``, ``--region MASK PROMPT``, ``--prompt-blend
+PROMPT WEIGHT``, ``--seed-blend SEED WEIGHT``, ...) come from the engine's registry (engine/modes.py).
+
 Everything the user can get wrong is checked before the model loads (bad values, unreadable init image, a bad
 ``--output``), and nothing is written until the image exists, so a failed run leaves no file behind.
 """
@@ -16,7 +19,8 @@ from lcm_live.errors import UserError
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "generate", help="make an image from a prompt (text-to-image, or image-to-image with --image)",
+        "generate", help="make an image from a prompt (text-to-image; image-to-image with --image; inpainting with "
+                         "--image and --mask; region prompts with --region)",
         description="Generate images with a Latent Consistency Model in 1 to 8 steps. Prints where each image went.",
     )
     parser.add_argument("prompt", help="what to draw")
@@ -32,14 +36,7 @@ def add_parser(subparsers) -> None:
     g.add_argument("--height", type=int, default=None, metavar="H",
                    help="multiple of 8, 64 to 2048 (default: the model's size; with --image, the image's)")
     g.add_argument("--num-images", type=int, default=1, metavar="N", help="images from this prompt (default: %(default)s)")
-    g.add_argument("--image", default=None, metavar="PATH", help="init image: image-to-image")
-    g.add_argument("--strength", type=float, default=0.5, metavar="S",
-                   help="image-to-image: how far to move from the init image, in (0, 1] (default: %(default)s)")
-    g.add_argument("--control-image", default=None, metavar="PATH",
-                   help="with --controlnet: the image that guides the layout (for line ControlNets, white lines on "
-                        "black), used as given and resized to the output size")
-    g.add_argument("--controlnet-conditioning-scale", type=float, default=1.0, metavar="X",
-                   help="with --control-image: how strongly it guides, >= 0 (default: %(default)s)")
+    add_conditioning_arguments(parser)
     g = parser.add_argument_group("output")
     g.add_argument("--output", default=None, metavar="PATH",
                    help="a .png file (several images: PATH-1.png, ...); default: a new name under outputs/")
@@ -48,6 +45,30 @@ def add_parser(subparsers) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_engine_arguments(parser)
     parser.set_defaults(run=run)
+
+
+# How each kind of registry parameter (engine/modes.py) reads from the command line.
+_ARG_KINDS: dict[str, dict] = {
+    "image": {"metavar": "PATH"},
+    "number": {"type": float, "metavar": "X"},
+    "integer": {"type": int, "metavar": "N"},
+    "regions": {"nargs": 2, "action": "append", "metavar": ("MASK", "PROMPT")},
+    "prompt_blend": {"nargs": 2, "metavar": ("PROMPT", "WEIGHT")},
+    "seed_blend": {"nargs": 2, "metavar": ("SEED", "WEIGHT")},
+}
+
+
+def add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per parameter of each conditioning in the registry (engine/modes.py), its help from there."""
+    from lcm_live.engine import modes
+
+    for conditioning in modes.CONDITIONINGS:
+        g = parser.add_argument_group(conditioning.name.replace("_", " "))
+        for param in conditioning.params:
+            kind = _ARG_KINDS[param.type if param.type in ("image", "number", "integer") else param.name]
+            default = param.default if param.type in ("number", "integer") else None
+            shown = f" (default: {default})" if default is not None else ""
+            g.add_argument(param.flag, dest=param.name, default=default, help=param.description + shown, **kind)
 
 
 def read_init_image(path: str, flag: str = "--image", field: str = "image"):
@@ -83,7 +104,7 @@ def _quiet_libraries() -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lcm_live.engine.metadata import check_output_path, save_images
-    from lcm_live.engine.request import GenerationRequest
+    from lcm_live.engine.request import GenerationRequest, PromptBlend, Region, SeedBlend
     from lcm_live.engine.validation import check_control, validate_request
 
     # 1. Everything checkable without the model, first.
@@ -97,6 +118,12 @@ def run(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale, seed=args.seed, width=args.width, height=args.height,
         num_images_per_prompt=args.num_images, image=image, strength=args.strength, control_image=control,
         controlnet_conditioning_scale=args.controlnet_conditioning_scale,
+        mask_image=read_init_image(args.mask_image, "--mask", "mask_image") if args.mask_image else None,
+        mask_feather=args.mask_feather,
+        regions=[Region(prompt, read_init_image(mask, "--region", f"regions[{k}].mask_image"))
+                 for k, (mask, prompt) in enumerate(args.regions or [])],
+        prompt_blend=_blend(PromptBlend, args.prompt_blend, "--prompt-blend", str),
+        seed_blend=_blend(SeedBlend, args.seed_blend, "--seed-blend", int),
     )
     validate_request(request, lcm_img2img=True)  # the model's own img2img bound is checked once it is loaded
     check_control(request, args.controlnet)
@@ -125,6 +152,23 @@ def run(args: argparse.Namespace) -> int:
     for path in paths:
         print(f"saved {path}")
     return 0
+
+
+def _blend(cls, values, flag: str, first):
+    """``--prompt-blend PROMPT WEIGHT`` / ``--seed-blend SEED WEIGHT`` as the engine's PromptBlend / SeedBlend."""
+    if values is None:
+        return None
+    head, weight = values
+    field = flag.removeprefix("--").replace("-", "_")
+    try:
+        head = first(head)
+    except ValueError:
+        raise UserError(f"{flag} {head!r} {weight!r}: the seed must be a whole number", field=f"{field}.seed") from None
+    try:
+        return cls(head, float(weight))
+    except ValueError:
+        raise UserError(f"{flag} {values[0]!r} {weight!r}: the weight must be a number from 0 to 1",
+                        field=f"{field}.weight") from None
 
 
 def _generate(engine, request, *, progress: bool):
