@@ -85,6 +85,7 @@ class FakeEngine:
         self.warmup_max_batch_size: int | None = None
         self.warmup_size: tuple[int, int] | None = None
         self.stopped_mid_step = 0  # generations stopped inside a step by their should_stop check
+        self.compiled = False  # EngineLike.compiled (tests set it, as a torch.compile'd UNet would)
         self._lock = threading.Lock()
         self._script = list(cfg.failures)
         self._rng = random.Random(cfg.fault_seed)
@@ -106,10 +107,6 @@ class FakeEngine:
             default_guidance_scale=8.0 if self.config.kind == "lcm" else 1.0, decoder="fake",
             notice=self.config.notice, loras=[], controlnet=self.config.controlnet,
         )
-
-    @property
-    def compiled(self) -> bool:
-        return False
 
     @property
     def lcm_img2img(self) -> bool:
