@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lcm_live.bench import flops as F
-from lcm_live.bench.roofline import Peak, measure_peak, path_precision, path_roofline, roofline
+from lcm_live.bench.roofline import Peak, best_of, measure_peak, path_precision, path_roofline, roofline
 
 
 def test_counter_matches_the_analytic_count_of_linear_and_conv():
@@ -150,3 +150,10 @@ def test_roofline_fraction_is_achieved_over_peak():
     assert r["flops_by_stage"]["text_encoder"] == pytest.approx(4e10)  # both encoders under one stage
     assert r["roofline_fraction"] == pytest.approx(6.4e11 / 2.0 / 2e12)
     assert r["stage_fractions"]["unet"] == pytest.approx(4e11 / 1.0 / 2e12)
+
+
+def test_the_peak_is_the_best_of_its_measurements():
+    before = Peak("openvino", "bfloat16", tflops=0.3, n=2048, seconds=2.0, threads=2, median_tflops=0.2)
+    after = Peak("openvino", "bfloat16", tflops=0.4, n=2048, seconds=3.0, threads=2, median_tflops=0.35)
+    best = best_of(before, after, None)
+    assert best.tflops == 0.4 and best.median_tflops == 0.35 and best.measurements == 2 and best.seconds == 5.0

@@ -103,3 +103,32 @@ def test_shipped_configs_fit_diffusers_single_file_converter(arch):
         converted = convert(flat, dict(module.config))
         want = module.state_dict()
         assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in want.items()}
+
+
+# The fast families: each UNet built from the shipped config has the parameter count of the released float32
+# weights (file size / 4 bytes: sd-turbo 3.46 GB, sdxs-512-dreamshaper 1.26 GB, bk-sdm-tiny 1.29 GB, sdxl-turbo
+# 10.3 GB; configs/README.md); their text encoders and VAEs are their base's.
+@pytest.mark.parametrize("arch,unet_params,text_params,vae", [
+    ("sd-turbo", 865_910_724, 340_387_840, "AutoencoderKL"),  # SD 2.1: OpenCLIP-H text (1024 wide, 23 layers)
+    ("sdxs", 315_746_244, 123_060_480, "AutoencoderTiny"),  # no mid block, 3 levels, 1 layer per block
+    ("bk-sdm-tiny", 323_384_964, 123_060_480, "AutoencoderKL"),
+    ("bk-sdm-small", 482_346_884, 123_060_480, "AutoencoderKL"),
+    ("sdxl-turbo", 2_567_463_684, 123_060_480, "AutoencoderKL"),
+])
+def test_fast_family_shapes(arch, unet_params, text_params, vae):
+    unet = A.build_unet(arch, full_lcm=None, meta=True)
+    assert A.count_parameters(unet) == unet_params
+    assert unet.config.time_cond_proj_dim is None  # plain UNets: guidance is CFG (off at their defaults)
+    assert A.count_parameters(A.build_text_encoder(arch, meta=True)) == text_params
+    assert type(A.build_vae(arch, meta=True)).__name__ == vae
+    assert A.family(arch).guidance_scale <= 1.0  # none of them runs CFG by default
+
+
+def test_family_defaults_and_unknown_arch():
+    assert (A.family("sd15").num_inference_steps, A.family("sd15").guidance_scale) == (4, 1.5)
+    assert A.family("sdxs").num_inference_steps == 1 and A.family("sd-turbo").native_size == 512
+    assert A.family("sdxl-turbo").pipeline_arch == "sdxl" and A.family("bk-sdm-tiny").pipeline_arch == "sd15"
+    assert A.read_config("sdxl-turbo", "scheduler")["timestep_spacing"] == "trailing"  # its own
+    assert A.read_config("sdxl-turbo", "unet") == A.read_config("sdxl", "unet")  # the base's
+    with pytest.raises(ValueError, match="expected one of sd15, sdxl, sd-turbo"):
+        A.family("sd3")
