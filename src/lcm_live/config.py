@@ -50,8 +50,8 @@ class EngineSettings(BaseModel):
     offline_fallback: bool = True  # the default hub model missing -> builtin:shapes, said loudly
     prompt_cache_size: int = 64
     # A ControlNet (hub id, a folder of config.json + safetensors, or one original-layout .safetensors file):
-    # "control" mode, where an image (the studio's canvas) guides the layout of text-to-image. The ControlNet runs
-    # in torch; the UNet on either backend (the OpenVINO UNet takes its residuals as inputs of an IR of their own).
+    # "control" mode, where an image (the studio's canvas) guides the layout. On the OpenVINO backend the ControlNet
+    # runs as an IR beside the UNet's (engine/openvino_controlnet.py; the UNet takes its residuals as IR inputs).
     controlnet: str | None = None
 
 

@@ -16,3 +16,10 @@ class UserError(Exception):
 
 class ModelUnavailableError(UserError):
     """A hub model that cannot be had (offline, unreachable, not cached)."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, at most ``limit`` characters (its type's name when it has no
+    message): what a one-line error says about a library's failure."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

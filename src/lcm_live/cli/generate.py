@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from lcm_live.cli.common import add_engine_arguments, engine_settings_from_args
-from lcm_live.errors import UserError
+from lcm_live.errors import UserError, first_line
 
 
 def add_parser(subparsers) -> None:
@@ -84,7 +84,7 @@ def read_init_image(path: str, flag: str = "--image", field: str = "image"):
             image.load()
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise UserError(f"{flag} {path!r}: cannot read it as an image ({reason}); give a PNG, JPEG or WebP file",
                         field=field) from None
 

@@ -20,9 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lcm_live.engine.loras import looks_like_path
-from lcm_live.engine.sources import PICKLE_SUFFIXES, hub_progress, quiet_logs, unavailable
-from lcm_live.errors import UserError
+from lcm_live.engine.sources import PICKLE_SUFFIXES, hub_progress, looks_like_path, quiet_logs, unavailable
+from lcm_live.errors import UserError, first_line
 
 CONTROLNET_PIPELINES = {"sd15": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -109,7 +108,7 @@ def load_controlnet(source: str, location: Path, *, unet: Any, arch: str, dtype:
     except UserError:
         raise
     except Exception as exc:
-        raise _error(source, f"could not be loaded ({str(exc).strip().splitlines()[0][:200]}); is it a ControlNet "
+        raise _error(source, f"could not be loaded ({first_line(exc)}); is it a ControlNet "
                              f"for {arch}?") from None
     controlnet.to(device)
     if torch.device(device).type in ("cpu", "cuda"):

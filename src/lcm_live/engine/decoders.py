@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from lcm_live.errors import ModelUnavailableError, UserError
+from lcm_live.errors import ModelUnavailableError, UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def load_taesd(source: str | None, arch: str, *, device: Any, dtype: Any, cache_
     except Exception as exc:  # offline, not cached, no such folder, no safetensors weights
         from lcm_live.engine.sources import cache_location
 
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc, 160)
         raise ModelUnavailableError(
             f"--decoder taesd: the tiny decoder {source!r} cannot be loaded ({reason}); looked in the cache "
             f"{cache_location(cache_dir)}. Use --decoder vae, or connect once so it can be downloaded",

@@ -36,7 +36,7 @@ from lcm_live.engine.sources import (
     resolve,
 )
 from lcm_live.engine.unet_only import fetch_base, fetch_unet_repo, load_unet_parts, read_unet_info
-from lcm_live.errors import ModelUnavailableError, UserError
+from lcm_live.errors import ModelUnavailableError, UserError, first_line
 
 FALLBACK_MODEL = "builtin:shapes"
 # Native sizes where the model's config says otherwise than what it is best used at.
@@ -170,7 +170,7 @@ def _load_folder(folder: Path, arch: str, full_lcm: bool, *, dtype: Any, progres
             return cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True,
                                        **extra, **(parts or {}))
         except (OSError, ValueError) as exc:
-            raise UserError(f"--model {label or folder}: cannot load this diffusers folder ({_first_line(exc)})",
+            raise UserError(f"--model {label or folder}: cannot load this diffusers folder ({first_line(exc)})",
                             field="model") from None
 
 
@@ -190,7 +190,7 @@ def _load_single_file(path: Path, arch: str, *, dtype: Any, progress: bool) -> A
             return cls.from_single_file(str(path), config=str(config), local_files_only=True, dtype=dtype,
                                         **components)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise UserError(f"--model {path}: cannot read this {arch} checkpoint ({_first_line(exc)})",
+            raise UserError(f"--model {path}: cannot read this {arch} checkpoint ({first_line(exc)})",
                             field="model") from None
 
 
@@ -205,10 +205,6 @@ def _tokenizer(config: Path, component: str, arch: str) -> Any:
         return CLIPTokenizer.from_pretrained(config / component)
     return clip_tokenizer(arch, component)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 @contextlib.contextmanager

@@ -13,8 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lcm_live.engine.sources import BUILTIN_PREFIX, PICKLE_SUFFIXES, builtin_lora, quiet_logs, unavailable
-from lcm_live.errors import UserError
+from lcm_live.engine.sources import (
+    BUILTIN_PREFIX,
+    PICKLE_SUFFIXES,
+    builtin_lora,
+    looks_like_path,
+    quiet_logs,
+    unavailable,
+)
+from lcm_live.errors import UserError, first_line
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights names it
 LCM_LORA_IDS = {"sd15": "latent-consistency/lcm-lora-sdv1-5", "sdxl": "latent-consistency/lcm-lora-sdxl"}
@@ -68,12 +75,6 @@ def read_lora(source: str, *, flag: str, cache_dir: str | None) -> dict[str, Any
             raise UserError(f"{flag} {source}: not a readable safetensors file ({exc})",
                             field=_field(flag)) from None
     raise UserError(f"{flag} {source}: no such file or folder", field=_field(flag))
-
-
-def looks_like_path(text: str) -> bool:
-    """A LoRA's or a ControlNet's source: a hub id is exactly "org/name"; anything else was meant as a path."""
-    return (text.startswith((".", "/", "~", "\\")) or text.count("/") != 1
-            or text.lower().endswith((".safetensors", *PICKLE_SUFFIXES)))
 
 
 def _download_lora(repo_id: str, *, flag: str, cache_dir: str | None) -> Path:
@@ -163,5 +164,5 @@ def misfit(source: str, model_name: str, exc: BaseException, flag: str) -> UserE
         detail = (f"{len(mismatches)} weight shape(s) differ, e.g. {key}: LoRA {got[11:-1]} vs model {want[11:-1]}"
                   " (a LoRA for another architecture, e.g. SDXL vs SD1.5?)")
     else:
-        detail = text.strip().splitlines()[0][:160] if text.strip() else type(exc).__name__
+        detail = first_line(exc, 160)
     return UserError(f"{flag} {source} does not fit the model {model_name}: {detail}", field=_field(flag))

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from lcm_live.errors import ModelUnavailableError, UserError
+from lcm_live.errors import ModelUnavailableError, UserError, first_line
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 BUILTIN_PREFIX = "builtin:"
@@ -47,7 +48,7 @@ def resolve(model: str) -> Source:
     if path.is_dir():
         check_folder(path)
         return Source("unet" if unet_config(path) is not None else "folder", str(path), model)
-    if _looks_like_path(model):
+    if looks_like_path(model):
         raise UserError(f"--model {model!r}: no such file or folder; give a diffusers folder, a .safetensors file, "
                         "a hub id (org/name) or builtin:shapes", field="model")
     return Source("hub", model, model)
@@ -82,10 +83,14 @@ def builtin_lora(name: str, *, flag: str, field: str) -> Path:
     raise UserError(f"{flag} builtin:{name}: no such built-in LoRA; shipped: {have}", field=field)
 
 
-def _looks_like_path(text: str) -> bool:
-    # A hub id is "name" or "org/name"; anything else that is not on disk was meant as a path.
-    return (text.startswith((".", "/", "~", "\\")) or text.count("/") > 1 or "\\" in text
-            or text.lower().endswith((".safetensors", *PICKLE_SUFFIXES)))
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name", as the Hugging Face hub names repos
+
+
+def looks_like_path(text: str) -> bool:
+    """The one rule for every source flag (--model, --lcm-lora, --lora, --controlnet, --taesd): a source that is not
+    on disk is a hub id when it reads exactly "org/name" (and not as a weights file name); anything else was meant
+    as a path, and is refused as a missing file rather than looked up on the hub."""
+    return not HUB_ID.match(text) or text.lower().endswith((".safetensors", *PICKLE_SUFFIXES))
 
 
 def _check_file(path: Path) -> None:
@@ -200,7 +205,7 @@ def read_single_file_info(path: str | Path) -> ModelInfo:
                          and k.endswith("attn2.to_k.weight")), None)
             context_width = f.get_slice(to_k).get_shape()[1] if to_k else None
     except Exception as exc:  # a truncated or foreign file: safetensors says why
-        raise UserError(f"--model {path}: not a readable safetensors file ({_first_line(exc)})",
+        raise UserError(f"--model {path}: not a readable safetensors file ({first_line(exc)})",
                         field="model") from None
     if any("cond_proj" in k for k in keys):
         raise UserError(f"--model {path}: a single-file full LCM (w-embedding) is not supported; use its diffusers "
@@ -221,10 +226,6 @@ def read_single_file_info(path: str | Path) -> ModelInfo:
     raise UserError(f"--model {path}: not a recognised SD1.5 or SDXL checkpoint (text encoder width {text_width}, "
                     f"cross-attention width {context_width})", field="model")
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def cache_location(cache_dir: str | None) -> str:
@@ -297,7 +298,7 @@ def unavailable(repo_id: str, cache_dir: str | None, exc: BaseException, *, need
 
 
 def _short_reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc, 10_000)
     lowered = text.lower()
     if "safetensors" in lowered:
         return "no safetensors weights in it"

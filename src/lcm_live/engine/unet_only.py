@@ -23,7 +23,7 @@ from lcm_live.engine.sources import (
     unavailable,
     unet_config,
 )
-from lcm_live.errors import UserError
+from lcm_live.errors import UserError, first_line
 
 # The base pipeline a UNet-only model of each architecture runs in (what the models' cards load it into). A value
 # may also be a local diffusers folder (tests point these at tiny bases).
@@ -112,7 +112,7 @@ def check_fit(name: str, info: ModelInfo, base: str, folder: Path) -> None:
             if part in index:
                 widths.append(int(json.loads((folder / part / "config.json").read_text())["hidden_size"]))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"--model {name}: its base {base} has unreadable configs ({_first_line(exc)})",
+        raise UserError(f"--model {name}: its base {base} has unreadable configs ({first_line(exc)})",
                         field="model") from None
     base_arch = "sdxl" if "text_encoder_2" in index else "sd15"
     if base_arch != info.arch or sum(widths) != info.context_width:
@@ -129,12 +129,8 @@ def load_unet_parts(folder: Path, base_folder: Path, *, name: str, dtype: Any) -
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise UserError(f"--model {name}: cannot load this UNet ({_first_line(exc)})", field="model") from None
+        raise UserError(f"--model {name}: cannot load this UNet ({first_line(exc)})", field="model") from None
     with quiet_logs():  # the base's scheduler config carries keys LCMScheduler does not take (e.g. skip_prk_steps)
         scheduler = LCMScheduler.from_pretrained(base_folder, subfolder="scheduler")
     return {"unet": unet, "scheduler": scheduler}
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -293,8 +292,3 @@ def _save(out: Path, cfg: DistillConfig, pipe, unet) -> None:
                                              feature_extractor=None, requires_safety_checker=False)
         lcm.save_pretrained(out, safe_serialization=True)
     (out / "distill_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-
-
-def export_without_checkpoint(src: Path, dest: Path) -> None:
-    """Copy a distilled folder without its training checkpoint (what ships)."""
-    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("checkpoint", "checkpoint.tmp"))

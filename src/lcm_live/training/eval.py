@@ -65,18 +65,10 @@ def sample_sd(unet, text_encoder, tokenizer, vae, prompts, *, steps: int, guidan
 
 
 def resolve_model(name: str) -> str:
-    """``builtin:NAME`` -> the packaged folder; anything else unchanged."""
-    if name.startswith("builtin:"):
-        from lcm_live.training.recipe import PACKAGE_BUILTIN
+    """``builtin:NAME`` -> the packaged folder (the engine's one resolution, engine/sources.py); else unchanged."""
+    from lcm_live.engine.sources import BUILTIN_PREFIX, builtin_folder
 
-        folder = PACKAGE_BUILTIN / name.split(":", 1)[1]
-        if not (folder / "model_index.json").exists():
-            from lcm_live.errors import UserError
-
-            raise UserError(f"--model {name}: not in this install ({folder} is missing); "
-                            "`make builtin-model` builds it", field="model")
-        return str(folder)
-    return name
+    return str(builtin_folder(name[len(BUILTIN_PREFIX):])) if name.startswith(BUILTIN_PREFIX) else name
 
 
 def load_lcm(model: str, base: str | None = None):
