@@ -37,8 +37,9 @@ def nesting_depth(raw: bytes) -> int:
     """The deepest bracket nesting of a JSON text, brackets inside strings excluded (an upper bound for text
     that is not JSON). Linear and vectorised: a quote opens or closes a string unless an odd run of backslashes
     precedes it (a regex over string literals would backtrack quadratically on ``"\\"\\"...``)."""
-    if b"[" not in raw and b"{" not in raw:
-        return 0
+    brackets = raw.count(b"[") + raw.count(b"{")
+    if brackets <= 1:
+        return brackets
     arr = np.frombuffer(raw, dtype=np.uint8)
     steps = _BRACKET[arr]
     if b'"' in raw:
@@ -75,7 +76,8 @@ def loads_checked(text: str | bytes, *, max_bytes: int, what: str = "the message
     if len(raw) > max_bytes:
         raise JsonRefused(f"{what} is {len(raw)} bytes of JSON: the limit is {max_bytes}; send only the params "
                           "(images go as binary messages, or as base64 \"image\" in REST)", code="too_large")
-    depth = nesting_depth(raw)
+    # Fewer opening brackets than the limit cannot nest past it (a REST body is mostly base64: no brackets at all).
+    depth = 0 if raw.count(b"[") + raw.count(b"{") <= max_depth else nesting_depth(raw)
     if depth > max_depth:
         raise JsonRefused(f"{what} nests {depth} levels deep: at most {max_depth} are allowed; send a flat "
                           "object of params")

@@ -10,9 +10,11 @@ import asyncio
 import base64
 import binascii
 import secrets
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, Response
+from starlette.requests import ClientDisconnect
 
 from lcm_live.errors import UserError
 from lcm_live.studio.http_errors import ApiError
@@ -70,9 +72,14 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
         if not studio.worker.ready:
             raise ApiError(503, "not_ready", f"the model is not ready ({studio.worker.detail})",
                            headers={"Retry-After": "5"})
-        body = await request.body()  # GuardMiddleware caps it at max_body_bytes while it streams in
         try:
-            data = loads_checked(body, max_bytes=s.max_body_bytes, max_depth=s.json_max_depth, what="the body")
+            body = await request.body()  # GuardMiddleware caps it at max_body_bytes while it streams in
+        except ClientDisconnect:  # gone mid-body, or cut by the body deadline (connections.py): nobody to answer
+            return Response(status_code=400)
+        try:  # a body of megabytes is parsed off the event loop (other sessions' frames go out meanwhile)
+            parse = partial(loads_checked, body, max_bytes=s.max_body_bytes, max_depth=s.json_max_depth,
+                            what="the body")
+            data = parse() if len(body) < 64 * 1024 else await asyncio.to_thread(parse)
         except JsonRefused as exc:
             studio.metrics.rejected.labels(reason=exc.code).inc()
             raise ApiError(413 if exc.code == "too_large" else 422, exc.code, exc.message) from None
@@ -136,7 +143,7 @@ async def _decode_image(image_b64: str, studio: StudioState) -> Any:
     if "," in image_b64[:100] and image_b64.startswith("data:"):
         image_b64 = image_b64.split(",", 1)[1]  # a data: URL from a canvas.toDataURL()
     try:
-        raw = base64.b64decode(image_b64, validate=True)
+        raw = await asyncio.to_thread(base64.b64decode, image_b64, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(422, "invalid_image", "\"image\" is not valid base64", "image") from None
     try:
