@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from lcm_live.cli import main
 
@@ -58,10 +60,14 @@ def test_loopback_default_and_uvicorn_settings(fake_uvicorn, capsys):
     assert main(["serve", "--fake-engine", "{}"]) == 0
     config = fake_uvicorn["config"]
     assert (config.host, config.port) == ("127.0.0.1", 7860)
-    assert config.ws == "websockets-sansio"
-    assert config.ws_max_size == 2 * 1024 * 1024 and config.ws_max_queue == 8
+    # websockets-sansio and h11, each with the connection guard on top (studio/connections.py)
+    assert issubclass(config.ws, WebSocketsSansIOProtocol) and issubclass(config.http, H11Protocol)
+    assert config.ws.guard is config.http.guard
+    assert config.ws_max_queue == 8
     assert config.ws_ping_interval == 20 and config.ws_ping_timeout == 20
-    assert config.timeout_graceful_shutdown == 10 and config.limit_concurrency
+    assert config.timeout_graceful_shutdown == 10 and config.timeout_keep_alive == 5
+    assert config.h11_max_incomplete_event_size == 16 * 1024
+    assert config.limit_concurrency is None  # it counted idle sockets and starved /healthz: the guard's caps instead
     assert config.proxy_headers is False
     assert "http://127.0.0.1:7860/" in capsys.readouterr().err
 

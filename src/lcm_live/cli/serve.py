@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from lcm_live.studio.app import create_app, default_engine_factory
+    from lcm_live.studio.connections import ConnectionGuard, ConnectionLimits, set_tls_handshake_timeout
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     # Pillow's own bomb guard, lowered to what the studio accepts (the canvas decoder checks first anyway).
@@ -155,18 +156,28 @@ def run(args: argparse.Namespace) -> int:
 
     app = create_app(settings, factory, on_ready=on_ready, on_fatal=on_fatal)
     s = settings.studio
+    # The connection guard (studio/connections.py) adds what uvicorn lacks: request-head, body, write and close
+    # deadlines, per-address and total connection caps that never starve /healthz and /readyz, and a shutdown no
+    # closing peer can crash. It replaces limit_concurrency, which counts idle connections and then answers 503
+    # to every route (a few dozen idle sockets took /healthz down).
+    guard = ConnectionGuard(ConnectionLimits.from_settings(s))
+    if s.ssl_certfile:  # asyncio's default: 60 s for a TLS handshake, before any protocol sees the connection
+        set_tls_handshake_timeout(s.request_header_timeout_s)
     uv_config = uvicorn.Config(
         app,
         host=s.host,
         port=s.port,
-        ws="websockets-sansio",  # pinned: it enforces ws_max_size (wsproto does not the same way)
+        http=guard.http_protocol,  # uvicorn's h11 protocol, reporting to the guard
+        ws=guard.ws_protocol,  # uvicorn's websockets-sansio protocol (pinned: it enforces ws_max_size), guarded
         ws_max_size=s.max_ws_message_bytes,
         ws_max_queue=8,
-        ws_ping_interval=20.0,
-        ws_ping_timeout=20.0,
+        ws_ping_interval=s.ws_ping_interval_s,
+        ws_ping_timeout=s.ws_ping_timeout_s,
         ws_per_message_deflate=False,  # frames are JPEG/WebP already; no decompression bombs either
-        timeout_graceful_shutdown=10,
-        limit_concurrency=(s.max_sessions or 4) + 32,
+        timeout_keep_alive=s.keep_alive_timeout_s,
+        h11_max_incomplete_event_size=s.max_header_bytes,
+        timeout_graceful_shutdown=s.graceful_shutdown_timeout_s,
+        limit_concurrency=None,  # the guard's caps instead (see above)
         proxy_headers=False,
         server_header=False,
         log_level="info",
