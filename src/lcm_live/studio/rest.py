@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, Response
 from starlette.requests import ClientDisconnect
-from starlette.requests import ClientDisconnect
 
 from lcm_live.errors import UserError
 from lcm_live.studio.http_errors import ApiError
@@ -74,10 +73,7 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
             raise ApiError(503, "not_ready", f"the model is not ready ({studio.worker.detail})",
                            headers={"Retry-After": "5"})
         try:
-            try:
             body = await request.body()  # GuardMiddleware caps it at max_body_bytes while it streams in
-        except ClientDisconnect:  # gone mid-body, or cut by the body deadline (connections.py): nobody to answer
-            return Response(status_code=400)
         except ClientDisconnect:  # gone mid-body, or cut by the body deadline (connections.py): nobody to answer
             return Response(status_code=400)
         try:  # a body of megabytes is parsed off the event loop (other sessions' frames go out meanwhile)
