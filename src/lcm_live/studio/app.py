@@ -82,11 +82,12 @@ class StudioState:
     def schema(self) -> dict[str, Any]:
         return self.params_model.model_json_schema()
 
-    async def decode_canvas(self, data: bytes) -> Any:
-        """Image bytes -> RGB PIL image within the settings' limits (UserError otherwise), on the decode threads."""
+    async def decode_canvas(self, data: bytes, background: tuple[int, int, int] = (255, 255, 255)) -> Any:
+        """Image bytes -> RGB PIL image within the settings' limits (UserError otherwise), on the decode threads;
+        transparent pixels become ``background``."""
         s = self.settings.studio
         job = partial(decode_canvas, data, max_pixels=s.max_image_pixels, max_side=s.max_image_side,
-                      max_jpeg_scans=s.max_jpeg_scans)
+                      max_jpeg_scans=s.max_jpeg_scans, background=background)
         return await asyncio.get_running_loop().run_in_executor(self.decoder, job)
 
 

@@ -201,6 +201,13 @@ class FakeEngine:
         if request.control_image is not None:  # the layout shows through, as a ControlNet's lines would
             control = request.control_image.convert("RGB").resize((width, height))
             image = Image.blend(image, control, 0.5 * min(1.0, request.controlnet_conditioning_scale))
+        for region in request.regions:  # each region's own flat colour where its mask is white
+            area = region.mask_image.convert("L").resize((width, height)).point(lambda v: 255 if v >= 128 else 0)
+            image.paste(self._image(region.prompt, seed, width, height), (0, 0), area)
+        if request.mask_image is not None and request.image is not None:
+            # as the engine composites: outside the mask the init image's pixels exactly (no feather band here)
+            mask = request.mask_image.convert("L").resize((width, height)).point(lambda v: 255 if v >= 128 else 0)
+            image = Image.composite(image, request.image.convert("RGB").resize((width, height)), mask)
         warnings = []
         if len(request.prompt.split()) > PROMPT_TOKEN_WINDOW:
             warnings.append(f"the prompt is longer than {PROMPT_TOKEN_WINDOW} tokens: the rest was cut")
@@ -218,6 +225,14 @@ class FakeEngine:
         }
         if request.image is not None:
             parameters["strength"] = request.strength
+        if request.mask_image is not None:
+            parameters.update(mode="inpaint", mask_feather=request.mask_feather)
+        if request.regions:
+            parameters["regions"] = [{"prompt": r.prompt} for r in request.regions]
+        for name in ("prompt_blend", "seed_blend"):
+            blend = getattr(request, name)
+            if blend is not None:
+                parameters[name] = dict(vars(blend))
         if request.control_image is not None:
             parameters.update(mode="control", controlnet=self.config.controlnet,
                               controlnet_conditioning_scale=request.controlnet_conditioning_scale)

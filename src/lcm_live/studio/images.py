@@ -66,13 +66,15 @@ def count_jpeg_scans(data: bytes, stop_after: int) -> int:
     return scans
 
 
-def decode_canvas(data: bytes, *, max_pixels: int, max_side: int, max_jpeg_scans: int = 16) -> Image.Image:
+def decode_canvas(data: bytes, *, max_pixels: int, max_side: int, max_jpeg_scans: int = 16,
+                  background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Decode a PNG/JPEG/WebP canvas to RGB, refusing oversized images before any pixel is decoded.
 
     Pillow's ``Image.open`` reads only the header, so a tiny file that claims 50000x50000 is refused here in
     microseconds without allocating its pixels; a JPEG with more than ``max_jpeg_scans`` scans (a progressive
     file with its scans repeated: seconds of decoding in 1.4 MB) is refused from its markers alone. Animated
-    images give their first frame. Transparent pixels become white (the canvas background).
+    images give their first frame. Transparent pixels become ``background`` (white: the canvas's; a mask's is
+    black, so that what was not painted is kept).
     """
     fmt = sniff_format(data)
     if fmt is None:
@@ -101,8 +103,8 @@ def decode_canvas(data: bytes, *, max_pixels: int, max_side: int, max_jpeg_scans
         raise UserError(f"the canvas could not be decoded as {fmt}: send a valid image", field="image") from None
     if img.mode in ("RGBA", "LA", "P", "PA"):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        under = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(under, rgba).convert("RGB")
     return img.convert("RGB")
 
 

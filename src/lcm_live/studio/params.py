@@ -14,7 +14,8 @@ from typing import Any, ClassVar, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from lcm_live.config import StudioSettings
-from lcm_live.engine.request import GenerationRequest
+from lcm_live.engine.masks import MAX_FEATHER
+from lcm_live.engine.request import MAX_REGIONS, GenerationRequest, PromptBlend, Region, SeedBlend
 from lcm_live.errors import UserError
 from lcm_live.studio.images import CONTROL_PREPROCESS
 
@@ -31,13 +32,22 @@ class GenerationParams(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
     lcm_img2img: ClassVar[bool] = False  # set by build_params_model
 
-    def to_request(self, image: Any = None) -> GenerationRequest:
+    def to_request(self, image: Any = None, *, mask: Any = None, init_image: Any = None,
+                   region_masks: list[Any] | None = None) -> GenerationRequest:
         """The engine request (diffusers' names); ``image`` is the decoded canvas: the init image in img2img, the
         control image in control mode (as the worker prepared it: fitted, then made into lines as
-        ``control_preprocess`` says)."""
+        ``control_preprocess`` says). ``mask``: the mask layer (inpainting: over the canvas in img2img, over
+        ``init_image``, the session's last frame, in control mode); ``region_masks``: one per ``regions`` item."""
         data = self.model_dump()
         img2img = data["mode"] == "img2img"
         control = data["mode"] == CONTROL_MODE
+        init = image if img2img else init_image if control else None
+        regions = data.get("regions") or []
+        masks = list(region_masks or [])
+        if len(masks) != len(regions):
+            raise UserError(f"regions: {len(regions)} prompts but {len(masks)} masks: send one mask per region",
+                            field="regions")
+        blend, seeds = data.get("prompt_blend"), data.get("seed_blend")
         return GenerationRequest(
             prompt=data["prompt"],
             negative_prompt=data["negative_prompt"] or None,
@@ -46,10 +56,15 @@ class GenerationParams(BaseModel):
             seed=data["seed"],
             width=data["width"],
             height=data["height"],
-            image=image if img2img else None,
+            image=init,
             strength=data["strength"],
             control_image=image if control else None,
             controlnet_conditioning_scale=data.get("controlnet_conditioning_scale", 1.0),
+            mask_image=mask if init is not None else None,
+            mask_feather=data.get("mask_feather", 8),
+            regions=[Region(r["prompt"], m) for r, m in zip(regions, masks, strict=True)],
+            prompt_blend=PromptBlend(blend["prompt"], blend["weight"]) if blend else None,
+            seed_blend=SeedBlend(seeds["seed"], seeds["weight"]) if seeds else None,
         )
 
 
@@ -83,6 +98,15 @@ def build_params_model(settings: StudioSettings, default_guidance_scale: float =
                                   description="img2img only: how far the canvas is re-noised")),
         "previews": (bool, Field(settings.default_previews, description="send each step's preview before the final "
                                  "frame (default on for a CPU, where a frame takes seconds)")),
+        "mask_feather": (int, Field(8, ge=0, le=MAX_FEATHER, description="with a mask: the blended band, in pixels, "
+                                    "around the redrawn area (outside it the canvas is kept exactly)")),
+        "regions": (list[_region_model(settings.max_prompt_chars)], Field(  # type: ignore[misc]
+            default_factory=list, max_length=MAX_REGIONS,
+            description="region prompts: region k is drawn where the binary layer region k is white")),
+        "prompt_blend": (_prompt_blend_model(settings.max_prompt_chars) | None, Field(  # type: ignore[operator]
+            None, description="a second prompt: the text embeddings interpolated at weight (1: this prompt)")),
+        "seed_blend": (SeedBlendParams | None, Field(
+            None, description="a second seed: the initial noises slerped at weight (1: this seed)")),
     }
     if controlnet:
         fields["controlnet_conditioning_scale"] = (float, Field(
@@ -94,6 +118,26 @@ def build_params_model(settings: StudioSettings, default_guidance_scale: float =
     model = create_model("GenerationParams", __base__=GenerationParams, **fields)
     model.lcm_img2img = lcm_img2img
     return model
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class SeedBlendParams(_Strict):
+    seed: int = Field(ge=0, le=MAX_SEED)
+    weight: float = Field(0.5, ge=0.0, le=1.0)
+
+
+@functools.cache
+def _region_model(max_chars: int) -> type[BaseModel]:
+    return create_model("RegionParams", __base__=_Strict, prompt=(str, Field(min_length=1, max_length=max_chars)))
+
+
+@functools.cache
+def _prompt_blend_model(max_chars: int) -> type[BaseModel]:
+    return create_model("PromptBlendParams", __base__=_Strict, prompt=(str, Field(max_length=max_chars)),
+                        weight=(float, Field(0.5, ge=0.0, le=1.0)))
 
 
 def modes_of(model: type[GenerationParams]) -> tuple[str, ...]:
@@ -150,6 +194,10 @@ def parse_params(model: type[GenerationParams], data: Any) -> GenerationParams:
         params = model.model_validate(data)
     except ValidationError as exc:
         raise validation_error_to_user_error(exc) from None
+    for k, region in enumerate(params.regions):
+        if not region.prompt.strip():
+            raise UserError(f"regions[{k}].prompt is blank: give each region the prompt to draw there, or remove it",
+                            field=f"regions.{k}.prompt")
     # SD's img2img runs about steps * strength denoising steps: fewer than one would run nothing.
     if (params.mode == "img2img" and not model.lcm_img2img
             and params.num_inference_steps * params.strength < 1):

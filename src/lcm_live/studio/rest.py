@@ -20,6 +20,7 @@ from lcm_live.errors import UserError
 from lcm_live.studio.http_errors import ApiError
 from lcm_live.studio.images import encode_png_with_parameters
 from lcm_live.studio.json_input import JsonRefused, loads_checked
+from lcm_live.studio.layers import as_mask
 from lcm_live.studio.params import CANVAS_MODES, modes_of, parse_params
 from lcm_live.studio.public import public_parameters
 from lcm_live.studio.worker import Job
@@ -85,7 +86,10 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
             raise ApiError(413 if exc.code == "too_large" else 422, exc.code, exc.message) from None
         if not isinstance(data, dict):
             raise ApiError(422, "invalid_params", "the body must be a JSON object of params")
-        image_b64 = data.pop("image", None)
+        image_b64, mask_b64 = data.pop("image", None), data.pop("mask", None)
+        regions = data.get("regions")
+        region_b64 = [r.pop("mask", None) if isinstance(r, dict) else None
+                      for r in (regions if isinstance(regions, list) else [])]
         try:
             params = parse_params(studio.params_model, data)
         except UserError as exc:
@@ -98,6 +102,13 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
             modes = " or ".join(f'\"{m}\"' for m in CANVAS_MODES if m in modes_of(studio.params_model))
             raise ApiError(422, "invalid_params", f"\"image\" is only used with \"mode\": {modes}: set the mode "
                            "or drop the image", "image")
+        if mask_b64 is not None and params.mode != "img2img":
+            raise ApiError(422, "invalid_params", "\"mask\" says which part of \"image\" to redraw: use it with "
+                           "\"mode\": \"img2img\"", "mask")
+        for k, b64 in enumerate(region_b64):
+            if not isinstance(b64, str) or not b64:
+                raise ApiError(422, "invalid_params", f"regions[{k}] needs \"mask\": a base64 PNG, white where its "
+                               "prompt applies", f"regions.{k}.mask")
         # Capacity before any decoding: a request that would be refused costs nothing but its parsing.
         if studio.rest_waiting >= s.rest_queue_size:
             studio.metrics.rejected.labels(reason="capacity").inc()
@@ -108,8 +119,16 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
         studio.rest_waiting += 1
         try:
             canvas = await _decode_image(image_b64, studio) if params.mode in CANVAS_MODES else None
+            mask = await _decode_mask(mask_b64, studio, "mask") if mask_b64 is not None else None
+            notes = []
+            if mask is not None and mask.size != canvas.size:
+                notes.append(f"the mask was {mask.size[0]}x{mask.size[1]}; fitted to the image's "
+                             f"{canvas.size[0]}x{canvas.size[1]}")
+                mask = mask.resize(canvas.size)
+            region_masks = [await _decode_mask(b64, studio, f"regions.{k}.mask") for k, b64 in enumerate(region_b64)]
             try:
-                studio.worker.submit(slot, Job(params=params, sink=sink, canvas=canvas))
+                studio.worker.submit(slot, Job(params=params, sink=sink, canvas=canvas, mask=mask,
+                                               region_masks=region_masks))
             except RuntimeError:
                 raise ApiError(503, "not_ready", "the server is shutting down") from None
             try:
@@ -128,11 +147,18 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
             raise ApiError(_STATUS.get(code, 500), code, message, field)
         _, image, parameters = outcome
         metadata = public_parameters({**params.model_dump(exclude={"previews"}), **parameters})
+        if notes:
+            metadata["warnings"] = [*notes, *(metadata.get("warnings") or [])]
         if params.mode != "img2img":
             metadata.pop("strength", None)
         if params.mode != "control":
             metadata.pop("controlnet_conditioning_scale", None)
             metadata.pop("control_preprocess", None)
+        if mask is None:
+            metadata.pop("mask_feather", None)
+        for name in ("regions", "prompt_blend", "seed_blend"):
+            if not metadata.get(name):
+                metadata.pop(name, None)
         png = await asyncio.to_thread(encode_png_with_parameters, image, metadata)
         seed = metadata.get("seed", params.seed)
         return Response(png, media_type="image/png",
@@ -151,3 +177,18 @@ async def _decode_image(image_b64: str, studio: StudioState) -> Any:
     except UserError as exc:
         studio.metrics.rejected.labels(reason="invalid_image").inc()
         raise ApiError(422, "invalid_image", exc.message, "image") from None
+
+
+async def _decode_mask(mask_b64: Any, studio: StudioState, field: str) -> Any:
+    """A base64 mask (white = selected; transparent = black) as greyscale; an all-black one is refused."""
+    if not isinstance(mask_b64, str) or not mask_b64:
+        raise ApiError(422, "invalid_image", f"\"{field}\" must be a base64 PNG, JPEG or WebP", field)
+    try:
+        raw = await asyncio.to_thread(base64.b64decode, mask_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "invalid_image", f"\"{field}\" is not valid base64", field) from None
+    try:
+        return as_mask(await studio.decode_canvas(raw, background=(0, 0, 0)), field)
+    except UserError as exc:
+        studio.metrics.rejected.labels(reason="invalid_image").inc()
+        raise ApiError(422, "invalid_image", exc.message, field) from None

@@ -1,7 +1,8 @@
-"""One WebSocket session: its own params, canvas and frame counter (nothing mutable is shared between sessions).
+"""One WebSocket session: its own params, layers (canvas, mask, region masks: studio/layers.py) and frame counter
+(nothing mutable is shared between sessions).
 
-Input: the newest params / canvas win; unchanged input (same params, and in img2img the same canvas bytes)
-makes no new frame. Output: at most one frame waits to be sent; a newer frame replaces it (counted as dropped), so
+Input: the newest params / layers win; unchanged input (the same params and the same bytes of every layer they
+use) makes no new frame. Output: at most one frame waits to be sent; a newer frame replaces it (counted as dropped), so
 a slow client gets the newest frame when it is ready again and memory stays bounded. The worker thread calls the
 ``JobSink`` methods; they hop onto the event loop with ``call_soon_threadsafe`` and never block the worker.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import secrets
@@ -24,7 +24,8 @@ from starlette.websockets import WebSocket, WebSocketState
 from lcm_live.errors import UserError
 from lcm_live.studio.images import encode_frame
 from lcm_live.studio.json_input import JsonRefused, loads_checked
-from lcm_live.studio.params import CANVAS_MODES, GenerationParams, parse_params
+from lcm_live.studio.layers import Layers, as_mask, job_inputs, parse_layer_message
+from lcm_live.studio.params import GenerationParams, parse_params
 from lcm_live.studio.worker import Job
 
 if TYPE_CHECKING:
@@ -55,14 +56,14 @@ class Session:
         self.loop = asyncio.get_running_loop()
         self.params: GenerationParams | None = None  # the last params that passed validation
         self._engine_accepted: GenerationParams | None = None  # the last params the engine ran without refusing
-        self.canvas: Any = None  # decoded RGB canvas
-        self.canvas_hash: str | None = None
+        self.layers = Layers()  # decoded canvas, mask and region masks
+        self._last_final: tuple[int, Any] | None = None  # (number, image) of the last final frame made
         self.last_key: tuple[str, str | None] | None = None  # the input of the last generation asked for
         self.active_job: Job | None = None
         self.inputs = 0  # input messages received (params and canvases, good or not): statuses say how many
         self.frame_id = 0
         self.closed = False
-        self._warned_canvas = False
+        self._said: set[str] = set()  # notes and waiting reasons already said (each once)
         self._last_warning: str | None = None
         self._first_frame_job: int | None = None  # job whose first frame was already timed
         self._frame: PendingFrame | None = None  # at most one frame waits
@@ -108,6 +109,8 @@ class Session:
     def _post_frame(self, frame: PendingFrame) -> None:
         if self.closed:
             return
+        if frame.final:
+            self._last_final = (frame.job.id, frame.image)
         if self._frame is not None:  # the client has not taken the previous frame yet: replace it
             self.studio.metrics.frames_dropped.inc()
             self._outbox.remove(_FRAME)
@@ -210,19 +213,31 @@ class Session:
         self._maybe_submit()
 
     async def _on_binary(self, data: bytes) -> None:
-        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-        if digest == self.canvas_hash:
+        try:
+            msg = parse_layer_message(data)
+        except UserError as exc:
+            self.inputs += 1
+            return self._reject("invalid_params", exc.message, exc.field)
+        if not msg.image:  # an envelope without an image: clear that layer
+            self.inputs += 1
+            self.layers.clear(msg.key)
+            return self._maybe_submit()
+        if self.layers.same(msg.key, msg.image):
             self.inputs += 1
             return self._idle_if_nothing_runs()
+        field = {"canvas": "image", "mask": "mask"}.get(msg.layer, f"regions.{msg.index}.mask")
         try:
-            image = await self.studio.decode_canvas(data)
+            if msg.layer == "canvas":
+                image = await self.studio.decode_canvas(msg.image)
+            else:  # transparent = black: what was not painted is not selected
+                image = as_mask(await self.studio.decode_canvas(msg.image, background=(0, 0, 0)), field)
         except UserError as exc:
-            return self._reject("invalid_image", exc.message, "image")
+            return self._reject("invalid_image", exc.message, field)
         finally:
             # Counted once decoded, not when it arrived: a status said while it decoded (another job's "idle")
             # then carries the count before it, and the page knows this input is still unread.
             self.inputs += 1
-        self.canvas, self.canvas_hash = image, digest
+        self.layers.put(msg.key, image, msg.image)
         self._maybe_submit()
 
     def _reject(self, code: str, message: str, field: str | None) -> None:
@@ -235,18 +250,18 @@ class Session:
             return
         if params is None:  # a canvas before any params
             return self._idle_if_nothing_runs()
-        uses_canvas = params.mode in CANVAS_MODES
-        if uses_canvas and self.canvas is None:
-            if not self._warned_canvas:
-                self._warned_canvas = True
-                self.send_control({"type": "warning", "message": f"{params.mode}: waiting for the canvas (send it "
-                                   "as a binary PNG, JPEG or WebP message)"})
+        inputs = job_inputs(params, self.layers, self._last_final)
+        for note in [inputs] if isinstance(inputs, str) else inputs.notes:
+            if note not in self._said:
+                self._said.add(note)
+                self.send_control({"type": "warning", "message": note})
+        if isinstance(inputs, str):  # waiting for a layer
             return self._idle_if_nothing_runs()
-        key = (params.model_dump_json(), self.canvas_hash if uses_canvas else None)
-        if key == self.last_key:
+        if inputs.key == self.last_key:
             return self._idle_if_nothing_runs()  # unchanged input: no new frame
-        self.last_key = key
-        job = Job(params=params, sink=self, canvas=self.canvas if uses_canvas else None)
+        self.last_key = inputs.key
+        job = Job(params=params, sink=self, canvas=inputs.canvas, mask=inputs.mask, init_image=inputs.init_image,
+                  region_masks=inputs.region_masks)
         self.active_job = job
         try:
             self.studio.worker.submit(self.id, job)

@@ -61,6 +61,9 @@ class Job:
     params: GenerationParams
     sink: JobSink
     canvas: Any = None  # PIL RGB image for img2img, any size (fitted to width x height on the worker)
+    mask: Any = None  # PIL "L" mask layer (white = redraw), the canvas's size; fitted with it
+    init_image: Any = None  # control mode with a mask: the picture to keep outside the mask (the last frame)
+    region_masks: list[Any] = field(default_factory=list)  # PIL "L", one per params.regions item
     submitted: float = field(default_factory=time.monotonic)  # when the input was accepted
     id: int = field(default_factory=lambda: next(_job_ids))
     cancel_reason: str | None = None  # set from other threads: "superseded" | "closed" | "shutdown"
@@ -330,7 +333,11 @@ class Worker:
                 job.sink.on_frame(job, preview, final=False, step=event.step, total=event.total,
                                   generation_s=time.monotonic() - started, parameters={})
 
-        return _Run(job, p.to_request(image=canvas), callback, seen, should_stop)
+        size = (p.width, p.height)
+        fit = (lambda img: img if img is None or img.size == size else img.resize(size))  # noqa: E731
+        request = p.to_request(image=canvas, mask=fit(job.mask), init_image=fit(job.init_image),
+                               region_masks=[fit(m) for m in job.region_masks])
+        return _Run(job, request, callback, seen, should_stop)
 
     def _settle(self, outcomes: list[tuple[_Run, Any, BaseException | None]], generation_s: float) -> None:
         """Each job's frame or error. One engine call counts once towards max_consecutive_failures."""
