@@ -257,11 +257,12 @@ class Worker:
             if self._on_fatal is not None and s.exit_on_warmup_failure:
                 self._on_fatal(self.detail)
             return False
+        # The app's schema and info first, then "ready": a client that sees ready must see this model's schema.
+        if self._on_ready is not None:
+            self._on_ready(self.engine)
         with self._cond:
             if self.state == "loading":
                 self.state, self.detail = "ready", "ready"
-        if self._on_ready is not None:
-            self._on_ready(self.engine)
         return self.state == "ready"
 
     def _execute(self, jobs: list[Job]) -> None:
