@@ -3,8 +3,11 @@
 // it to the column) and an opaque white background: it is sent as the init image in sketch mode, as the
 // ControlNet's control image in lines mode.
 //
+// Strokes go to the sketch itself, or to the layer set with setTarget (a PaintLayer of layers.js: the mask, a
+// region), which then emits its own "change"; undo and redo follow the same target.
+//
 // Events: "change" {final: boolean}  final=false while a stroke is in progress (throttled by the caller),
-//         "history" {canUndo, canRedo}
+//         "history" {canUndo, canRedo}  of the target strokes go to
 
 const BACKGROUND = "#ffffff";
 const MAX_HISTORY = 20; // ImageData snapshots; a 768x768 one is ~2.4 MB
@@ -30,6 +33,9 @@ export class SketchCanvas extends EventTarget {
     this.redoStack = [];
     this.pointerId = null; // the one pointer drawing now (a second finger is ignored)
     this.last = null; // last point of the stroke, canvas pixels
+    this.target = null; // a PaintLayer that strokes paint instead of the sketch (null: the sketch)
+    this.stroke = null; // the surface the stroke in progress paints: the sketch or the target when it began
+    this.forward = () => this.emitHistory(); // the target's history, said as the sketch's (the toolbar listens)
     this.fill();
     canvas.addEventListener("pointerdown", (e) => this.onDown(e));
     canvas.addEventListener("pointermove", (e) => this.onMove(e));
@@ -77,10 +83,11 @@ export class SketchCanvas extends EventTarget {
     e.preventDefault();
     this.pointerId = e.pointerId;
     try { this.canvas.setPointerCapture(e.pointerId); } catch { /* capture is a nicety */ }
-    this.pushHistory();
+    this.stroke = this.target || this;
+    this.stroke.pushHistory();
     this.last = this.toCanvas(e);
-    this.segment(this.last, this.last, this.lineWidth(e));
-    this.emit("change", { final: false });
+    this.stroke.segment(this.last, this.last, this.lineWidth(e), this.tool === "eraser");
+    this.stroke.emit("change", { final: false });
   }
 
   onMove(e) {
@@ -90,27 +97,39 @@ export class SketchCanvas extends EventTarget {
     const events = typeof e.getCoalescedEvents === "function" ? e.getCoalescedEvents() : [];
     for (const ev of events.length ? events : [e]) {
       const p = this.toCanvas(ev);
-      this.segment(this.last, p, this.lineWidth(ev));
+      this.stroke.segment(this.last, p, this.lineWidth(ev), this.tool === "eraser");
       this.last = p;
     }
-    this.emit("change", { final: false });
+    this.stroke.emit("change", { final: false });
   }
 
   onUp(e) {
     if (e.pointerId !== this.pointerId) return;
     this.pointerId = null;
     this.last = null;
-    this.emit("change", { final: true });
+    const stroke = this.stroke;
+    this.stroke = null;
+    if (stroke !== this) stroke.changed(true);
+    else this.emit("change", { final: true });
   }
 
-  segment(a, b, width) {
+  /** Strokes (and undo/redo) go to `layer` (a PaintLayer), or back to the sketch with null. */
+  setTarget(layer) {
+    if (layer === this.target) return;
+    if (this.target) this.target.removeEventListener("history", this.forward);
+    this.target = layer;
+    if (layer) layer.addEventListener("history", this.forward);
+    this.emitHistory();
+  }
+
+  segment(a, b, width, erase = this.tool === "eraser") {
     const ctx = this.ctx;
     ctx.save();
     ctx.lineCap = "round";
     ctx.lineJoin = "round";
     ctx.lineWidth = width;
     // The eraser paints the background: the init image must stay opaque.
-    ctx.strokeStyle = this.tool === "eraser" ? BACKGROUND : this.color;
+    ctx.strokeStyle = erase ? BACKGROUND : this.color;
     ctx.beginPath();
     ctx.moveTo(a.x, a.y);
     // A zero-length line with round caps draws a dot (a tap).
@@ -194,7 +213,12 @@ export class SketchCanvas extends EventTarget {
   }
 
   undo() {
-    if (!this.undoStack.length || this.pointerId !== null) return;
+    if (this.pointerId !== null) return;
+    if (this.target) {
+      this.target.undo();
+      return;
+    }
+    if (!this.undoStack.length) return;
     this.redoStack.push(this.snapshot());
     this.restore(this.undoStack.pop());
     this.emitHistory();
@@ -202,7 +226,12 @@ export class SketchCanvas extends EventTarget {
   }
 
   redo() {
-    if (!this.redoStack.length || this.pointerId !== null) return;
+    if (this.pointerId !== null) return;
+    if (this.target) {
+      this.target.redo();
+      return;
+    }
+    if (!this.redoStack.length) return;
     this.undoStack.push(this.snapshot());
     this.restore(this.redoStack.pop());
     this.emitHistory();
@@ -210,7 +239,8 @@ export class SketchCanvas extends EventTarget {
   }
 
   emitHistory() {
-    this.emit("history", { canUndo: this.undoStack.length > 0, canRedo: this.redoStack.length > 0 });
+    const s = this.target || this;
+    this.emit("history", { canUndo: s.undoStack.length > 0, canRedo: s.redoStack.length > 0 });
   }
 
   // ---- export ----

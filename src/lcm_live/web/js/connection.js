@@ -10,7 +10,9 @@
 //   status  the status message
 //   error   the error message ({code, message, field})
 //   warning the warning message
-//   sent    {kind: "params"|"canvas", at, payload}   at: performance.now() of the send
+//   sent    {kind: "params"|"canvas"|"layer", at, payload}   at: performance.now() of the send
+
+import { layerMessage } from "./layers.js";
 
 const CLOSE_TEXT = {
   1000: "closed by the server",
@@ -35,6 +37,12 @@ function imageType(bytes) {
   return "image/jpeg";
 }
 
+/** "mask" -> ["mask", 0]; "region:3" -> ["region", 3]. */
+function layerOf(key) {
+  const [layer, index] = key.split(":");
+  return [layer, Number(index || 0)];
+}
+
 export class Connection extends EventTarget {
   /**
    * @param {string} url ws:// or wss:// URL of /ws
@@ -52,6 +60,7 @@ export class Connection extends EventTarget {
     this.pendingFrame = null; // frame JSON waiting for its binary image
     this.latestParams = null; // newest params (object), re-sent after every reconnect
     this.latestCanvas = null; // newest canvas (Blob) or null when the mode does not use it
+    this.latestLayers = new Map(); // "mask", "region:K" -> the newest image (Blob) of that layer, re-sent on open
     this.sentCount = 0; // input messages sent on this connection (compared with a status's "inputs")
     this.stopped = false;
     window.addEventListener("online", () => this.reconnectNow());
@@ -98,6 +107,7 @@ export class Connection extends EventTarget {
       // A new connection is a new session on the server: give it the newest canvas first (the canvas modes wait
       // for one), then the newest params.
       if (this.latestCanvas) this.rawSend("canvas", this.latestCanvas);
+      for (const [key, image] of this.latestLayers) this.rawSend("layer", layerMessage(...layerOf(key), image), { key, image });
       if (this.latestParams) this.rawSend("params", JSON.stringify(this.latestParams), this.latestParams);
     };
     ws.onmessage = (event) => this.onMessage(event.data);
@@ -171,6 +181,19 @@ export class Connection extends EventTarget {
     this.latestCanvas = blob;
     if (blob && this.isOpen) this.rawSend("canvas", blob);
     else if (blob) this.wake();
+  }
+
+  /**
+   * Send a layer's image (a Blob: PNG white on black), or null to clear that layer on the server.
+   * key: "mask" or "region:K". A clear is sent only when the server may hold the layer.
+   */
+  sendLayer(key, image) {
+    const had = this.latestLayers.has(key);
+    if (image) this.latestLayers.set(key, image);
+    else this.latestLayers.delete(key);
+    if (!image && !had) return; // nothing to clear (a new session starts without layers)
+    if (this.isOpen) this.rawSend("layer", layerMessage(...layerOf(key), image), { key, image });
+    else if (image) this.wake();
   }
 
   /** New input after an idle close: connect again (the newest input is sent on open). */

@@ -41,6 +41,9 @@ const FIELDS = [
   { name: "control_preprocess", label: "Canvas as",
     hint: "Lines mode: line ControlNets take white lines on black.", control: true,
     choices: { invert: "Drawing (inverted)", edges: "Photo or camera (its edges)", none: "As it is" } },
+  // Only with a mask (mask.js): sketch and lines mode.
+  { name: "mask_feather", label: "Mask feather",
+    hint: "With a mask: how far (pixels) its edge blends the new picture into the kept one." },
   { name: "width", label: "Width", size: true },
   { name: "height", label: "Height", size: true },
   { name: "seed", label: "Seed" },

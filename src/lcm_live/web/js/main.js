@@ -2,16 +2,16 @@
 // Protocol: docs/protocol.md. Every input sends the full params at once; the server keeps only the newest.
 
 import { Banners } from "./banner.js";
+import { Blends } from "./blends.js";
 import { SketchCanvas, usesCanvas } from "./canvas.js";
 import { Connection, closeText } from "./connection.js";
 import { Controls, schemaProperties } from "./controls.js";
 import { CameraFeed, setupCamera } from "./camera.js";
-import { FramePacer } from "./pacing.js";
+import { setupLayers } from "./layerbar.js";
+import { FramePacer, StrokeStream } from "./pacing.js";
 import { FpsMeter, InputLog, OutputView, errorText, saveFrame } from "./output.js";
 import { setupRecording } from "./recorder.js";
 import { setupToolbar } from "./toolbar.js";
-
-const STROKE_SEND_MS = 120; // while a stroke goes on, send the canvas at most this often
 
 const $ = (id) => document.getElementById(id);
 
@@ -51,8 +51,6 @@ const state = {
   promptMaxLength: undefined, // from the schema: shown by the counter, never enforced by cutting the text
   wantSend: false, // input arrived before the schema: send once the controls exist
   serverBusy: false,
-  canvasSeq: 0, // orders canvas encodes: an older encode never replaces a newer one
-  strokeTimer: null,
 };
 
 // ---------------------------------------------------------------- params
@@ -64,6 +62,8 @@ function currentParams() {
     prompt: els.prompt.value,
     negative_prompt: els.negative.disabled ? "" : els.negative.value,
     ...state.controls.values(),
+    regions: layers.regionParams(), // those whose layers were sent (layerbar.js)
+    ...blends.values(),
   };
   const params = {};
   for (const name of state.fields) if (name in all) params[name] = all[name];
@@ -105,6 +105,8 @@ function setupSchema(schema) {
     }
   }
   state.fields = state.controls.fieldNames;
+  layers.build(state.fields);
+  blends.build(schema);
   els.negativeWrap.hidden = !state.fields.includes("negative_prompt");
   const modeProp = schemaProperties(schema).mode;
   if (modeProp && Array.isArray(modeProp.enum)) {
@@ -124,32 +126,29 @@ function setupSchema(schema) {
 function applySize({ width, height }) {
   if (!width || !height) return;
   sketch.resize(width, height);
+  layers.resize(width, height);
   els.outputWrap.style.aspectRatio = `${width} / ${height}`;
 }
 
 // ---------------------------------------------------------------- canvas -> server
 
-async function sendCanvasNow() {
-  clearTimeout(state.strokeTimer);
-  state.strokeTimer = null;
-  pacer.drop("canvas"); // this send carries the newest canvas
-  if (!usesCanvas(state.mode)) return;
-  const seq = ++state.canvasSeq;
-  const blob = await sketch.toBlob();
-  if (seq !== state.canvasSeq || !blob || !usesCanvas(state.mode)) return;
-  conn.sendCanvas(blob);
-}
-
 // While a stroke goes on, one frame in flight (pacing.js): the stroke's newest canvas waits for the frame on its
 // way; the stroke's end goes at once. With nothing in flight, a stroke sends at most every STROKE_SEND_MS.
-sketch.addEventListener("change", (e) => {
+const canvasStream = new StrokeStream(pacer, "canvas", async (isStale) => {
   if (!usesCanvas(state.mode)) return;
-  if (e.detail.final || pacer.inFlight()) {
-    pacer.offer("canvas", sendCanvasNow, { final: e.detail.final });
-  } else if (state.strokeTimer === null) {
-    state.strokeTimer = setTimeout(sendCanvasNow, STROKE_SEND_MS);
-  }
+  const blob = await sketch.toBlob();
+  if (isStale() || !blob || !usesCanvas(state.mode)) return;
+  conn.sendCanvas(blob);
 });
+const sendCanvasNow = canvasStream.now;
+sketch.addEventListener("change", (e) => {
+  if (usesCanvas(state.mode)) canvasStream.change(e.detail.final);
+});
+
+// The mask and the regions, painted over the canvas (layerbar.js), and the blends (blends.js).
+const layers = setupLayers({ sketch, conn, pacer, mode: () => state.mode, sendParams });
+const blends = new Blends();
+blends.addEventListener("input", offerParams);
 
 /** Typing and slider drags: held while a frame is on its way, sent when it comes or when the input settles. */
 function offerParams() {
@@ -162,12 +161,14 @@ async function setMode(mode) {
   pacer.drop("params");
   state.mode = mode;
   document.body.dataset.mode = mode;
+  layers.setMode(mode);
   for (const radio of document.querySelectorAll('input[name="mode"]')) radio.checked = radio.value === mode;
   if (usesCanvas(mode)) {
     await sendCanvasNow(); // the server waits for a canvas before the first sketch (or lines) frame
+    await layers.syncMask(); // then the mask, before the params that start the frame
   } else {
     camera.stop(); // the camera feeds the canvas, which text to image ignores
-    state.canvasSeq += 1;
+    canvasStream.seq += 1; // an encode under way is not sent
     conn.sendCanvas(null);
   }
   sendParams();
@@ -319,7 +320,7 @@ els.save.addEventListener("click", async () => {
   els.save.textContent = "Saving…";
   try {
     const canvasBlob = usesCanvas(params.mode) ? (source ? source.payload : await sketch.toBlob()) : null;
-    await saveFrame({ params, canvasBlob });
+    await saveFrame({ params, canvasBlob, layers: conn.latestLayers }); // the mask and regions sent last
     banners.clear("save");
   } catch (err) {
     banners.show(`Save failed: ${err.message}`, { source: "save" });

@@ -116,10 +116,22 @@ export class OutputView {
   }
 }
 
-/** Save: render the shown frame again through POST /api/generate (same params and seed) and download the PNG. */
-export async function saveFrame({ params, canvasBlob }) {
+/**
+ * Save: render the shown frame again through POST /api/generate (same params and seed) and download the PNG.
+ * layers: Map "mask" / "region:K" -> the layer images sent (REST takes them inline: `mask`, `regions[k].mask`).
+ */
+export async function saveFrame({ params, canvasBlob, layers = new Map() }) {
   const body = { ...params };
   if (usesCanvas(body.mode) && canvasBlob) body.image = await blobToBase64(canvasBlob);
+  // REST inpaints the image it is given: in sketch mode the canvas (lines mode redraws the server's last frame,
+  // which REST does not have: saved without the mask).
+  if (body.mode === "img2img" && layers.get("mask")) body.mask = await blobToBase64(layers.get("mask"));
+  if (Array.isArray(body.regions)) {
+    body.regions = await Promise.all(body.regions.map(async (r, k) => {
+      const mask = layers.get(`region:${k}`);
+      return mask ? { ...r, mask: await blobToBase64(mask) } : r;
+    }));
+  }
   const res = await fetch("api/generate", {
     method: "POST",
     headers: { "Content-Type": "application/json" },

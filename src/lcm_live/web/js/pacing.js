@@ -97,3 +97,41 @@ export class FramePacer {
     this.pending = false;
   }
 }
+
+export const STROKE_SEND_MS = 120; // while a stroke goes on with nothing in flight, send at most this often
+
+/**
+ * The strokes of one surface (the sketch, the mask, the regions) paced as one kind of input: its newest state waits
+ * for the frame in flight (FramePacer), the stroke's end goes at once, and with nothing in flight a stroke sends at
+ * most every STROKE_SEND_MS. `send(isStale)` encodes and sends the newest state; an encode overtaken by a newer
+ * one checks isStale() before sending, so an older picture never replaces a newer one.
+ */
+export class StrokeStream {
+  constructor(pacer, kind, send, { intervalMs = STROKE_SEND_MS } = {}) {
+    this.pacer = pacer;
+    this.kind = kind;
+    this.send = send;
+    this.intervalMs = intervalMs;
+    this.timer = null;
+    this.seq = 0;
+    this.now = this.now.bind(this);
+  }
+
+  /** The surface changed (`final`: a stroke's end or a whole-surface action). */
+  change(final) {
+    if (final || this.pacer.inFlight()) {
+      this.pacer.offer(this.kind, this.now, { final });
+    } else if (this.timer === null) {
+      this.timer = setTimeout(this.now, this.intervalMs);
+    }
+  }
+
+  /** Send the newest state now; resolves once it went out (or was overtaken). */
+  async now() {
+    clearTimeout(this.timer);
+    this.timer = null;
+    this.pacer.drop(this.kind); // this send carries the newest state
+    const seq = ++this.seq;
+    await this.send(() => seq !== this.seq);
+  }
+}
