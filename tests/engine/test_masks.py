@@ -98,3 +98,27 @@ def test_a_nine_channel_inpainting_unet_takes_mask_and_masked_image(tmp_path):
     assert seen == [9, 9]
     out = px(result.images[0])
     assert np.array_equal(out[:, 28:], px(init)[:, 28:]) and np.abs(out[:, :24] - px(init)[:, :24]).mean() > 5
+
+
+def test_a_small_mask_is_redrawn_in_a_window_of_its_own(lcm):
+    """The UNet sees only the window around the mask (the rest is the init image's latents anyway): the model
+    composes the prompt there, and a small mask costs a small UNet call. A large mask's window is the picture."""
+    from lcm_live.engine.masks import mask_window
+
+    small = Image.new("L", (SIZE, SIZE), 0)
+    small.paste(255, (40, 40, 56, 56))  # 16 x 16 px
+    prepared, _ = prepare_mask(small, SIZE, SIZE, feather=4)
+    assert mask_window(prepared, 2, 32) == (16, 32, 16, 32)  # latent cells: 32 px a side (the least), inside
+    shapes = []
+    original = lcm.pipe.unet.forward
+    lcm.pipe.unet.forward = lambda sample, *a, **k: shapes.append(tuple(sample.shape[-2:])) or original(sample, *a, **k)
+    try:
+        init = init_image()
+        out = px(lcm.generate(req("x", image=init, strength=1.0, seed=1, mask_image=small, mask_feather=4)).images[0])
+        lcm.generate(req("x", image=init, seed=1, mask_image=left_mask(60)))
+    finally:
+        lcm.pipe.unet.__dict__.pop("forward", None)
+    assert shapes == [(16, 16)] * 2 + [(32, 32)] * 2
+    outside = np.ones((SIZE, SIZE), bool)
+    outside[36:60, 36:60] = False
+    assert np.array_equal(out[outside], px(init)[outside]) and np.abs(out[40:56, 40:56] - px(init)[40:56, 40:56]).mean() > 5

@@ -40,7 +40,7 @@ def test_region_weights_cover_each_cell_once():
     assert warnings == ["regions[1].mask_image was 32x32; fitted to the output's 64x64"]
 
 
-@pytest.mark.parametrize("engine_name, rows", [("lcm", 3), ("lora", 4)])  # LCM-LoRA with CFG: + 1 uncond row
+@pytest.mark.parametrize("engine_name, rows", [("lcm", 2), ("lora", 4)])  # LCM-LoRA with CFG: + 2 uncond rows
 def test_regions_run_as_one_unet_batch(request, engine_name, rows):
     engine = request.getfixturevalue(engine_name)
     guidance = {"lora": {"guidance_scale": 1.5}}.get(engine_name, {})
@@ -50,7 +50,7 @@ def test_regions_run_as_one_unet_batch(request, engine_name, rows):
         result = engine.generate(req("a grey field", seed=4, regions=regions, **guidance))
     finally:
         engine.pipe.unet.__dict__.pop("forward", None)
-    assert sizes == [rows, rows]  # one UNet call per step: base + 2 regions (+ uncond)
+    assert sizes == [rows, rows]  # one UNet call per step: the 2 regions' windows (the base covers nothing)
     assert result.parameters["mode"] == "regions"
     assert result.parameters["regions"] == [{"prompt": "a red circle"}, {"prompt": "a blue square"}]
 
@@ -118,3 +118,27 @@ def test_bad_blends_name_the_field(lcm, kw, field):
     with pytest.raises(UserError) as err:
         lcm.generate(req("x", **kw))
     assert err.value.field == field
+
+
+def test_windows_have_one_size_and_hold_their_regions():
+    from lcm_live.engine.regions import windows
+
+    small = Image.new("L", (SIZE, SIZE), 0)
+    small.paste(255, (50, 40, 60, 60))  # 10 x 20 px near the bottom right
+    wide = Image.new("L", (SIZE, SIZE), 0)
+    wide.paste(255, (0, 0, 40, 12))  # 40 x 12 px at the top left
+    weights, _ = region_weights([small, wide], SIZE, SIZE, 2)
+    assert windows(weights) == [(20, 30, 12, 32), (0, 10, 0, 20)]  # latent cells: 10 x 20 each, inside the picture
+
+
+def test_a_region_leaving_room_runs_the_base_prompt_on_the_canvas_too(lcm):
+    corner = Image.new("L", (SIZE, SIZE), 0)
+    corner.paste(255, (0, 0, 32, 32))
+    shapes = []
+    original = lcm.pipe.unet.forward
+    lcm.pipe.unet.forward = lambda sample, *a, **k: shapes.append(tuple(sample.shape)) or original(sample, *a, **k)
+    try:
+        lcm.generate(req("a grey field", seed=1, regions=[Region("a red circle", corner)]))
+    finally:
+        lcm.pipe.unet.__dict__.pop("forward", None)
+    assert shapes == [(1, 4, 16, 16), (1, 4, 32, 32)] * 2  # per step: the region's window, then the base's canvas

@@ -11,10 +11,11 @@ def add_parser(subparsers) -> None:
         description="Samples a fixed, balanced set of prompt/seed pairs and reads colour, shape, size and "
                     "background back from the pixels. LCM rows at each step count; with --teacher also the "
                     "teacher under DDIM and DPM-Solver++ at the same step counts and guidance.")
-    p.add_argument("--task", default="model", choices=["model", "lora"],
+    p.add_argument("--task", default="model", choices=["model", "lora", "inpaint", "regions"],
                    help="model: score --model (default); lora: the shipped LCM-LoRA family at each step count "
                         "(base + LCM-LoRA, the outline fine-tune + LCM-LoRA, + outline LoRA, the fine-tune under "
-                        "DDIM / DPM-Solver++, the full LCM; docs/builtin-model.md)")
+                        "DDIM / DPM-Solver++, the full LCM; docs/builtin-model.md); inpaint, regions: --model "
+                        "(default builtin:shapes) with a mask or two region prompts (training/eval_masks.py)")
     p.add_argument("--model", default=None,
                    help="LCM folder, builtin:NAME, or an LCM-LoRA folder (then --teacher is its base); "
                         "required for --task model")
@@ -49,6 +50,12 @@ def run(args: argparse.Namespace) -> int:
         from lcm_live.training.eval_lora import LoraModels, run_lora_eval
 
         run_lora_eval(LoraModels.builtin(), steps=steps, n=args.pairs, json_path=args.json, grid_path=args.grid,
+                      device=args.device)
+        return 0
+    if args.task in ("inpaint", "regions"):
+        from lcm_live.training.eval_masks import run_mask_eval
+
+        run_mask_eval(args.task, args.model or "builtin:shapes", steps=steps, n=args.pairs, json_path=args.json,
                       device=args.device)
         return 0
     if args.model is None:

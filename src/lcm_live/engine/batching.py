@@ -59,7 +59,8 @@ class Prepared:
     init_image: Any = None  # the init image, RGB at width x height
     control_image: Any = None  # the control image, RGB at width x height
     mask: PreparedMask | None = None
-    region_weights: Any = None  # (1 + R, 1, h, w) float32, the base prompt first (engine/masks.py)
+    mask_box: tuple[int, int, int, int] | None = None  # the latent window the mask's redraw runs in (masks.py)
+    region_weights: Any = None  # (1 + R, 1, h, w) float32, the base prompt first (engine/masks.py); None: no regions
     notes: list[str] = field(default_factory=list)  # what the engine changed and says (a mask fitted, ...)
 
     @property
@@ -74,11 +75,11 @@ class Prepared:
     def key(self) -> Hashable | None:
         """The resolved batch key: requests with equal keys run as one call; None: a call of its own."""
         r = self.request
-        if r.num_images_per_prompt != 1:
+        if r.num_images_per_prompt != 1 or r.regions:  # region windows differ per request: a call of its own
             return None
         return (self.mode, self.width, self.height, r.num_inference_steps, self.guidance_scale, self.do_cfg,
                 r.strength if self.img2img else None,
-                r.controlnet_conditioning_scale if r.control_image is not None else None, len(r.regions),
+                r.controlnet_conditioning_scale if r.control_image is not None else None, self.mask_box,
                 r.output_type)
 
 

@@ -1,10 +1,11 @@
 """One generation call for a batch of prepared requests with equal keys: the recipe ``Engine._call`` runs.
 
-1. Text: each latent's prompt embeddings (cached; blended with a second prompt; one row per region prompt).
+1. Text: each latent's prompt embeddings (cached; blended with a second prompt), and its regions'.
 2. Schedule: LCM's timesteps for the steps and strength, the scheduler scalars on the host.
 3. Start latents: seeded noise (slerped with a second seed's), or the init image's latents noised to the first
    timestep.
-4. Conditionings around the UNet: w-embedding, SDXL size ids, ControlNet, region weights, inpainting.
+4. Conditionings around the UNet: w-embedding, SDXL size ids, ControlNet, inpainting; region prompts on their
+   windows (engine/regions.py).
 5. Sample (engine/sampling.py), calling ``on_step`` after each step.
 6. Decode, and composite masked results with their init images.
 """
@@ -20,40 +21,54 @@ from lcm_live.engine.denoiser import Control, Denoiser, TextRows
 from lcm_live.engine.latents import decode, encode_images, encode_mode, noise_for
 from lcm_live.engine.masks import composite, latent_mask
 from lcm_live.engine.postprocess import to_pil
+from lcm_live.engine.regions import RegionDenoiser, crop, windows
 from lcm_live.engine.sampling import guidance_embedding, lcm_schedule, sample_lcm
 
 
-def _text_rows(engine: Any, preps: list[Any], n: int) -> tuple[TextRows, int, list[list[str]]]:
-    """Step 1: the TextRows for every latent (each prep's rows repeated for its ``n`` images), K and warnings."""
+def _embeddings(engine: Any, p: Any) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+    """Step 1 for one request: its prompt's embeddings (blended with a second prompt), its regions' and the
+    warnings (a prompt cut by the tokenizer's window, a mask fitted)."""
     pipe, cache = engine.pipe, engine.prompts
-    cond, pooled, neg, neg_pooled, warnings = [], [], [], [], []
-    for p in preps:
-        base = cache.get(pipe, p.request.prompt, p.negative, do_cfg=p.do_cfg)[0]
-        kw, notes = dict(base.kwargs), list(base.warnings)
-        blend = p.request.prompt_blend
-        if blend is not None and blend.weight > 0:
-            other = cache.get(pipe, blend.prompt, None, do_cfg=False)[0]
-            notes += other.warnings
-            for name in ("prompt_embeds", "pooled_prompt_embeds"):
-                if name in kw:
-                    kw[name] = torch.lerp(kw[name], other.kwargs[name], float(blend.weight))
-        rows = [kw]
-        for region in p.request.regions:
-            entry = cache.get(pipe, region.prompt, None, do_cfg=False)[0]
-            rows.append(entry.kwargs)
-            notes += entry.warnings
-        warnings.append(notes + list(p.notes))
-        for _ in range(n):
-            cond += [r["prompt_embeds"] for r in rows]
-            pooled += [r["pooled_prompt_embeds"] for r in rows if "pooled_prompt_embeds" in r]
-            if p.do_cfg:
-                neg.append(kw["negative_prompt_embeds"])
-                if "negative_pooled_prompt_embeds" in kw:
-                    neg_pooled.append(kw["negative_pooled_prompt_embeds"])
-    cat = (lambda xs: torch.cat(xs) if xs else None)  # noqa: E731
-    text = TextRows(prompt_embeds=cat(cond), negative_prompt_embeds=cat(neg), pooled_prompt_embeds=cat(pooled),
-                    negative_pooled_prompt_embeds=cat(neg_pooled))
-    return text, 1 + len(preps[0].request.regions), warnings
+    base = cache.get(pipe, p.request.prompt, p.negative, do_cfg=p.do_cfg)[0]
+    kw, notes = dict(base.kwargs), list(base.warnings)
+    blend = p.request.prompt_blend
+    if blend is not None and blend.weight > 0:
+        other = cache.get(pipe, blend.prompt, None, do_cfg=False)[0]
+        notes += other.warnings
+        for name in ("prompt_embeds", "pooled_prompt_embeds"):
+            if name in kw:
+                kw[name] = torch.lerp(kw[name], other.kwargs[name], float(blend.weight))
+    regions = []
+    for region in p.request.regions:
+        entry = cache.get(pipe, region.prompt, None, do_cfg=False)[0]
+        regions.append({**entry.kwargs, **{k: v for k, v in kw.items() if k.startswith("negative")}})
+        notes += entry.warnings
+    return kw, regions, notes + list(p.notes)
+
+
+def _rows(per_latent: list[dict[str, Any]]) -> TextRows:
+    """The TextRows of latents whose embeddings are ``per_latent`` (one dict per latent, batch 1 each)."""
+    def cat(name: str) -> Any:
+        parts = [kw[name] for kw in per_latent if name in kw]
+        return torch.cat(parts) if parts else None
+
+    return TextRows(prompt_embeds=cat("prompt_embeds"), negative_prompt_embeds=cat("negative_prompt_embeds"),
+                    pooled_prompt_embeds=cat("pooled_prompt_embeds"),
+                    negative_pooled_prompt_embeds=cat("negative_pooled_prompt_embeds"))
+
+
+def _denoiser(engine: Any, first: Any, text: TextRows, size: tuple[int, int], *, control: Any = None,
+              inpaint_inputs: Any = None) -> Denoiser:
+    """Step 4: the UNet and its conditionings for latents of pixel ``size`` (height, width)."""
+    unet, device, dtype = engine.pipe.unet, engine.device, text.prompt_embeds.dtype
+    w_embedding = None
+    if unet.config.time_cond_proj_dim is not None:
+        w_embedding = guidance_embedding(first.guidance_scale, 1, unet.config.time_cond_proj_dim, device, dtype)
+    time_ids = None
+    if text.pooled_prompt_embeds is not None:  # SDXL: (original size, crop top-left, target size)
+        time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=dtype, device=device)
+    return Denoiser(unet, text, guidance_scale=first.guidance_scale, do_cfg=first.do_cfg, w_embedding=w_embedding,
+                    time_ids=time_ids, control=control, inpaint_inputs=inpaint_inputs)
 
 
 def run_call(engine: Any, preps: list[Any], on_step: Any) -> tuple[Any, list[list[str]], dict[str, float]]:
@@ -66,7 +81,9 @@ def run_call(engine: Any, preps: list[Any], on_step: Any) -> tuple[Any, list[lis
     t0 = time.perf_counter()
     with torch.no_grad():
         # 1. Text.
-        text, k, warnings = _text_rows(engine, preps, n)
+        embeds = [_embeddings(engine, p) for p in preps]
+        warnings = [notes for _, _, notes in embeds]
+        text = _rows([kw for kw, _, _ in embeds for _ in range(n)])
         dtype = text.prompt_embeds.dtype
         t_text = time.perf_counter()
 
@@ -90,37 +107,51 @@ def run_call(engine: Any, preps: list[Any], on_step: Any) -> tuple[Any, list[lis
 
         # 4. Conditionings.
         unet = pipe.unet
-        rows = latents.shape[0] * (k + (1 if first.do_cfg else 0))
-        timestep_cond = None
-        if unet.config.time_cond_proj_dim is not None:
-            timestep_cond = guidance_embedding(first.guidance_scale, rows, unet.config.time_cond_proj_dim, device,
-                                               latents.dtype)
-        time_ids = None
-        if text.pooled_prompt_embeds is not None:  # SDXL: (original size, crop top-left, target size)
-            size = (first.height, first.width)
-            time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=dtype, device=device)
-        control = None
+        controls = None
         if request.control_image is not None:
             controls = engine.control_processor.preprocess([p.control_image for p in preps], height=first.height,
                                                            width=first.width).to(dtype=torch.float32)
-            control = Control(engine.loaded.controlnet, _per_image(controls.to(device, dtype), n),
-                              float(request.controlnet_conditioning_scale))
-        weights = None
-        if k > 1:
-            weights = _per_image(torch.stack([p.region_weights for p in preps]), n).to(device, dtype)
+            controls = _per_image(controls.to(device, dtype), n)
+        scale_cn = float(request.controlnet_conditioning_scale)
         blend, inpaint_inputs = None, None
         if first.mask is not None:
             mask = _per_image(latent_mask([p.mask for p in preps], scale, device, dtype), n)
             if unet.config.in_channels == 9:  # an inpainting UNet: mask and masked image as inputs, no blending
                 kept = images * torch.from_numpy(_binary_masks(preps) < 0.5).to(device, dtype)  # diffusers' masked image
-                masked = _per_image(encode_mode(vae, kept), n)
-                inpaint_inputs = torch.cat([mask, masked], dim=1)
+                inpaint_inputs = torch.cat([mask, _per_image(encode_mode(vae, kept), n)], dim=1)
             else:
                 def blend(denoised: torch.Tensor) -> torch.Tensor:  # outside the mask: the init image's latents
                     return mask * denoised + (1 - mask) * init_latents
-        model = Denoiser(unet, text, rows_per_latent=k, guidance_scale=first.guidance_scale, do_cfg=first.do_cfg,
-                         timestep_cond=timestep_cond, time_ids=time_ids, control=control, region_weights=weights,
-                         inpaint_inputs=inpaint_inputs)
+        h, w = latents.shape[-2:]
+        if first.mask_box is not None and first.mask_box != (0, h, 0, w):  # inpainting: the mask's window only
+            boxes = [first.mask_box]
+            (y0, y1, x0, x1), control = boxes[0], None
+            if controls is not None:
+                control = Control(engine.loaded.controlnet, crop(controls, boxes, scale), scale_cn)
+            inner = _denoiser(engine, first, text, ((y1 - y0) * scale, (x1 - x0) * scale), control=control)
+            weights = torch.zeros(2, 1, h, w, device=device, dtype=dtype)
+            weights[1, :, y0:y1, x0:x1] = 1  # outside the window the blend keeps the init image's latents
+            model = RegionDenoiser(inner, None, boxes, weights)
+        elif first.region_weights is None:
+            control = None if controls is None else Control(engine.loaded.controlnet, controls, scale_cn)
+            model = _denoiser(engine, first, text, (first.height, first.width), control=control,
+                              inpaint_inputs=inpaint_inputs)
+        else:  # one request (regions never share a call): its region prompts on their windows (engine/regions.py)
+            weights = first.region_weights.to(device, dtype)
+            boxes = windows(weights)
+            (y0, y1, x0, x1), regions = boxes[0], embeds[0][1]
+            window_text = _rows([kw for _ in range(n) for kw in regions])
+            control = None if controls is None else Control(engine.loaded.controlnet, crop(controls, boxes, scale),
+                                                            scale_cn)
+            base = None
+            if weights[0].any():
+                base_control = None if controls is None else Control(engine.loaded.controlnet, controls, scale_cn)
+                base = _denoiser(engine, first, text, (first.height, first.width), control=base_control,
+                                 inpaint_inputs=inpaint_inputs)
+            model = RegionDenoiser(
+                _denoiser(engine, first, window_text, ((y1 - y0) * scale, (x1 - x0) * scale), control=control,
+                          inpaint_inputs=None if inpaint_inputs is None else crop(inpaint_inputs, boxes)),
+                base, boxes, weights)
 
         # 5. Sample.
         marks = {"last_step": None}

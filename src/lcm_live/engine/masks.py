@@ -114,3 +114,22 @@ def region_weights(region_masks: list[Any], width: int, height: int, scale_facto
     base = (1 - regions.sum(0, keepdim=True)).clamp(min=0)
     weights = torch.cat([base, regions])
     return weights / weights.sum(0, keepdim=True), warnings
+
+
+def mask_window(mask: PreparedMask, scale_factor: int, min_side: int) -> tuple[int, int, int, int]:
+    """The latent window (y0, y1, x0, x1) the sampler denoises for this mask: the mask and its feather band,
+    grown by a quarter of their size on each side for context, at least ``min_side`` pixels a side, kept inside
+    the picture. Outside it every latent is the init image's anyway; inside, the model sees a picture of its own
+    around the area to redraw (so it composes the prompt there rather than anywhere in the whole picture), and a
+    small mask costs a small UNet call."""
+    import numpy as np
+
+    ys, xs = np.nonzero(mask.feathered > 0)
+    h, w = (n // scale_factor for n in mask.feathered.shape)
+    box = []
+    for lo, hi, size in ((ys.min() // scale_factor, ys.max() // scale_factor + 1, h),
+                         (xs.min() // scale_factor, xs.max() // scale_factor + 1, w)):
+        side = min(size, max(hi - lo + 2 * ((hi - lo) // 8), -(-min_side // scale_factor)))
+        start = min(max((lo + hi - side) // 2, 0), size - side)
+        box += [int(start), int(start + side)]
+    return box[0], box[1], box[2], box[3]

@@ -156,7 +156,7 @@ CONDITIONINGS: tuple[Conditioning, ...] = (
         (Param("regions", "array", f"up to {MAX_REGIONS} region prompts, each drawn where its mask is white; the "
                                    "prompt covers the rest", [], 0, MAX_REGIONS, flag="--region",
                fields={"prompt": "string", "mask_image": "image"}),),
-        active=lambda r: bool(r.regions), check=_check_regions, key=lambda r: (len(r.regions),)),
+        active=lambda r: bool(r.regions), check=_check_regions),
     Conditioning(
         "prompt_blend", None,
         (Param("prompt_blend", "object", "a second prompt and its weight in [0, 1]: the text embeddings "
@@ -196,8 +196,9 @@ def check(request: GenerationRequest, caps: ModelCaps, *, model_checks: bool = T
 
 def batch_key(request: GenerationRequest) -> Hashable | None:
     """What must be equal for two requests to share one call, from the request as given (before the engine
-    resolves defaults); None when the request is never batched (``num_images_per_prompt > 1``)."""
-    if request.num_images_per_prompt != 1:
+    resolves defaults); None when the request is never batched (``num_images_per_prompt > 1``, region prompts:
+    each request's region windows are its own)."""
+    if request.num_images_per_prompt != 1 or request.regions:
         return None
     parts = tuple((c.name, c.key(request)) for c in active(request))
     return (mode_name(request), request.width, request.height, request.num_inference_steps,

@@ -30,7 +30,7 @@ from lcm_live.engine.batching import Prepared, StepHook, run_batch
 from lcm_live.engine.decoders import LatentPreview, set_tiling, swap_in_decoder, wants_tiling
 from lcm_live.engine.hooks import StepCallback, StepEvent, stop_check
 from lcm_live.engine.interrupt import install_block_checks
-from lcm_live.engine.masks import prepare_mask, region_weights
+from lcm_live.engine.masks import mask_window, prepare_mask, region_weights
 from lcm_live.engine.model import LoadedModel
 from lcm_live.engine.prompts import PromptCache
 from lcm_live.engine.protocol import EngineInfo
@@ -170,6 +170,9 @@ class Engine:
         if request.mask_image is not None:
             prep.mask, note = prepare_mask(request.mask_image, width, height, request.mask_feather)
             prep.notes += [note] if note else []
+            if self.pipe.unet.config.in_channels == 4 and not request.regions:  # 9-channel UNets see it all
+                side = min(self.loaded.native_width, self.loaded.native_height) // 2
+                prep.mask_box = mask_window(prep.mask, self.pipe.vae_scale_factor, side)
         if request.regions:
             prep.region_weights, notes = region_weights([r.mask_image for r in request.regions], width, height,
                                                         self.pipe.vae_scale_factor)
