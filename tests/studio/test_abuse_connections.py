@@ -196,6 +196,9 @@ def test_busy_connections_leave_room_for_the_probes_then_time_out(server):
         time.sleep(0.3)
         record("busy_bodies_50", probe(server.base, 10), open_sockets=len(busy))
         assert http_get(server.base + "/")[0] == 503  # over the cap: probes only
+        with pytest.raises(InvalidStatus) as refused:
+            asyncio.run(one_frame(server))
+        assert refused.value.response.status_code == 503
         took = wait_for(lambda: all(closed_by_server(s) for s in busy), 8, "closed by the server")
         MEASURED["busy_bodies_50"]["all_closed_after_s"] = round(took, 1)
         assert http_get(server.base + "/")[0] == 200
