@@ -158,3 +158,86 @@ def pixels(page, selector: str) -> list[float]:
 
 def mean_abs_diff(a: list[float], b: list[float]) -> float:
     return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
+
+
+_RECORD_SENDS = """(() => {
+    // Every WebSocket send, in order: text as it is, binary (ArrayBuffer, typed array or Blob) as base64.
+    const sent = window.__wsSent = [];
+    const b64 = (buffer) => {
+        const bytes = new Uint8Array(buffer);
+        let s = '';
+        for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+        return { b64: btoa(s) };
+    };
+    const send = WebSocket.prototype.send;
+    WebSocket.prototype.send = function (data) {
+        const i = sent.length;
+        sent.push(null);
+        if (typeof data === 'string') sent[i] = data;
+        else if (data instanceof Blob) data.arrayBuffer().then((b) => { sent[i] = b64(b); });
+        else sent[i] = b64(data instanceof ArrayBuffer ? data : data.buffer.slice(data.byteOffset, data.byteOffset + data.byteLength));
+        return send.call(this, data);
+    };
+})()"""
+
+
+class WebSocketLog:
+    """What the page sent (recorded in the page: DevTools does not report Blob frames) and received on its
+    WebSockets, in order: str (text) or bytes (binary). Attach before ``page.goto``."""
+
+    def __init__(self, page):
+        self.page = page
+        self.received: list[str | bytes] = []
+        page.add_init_script(_RECORD_SENDS)
+        page.on("websocket", self._attach)
+
+    def _attach(self, ws) -> None:
+        # Playwright tags its handlers with an attribute: a function, not a bound builtin like list.append.
+        ws.on("framereceived", lambda payload: self.received.append(payload))
+
+    @property
+    def sent(self) -> list[str | bytes]:
+        import base64
+
+        raw = self.page.evaluate("() => window.__wsSent || []")
+        return [base64.b64decode(m["b64"]) if isinstance(m, dict) else m for m in raw if m is not None]
+
+    def layers_sent(self, code: bytes, index: int = 0) -> list[bytes]:
+        """The images sent in ``LCML`` envelopes of this layer (``b"m"``, ``b"r"``): b"" for a clear."""
+        head = b"LCML" + code + bytes([index, 0, 0])
+        return [m[8:] for m in self.sent if isinstance(m, bytes) and m[:8] == head]
+
+    def params_sent(self) -> list[dict]:
+        return [m for m in map(_json_or_none, self.sent) if m and m.get("type") == "params"]
+
+    def frames(self) -> list[dict]:
+        """The final frames' JSON (with the params the server validated for them)."""
+        return [m for m in map(_json_or_none, self.received) if m and m.get("type") == "frame" and m.get("final")]
+
+
+def _json_or_none(message):
+    import json
+
+    if not isinstance(message, str):
+        return None
+    try:
+        return json.loads(message)
+    except ValueError:
+        return None
+
+
+def drag(page, selector: str, points: list[tuple[float, float]]) -> None:
+    """One mouse stroke through ``points`` (fractions of the element's box: 0,0 top left), 6 moves a segment."""
+    box = page.locator(selector).bounding_box()
+    at = [(box["x"] + box["width"] * x, box["y"] + box["height"] * y) for x, y in points]
+    page.mouse.move(*at[0])
+    page.mouse.down()
+    for (x0, y0), (x1, y1) in zip(at, at[1:], strict=False):
+        for i in range(1, 7):
+            page.mouse.move(x0 + (x1 - x0) * i / 6, y0 + (y1 - y0) * i / 6)
+    page.mouse.up()
+
+
+def block_columns(signature: list[float], columns: range, n: int = 16) -> list[float]:
+    """The part of a ``pixels()`` signature (n x n blocks of RGB) in these block columns."""
+    return [signature[(row * n + col) * 3 + k] for row in range(n) for col in columns for k in range(3)]
