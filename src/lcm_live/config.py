@@ -8,6 +8,7 @@ as plain ``LCM_LIVE_TOKEN``.
 
 from __future__ import annotations
 
+import re
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -33,7 +34,7 @@ class EngineSettings(BaseModel):
     model: str = DEFAULT_MODEL  # hub id, local diffusers folder, single .safetensors file, or builtin:NAME
     lcm_lora: str = "auto"  # auto | none | PATH_OR_ID (ignored for full LCMs)
     loras: list[LoraSpec] = Field(default_factory=list)
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")  # cuda:N: that GPU (serve --devices)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     decoder: Literal["auto", "vae", "taesd"] = "vae"  # auto: TAESD when it fits and loads (serve's default)
     taesd: str | None = None  # override the tiny decoder's id/path (default by architecture)
@@ -74,6 +75,9 @@ class StudioSettings(BaseModel):
     # stream batching: frames of up to this many sessions (same size, steps, guidance) in one UNet call;
     # None: 1 on CPU (batching buys nothing there), max_sessions on GPU
     max_batch_size: int | None = Field(None, ge=1)
+    # One inference worker per device, each with its own engine (serve --devices cuda:0,cuda:1; cpu,cpu in tests);
+    # None: one worker on EngineSettings.device (studio/pool.py)
+    devices: list[str] | None = Field(None, min_length=1)
     rest_queue_size: int = Field(2, ge=1)  # POST /api/generate waiting beyond this -> 429
     max_ws_message_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
@@ -116,7 +120,7 @@ class StudioSettings(BaseModel):
     # connection waiting for a request is closed, or, with all busy, the new one. In all: past it, the oldest one
     # idle for 1 s is closed, or the new one may only ask for /healthz, /readyz and /metrics (others 503), up to
     # probe_reserve_connections more; past those, the oldest waiting at all is closed, or the new one.
-    max_connections_per_client: int = Field(32, ge=1)
+    max_connections_per_client: int = Field(64, ge=1)  # a quarter of max_connections (make soak: 32 clients)
     max_connections: int = Field(256, ge=1)
     probe_reserve_connections: int = Field(16, ge=1)
     # frames
@@ -148,6 +152,9 @@ class StudioSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> StudioSettings:
+        for device in self.devices or []:
+            if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
+                raise ValueError(f"devices: {device!r} is not a device; list cpu, mps, cuda or cuda:N, e.g. cuda:0,cuda:1")
         if "*" in self.allowed_origins or "null" in self.allowed_origins:
             raise ValueError("allowed_origins: list explicit origins like http://myhost:7860; '*' and 'null' are refused")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):

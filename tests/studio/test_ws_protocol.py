@@ -251,10 +251,10 @@ def test_long_prompt_warning(studio):
 
 
 def test_oom_fails_only_that_frame(monkeypatch):
-    import lcm_live.studio.worker as worker_module
+    import lcm_live.studio.failures as failures_module
 
     freed = []
-    monkeypatch.setattr(worker_module, "free_device_memory", lambda: freed.append(1))
+    monkeypatch.setattr(failures_module, "free_device_memory", lambda: freed.append(1))
     engine = FakeEngine(failures=["oom", "ok"])
     with running_studio(engine) as (client, _, state), client.websocket_connect("/ws") as ws:
         receive(ws)

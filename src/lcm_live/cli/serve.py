@@ -8,9 +8,9 @@ message size cap, ping, graceful shutdown) rather than trusting its defaults.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -41,6 +41,9 @@ def add_parser(subparsers) -> None:
                    help="serve over https with this certificate (with --ssl-keyfile): browsers give pages on other "
                         "machines (a phone on the LAN) the camera only over https")
     g.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="the certificate's private key")
+    g.add_argument("--devices", default=None, metavar="LIST",
+                   help="one inference worker per device, each with its own engine, e.g. cuda:0,cuda:1 (a session's "
+                        "frames then run on several at once); default: one worker on --device")
     g.add_argument("--max-sessions", type=int, default=None,
                    help="concurrent WebSocket sessions (default: 1 on CPU, 4 on GPU)")
     g.add_argument("--frame-format", choices=["jpeg", "webp"], default=None, help="live frame encoding (default: jpeg)")
@@ -85,6 +88,7 @@ def build_settings(args: argparse.Namespace):
 
     flags = {"host": args.host, "port": args.port, "token": args.token, "allowed_origins": args.allow_origin or None,
              "allowed_hosts": args.allow_host or None, "max_sessions": args.max_sessions,
+             "devices": [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None,
              "frame_format": args.frame_format, "exit_on_failures": args.exit_on_failures or None,
              "ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile}
     try:
@@ -97,17 +101,6 @@ def build_settings(args: argparse.Namespace):
         err = exc.errors(include_url=False)[0]
         raise UserError(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}") from None
     return Settings(engine=engine_settings_from_args(args), studio=studio)
-
-
-class _RedactToken(logging.Filter):
-    """uvicorn's access log prints query strings: never let ?token=... reach a log file."""
-
-    pattern = re.compile(r"(token=)[^&\s\"]+")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(self.pattern.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
-        return True
 
 
 def _say(text: str) -> None:
@@ -126,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lcm_live.studio.app import create_app, default_engine_factory
     from lcm_live.studio.connections import ConnectionGuard, ConnectionLimits, set_tls_handshake_timeout
+    from lcm_live.studio.redact import install as redact_install
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     # Pillow's own bomb guard, lowered to what the studio accepts (the canvas decoder checks first anyway).
@@ -134,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
         from lcm_live.studio.fake_engine import FakeEngine, FakeEngineConfig
 
         fake_config = FakeEngineConfig.from_json(args.fake_engine)
-        factory = lambda: FakeEngine.from_settings(settings.engine, config=fake_config)  # noqa: E731
+        def factory(device: str | None = None) -> FakeEngine:
+            config = fake_config if device is None else dataclasses.replace(fake_config, device=device.split(":")[0])
+            return FakeEngine.from_settings(settings.engine, config=config)
     else:
         factory = default_engine_factory(settings)
 
@@ -169,7 +165,9 @@ def run(args: argparse.Namespace) -> int:
         port=s.port,
         http=guard.http_protocol,  # uvicorn's h11 protocol, reporting to the guard
         ws=guard.ws_protocol,  # uvicorn's websockets-sansio protocol (pinned: it enforces ws_max_size), guarded
-        ws_max_size=s.max_ws_message_bytes,
+        # Twice the app's limit: a message up to that reaches the session, which refuses it alone (too_large) and
+        # keeps the connection; only one past it is cut by the protocol (1009, counted by the session).
+        ws_max_size=2 * s.max_ws_message_bytes,
         ws_max_queue=8,
         ws_ping_interval=s.ws_ping_interval_s,
         ws_ping_timeout=s.ws_ping_timeout_s,
@@ -190,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message="The `websockets` implementation is deprecated")
     server = uvicorn.Server(uv_config)
     server_box.append(server)
-    logging.getLogger("uvicorn.access").addFilter(_RedactToken())
+    redact_install(token)  # every handler uvicorn.Config set up: ?token=, Bearer, the cookie, the token itself
 
     shown = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
     shown = f"[{shown}]" if ":" in shown else shown

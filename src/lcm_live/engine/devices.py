@@ -103,6 +103,12 @@ def resolve_device(choice: str = "auto") -> Any:
         if mps_available():
             return torch.device("mps")
         return torch.device("cpu")
+    if choice.startswith("cuda:") and choice[5:].isdigit():  # one GPU of several (serve --devices)
+        count = torch.cuda.device_count() if cuda_available() else 0
+        if int(choice[5:]) >= count:
+            raise UserError(f"--device {choice}: torch sees {count} CUDA device(s) (cuda:0..cuda:{max(count - 1, 0)})"
+                            "; pick one of those, or --device cpu", field="device")
+        return torch.device(choice)
     if choice == "cuda" and not cuda_available():
         raise UserError("--device cuda: no CUDA device is visible to torch (a CPU-only torch build, or no driver); "
                         "use --device cpu or --device auto", field="device")

@@ -27,6 +27,7 @@ from lcm_live.studio.http_errors import ApiError, error_response, internal_error
 from lcm_live.studio.images import decode_canvas
 from lcm_live.studio.metrics import StudioMetrics
 from lcm_live.studio.params import GenerationParams, build_params_model, engine_info
+from lcm_live.studio.pool import WorkerPool
 from lcm_live.studio.public import public_info
 from lcm_live.studio.security import (
     COOKIE_NAME,
@@ -48,7 +49,7 @@ PUBLIC_PATHS = {"/", "/healthz", "/static"}
 class StudioState:
     """Everything one app owns. Mutated on the event loop, except what the worker sets when the model is ready."""
 
-    def __init__(self, settings: Settings, engine_factory: Callable[[], Any],
+    def __init__(self, settings: Settings, engine_factory: Callable[..., Any],
                  on_ready: Callable[[Any], None] | None, on_fatal: Callable[[str], None] | None):
         self.settings = settings
         self.metrics = StudioMetrics()
@@ -58,7 +59,14 @@ class StudioState:
         self.rest_waiting = 0
         self.max_sessions = settings.studio.max_sessions or 1
         self._on_ready = on_ready
-        self.worker = Worker(engine_factory, settings.studio, self.metrics, on_ready=self._ready, on_fatal=on_fatal)
+        devices = settings.studio.devices
+        if devices:  # one worker per device (studio/pool.py); the factory takes the device
+            self.worker: Worker | WorkerPool = WorkerPool(
+                [partial(engine_factory, d) for d in devices], settings.studio, self.metrics, on_ready=self._ready,
+                on_fatal=on_fatal, devices=devices)
+        else:
+            self.worker = Worker(engine_factory, settings.studio, self.metrics, on_ready=self._ready,
+                                 on_fatal=on_fatal)
         # Canvas decoding on threads of its own, decode_threads at a time: a flood of costly images waits here
         # instead of taking every core from the worker (and from other sessions' frame encoding).
         self.decoder = ThreadPoolExecutor(max_workers=settings.studio.decode_threads, thread_name_prefix="decode")
@@ -91,11 +99,14 @@ class StudioState:
         return await asyncio.get_running_loop().run_in_executor(self.decoder, job)
 
 
-def default_engine_factory(settings: Settings) -> Callable[[], Any]:
-    def factory() -> Any:
+def default_engine_factory(settings: Settings) -> Callable[..., Any]:
+    """The engine of ``settings``; given a device (serve --devices), on that device."""
+
+    def factory(device: str | None = None) -> Any:
         from lcm_live.engine.pipeline import Engine  # heavy: imported on the worker thread only
 
-        return Engine.from_settings(settings.engine)
+        engine_settings = settings.engine if device is None else settings.engine.model_copy(update={"device": device})
+        return Engine.from_settings(engine_settings)
 
     return factory
 
@@ -168,15 +179,18 @@ def add_health_routes(app: FastAPI, studio: StudioState, guards: Guards) -> None
     @app.get("/readyz", dependencies=[Depends(guards.require_auth)])
     async def readyz() -> JSONResponse:
         worker = studio.worker
+        workers = {"ready": worker.workers_ready, "total": len(worker.workers)} if isinstance(worker, WorkerPool) \
+            else None
         if worker.ready:
-            return JSONResponse({"status": "ready"})
+            return JSONResponse({"status": "ready", **({"workers": workers} if workers else {})})
         if worker.state == "ready" and not worker.alive:
             status, detail = "failed", "the worker thread died"
         elif worker.state == "ready":
             status, detail = "unhealthy", f"{worker.consecutive_failures} consecutive engine failures"
         else:
             status, detail = worker.state, worker.detail
-        return JSONResponse({"status": status, "detail": detail}, status_code=503)
+        return JSONResponse({"status": status, "detail": detail, **({"workers": workers} if workers else {})},
+                            status_code=503)
 
     @app.get("/metrics", dependencies=[Depends(guards.require_auth)])
     async def metrics() -> Response:

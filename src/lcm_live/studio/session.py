@@ -106,8 +106,17 @@ class Session:
     def send_error(self, code: str, message: str, field: str | None = None) -> None:
         self.send_control({"type": "error", "code": code, "message": message, "field": field})
 
+    def on_notice(self, job: Job, message: str) -> None:
+        """Something the user should know about this job (a worker lost: it runs again elsewhere)."""
+        self._call(self.send_control, {"type": "warning", "message": message})
+
     def _post_frame(self, frame: PendingFrame) -> None:
         if self.closed:
+            return
+        if self._last_final is not None and frame.job.id < self._last_final[0]:
+            # With several workers (studio/pool.py) a frame of older input can finish after a newer one: the
+            # client never gets a frame older than one it has.
+            self.studio.metrics.frames_dropped.inc()
             return
         if frame.final:
             self._last_final = (frame.job.id, frame.image)
@@ -154,8 +163,9 @@ class Session:
         sender = asyncio.create_task(self._sender())
         s = self.studio.settings.studio
         try:
+            # "workers": how many frames of this session may be in flight at once (studio/pool.py)
             self.send_control({"type": "hello", "session": self.id, "schema": self.studio.schema(),
-                               "info": self.studio.info})
+                               "info": self.studio.info, "workers": len(s.devices or [None])})
             while True:
                 try:
                     message = await asyncio.wait_for(self.ws.receive(), timeout=s.idle_timeout_s)
@@ -261,7 +271,7 @@ class Session:
             return self._idle_if_nothing_runs()  # unchanged input: no new frame
         self.last_key = inputs.key
         job = Job(params=params, sink=self, canvas=inputs.canvas, mask=inputs.mask, init_image=inputs.init_image,
-                  region_masks=inputs.region_masks)
+                  region_masks=inputs.region_masks, input=self.inputs)
         self.active_job = job
         try:
             self.studio.worker.submit(self.id, job)
@@ -335,6 +345,7 @@ class Session:
                 "encode_ms": round(encode_s * 1000, 2),
                 "total_ms": round((time.monotonic() - job.submitted) * 1000, 2),
             },
+            "input": job.input,
             "params": job.params.model_dump(),
         }
 

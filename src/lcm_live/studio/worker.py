@@ -19,10 +19,8 @@ only its own jobs. Clients cannot tell a batched frame from a single one.
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
-import sys
 import threading
 import time
 from collections import deque
@@ -34,6 +32,7 @@ from lcm_live.config import StudioSettings
 from lcm_live.engine.hooks import Cancelled, StepEvent
 from lcm_live.errors import UserError
 from lcm_live.studio.batching import job_batch_key, resolve_max_batch_size
+from lcm_live.studio.failures import describe_failures, is_oom  # noqa: F401 (is_oom: re-exported)
 from lcm_live.studio.images import prepare_canvas
 from lcm_live.studio.metrics import StudioMetrics
 from lcm_live.studio.params import GenerationParams, device_type, engine_info, native_size
@@ -64,20 +63,12 @@ class Job:
     mask: Any = None  # PIL "L" mask layer (white = redraw), the canvas's size; fitted with it
     init_image: Any = None  # control mode with a mask: the picture to keep outside the mask (the last frame)
     region_masks: list[Any] = field(default_factory=list)  # PIL "L", one per params.regions item
+    input: int = 0  # the session's input count when it was made: frames say which input they show
     submitted: float = field(default_factory=time.monotonic)  # when the input was accepted
     id: int = field(default_factory=lambda: next(_job_ids))
     cancel_reason: str | None = None  # set from other threads: "superseded" | "closed" | "shutdown"
     timed_out: bool = False
     started: float | None = None
-
-
-def is_oom(exc: BaseException) -> bool:
-    """torch.OutOfMemoryError (CUDA), or the RuntimeError older torch and other backends raise."""
-    if type(exc).__name__ == "OutOfMemoryError":
-        return True
-    return isinstance(exc, (RuntimeError, MemoryError)) and (
-        isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
-    )
 
 
 @dataclass
@@ -92,14 +83,6 @@ class _Run:
     should_stop: Callable[[], str | None]
 
 
-def free_device_memory() -> None:
-    """After an OOM: drop the failed run's tensors and give cached CUDA blocks back."""
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 class Worker:
     def __init__(
         self,
@@ -109,7 +92,9 @@ class Worker:
         *,
         on_ready: Callable[[Any], None] | None = None,
         on_fatal: Callable[[str], None] | None = None,
+        name: str = "lcm-live-worker",
     ):
+        self.name = name
         self.settings = settings
         self.metrics = metrics
         self.engine: Any = None
@@ -125,7 +110,7 @@ class Worker:
         self._pending: dict[str, Job] = {}  # slot -> its newest waiting job
         self._order: deque[str] = deque()  # slots with a waiting job, in round-robin order
         self._running: dict[str, Job] = {}  # slot -> its job in the engine call now running
-        self._thread = threading.Thread(target=self._run, name="lcm-live-worker", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     # ---- control (any thread) ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -147,8 +132,29 @@ class Worker:
         with self._cond:
             return len(self._pending)
 
-    def submit(self, slot: str, job: Job) -> None:
-        """Put ``job`` in ``slot``'s mailbox (replacing a waiting one) and supersede the slot's running job."""
+    def load(self) -> int:
+        """Jobs waiting or running here (a pool places new work on the least loaded worker)."""
+        with self._cond:
+            return len(self._pending) + len(self._running)
+
+    def slot_state(self, slot: str) -> str | None:
+        """"waiting", "running" or None: what ``slot`` has here now."""
+        with self._cond:
+            return "waiting" if slot in self._pending else "running" if slot in self._running else None
+
+    def take_all(self) -> list[tuple[str, Job]]:
+        """Every (slot, job) waiting or running here, forgotten (a pool moves a dead worker's jobs elsewhere)."""
+        with self._cond:
+            jobs = [*self._running.items(), *self._pending.items()]
+            self._pending.clear()
+            self._order.clear()
+            self._running = {}
+            self.metrics.queue_depth.set(0)
+        return jobs
+
+    def submit(self, slot: str, job: Job, *, supersede: bool = True) -> None:
+        """Put ``job`` in ``slot``'s mailbox (replacing a waiting one) and supersede the slot's running job
+        (``supersede=False``: let it finish; a pool runs a session's frames on several workers at once)."""
         with self._cond:
             if self.state in ("stopping", "stopped"):
                 raise RuntimeError("the worker is stopping")
@@ -157,7 +163,7 @@ class Worker:
             if old is None:
                 self._order.append(slot)
             running = self._running.get(slot)
-            if running is not None:
+            if running is not None and supersede:
                 running.cancel_reason = "superseded"
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify()
@@ -208,9 +214,9 @@ class Worker:
                 self._execute(jobs)
             except Exception:  # a bug in a sink: keep serving the others
                 log.exception("studio worker: unexpected error around job(s) %s", [j.id for j in jobs])
-            finally:
-                with self._cond:
-                    self._running = {}
+            # Not in a finally: a thread that dies here leaves its running jobs for a pool to move (studio/pool.py)
+            with self._cond:
+                self._running = {}
         self.state = "stopped"
 
     def _take(self) -> dict[str, Job]:
@@ -344,7 +350,7 @@ class Worker:
         """Each job's frame or error. One engine call counts once towards max_consecutive_failures."""
         s, m = self.settings, self.metrics
         failed = [(r.job, e) for r, _, e in outcomes if e is not None and not isinstance(e, (Cancelled, UserError))]
-        messages = self._describe_failures(failed)
+        messages = describe_failures(failed)
         if any(result is not None for _, result, _ in outcomes):
             with self._cond:
                 self.consecutive_failures = 0
@@ -384,24 +390,3 @@ class Worker:
     def _fail(self, job: Job, code: str, message: str, field: str | None = None) -> None:
         job.sink.on_error(job, code, message, field)
         job.sink.on_done(job, "error")
-
-    def _describe_failures(self, failed: list[tuple[Job, BaseException]]) -> dict[int, tuple[str, str]]:
-        """Log each distinct engine failure once (with the jobs it hit); its code and message, by id(exception)."""
-        by_error: dict[int, tuple[BaseException, list[Job]]] = {}
-        for job, exc in failed:
-            by_error.setdefault(id(exc), (exc, []))[1].append(job)
-        out: dict[int, tuple[str, str]] = {}
-        for key, (exc, jobs) in by_error.items():
-            p = jobs[0].params
-            ids = ", ".join(str(j.id) for j in jobs)
-            if is_oom(exc):
-                out[key] = ("oom", "out of memory for this frame: try a smaller width/height or fewer steps")
-                log.warning("studio: out of memory on job(s) %s (%dx%d, %d steps, %d in the batch%s)", ids, p.width,
-                            p.height, p.num_inference_steps, len(jobs),
-                            "; a lower max_batch_size may help" if len(jobs) > 1 else "")
-                free_device_memory()
-            else:
-                out[key] = ("engine_error",
-                            f"the engine failed on this frame ({type(exc).__name__}); see the server log")
-                log.error("studio: engine error on job(s) %s", ids, exc_info=exc)
-        return out

@@ -1,0 +1,181 @@
+"""Several inference workers behind the interface of one (``serve --devices cuda:0,cuda:1``, or ``cpu,cpu``).
+
+Each worker is a :class:`~lcm_live.studio.worker.Worker`: its own thread, its own engine on its own device, its own
+stream batching. The app and the sessions call the pool exactly as they call a single worker.
+
+Placement: a session's new input goes to the least loaded worker that is not already busy with that session, so
+one session has up to R frames in flight at once on R workers (its fps grows with workers while each frame's
+latency stays one worker's); the session itself drops a frame older than one it already sent (studio/session.py).
+A session has at most one *waiting* job in the whole pool: a newer input replaces it where it waits. When every
+worker is busy with the session, the input waits behind the worker whose frame for it started first.
+
+Faults: a watchdog notices a worker whose thread died (or that reports failures past the limit) and moves its
+jobs, the newest per session, to the others; the session is told (``on_notice``) and loses nothing it typed or
+drew. ``ready`` holds while any worker is ready; ``workers_ready`` says how many.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from lcm_live.config import StudioSettings
+from lcm_live.studio.metrics import StudioMetrics
+from lcm_live.studio.worker import Job, Worker
+
+log = logging.getLogger("lcm_live.studio")
+
+WATCH_INTERVAL_S = 0.2
+
+
+def _sub(slot: str, index: int) -> str:
+    return f"{slot}@{index}"
+
+
+class WorkerPool:
+    def __init__(self, engine_factories: list[Callable[[], Any]], settings: StudioSettings, metrics: StudioMetrics,
+                 *, on_ready: Callable[[Any], None] | None = None, on_fatal: Callable[[str], None] | None = None,
+                 devices: list[str] | None = None):
+        if not engine_factories:
+            raise ValueError("a worker pool needs at least one engine factory")
+        self.metrics = metrics
+        self.devices = devices or [f"worker {i}" for i in range(len(engine_factories))]
+        self._on_ready = on_ready
+        self._announced = False
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.workers = [Worker(factory, settings, metrics, on_ready=self._worker_ready, on_fatal=on_fatal,
+                               name=f"lcm-live-worker-{i}") for i, factory in enumerate(engine_factories)]
+        self._lost: set[int] = set()  # workers whose jobs were moved away (dead threads)
+        self._watchdog = threading.Thread(target=self._watch, name="lcm-live-pool-watchdog", daemon=True)
+
+    # ---- what the app reads ------------------------------------------------------------------------------------
+    @property
+    def settings(self) -> StudioSettings:
+        """The first worker's settings (all load the same model: the same resolved sizes)."""
+        return self.workers[0].settings
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.workers[0].max_batch_size
+
+    @property
+    def engine(self) -> Any:
+        return self.workers[0].engine
+
+    @property
+    def step_observer(self) -> Any:
+        return self.workers[0].step_observer
+
+    @step_observer.setter
+    def step_observer(self, observer: Any) -> None:
+        for worker in self.workers:
+            worker.step_observer = observer
+
+    @property
+    def workers_ready(self) -> int:
+        return sum(1 for w in self.workers if w.ready)
+
+    @property
+    def ready(self) -> bool:
+        return self.workers_ready > 0
+
+    @property
+    def alive(self) -> bool:
+        return any(w.alive for w in self.workers)
+
+    @property
+    def healthy(self) -> bool:
+        return any(w.healthy for w in self.workers)
+
+    @property
+    def consecutive_failures(self) -> int:
+        return min(w.consecutive_failures for w in self.workers)
+
+    @property
+    def state(self) -> str:
+        states = [w.state for w in self.workers]
+        if self.ready or "ready" in states:
+            return "ready"
+        return "loading" if "loading" in states else states[0]
+
+    @property
+    def detail(self) -> str:
+        return f"{self.workers_ready} of {len(self.workers)} workers ready: " + "; ".join(
+            f"{d}: {w.detail if w.alive or w.state != 'ready' else 'its thread died'}"
+            for d, w in zip(self.devices, self.workers, strict=True))
+
+    def queue_depth(self) -> int:
+        return sum(w.queue_depth() for w in self.workers)
+
+    # ---- control ---------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+        self._watchdog.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        threads = [threading.Thread(target=w.stop, args=(timeout,)) for w in self.workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout + 1)
+
+    def submit(self, slot: str, job: Job) -> None:
+        with self._lock:
+            usable = [i for i, w in enumerate(self.workers) if w.ready and i not in self._lost]
+            if not usable:
+                if all(w.state in ("stopping", "stopped") for w in self.workers):
+                    raise RuntimeError("the workers are stopping")
+                usable = [i for i, w in enumerate(self.workers) if w.alive] or [0]
+            states = {i: self.workers[i].slot_state(_sub(slot, i)) for i in usable}
+            waiting = [i for i in usable if states[i] == "waiting"]
+            free = [i for i in usable if states[i] is None]
+            if waiting:  # the session's one waiting job: the newer input replaces it where it waits
+                target = waiting[0]
+            elif free:
+                target = min(free, key=lambda i: (self.workers[i].load(), i))
+            else:  # busy with this session everywhere: wait behind the least loaded
+                target = min(usable, key=lambda i: (self.workers[i].load(), i))
+            self.workers[target].submit(_sub(slot, target), job, supersede=False)
+
+    def cancel(self, slot: str, reason: str = "closed") -> None:
+        for i, worker in enumerate(self.workers):
+            worker.cancel(_sub(slot, i), reason)
+
+    # ---- inside ------------------------------------------------------------------------------------------------
+    def _worker_ready(self, engine: Any) -> None:
+        with self._lock:
+            first, self._announced = not self._announced, True
+        if first and self._on_ready is not None:  # the app builds its schema once, from the first model loaded
+            self._on_ready(engine)
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(WATCH_INTERVAL_S):
+            for i, worker in enumerate(self.workers):
+                if i not in self._lost and worker.state == "ready" and not worker.alive:
+                    self._fail_over(i)
+
+    def _fail_over(self, index: int) -> None:
+        """Move a dead worker's jobs (the newest per session) to the live workers."""
+        with self._lock:
+            self._lost.add(index)
+        moved: dict[str, Job] = {}
+        for sub, job in self.workers[index].take_all():
+            slot = sub.rsplit("@", 1)[0]
+            if job.cancel_reason is None and (slot not in moved or job.id > moved[slot].id):
+                moved[slot] = job
+        log.error("studio: %s (%s) stopped; %d session(s) moved to the other workers", self.workers[index].name,
+                  self.devices[index], len(moved))
+        self.metrics.errors.labels(type="worker_lost").inc()
+        for slot, job in moved.items():
+            notice = getattr(job.sink, "on_notice", None)
+            if notice is not None:
+                notice(job, "a worker stopped: your newest input runs again on another one")
+            try:
+                self.submit(slot, job)
+            except RuntimeError:
+                job.sink.on_done(job, "cancelled")

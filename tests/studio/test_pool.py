@@ -1,0 +1,100 @@
+"""Several workers behind one studio (issue 15): placement, one session's frames on several workers at once in
+input order, a worker that dies mid-session, and readiness per worker."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+
+import pytest
+
+from lcm_live.config import StudioSettings
+from lcm_live.studio.fake_engine import FakeEngine
+
+from .conftest import next_final, next_of, params, receive, running_studio, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Killed(BaseException):
+    """Escapes the worker's own error handling: its thread dies, as a worker with a fatal bug would."""
+
+
+@contextlib.contextmanager
+def pool_studio(engines: list[FakeEngine], **overrides):
+    it = iter(engines)
+    lock = threading.Lock()
+
+    def factory(device=None):
+        with lock:
+            return next(it)
+
+    with running_studio(engines[0], engine_factory=factory, devices=["cpu"] * len(engines), **overrides) as running:
+        wait_until(lambda: running[2].worker.workers_ready == len(engines), what="every worker ready")
+        yield running
+
+
+def test_devices_must_be_devices():
+    with pytest.raises(ValueError, match="gpu7"):
+        StudioSettings(devices=["cpu", "gpu7"])
+
+
+def test_readyz_counts_workers_and_sessions_spread_over_them():
+    engines = [FakeEngine(step_latency_s=0.05), FakeEngine(step_latency_s=0.05)]
+    with pool_studio(engines, max_sessions=2) as (client, _, studio):
+        ready = client.get("/readyz").json()
+        assert ready == {"status": "ready", "workers": {"ready": 2, "total": 2}}
+        with client.websocket_connect("/ws") as a, client.websocket_connect("/ws") as b:
+            assert receive(a)["workers"] == 2
+            receive(b)
+            a.send_text(params(prompt="a", num_inference_steps=4))
+            b.send_text(params(prompt="b", num_inference_steps=4))
+            next_final(a)
+            next_final(b)
+    assert len(engines[0].calls) == 1 and len(engines[1].calls) == 1  # one each: the least loaded took the second
+
+
+def test_one_session_runs_on_several_workers_and_frames_come_in_input_order():
+    engines = [FakeEngine(step_latency_s=0.3), FakeEngine(step_latency_s=0.02)]  # worker 0 slow, worker 1 fast
+    with pool_studio(engines) as (client, _, studio), client.websocket_connect("/ws") as ws:
+        receive(ws)
+        ws.send_text(params(prompt="p0", num_inference_steps=2))  # worker 0: done in 0.6 s
+        next_of(ws, "status")
+        ws.send_text(params(prompt="p1", num_inference_steps=2))  # worker 1, while p0 still runs: done first
+        inputs = []
+        while True:
+            frame = next_of(ws, "frame")
+            if frame["final"]:
+                inputs.append((frame["input"], frame["params"]["prompt"]))
+                if frame["params"]["prompt"] == "p1":
+                    break
+        wait_until(lambda: len(engines[0].calls) == 1 and engines[0].steps_run == 2, what="p0 to finish")
+        ws.send_text(params(prompt="p2", num_inference_steps=2))
+        while (frame := next_final(ws))["params"]["prompt"] != "p2":
+            inputs.append((frame["input"], frame["params"]["prompt"]))
+    assert [p for _, p in inputs] == ["p1"]  # p0 finished after p1 was shown: never sent
+    assert engines[0].calls[0].prompt == "p0" and engines[1].calls[0].prompt == "p1"
+    assert studio.metrics.frames_dropped._value.get() >= 1
+
+
+def test_a_worker_that_dies_mid_session_loses_nothing():
+    class Dying(FakeEngine):
+        def generate(self, request, callback=None, *, should_stop=None):
+            if request.prompt == "doomed":
+                raise Killed("worker thread killed")
+            return super().generate(request, callback, should_stop=should_stop)
+
+    engines = [Dying(step_latency_s=0.02), FakeEngine(step_latency_s=0.02)]  # the first job goes to worker 0
+    with pool_studio(engines) as (client, _, studio), client.websocket_connect("/ws") as ws:
+        receive(ws)
+        ws.send_text(params(prompt="doomed", seed=4))
+        warning = next_of(ws, "warning")
+        assert "worker stopped" in warning["message"]
+        assert next_final(ws)["params"]["prompt"] == "doomed"  # its input ran again on the other worker
+        wait_until(lambda: client.get("/readyz").json().get("workers", {}).get("ready") == 1, what="readyz 1 of 2")
+        assert client.get("/readyz").status_code == 200
+        ws.send_text(json.dumps({"type": "params", "prompt": "after", "seed": 5}))
+        frame = next_final(ws)
+        assert frame["params"]["prompt"] == "after" and frame["params"]["seed"] == 5
+    assert studio.metrics.errors.labels(type="worker_lost")._value.get() == 1
