@@ -23,19 +23,23 @@ function el(tag, attrs = {}, children = []) {
 }
 
 /**
- * What is sent for these regions: the ones with a prompt (not just spaces) and paint, in order, and a line for
- * each one left out. regions: [{prompt: string, painted: boolean}] (prompt as typed).
+ * What is sent for these regions: the ones with a prompt (not just spaces) and paint, in order (numbered 0, 1, ...
+ * on the wire), and a line for each reason others are left out. regions: [{prompt: string, painted: boolean}].
  */
 export function planRegions(regions) {
   const sent = [];
-  const notes = [];
+  const left = { noPrompt: [], unpainted: [], blank: [] }; // region numbers (from 1) by reason
   regions.forEach((r, i) => {
     const hasPrompt = r.prompt.trim() !== "";
     if (hasPrompt && r.painted) sent.push(i);
-    else if (!hasPrompt && r.painted) notes.push(`Region ${i + 1} has no prompt: it is not sent.`);
-    else if (hasPrompt) notes.push(`Region ${i + 1} is not painted yet: it is not sent.`);
-    else notes.push(`Region ${i + 1}: give it a prompt and paint it.`);
+    else left[!hasPrompt && r.painted ? "noPrompt" : hasPrompt ? "unpainted" : "blank"].push(i + 1);
   });
+  const say = (numbers, one, many) => (numbers.length === 1
+    ? `Region ${numbers[0]}${one}` : `Regions ${numbers.join(", ")}${many}`);
+  const notes = [];
+  if (left.noPrompt.length) notes.push(say(left.noPrompt, " has no prompt: it is not sent.", " have no prompt: they are not sent."));
+  if (left.unpainted.length) notes.push(say(left.unpainted, " is not painted yet: it is not sent.", " are not painted yet: they are not sent."));
+  if (left.blank.length) notes.push(say(left.blank, ": give it a prompt and paint it.", ": give each a prompt and paint it."));
   return { sent, notes };
 }
 
@@ -167,9 +171,9 @@ export class RegionPalette {
   }
 
   /**
-   * Bring the server in line: the layers of the regions to send (changed ones only), clears for numbers no longer
-   * used, then, when the list of prompts changed, sendParams() (after the layers, so the server never waits for
-   * one). isStale(): a newer sync began.
+   * Bring the server in line: the layers of the regions to send (changed ones only), then, when the list of
+   * prompts changed, sendParams() (after the layers, so the server never waits for one), then clears for the
+   * numbers no longer used. isStale(): a newer sync began.
    */
   async sync(conn, sendParams, isStale = () => false) {
     const { sent } = this.plan();
@@ -185,12 +189,13 @@ export class RegionPalette {
       conn.sendLayer(`region:${j}`, png);
       this.sentLayers[j] = { layer: r.layer, version };
     }
-    for (let j = regions.length; j < this.sentLayers.length; j++) conn.sendLayer(`region:${j}`, null);
-    this.sentLayers.length = regions.length;
     const list = regions.map((r) => ({ prompt: r.input.value }));
     if (JSON.stringify(list) !== JSON.stringify(this.sent)) {
       this.sent = list;
       sendParams();
     }
+    // Clears after the params that no longer name them (before, the server would wait for the layer it lost).
+    for (let j = regions.length; j < this.sentLayers.length; j++) conn.sendLayer(`region:${j}`, null);
+    this.sentLayers.length = regions.length;
   }
 }
