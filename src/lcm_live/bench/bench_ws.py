@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import random
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lcm_live.bench.local_http import free_port, http_get
+from lcm_live.bench.ws_clients import OVERSIZE, _bad_image, _canvas, _last_input, _pipelined_client
 
 DOCUMENTED_ERROR_CODES = {"invalid_params", "invalid_image", "too_large", "oom", "engine_error", "timeout",
                           "internal_error", "capacity", "not_ready"}
@@ -41,50 +41,6 @@ FAULTS = {
     "none": {},
     "default": {"error_rate": 0.05, "oom_rate": 0.01, "spike_rate": 0.02},
 }
-
-
-def _canvas(rng: random.Random, size: int = 256) -> bytes:
-    """A sketch-like canvas: white with a few random strokes, as WebP (what the page sends)."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(img)
-    for _ in range(3):
-        points = [(rng.randrange(size), rng.randrange(size)) for _ in range(4)]
-        draw.line(points, fill=tuple(rng.randrange(256) for _ in range(3)), width=rng.randrange(2, 12))
-    buf = io.BytesIO()
-    img.save(buf, format="WEBP", quality=85)
-    return buf.getvalue()
-
-
-def _bad_image(rng: random.Random) -> bytes:
-    """Bytes a hostile or clumsy client sends as a canvas: garbage, a truncated PNG, a PNG whose header claims
-    50000x50000 (a bomb), or a progressive JPEG with one scan repeated 2000 times (seconds to decode)."""
-    from PIL import Image
-
-    kind = rng.randrange(4)
-    if kind == 0:
-        return rng.randbytes(rng.randrange(1, 4096))
-    buf = io.BytesIO()
-    if kind == 1:
-        Image.new("RGB", (64, 64), "white").save(buf, format="PNG")
-        return buf.getvalue()[: rng.randrange(8, 60)]
-    if kind == 2:
-        import struct
-        import zlib
-
-        header = struct.pack(">IIBBBBB", 50000, 50000, 8, 2, 0, 0, 0)
-        chunk = b"IHDR" + header
-        return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(header)) + chunk
-                + struct.pack(">I", zlib.crc32(chunk)) + b"\0" * 64)
-    Image.new("RGB", (256, 256), (120, 130, 140)).save(buf, format="JPEG", progressive=True)
-    data = buf.getvalue()
-    first, end = data.index(b"\xff\xda"), data.rindex(b"\xff\xd9")
-    second = data.find(b"\xff\xda", first + 2)
-    return data[:end] + data[first:second] * 2000 + data[end:]
-
-
-OVERSIZE = 2 * 1024 * 1024 + 1  # one byte past the studio's message limit: refused alone, the session stays
 
 
 class Stats:
@@ -212,34 +168,6 @@ async def _client(idx: int, url: str, deadline: float, stats: Stats, *, faults: 
             await asyncio.sleep(0.5)
 
 
-async def _last_input(ws, idx: int, seed: int, mode: str, steps: int, size: int, rng: random.Random,
-                      stats: Stats, timeout: float = 20.0) -> None:
-    """Nothing is lost: a session's last input gets its frame. An engine fault on it (injected) is retried as a
-    user would, by sending it again (the session forgets a failed input, so the same input runs anew)."""
-    stats.last_inputs += 1
-    message = json.dumps({"type": "params", "mode": mode, "prompt": f"last {idx}", "seed": seed,
-                          "num_inference_steps": steps, "width": size, "height": size, "strength": 0.6})
-    canvas = _canvas(rng, size) if mode == "img2img" else None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        await ws.send(message)
-        if canvas is not None:
-            await ws.send(canvas)
-        while time.monotonic() < deadline:
-            try:
-                raw = await asyncio.wait_for(ws.recv(), timeout=max(0.05, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                break
-            if isinstance(raw, bytes):
-                continue
-            msg = json.loads(raw)
-            if msg["type"] == "frame" and msg["final"] and msg["seed"] == seed:
-                return
-            if msg["type"] == "error" and msg["code"] in ("engine_error", "oom", "timeout"):
-                break  # this input failed in the engine: send it again
-    stats.last_inputs_lost.append(f"client {idx} seed {seed}")
-
-
 async def _poll_health(base: str, deadline: float, stats: Stats) -> None:
     while time.monotonic() < deadline:
         stats.healthz_total += 1
@@ -277,6 +205,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base, url = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/ws"
     cmd = [str(Path(sys.executable).with_name("lcm-live")), "serve", "--port", str(port),
            "--max-sessions", str(args.max_sessions)]
+    if args.workers > 1:
+        cmd += ["--devices", ",".join([args.worker_device] * args.workers)]
     if args.engine == "fake":
         fake = {"step_latency_s": args.step_latency, "record_calls": False, **FAULTS[args.faults]}
         cmd += ["--fake-engine", json.dumps(fake)]
@@ -307,8 +237,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         async def main() -> None:
             deadline = time.monotonic() + args.duration
-            tasks = [_client(i, url, deadline, stats, faults=args.faults != "none", steps=args.num_inference_steps,
-                             size=args.size, seed=args.seed, mode=args.mode) for i in range(args.clients)]
+            if args.in_flight > 1:
+                tasks = [_pipelined_client(i, url, deadline, stats, in_flight=args.in_flight,
+                                           steps=args.num_inference_steps, size=args.size) for i in range(args.clients)]
+            else:
+                tasks = [_client(i, url, deadline, stats, faults=args.faults != "none",
+                                 steps=args.num_inference_steps, size=args.size, seed=args.seed, mode=args.mode)
+                         for i in range(args.clients)]
             await asyncio.gather(_poll_health(base, deadline, stats), *tasks)
 
         t0 = time.monotonic()
@@ -335,7 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "num_inference_steps": args.num_inference_steps, "size": args.size, "mode": args.mode,
         "frames": stats.frames, "fps_total": round(stats.frames / elapsed, 2),
         "fps_per_client": [round(stats.frames_by_client.get(i, 0) / elapsed, 2) for i in range(args.clients)],
-        "max_batch_size": args.max_batch_size,
+        "max_batch_size": args.max_batch_size, "workers": args.workers, "in_flight": args.in_flight,
         "latency_p50_ms": _ms(_pct(stats.latencies_s, 0.5)), "latency_p95_ms": _ms(_pct(stats.latencies_s, 0.95)),
         "studio_overhead_p50_ms": _ms(_pct(stats.overheads_s, 0.5)),
         "studio_overhead_fraction": None if overhead is None else round(overhead, 4),
@@ -375,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--mode", choices=["mixed", "txt2img", "img2img"], default="mixed",
                    help="img2img sends a new canvas with every params message, like live drawing")
+    p.add_argument("--workers", type=int, default=1, help="serve --devices with this many workers (studio/pool.py)")
+    p.add_argument("--worker-device", default="cpu", help="the device of each worker (cpu, cuda:0, ...)")
+    p.add_argument("--in-flight", type=int, default=1,
+                   help="inputs each client keeps unanswered (the page keeps as many as the server has workers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--json", default=None, help="write the result here")
