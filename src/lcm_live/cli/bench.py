@@ -58,6 +58,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--controlnet", action="store_true",
                         help="lcm-live's path with a ControlNet of the architecture's shape (random weights), a line "
                              "drawing as its image (with --baseline none; with --live: the studio's lines mode)")
+    parser.add_argument("--mask", action="store_true",
+                        help="lcm-live alone: img2img frames without a mask, with one over the whole picture and with "
+                             "one over the left half; reports each mask's overhead (bench/bench_masks.py)")
+    parser.add_argument("--regions", type=_positive_int, default=None, metavar="N",
+                        help="lcm-live alone: N region prompts on N vertical stripes against a plain frame; reports "
+                             "the UNet time per step against N plain evaluations (bench/bench_masks.py)")
     parser.add_argument("--seed", type=int, default=0, help="the image seed (same noise on both paths)")
     parser.add_argument("--openvino-cache-dir", default=None)
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the full report as JSON")
@@ -116,7 +122,20 @@ def run(args: argparse.Namespace) -> int:
     if args.sessions != 1 and not args.live:
         raise UserError(f"--sessions {args.sessions}: it counts WebSocket clients of --live; add --live, or use "
                         "--batch-size for several images per call", field="sessions")
-    if args.live:
+    if (args.mask or args.regions) and args.live:
+        raise UserError("--mask and --regions time engine calls; they do not apply to --live", field="mask")
+    if args.mask or args.regions:
+        from lcm_live.bench.bench_engine import BenchConfig
+        from lcm_live.bench.bench_masks import format_masks_report, run_masks_bench
+
+        report = run_masks_bench(BenchConfig(
+            arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale, runs=args.runs, warmup=args.warmup, baseline=None,
+            backend=args.backend, decoder=args.decoder, dtype=args.dtype, device=args.device, compile=args.compile,
+            compile_mode=args.compile_mode, quantize=args.quantize, seed=args.seed,
+            openvino_cache_dir=args.openvino_cache_dir, progress=False), mask=args.mask, regions=args.regions or 0)
+        text = format_masks_report(report)
+    elif args.live:
         from lcm_live.bench.bench_live import LiveConfig, format_live, run_live
 
         report = run_live(LiveConfig(

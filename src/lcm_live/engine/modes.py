@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lcm_live.engine.masks import MAX_FEATHER
 from lcm_live.engine.request import MAX_REGIONS, GenerationRequest
 from lcm_live.errors import UserError
 
@@ -90,8 +91,9 @@ def _check_mask(request: GenerationRequest, caps: ModelCaps) -> None:
     if not _is_image(request.mask_image):
         raise UserError("mask_image must be an image (white = redraw, black = keep)", field="mask_image")
     f = request.mask_feather
-    if not isinstance(f, int) or isinstance(f, bool) or not 0 <= f <= 64:
-        raise UserError(f"mask_feather={f!r}: use a whole number of pixels from 0 to 64", field="mask_feather")
+    if not isinstance(f, int) or isinstance(f, bool) or not 0 <= f <= MAX_FEATHER:
+        raise UserError(f"mask_feather={f!r}: use a whole number of pixels from 0 to {MAX_FEATHER}",
+                        field="mask_feather")
 
 
 def _check_regions(request: GenerationRequest, caps: ModelCaps) -> None:
@@ -148,7 +150,8 @@ CONDITIONINGS: tuple[Conditioning, ...] = (
     Conditioning(
         "mask", "inpaint",
         (Param("mask_image", "image", "with an init image: white = redraw, black = keep", flag="--mask"),
-         Param("mask_feather", "integer", "pixels over which the redrawn area fades into the init image", 8, 0, 64,
+         Param("mask_feather", "integer", "pixels over which the redrawn area fades into the init image", 8, 0,
+               MAX_FEATHER,
                flag="--mask-feather")),
         active=lambda r: r.mask_image is not None, check=_check_mask),
     Conditioning(
