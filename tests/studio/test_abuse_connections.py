@@ -238,6 +238,26 @@ def test_a_client_that_stops_reading_and_answering_pings_frees_the_only_slot(ser
     assert_memory_back(server)
 
 
+def test_an_oversize_message_gets_its_1009_not_a_reset(server):
+    """The protocol refuses a message over its cap while the client is still sending it: the close frame that says
+    why (1009) must reach the client, not a TCP reset that destroys it (a lingering close)."""
+    async def once() -> int | None:
+        async with connect(server.ws_url, max_size=None) as ws:
+            await next_message(ws, "hello")
+            with pytest.raises(ConnectionClosed) as info:
+                await ws.send(b"\x89PNG" + b"\0" * (9 * 2**20))  # past any ws_max_size serve sets
+                while True:
+                    await asyncio.wait_for(ws.recv(), timeout=20)
+            return info.value.rcvd.code if info.value.rcvd else None
+
+    codes = []
+    for _ in range(3):
+        codes.append(asyncio.run(once()))
+        wait_for(lambda: drained(server), 5, "drained")  # the only session slot free for the next
+    assert codes == [1009] * 3, codes
+    record("after_oversize_messages", probe(server.base, 5))
+
+
 def test_reconnect_storm_leaves_connections_and_memory_flat(server):
     outcomes: Counter = Counter()
 

@@ -43,7 +43,11 @@ class RedactCredentials(logging.Filter):
             message = record.getMessage()
         except Exception:  # a record whose args do not fit its message: leave it to the handler to report
             return True
-        record.msg, record.args = redact(message, self.token), None
+        if isinstance(record.args, tuple):  # formatters that unpack args (uvicorn's access log) keep their tuple
+            record.msg = redact(str(record.msg), self.token)
+            record.args = tuple(redact(a, self.token) if isinstance(a, str) else a for a in record.args)
+        else:
+            record.msg, record.args = redact(message, self.token), None
         if record.exc_info and not record.exc_text:
             record.exc_text = self._formatter.formatException(record.exc_info)
         if record.exc_text:
