@@ -381,25 +381,6 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.close_timeout = self.guard.limits.close_timeout_s  # uvicorn's wait for the peer's close reply
-        self.failed = False
-
-    def handle_parser_exception(self) -> None:
-        """A frame the protocol refuses (over ws_max_size: 1009): as uvicorn, but a lingering close. uvicorn closes
-        the socket at once while the peer is still sending the rest of that frame; unread data makes the kernel
-        answer with a reset, and the peer loses the close frame that said why (1006 instead of 1009). Here the rest
-        is read and discarded (websockets does after failing) until the peer closes, or close_timeout_s."""
-        if self.failed:
-            return
-        self.failed = self.close_sent = True
-        close = self.conn.close_sent
-        self.queue.put_nowait({"type": "websocket.disconnect", "code": close.code if close else 1006,
-                               "reason": close.reason if close else ""})
-        self.transport.write(b"".join(self.conn.data_to_send()))
-        self.stop_keepalive()
-        if self.read_paused:
-            self.read_paused = False
-            self.transport.resume_reading()
-        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
