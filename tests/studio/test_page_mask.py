@@ -266,6 +266,17 @@ def test_a_mask_redraws_only_the_masked_part(page, tmp_path, mode):
     assert page.is_hidden("#banner-error"), page.inner_text("#banner-error")
     assert page.problems == []
     if mode == "img2img":
+        # Save re-renders the frame through POST /api/generate with the canvas and the mask sent last.
+        with page.expect_download(timeout=FRAME_TIMEOUT_MS) as download:
+            page.click("#save")
+        with Image.open(download.value.path()) as png:
+            saved = json.loads(dict(png.text)["parameters"])
+            rgb = png.convert("RGB")
+            left, right = rgb.getpixel((8, rgb.height // 2)), rgb.getpixel((rgb.width - 8, rgb.height // 2))
+        assert saved["mask_feather"] == 8 and saved["prompt"] == "a red fox at night"
+        assert right[0] > 200 and right[2] < 80  # the photo's orange half, kept
+        assert left != right
+        assert page.is_hidden("#banner-error"), page.inner_text("#banner-error")
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "studio_mask.png"), full_page=True)
 

@@ -222,6 +222,16 @@ def test_a_painted_region_with_a_prompt_reaches_the_server_and_removing_renumber
     pond = pixels(page, "#output")
     assert mean_abs_diff(block_columns(plain, RIGHT), block_columns(pond, RIGHT)) < 1.5
 
+    # Save re-renders the frame through POST /api/generate, the regions' masks inline.
+    with page.expect_download(timeout=FRAME_TIMEOUT_MS) as download:
+        page.click("#save")
+    with Image.open(download.value.path()) as png:
+        saved = json.loads(dict(png.text)["parameters"])
+        saved_pixels = png.convert("RGB").getpixel((20, 128)), png.convert("RGB").getpixel((240, 128))
+    assert saved["regions"] == [{"prompt": "a blue pond"}]
+    assert saved_pixels[0] != saved_pixels[1]  # the pond's colour on the left, the field's on the right
+    assert page.is_hidden("#banner-error"), page.inner_text("#banner-error")
+
     # At most 8 regions.
     for _ in range(7):
         page.click("#region-add")
