@@ -60,7 +60,7 @@ def test_one_session_runs_on_several_workers_and_frames_come_in_input_order():
     with pool_studio(engines) as (client, _, studio), client.websocket_connect("/ws") as ws:
         receive(ws)
         ws.send_text(params(prompt="p0", num_inference_steps=2))  # worker 0: done in 0.6 s
-        next_of(ws, "status")
+        wait_until(lambda: len(engines[0].calls) == 1, what="p0 running on worker 0")  # not waiting: running
         ws.send_text(params(prompt="p1", num_inference_steps=2))  # worker 1, while p0 still runs: done first
         inputs = []
         while True:
@@ -69,13 +69,14 @@ def test_one_session_runs_on_several_workers_and_frames_come_in_input_order():
                 inputs.append((frame["input"], frame["params"]["prompt"]))
                 if frame["params"]["prompt"] == "p1":
                     break
-        wait_until(lambda: len(engines[0].calls) == 1 and engines[0].steps_run == 2, what="p0 to finish")
+        # p0 is moot once p1's frame is out: stopped at its next step (or, finishing first, never sent)
+        wait_until(lambda: studio.worker.workers[0].load() == 0, what="worker 0 to be done with p0")
         ws.send_text(params(prompt="p2", num_inference_steps=2))
         while (frame := next_final(ws))["params"]["prompt"] != "p2":
             inputs.append((frame["input"], frame["params"]["prompt"]))
     assert [p for _, p in inputs] == ["p1"]  # p0 finished after p1 was shown: never sent
     assert engines[0].calls[0].prompt == "p0" and engines[1].calls[0].prompt == "p1"
-    assert studio.metrics.frames_dropped._value.get() >= 1
+    assert studio.metrics.frames_dropped._value.get() + studio.metrics.cancelled._value.get() >= 1
 
 
 def test_a_worker_that_dies_mid_session_loses_nothing():

@@ -142,6 +142,11 @@ class WorkerPool:
                 target = min(usable, key=lambda i: (self.workers[i].load(), i))
             self.workers[target].submit(_sub(slot, target), job, supersede=False)
 
+    def cancel_older(self, slot: str, job_id: int) -> None:
+        """A frame of ``job_id`` was made: the session's older jobs, on any worker, would only be dropped."""
+        for i, worker in enumerate(self.workers):
+            worker.cancel_older(_sub(slot, i), job_id)
+
     def cancel(self, slot: str, reason: str = "closed") -> None:
         for i, worker in enumerate(self.workers):
             worker.cancel(_sub(slot, i), reason)

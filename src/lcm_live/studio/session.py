@@ -120,6 +120,7 @@ class Session:
             return
         if frame.final:
             self._last_final = (frame.job.id, frame.image)
+            self.studio.worker.cancel_older(self.id, frame.job.id)  # several workers: older frames are moot now
         if self._frame is not None:  # the client has not taken the previous frame yet: replace it
             self.studio.metrics.frames_dropped.inc()
             self._outbox.remove(_FRAME)

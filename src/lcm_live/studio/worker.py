@@ -170,6 +170,13 @@ class Worker:
         if old is not None:
             old.sink.on_done(old, "replaced")
 
+    def cancel_older(self, slot: str, job_id: int) -> None:
+        """Stop ``slot``'s jobs older than ``job_id`` (a newer frame of it was made: theirs would be dropped)."""
+        with self._cond:
+            for job in (self._pending.get(slot), self._running.get(slot)):
+                if job is not None and job.id < job_id and job.cancel_reason is None:
+                    job.cancel_reason = "superseded"
+
     def cancel(self, slot: str, reason: str = "closed") -> None:
         """Forget ``slot``'s waiting job and stop its running one at the next step (disconnect)."""
         with self._cond:
