@@ -165,6 +165,83 @@ def test_strokes_go_to_the_target_layer_and_undo_follows_it(browser):
     assert got["sketchPainted"] == [0, 0, 0] and got["maskUnder"] == 0
 
 
+def test_layers_are_kept_across_reconnects_and_a_clear_goes_only_when_the_server_may_hold_one(browser):
+    with js_module_page(browser) as page:
+        got = page.evaluate("""async () => {
+            const { Connection } = await import('./connection.js');
+            const sockets = [];
+            class FakeSocket {  // records what is sent; opened by the test
+                constructor(url) { this.url = url; this.readyState = 0; this.sent = []; sockets.push(this); }
+                send(data) { this.sent.push(data); }
+                open() { this.readyState = 1; this.onopen(); }
+            }
+            FakeSocket.OPEN = 1;
+            const real = window.WebSocket;
+            window.WebSocket = FakeSocket;
+            try {
+                const conn = new Connection('ws://127.0.0.1:9/ws');
+                const describe = async (data) => {
+                    if (typeof data === 'string') return JSON.parse(data).type;
+                    const bytes = new Uint8Array(await data.arrayBuffer());
+                    const head = String.fromCharCode(...bytes.slice(0, 5));
+                    return head.startsWith('LCML') ? `${head}${bytes[5]}:${bytes.length - 8}` : `bare:${bytes.length}`;
+                };
+                conn.sendLayer('mask', null);                          // nothing held: nothing to clear
+                conn.sendLayer('region:2', new Blob([new Uint8Array(5)]));  // closed: kept (and connects)
+                conn.sendCanvas(new Blob([new Uint8Array(3)]));
+                conn.sendParams({ prompt: 'x' });
+                sockets[sockets.length - 1].open();                    // canvas, layers, then params
+                const first = await Promise.all(sockets[sockets.length - 1].sent.map(describe));
+                conn.sendLayer('mask', new Blob([new Uint8Array(4)]));
+                conn.sendLayer('mask', null);                          // held: cleared on the server
+                conn.sendLayer('mask', null);                          // already cleared: nothing
+                const later = await Promise.all(sockets[sockets.length - 1].sent.slice(first.length).map(describe));
+                return { first, later, kept: [...conn.latestLayers.keys()], counted: conn.sentCount };
+            } finally {
+                window.WebSocket = real;
+            }
+        }""")
+    assert got["first"] == ["bare:3", "LCMLr2:5", "params"]
+    assert got["later"] == ["LCMLm0:4", "LCMLm0:0"]
+    assert got["kept"] == ["region:2"]
+    assert got["counted"] == 5  # layer messages are inputs too (the server counts them in its statuses)
+
+
+def test_a_stroke_stream_never_sends_an_older_encode_after_a_newer_one(browser):
+    with js_module_page(browser) as page:
+        got = page.evaluate("""async () => {
+            const { FramePacer, StrokeStream } = await import('./pacing.js');
+            const pacer = new FramePacer({ settleMs: 10000, minHoldMs: 10000 });
+            const sent = [];
+            let version = 0;
+            const delays = [60, 0];  // the first encode is slower than the second
+            const stream = new StrokeStream(pacer, 'mask', async (isStale) => {
+                const v = ++version;
+                await new Promise((r) => setTimeout(r, delays.shift() ?? 0));
+                if (!isStale()) sent.push(v);
+            }, { intervalMs: 20 });
+            const a = stream.now();
+            const b = stream.now();
+            await Promise.all([a, b]);
+            const out = { overtaken: [...sent] };
+            sent.length = 0;
+            stream.change(false); stream.change(false); stream.change(false);  // a stroke: one send per interval
+            await new Promise((r) => setTimeout(r, 80));
+            out.throttled = sent.length;
+            pacer.sent();  // a frame in flight: mid-stroke changes wait, the stroke's end goes at once
+            stream.change(false);
+            out.held = pacer.held.has('mask');
+            stream.change(true);
+            await new Promise((r) => setTimeout(r, 10));
+            out.final = [sent.length, pacer.held.has('mask')];
+            return out;
+        }""")
+    assert got["overtaken"] == [2]
+    assert got["throttled"] == 1
+    assert got["held"] is True
+    assert got["final"] == [2, False]
+
+
 # ---------------------------------------------------------------- the page against a server
 
 
