@@ -122,3 +122,29 @@ def test_a_small_mask_is_redrawn_in_a_window_of_its_own(lcm):
     outside = np.ones((SIZE, SIZE), bool)
     outside[36:60, 36:60] = False
     assert np.array_equal(out[outside], px(init)[outside]) and np.abs(out[40:56, 40:56] - px(init)[40:56, 40:56]).mean() > 5
+
+
+def test_a_unet_compiled_per_shape_redraws_on_the_whole_picture(tiny_lcm_dir):
+    """OpenVINO and torch.compile convert each new input shape (minutes): no mask windows there."""
+    from diffusers import DiffusionPipeline
+
+    from lcm_live.config import EngineSettings
+    from lcm_live.engine.model import LoadedModel
+    from lcm_live.engine.pipeline import Engine
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_lcm_dir)
+    loaded = LoadedModel(pipe=pipe, kind="lcm", arch="sd15", name="tiny", native_width=SIZE, native_height=SIZE)
+    engine = Engine(loaded, EngineSettings(model="tiny", device="cpu", dtype="float32"),
+                    speedups=["torch.compile(default, freezing)"])  # as reported; the UNet itself stays eager here
+    assert engine.static_shapes
+    small = Image.new("L", (SIZE, SIZE), 0)
+    small.paste(255, (40, 40, 56, 56))
+    shapes = []
+    original = pipe.unet.forward
+    pipe.unet.forward = lambda sample, *a, **k: shapes.append(tuple(sample.shape[-2:])) or original(sample, *a, **k)
+    init = init_image()
+    out = px(engine.generate(req("x", image=init, strength=1.0, seed=1, mask_image=small, mask_feather=4)).images[0])
+    assert shapes == [(32, 32)] * 2
+    outside = np.ones((SIZE, SIZE), bool)
+    outside[36:60, 36:60] = False
+    assert np.array_equal(out[outside], px(init)[outside])

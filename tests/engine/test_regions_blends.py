@@ -128,7 +128,9 @@ def test_windows_have_one_size_and_hold_their_regions():
     wide = Image.new("L", (SIZE, SIZE), 0)
     wide.paste(255, (0, 0, 40, 12))  # 40 x 12 px at the top left
     weights, _ = region_weights([small, wide], SIZE, SIZE, 2)
-    assert windows(weights) == [(20, 30, 12, 32), (0, 10, 0, 20)]  # latent cells: 10 x 20 each, inside the picture
+    # latent cells (32 x 32): the largest box, 10 x 20, rounded up to quarters of the picture (8 cells): 16 x 24,
+    # each window over its region and inside the picture
+    assert windows(weights) == [(16, 32, 8, 32), (0, 16, 0, 24)]
 
 
 def test_a_region_leaving_room_runs_the_base_prompt_on_the_canvas_too(lcm):

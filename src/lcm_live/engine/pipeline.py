@@ -121,6 +121,12 @@ class Engine:
         return any(name.startswith("torch.compile") for name in self.info.speedups)
 
     @property
+    def static_shapes(self) -> bool:
+        """Whether the UNet is compiled per input shape (OpenVINO IR, torch.compile): a new shape costs seconds to
+        minutes, so the engine avoids making new ones (no mask windows)."""
+        return self.compiled or type(self.pipe.unet).__name__ == "OpenVINOUNet"
+
+    @property
     def lcm_img2img(self) -> bool:
         """Whether image-to-image runs as LCM's own pipeline (LatentConsistencyModelImg2ImgPipeline): every step
         runs, on the schedule shortened by the strength; else as SD's (``steps * strength`` steps run)."""
@@ -170,7 +176,9 @@ class Engine:
         if request.mask_image is not None:
             prep.mask, note = prepare_mask(request.mask_image, width, height, request.mask_feather)
             prep.notes += [note] if note else []
-            if self.pipe.unet.config.in_channels == 4 and not request.regions:  # 9-channel UNets see it all
+            # The mask's window (engine/masks.py): not for 9-channel UNets (they see the whole picture), nor
+            # where the UNet compiles per shape (OpenVINO, torch.compile: each new window would cost a conversion)
+            if self.pipe.unet.config.in_channels == 4 and not request.regions and not self.static_shapes:
                 side = min(self.loaded.native_width, self.loaded.native_height) // 2
                 prep.mask_box = mask_window(prep.mask, self.pipe.vae_scale_factor, side)
         if request.regions:

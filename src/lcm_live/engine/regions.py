@@ -23,21 +23,26 @@ Box = tuple[int, int, int, int]  # (y0, y1, x0, x1) in latent cells
 
 
 def windows(weights: torch.Tensor) -> list[Box]:
-    """One window per region (``weights[1:]``, (R, 1, h, w)): all of the size of the largest bounding box, each
-    centred on its region's box and moved inside the picture."""
+    """One window per region (``weights[1:]``, (R, 1, h, w)): all of the size of the largest bounding box rounded up
+    to a quarter of the picture (so that backends which compile per shape, OpenVINO and torch.compile, meet at
+    most 16 window shapes per picture size), each centred on its region's box and moved inside the picture."""
     h, w = weights.shape[-2:]
     boxes = []
     for region in weights[1:, 0]:
         ys, xs = torch.nonzero(region > 0, as_tuple=True)
         boxes.append((int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1))
-    wh = max(b[1] - b[0] for b in boxes)
-    ww = max(b[3] - b[2] for b in boxes)
+    wh = min(h, _round_up(max(b[1] - b[0] for b in boxes), -(-h // 4)))
+    ww = min(w, _round_up(max(b[3] - b[2] for b in boxes), -(-w // 4)))
     out = []
     for y0, y1, x0, x1 in boxes:
         top = min(max((y0 + y1 - wh) // 2, 0), h - wh)
         left = min(max((x0 + x1 - ww) // 2, 0), w - ww)
         out.append((top, top + wh, left, left + ww))
     return out
+
+
+def _round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
 
 
 def crop(per_latent: torch.Tensor, boxes: list[Box], scale: int = 1) -> torch.Tensor:
