@@ -148,17 +148,26 @@ def test_same_origin_is_served(server):
     asyncio.run(go())
 
 
-def test_3mb_message_closes_with_1009_and_others_are_still_served(server):
+def test_3mb_message_is_refused_alone_5mb_closes_with_1009_and_others_are_still_served(server):
+    """Past the studio's 2 MB message limit a message is refused alone (too_large, the session stays); past the
+    protocol's cap, twice that, uvicorn closes the connection with 1009."""
     async def go():
         async with connect(server.ws_url) as other:
             await next_message(other, "hello")
             async with connect(server.ws_url, max_size=None) as ws:
                 await next_message(ws, "hello")
+                await ws.send(b"\x89PNG" + b"\0" * (3 * 1024 * 1024))
+                error = await next_message(ws, "error")
+                assert error["code"] == "too_large" and "3145732 bytes" in error["message"]
+                await ws.send(params(prompt="the session goes on", num_inference_steps=1))
+                assert (await next_final(ws))["params"]["prompt"] == "the session goes on"
+            async with connect(server.ws_url, max_size=None) as ws:
+                await next_message(ws, "hello")
                 with pytest.raises(ConnectionClosed) as info:
-                    # The server refuses the frame from its header, without reading the 3 MB: when it closes
+                    # The server refuses the frame from its header, without reading the 5 MB: when it closes
                     # while the client is still writing them, the client's send fails with a reset (seen on a
                     # loaded machine) and the close frame may be lost with it.
-                    await ws.send(b"\x89PNG" + b"\0" * (3 * 1024 * 1024))
+                    await ws.send(b"\x89PNG" + b"\0" * (5 * 1024 * 1024))
                     while True:
                         await asyncio.wait_for(ws.recv(), timeout=20)
                 if info.value.rcvd is not None:  # the close frame arrived: it says why

@@ -73,6 +73,7 @@ async def _client(idx: int, url: str, deadline: float, stats: Stats, *, faults: 
     live = mode == "img2img" and not faults
     while time.monotonic() < deadline:
         sent_at: dict[int, float] = {}
+        aborted_by_us = False
         try:
             async with connect(url, max_size=8 * 1024 * 1024, open_timeout=10) as ws:
                 hello = json.loads(await asyncio.wait_for(ws.recv(), 10))
@@ -126,6 +127,7 @@ async def _client(idx: int, url: str, deadline: float, stats: Stats, *, faults: 
                     await asyncio.sleep(rng.uniform(0, 0.1))
                     ws.transport.abort()
                     stats.aborted += 1
+                    aborted_by_us = True
                     continue
                 while time.monotonic() < session_end:
                     try:
@@ -159,6 +161,8 @@ async def _client(idx: int, url: str, deadline: float, stats: Stats, *, faults: 
             stats.rejected[code] = stats.rejected.get(code, 0) + 1
             await asyncio.sleep(0.5)
         except ConnectionClosed as exc:
+            if aborted_by_us:  # the client's own abort (a fault it injected), not the server's doing
+                continue
             code = exc.rcvd.code if exc.rcvd else 1006
             stats.close_codes[str(code)] = stats.close_codes.get(str(code), 0) + 1
             if code not in DOCUMENTED_CLOSE_CODES:
