@@ -161,6 +161,8 @@ def test_idle_and_slow_header_sockets_time_out_and_never_starve_the_probes(serve
         took = wait_for(lambda: all(closed_by_server(s) for s in idle + slow), 8, "closed by the server")
         MEASURED["idle_and_slow_headers"]["all_closed_after_s"] = round(took, 1)
         assert min(sent) >= 2  # the slow ones kept sending and were closed all the same
+        metrics = http_get(server.base + "/metrics")[1].decode()
+        assert 'lcm_live_connections_closed_total{reason="header_timeout"}' in metrics  # what the guard did, exported
     finally:
         stop.set()
         thread.join()

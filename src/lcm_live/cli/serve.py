@@ -49,6 +49,16 @@ def add_parser(subparsers) -> None:
     g.add_argument("--frame-format", choices=["jpeg", "webp"], default=None, help="live frame encoding (default: jpeg)")
     g.add_argument("--exit-on-failures", action="store_true",
                    help="exit non-zero after 3 consecutive engine failures (for a supervisor to restart)")
+    r = parser.add_argument_group("ray serve (the `ray` extra: pip install 'lcm-live[ray]'; docs/scaling.md)")
+    r.add_argument("--ray", action="store_true",
+                   help="serve on Ray Serve: an ingress (this studio) and generator replicas, one engine each")
+    r.add_argument("--ray-address", default=None, metavar="auto|ADDRESS",
+                   help="the Ray cluster to join (auto: the one `ray start` made here); default: start a local one")
+    r.add_argument("--replicas", type=int, default=None, metavar="N", help="generator replicas (default: 1)")
+    r.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                   help="Serve's autoscaling on ongoing requests between MIN and MAX replicas, instead of --replicas")
+    r.add_argument("--gpus-per-replica", type=float, default=None, metavar="G",
+                   help="GPUs Ray reserves for each replica (default: 0, CPU replicas)")
     # Tests and benchmarks: a FakeEngine (JSON of FakeEngineConfig) instead of a model. Hidden on purpose.
     g.add_argument("--fake-engine", default=os.environ.get("LCM_LIVE_FAKE_ENGINE"), help=argparse.SUPPRESS)
     parser.set_defaults(run=run)
@@ -113,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
     token = settings.studio.token
     check_exposure(settings.studio.host, token)
     check_tls_files(settings.studio.ssl_certfile, settings.studio.ssl_keyfile)  # from the environment too
+    if args.ray or args.ray_address or args.replicas or args.autoscale or args.gpus_per_replica is not None:
+        return run_ray(args, settings)
 
     import uvicorn
     from PIL import Image
@@ -157,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     # closing peer can crash. It replaces limit_concurrency, which counts idle connections and then answers 503
     # to every route (a few dozen idle sockets took /healthz down).
     guard = ConnectionGuard(ConnectionLimits.from_settings(s))
+    app.state.studio.metrics.watch_connections(guard.closed)  # /metrics: lcm_live_connections_closed_total{reason}
     if s.ssl_certfile:  # asyncio's default: 60 s for a TLS handshake, before any protocol sees the connection
         set_tls_handshake_timeout(s.request_header_timeout_s)
     uv_config = uvicorn.Config(
@@ -205,3 +218,23 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, lambda signum, frame: None)
     server.run()
     return 3 if fatal else 0
+
+
+def run_ray(args: argparse.Namespace, settings) -> int:
+    """``--ray``: the same studio on Ray Serve (studio/ray_launch.py); the ray extra is optional."""
+    if not args.ray:
+        raise UserError("--ray-address, --replicas, --autoscale and --gpus-per-replica go with --ray")
+    if args.replicas is not None and args.autoscale is not None:
+        raise UserError("--replicas N and --autoscale MIN:MAX exclude each other: give one")
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        raise UserError("--ray needs Ray Serve, an optional extra: pip install 'lcm-live[ray]'") from None
+    from lcm_live.studio.ray_app import RayOptions, parse_autoscale
+    from lcm_live.studio.ray_launch import serve_with_ray
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    options = RayOptions(replicas=args.replicas or 1,
+                         autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
+                         gpus_per_replica=args.gpus_per_replica or 0.0, fake_engine=args.fake_engine)
+    return serve_with_ray(settings, options, address=args.ray_address, say=_say)

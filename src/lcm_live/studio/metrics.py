@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Seconds; frames take from ~10 ms (GPU, 1 step) to tens of seconds (CPU, full VAE).
@@ -38,5 +41,27 @@ class StudioMetrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         )
 
+    def watch_connections(self, closed: Mapping[str, int]) -> None:
+        """Export the connection guard's counts (studio/connections.py: why it closed or limited connections)
+        as ``lcm_live_connections_closed_total{reason}``, read at each scrape."""
+        self.registry.register(_ConnectionsClosed(closed))
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _ConnectionsClosed:
+    """A collector over a live mapping of counts (the guard keeps them; nothing is copied until a scrape)."""
+
+    def __init__(self, closed: Mapping[str, int]):
+        self.closed = closed
+
+    def describe(self) -> list:
+        return []  # no fixed label set: collected at scrape time only
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("lcm_live_connections_closed", "Connections the guard closed or limited",
+                                     labels=["reason"])
+        for reason, count in sorted(dict(self.closed).items()):
+            family.add_metric([reason], count)
+        yield family
