@@ -425,3 +425,22 @@ def test_mask_controls_are_labelled_and_work_from_the_keyboard(page):
     page.keyboard.press("Enter")  # everything masked: the hint is gone
     page.wait_for_function("() => document.getElementById('mask-hint').hidden")
     assert page.problems == []
+
+
+def test_a_resize_sends_the_mask_at_the_new_size_and_the_passing_fit_note_is_not_shown(page):
+    page.click("label.mode-option:has(input[value=img2img])")
+    first = wait_settled_frame(page, 0, "img2img")
+    _paint_left_mask(page)
+    shown = wait_settled_frame(page, first, "img2img")
+    from PIL import Image
+
+    width_max = page.eval_on_selector("#ctl-width", "el => el.max")
+    set_slider(page, "#ctl-width", str(int(width_max) // 2 // 8 * 8))  # the canvas and the mask follow
+    wait_settled_frame(page, shown, "img2img")
+    new_width = int(page.get_attribute("#sketch", "width"))
+    _wait(page, lambda: Image.open(io.BytesIO(_mask_images(page)[-1])).size[0] == new_width, "the resized mask")
+    assert page.ws.frames()[-1]["width"] == new_width
+    # The server fitted the old mask to the new canvas for a moment and said so; the page does not show it.
+    notes = [m for m in page.ws.received if isinstance(m, str) and "fitted to the canvas" in m]
+    assert page.is_hidden("#banner-error") or "fitted" not in page.inner_text("#banner-error"), notes
+    assert page.problems == []

@@ -10,6 +10,12 @@ import { RegionPalette } from "./regions.js";
 
 const $ = (id) => document.getElementById(id);
 
+// After the page resizes the canvas, the new canvas and the new mask reach the server one after the other; in
+// between it fits the old mask to the new canvas and says so. The page's next message is the mask at the right
+// size, so that note (and only it, for a moment) is not shown.
+const RESIZE_NOTE = /^the mask is \d+x\d+; fitted to the canvas/;
+const RESIZE_QUIET_MS = 3000;
+
 /**
  * sketch: the SketchCanvas; conn: the Connection; pacer: the FramePacer;
  * mode(): the page's mode; sendParams(): send the full params now.
@@ -60,6 +66,14 @@ export function setupLayers({ sketch, conn, pacer, mode, sendParams }) {
   });
   paintOn("sketch");
 
+  let resizedAt = -Infinity;
+  conn.addEventListener("warning", (e) => {
+    // Registered before main.js' listener, which shows warnings: this one may stop it.
+    if (RESIZE_NOTE.test(e.detail.message || "") && performance.now() - resizedAt < RESIZE_QUIET_MS) {
+      e.stopImmediatePropagation();
+    }
+  });
+
   return {
     mask,
     regions,
@@ -73,6 +87,7 @@ export function setupLayers({ sketch, conn, pacer, mode, sendParams }) {
       mask.setMode(m);
     },
     resize(w, h) {
+      if (w !== mask.layer.width || h !== mask.layer.height) resizedAt = performance.now();
       mask.resize(w, h);
       regions.resize(w, h);
     },

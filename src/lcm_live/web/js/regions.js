@@ -60,7 +60,12 @@ export class RegionPalette {
     this.sent = []; // the [{prompt}] of the params last sent (whose layers went before them)
     this.sentLayers = []; // index -> {layer, version} the server has as "region:index"
     this.overlay = null;
-    this.els.add.addEventListener("click", () => this.select(this.add()));
+    this.els.add.addEventListener("click", () => {
+      const region = this.add();
+      if (!region) return;
+      this.select(region); // painted next
+      region.input.focus(); // and its prompt typed now
+    });
     this.render();
   }
 
