@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lcm_live.bench.bench_live import stroke_canvas, stroke_point
+from lcm_live.bench.bench_live import LiveConfig, stroke_canvas, stroke_point, with_live_defaults
 from lcm_live.cli import main
 
 
@@ -49,3 +49,16 @@ def test_stroke_canvases_change_from_frame_to_frame():
     points = [stroke_point(i, 64, 64) for i in range(3)]
     first, second = stroke_canvas(64, 64, points[:2]), stroke_canvas(64, 64, points)
     assert first[:2] == b"\xff\xd8" and first != second  # JPEG, and the stroke moved
+
+
+def test_live_defaults_make_one_unet_evaluation_a_frame_for_every_family():
+    from lcm_live.engine.architectures import family
+
+    sd15 = with_live_defaults(LiveConfig(arch="sd15"), family("sd15"))
+    assert (sd15.num_inference_steps, sd15.guidance_scale) == (1, 8.0)  # LCM img2img: every step runs
+    sdxs = with_live_defaults(LiveConfig(arch="sdxs"), family("sdxs"))
+    assert (sdxs.num_inference_steps, sdxs.guidance_scale) == (2, 0.0)  # SD img2img: int(2 x 0.5) = 1
+    third = with_live_defaults(LiveConfig(arch="bk-sdm-tiny", strength=0.3), family("bk-sdm-tiny"))
+    assert third.num_inference_steps == 4 and int(4 * 0.3) == 1 and third.guidance_scale == 1.0
+    given = with_live_defaults(LiveConfig(arch="sdxs", num_inference_steps=3, guidance_scale=1.5), family("sdxs"))
+    assert (given.num_inference_steps, given.guidance_scale) == (3, 1.5)

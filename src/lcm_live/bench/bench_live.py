@@ -39,8 +39,9 @@ class LiveConfig:
     width: int = 256
     height: int = 256
     # LCM img2img runs every step on the strength-shortened schedule: 1 step at strength 0.5 is one UNet
-    # evaluation per frame (at t ~ 500), the live mode of docs/benchmarks.md.
-    num_inference_steps: int = 1
+    # evaluation per frame (at t ~ 500), the live mode of docs/benchmarks.md. A plain UNet (the fast families, an
+    # LCM-LoRA) follows SD img2img, int(steps * strength) evaluations: None gives ceil(1 / strength), one as well.
+    num_inference_steps: int | None = None
     strength: float = 0.5
     guidance_scale: float | None = None  # None: 8 for a full LCM (its w-embedding), the family's otherwise (no CFG)
     seconds: float = 20.0
@@ -57,6 +58,21 @@ class LiveConfig:
     sessions: int = 1  # WebSocket clients drawing at once
     max_batch_size: int | None = None  # the studio's; None: its default (1 on a CPU, sessions on a GPU)
     controlnet: bool = False  # lines mode: the stroke is a ControlNet's image (random weights of the arch's shape)
+
+
+def with_live_defaults(config: LiveConfig, fam: Any) -> LiveConfig:
+    """One UNet evaluation a frame at the family's guidance: a full LCM 1 step (its img2img runs every step) at
+    guidance 8 (its w-embedding); a plain UNet ceil(1 / strength) steps (SD img2img runs int(steps x strength))
+    at the family's guidance (no CFG)."""
+    import dataclasses
+    import math
+
+    if config.guidance_scale is None:
+        config = dataclasses.replace(config, guidance_scale=8.0 if fam.full_lcm else fam.guidance_scale)
+    if config.num_inference_steps is None:
+        steps = 1 if fam.full_lcm else math.ceil(1 / config.strength - 1e-9)
+        config = dataclasses.replace(config, num_inference_steps=steps)
+    return config
 
 
 def stroke_canvas(width: int, height: int, points: list[tuple[float, float]]) -> bytes:
@@ -172,11 +188,7 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
 
     # 1. The engine and the studio around it.
     quiet_diffusers()
-    if config.guidance_scale is None:
-        import dataclasses
-
-        fam = bench_family(config.arch)
-        config = dataclasses.replace(config, guidance_scale=8.0 if fam.full_lcm else fam.guidance_scale)
+    config = with_live_defaults(config, bench_family(config.arch))
     bench_config = BenchConfig(arch=config.arch, width=config.width, height=config.height,
                                num_inference_steps=config.num_inference_steps, backend=config.backend,
                                decoder=config.decoder, dtype=config.dtype, device=config.device,

@@ -4,8 +4,8 @@
 
 The sd15 UNet (random weights, bf16, channels_last) is called directly with fixed inputs; the OpenVINO module is
 built from the same weights (its IR read from the disk cache when `lcm-live bench` made one). Prints median
-(min-max) seconds per call. ``--gemm`` first measures 2048x2048 matmul throughput in float32 and bfloat16: the
-ceiling a UNet step can approach on this CPU.
+(min-max) seconds per call. ``--gemm`` first measures the machine's GEMM peak (bench/roofline.py) in torch
+float32/bfloat16 and OpenVINO bfloat16/int8: the ceiling a UNet step can approach on this CPU.
 """
 
 from __future__ import annotations
@@ -13,18 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-
-
-def gemm_tflops(dtype, n: int = 2048, repeats: int = 10) -> float:
-    import torch
-
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e12
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,8 +30,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     quiet_diffusers()
     if args.gemm:
-        for dtype in (torch.float32, torch.bfloat16):
-            print(f"gemm 2048x2048 {str(dtype).removeprefix('torch.')}: {gemm_tflops(dtype):.3f} TFLOP/s")
+        from lcm_live.bench.roofline import measure_peak
+
+        for backend, dtype in (("torch", "float32"), ("torch", "bfloat16"), ("openvino", "bfloat16"),
+                               ("openvino", "int8")):
+            peak = measure_peak(backend, dtype)
+            print(f"gemm {peak.n}x{peak.n} {backend} {dtype}: {peak.tflops:.3f} TFLOP/s "
+                  f"(median of rounds {peak.median_tflops:.3f})")
 
     dtype = torch.bfloat16
     if args.arch == "tiny":

@@ -33,8 +33,9 @@ def add_parser(subparsers) -> None:
                         help="default: the family's native size (512; sdxl 1024; tiny 64); with --live 256 (sdxl 512)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--num-inference-steps", type=_positive_int, default=None,
-                        help="default: the family's (sd15 4, sd-turbo/sdxl-turbo/sdxs 1, bk-sdm 4; with --live: 1; "
-                             "LCM img2img runs this many UNet calls per frame)")
+                        help="default: the family's (sd15 4, sd-turbo/sdxl-turbo/sdxs 1, bk-sdm 4); with --live: one UNet "
+                             "evaluation a frame (a full LCM's img2img runs every step: 1; a plain UNet's "
+                             "int(steps x strength): 2 at strength 0.5)")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="default: the family's (sd15/sdxl: the seed article's 1.5, with --live 8; turbo and "
                              "sdxs 0, bk-sdm 1: no CFG)")
@@ -139,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         from lcm_live.bench.bench_live import LiveConfig, format_live, run_live
 
         report = run_live(LiveConfig(
-            arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps or 1,
+            arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale, seconds=args.seconds, strength=args.strength, backend=args.backend, decoder=args.decoder,
             dtype=args.dtype, device=args.device, compile=args.compile, compile_mode=args.compile_mode,
             quantize=args.quantize, openvino_cache_dir=args.openvino_cache_dir, sessions=args.sessions,
