@@ -30,7 +30,7 @@ def test_in_range_passes_out_of_range_names_the_field(steps, width, height, guid
             problems.append(name)
     if guidance is not None and not (guidance >= 0 and guidance != float("inf")):
         problems.append("guidance_scale")
-    if seed is not None and not 0 <= seed <= 2**64 - 1:
+    if seed is not None and not 0 <= seed <= 2**32 - 1:
         problems.append("seed")
     if n < 1:
         problems.append("num_images_per_prompt")

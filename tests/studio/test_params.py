@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lcm_live.config import StudioSettings
+from lcm_live.engine.validation import MAX_SEED
 from lcm_live.errors import UserError
-from lcm_live.studio.params import MAX_SEED, build_params_model, default_params_model, parse_params
+from lcm_live.studio.params import build_params_model, default_params_model, echo, parse_params
 
 Params = default_params_model()
 
@@ -61,7 +62,7 @@ def test_anything_out_of_range_is_rejected_naming_the_field(item):
     field, value = item
     with pytest.raises(UserError) as info:
         parse_params(Params, {field: value})
-    assert info.value.field == field
+    assert info.value.field == echo(field)  # a client's field name comes back capped (issue 13: 1.9 MB names)
 
 
 def test_img2img_needs_at_least_one_step():

@@ -16,7 +16,9 @@ from lcm_live.errors import UserError
 
 MAX_STEPS = 8
 MIN_SIZE, MAX_SIZE = 64, 2048
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+# One seed range everywhere (engine, CLI, studio, page): 32 bits, as most SD tools use, and exact in JavaScript
+# (a 64-bit seed would not survive the page's numbers); torch.Generator.manual_seed takes any of them.
+MAX_SEED = 2**32 - 1
 DEFAULT_GUIDANCE = {"lcm": 8.0, "lcm-lora": 1.0}
 
 
@@ -56,7 +58,7 @@ def validate_request(request: GenerationRequest, *, lcm_img2img: bool = False) -
                         field="guidance_scale")
     seed = request.seed
     if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
-        raise UserError(f"seed={seed!r}: use a whole number from 0 to {MAX_SEED} (2**64-1), or leave it out for a "
+        raise UserError(f"seed={seed!r}: use a whole number from 0 to {MAX_SEED} (2**32-1), or leave it out for a "
                         "random one", field="seed")
     n = request.num_images_per_prompt
     if not _is_int(n) or n < 1:

@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from lcm_live.config import StudioSettings
 from lcm_live.engine.masks import MAX_FEATHER
 from lcm_live.engine.request import MAX_REGIONS, GenerationRequest, PromptBlend, Region, SeedBlend
+from lcm_live.engine.validation import MAX_SEED
 from lcm_live.errors import UserError
 from lcm_live.studio.images import CONTROL_PREPROCESS
 
-MAX_SEED = 2**32 - 1
 ECHO_CHARS = 60  # error messages quote at most this much of a client's value or field name
 MODES = ("txt2img", "img2img")
 CONTROL_MODE = "control"  # with a ControlNet loaded: the canvas guides a text-to-image run
