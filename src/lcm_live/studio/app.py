@@ -179,7 +179,8 @@ def add_health_routes(app: FastAPI, studio: StudioState, guards: Guards) -> None
     @app.get("/readyz", dependencies=[Depends(guards.require_auth)])
     async def readyz() -> JSONResponse:
         worker = studio.worker
-        workers = {"ready": worker.workers_ready, "total": len(worker.workers)} if isinstance(worker, WorkerPool) \
+        # A pool, or Ray's replicas (studio/ray_worker.py): how many are ready
+        workers = {"ready": worker.workers_ready, "total": len(worker.workers)} if hasattr(worker, "workers_ready") \
             else None
         if worker.ready:
             return JSONResponse({"status": "ready", **({"workers": workers} if workers else {})})

@@ -164,9 +164,11 @@ class Session:
         sender = asyncio.create_task(self._sender())
         s = self.studio.settings.studio
         try:
-            # "workers": how many frames of this session may be in flight at once (studio/pool.py)
+            # "workers": how many frames of this session may be in flight at once (studio/pool.py; with Ray,
+            # the ready replicas: studio/ray_worker.py)
+            ray_replicas = getattr(self.studio.worker, "workers_ready", None) if not s.devices else None
             self.send_control({"type": "hello", "session": self.id, "schema": self.studio.schema(),
-                               "info": self.studio.info, "workers": len(s.devices or [None])})
+                               "info": self.studio.info, "workers": ray_replicas or len(s.devices or [None])})
             while True:
                 try:
                     message = await asyncio.wait_for(self.ws.receive(), timeout=s.idle_timeout_s)

@@ -1,0 +1,239 @@
+"""The studio on Ray Serve (issue 15, requirement 2): one local Ray cluster for the module (2 logical CPUs, no
+dashboard), the app of studio/ray_app.py with 2 generator replicas of the FakeEngine, real WebSocket clients on
+Serve's HTTP proxy. The protocol and its checks as in the single-process studio, 4 clients on 2 replicas, Serve's
+cancellation reaching the engine's step hook, and a replica killed mid-generation."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray Serve is the optional `ray` extra: pip install 'lcm-live[ray]' "
+                          "(make test installs it)")
+
+from ray import serve  # noqa: E402
+from websockets.exceptions import InvalidStatus  # noqa: E402
+from websockets.sync.client import connect  # noqa: E402
+
+from lcm_live.bench.local_http import free_port, http_get  # noqa: E402
+from lcm_live.config import Settings, StudioSettings  # noqa: E402
+from lcm_live.studio.ray_app import APP_NAME, GENERATOR, RayOptions, build_application  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+TOKEN = "ray-t0k3n-for-tests-0123456789abcdefghij"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+STEP_S = 0.25  # FakeEngine seconds per denoising step (at most 8 steps: 2 s)
+
+
+@pytest.fixture(scope="module")
+def ray_studio():
+    """(http base URL, ws URL) of the studio on a fresh local cluster; torn down after the module."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             namespace="lcm-live-tests")
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        settings = Settings(studio=StudioSettings(max_sessions=8, default_previews=False, token=TOKEN))
+        options = RayOptions(replicas=2, cpus_per_replica=0.5,
+                             fake_engine=json.dumps({"step_latency_s": STEP_S, "record_calls": False}))
+        serve.run(build_application(settings, options), name=APP_NAME, route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _readyz(base).get("workers", {}).get("ready") == 2, 60, "2 ready replicas in /readyz")
+        yield base, f"ws://127.0.0.1:{port}/ws"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _readyz(base: str) -> dict[str, Any]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(base + "/readyz", headers=AUTH), timeout=5) as res:
+            return json.loads(res.read())
+    except urllib.error.HTTPError as err:
+        return json.loads(err.read() or b"{}")
+    except OSError:
+        return {}
+
+
+def params(**fields: Any) -> str:
+    return json.dumps({"type": "params", **fields})
+
+
+def next_message(ws, timeout: float) -> dict[str, Any]:
+    """The next JSON message; a frame's info comes with its binary as "_bytes"."""
+    msg = json.loads(ws.recv(timeout=timeout))
+    if msg["type"] == "frame":
+        data = ws.recv(timeout=timeout)
+        assert isinstance(data, bytes), "a frame's info must be followed by its binary message"
+        msg["_bytes"] = data
+    return msg
+
+
+def next_of(ws, kind: str, timeout: float = 10.0, seen: list | None = None) -> dict[str, Any]:
+    """Skip messages (kept in ``seen``) until one of type ``kind`` (a final frame for "final")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = next_message(ws, max(0.01, deadline - time.monotonic()))
+        if seen is not None:
+            seen.append(msg)
+        if kind == "final" and msg["type"] == "frame" and msg["final"]:
+            return msg
+        if msg["type"] == kind:
+            return msg
+        if msg["type"] == "error" and kind != "error":
+            raise AssertionError(f"error while waiting for {kind}: {msg}")
+
+
+def next_busy(ws) -> None:
+    """Until the session says its new input runs ("idle" of the previous one may come first)."""
+    while next_of(ws, "status")["state"] != "busy":
+        pass
+
+
+def generator_stats() -> dict[int, dict[str, Any]]:
+    """Each generator replica's stats, by pid (Serve routes each call to one of them: ask until both answer)."""
+    handle = serve.get_deployment_handle(GENERATOR, APP_NAME)
+    found: dict[int, dict[str, Any]] = {}
+    for _ in range(40):
+        stats = handle.stats.remote().result(timeout_s=10)
+        found[stats["pid"]] = stats
+        if len(found) == 2:
+            break
+    return found
+
+
+def test_protocol_over_serve(ray_studio):
+    base, url = ray_studio
+    assert _readyz(base) == {"status": "ready", "workers": {"ready": 2, "total": 2}}
+    with connect(url, additional_headers=AUTH, open_timeout=10) as ws:
+        hello = next_message(ws, 10)
+        assert hello["type"] == "hello" and hello["workers"] == 2
+        assert hello["info"]["model"] == "fake" and "prompt" in hello["schema"]["properties"]
+        ws.send(params(prompt="over serve", num_inference_steps=2, seed=7))
+        frame = next_of(ws, "final")
+        assert frame["params"]["prompt"] == "over serve" and frame["seed"] == 7 and frame["input"] == 1
+        assert frame["_bytes"][:2] == b"\xff\xd8"  # the studio's JPEG, re-encoded from the replica's PNG
+        assert frame["timings"]["generation_ms"] >= 2 * STEP_S * 1000 * 0.9
+        ws.send("{not json")
+        error = next_of(ws, "error")
+        assert error["code"] == "invalid_json" or error["code"].startswith("invalid")
+        ws.send(params(prompt="after the error", num_inference_steps=101))
+        assert next_of(ws, "error")["field"] == "num_inference_steps"
+        ws.send(params(prompt="still here", num_inference_steps=1, seed=8))
+        frame = next_of(ws, "final")
+        assert frame["params"]["prompt"] == "still here" and frame["input"] == 4
+    status, body = http_get(base + "/metrics")
+    assert status == 401  # the token guards /metrics as in the single-process studio
+
+
+def test_token_origin_and_metrics_as_in_one_process(ray_studio):
+    base, url = ray_studio
+    with pytest.raises(InvalidStatus) as no_token:
+        connect(url, open_timeout=10)
+    assert no_token.value.response.status_code in (401, 403)
+    with pytest.raises(InvalidStatus) as cross_site:
+        connect(url, additional_headers=AUTH, origin="http://evil.example", open_timeout=10)
+    assert cross_site.value.response.status_code == 403
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(base + "/metrics", headers=AUTH), timeout=5) as res:
+        text = res.read().decode()
+    assert "lcm_live_frames_sent_total" in text and 'lcm_live_rejected_total{reason="origin"}' in text
+
+
+def test_four_clients_on_two_replicas_all_get_frames(ray_studio):
+    _, url = ray_studio
+    results: dict[int, dict[str, Any]] = {}
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        try:
+            with connect(url, additional_headers=AUTH, open_timeout=10) as ws:
+                next_of(ws, "hello")
+                ws.send(params(prompt=f"client {i}", num_inference_steps=2, seed=i))
+                results[i] = next_of(ws, "final", timeout=30)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    before = {pid: s for pid, s in generator_stats().items()}
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert sorted(results) == [0, 1, 2, 3]
+    assert all(results[i]["params"]["prompt"] == f"client {i}" for i in results)
+    assert len(before) == 2  # two replica processes answered
+
+
+def test_closing_mid_generation_cancels_it_in_the_replica(ray_studio):
+    """Serve's request cancellation reaches the engine's step hook: the FakeEngine stops inside a step."""
+    _, url = ray_studio
+    before = sum(s["stopped_mid_step"] for s in generator_stats().values())
+    with connect(url, additional_headers=AUTH, open_timeout=10) as ws:
+        next_of(ws, "hello")
+        ws.send(params(prompt="long", num_inference_steps=8))  # 2 s
+        next_busy(ws)
+        time.sleep(0.6)  # it runs in a replica now
+    wait_for(lambda: sum(s["stopped_mid_step"] for s in generator_stats().values()) > before, 10,
+             "the replica's engine to stop mid-step")
+    with connect(url, additional_headers=AUTH, open_timeout=10) as ws:  # both replicas free again at once
+        next_of(ws, "hello")
+        t0 = time.monotonic()
+        ws.send(params(prompt="next", num_inference_steps=1))
+        next_of(ws, "final", timeout=10)
+        assert time.monotonic() - t0 < 2.0
+
+
+def test_killed_replica_mid_session_reruns_the_newest_input(ray_studio):
+    """Last in the module (it kills a replica). Each of two sessions has a generation running, one per replica;
+    one replica's actor is killed: every session gets its next frame within 10 s, of its last params."""
+    base, url = ray_studio
+    sockets = [connect(url, additional_headers=AUTH, open_timeout=10) for _ in range(2)]
+    try:
+        for ws in sockets:
+            next_of(ws, "hello")
+        for i, ws in enumerate(sockets):  # a first frame each, then the input that will be running at the kill
+            ws.send(params(prompt=f"first {i}", num_inference_steps=1))
+            next_of(ws, "final")
+        for i, ws in enumerate(sockets):
+            ws.send(params(prompt=f"last {i}", num_inference_steps=8, seed=100 + i, guidance_scale=2.5))
+            next_busy(ws)
+        time.sleep(0.8)  # both running, one on each replica (one request at a time per replica)
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if f"#{GENERATOR}#" in a["name"]]
+        assert len(names) == 2, names
+        ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+        t_kill = time.monotonic()
+        warned = 0
+        for i, ws in enumerate(sockets):
+            seen: list[dict[str, Any]] = []
+            frame = next_of(ws, "final", timeout=10 - (time.monotonic() - t_kill), seen=seen)
+            assert time.monotonic() - t_kill < 10
+            p = frame["params"]
+            assert (p["prompt"], p["seed"], p["num_inference_steps"], p["guidance_scale"]) == (
+                f"last {i}", 100 + i, 8, 2.5)
+            warned += any(m["type"] == "warning" and "runs again" in m["message"] for m in seen)
+        assert warned == 1  # the session whose replica was killed was told; the other had nothing to tell
+    finally:
+        for ws in sockets:
+            ws.close()
+    wait_for(lambda: _readyz(base).get("workers") == {"ready": 2, "total": 2}, 60, "Serve to replace the replica")
