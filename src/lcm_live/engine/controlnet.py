@@ -1,4 +1,4 @@
-"""ControlNet: an image (lines, edges, a scribble) guides the layout of a text-to-image run.
+"""ControlNet: an image (lines, edges, a scribble) guides the layout of a generation.
 
 ``--controlnet SOURCE`` loads a diffusers ``ControlNetModel`` from a hub id (into the Hugging Face cache), a local
 folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) or a single ``.safetensors`` file in the original
@@ -8,10 +8,10 @@ ControlNets are made that way), read through diffusers' ``from_single_file``. It
 cross-attention width and down blocks are those of the UNet it feeds residuals into (an SD1.5 ControlNet for SD1.5
 models, an SDXL one for SDXL), which is checked before it loads.
 
-It runs through diffusers' ControlNet pipelines (``StableDiffusionControlNetPipeline``,
-``StableDiffusionXLControlNetPipeline``), built with ``from_pipe`` from the engine's own pipeline: the same UNet
-(full LCM or LCM-LoRA fused), scheduler, text encoders and decoder, so an LCM's few steps and its w-embedding carry
-over (diffusers' ControlNet pipelines feed ``time_cond_proj_dim`` UNets their guidance embedding).
+It runs inside the engine's own loop (engine/denoiser.py) as diffusers' ControlNet pipelines run it: on the UNet's
+rows, its residuals added to the UNet's, scaled by ``controlnet_conditioning_scale``; so it composes with an init
+image, a mask and region prompts too. The images equal diffusers' ``StableDiffusionControlNetPipeline`` and
+``StableDiffusionXLControlNetPipeline`` (tests/engine/test_controlnet.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import Any
 from lcm_live.engine.sources import PICKLE_SUFFIXES, hub_progress, looks_like_path, quiet_logs, unavailable
 from lcm_live.errors import UserError, first_line
 
-CONTROLNET_PIPELINES = {"sd15": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # What must match between a ControlNet and the UNet it feeds: one residual per down-block layer, of these widths.
 FIT_KEYS = ("cross_attention_dim", "block_out_channels", "layers_per_block", "in_channels")
@@ -140,16 +139,3 @@ def _load_single_file(source: str, path: Path, *, unet: Any, arch: str, dtype: A
     with tempfile.TemporaryDirectory(prefix="lcm-live-controlnet-") as folder, quiet_logs():
         shaped.save_config(folder)
         return ControlNetModel.from_single_file(str(path), config=folder, torch_dtype=dtype)
-
-
-def control_pipeline(pipe: Any, controlnet: Any, arch: str, dtype: Any) -> Any:
-    """diffusers' ControlNet pipeline sharing every component of ``pipe`` (unet and vae passed explicitly: from_pipe
-    drops components of a class it does not expect, such as TAESD or the OpenVINO stand-in; dtype too, or it casts
-    the shared components to float32)."""
-    import diffusers
-
-    with quiet_logs():  # from_pipe's dtype cast warns once per shared component
-        control = getattr(diffusers, CONTROLNET_PIPELINES[arch]).from_pipe(
-            pipe, controlnet=controlnet, unet=pipe.unet, vae=pipe.vae, dtype=dtype)
-    control.set_progress_bar_config(disable=True)
-    return control

@@ -151,7 +151,7 @@ class Engine:
 
     def generate_batch(self, requests: list[GenerationRequest],
                        callbacks: list[StepCallback | None] | None = None) -> list[GenerationResult]:
-        """Several requests, those with equal batch keys in ONE pipeline call (engine/batching.py): one result
+        """Several requests, those with equal batch keys in ONE call (engine/batching.py): one result
         per request, in order, each with its own seed, parameters and image (equal to what ``generate`` gives
         alone, up to float rounding). ``callbacks[i]`` gets request i's StepEvents (latents of shape (1, C, h, w));
         a member whose callback raises drops out, the call stops when all have. Nothing raises per member: a
