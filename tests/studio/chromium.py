@@ -210,6 +210,30 @@ class WebSocketLog:
     def params_sent(self) -> list[dict]:
         return [m for m in map(_json_or_none, self.sent) if m and m.get("type") == "params"]
 
+    def wait_layer(self, code: bytes, index: int, point: tuple[float, float], timeout_s: float = 60.0) -> bytes:
+        """Wait until the newest image sent for this layer is white at ``point`` (fractions of its size: a stroke's
+        end is encoded after the mouse is up), then until the page has its frame (nothing generating); returns it."""
+        import io
+        import time
+
+        from PIL import Image
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            images = self.layers_sent(code, index)
+            if images and images[-1]:
+                with Image.open(io.BytesIO(images[-1])) as png:
+                    grey = png.convert("L")
+                    if grey.getpixel((int(point[0] * (grey.width - 1)), int(point[1] * (grey.height - 1)))) == 255:
+                        break
+            assert time.monotonic() < deadline, f"no {code!r}{index} layer painted at {point} was sent"
+            self.page.wait_for_timeout(50)
+        self.page.wait_for_function("""() => {
+            const img = document.getElementById('output');
+            return document.body.dataset.busy === 'false' && img.dataset.final === 'true' && img.complete;
+        }""", timeout=FRAME_TIMEOUT_MS)
+        return images[-1]
+
     def frames(self) -> list[dict]:
         """The final frames' JSON (with the params the server validated for them)."""
         return [m for m in map(_json_or_none, self.received) if m and m.get("type") == "frame" and m.get("final")]

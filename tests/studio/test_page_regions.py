@@ -145,6 +145,7 @@ def _paint_right(page) -> None:
     for k in range(11):
         y = 0.02 + 0.096 * k
         drag(page, "#sketch", [(0.75, y), (1.0, y)])
+    page.ws.wait_layer(b"r", 0, (0.9, 0.98))  # the last stroke's
 
 
 def _frame_with(page, predicate, what: str) -> dict:
