@@ -14,7 +14,7 @@ $(BIN)/python:
 # torch first, pinned: the CPU build that lies on this disk (a loose `torch` would pull a CUDA build).
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,openvino]"
+	$(BIN)/pip install -q -e ".[dev,openvino,ray]"
 	touch $(STAMP)
 
 setup: $(STAMP)
