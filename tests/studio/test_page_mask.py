@@ -426,8 +426,16 @@ def test_mask_controls_are_labelled_and_work_from_the_keyboard(page):
     page.keyboard.press("Enter")
     assert page.get_attribute("#layer-mask", "aria-pressed") == "true"
     page.focus("#mask-invert")
-    page.keyboard.press("Enter")  # everything masked: the hint is gone
+    page.keyboard.press("Enter")  # everything masked: the hint is gone, the overlay shows it
     page.wait_for_function("() => document.getElementById('mask-hint').hidden")
+    overlay_alpha = """() => {
+        const c = document.getElementById('layer-overlay');
+        return c.getContext('2d').getImageData(c.width / 2, c.height / 2, 1, 1).data[3];
+    }"""
+    page.wait_for_function(f"({overlay_alpha})() > 0")
+    page.click("#mask-show")  # hidden: the overlay is clear, the mask is still used
+    page.wait_for_function(f"({overlay_alpha})() === 0")
+    assert page.is_checked("#mask-on")
     assert page.problems == []
 
 

@@ -77,13 +77,10 @@ export class Blends extends EventTarget {
         e.weight.dataset.touched = "true";
       }
       this.showWeight(e);
+      // The seed's bounds; a too-long second prompt is not cut (the server names the limit, as for the prompt).
       const v = props[valueName] || {};
-      if (key === "seed") {
-        if (v.minimum !== undefined) e.value.min = String(v.minimum);
-        if (v.maximum !== undefined) e.value.max = String(v.maximum);
-      } else if (v.maxLength) {
-        e.value.maxLength = v.maxLength;
-      }
+      if (key === "seed" && v.minimum !== undefined) e.value.min = String(v.minimum);
+      if (key === "seed" && v.maximum !== undefined) e.value.max = String(v.maximum);
     }
     this.els.wrap.hidden = this.fields.size === 0;
   }
