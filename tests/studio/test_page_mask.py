@@ -96,6 +96,10 @@ def test_envelope_bytes_and_a_painted_layer_as_the_mask_png(browser):
             out.resized = [layer.width, layer.height, layer.alphaAt(6, 20), layer.alphaAt(60, 20)];
             layer.clear();
             out.cleared = layer.isEmpty();
+            layer.ctx.fillStyle = 'rgba(255, 255, 255, 0.3)';  // faint edges only: the server would see all black
+            layer.ctx.fillRect(0, 0, 10, 10);
+            layer.changed();
+            out.faint = layer.isEmpty();
             out.changes = changes;
             return out;
         }""")
@@ -116,6 +120,7 @@ def test_envelope_bytes_and_a_painted_layer_as_the_mask_png(browser):
     assert got["png"]["erased"] == [0, 0, 0, 255]  # redone: the eraser tap again
     assert got["resized"] == [80, 40, 255, 0]
     assert got["cleared"] is True
+    assert got["faint"] is True
     assert got["changes"] and all(got["changes"])
 
 

@@ -8,6 +8,9 @@
 //         "history" {canUndo, canRedo}
 
 const MAX_HISTORY = 20; // ImageData snapshots, as the sketch keeps
+// A pixel is selected from this alpha up: the server reads the PNG (white on black) as grey and calls a mask with
+// no pixel at 128 or more all black (and refuses it), so a layer with only faint edges left is empty here too.
+export const SELECTED_ALPHA = 128;
 export const MAX_REGIONS = 8; // the server's bound (regions are numbered 0-7 in the envelope)
 
 /** The layer codes of the envelope's fifth byte. */
@@ -44,6 +47,8 @@ export class PaintLayer extends EventTarget {
     this.undoStack = [];
     this.redoStack = [];
     this.version = 0; // bumped by every change (what was sent is compared by it)
+    this.emptyAt = -1; // the version `empty` was found at
+    this.empty = true;
   }
 
   get width() { return this.canvas.width; }
@@ -64,6 +69,8 @@ export class PaintLayer extends EventTarget {
     ctx.stroke();
     ctx.restore();
     this.version += 1;
+    // A painted stroke 2 px or wider has opaque pixels: no need to scan the layer for them at every move.
+    if (!erase && width >= 2) [this.empty, this.emptyAt] = [false, this.version];
   }
 
   /** Take away what `other` (a PaintLayer of the same size) covers: regions do not overlap. */
@@ -75,11 +82,19 @@ export class PaintLayer extends EventTarget {
     this.version += 1;
   }
 
-  /** Nothing painted (every pixel transparent). */
+  /** Nothing selected: no pixel with an alpha of SELECTED_ALPHA or more (found once per version). */
   isEmpty() {
+    if (this.emptyAt === this.version) return this.empty;
     const data = this.ctx.getImageData(0, 0, this.width, this.height).data;
-    for (let i = 3; i < data.length; i += 4) if (data[i] !== 0) return false;
-    return true;
+    let empty = true;
+    for (let i = 3; i < data.length; i += 4) {
+      if (data[i] >= SELECTED_ALPHA) {
+        empty = false;
+        break;
+      }
+    }
+    [this.empty, this.emptyAt] = [empty, this.version];
+    return empty;
   }
 
   /** Alpha of one pixel, 0-255 (tests and the curious). */

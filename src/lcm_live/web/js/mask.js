@@ -27,7 +27,8 @@ export class MaskTool {
     this.layer.addEventListener("change", (e) => {
       // Painting on the mask means using it (a stroke's first change is not final; Clear and Invert are).
       if (!e.detail.final && !this.on) this.els.on.checked = true;
-      this.render();
+      if (e.detail.final) this.render();
+      else if (this.overlay) this.overlay.update(); // mid-stroke: the picture only (the hint is for at rest)
       onChange(e.detail.final);
     });
     this.els.on.addEventListener("change", () => {

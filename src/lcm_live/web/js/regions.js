@@ -93,8 +93,10 @@ export class RegionPalette {
       if (e.detail.final) {
         // Regions do not overlap: where this one is painted, the others are not.
         for (const other of this.regions) if (other !== region) other.layer.subtract(layer);
+        this.render();
+      } else if (this.overlay) {
+        this.overlay.update(); // mid-stroke: the picture only (the notes are for at rest)
       }
-      this.render();
       this.onChange(e.detail.final);
     });
     this.regions.push(region);
