@@ -6,33 +6,89 @@ cancellation reaching the engine's step hook, and a replica killed mid-generatio
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
-ray = pytest.importorskip("ray", reason="Ray Serve is the optional `ray` extra: pip install 'lcm-live[ray]' "
-                          "(make test installs it)")
+from lcm_live.bench.local_http import free_port, http_get
+from lcm_live.cli import main as cli_main
+from lcm_live.config import Settings, StudioSettings
 
-from ray import serve  # noqa: E402
-from websockets.exceptions import InvalidStatus  # noqa: E402
-from websockets.sync.client import connect  # noqa: E402
+try:
+    import ray
+    from ray import serve
 
-from lcm_live.bench.local_http import free_port, http_get  # noqa: E402
-from lcm_live.config import Settings, StudioSettings  # noqa: E402
-from lcm_live.studio.ray_app import APP_NAME, GENERATOR, RayOptions, build_application  # noqa: E402
-
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+    RAY_MISSING = None
+except ImportError as exc:
+    RAY_MISSING = f"Ray Serve is the optional `ray` extra: pip install 'lcm-live[ray]' (make test installs it): {exc}"
+needs_ray = pytest.mark.skipif(RAY_MISSING is not None, reason=RAY_MISSING or "")
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 TOKEN = "ray-t0k3n-for-tests-0123456789abcdefghij"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 STEP_S = 0.25  # FakeEngine seconds per denoising step (at most 8 steps: 2 s)
 
 
+# ---- without a cluster ---------------------------------------------------------------------------------------------
+def test_serve_ray_without_ray_says_how_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    monkeypatch.setitem(sys.modules, "ray.serve", None)
+    assert cli_main(["serve", "--ray", "--fake-engine", "{}"]) == 2
+    assert "pip install 'lcm-live[ray]'" in capsys.readouterr().err
+
+
+def test_serve_ray_flags_need_ray_and_exclude_each_other(capsys):
+    assert cli_main(["serve", "--replicas", "2", "--fake-engine", "{}"]) == 2
+    assert "go with --ray" in capsys.readouterr().err
+    assert cli_main(["serve", "--ray", "--replicas", "2", "--autoscale", "1:4", "--fake-engine", "{}"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+
+
+@needs_ray
+def test_builder_args_and_the_serve_config_in_docs(monkeypatch):
+    """``serve run lcm_live.studio.ray_app:app k=v``: replicas or autoscaling, GPUs, the token rule off loopback;
+    docs/serve-config.yaml parses against Serve's own schema and builds."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from lcm_live.errors import UserError
+    from lcm_live.studio.ray_app import app
+
+    monkeypatch.delenv("LCM_LIVE_TOKEN", raising=False)
+    built = app({"replicas": "3", "gpus_per_replica": "1", "fake_engine": "{}"})
+    generator = built._bound_deployment.init_args[0]._bound_deployment
+    assert generator.num_replicas == 3 and generator.ray_actor_options["num_gpus"] == 1
+    assert generator.max_ongoing_requests == 4  # a GPU replica batches a few sessions
+    scaled = app({"autoscale": "1:4"})._bound_deployment.init_args[0]._bound_deployment
+    config = scaled._deployment_config.autoscaling_config
+    assert (config.min_replicas, config.max_replicas, scaled.max_ongoing_requests) == (1, 4, 1)
+    with pytest.raises(UserError, match="LCM_LIVE_TOKEN"):
+        app({"host": "0.0.0.0"})
+    with pytest.raises(UserError, match="unknown argument"):
+        app({"replica": "2"})
+    with pytest.raises(UserError, match="MIN:MAX"):
+        app({"autoscale": "4:1"})
+    monkeypatch.setenv("LCM_LIVE_TOKEN", "a-long-random-token-0123456789abcdefgh")
+    assert app({"host": "0.0.0.0"}) is not None
+    deploy = ServeDeploySchema.model_validate(yaml.safe_load((DOCS / "serve-config.yaml").read_text()))
+    (application,) = deploy.applications
+    assert application.import_path == "lcm_live.studio.ray_app:app"
+    assert application.args["host"] == deploy.http_options.host
+    assert app(application.args) is not None
+
+
+# ---- on a local cluster --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_studio():
     """(http base URL, ws URL) of the studio on a fresh local cluster; torn down after the module."""
+    from lcm_live.studio.ray_app import APP_NAME, RayOptions, build_application
+
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
              namespace="lcm-live-tests")
     try:
@@ -109,6 +165,8 @@ def next_busy(ws) -> None:
 
 def generator_stats() -> dict[int, dict[str, Any]]:
     """Each generator replica's stats, by pid (Serve routes each call to one of them: ask until both answer)."""
+    from lcm_live.studio.ray_app import APP_NAME, GENERATOR
+
     handle = serve.get_deployment_handle(GENERATOR, APP_NAME)
     found: dict[int, dict[str, Any]] = {}
     for _ in range(40):
@@ -119,6 +177,9 @@ def generator_stats() -> dict[int, dict[str, Any]]:
     return found
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@needs_ray
 def test_protocol_over_serve(ray_studio):
     base, url = ray_studio
     assert _readyz(base) == {"status": "ready", "workers": {"ready": 2, "total": 2}}
@@ -143,6 +204,9 @@ def test_protocol_over_serve(ray_studio):
     assert status == 401  # the token guards /metrics as in the single-process studio
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@needs_ray
 def test_token_origin_and_metrics_as_in_one_process(ray_studio):
     base, url = ray_studio
     with pytest.raises(InvalidStatus) as no_token:
@@ -158,6 +222,9 @@ def test_token_origin_and_metrics_as_in_one_process(ray_studio):
     assert "lcm_live_frames_sent_total" in text and 'lcm_live_rejected_total{reason="origin"}' in text
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@needs_ray
 def test_four_clients_on_two_replicas_all_get_frames(ray_studio):
     _, url = ray_studio
     results: dict[int, dict[str, Any]] = {}
@@ -184,6 +251,9 @@ def test_four_clients_on_two_replicas_all_get_frames(ray_studio):
     assert len(before) == 2  # two replica processes answered
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@needs_ray
 def test_closing_mid_generation_cancels_it_in_the_replica(ray_studio):
     """Serve's request cancellation reaches the engine's step hook: the FakeEngine stops inside a step."""
     _, url = ray_studio
@@ -203,6 +273,9 @@ def test_closing_mid_generation_cancels_it_in_the_replica(ray_studio):
         assert time.monotonic() - t0 < 2.0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@needs_ray
 def test_killed_replica_mid_session_reruns_the_newest_input(ray_studio):
     """Last in the module (it kills a replica). Each of two sessions has a generation running, one per replica;
     one replica's actor is killed: every session gets its next frame within 10 s, of its last params."""
@@ -218,6 +291,8 @@ def test_killed_replica_mid_session_reruns_the_newest_input(ray_studio):
             ws.send(params(prompt=f"last {i}", num_inference_steps=8, seed=100 + i, guidance_scale=2.5))
             next_busy(ws)
         time.sleep(0.8)  # both running, one on each replica (one request at a time per replica)
+        from lcm_live.studio.ray_app import GENERATOR
+
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                  if f"#{GENERATOR}#" in a["name"]]
         assert len(names) == 2, names

@@ -236,5 +236,7 @@ def run_ray(args: argparse.Namespace, settings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     options = RayOptions(replicas=args.replicas or 1,
                          autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
-                         gpus_per_replica=args.gpus_per_replica or 0.0, fake_engine=args.fake_engine)
+                         gpus_per_replica=args.gpus_per_replica or 0.0, fake_engine=args.fake_engine,
+                         # a FakeEngine (tests, benchmarks) only sleeps: its replicas reserve no logical CPU
+                         cpus_per_replica=0.0 if args.fake_engine is not None else 1.0)
     return serve_with_ray(settings, options, address=args.ray_address, say=_say)

@@ -7,7 +7,9 @@ and Serve stay up afterwards; only the studio's application is deleted.
 
 from __future__ import annotations
 
+import json
 import signal
+import ssl
 import threading
 import time
 import urllib.request
@@ -41,7 +43,8 @@ def serve_with_ray(settings: Settings, options: RayOptions, *, address: str | No
         scheme = "https" if s.ssl_certfile else "http"
         base = f"{scheme}://{shown}:{s.port}"
         where = "a local Ray cluster" if local else f"the Ray cluster at {address}"
-        say(f"lcm-live studio on Ray Serve ({where}): {_scale(options)}; loading {settings.engine.model}")
+        model = "a FakeEngine" if options.fake_engine is not None else settings.engine.model
+        say(f"lcm-live studio on Ray Serve ({where}): {_scale(options)}; loading {model}")
         # 3. The application; serve.run returns once every generator replica has loaded and warmed its engine.
         t0 = time.monotonic()
         serve.run(build_application(settings, options), name=APP_NAME, route_prefix="/")
@@ -75,15 +78,19 @@ def _scale(options: RayOptions) -> str:
 
 
 def _wait_ready(base: str, token: str | None, timeout: float = 60.0) -> None:
-    """The ingress answers /readyz 200 once it has heard from a replica (a second or two after serve.run)."""
+    """Until /readyz says every replica is ready (the ingress hears of them within a second or two of serve.run;
+    an autoscaled deployment may start with fewer)."""
     headers: dict[str, Any] = {"Authorization": f"Bearer {token}"} if token else {}
+    # Our own proxy on loopback: a self-signed certificate is expected there
+    context = ssl._create_unverified_context() if base.startswith("https") else None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             request = urllib.request.Request(base + "/readyz", headers=headers)
-            with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 (our own URL)
-                if response.status == 200:
+            with urllib.request.urlopen(request, timeout=5, context=context) as response:
+                workers = json.loads(response.read()).get("workers") or {}
+                if workers.get("ready") == workers.get("total"):
                     return
-        except OSError:
+        except (OSError, ValueError):
             pass
         time.sleep(0.5)
