@@ -54,6 +54,11 @@ class EngineSettings(BaseModel):
     # "control" mode, where an image (the studio's canvas) guides the layout. On the OpenVINO backend the ControlNet
     # runs as an IR beside the UNet's (engine/openvino_controlnet.py; the UNet takes its residuals as IR inputs).
     controlnet: str | None = None
+    # The sampler (engine/families.py): auto detects the model's family from its folder or name; lcm, tcd, euler-a
+    # (SDXL-Turbo) or euler-trailing (SD-Turbo, SDXS, SDXL-Lightning) override it. eta: TCD's gamma (None: the
+    # family's, 0.3 for TCD, 1.0 for Hyper-SD's one-step LoRA).
+    scheduler: Literal["auto", "lcm", "tcd", "euler-a", "euler-trailing"] = "auto"
+    eta: float | None = Field(None, ge=0, le=1)
 
 
 class StudioSettings(BaseModel):

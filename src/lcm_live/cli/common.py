@@ -23,6 +23,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, decoder: str = "vae
                    help="a ControlNet for the model's architecture (hub id, diffusers folder, or a single "
                         ".safetensors file in the original layout): an image guides the layout (generate "
                         "--control-image; the studio's Lines mode)")
+    g.add_argument("--scheduler", default="auto", choices=["auto", "lcm", "tcd", "euler-a", "euler-trailing"],
+                   help="the sampler: auto detects the model's family (LCM, SD-Turbo, SDXL-Turbo, SDXS, "
+                        "SDXL-Lightning, TCD, Hyper-SD) from its folder or name; the others override it (README: "
+                        "the families' table)")
+    g.add_argument("--eta", type=float, default=None, metavar="GAMMA",
+                   help="TCD's gamma in [0, 1] with --scheduler tcd (default: the family's, 0.3; Hyper-SD 1.0)")
     g.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: HF_HOME or ~/.cache/huggingface)")
     g = parser.add_argument_group("device")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -73,7 +79,7 @@ def engine_settings_from_args(args: argparse.Namespace, **overrides) -> EngineSe
         cache_dir=args.cache_dir,
     )
     # Flags added later: parsers (or hand-made namespaces) without them keep the settings' defaults.
-    for name in ("taesd", "backend", "compile", "compile_mode", "quantize", "controlnet"):
+    for name in ("taesd", "backend", "compile", "compile_mode", "quantize", "controlnet", "scheduler", "eta"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     values.update(overrides)

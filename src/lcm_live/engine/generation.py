@@ -1,12 +1,13 @@
 """One generation call for a batch of prepared requests with equal keys: the recipe ``Engine._call`` runs.
 
 1. Text: each latent's prompt embeddings (cached; blended with a second prompt), and its regions'.
-2. Schedule: LCM's timesteps for the steps and strength, the scheduler scalars on the host.
+2. Schedule: the family's sampler (LCM, TCD, Euler: engine/samplers.py) for the steps and strength, its
+   scalars on the host.
 3. Start latents: seeded noise (slerped with a second seed's), or the init image's latents noised to the first
    timestep.
 4. Conditionings around the UNet: w-embedding, SDXL size ids, ControlNet, inpainting; region prompts on their
    windows (engine/regions.py).
-5. Sample (engine/sampling.py), calling ``on_step`` after each step.
+5. Sample (engine/sampling.py, engine/samplers.py), calling ``on_step`` after each step.
 6. Decode, and composite masked results with their init images.
 """
 
@@ -22,7 +23,8 @@ from lcm_live.engine.latents import decode, encode_images, encode_mode, noise_fo
 from lcm_live.engine.masks import composite, latent_mask
 from lcm_live.engine.postprocess import to_pil
 from lcm_live.engine.regions import RegionDenoiser, crop, windows
-from lcm_live.engine.sampling import guidance_embedding, lcm_schedule, sample_lcm
+from lcm_live.engine.samplers import Plan
+from lcm_live.engine.sampling import guidance_embedding
 
 
 def _embeddings(engine: Any, p: Any) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
@@ -89,8 +91,8 @@ def run_call(engine: Any, preps: list[Any], on_step: Any) -> tuple[Any, list[lis
 
         # 2. Schedule.
         strength = request.strength if first.img2img else None
-        timesteps, scalars = lcm_schedule(pipe.scheduler, request.num_inference_steps, device, strength=strength,
-                                          lcm_img2img=engine.lcm_img2img)
+        plan = Plan(engine.sampler, pipe.scheduler, request.num_inference_steps, device, strength=strength,
+                    lcm_img2img=engine.lcm_img2img, eta=engine.eta)  # the family's sampler (engine/samplers.py)
 
         # 3. Start latents.
         vae, scale = pipe.vae, pipe.vae_scale_factor
@@ -101,9 +103,9 @@ def run_call(engine: Any, preps: list[Any], on_step: Any) -> tuple[Any, list[lis
             images = pipe.image_processor.preprocess([p.init_image for p in preps]).to(device=device, dtype=dtype)
             init_latents = _per_image(encode_images(vae, images, generator), n)
             noise = noise_for([p.seed for p in preps], blends, tuple(init_latents.shape), generator, device, dtype)
-            latents = pipe.scheduler.add_noise(init_latents, noise, timesteps[:1])
+            latents = plan.noised(init_latents, noise)
         else:
-            latents = noise_for([p.seed for p in preps], blends, shape, generator, device, dtype)
+            latents = plan.start(noise_for([p.seed for p in preps], blends, shape, generator, device, dtype))
 
         # 4. Conditionings.
         unet = pipe.unet
@@ -160,8 +162,7 @@ def run_call(engine: Any, preps: list[Any], on_step: Any) -> tuple[Any, list[lis
             marks["last_step"] = time.perf_counter()
             on_step(event["i"] + 1, event["total"], event["timestep"], event["denoised"])
 
-        latents = sample_lcm(model, latents, timesteps, scalars, scheduler=pipe.scheduler, generator=generator,
-                             callback=callback, blend=blend)
+        latents = plan.sample(model, latents, generator=generator, callback=callback, blend=blend)
 
         # 6. Decode and composite.
         if request.output_type == "latent":

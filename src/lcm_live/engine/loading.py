@@ -23,6 +23,7 @@ from typing import Any
 from lcm_live.config import DEFAULT_MODEL, EngineSettings
 from lcm_live.engine.architectures import config_dir
 from lcm_live.engine.controlnet import controlnet_location, load_controlnet
+from lcm_live.engine.families import make_scheduler, read_family
 from lcm_live.engine.loras import BUILTIN_LCM_LORAS, LCM_LORA_IDS, apply_loras, lcm_lora_source, read_loras
 from lcm_live.engine.model import LoadedModel
 from lcm_live.engine.sources import (
@@ -85,10 +86,18 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
     else:
         info = read_folder_info(folder)
     arch, full_lcm = info.arch, info.full_lcm
+    # The family (engine/families.py): its sampler, defaults, and whether an LCM-LoRA makes it an LCM.
+    family = read_family(source.name, folder, arch=arch, full_lcm=full_lcm,
+                         loras=tuple(spec.source for spec in settings.loras), scheduler=settings.scheduler,
+                         unet_dir=Path(source.location) if source.kind == "unet" else None)
     wanted: list[tuple[str, float, str]] = []
-    if not full_lcm:
-        _check_auto_lcm_lora(settings.lcm_lora, info, source.name)
-        lcm_lora = lcm_lora_source(settings.lcm_lora, arch, info.context_width)
+    if not full_lcm and (family.lcm_lora is not None or settings.lcm_lora not in ("auto", "none")):
+        lcm_lora = settings.lcm_lora
+        if lcm_lora == "auto" and family.lcm_lora != "auto":  # the family's own (SSD-1B, Segmind Vega)
+            lcm_lora = family.lcm_lora
+        else:
+            _check_auto_lcm_lora(settings.lcm_lora, info, source.name)
+            lcm_lora = lcm_lora_source(settings.lcm_lora, arch, info.context_width)
         if lcm_lora is not None:
             wanted.append((lcm_lora, 1.0, "--lcm-lora"))
     wanted += [(spec.source, spec.scale, "--lora") for spec in settings.loras]
@@ -106,11 +115,9 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
     else:
         pipe = _load_folder(folder, arch, full_lcm, dtype=dtype, progress=progress)
 
-    # 4. LCMScheduler, and the LoRAs stacked and fused.
-    from diffusers import LCMScheduler
-
-    if not isinstance(pipe.scheduler, LCMScheduler):
-        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    # 4. The family's scheduler (LCMScheduler, TCDScheduler, Euler on trailing timesteps), and the LoRAs stacked
+    #    and fused.
+    pipe.scheduler = make_scheduler(family, pipe.scheduler)
     apply_loras(pipe, loras, model_name=source.name)
 
     # 5. Device and dtype.
@@ -123,7 +130,7 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
     if controlnet_at is not None:
         controlnet = load_controlnet(settings.controlnet, controlnet_at, unet=pipe.unet, arch=arch, dtype=dtype,
                                      device=device)
-    return LoadedModel(pipe=pipe, kind="lcm" if full_lcm else "lcm-lora", arch=arch, name=source.name,
+    return LoadedModel(pipe=pipe, kind=family.kind, arch=arch, name=source.name, family=family,
                        native_width=width, native_height=height,
                        loras=[(lora.source, lora.scale) for lora in loras], notice=notice,
                        controlnet=controlnet, controlnet_name=settings.controlnet if controlnet is not None else None)
@@ -136,7 +143,9 @@ def _check_auto_lcm_lora(setting: str, info: ModelInfo, name: str) -> None:
     if setting == "auto" and info.context_width != want and info.context_width not in BUILTIN_LCM_LORAS:
         raise UserError(f"--lcm-lora auto: {name} is not an LCM and {LCM_LORA_IDS[info.arch]} fits only {info.arch} "
                         f"models of cross-attention width {want} (this one: {info.context_width}); pass --lcm-lora "
-                        "PATH (an LCM-LoRA trained for it, e.g. with `lcm-live distill --lora`) or --lcm-lora none",
+                        "PATH (an LCM-LoRA trained for it, e.g. with `lcm-live distill --lora`) or --lcm-lora "
+                        "none; a distilled model lcm-live did not recognise (Turbo, SDXS, Lightning, TCD, Hyper-SD) "
+                        "needs --scheduler tcd|euler-a|euler-trailing instead",
                         field="lcm_lora")
 
 

@@ -19,3 +19,5 @@ class LoadedModel:
     notice: str | None = None  # said loudly to the user (e.g. "offline: using builtin:shapes instead of ...")
     controlnet: Any = None  # a diffusers ControlNetModel (--controlnet), on the pipeline's device and dtype
     controlnet_name: str | None = None  # as the user gave it
+    # The model family (engine/families.py): its sampler, defaults and guidance semantics; None: the kind's LCM one.
+    family: Any = None

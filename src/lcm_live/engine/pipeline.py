@@ -19,6 +19,7 @@ compose (init image, control image, mask, region prompts, blends) is declared in
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import threading
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from lcm_live import __version__
 from lcm_live.config import EngineSettings
 from lcm_live.engine.batching import Prepared, StepHook, run_batch
 from lcm_live.engine.decoders import LatentPreview, set_tiling, swap_in_decoder, wants_tiling
+from lcm_live.engine.families import step_note
 from lcm_live.engine.hooks import StepCallback, StepEvent, stop_check
 from lcm_live.engine.interrupt import install_block_checks
 from lcm_live.engine.masks import mask_window, prepare_mask, region_weights
@@ -36,7 +38,6 @@ from lcm_live.engine.prompts import PromptCache
 from lcm_live.engine.protocol import EngineInfo
 from lcm_live.engine.request import GenerationRequest, GenerationResult
 from lcm_live.engine.validation import (
-    DEFAULT_GUIDANCE,
     check_control,
     check_lcm_img2img_schedule,
     prepare_init_image,
@@ -58,6 +59,13 @@ class Engine:
         from lcm_live.engine.scheduler import diffusers_class_name, use_host_scheduler
 
         use_host_scheduler(self.pipe)  # LCMScheduler's function, without waiting for the device at each step
+        from lcm_live.engine.families import default_family
+
+        # The family's sampler and defaults (engine/families.py); eta: TCD's gamma, --eta or the family's.
+        self.family = loaded.family or default_family(loaded.kind)
+        self.sampler = self.family.scheduler
+        eta = getattr(self.settings, "eta", None)
+        self.eta = eta if eta is not None else self.family.eta
         self.device = device if device is not None else self.pipe.device
         self.dtype = dtype if dtype is not None else self.pipe.unet.dtype
         self.pipe.set_progress_bar_config(disable=True)  # progress goes through the step callback
@@ -83,7 +91,7 @@ class Engine:
         self.info = EngineInfo(
             model=loaded.name, kind=loaded.kind, arch=loaded.arch, device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."), native_width=loaded.native_width,
-            native_height=loaded.native_height, default_guidance_scale=DEFAULT_GUIDANCE[loaded.kind],
+            native_height=loaded.native_height, default_guidance_scale=self.family.guidance_scale,
             decoder=self.settings.decoder, notice=loaded.notice,
             loras=[{"source": s, "scale": float(w)} for s, w in loaded.loras], speedups=list(speedups or []),
             scheduler=diffusers_class_name(self.pipe.scheduler), controlnet=loaded.controlnet_name,
@@ -160,13 +168,19 @@ class Engine:
 
     def _prepare(self, request: GenerationRequest) -> Prepared:
         """Validate ``request``; resolve guidance, CFG, size, seed and negative prompt; fit its images and masks."""
+        if request.num_inference_steps is None:  # the family's default (engine/families.py)
+            request = dataclasses.replace(request, num_inference_steps=self.family.num_inference_steps)
         validate_request(request, lcm_img2img=self.lcm_img2img)
         check_control(request, self.info.controlnet)
+        if request.guidance_scale is None:
+            request = dataclasses.replace(request, guidance_scale=self.family.guidance_scale)
         guidance_scale, do_cfg = resolve_guidance(request, self.loaded.kind)
         width, height = resolve_size(request, self.loaded.native_width, self.loaded.native_height)
         seed = request.seed if request.seed is not None else secrets.randbits(32)
         negative = (request.negative_prompt or None) if do_cfg else None
         prep = Prepared(request, guidance_scale, do_cfg, width, height, seed, negative)
+        steps_note = step_note(self.family, request.num_inference_steps)
+        prep.notes += [steps_note] if steps_note else []
         if request.image is not None:
             if self.lcm_img2img:
                 check_lcm_img2img_schedule(self.pipe.scheduler, request)
@@ -220,6 +234,7 @@ class Engine:
             "dtype": self.info.dtype,
             "decoder": self.info.decoder,
             "scheduler": self.info.scheduler,
+            "family": self.family.name,
             "lcm_live_version": __version__,
             "warnings": list(warnings),
         }

@@ -1,0 +1,343 @@
+"""The fast families on the engine's own loop: detection (folder configs, presets, --scheduler), defaults and
+guidance semantics, and, per family, images at CPU float32 equal to diffusers' own pipeline with that family's
+scheduler (same seed, ``output_type="np"``, within 8-bit rounding). Tiny models built in tests/engine/family_models.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from engine_requests import SIZE, init_image, req
+from family_models import bk_sdm_unet, save_family, scheduler_from
+
+from lcm_live.config import EngineSettings
+from lcm_live.engine.loading import load_model
+from lcm_live.engine.pipeline import Engine
+
+
+def _load(folder, **settings) -> Engine:
+    """load_model on the folder (detection, scheduler, LoRAs), then an Engine at the tiny size."""
+    s = EngineSettings(model=str(folder), device="cpu", dtype="float32", **settings)
+    loaded = load_model(s, progress=False)
+    loaded.native_width = loaded.native_height = SIZE
+    return Engine(loaded, s)
+
+
+def _reference(folder, *, sdxl=False, scheduler=None, img2img=False):
+    import diffusers
+
+    if sdxl:
+        cls = diffusers.StableDiffusionXLImg2ImgPipeline if img2img else diffusers.StableDiffusionXLPipeline
+        pipe = cls.from_pretrained(folder)
+    else:
+        cls = diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
+        pipe = cls.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    if scheduler is not None:
+        pipe.scheduler = scheduler(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _ref_images(pipe, prompt, *, seed, **kw) -> np.ndarray:
+    if "image" not in kw:  # text-to-image at the tiny size (image-to-image: the init image's)
+        kw.update(width=SIZE, height=SIZE)
+    return pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kw).images
+
+
+def assert_parity(ours, ref: np.ndarray) -> None:
+    """Our PIL images equal diffusers' float images within 8-bit rounding, and those are not flat (a test that
+    could not tell two samplers apart would prove nothing)."""
+    a = np.stack([np.asarray(im) for im in ours]).astype(np.int16)
+    b = np.round(ref * 255).astype(np.int16)  # diffusers' numpy_to_pil
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= 1, f"max pixel difference {np.abs(a - b).max()}"
+    assert b.std() > 2
+
+
+def _pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in images]).astype(np.int16)
+
+
+# ---------------------------------------------------------------------------------------------------- models
+@pytest.fixture(scope="module")
+def sd_turbo_dir(tmp_path_factory):
+    return save_family(tmp_path_factory.mktemp("m") / "sd-turbo", scheduler=scheduler_from("sd-turbo"))
+
+
+@pytest.fixture(scope="module")
+def sdxl_turbo_dir(tmp_path_factory):
+    return save_family(tmp_path_factory.mktemp("m") / "tiny-xl", sdxl=True, scheduler=scheduler_from("sdxl-turbo"))
+
+
+@pytest.fixture(scope="module")
+def plain_sd_dir(tmp_path_factory):
+    """A plain SD1.5-shaped folder with SD1.5's own PNDMScheduler (nothing in it says "distilled")."""
+    return save_family(tmp_path_factory.mktemp("m") / "plain", scheduler=scheduler_from("sd15"))
+
+
+# ---------------------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("steps", [1, 2])
+def test_sd_turbo_defaults_and_parity_with_euler_trailing(sd_turbo_dir, steps):
+    engine = _load(sd_turbo_dir)
+    assert (engine.family.name, engine.sampler, engine.info.scheduler) == ("sd-turbo", "euler-trailing",
+                                                                         "EulerDiscreteScheduler")
+    assert engine.info.default_guidance_scale == 0.0 and engine.loaded.loras == []  # no LCM-LoRA
+    events = []
+    result = engine.generate(req("a red boat", seed=3, num_inference_steps=steps, width=SIZE, height=SIZE),
+                             callback=events.append)
+    p = result.parameters
+    assert (p["family"], p["guidance_scale"], p["scheduler"]) == ("sd-turbo", 0.0, "EulerDiscreteScheduler")
+    assert [e.timestep for e in events] == ([999] if steps == 1 else [999, 499])  # trailing timesteps
+    ref = _ref_images(_reference(sd_turbo_dir), "a red boat", seed=3, num_inference_steps=steps, guidance_scale=0.0)
+    assert_parity(result.images, ref)
+
+
+def test_sd_turbo_default_steps_are_the_familys_and_cfg_runs_above_one(sd_turbo_dir):
+    engine = _load(sd_turbo_dir)
+    events = []
+    r = engine.generate(req("a cat", seed=1, num_inference_steps=None, width=SIZE, height=SIZE), callback=events.append)
+    assert r.parameters["num_inference_steps"] == 1 and len(events) == 1
+    # Guidance above 1 runs classifier-free guidance with the negative prompt, as diffusers' pipeline does.
+    r = engine.generate(req("a cat", negative_prompt="blurry", guidance_scale=2.0, seed=1, width=SIZE, height=SIZE))
+    ref = _ref_images(_reference(sd_turbo_dir), "a cat", negative_prompt="blurry", guidance_scale=2.0, seed=1,
+                      num_inference_steps=2)
+    assert_parity(r.images, ref)
+    # Past the family's range it runs, and says so.
+    r = engine.generate(req("a cat", seed=1, num_inference_steps=6, width=SIZE, height=SIZE))
+    assert any("distilled for 1 to 4 steps" in w for w in r.parameters["warnings"])
+
+
+def test_sd_turbo_img2img_parity(sd_turbo_dir):
+    engine = _load(sd_turbo_dir)
+    ours = engine.generate(req("a house", image=init_image(), strength=0.5, seed=4, guidance_scale=0.0))
+    ref = _ref_images(_reference(sd_turbo_dir, img2img=True), "a house", image=init_image(), strength=0.5, seed=4,
+                      num_inference_steps=2, guidance_scale=0.0)
+    assert_parity(ours.images, ref)
+
+
+def test_the_parity_check_tells_samplers_apart(sd_turbo_dir):
+    """The same model sampled with LCM instead of Euler: the assertion above must fail on it."""
+    euler = _load(sd_turbo_dir).generate(req("a red boat", seed=3, width=SIZE, height=SIZE)).images
+    lcm = _load(sd_turbo_dir, scheduler="lcm", lcm_lora="none")
+    assert lcm.sampler == "lcm" and lcm.info.scheduler == "LCMScheduler"
+    other = lcm.generate(req("a red boat", seed=3, width=SIZE, height=SIZE)).images
+    assert np.abs(_pixels(euler) - _pixels(other)).max() > 8
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_sdxl_turbo_parity_with_euler_ancestral(sdxl_turbo_dir, steps):
+    engine = _load(sdxl_turbo_dir)
+    assert (engine.family.name, engine.info.scheduler) == ("sdxl-turbo", "EulerAncestralDiscreteScheduler")
+    ours = engine.generate(req("a castle", seed=9, num_inference_steps=steps, width=SIZE, height=SIZE))
+    assert ours.parameters["guidance_scale"] == 0.0
+    ref = _ref_images(_reference(sdxl_turbo_dir, sdxl=True), "a castle", seed=9, num_inference_steps=steps,
+                      guidance_scale=0.0)
+    assert_parity(ours.images, ref)
+
+
+def test_sdxs_one_step_by_name(tmp_path):
+    from diffusers import EulerDiscreteScheduler
+
+    folder = save_family(tmp_path / "sdxs-512-0.9", scheduler=scheduler_from("sd15"))
+    engine = _load(folder)
+    assert (engine.family.name, engine.family.num_inference_steps, engine.family.steps) == ("sdxs", 1, (1, 1))
+    ours = engine.generate(req("a dog", seed=2, num_inference_steps=None, width=SIZE, height=SIZE))
+    assert ours.parameters["num_inference_steps"] == 1 and not ours.parameters["warnings"]
+    trailing = lambda c: EulerDiscreteScheduler.from_config(c, timestep_spacing="trailing")  # noqa: E731
+    ref = _ref_images(_reference(folder, scheduler=trailing), "a dog", seed=2, num_inference_steps=1,
+                      guidance_scale=0.0)
+    assert_parity(ours.images, ref)
+    two = engine.generate(req("a dog", seed=2, num_inference_steps=2, width=SIZE, height=SIZE))
+    assert any("distilled for 1 step" in w for w in two.parameters["warnings"])
+
+
+def test_sdxl_lightning_trailing_euler_by_name(tmp_path):
+    from diffusers import EulerDiscreteScheduler
+
+    folder = save_family(tmp_path / "sdxl_lightning_4step", sdxl=True, scheduler=scheduler_from("sdxl"))
+    engine = _load(folder)
+    assert (engine.family.name, engine.family.num_inference_steps) == ("sdxl-lightning", 4)
+    assert engine.pipe.scheduler.config.timestep_spacing == "trailing"  # SDXL base ships "leading"
+    ours = engine.generate(req("a lake", seed=5, num_inference_steps=None, width=SIZE, height=SIZE))
+    trailing = lambda c: EulerDiscreteScheduler.from_config(c, timestep_spacing="trailing")  # noqa: E731
+    ref = _ref_images(_reference(folder, sdxl=True, scheduler=trailing), "a lake", seed=5, num_inference_steps=4,
+                      guidance_scale=0.0)
+    assert_parity(ours.images, ref)
+
+
+@pytest.mark.parametrize("guidance, negative, eta", [(0.0, None, None), (1.5, "blurry", None), (0.0, None, 0.7)])
+def test_tcd_parity(plain_sd_dir, guidance, negative, eta):
+    from diffusers import TCDScheduler
+
+    extra = {} if eta is None else {"eta": eta}
+    engine = _load(plain_sd_dir, scheduler="tcd", **extra)
+    assert (engine.family.name, engine.info.scheduler, engine.eta) == ("tcd", "TCDScheduler", eta or 0.3)
+    ours = engine.generate(req("a tree", negative_prompt=negative, guidance_scale=guidance, seed=6,
+                               num_inference_steps=None, width=SIZE, height=SIZE))
+    assert ours.parameters["num_inference_steps"] == 4
+    ref = _ref_images(_reference(plain_sd_dir, scheduler=TCDScheduler.from_config), "a tree", seed=6,
+                      negative_prompt=negative, num_inference_steps=4, guidance_scale=guidance, eta=eta or 0.3)
+    assert_parity(ours.images, ref)
+
+
+def test_hyper_sd_one_step_tcd_from_its_lora_name(plain_sd_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline, TCDScheduler
+
+    from lcm_live.engine.tiny import save_tiny_lora
+
+    unet = StableDiffusionPipeline.from_pretrained(plain_sd_dir, safety_checker=None).unet
+    lora = save_tiny_lora(tmp_path / "Hyper-SD15-1step-lora.safetensors", unet)
+    engine = _load(plain_sd_dir, loras=[{"source": str(lora)}])
+    assert (engine.family.name, engine.sampler, engine.eta) == ("hyper-sd", "tcd", 1.0)
+    ours = engine.generate(req("a bird", seed=8, num_inference_steps=None, width=SIZE, height=SIZE))
+    ref_pipe = _reference(plain_sd_dir, scheduler=TCDScheduler.from_config)
+    ref_pipe.load_lora_weights(str(lora))
+    ref_pipe.fuse_lora()
+    ref = _ref_images(ref_pipe, "a bird", seed=8, num_inference_steps=1, guidance_scale=0.0, eta=1.0)
+    assert_parity(ours.images, ref)
+
+
+def test_euler_ancestral_override_with_cfg(plain_sd_dir):
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    engine = _load(plain_sd_dir, scheduler="euler-a")
+    assert (engine.family.name, engine.info.scheduler) == ("euler-a", "EulerAncestralDiscreteScheduler")
+    ours = engine.generate(req("a fox", negative_prompt="dark", guidance_scale=1.5, seed=10, num_inference_steps=3,
+                               width=SIZE, height=SIZE))
+    ancestral = lambda c: EulerAncestralDiscreteScheduler.from_config(c, timestep_spacing="trailing")  # noqa: E731
+    ref = _ref_images(_reference(plain_sd_dir, scheduler=ancestral), "a fox", negative_prompt="dark",
+                      guidance_scale=1.5, seed=10, num_inference_steps=3)
+    assert_parity(ours.images, ref)
+
+
+def test_bk_sdm_with_its_lcm_lora(tmp_path):
+    from diffusers import LCMScheduler
+
+    from lcm_live.engine.tiny import save_tiny_lora
+
+    unet = bk_sdm_unet()
+    folder = save_family(tmp_path / "bk-sdm-tiny", scheduler=scheduler_from("sd15"), unet=unet)
+    lora = save_tiny_lora(tmp_path / "lcm-lora-bk-sdm.safetensors", unet)
+    engine = _load(folder, lcm_lora=str(lora))
+    assert (engine.family.name, engine.sampler, engine.info.kind) == ("bk-sdm", "lcm", "lcm-lora")
+    assert engine.pipe.unet.mid_block is None and engine.loaded.loras == [(str(lora), 1.0)]
+    ours = engine.generate(req("a cup", seed=12, num_inference_steps=None, width=SIZE, height=SIZE))
+    ref_pipe = _reference(folder, scheduler=LCMScheduler.from_config)
+    ref_pipe.load_lora_weights(str(lora))
+    ref_pipe.fuse_lora()
+    ref = _ref_images(ref_pipe, "a cup", seed=12, num_inference_steps=4, guidance_scale=1.0)
+    assert_parity(ours.images, ref)
+
+
+# ---------------------------------------------------------------------------------------------------- detection
+def _config(arch: str, component: str = "scheduler") -> dict:
+    from lcm_live.engine.architectures import read_config
+
+    return read_config(arch, component)
+
+
+def _detect(name="some/model", *, arch="sd15", full_lcm=False, scheduler_config=None, unet_config=None, loras=(),
+            scheduler="auto"):
+    from lcm_live.engine.families import detect_family
+
+    return detect_family(name, arch=arch, full_lcm=full_lcm, scheduler_config=scheduler_config,
+                         unet_config=unet_config, loras=loras, scheduler=scheduler)
+
+
+def test_detects_families_from_the_released_configs():
+    """The scheduler and UNet configs the releases ship (engine/configs), under names that say nothing."""
+    assert _detect(scheduler_config=_config("sd-turbo"), unet_config=_config("sd-turbo", "unet")).name == "sd-turbo"
+    assert _detect(arch="sdxl", scheduler_config=_config("sdxl-turbo")).name == "sdxl-turbo"
+    assert _detect(arch="sdxl", scheduler_config=_config("sdxl")).name == "lcm-lora"  # SDXL base: leading Euler
+    assert _detect(scheduler_config=_config("sd15"), unet_config=_config("sd15", "unet")).name == "lcm-lora"
+    assert _detect(scheduler_config=None).name == "lcm-lora"  # a single file: a plain model, as before
+    assert _detect(full_lcm=True, scheduler_config=_config("sd15")).name == "lcm"
+    assert _detect(scheduler_config={"_class_name": "TCDScheduler"}).name == "tcd"
+    trailing_euler = {**_config("sdxl"), "timestep_spacing": "trailing"}
+    assert _detect(arch="sdxl", scheduler_config=trailing_euler).name == "sdxl-lightning"
+    ddpm_trailing = {"_class_name": "DDPMScheduler", "timestep_spacing": "trailing"}
+    assert _detect(scheduler_config=ddpm_trailing).scheduler == "euler-trailing"
+
+
+@pytest.mark.parametrize("name, loras, arch, family, steps, sampler", [
+    ("stabilityai/sd-turbo", (), "sd15", "sd-turbo", 1, "euler-trailing"),
+    ("stabilityai/sdxl-turbo", (), "sdxl", "sdxl-turbo", 1, "euler-a"),
+    ("sd_xl_turbo_1.0_fp16.safetensors", (), "sdxl", "sdxl-turbo", 1, "euler-a"),
+    ("IDKiro/sdxs-512-0.9", (), "sd15", "sdxs", 1, "euler-trailing"),
+    ("stabilityai/stable-diffusion-xl-base-1.0", ("ByteDance/SDXL-Lightning/sdxl_lightning_2step_lora.safetensors",),
+     "sdxl", "sdxl-lightning", 2, "euler-trailing"),
+    ("runwayml/stable-diffusion-v1-5", ("ByteDance/Hyper-SD/Hyper-SD15-1step-lora.safetensors",), "sd15",
+     "hyper-sd", 1, "tcd"),
+    ("runwayml/stable-diffusion-v1-5", ("Hyper-SD15-8steps-lora.safetensors",), "sd15", "hyper-sd", 8,
+     "euler-trailing"),
+    ("stabilityai/stable-diffusion-xl-base-1.0", ("h1t/TCD-SDXL-LoRA",), "sdxl", "tcd", 4, "tcd"),
+    ("segmind/SSD-1B", (), "sdxl", "ssd-1b", 4, "lcm"),
+    ("segmind/Segmind-Vega", (), "sdxl", "segmind-vega", 4, "lcm"),
+    ("nota-ai/bk-sdm-small", (), "sd15", "bk-sdm", 4, "lcm"),
+])
+def test_presets_by_name(name, loras, arch, family, steps, sampler):
+    fam = _detect(name, arch=arch, loras=loras, scheduler_config=_config("sdxl" if arch == "sdxl" else "sd15"))
+    assert (fam.name, fam.num_inference_steps, fam.scheduler) == (family, steps, sampler)
+
+
+def test_preset_details():
+    from lcm_live.engine.families import FAMILIES, make_scheduler
+
+    one = _detect("sdxl_lightning_1step_unet_x0.safetensors", arch="sdxl")
+    assert one.scheduler_config == {"prediction_type": "sample"}  # Lightning's 1-step UNet predicts x0
+    assert make_scheduler(one, scheduler_from("sdxl")).config.prediction_type == "sample"
+    assert FAMILIES["ssd-1b"].lcm_lora == "latent-consistency/lcm-lora-ssd-1b"
+    assert FAMILIES["lcm"].kind == "lcm" and FAMILIES["sd-turbo"].kind == "lcm-lora"
+    # Only a folder's own name counts, not the folders above it.
+    assert _detect("/models/sd-turbo-tests/dreamshaper", scheduler_config=_config("sd15")).name == "lcm-lora"
+
+
+def test_an_unclassifiable_model_names_scheduler():
+    from lcm_live.errors import UserError
+
+    for config in ({"_class_name": "FlowMatchEulerDiscreteScheduler"},
+                   {**_config("sd15"), "prediction_type": "v_prediction"}):
+        with pytest.raises(UserError) as err:
+            _detect("me/odd-model", scheduler_config=config)
+        assert err.value.field == "scheduler" and "--scheduler" in err.value.message
+        assert "me/odd-model" in err.value.message
+        assert _detect("me/odd-model", scheduler_config=config, scheduler="euler-trailing").name == "euler-trailing"
+
+
+def test_scheduler_override():
+    from lcm_live.errors import UserError
+
+    plain = _config("sd15")
+    assert _detect(scheduler_config=plain, scheduler="euler-a").name == "euler-a"
+    assert _detect(scheduler_config=plain, scheduler="tcd").eta == 0.3
+    # The detected family is kept when it already samples that way (Hyper-SD's eta 1.0 with --scheduler tcd).
+    assert _detect(loras=("Hyper-SD15-1step-lora",), scheduler_config=plain, scheduler="tcd").name == "hyper-sd"
+    assert _detect("stabilityai/sd-turbo", scheduler_config=plain, scheduler="lcm").name == "lcm-lora"
+    with pytest.raises(UserError) as err:
+        _detect(full_lcm=True, scheduler_config=plain, scheduler="tcd")
+    assert err.value.field == "scheduler" and "--scheduler lcm" in err.value.message
+    with pytest.raises(UserError) as err:
+        _detect(scheduler="ddim")
+    assert "ddim" in err.value.message and "euler-trailing" in err.value.message
+
+
+def test_cli_flags_reach_the_settings():
+    import argparse
+
+    from lcm_live.cli.common import add_engine_arguments, engine_settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    s = engine_settings_from_args(parser.parse_args(["--scheduler", "tcd", "--eta", "0.5"]))
+    assert (s.scheduler, s.eta) == ("tcd", 0.5)
+    assert engine_settings_from_args(parser.parse_args([])).scheduler == "auto"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--scheduler", "ddim"])
+
+
+def test_full_lcm_and_lcm_lora_keep_their_defaults(lcm, lora):
+    """Engines made without a family (tests, tools) get their kind's LCM family: nothing changes for them."""
+    assert (lcm.family.name, lcm.sampler, lcm.info.default_guidance_scale) == ("lcm", "lcm", 8.0)
+    assert (lora.family.name, lora.sampler, lora.info.default_guidance_scale) == ("lcm-lora", "lcm", 1.0)
+    assert lcm.generate(req("x", seed=0, num_inference_steps=None)).parameters["num_inference_steps"] == 4
