@@ -22,9 +22,11 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from ray import serve
@@ -33,7 +35,8 @@ from lcm_live.config import Settings
 from lcm_live.errors import UserError
 from lcm_live.studio.metrics import StudioMetrics
 from lcm_live.studio.params import build_params_model, engine_info, parse_params
-from lcm_live.studio.ray_worker import RayWorker, frame_event, replica_counts
+from lcm_live.studio.ray_wire import frame_event, replica_counts
+from lcm_live.studio.ray_worker import RayWorker
 from lcm_live.studio.worker import Job, Worker
 
 log = logging.getLogger("lcm_live.studio")
@@ -95,12 +98,14 @@ def make_engine_factory(settings: Settings, fake_engine: str | None):
 
 
 class _StreamSink:
-    """A replica's JobSink: each call becomes an event on the request's queue (from the worker thread)."""
+    """A replica's JobSink: each call becomes an event on the request's queue (from the worker thread). Frames go
+    as PIL images; ``generate`` encodes them off the worker thread, which goes on with the next step or job."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
         self._loop = loop
         self._events = events
-        self.unsent_previews = 0
+        self._lock = threading.Lock()
+        self._unsent_previews = 0
 
     def _put(self, event: tuple) -> None:
         try:
@@ -109,14 +114,20 @@ class _StreamSink:
             pass
 
     def wants_preview(self) -> bool:
-        return self.unsent_previews == 0  # the previous preview has left: decode the next one
+        with self._lock:
+            return self._unsent_previews == 0  # the previous preview has left: decode the next one
+
+    def preview_sent(self) -> None:
+        with self._lock:
+            self._unsent_previews -= 1
 
     def on_frame(self, job: Job, image: Any, *, final: bool, step: int, total: int, generation_s: float,
                  parameters: dict[str, Any]) -> None:
         if not final:
-            self.unsent_previews += 1
-        self._put(frame_event(image, final=final, step=step, total=total, generation_s=generation_s,
-                              parameters=parameters))
+            with self._lock:
+                self._unsent_previews += 1
+        self._put(("image", image, {"final": final, "step": step, "total": total, "generation_s": generation_s,
+                                    "parameters": parameters}))
 
     def on_error(self, job: Job, code: str, message: str, field: str | None) -> None:
         self._put(("error", code, message, field))
@@ -186,8 +197,11 @@ class Generator:
         try:
             while not done:
                 event = await events.get()
-                if event[0] == "frame" and not event[1]:
-                    sink.unsent_previews -= 1
+                if event[0] == "image":  # PNG-encoded here, on a thread: the engine's thread goes on meanwhile
+                    _, image, frame = event
+                    event = await asyncio.to_thread(partial(frame_event, image, **frame))
+                    if not frame["final"]:
+                        sink.preview_sent()
                 done = event[0] == "done"
                 yield event
         finally:
@@ -224,8 +238,6 @@ class Studio:
         self._app_name = serve.get_replica_context().app_name
 
     def __serve_build_asgi_app__(self) -> Any:
-        from functools import partial
-
         from lcm_live.studio.app import create_app
         from lcm_live.studio.redact import RedactCredentials
 

@@ -3,9 +3,8 @@ come back on a streaming handle.
 
 :class:`RayWorker` stands where a :class:`~lcm_live.studio.worker.Worker` or a
 :class:`~lcm_live.studio.pool.WorkerPool` stands in the app (``submit``, ``cancel``, ``ready``, ``queue_depth``, ...),
-on the ingress replica's event loop. Each job is one streaming request to the generator; its events are
-``("started",)``, ``("frame", final, step, total, generation_s, parameters, png_bytes)``,
-``("error", code, message, field)`` and last ``("done", outcome)``: the job sink's own calls, made in the replica.
+on the ingress replica's event loop. Each job is one streaming request to the generator; its events (studio/
+ray_wire.py) are the job sink's own calls, made in the replica, and go to the session's sink here.
 
 The per-session rules of the local pool hold across processes:
 - up to one frame in flight per ready replica per session (each generator replica runs one request at a time,
@@ -23,8 +22,6 @@ The per-session rules of the local pool hold across processes:
 from __future__ import annotations
 
 import asyncio
-import io
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +30,7 @@ from typing import Any
 
 from lcm_live.config import StudioSettings
 from lcm_live.studio.metrics import StudioMetrics
+from lcm_live.studio.ray_wire import RemoteEngine, decode_image, job_payload
 from lcm_live.studio.worker import Job
 
 log = logging.getLogger("lcm_live.studio")
@@ -41,36 +39,6 @@ WATCH_INTERVAL_S = 1.0
 RETRY_LIMIT = 8  # tries of one job after its replica was lost, ~0.5 s apart (Serve replaces replicas in seconds)
 RETRY_DELAY_S = 0.5
 ENGINE_FAILURES = ("oom", "engine_error")  # what counts towards max_consecutive_failures, as in the Worker
-
-
-def encode_image(image: Any) -> bytes:
-    """A PIL image -> PNG bytes (lossless, the fastest zlib level: the session re-encodes for the client)."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def decode_image(data: bytes) -> Any:
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
-def job_payload(job: Job) -> dict[str, Any]:
-    """What a generator replica needs to rebuild the job: the params as JSON (the params model is built per app,
-    so the replica validates them again with its own), the layers as PIL images (pickled by Ray) and the input."""
-    return {"params": job.params.model_dump_json(), "canvas": job.canvas, "mask": job.mask,
-            "init_image": job.init_image, "region_masks": list(job.region_masks), "input": job.input}
-
-
-@dataclass
-class RemoteEngine:
-    """What the app reads of an engine once it is ready (``info``, ``lcm_img2img``), as a replica described it."""
-
-    info: dict[str, Any]
-    lcm_img2img: bool = False
 
 
 @dataclass(eq=False)
@@ -383,22 +351,3 @@ class RayWorker:
             self._launch(flight.slot, job)
         elif not s.flights and s.waiting is None:
             del self._slots[flight.slot]
-
-
-def replica_counts(app_name: str, deployment: str) -> tuple[int, int, str]:
-    """(running, total, status message) of ``deployment``'s replicas in Serve application ``app_name``."""
-    from ray import serve
-
-    status = serve.status().applications.get(app_name)
-    if status is None or deployment not in status.deployments:
-        return 0, 0, f"no deployment {deployment!r} in application {app_name!r}"
-    d = status.deployments[deployment]
-    states = {str(k): v for k, v in d.replica_states.items()}
-    return states.get("RUNNING", 0), sum(states.values()), d.message
-
-
-def frame_event(image: Any, *, final: bool, step: int, total: int, generation_s: float,
-                parameters: dict[str, Any]) -> tuple:
-    """The ``frame`` event a replica streams (parameters made plain JSON: they cross processes)."""
-    return ("frame", final, step, total, generation_s, json.loads(json.dumps(parameters, default=str)),
-            encode_image(image))
