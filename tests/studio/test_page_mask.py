@@ -240,12 +240,27 @@ def test_a_stroke_stream_never_sends_an_older_encode_after_a_newer_one(browser):
             stream.change(true);
             await new Promise((r) => setTimeout(r, 10));
             out.final = [sent.length, pacer.held.has('mask')];
+            // A change during an encode: nothing is in flight yet, but a second send now would supersede the
+            // first one's frame. It is offered again once the first went out: held, then.
+            pacer.done();
+            sent.length = 0;
+            delays.push(50);
+            const slow = stream.now();
+            stream.change(false);
+            out.duringEncode = [stream.timer, pacer.held.has('mask')];
+            await slow;  // the stand-in send does not call pacer.sent(): say it went out
+            out.afterEncode = stream.timer !== null || pacer.held.has('mask');
+            await new Promise((r) => setTimeout(r, 60));
+            out.sends = sent.length;
             return out;
         }""")
     assert got["overtaken"] == [2]
     assert got["throttled"] == 1
     assert got["held"] is True
     assert got["final"] == [2, False]
+    assert got["duringEncode"] == [None, False]  # no timer armed, nothing offered while it encodes
+    assert got["afterEncode"] is True  # then offered again (a timer here: the stand-in send is not "in flight")
+    assert got["sends"] == 2
 
 
 # ---------------------------------------------------------------- the page against a server
@@ -461,3 +476,47 @@ def test_a_resize_sends_the_mask_at_the_new_size_and_the_passing_fit_note_is_not
     notes = [m for m in page.ws.received if isinstance(m, str) and "fitted to the canvas" in m]
     assert page.is_hidden("#banner-error") or "fitted" not in page.inner_text("#banner-error"), notes
     assert page.problems == []
+
+
+@pytest.fixture(scope="module")
+def slow_studio(tmp_path_factory):
+    """Frames of 0.6 s (2 steps of 0.3 s), slower than a stroke's moves: what a CPU gives."""
+    with serving(tmp_path_factory.mktemp("serve-slow"), "--fake-engine", json.dumps({"step_latency_s": 0.3})) as url:
+        yield url
+
+
+def test_a_long_mask_stroke_keeps_one_frame_in_flight_and_gets_frames_while_it_goes_on(browser, slow_studio):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.ws = WebSocketLog(page)
+    page.goto(slow_studio)
+    page.wait_for_selector("#ctl-num_inference_steps", state="attached", timeout=FRAME_TIMEOUT_MS)
+    set_slider(page, "#ctl-width")
+    set_slider(page, "#ctl-height")
+    set_slider(page, "#ctl-num_inference_steps", "2")
+    page.click("label.mode-option:has(input[value=img2img])")
+    wait_settled_frame(page, 0, "img2img")
+    page.click("#layer-mask")
+    page.evaluate("""window.__finals = 0;
+        new MutationObserver(() => {
+            if (document.getElementById('output').dataset.final === 'true') window.__finals += 1;
+        }).observe(document.getElementById('output'), { attributes: true, attributeFilter: ['data-seq'] });""")
+    box = page.locator("#sketch").bounding_box()
+    x0, y0 = box["x"] + 20, box["y"] + 20
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    t0 = time.monotonic()
+    i = 0
+    while time.monotonic() - t0 < 3.5:  # one mask stroke, a move every ~40 ms, never over itself (an unchanged
+        i += 1                           # mask makes no frame)
+        page.mouse.move(x0 + i * 2, y0 + (i * 7) % 150)
+        page.wait_for_timeout(40)
+    during = page.evaluate("window.__finals")
+    masks_during = len(_mask_images(page))
+    page.mouse.up()
+    assert during >= 2, f"{during} final frame(s) during a 3.5 s mask stroke"
+    # One mask per frame (plus the one that started the stroke), not one per move (about 85 moves).
+    assert masks_during <= during + 2, f"{masks_during} masks sent for {during} frames"
+    end = page.ws.wait_layer(b"m", 0, ((i * 2 + 20) / box["width"], ((i * 7) % 150 + 20) / box["height"]))
+    assert end.startswith(PNG_MAGIC)  # the stroke's end went, with its last point painted
+    context.close()

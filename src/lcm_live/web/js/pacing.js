@@ -114,11 +114,17 @@ export class StrokeStream {
     this.intervalMs = intervalMs;
     this.timer = null;
     this.seq = 0;
+    this.sending = false; // an encode is under way: its input is not "in flight" yet, but will be
+    this.dirty = false; // the surface changed during that encode
     this.now = this.now.bind(this);
   }
 
   /** The surface changed (`final`: a stroke's end or a whole-surface action). */
   change(final) {
+    if (!final && this.sending) {
+      this.dirty = true; // offered again once the send went out (held then, while its frame is on its way)
+      return;
+    }
     if (final || this.pacer.inFlight()) {
       this.pacer.offer(this.kind, this.now, { final });
     } else if (this.timer === null) {
@@ -132,6 +138,18 @@ export class StrokeStream {
     this.timer = null;
     this.pacer.drop(this.kind); // this send carries the newest state
     const seq = ++this.seq;
-    await this.send(() => seq !== this.seq);
+    this.sending = true;
+    this.dirty = false;
+    try {
+      await this.send(() => seq !== this.seq);
+    } finally {
+      if (seq === this.seq) {
+        this.sending = false;
+        if (this.dirty) {
+          this.dirty = false;
+          this.change(false);
+        }
+      }
+    }
   }
 }
