@@ -20,9 +20,9 @@ def scheduler_from(arch: str) -> Any:
 
 
 def save_family(folder: Path, *, sdxl: bool = False, scheduler: Any = None, seed: int = 0,
-                unet: Any = None) -> Path:
+                unet: Any = None, vae: Any = None) -> Path:
     """A tiny plain (no w-embedding) SD1.5- or SDXL-shaped folder with ``scheduler`` (default: the tiny
-    LCMScheduler) and optionally another ``unet``."""
+    LCMScheduler) and optionally another ``unet`` or ``vae``."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from lcm_live.engine.tiny import tiny_components, tiny_sdxl_components
@@ -34,6 +34,8 @@ def save_family(folder: Path, *, sdxl: bool = False, scheduler: Any = None, seed
         parts["scheduler"] = scheduler
     if unet is not None:
         parts["unet"] = unet
+    if vae is not None:
+        parts["vae"] = vae
     if sdxl:
         pipe = StableDiffusionXLPipeline(**parts)
     else:
@@ -55,3 +57,18 @@ def bk_sdm_unet(seed: int = 0) -> Any:
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), mid_block_type=None,
         cross_attention_dim=32, attention_head_dim=4, norm_num_groups=4).eval()
+
+
+def tiny_decoder(seed: int = 0) -> Any:
+    """SDXS's own decoder on the tiny shape: an AutoencoderTiny (taesd's layout, scaling factor 1.0) as the
+    pipeline's ``vae``, downsampling 2x as the tiny AutoencoderKL does."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                          num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4)
+    with torch.no_grad():  # random weights decode to a near-flat picture: give it some contrast
+        for param in vae.parameters():
+            param.mul_(3.0)
+    return vae.eval()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from engine_requests import SIZE, init_image, req
-from family_models import bk_sdm_unet, save_family, scheduler_from
+from family_models import bk_sdm_unet, save_family, scheduler_from, tiny_decoder
 
 from lcm_live.config import EngineSettings
 from lcm_live.engine.loading import load_model
@@ -139,9 +139,10 @@ def test_sdxl_turbo_parity_with_euler_ancestral(sdxl_turbo_dir, steps):
 def test_sdxs_one_step_by_name(tmp_path):
     from diffusers import EulerDiscreteScheduler
 
-    folder = save_family(tmp_path / "sdxs-512-0.9", scheduler=scheduler_from("sd15"))
+    folder = save_family(tmp_path / "sdxs-512-0.9", scheduler=scheduler_from("sd15"), vae=tiny_decoder())
     engine = _load(folder)
     assert (engine.family.name, engine.family.num_inference_steps, engine.family.steps) == ("sdxs", 1, (1, 1))
+    assert type(engine.pipe.vae).__name__ == "AutoencoderTiny"  # its own tiny decoder, as released
     ours = engine.generate(req("a dog", seed=2, num_inference_steps=None, width=SIZE, height=SIZE))
     assert ours.parameters["num_inference_steps"] == 1 and not ours.parameters["warnings"]
     trailing = lambda c: EulerDiscreteScheduler.from_config(c, timestep_spacing="trailing")  # noqa: E731
@@ -341,3 +342,22 @@ def test_full_lcm_and_lcm_lora_keep_their_defaults(lcm, lora):
     assert (lcm.family.name, lcm.sampler, lcm.info.default_guidance_scale) == ("lcm", "lcm", 8.0)
     assert (lora.family.name, lora.sampler, lora.info.default_guidance_scale) == ("lcm-lora", "lcm", 1.0)
     assert lcm.generate(req("x", seed=0, num_inference_steps=None)).parameters["num_inference_steps"] == 4
+
+
+def test_bk_sdm_takes_the_sd15_shaped_lcm_lora(tmp_path):
+    """BK-SDM drops blocks of SD1.5 and keeps the rest, so SD1.5's LCM-LoRA (what ``--lcm-lora auto`` picks for
+    bk-sdm) loads with the missing blocks' keys left out, as diffusers itself loads it, and changes the image."""
+    from diffusers import LCMScheduler
+
+    from lcm_live.engine.tiny import save_tiny_lora, tiny_components
+
+    sd15_unet = tiny_components(time_cond_proj_dim=None, tokenizer_dir=tmp_path / "tok")["unet"]
+    lora = save_tiny_lora(tmp_path / "lcm-lora-sdv1-5.safetensors", sd15_unet, std=0.2)
+    folder = save_family(tmp_path / "bk-sdm-small", scheduler=scheduler_from("sd15"), unet=bk_sdm_unet())
+    with_lora = _load(folder, lcm_lora=str(lora)).generate(req("a cup", seed=12, width=SIZE, height=SIZE)).images
+    without = _load(folder, lcm_lora="none").generate(req("a cup", seed=12, width=SIZE, height=SIZE)).images
+    assert np.abs(_pixels(with_lora) - _pixels(without)).max() > 0
+    ref_pipe = _reference(folder, scheduler=LCMScheduler.from_config)
+    ref_pipe.load_lora_weights(str(lora))
+    ref_pipe.fuse_lora()
+    assert_parity(with_lora, _ref_images(ref_pipe, "a cup", seed=12, num_inference_steps=2, guidance_scale=1.0))

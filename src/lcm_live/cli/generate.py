@@ -10,6 +10,7 @@ Everything the user can get wrong is checked before the model loads (bad values,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -25,7 +26,9 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("prompt", help="what to draw")
     g = parser.add_argument_group("generation (diffusers' names)")
-    g.add_argument("--num-inference-steps", type=int, default=4, metavar="N", help="1 to 8 (default: %(default)s)")
+    g.add_argument("--num-inference-steps", type=int, default=None, metavar="N",
+                   help="1 to 8 (default: the model family's: 4 for LCMs, LCM-LoRA and TCD, 1 for SD-Turbo, "
+                        "SDXL-Turbo and SDXS; README: the families' table)")
     g.add_argument("--guidance-scale", type=float, default=None, metavar="G",
                    help="default by model: full LCM 8.0 (w-embedding), LCM-LoRA 1.0 (no CFG)")
     g.add_argument("--negative-prompt", default=None, metavar="TEXT",
@@ -125,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
         prompt_blend=_blend(PromptBlend, args.prompt_blend, "--prompt-blend", str),
         seed_blend=_blend(SeedBlend, args.seed_blend, "--seed-blend", int),
     )
-    validate_request(request, lcm_img2img=True)  # the model's own img2img bound is checked once it is loaded
+    # The model's own img2img bound and its family's default steps (None here) are checked once it is loaded.
+    validate_request(dataclasses.replace(request, num_inference_steps=request.num_inference_steps or 1),
+                     lcm_img2img=True)
     check_control(request, args.controlnet)
     if args.output is not None:
         check_output_path(args.output)
