@@ -89,6 +89,9 @@ def test_bench_controlnet_times_its_own_stage_on_the_torch_unet(tmp_path, capsys
     assert "controlnet/step" in capsys.readouterr().out
     r = json.loads(out_json.read_text())["lcm_live"]
     assert r["stages_ms"]["controlnet_per_step"] > 0 and r["unet_calls_per_call"] == 2
+    roof = r["roofline"]  # the ControlNet's FLOPs counted too: one evaluation a step
+    assert roof["flops_per_sample"]["controlnet"] > 0
+    assert roof["flops_by_stage"]["controlnet"] == pytest.approx(2 * roof["flops_per_sample"]["controlnet"])
     assert not any(s.startswith("backend:openvino") or s.startswith("openvino") for s in r["speedups"])
     assert main(["bench", "--arch", "tiny", "--controlnet", "--no-progress"]) == 2
     assert "--baseline none" in capsys.readouterr().err
