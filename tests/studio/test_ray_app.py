@@ -5,6 +5,7 @@ cancellation reaching the engine's step hook, and a replica killed mid-generatio
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -277,22 +279,26 @@ def test_closing_mid_generation_cancels_it_in_the_replica(ray_studio):
 @pytest.mark.timeout(240)
 @needs_ray
 def test_killed_replica_mid_session_reruns_the_newest_input(ray_studio):
-    """Last in the module (it kills a replica). Each of two sessions has a generation running, one per replica;
-    one replica's actor is killed: every session gets its next frame within 10 s, of its last params."""
+    """Last in the module (it kills a replica). Each of two sessions draws (a canvas and an inpainting mask) and has
+    a generation running, one per replica; one replica's actor is killed: every session gets its next frame within
+    10 s, of its last params and its own drawing (the FakeEngine keeps the canvas outside the mask)."""
+    from lcm_live.studio.ray_app import GENERATOR
+
     base, url = ray_studio
+    colours = [(200, 30, 30), (30, 30, 200)]
     sockets = [connect(url, additional_headers=AUTH, open_timeout=10) for _ in range(2)]
+    drawn = {"mode": "img2img", "strength": 1.0, "width": 256, "height": 256}
     try:
-        for ws in sockets:
+        for i, ws in enumerate(sockets):  # a drawing and a first frame each
             next_of(ws, "hello")
-        for i, ws in enumerate(sockets):  # a first frame each, then the input that will be running at the kill
-            ws.send(params(prompt=f"first {i}", num_inference_steps=1))
+            ws.send(_png(Image.new("RGB", (256, 256), colours[i])))
+            ws.send(b"LCMLm\0\0\0" + _png(_left_half_mask()))  # redraw the left half, keep the right
+            ws.send(params(prompt=f"first {i}", num_inference_steps=1, **drawn))
             next_of(ws, "final")
-        for i, ws in enumerate(sockets):
-            ws.send(params(prompt=f"last {i}", num_inference_steps=8, seed=100 + i, guidance_scale=2.5))
+        for i, ws in enumerate(sockets):  # the input that will be running at the kill
+            ws.send(params(prompt=f"last {i}", num_inference_steps=8, seed=100 + i, guidance_scale=2.5, **drawn))
             next_busy(ws)
         time.sleep(0.8)  # both running, one on each replica (one request at a time per replica)
-        from lcm_live.studio.ray_app import GENERATOR
-
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                  if f"#{GENERATOR}#" in a["name"]]
         assert len(names) == 2, names
@@ -304,11 +310,26 @@ def test_killed_replica_mid_session_reruns_the_newest_input(ray_studio):
             frame = next_of(ws, "final", timeout=10 - (time.monotonic() - t_kill), seen=seen)
             assert time.monotonic() - t_kill < 10
             p = frame["params"]
-            assert (p["prompt"], p["seed"], p["num_inference_steps"], p["guidance_scale"]) == (
-                f"last {i}", 100 + i, 8, 2.5)
+            assert (p["prompt"], p["seed"], p["num_inference_steps"], p["guidance_scale"], p["mode"]) == (
+                f"last {i}", 100 + i, 8, 2.5, "img2img")
+            image = Image.open(io.BytesIO(frame["_bytes"])).convert("RGB")
+            kept = image.getpixel((200, 128))
+            assert all(abs(a - b) <= 12 for a, b in zip(kept, colours[i], strict=True)), (kept, colours[i])
             warned += any(m["type"] == "warning" and "runs again" in m["message"] for m in seen)
         assert warned == 1  # the session whose replica was killed was told; the other had nothing to tell
     finally:
         for ws in sockets:
             ws.close()
     wait_for(lambda: _readyz(base).get("workers") == {"ready": 2, "total": 2}, 60, "Serve to replace the replica")
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _left_half_mask() -> Image.Image:
+    mask = Image.new("L", (256, 256), 0)
+    mask.paste(255, (0, 0, 128, 256))
+    return mask
