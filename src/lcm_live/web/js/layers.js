@@ -192,7 +192,8 @@ export class PaintLayer extends EventTarget {
   }
 }
 
-/** Diagonal stripes of `colour` over a lighter wash of it: the mask's look, unlike any region's flat colour. */
+/** Diagonal stripes of `colour` over a lighter wash of it, `size` pixels a tile: the mask's look, unlike any
+ * region's flat colour. */
 export function stripes(colour, size = 12) {
   const tile = document.createElement("canvas");
   tile.width = size;
@@ -210,21 +211,27 @@ export function stripes(colour, size = 12) {
     ctx.lineTo(o + size, 0);
   }
   ctx.stroke();
-  return tile.getContext("2d").createPattern(tile, "repeat");
+  return ctx.createPattern(tile, "repeat");
 }
 
+const STRIPE_CSS_PX = 12; // the mask's stripes, in screen pixels whatever the canvas' size
+
 /**
- * The translucent picture of the layers over the sketch: each region in its colour, the mask in its own, drawn
- * on a canvas element that lies over the sketch and lets the pointer through (style.css: #layer-overlay).
+ * The translucent picture of the layers over the sketch: each region in its colour, the mask striped, drawn on a
+ * canvas element that lies over the sketch and lets the pointer through (style.css: #layer-overlay). It has the
+ * element's screen resolution (not the layers'): on a 64 px canvas shown at 500 px the stripes stay fine and the
+ * layers' pixels show as the square pixels the server gets.
  */
 export class LayerOverlay {
   constructor(canvas) {
     this.canvas = canvas;
     this.ctx = canvas.getContext("2d");
     this.tint = document.createElement("canvas");
-    // -> [{layer: PaintLayer, colour: "#rrggbb" or a CanvasPattern (stripes()), alpha: 0..1}], set by the owner
+    // -> [{layer: PaintLayer, colour: "#rrggbb", alpha: 0..1, striped?: boolean}], set by the owner
     this.sources = () => [];
     this.frame = 0;
+    this.patterns = new Map(); // "colour size" -> CanvasPattern
+    if (typeof ResizeObserver === "function") new ResizeObserver(() => this.update()).observe(canvas);
   }
 
   /** Redraw at the next animation frame (many changes during a stroke make one redraw). */
@@ -238,7 +245,11 @@ export class LayerOverlay {
 
   draw() {
     const items = this.sources();
-    const { width, height } = items.length ? items[0].layer : this.canvas;
+    const shown = this.canvas.getBoundingClientRect();
+    const dpr = window.devicePixelRatio || 1;
+    const fallback = items.length ? items[0].layer : this.canvas; // not laid out (hidden): the layers' size
+    const width = shown.width ? Math.round(shown.width * dpr) : fallback.width;
+    const height = shown.height ? Math.round(shown.height * dpr) : fallback.height;
     if (this.canvas.width !== width || this.canvas.height !== height) {
       this.canvas.width = width;
       this.canvas.height = height;
@@ -247,17 +258,25 @@ export class LayerOverlay {
     this.tint.width = width;
     this.tint.height = height;
     const t = this.tint.getContext("2d");
-    for (const { layer, colour, alpha } of items) {
-      // The layer's alpha, filled with its colour, laid over at `alpha`.
+    t.imageSmoothingEnabled = false; // the layers' pixels as they are sent
+    const stripe = Math.max(4, Math.round(STRIPE_CSS_PX * (shown.width ? dpr : 1)));
+    for (const { layer, colour, alpha, striped } of items) {
+      // The layer's alpha, filled with its colour (or stripes), laid over at `alpha`.
       t.globalCompositeOperation = "source-over";
       t.clearRect(0, 0, width, height);
-      t.drawImage(layer.canvas, 0, 0);
+      t.drawImage(layer.canvas, 0, 0, width, height);
       t.globalCompositeOperation = "source-in";
-      t.fillStyle = colour;
+      t.fillStyle = striped ? this.pattern(colour, stripe) : colour;
       t.fillRect(0, 0, width, height);
       this.ctx.globalAlpha = alpha;
       this.ctx.drawImage(this.tint, 0, 0);
     }
     this.ctx.globalAlpha = 1;
+  }
+
+  pattern(colour, size) {
+    const key = `${colour} ${size}`;
+    if (!this.patterns.has(key)) this.patterns.set(key, stripes(colour, size));
+    return this.patterns.get(key);
   }
 }

@@ -3,7 +3,7 @@
 // the masked part of its last frame along the lines. Text to image ignores it. Sent as the "m" layer
 // (docs/protocol.md); an empty mask is never sent (it would change nothing): the page says so instead.
 
-import { PaintLayer, stripes } from "./layers.js";
+import { PaintLayer } from "./layers.js";
 import { usesCanvas } from "./canvas.js";
 
 export const MASK_COLOUR = "#ff3b6b"; // the overlay's tint of the masked part
@@ -54,8 +54,7 @@ export class MaskTool {
 
   /** The overlay's part: [{layer, colour, alpha}], empty when hidden. */
   overlayItems() {
-    this.pattern = this.pattern || stripes(MASK_COLOUR);
-    return this.shown ? [{ layer: this.layer, colour: this.pattern, alpha: MASK_ALPHA }] : [];
+    return this.shown ? [{ layer: this.layer, colour: MASK_COLOUR, alpha: MASK_ALPHA, striped: true }] : [];
   }
 
   /** The page's mode (sketch and lines mode use the mask). */
