@@ -66,7 +66,7 @@ class RayWorker:
         of its replicas (blocking; run on a thread)."""
         self.settings = settings
         self.metrics = metrics
-        self.state = "loading"  # loading | ready | stopping | stopped
+        self._state = "loading"  # loading | ready | stopping | stopped
         self.detail = "waiting for a generator replica"
         self.consecutive_failures = 0
         self.max_batch_size = 1  # the replicas' own (each batches what it runs)
@@ -83,8 +83,13 @@ class RayWorker:
 
     # ---- what the app reads ------------------------------------------------------------------------------------
     @property
+    def state(self) -> str:
+        """As a Worker's; "loading" again while no replica is ready (Serve is starting or replacing them)."""
+        return "loading" if self._state == "ready" and self.workers_ready == 0 else self._state
+
+    @property
     def alive(self) -> bool:
-        return self.state != "stopped"
+        return self._state != "stopped"
 
     @property
     def healthy(self) -> bool:
@@ -92,7 +97,7 @@ class RayWorker:
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready" and self.workers_ready > 0 and self.healthy
+        return self._state == "ready" and self.workers_ready > 0 and self.healthy
 
     def queue_depth(self) -> int:
         """Jobs not yet started by a replica: in Serve's router or waiting behind the session's own frames."""
@@ -107,26 +112,26 @@ class RayWorker:
 
     def stop(self, timeout: float = 10.0) -> None:
         """From any thread (the lifespan calls it on one): cancel every request in flight."""
-        if self.state != "stopped":
-            self.state = "stopping"
+        if self._state != "stopped":
+            self._state = "stopping"
         loop = self._loop
         if loop is None or loop.is_closed():
-            self.state = "stopped"
+            self._state = "stopped"
             return
         try:
             loop.call_soon_threadsafe(self._stop_all)
         except RuntimeError:
-            self.state = "stopped"
+            self._state = "stopped"
 
     def _stop_all(self) -> None:
         for slot in list(self._slots):
             self.cancel(slot, "shutdown")
         for task in list(self._tasks):
             task.cancel()
-        self.state = "stopped"
+        self._state = "stopped"
 
     def submit(self, slot: str, job: Job) -> None:
-        if self.state in ("stopping", "stopped"):
+        if self._state in ("stopping", "stopped"):
             raise RuntimeError("the worker is stopping")
         s = self._slots.setdefault(slot, _Slot())
         live = [f for f in s.flights if f.cancel_reason is None]
@@ -179,7 +184,7 @@ class RayWorker:
 
     async def _connect(self) -> None:
         """Until a replica answers: its engine's info and resolved settings make the app's schema, then ready."""
-        while self.state == "loading":
+        while self._state == "loading":
             try:
                 described = await self._handle.describe.remote()
             except Exception as exc:  # no replica yet, or one that failed to load: Serve retries, so do we
@@ -190,17 +195,17 @@ class RayWorker:
             self.max_batch_size = described["max_batch_size"]
             if self._on_ready is not None:
                 self._on_ready(RemoteEngine(described["info"], described["lcm_img2img"]))
-            if self.state == "loading":
-                self.state, self.detail = "ready", "ready"
+            if self._state == "loading":
+                self._state, self.detail = "ready", "ready"
 
     async def _watch(self) -> None:
         """Every second: how many replicas run (``/readyz``), and jobs that waited past the queue limit."""
-        while self.state in ("loading", "ready"):
+        while self._state in ("loading", "ready"):
             if self._count_replicas is not None:
                 try:
                     running, total, message = await asyncio.to_thread(self._count_replicas)
                     self.workers_ready, self.workers = running, [f"replica {i}" for i in range(total)]
-                    if self.state == "ready":
+                    if self._state == "ready":
                         self.detail = f"{running} of {total} generator replicas ready" + (
                             f": {message}" if message and running < total else "")
                     elif message:
@@ -346,7 +351,7 @@ class RayWorker:
             return
         if flight in s.flights:
             s.flights.remove(flight)
-        if s.waiting is not None and self.state == "ready":
+        if s.waiting is not None and self._state == "ready":
             job, s.waiting = s.waiting, None
             self._launch(flight.slot, job)
         elif not s.flights and s.waiting is None:
