@@ -361,3 +361,56 @@ def test_bk_sdm_takes_the_sd15_shaped_lcm_lora(tmp_path):
     ref_pipe.load_lora_weights(str(lora))
     ref_pipe.fuse_lora()
     assert_parity(with_lora, _ref_images(ref_pipe, "a cup", seed=12, num_inference_steps=2, guidance_scale=1.0))
+
+
+@pytest.mark.parametrize("folder, scheduler", [("sd_turbo_dir", "auto"), ("plain_sd_dir", "tcd"),
+                                               ("plain_sd_dir", "euler-a")])
+def test_conditionings_compose_around_every_sampler(request, folder, scheduler):
+    """Region prompts and masks wrap the model call, whatever the sampler: a region over everything is its prompt
+    alone; a mask keeps the picture outside it and redraws inside."""
+    from PIL import Image
+
+    from lcm_live.engine.request import Region
+
+    engine = _load(request.getfixturevalue(folder), scheduler=scheduler)
+    full = Image.new("L", (SIZE, SIZE), 255)
+    kw = dict(seed=5, num_inference_steps=2, width=SIZE, height=SIZE)
+    region = engine.generate(req("a grey field", regions=[Region("a red circle", full)], **kw)).images
+    alone = engine.generate(req("a red circle", **kw)).images
+    assert np.abs(_pixels(region) - _pixels(alone)).max() <= 1
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (0, 0, SIZE // 2, SIZE))  # redraw the left half
+    out = _pixels(engine.generate(req("a red circle", image=init_image(), mask_image=mask, strength=1.0,
+                                      **kw)).images)[0]
+    init = np.asarray(init_image()).astype(np.int16)
+    assert np.abs(out[:, SIZE // 2 + 8:] - init[:, SIZE // 2 + 8:]).max() <= 2  # kept (past the feather)
+    assert np.abs(out[:, : SIZE // 2 - 8] - init[:, : SIZE // 2 - 8]).mean() > 10  # redrawn
+
+
+def test_lightning_one_step_x0_and_v_prediction_parity(tmp_path):
+    """The samplers follow the scheduler's prediction_type as diffusers' steps do: SDXL-Lightning's 1-step UNet
+    predicts x0 ("sample"); a v-prediction model (refused by detection) runs under --scheduler."""
+    from diffusers import EulerDiscreteScheduler, TCDScheduler
+
+    from lcm_live.errors import UserError
+
+    folder = save_family(tmp_path / "sdxl_lightning_1step_x0", sdxl=True, scheduler=scheduler_from("sdxl"))
+    engine = _load(folder)
+    assert engine.pipe.scheduler.config.prediction_type == "sample" and engine.family.num_inference_steps == 1
+    ours = engine.generate(req("a lake", seed=5, num_inference_steps=None, width=SIZE, height=SIZE)).images
+    x0 = lambda c: EulerDiscreteScheduler.from_config(c, timestep_spacing="trailing", prediction_type="sample")  # noqa: E731
+    assert_parity(ours, _ref_images(_reference(folder, sdxl=True, scheduler=x0), "a lake", seed=5,
+                                    num_inference_steps=1, guidance_scale=0.0))
+
+    v_config = {**dict(scheduler_from("sd15").config), "prediction_type": "v_prediction"}
+    folder = save_family(tmp_path / "v-model", scheduler=EulerDiscreteScheduler.from_config(v_config))
+    with pytest.raises(UserError, match="--scheduler"):
+        _load(folder)
+    for scheduler, make in (("euler-trailing",
+                             lambda c: EulerDiscreteScheduler.from_config(c, timestep_spacing="trailing")),
+                            ("tcd", TCDScheduler.from_config)):
+        ours = _load(folder, scheduler=scheduler).generate(req("a hill", seed=7, num_inference_steps=3,
+                                                               width=SIZE, height=SIZE)).images
+        extra = {"eta": 0.3} if scheduler == "tcd" else {}
+        assert_parity(ours, _ref_images(_reference(folder, scheduler=make), "a hill", seed=7, num_inference_steps=3,
+                                        guidance_scale=0.0, **extra))

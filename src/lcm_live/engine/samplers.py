@@ -70,14 +70,25 @@ def tcd_schedule(scheduler: Any, num_inference_steps: int, device: Any, *, eta: 
 
 @torch.no_grad()
 def sample_tcd(model: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, steps: list[TCDStep], *, eta: float,
-               generator: Any = None, callback: SampleCallback | None = None, blend: Blend = None) -> torch.Tensor:
+               generator: Any = None, callback: SampleCallback | None = None, blend: Blend = None,
+               prediction_type: str = "epsilon") -> torch.Tensor:
     """Trajectory consistency distillation's strategic stochastic sampling (Zheng et al. 2024, "Trajectory
     Consistency Distillation"): predict x0, step back along the trajectory to s = (1 - gamma) * t_prev, re-noise
-    to t_prev (epsilon-prediction models)."""
+    to t_prev."""
     total = len(steps)
     for i, (t, s) in enumerate(zip(timesteps, steps, strict=True)):
-        eps = model(x, t)
-        denoised = (x - s.sqrt_beta_prod * eps) / s.sqrt_alpha_prod
+        out = model(x, t)
+        # Copied from diffusers.schedulers.scheduling_tcd.TCDScheduler.step (x0 and epsilon per prediction type).
+        if prediction_type == "epsilon":
+            eps, denoised = out, (x - s.sqrt_beta_prod * out) / s.sqrt_alpha_prod
+        elif prediction_type == "sample":
+            denoised = out
+            eps = (x - s.sqrt_alpha_prod * denoised) / s.sqrt_beta_prod
+        elif prediction_type == "v_prediction":
+            denoised = s.sqrt_alpha_prod * x - s.sqrt_beta_prod * out
+            eps = s.sqrt_alpha_prod * out + s.sqrt_beta_prod * x
+        else:
+            raise ValueError(f"prediction_type {prediction_type!r}: TCD takes epsilon, sample or v_prediction")
         if blend is not None:
             denoised = blend(denoised)
         noised = s.sqrt_alpha_prod_s * denoised + s.sqrt_beta_prod_s * eps  # x at s = floor((1 - gamma) t_prev)
@@ -129,15 +140,23 @@ def euler_schedule(scheduler: Any, num_inference_steps: int, device: Any, *, anc
 
 @torch.no_grad()
 def sample_euler(model: ModelFn, x: torch.Tensor, timesteps: torch.Tensor, steps: list[EulerStep], *,
-                 generator: Any = None, callback: SampleCallback | None = None, blend: Blend = None) -> torch.Tensor:
+                 generator: Any = None, callback: SampleCallback | None = None, blend: Blend = None,
+                 prediction_type: str = "epsilon") -> torch.Tensor:
     """Euler's method on the probability-flow ODE in sigma space (Karras et al. 2022, "Elucidating the Design
     Space of Diffusion-Based Generative Models", Algorithm 2 without churn); with ``sigma_up`` set, Euler
     ancestral (k-diffusion's ``sample_euler_ancestral``): step to sigma_down, add fresh noise of std sigma_up."""
     total = len(steps)
     for i, (t, s) in enumerate(zip(timesteps, steps, strict=True)):
-        eps = model(x / s.input_scale, t)
+        eps = model(x / s.input_scale, t)  # the model output (epsilon, x0 or v, by prediction_type)
         sample = x.to(torch.float32)
-        denoised = sample - s.sigma * eps  # epsilon prediction
+        if prediction_type == "epsilon":
+            denoised = sample - s.sigma * eps
+        elif prediction_type == "v_prediction":
+            denoised = eps * (-s.sigma / (s.sigma**2 + 1) ** 0.5) + (sample / (s.sigma**2 + 1))
+        elif prediction_type in ("sample", "original_sample"):  # x0 (SDXL-Lightning's 1-step UNet)
+            denoised = eps
+        else:
+            raise ValueError(f"prediction_type {prediction_type!r}: Euler takes epsilon, v_prediction or sample")
         if blend is not None:
             denoised = blend(denoised)
         derivative = (sample - denoised) / s.sigma
@@ -193,6 +212,7 @@ class Plan:
         kw = {"generator": generator, "callback": callback, "blend": blend}
         if self.sampler == "lcm":
             return sample_lcm(model, x, self.timesteps, self._steps, scheduler=self.scheduler, **kw)
+        kw["prediction_type"] = self.scheduler.config.prediction_type
         if self.sampler == "tcd":
             return sample_tcd(model, x, self.timesteps, self._steps, eta=self._eta(), **kw)
         return sample_euler(model, x, self.timesteps, self._steps, **kw)
