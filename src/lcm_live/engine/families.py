@@ -56,6 +56,7 @@ class ModelFamily:
     eta: float | None = None  # TCD's gamma (diffusers' ``eta``): 0 deterministic, 1 one-step-like re-noising
     lcm_lora: str | None = None  # "auto": the architecture's LCM-LoRA; a hub id: this family's own
     scheduler_config: dict[str, Any] = field(default_factory=dict)  # overrides for the scheduler's config
+    native_size: int | None = None  # the side it was trained at, where the UNet config says otherwise
     label: str = ""  # what the README and messages call it
 
     @property
@@ -78,7 +79,7 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (
     _f("segmind-vega", "lcm", 4, 1.0, (1, 8), "Segmind Vega + its LCM-LoRA (Segmind-VegaRT)",
        lcm_lora="segmind/Segmind-VegaRT"),
     _f("sd-turbo", "euler-trailing", 1, 0.0, (1, 4), "SD-Turbo"),
-    _f("sdxl-turbo", "euler-a", 1, 0.0, (1, 4), "SDXL-Turbo"),
+    _f("sdxl-turbo", "euler-a", 1, 0.0, (1, 4), "SDXL-Turbo", native_size=512),
     _f("sdxs", "euler-trailing", 1, 0.0, (1, 1), "SDXS-512"),
     _f("sdxl-lightning", "euler-trailing", 4, 0.0, (1, 8), "SDXL-Lightning (2/4/8-step UNet or LoRA)"),
     _f("hyper-sd", "tcd", 1, 0.0, (1, 8), "Hyper-SD (1-step unified LoRA)", eta=1.0),

@@ -126,6 +126,8 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
         pipe.to(dtype=dtype)
     pipe.to(device)
     width, height = native_size(pipe, source.name, arch)
+    if family.native_size is not None:  # SDXL-Turbo: SDXL's UNet, trained at 512x512
+        width = height = family.native_size
     controlnet = None
     if controlnet_at is not None:
         controlnet = load_controlnet(settings.controlnet, controlnet_at, unet=pipe.unet, arch=arch, dtype=dtype,
