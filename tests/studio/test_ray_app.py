@@ -74,8 +74,9 @@ def test_builder_args_and_the_serve_config_in_docs(monkeypatch):
         app({"host": "0.0.0.0"})
     with pytest.raises(UserError, match="unknown argument"):
         app({"replica": "2"})
-    with pytest.raises(UserError, match="MIN:MAX"):
-        app({"autoscale": "4:1"})
+    for bad in ("4:1", "0:2", "two"):
+        with pytest.raises(UserError, match="MIN:MAX"):
+            app({"autoscale": bad})
     monkeypatch.setenv("LCM_LIVE_TOKEN", "a-long-random-token-0123456789abcdefgh")
     assert app({"host": "0.0.0.0"}) is not None
     deploy = ServeDeploySchema.model_validate(yaml.safe_load((DOCS / "serve-config.yaml").read_text()))

@@ -59,6 +59,10 @@ def add_parser(subparsers) -> None:
                    help="Serve's autoscaling on ongoing requests between MIN and MAX replicas, instead of --replicas")
     r.add_argument("--gpus-per-replica", type=float, default=None, metavar="G",
                    help="GPUs Ray reserves for each replica (default: 0, CPU replicas)")
+    r.add_argument("--cpus-per-replica", type=float, default=None, metavar="C",
+                   help="CPUs Ray reserves for each replica; a replica's torch runs that many threads (Ray sets "
+                        "OMP_NUM_THREADS). Default: on a local cluster without GPUs, this machine's cores shared "
+                        "among the replicas; else 1")
     # Tests and benchmarks: a FakeEngine (JSON of FakeEngineConfig) instead of a model. Hidden on purpose.
     g.add_argument("--fake-engine", default=os.environ.get("LCM_LIVE_FAKE_ENGINE"), help=argparse.SUPPRESS)
     parser.set_defaults(run=run)
@@ -123,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     token = settings.studio.token
     check_exposure(settings.studio.host, token)
     check_tls_files(settings.studio.ssl_certfile, settings.studio.ssl_keyfile)  # from the environment too
-    if args.ray or args.ray_address or args.replicas or args.autoscale or args.gpus_per_replica is not None:
+    if args.ray or args.ray_address or args.replicas or args.autoscale or args.gpus_per_replica is not None \
+            or args.cpus_per_replica is not None:
         return run_ray(args, settings)
 
     import uvicorn
@@ -223,7 +228,8 @@ def run(args: argparse.Namespace) -> int:
 def run_ray(args: argparse.Namespace, settings) -> int:
     """``--ray``: the same studio on Ray Serve (studio/ray_launch.py); the ray extra is optional."""
     if not args.ray:
-        raise UserError("--ray-address, --replicas, --autoscale and --gpus-per-replica go with --ray")
+        raise UserError("--ray-address, --replicas, --autoscale, --gpus-per-replica and --cpus-per-replica go "
+                        "with --ray")
     if args.replicas is not None and args.autoscale is not None:
         raise UserError("--replicas N and --autoscale MIN:MAX exclude each other: give one")
     try:
@@ -234,9 +240,13 @@ def run_ray(args: argparse.Namespace, settings) -> int:
     from lcm_live.studio.ray_launch import serve_with_ray
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    options = RayOptions(replicas=args.replicas or 1,
-                         autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
+    autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
+    cpus = args.cpus_per_replica
+    if cpus is None and args.fake_engine is not None:
+        cpus = 0.0  # a FakeEngine (tests, benchmarks) only sleeps: its replicas reserve no CPU
+    elif cpus is None and args.ray_address is None and not args.gpus_per_replica:
+        cpus = float(max(1, (os.cpu_count() or 1) // (autoscale[1] if autoscale else args.replicas or 1)))
+    options = RayOptions(replicas=args.replicas or 1, autoscale=autoscale,
                          gpus_per_replica=args.gpus_per_replica or 0.0, fake_engine=args.fake_engine,
-                         # a FakeEngine (tests, benchmarks) only sleeps: its replicas reserve no logical CPU
-                         cpus_per_replica=0.0 if args.fake_engine is not None else 1.0)
+                         cpus_per_replica=1.0 if cpus is None else cpus)
     return serve_with_ray(settings, options, address=args.ray_address, say=_say)

@@ -64,8 +64,10 @@ class RayOptions:
             raise UserError("--gpus-per-replica / cpus_per_replica: give 0 or more")
         if self.autoscale is not None:
             low, high = self.autoscale
-            if not 0 <= low <= high or high < 1:
-                raise UserError(f"--autoscale {low}:{high}: give MIN:MAX with 0 <= MIN <= MAX and MAX >= 1, e.g. 1:4")
+            # MIN >= 1: the studio admits a session only while a replica is ready, so it could not scale up from 0
+            if not 1 <= low <= high:
+                raise UserError(f"--autoscale {low}:{high}: give MIN:MAX with 1 <= MIN <= MAX, e.g. 1:4 (the studio "
+                                "admits sessions only while a replica is ready: it cannot scale up from 0)")
 
     @property
     def max_replicas(self) -> int:
@@ -276,7 +278,7 @@ def build_application(settings: Settings, options: RayOptions) -> Any:
     if options.autoscale is not None:
         low, high = options.autoscale
         generator_options["autoscaling_config"] = {
-            "min_replicas": low, "max_replicas": high, "initial_replicas": max(low, 1),
+            "min_replicas": low, "max_replicas": high, "initial_replicas": low,
             "target_ongoing_requests": per_replica, "upscale_delay_s": 3, "downscale_delay_s": 60}
     else:
         generator_options["num_replicas"] = options.replicas

@@ -74,7 +74,7 @@ def _scale(options: RayOptions) -> str:
     replicas = (f"{options.autoscale[0]} to {options.autoscale[1]} generator replicas (autoscaled)"
                 if options.autoscale else f"{options.replicas} generator replica(s)")
     gpus = f", {options.gpus_per_replica:g} GPU each" if options.gpus_per_replica else ", on CPU"
-    return replicas + gpus
+    return replicas + gpus + f", {options.cpus_per_replica:g} CPU(s) each (torch threads)"
 
 
 def _wait_ready(base: str, token: str | None, timeout: float = 60.0) -> None:
