@@ -83,6 +83,7 @@ def test_sd_turbo_defaults_and_parity_with_euler_trailing(sd_turbo_dir, steps):
     assert (engine.family.name, engine.sampler, engine.info.scheduler) == ("sd-turbo", "euler-trailing",
                                                                          "EulerDiscreteScheduler")
     assert engine.info.default_guidance_scale == 0.0 and engine.loaded.loras == []  # no LCM-LoRA
+    assert (engine.info.family, engine.info.default_num_inference_steps) == ("sd-turbo", 1)
     events = []
     result = engine.generate(req("a red boat", seed=3, num_inference_steps=steps, width=SIZE, height=SIZE),
                              callback=events.append)

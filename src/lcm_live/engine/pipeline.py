@@ -95,6 +95,7 @@ class Engine:
             decoder=self.settings.decoder, notice=loaded.notice,
             loras=[{"source": s, "scale": float(w)} for s, w in loaded.loras], speedups=list(speedups or []),
             scheduler=diffusers_class_name(self.pipe.scheduler), controlnet=loaded.controlnet_name,
+            family=self.family.name, default_num_inference_steps=self.family.num_inference_steps,
         )
 
     # ------------------------------------------------------------------ construction

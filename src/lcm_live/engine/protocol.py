@@ -32,6 +32,9 @@ class EngineInfo:
     speedups: list[str] = field(default_factory=list)  # what engine/speedups.py applied (channels_last, ...)
     scheduler: str = "LCMScheduler"
     controlnet: str | None = None  # --controlnet, as given: generations may take a control_image
+    # The model family (engine/families.py: sd-turbo, sdxl-turbo, sdxs, tcd, ...) and its default step count.
+    family: str = "lcm"
+    default_num_inference_steps: int = 4
     version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
