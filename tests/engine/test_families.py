@@ -308,3 +308,21 @@ def test_sdxl_turbo_native_size_is_512(sdxl_turbo_dir):
     """SDXL-Turbo is SDXL's UNet trained at 512x512: its native size is the family's, not the config's 1024."""
     loaded = load_model(EngineSettings(model=str(sdxl_turbo_dir), device="cpu", dtype="float32"), progress=False)
     assert (loaded.family.name, loaded.native_width, loaded.native_height) == ("sdxl-turbo", 512, 512)
+
+
+@pytest.mark.parametrize("family", ["sdxl-turbo", "tcd"])
+def test_img2img_parity(request, family):
+    """Image-to-image as diffusers' SD/SDXL img2img pipelines run it: the last int(steps * strength) steps, the
+    init latents noised by the scheduler's own rule (Euler: x0 + sigma n; TCD: the alphas)."""
+    from diffusers import TCDScheduler
+
+    sdxl = family == "sdxl-turbo"
+    folder = request.getfixturevalue("sdxl_turbo_dir" if sdxl else "plain_sd_dir")
+    engine = _load(folder, scheduler="auto" if sdxl else "tcd")
+    ours = engine.generate(req("a house", image=init_image(), strength=0.6, seed=4, num_inference_steps=4,
+                               guidance_scale=0.0))
+    make = None if sdxl else TCDScheduler.from_config
+    extra = {} if sdxl else {"eta": 0.3}
+    ref = _ref_images(_reference(folder, sdxl=sdxl, scheduler=make, img2img=True), "a house", image=init_image(),
+                      strength=0.6, seed=4, num_inference_steps=4, guidance_scale=0.0, **extra)
+    assert_parity(ours.images, ref)
