@@ -314,12 +314,13 @@ def _paint_left_mask(page) -> None:
     page.ws.wait_layer(b"m", 0, (0.1, 0.98))
 
 
-def _wait(page, predicate, what: str, timeout_s: float = 30.0) -> None:
+def _wait(page, predicate, what: str, timeout_s: float = 30.0):
     """Poll a condition on what the page sent (Playwright delivers WebSocket events while it waits)."""
     deadline = time.monotonic() + timeout_s
-    while not predicate():
+    while not (value := predicate()):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         page.wait_for_timeout(50)
+    return value
 
 
 def _mask_images(page) -> list[bytes]:
@@ -353,7 +354,12 @@ def test_a_mask_redraws_only_the_masked_part(page, tmp_path, mode):
 
     page.click("#prompt")
     page.keyboard.type(" at night", delay=5)
-    wait_settled_frame(page, masked, mode)
+    page.wait_for_function("""([after, text]) => {
+        const img = document.getElementById('output');
+        return Number(img.dataset.seq) > after && img.dataset.final === 'true' && img.complete
+            && img.alt === `Generated image: ${text}` && document.body.dataset.busy === 'false';
+    }""", arg=[masked, "a red fox at night"], timeout=FRAME_TIMEOUT_MS)
+    assert page.get_attribute("#output", "data-mode") == mode
     after = pixels(page, "#output")
     changed = mean_abs_diff(block_columns(before, LEFT), block_columns(after, LEFT))
     kept = mean_abs_diff(block_columns(before, RIGHT), block_columns(after, RIGHT))
@@ -362,8 +368,10 @@ def test_a_mask_redraws_only_the_masked_part(page, tmp_path, mode):
     if mode == "img2img":  # outside the mask: the uploaded photo (through WebP and JPEG)
         canvas = pixels(page, "#sketch")
         assert mean_abs_diff(block_columns(canvas, RIGHT), block_columns(after, RIGHT)) < 8
-    frame = page.ws.frames()[-1]
-    assert frame["params"]["mode"] == mode and frame["params"]["prompt"] == "a red fox at night"
+    # The frame's JSON (its event may reach Python after the page shows the image): the server's params.
+    _wait(page, lambda: page.ws.frames() and page.ws.frames()[-1]["params"]["prompt"] == "a red fox at night",
+          "the frame's params")
+    assert page.ws.frames()[-1]["params"]["mode"] == mode
     assert page.is_hidden("#banner-error"), page.inner_text("#banner-error")
     assert page.problems == []
     if mode == "img2img":
@@ -471,7 +479,7 @@ def test_a_resize_sends_the_mask_at_the_new_size_and_the_passing_fit_note_is_not
     wait_settled_frame(page, shown, "img2img")
     new_width = int(page.get_attribute("#sketch", "width"))
     _wait(page, lambda: Image.open(io.BytesIO(_mask_images(page)[-1])).size[0] == new_width, "the resized mask")
-    assert page.ws.frames()[-1]["width"] == new_width
+    _wait(page, lambda: page.ws.frames()[-1]["width"] == new_width, "a frame at the new width")
     # The server fitted the old mask to the new canvas for a moment and said so; the page does not show it.
     notes = [m for m in page.ws.received if isinstance(m, str) and "fitted to the canvas" in m]
     assert page.is_hidden("#banner-error") or "fitted" not in page.inner_text("#banner-error"), notes

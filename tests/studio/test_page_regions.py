@@ -246,8 +246,7 @@ def test_a_painted_region_with_a_prompt_reaches_the_server_and_removing_renumber
 def test_blend_sliders_reach_the_params(page):
     page.click("#prompt")
     page.keyboard.type("a cat", delay=5)
-    wait_settled_frame(page, 0, "txt2img")
-    frame = page.ws.frames()[-1]
+    frame = _frame_with(page, lambda p: p["prompt"] == "a cat", "the first frame")
     assert frame["params"]["prompt_blend"] is None and frame["params"]["seed_blend"] is None  # off by default
 
     page.click("#blends summary")
