@@ -171,10 +171,12 @@ def detect_family(name: str, *, arch: str, full_lcm: bool, scheduler_config: dic
                     loras=loras, forced=scheduler != "auto")
     if scheduler == "auto":
         if found is None:
-            cls = (scheduler_config or {}).get("_class_name")
+            config = scheduler_config or {}
+            what = f"its scheduler is {config.get('_class_name')}"
+            if config.get("prediction_type", "epsilon") != "epsilon":
+                what += f" with prediction_type {config['prediction_type']}"
             raise UserError(
-                f"--model {name}: cannot tell how to sample this model (its scheduler is {cls}, "
-                f"prediction_type {(scheduler_config or {}).get('prediction_type')}, and its name matches no known "
+                f"--model {name}: cannot tell how to sample this model ({what}, and its name matches no known "
                 f"release); pass --scheduler {'|'.join(SCHEDULERS)} (lcm for LCMs and LCM-LoRA models, tcd for TCD "
                 "and Hyper-SD LoRAs, euler-a for SDXL-Turbo, euler-trailing for SD-Turbo, SDXS and SDXL-Lightning)",
                 field="scheduler")
