@@ -265,3 +265,18 @@ def test_metrics_count_frames_and_generations(studio):
         assert name in families, name
     count = [s for s in families["lcm_live_generation_seconds"].samples if s.name.endswith("_count")][0]
     assert count.value == 1
+
+
+def test_the_page_starts_at_the_model_familys_step_count():
+    from lcm_live.engine.protocol import EngineInfo
+
+    class OneStepFamily(FakeEngine):
+        @property
+        def info(self):
+            base = super().info
+            return EngineInfo(**{**base.to_dict(), "family": "sdxs", "default_num_inference_steps": 1})
+
+    with running_studio(OneStepFamily()) as (client, _, _):
+        assert client.get("/api/schema").json()["properties"]["num_inference_steps"]["default"] == 1
+    with running_studio(OneStepFamily(), default_steps=2) as (client, _, _):  # the settings win
+        assert client.get("/api/schema").json()["properties"]["num_inference_steps"]["default"] == 2

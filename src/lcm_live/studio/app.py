@@ -77,8 +77,14 @@ class StudioState:
         guidance = raw_dict.get("default_guidance_scale")
         if guidance is None:
             guidance = 8.0 if raw_dict.get("kind") == "lcm" else 1.0
-        # The worker's settings, resolved for this model and device when it loaded it (StudioSettings.for_model).
-        self.params_model = build_params_model(self.worker.settings, float(guidance),
+        # The worker's settings, resolved for this model and device when it loaded it (StudioSettings.for_model);
+        # the page starts at the model family's step count (SDXS 1, SD-Turbo 1, LCM 4) unless the settings set one.
+        settings = self.worker.settings
+        family_steps = raw_dict.get("default_num_inference_steps")
+        if "default_steps" not in self.settings.studio.model_fields_set and isinstance(family_steps, int) \
+                and settings.min_steps <= family_steps <= settings.max_steps:
+            settings = settings.model_copy(update={"default_steps": family_steps})
+        self.params_model = build_params_model(settings, float(guidance),
                                                lcm_img2img=bool(getattr(engine, "lcm_img2img", False)),
                                                controlnet=bool(raw_dict.get("controlnet")))
         self.info = public_info(raw_dict)
