@@ -214,6 +214,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cmd += ["--devices", ",".join([args.worker_device] * args.workers)]
     if args.ray:  # the studio on Ray Serve: a local cluster started (and stopped) by serve
         cmd += ["--ray", "--replicas", str(args.replicas)]
+        if args.cpus_per_replica is not None:
+            cmd += ["--cpus-per-replica", str(args.cpus_per_replica)]
     if args.engine == "fake":
         fake = {"step_latency_s": args.step_latency, "record_calls": False, **FAULTS[args.faults]}
         cmd += ["--fake-engine", json.dumps(fake)]
@@ -285,7 +287,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "frames": stats.frames, "fps_total": round(stats.frames / elapsed, 2),
         "fps_per_client": [round(stats.frames_by_client.get(i, 0) / elapsed, 2) for i in range(args.clients)],
         "max_batch_size": args.max_batch_size, "workers": args.workers, "in_flight": args.in_flight,
-        "ray_replicas": args.replicas if args.ray else None,
+        "ray_replicas": args.replicas if args.ray else None, "cpus_per_replica": args.cpus_per_replica,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "latency_p50_ms": _ms(_pct(stats.latencies_s, 0.5)), "latency_p95_ms": _ms(_pct(stats.latencies_s, 0.95)),
         "studio_overhead_p50_ms": _ms(_pct(stats.overheads_s, 0.5)),
         "studio_overhead_fraction": None if overhead is None else round(overhead, 4),
@@ -331,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", action="store_true",
                    help="serve --ray: the studio on Ray Serve (a local cluster) with --replicas generator replicas")
     p.add_argument("--replicas", type=int, default=1, help="with --ray: generator replicas")
+    p.add_argument("--cpus-per-replica", type=float, default=None,
+                   help="with --ray: CPUs (torch threads) per replica (default: serve's, the cores shared)")
     p.add_argument("--in-flight", type=int, default=1,
                    help="inputs each client keeps unanswered (the page keeps as many as the server has workers)")
     p.add_argument("--seed", type=int, default=0)
