@@ -1,7 +1,11 @@
-"""The studio on Ray Serve (issue 15, requirement 2): one local Ray cluster for the module (2 logical CPUs, no
-dashboard), the app of studio/ray_app.py with 2 generator replicas of the FakeEngine, real WebSocket clients on
-Serve's HTTP proxy. The protocol and its checks as in the single-process studio, 4 clients on 2 replicas, Serve's
-cancellation reaching the engine's step hook, and a replica killed mid-generation."""
+"""The studio on Ray Serve (issue 15, requirement 2).
+
+On one local Ray cluster for the module (2 logical CPUs, no dashboard; marked slow): the app of studio/ray_app.py
+with 2 generator replicas of the FakeEngine, real WebSocket clients on Serve's HTTP proxy. The protocol and its
+checks as in the single-process studio, 4 clients on 2 replicas, Serve's cancellation reaching the engine's step
+hook, and a replica killed mid-generation. Without a cluster: the CLI without the extra, the builder's arguments and
+docs/serve-config.yaml, and the RayWorker's per-session rules on a scripted Serve handle. Everything but the first
+skips, saying why, when ``import ray`` fails."""
 
 from __future__ import annotations
 
