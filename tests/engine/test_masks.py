@@ -98,6 +98,11 @@ def test_a_nine_channel_inpainting_unet_takes_mask_and_masked_image(tmp_path):
     assert seen == [9, 9]
     out = px(result.images[0])
     assert np.array_equal(out[:, 28:], px(init)[:, 28:]) and np.abs(out[:, :24] - px(init)[:, :24]).mean() > 5
+    # Without a mask it redraws everything (diffusers' full mask over a blank masked image), in every mode.
+    seen.clear()
+    assert engine.generate(req("x", seed=3)).images[0].size == (SIZE, SIZE)
+    assert engine.generate(req("x", image=init, strength=1.0, seed=3)).parameters["mode"] == "img2img"
+    assert seen == [9, 9, 9, 9]
 
 
 def test_a_small_mask_is_redrawn_in_a_window_of_its_own(lcm):

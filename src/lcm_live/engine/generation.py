@@ -124,6 +124,10 @@ def run_call(engine: Any, preps: list[Any], on_step: Any) -> tuple[Any, list[lis
             else:
                 def blend(denoised: torch.Tensor) -> torch.Tensor:  # outside the mask: the init image's latents
                     return mask * denoised + (1 - mask) * init_latents
+        elif unet.config.in_channels == 9:  # an inpainting UNet without a mask: everything is redrawn
+            blank = torch.zeros(1, 3, first.height, first.width, device=device, dtype=dtype)  # the masked image
+            full = encode_mode(vae, blank).expand(latents.shape[0], -1, -1, -1)
+            inpaint_inputs = torch.cat([torch.ones_like(full[:, :1]), full], dim=1)
         h, w = latents.shape[-2:]
         if first.mask_box is not None and first.mask_box != (0, h, 0, w):  # inpainting: the mask's window only
             boxes = [first.mask_box]
