@@ -456,13 +456,14 @@ def test_mask_controls_are_labelled_and_work_from_the_keyboard(page):
     page.focus("#mask-invert")
     page.keyboard.press("Enter")  # everything masked: the hint is gone, the overlay shows it
     page.wait_for_function("() => document.getElementById('mask-hint').hidden")
-    overlay_alpha = """() => {
+    overlay_alpha = """(shown) => {  // a function, not a string expression: the page's CSP forbids eval
         const c = document.getElementById('layer-overlay');
-        return c.getContext('2d').getImageData(c.width / 2, c.height / 2, 1, 1).data[3];
+        const alpha = c.getContext('2d').getImageData(c.width / 2, c.height / 2, 1, 1).data[3];
+        return shown ? alpha > 0 : alpha === 0;
     }"""
-    page.wait_for_function(f"({overlay_alpha})() > 0")
+    page.wait_for_function(overlay_alpha, arg=True)
     page.click("#mask-show")  # hidden: the overlay is clear, the mask is still used
-    page.wait_for_function(f"({overlay_alpha})() === 0")
+    page.wait_for_function(overlay_alpha, arg=False)
     assert page.is_checked("#mask-on")
     assert page.problems == []
 
