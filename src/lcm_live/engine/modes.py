@@ -203,7 +203,7 @@ def batch_key(request: GenerationRequest) -> Hashable | None:
     each request's region windows are its own)."""
     if request.num_images_per_prompt != 1 or request.regions:
         return None
-    parts = tuple((c.name, c.key(request)) for c in active(request))
+    parts = tuple((c.name, c.key(request)) for c in active(request) if c.label)  # blends are per member
     return (mode_name(request), request.width, request.height, request.num_inference_steps,
             request.guidance_scale, request.output_type, parts)
 
