@@ -144,3 +144,18 @@ def test_a_region_leaving_room_runs_the_base_prompt_on_the_canvas_too(lcm):
     finally:
         lcm.pipe.unet.__dict__.pop("forward", None)
     assert shapes == [(1, 4, 16, 16), (1, 4, 32, 32)] * 2  # per step: the region's window, then the base's canvas
+
+
+def test_blended_and_plain_requests_share_one_call_and_equal_their_singles(lcm):
+    requests = [req("a red circle", seed=1, width=SIZE, height=SIZE),
+                req("a red circle", seed=2, width=SIZE, height=SIZE, prompt_blend=PromptBlend("a blue square", 0.5),
+                    seed_blend=SeedBlend(7, 0.3))]
+    sizes = unet_batches(lcm)
+    try:
+        batch = lcm.generate_batch(requests)
+    finally:
+        lcm.pipe.unet.__dict__.pop("forward", None)
+    assert sizes == [2, 2]
+    for got, request in zip(batch, requests, strict=True):
+        assert got.error is None
+        assert np.abs(px(got.images[0]) - px(lcm.generate(request).images[0])).max() <= 1
