@@ -117,11 +117,12 @@ def region_weights(region_masks: list[Any], width: int, height: int, scale_facto
 
 
 def mask_window(mask: PreparedMask, scale_factor: int, min_side: int) -> tuple[int, int, int, int]:
-    """The latent window (y0, y1, x0, x1) the sampler denoises for this mask: the mask and its feather band,
-    grown by a quarter of their size on each side for context, at least ``min_side`` pixels a side, kept inside
-    the picture. Outside it every latent is the init image's anyway; inside, the model sees a picture of its own
-    around the area to redraw (so it composes the prompt there rather than anywhere in the whole picture), and a
-    small mask costs a small UNet call."""
+    """The latent window (y0, y1, x0, x1) the sampler denoises for this mask: the mask and its feather band (the
+    band is the init image's context), at least ``min_side`` pixels a side (more context around a small mask),
+    kept inside the picture. Outside it every latent is the init image's anyway; inside, the model sees a picture
+    of its own around the area to redraw (so it composes the prompt there rather than anywhere in the whole
+    picture), and a small mask costs a small UNet call. (A margin of an eighth of the mask on each side made
+    builtin:shapes draw smaller, less readable shapes: shape 0.646 against 0.750 on 48 eval cases.)"""
     import numpy as np
 
     ys, xs = np.nonzero(mask.feathered > 0)
@@ -129,7 +130,7 @@ def mask_window(mask: PreparedMask, scale_factor: int, min_side: int) -> tuple[i
     box = []
     for lo, hi, size in ((ys.min() // scale_factor, ys.max() // scale_factor + 1, h),
                          (xs.min() // scale_factor, xs.max() // scale_factor + 1, w)):
-        side = min(size, max(hi - lo + 2 * ((hi - lo) // 8), -(-min_side // scale_factor)))
+        side = min(size, max(hi - lo, -(-min_side // scale_factor)))
         start = min(max((lo + hi - side) // 2, 0), size - side)
         box += [int(start), int(start + side)]
     return box[0], box[1], box[2], box[3]
