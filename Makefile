@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup serve test soak lint builtin-model bench clean
+.PHONY: setup serve test soak lint builtin-model builtin-lora bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,10 @@ lint: $(STAMP)
 
 builtin-model: $(STAMP)
 	$(BIN)/python -m lcm_live.training.recipe
+
+# The LCM-LoRA and the outline style (issue 18) alone, on the shipped builtin:shapes-teacher.
+builtin-lora: $(STAMP)
+	$(BIN)/python -m lcm_live.training.lora_recipe
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

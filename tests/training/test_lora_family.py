@@ -20,6 +20,7 @@ def family(tmp_path_factory, tiny_sd_dir, tiny_lcm_dir):
     from lcm_live.training.distill import DistillConfig, distill
     from lcm_live.training.finetune import FinetuneConfig, finetune
     from lcm_live.training.lora_recipe import ship
+    from lcm_live.training.vae import refine_decoder
 
     tmp = tmp_path_factory.mktemp("family")
     root, work = tmp / "builtin", tmp / "work"
@@ -32,6 +33,8 @@ def family(tmp_path_factory, tiny_sd_dir, tiny_lcm_dir):
     tiny = dict(max_train_steps=2, batch_size=2, pool_size=8, learning_rate=1e-2)
     finetune(FinetuneConfig(teacher=teacher, output=str(work / "outline-teacher"), **tiny), **quiet)
     finetune(FinetuneConfig(teacher=teacher, output=str(work / "outline-lora"), lora_rank=2, **tiny), **quiet)
+    refine_decoder(root / "shapes-teacher" / "vae", work / "vae-decoder", steps=2, batch_size=2, **quiet)
+    shutil.copytree(root / "shapes-teacher" / "vae", tmp / "old-vae")
     ship(work, root, log=lambda *_: None)
     return root
 
@@ -54,6 +57,18 @@ def test_the_fine_tune_trains_only_its_unet_and_shares_the_rest(family):
     assert new.keys() == old.keys() and any(not torch.equal(new[k], old[k]) for k in new)
     assert not list(family.rglob("checkpoint"))
     assert json.loads((ft / "finetune_config.json").read_text())["data"] == "shapes-outlined"
+
+
+def test_the_new_decoder_keeps_the_encoder_and_is_shipped_to_the_family(family):
+    from safetensors.torch import load_file
+
+    old = load_file(str(family.parent / "old-vae" / "diffusion_pytorch_model.safetensors"))
+    for name in ("shapes-teacher", "shapes-outline-teacher"):
+        new = load_file(str(family / name / "vae" / "diffusion_pytorch_model.safetensors"))
+        assert all(torch.equal(new[k], old[k]) for k in old if not k.startswith(("decoder.", "post_quant_conv.")))
+        assert any(not torch.equal(new[k], old[k]) for k in old if k.startswith("decoder."))
+    assert (family / "shapes" / "vae" / "config.json").read_bytes() == (family.parent / "work" / "vae-decoder" /
+                                                                        "config.json").read_bytes()
 
 
 def test_the_loras_are_diffusers_loras_that_load_lora_weights_accepts(family):

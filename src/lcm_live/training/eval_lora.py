@@ -49,6 +49,7 @@ class LoraModels:
     outline_teacher: str
     outline_lora: str
     full_lcm: str | None = None  # None: that row is left out
+    vae: str | None = None  # a VAE folder every set-up decodes with instead of its own (a recipe's new decoder)
 
     @classmethod
     def builtin(cls) -> LoraModels:
@@ -86,7 +87,17 @@ def lcm_lora_pipeline(base: str, lcm_lora: str, style_lora: str | None = None):
 def _setups(models: LoraModels):
     """(name, outlined captions, guidance_scale, loader, scheduler per row or None)."""
     import torch
-    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+    from diffusers import AutoencoderKL, LatentConsistencyModelPipeline, StableDiffusionPipeline
+
+    def with_vae(load):
+        if models.vae is None:
+            return load
+
+        def loaded():
+            pipe = load()
+            pipe.vae = AutoencoderKL.from_pretrained(models.vae, torch_dtype=torch.float32)
+            return pipe
+        return loaded
 
     def plain(folder, cls):
         def load():
@@ -108,7 +119,7 @@ def _setups(models: LoraModels):
     if models.full_lcm:
         rows.append(("full LCM", False, TEACHER_GUIDANCE, plain(models.full_lcm, LatentConsistencyModelPipeline),
                      None))
-    return rows
+    return [(name, outlined, guidance, with_vae(load), solver) for name, outlined, guidance, load, solver in rows]
 
 
 def run_lora_eval(models: LoraModels, *, steps: tuple[int, ...] = STEP_COUNTS, n: int = 96,
@@ -138,7 +149,7 @@ def run_lora_eval(models: LoraModels, *, steps: tuple[int, ...] = STEP_COUNTS, n
         del pipe
     bar.close()
     result = {"pairs": n, "outline_scored_on": sum(map(outline_visible, outlined_specs)),
-              "models": models.__dict__, "rows": rows, "floors": check_floors(rows)}
+              "models": dict(models.__dict__), "rows": rows, "floors": check_floors(rows)}
     log(format_lora_table(result))
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2))

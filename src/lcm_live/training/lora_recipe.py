@@ -3,12 +3,15 @@
 Stages, each writing under ``--work`` (default ``runs/builtin-lora``) and skipped when its output exists
 (``--force`` redoes it; the training stages resume from their checkpoints):
 
+0. ``vae-decoder``: the teacher's VAE decoder fine-tuned on plain + outlined shapes, the encoder (so every
+   latent) unchanged: trained on plain shapes only, it drew 2-3 px rings as a blurred halo;
 1. ``lcm-lora``: ``lcm-live distill --lora`` on the teacher and the plain shapes: ``builtin:shapes-lcm-lora``;
 2. ``outline-teacher``: the teacher's UNet fine-tuned on the outlined shapes: ``builtin:shapes-outline-teacher``;
 3. ``outline-lora``: the same style as a LoRA on the base teacher: ``builtin:shapes-outline-lora``;
 4. ``lora-eval``: ``lcm-live eval --task lora`` (``lora-eval.json``, ``lora-samples.png``);
-5. ``lora-ship``: copies the three into ``src/lcm_live/builtin/``; the fine-tune's text encoder, tokenizer and
-   VAE, byte-identical to the shipped teacher's, become links to them (``../shapes-teacher/...``).
+5. ``lora-ship``: installs the new decoder's VAE in ``shapes-teacher`` and ``shapes`` and copies the three into
+   ``src/lcm_live/builtin/`` (LoRA weights in float16); the fine-tune's text encoder, tokenizer and VAE, byte-identical to the shipped
+   teacher's, become links to them (``../shapes-teacher/...``).
 
     python -m lcm_live.training.lora_recipe                          # on builtin:shapes-teacher
     python -m lcm_live.training.lora_recipe --teacher runs/builtin/teacher/pipeline
@@ -28,17 +31,25 @@ import time
 from pathlib import Path
 
 # The shipped recipe's knobs (see docs/builtin-model.md, "LCM-LoRA").
+VAE_DECODER = dict(steps=500, batch_size=16, learning_rate=8e-4)
 LCM_LORA = dict(lora_rank=16, max_train_steps=600, batch_size=32, learning_rate=1e-3, w_min=7.0, w_max=7.0,
                 pool_size=4096)
 OUTLINE_TEACHER = dict(max_train_steps=1200, batch_size=32, learning_rate=2e-4, pool_size=4096)
 OUTLINE_LORA = dict(lora_rank=8, max_train_steps=800, batch_size=32, learning_rate=1e-3, pool_size=4096)
 SHIPPED = {"lcm-lora": "shapes-lcm-lora", "outline-teacher": "shapes-outline-teacher",
            "outline-lora": "shapes-outline-lora"}
-STAGES = ["lcm-lora", "outline-teacher", "outline-lora", "lora-eval"]
+LORA_FILE = "pytorch_lora_weights.safetensors"
+STAGES = ["vae-decoder", "lcm-lora", "outline-teacher", "outline-lora", "lora-eval"]
 
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
+
+
+def stage_vae_decoder(work: Path, teacher: Path, device: str) -> None:
+    from lcm_live.training.vae import refine_decoder
+
+    refine_decoder(teacher / "vae", work / "vae-decoder", device=device, log=_log, **VAE_DECODER)
 
 
 def stage_lcm_lora(work: Path, teacher: Path, device: str) -> None:
@@ -70,14 +81,16 @@ def stage_lora_eval(work: Path, teacher: Path, device: str, full_lcm: Path | Non
 
         full_lcm = builtin_root() / "shapes"
     models = LoraModels(str(teacher), str(work / "lcm-lora"), str(work / "outline-teacher"),
-                        str(work / "outline-lora"), str(full_lcm) if (full_lcm / "model_index.json").exists() else None)
+                        str(work / "outline-lora"), str(full_lcm) if (full_lcm / "model_index.json").exists() else None,
+                        vae=str(work / "vae-decoder") if (work / "vae-decoder").is_dir() else None)
     run_lora_eval(models, json_path=work / "lora-eval.json", grid_path=work / "lora-samples.png", device=device,
                   log=_log)
 
 
-RUNNERS = {"lcm-lora": stage_lcm_lora, "outline-teacher": stage_outline_teacher,
+RUNNERS = {"vae-decoder": stage_vae_decoder, "lcm-lora": stage_lcm_lora, "outline-teacher": stage_outline_teacher,
            "outline-lora": stage_outline_lora, "lora-eval": stage_lora_eval}
 OUTPUTS = {
+    "vae-decoder": lambda w: w / "vae-decoder" / "config.json",
     "lcm-lora": lambda w: w / "lcm-lora" / "pytorch_lora_weights.safetensors",
     "outline-teacher": lambda w: w / "outline-teacher" / "model_index.json",
     "outline-lora": lambda w: w / "outline-lora" / "pytorch_lora_weights.safetensors",
@@ -90,18 +103,39 @@ def ship(work: Path, root: Path, log=_log) -> None:
     fine-tune's unchanged parts become relative links to ``root/shapes-teacher`` when byte-identical."""
     from lcm_live.training.finetune import FROZEN_PARTS
 
-    base = root / "shapes-teacher"
+    base, decoder = root / "shapes-teacher", work / "vae-decoder"
+    for name in ("shapes-teacher", "shapes"):
+        if decoder.is_dir() and (root / name / "vae").is_dir():
+            _replace(decoder, root / name / "vae")
+            log(f"  {name}/vae <- {decoder} (the decoder that draws outlines; the encoder unchanged)")
     for stage, name in SHIPPED.items():
         dest = root / name
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(work / stage, dest, ignore=shutil.ignore_patterns("checkpoint*", "*.tmp"))
         if stage == "outline-teacher":
+            if decoder.is_dir():
+                _replace(decoder, dest / "vae")
             for part in FROZEN_PARTS:
                 if _same_tree(dest / part, base / part):
                     shutil.rmtree(dest / part)
                     (dest / part).symlink_to(Path("..") / base.name / part, target_is_directory=True)
                     log(f"  {name}/{part} -> ../{base.name}/{part} (identical)")
+        if (dest / LORA_FILE).exists():
+            _to_float16(dest / LORA_FILE)
         log(f"shipped {work / stage} -> {dest}")
+
+
+def _to_float16(path: Path) -> None:
+    """LoRA weights ship in float16 (half the bytes; load_lora_weights casts them to the model's dtype)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    save_file({k: v.half().contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+def _replace(src: Path, dest: Path) -> None:
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest)
 
 
 def _same_tree(a: Path, b: Path) -> bool:
@@ -118,7 +152,7 @@ def run_stages(work: Path, teacher: Path, stages: list[str], *, device: str, for
     """Run ``stages`` in order, skipping those whose output exists (unless ``force``); times to times.json."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "lora-recipe.json").write_text(json.dumps(
-        {"teacher": str(teacher), "lcm_lora": LCM_LORA, "outline_teacher": OUTLINE_TEACHER,
+        {"teacher": str(teacher), "vae_decoder": VAE_DECODER, "lcm_lora": LCM_LORA, "outline_teacher": OUTLINE_TEACHER,
          "outline_lora": OUTLINE_LORA}, indent=2))
     for stage in stages:
         done = OUTPUTS[stage](work)

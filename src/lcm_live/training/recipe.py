@@ -1,4 +1,4 @@
-"""`make builtin-model`: data -> VAE -> teacher -> distillation -> eval -> copy into the package.
+"""`make builtin-model`: data -> VAE -> teacher -> distillation -> eval -> the LoRA family -> copy into the package.
 
 Each stage writes its output under ``--work`` (default ``runs/builtin``) and is skipped when that output
 exists (``--force`` redoes it), so an interrupted recipe resumes where it stopped (``<work>/recipe.json`` records
@@ -9,6 +9,9 @@ shipped model (up to CPU floating-point nondeterminism). Wall time per stage is 
 
     python -m lcm_live.training.recipe                # everything
     python -m lcm_live.training.recipe --stage vae    # one stage (vae, teacher, distill, eval, ship)
+
+The LoRA family's stages (vae-decoder, lcm-lora, outline-teacher, outline-lora, lora-eval: ``lora_recipe.py``) run
+on the teacher trained here; ``make builtin-lora`` runs them alone on the shipped teacher.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ import sys
 import time
 from pathlib import Path
 
+from lcm_live.training import lora_recipe
+
 PACKAGE_BUILTIN = Path(__file__).resolve().parent.parent / "builtin"
-STAGES = ["vae", "teacher", "distill", "eval", "ship"]
+LORA_STAGES = lora_recipe.STAGES  # vae-decoder, lcm-lora, outline-teacher, outline-lora, lora-eval
+STAGES = ["vae", "teacher", "distill", "eval", *LORA_STAGES, "ship"]
 
 # The shipped recipe's knobs (measured choices; see docs/builtin-model.md).
 VAE_STEPS = 1500
@@ -96,12 +102,20 @@ def stage_eval(work: Path, device: str) -> None:
              json_path=work / "eval.json", device=device, log=_log)
 
 
+def lora_stage(stage: str):
+    """A LoRA-family stage on the teacher trained here (the full LCM beside it in its eval)."""
+    def run(work: Path, device: str) -> None:
+        lora_recipe.run_stages(work, work / "teacher" / "pipeline", [stage], device=device, force=True, full_lcm=work / "student")
+    return run
+
+
 def stage_ship(work: Path, device: str) -> None:
     for src, name in ((work / "student", "shapes"), (work / "teacher" / "pipeline", "shapes-teacher")):
         dest = PACKAGE_BUILTIN / name
         shutil.rmtree(dest, ignore_errors=True)
         shutil.copytree(src, dest, ignore=shutil.ignore_patterns("checkpoint*", "*.json.tmp"))
         _log(f"shipped {src} -> {dest}")
+    lora_recipe.ship(work, PACKAGE_BUILTIN, log=_log)
 
 
 OUTPUTS = {
@@ -109,10 +123,11 @@ OUTPUTS = {
     "teacher": lambda w: w / "teacher" / "pipeline" / "model_index.json",
     "distill": lambda w: w / "student" / "model_index.json",
     "eval": lambda w: w / "eval.json",
+    **{stage: lora_recipe.OUTPUTS[stage] for stage in LORA_STAGES},
     "ship": lambda w: None,  # always copies
 }
 RUNNERS = {"vae": stage_vae, "teacher": stage_teacher, "distill": stage_distill, "eval": stage_eval,
-           "ship": stage_ship}
+           **{stage: lora_stage(stage) for stage in LORA_STAGES}, "ship": stage_ship}
 
 
 def main(argv: list[str] | None = None) -> int:
