@@ -271,3 +271,27 @@ def test_blend_sliders_reach_the_params(page):
     assert page.get_attribute("#seed-blend-weight", "max") == "1"
     assert page.is_hidden("#banner-error"), page.inner_text("#banner-error")
     assert page.problems == []
+
+
+def test_the_region_palette_works_from_the_keyboard(page):
+    page.focus("#region-add")
+    page.keyboard.press("Enter")  # a region, picked for painting, its prompt focused
+    assert page.evaluate("document.activeElement.id") == "region-prompt-1"
+    assert page.get_attribute("[aria-label='Paint region 1']", "aria-pressed") == "true"
+    page.keyboard.type("a tower")
+    page.keyboard.press("Tab")  # to its Remove button
+    assert page.evaluate("document.activeElement.getAttribute('aria-label')") == "Remove region 1"
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Shift+Tab")  # to its colour: Space toggles painting it
+    assert page.evaluate("document.activeElement.getAttribute('aria-label')") == "Paint region 1"
+    page.keyboard.press("Space")
+    assert page.get_attribute("[aria-label='Paint region 1']", "aria-pressed") == "false"
+    assert page.get_attribute("#layer-sketch", "aria-pressed") == "true"  # strokes go to the drawing again
+    page.focus("#region-add")
+    page.keyboard.press("Enter")
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")  # remove region 2: the focus stays in the palette, on region 1's prompt
+    assert page.locator(".region").count() == 1
+    assert page.evaluate("document.activeElement.id") == "region-prompt-1"
+    assert page.input_value("#region-prompt-1") == "a tower"
+    assert page.problems == []
