@@ -61,8 +61,8 @@ def add_parser(subparsers) -> None:
                    help="GPUs Ray reserves for each replica (default: 0, CPU replicas)")
     r.add_argument("--cpus-per-replica", type=float, default=None, metavar="C",
                    help="CPUs Ray reserves for each replica; a replica's torch runs that many threads (Ray sets "
-                        "OMP_NUM_THREADS). Default: on a local cluster without GPUs, this machine's cores shared "
-                        "among the replicas; else 1")
+                        "OMP_NUM_THREADS). Default: 1 (on a CPU, more replicas of one thread each beat fewer of "
+                        "several: docs/benchmarks.md)")
     # Tests and benchmarks: a FakeEngine (JSON of FakeEngineConfig) instead of a model. Hidden on purpose.
     g.add_argument("--fake-engine", default=os.environ.get("LCM_LIVE_FAKE_ENGINE"), help=argparse.SUPPRESS)
     parser.set_defaults(run=run)
@@ -242,11 +242,9 @@ def run_ray(args: argparse.Namespace, settings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
     cpus = args.cpus_per_replica
-    if cpus is None and args.fake_engine is not None:
-        cpus = 0.0  # a FakeEngine (tests, benchmarks) only sleeps: its replicas reserve no CPU
-    elif cpus is None and args.ray_address is None and not args.gpus_per_replica:
-        cpus = float(max(1, (os.cpu_count() or 1) // (autoscale[1] if autoscale else args.replicas or 1)))
+    if cpus is None:  # a FakeEngine (tests, benchmarks) only sleeps: its replicas reserve no CPU
+        cpus = 0.0 if args.fake_engine is not None else 1.0
     options = RayOptions(replicas=args.replicas or 1, autoscale=autoscale,
                          gpus_per_replica=args.gpus_per_replica or 0.0, fake_engine=args.fake_engine,
-                         cpus_per_replica=1.0 if cpus is None else cpus)
+                         cpus_per_replica=cpus)
     return serve_with_ray(settings, options, address=args.ray_address, say=_say)
