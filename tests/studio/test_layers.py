@@ -176,3 +176,19 @@ def test_rest_takes_a_mask_and_regions():
         assert response.status_code == 422 and response.json()["field"] == "regions.0.mask"
         response = client.post("/api/generate", json={"prompt": "p", "mask": b64(half_mask())})
         assert response.status_code == 422 and response.json()["field"] == "mask"
+
+
+def test_a_mask_of_the_canvas_size_before_a_resize_is_fitted_silently():
+    with running_studio(default_width=SIZE, default_height=SIZE, min_size=64) as (client, _, _), \
+            client.websocket_connect("/ws") as ws:
+        receive(ws)
+        ws.send_text(params(mode="img2img", prompt="a", strength=0.5, width=SIZE, height=SIZE))
+        ws.send_bytes(png(Image.new("RGB", (SIZE, SIZE), "white")))
+        ws.send_bytes(envelope(b"m", 0, half_mask()))
+        next_final(ws)
+        ws.send_bytes(png(Image.new("RGB", (2 * SIZE, 2 * SIZE), "white")))  # the page resized its canvas...
+        while True:  # ...and its mask follows: no "fitted" warning meanwhile
+            message = next_of(ws, "frame", "warning")
+            assert message["type"] != "warning", message
+            if message["final"]:
+                break

@@ -71,6 +71,37 @@ def test_input_goes_at_once_when_nothing_is_in_flight_and_waits_for_the_frame_ot
     assert got["frameMs"] == 800 and got["hold"] == 10000 and got["held"] == 3
 
 
+def test_with_several_workers_as_many_frames_may_be_in_flight(module_page):
+    """hello "workers": 2 (serve --devices): a second input goes while the first frame is on its way; a third
+    waits; the frame of the first answers it (its "input" says how many inputs the server had read)."""
+    got = module_page.evaluate(_pacer_js("""
+        const pacer = new FramePacer({ settleMs: 10000, minHoldMs: 10000 });
+        pacer.slots = 2;
+        pacer.offer('params', () => { sent.push('p1'); pacer.sent(1); });
+        pacer.offer('params', () => { sent.push('p2'); pacer.sent(2); });
+        pacer.offer('params', () => { sent.push('p3'); pacer.sent(3); });  // two in flight: held
+        const before = [...sent];
+        pacer.done(500, 1);  // the frame of input 1: one in flight now, p3 goes
+        const afterFirst = [...sent];
+        pacer.done(500, 3);
+        return { before, afterFirst, pending: pacer.pending, inFlight: pacer.inFlight() };"""))
+    assert got["before"] == ["p1", "p2"]
+    assert got["afterFirst"] == ["p1", "p2", "p3"]
+    assert got["pending"] is False and got["inFlight"] is False
+
+
+def test_a_new_connection_counts_from_zero_again(module_page):
+    got = module_page.evaluate(_pacer_js("""
+        const pacer = new FramePacer({ settleMs: 10000, minHoldMs: 10000 });
+        for (let i = 1; i <= 5; i++) pacer.sent(i);
+        pacer.done();  // idle: all five answered
+        pacer.reset();  // the connection closed
+        pacer.sent(1);  // the first input on the new connection
+        pacer.offer('params', () => sent.push('held'));
+        return { sent, inFlight: pacer.inFlight() };"""))
+    assert got == {"sent": [], "inFlight": True}  # one frame in flight on the new connection: input waits
+
+
 def test_a_final_input_supersedes_at_once(module_page):
     got = module_page.evaluate(_pacer_js("""
         const pacer = new FramePacer({ settleMs: 10000, minHoldMs: 10000 });

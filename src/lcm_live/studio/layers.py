@@ -68,6 +68,7 @@ class Layers:
 
     images: dict[str, Any] = field(default_factory=dict)  # "canvas", "mask", "region:K" -> PIL image
     digests: dict[str, str] = field(default_factory=dict)
+    canvas_sizes: list[tuple[int, int]] = field(default_factory=list)  # the canvas's last two sizes
 
     @staticmethod
     def digest(data: bytes) -> str:
@@ -81,6 +82,8 @@ class Layers:
 
     def put(self, key: str, image: Any, data: bytes) -> None:
         self.images[key], self.digests[key] = image, self.digest(data)
+        if key == "canvas" and (not self.canvas_sizes or self.canvas_sizes[-1] != image.size):
+            self.canvas_sizes = [*self.canvas_sizes[-1:], image.size]
 
     def clear(self, key: str) -> bool:
         """Forget a layer; True when there was one."""
@@ -130,9 +133,11 @@ def job_inputs(params: Any, layers: Layers, last_frame: tuple[int, Any] | None) 
         else:
             out.init_image = last_frame[1]
     if mask is not None:
-        if mask.size != canvas.size:
+        # A mask of the canvas's size before its last resize is the page's own, about to follow: fitted silently.
+        if mask.size != canvas.size and mask.size not in layers.canvas_sizes:
             out.notes.append(f"the mask is {mask.size[0]}x{mask.size[1]}; fitted to the canvas's "
                              f"{canvas.size[0]}x{canvas.size[1]}")
+        if mask.size != canvas.size:
             mask = mask.resize(canvas.size)
         out.mask = mask
         keys.append("mask")

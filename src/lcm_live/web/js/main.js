@@ -184,7 +184,7 @@ function useCanvasMode() {
 
 conn.addEventListener("sent", (e) => {
   inputs.add(e.detail);
-  pacer.sent();
+  pacer.sent(conn.sentCount);
   renderBusy();
 });
 
@@ -232,6 +232,7 @@ conn.addEventListener("hello", (e) => {
   banners.clear("connection");
   if (e.detail.schema) setupSchema(e.detail.schema);
   if (e.detail.info) showInfo(e.detail.info);
+  pacer.slots = e.detail.workers || 1; // several workers: as many frames in flight
 });
 
 conn.addEventListener("status", (e) => {
@@ -270,7 +271,7 @@ conn.addEventListener("frame", async (e) => {
   await output.show(info, blob, receivedAt);
   if (final) {
     recording.frame($("output"), info);
-    pacer.done(latency); // what was held (a stroke's newest canvas, typed params) goes, now that this frame is in
+    pacer.done(latency, info.input ?? null); // what was held (a stroke's newest canvas, typed params) goes, now that this frame is in
     camera.grab(); // with the camera on: its next frame
   }
   els.save.disabled = !final;

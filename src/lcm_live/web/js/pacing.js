@@ -18,6 +18,12 @@ export class FramePacer {
     this.minHoldMs = minHoldMs;
     this.now = now;
     this.pending = false; // input sent, no frame or idle status since
+    // Frames that may be in flight at once: the server's workers (hello "workers"; studio/pool.py runs a session's
+    // frames on several at once). Counted in input messages: `sentCount` sent, `answered` of them read by the server
+    // when it made the newest frame (its "input").
+    this.slots = 1;
+    this.sentCount = 0;
+    this.answered = 0;
     this.sentAt = 0; // when the last input went out
     this.frameMs = null; // input-to-frame time of the last final frame
     this.held = new Map(); // kind -> the send function of its newest held input
@@ -33,7 +39,7 @@ export class FramePacer {
 
   /** An input was sent and its frame has not come yet (nor has the server gone idle), within holdLimitMs. */
   inFlight() {
-    return this.pending && this.now() - this.sentAt < this.holdLimitMs();
+    return this.pending && this.sentCount - this.answered >= this.slots && this.now() - this.sentAt < this.holdLimitMs();
   }
 
   /**
@@ -80,14 +86,20 @@ export class FramePacer {
   }
 
   /** The connection sent an input. */
-  sent() {
+  sent(count = this.sentCount + 1) {
+    if (count <= this.answered) this.answered = count - 1; // a new connection: the server counts from zero again
     this.pending = true;
     this.sentAt = this.now();
+    this.sentCount = count;
   }
 
-  /** A final frame came (with its input-to-frame latency, when known), or the server went idle: held input goes. */
-  done(latencyMs = null) {
-    this.pending = false;
+  /**
+   * A final frame came (with its input-to-frame latency, when known, and `input`: how many input messages the
+   * server had read when it made it), or the server went idle (every input answered): held input goes.
+   */
+  done(latencyMs = null, input = null) {
+    this.answered = input === null ? this.sentCount : Math.max(this.answered, input);
+    this.pending = this.sentCount > this.answered;
     if (latencyMs !== null) this.frameMs = latencyMs;
     this.flush();
   }
@@ -95,6 +107,7 @@ export class FramePacer {
   /** The connection closed or the input failed: nothing is in flight. Held input waits for the next input. */
   reset() {
     this.pending = false;
+    this.answered = this.sentCount;
   }
 }
 
