@@ -265,3 +265,26 @@ def drag(page, selector: str, points: list[tuple[float, float]]) -> None:
 def block_columns(signature: list[float], columns: range, n: int = 16) -> list[float]:
     """The part of a ``pixels()`` signature (n x n blocks of RGB) in these block columns."""
     return [signature[(row * n + col) * 3 + k] for row in range(n) for col in columns for k in range(3)]
+
+
+@contextlib.contextmanager
+def logged_studio_page(browser, url: str):
+    """The studio page at `url`, connected, at its smallest size and 2 steps, with its WebSocket sends recorded
+    (``page.ws``) and its errors collected (``page.problems``)."""
+    context = browser.new_context(viewport={"width": 1360, "height": 1000})
+    page = context.new_page()
+    page.problems = []
+    page.on("pageerror", lambda exc: page.problems.append(f"page error: {exc}"))
+    page.on("console", lambda msg: msg.type == "error" and page.problems.append(f"console: {msg.text}"))
+    page.ws = WebSocketLog(page)
+    try:
+        page.goto(url)
+        page.wait_for_selector("body[data-connection=open][data-session]", state="attached",
+                               timeout=FRAME_TIMEOUT_MS)
+        page.wait_for_selector("#ctl-num_inference_steps", state="attached", timeout=FRAME_TIMEOUT_MS)
+        set_slider(page, "#ctl-width")  # the smallest size: quicker encodes
+        set_slider(page, "#ctl-height")
+        set_slider(page, "#ctl-num_inference_steps", "2")
+        yield page
+    finally:
+        context.close()

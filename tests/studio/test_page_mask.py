@@ -25,6 +25,7 @@ from .chromium import (
     drag,
     frame_seq,
     js_module_page,
+    logged_studio_page,
     mean_abs_diff,
     pixels,
     serving,
@@ -274,20 +275,8 @@ def studio(tmp_path_factory):
 
 @pytest.fixture
 def page(browser, studio):
-    context = browser.new_context(viewport={"width": 1360, "height": 1000})
-    page = context.new_page()
-    page.problems = []
-    page.on("pageerror", lambda exc: page.problems.append(f"page error: {exc}"))
-    page.on("console", lambda msg: msg.type == "error" and page.problems.append(f"console: {msg.text}"))
-    page.ws = WebSocketLog(page)
-    page.goto(studio)
-    page.wait_for_selector("body[data-connection=open][data-session]", state="attached", timeout=FRAME_TIMEOUT_MS)
-    page.wait_for_selector("#ctl-num_inference_steps", state="attached", timeout=FRAME_TIMEOUT_MS)
-    set_slider(page, "#ctl-width")  # the smallest size: quicker encodes
-    set_slider(page, "#ctl-height")
-    set_slider(page, "#ctl-num_inference_steps", "2")
-    yield page
-    context.close()
+    with logged_studio_page(browser, studio) as page:
+        yield page
 
 
 def _photo(tmp_path) -> Path:
