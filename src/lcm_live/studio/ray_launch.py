@@ -47,7 +47,11 @@ def serve_with_ray(settings: Settings, options: RayOptions, *, address: str | No
         say(f"lcm-live studio on Ray Serve ({where}): {_scale(options)}; loading {model}")
         # 3. The application; serve.run returns once every generator replica has loaded and warmed its engine.
         t0 = time.monotonic()
-        serve.run(build_application(settings, options), name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(build_application(settings, options), name=APP_NAME, route_prefix="/")
+        except RuntimeError as exc:  # a replica that cannot load its model: Serve gave up on the deployment
+            say(f"error: the studio could not start on Ray Serve: {exc} (the replicas' log above says why)")
+            return 3
         _wait_ready(base, s.token)
         say(f"ready in {time.monotonic() - t0:.0f} s: open {base}/" + (f"?token={s.token}" if s.token else ""))
         if s.host in ("0.0.0.0", "::"):
