@@ -1,0 +1,187 @@
+"""The RayWorker's per-session rules (studio/ray_worker.py) on a scripted Serve handle, without a cluster: one
+replica (the newest input cancels the running request), two (two in flight, one waiting that newer input replaces,
+older requests cancelled on a newer frame), and a replica lost mid-generation (the session told, the same job again).
+They skip, saying why, when ``import ray`` fails (the `ray` extra)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from lcm_live.config import StudioSettings
+
+try:
+    import ray  # noqa: F401
+
+    RAY_MISSING = None
+except ImportError as exc:
+    RAY_MISSING = f"Ray Serve is the optional `ray` extra: pip install 'lcm-live[ray]' (make test installs it): {exc}"
+needs_ray = pytest.mark.skipif(RAY_MISSING is not None, reason=RAY_MISSING or "")
+
+
+class _Response:
+    """A scripted DeploymentResponseGenerator: the test puts events (or an exception) in; cancel() ends it."""
+
+    def __init__(self, payload: dict[str, Any]):
+        import asyncio
+
+        self.payload = payload
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        from ray.serve.exceptions import RequestCancelledError
+
+        self.cancelled = True
+        self.events.put_nowait(RequestCancelledError("scripted"))
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        item = await self.events.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item is None:
+            raise StopAsyncIteration
+        return item
+
+
+class _Handle:
+    def __init__(self):
+        self.responses: list[_Response] = []
+
+    def options(self, **_: Any) -> _Handle:
+        return self
+
+    @property
+    def generate(self) -> _Handle:
+        return self
+
+    def remote(self, payload: dict[str, Any]) -> _Response:
+        self.responses.append(_Response(payload))
+        return self.responses[-1]
+
+
+class _Sink:
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def wants_preview(self) -> bool:
+        return True
+
+    def on_frame(self, job, image, **info) -> None:
+        self.calls.append(("frame", job.params.prompt, image.size))
+
+    def on_error(self, job, code, message, field) -> None:
+        self.calls.append(("error", job.params.prompt, code))
+
+    def on_done(self, job, outcome) -> None:
+        self.calls.append(("done", job.params.prompt, outcome))
+
+    def on_notice(self, job, message) -> None:
+        self.calls.append(("notice", job.params.prompt, message))
+
+
+def _scripted(replicas: int, script) -> list[tuple]:
+    """Run ``script(worker, handle, job)`` on a RayWorker with ``replicas`` ready; the sink's calls."""
+    import asyncio
+
+    from lcm_live.studio.metrics import StudioMetrics
+    from lcm_live.studio.params import build_params_model, parse_params
+    from lcm_live.studio.ray_worker import RayWorker
+    from lcm_live.studio.worker import Job
+
+    settings = StudioSettings()
+    model = build_params_model(settings)
+    sink = _Sink()
+
+    def job(prompt: str) -> Job:
+        return Job(params=parse_params(model, {"prompt": prompt}), sink=sink)
+
+    async def main() -> None:
+        handle = _Handle()
+        worker = RayWorker(handle, settings, StudioMetrics())
+        worker._state, worker.workers_ready = "ready", replicas
+        await script(worker, handle, job)
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    return sink.calls
+
+
+def _final(prompt: str) -> list:
+    from lcm_live.studio.ray_wire import frame_event
+
+    return [("started",), frame_event(Image.new("RGB", (8, 8)), final=True, step=1, total=1, generation_s=0.1,
+                                      parameters={"prompt": prompt}), ("done", "ok"), None]
+
+
+async def _settle() -> None:
+    import asyncio
+
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+
+
+@needs_ray
+def test_ray_worker_one_replica_newest_input_cancels_the_running_request():
+    async def script(worker, handle, job):
+        worker.submit("s", job("a"))
+        await _settle()
+        worker.submit("s", job("b"))  # one replica: "a" is cancelled through Serve, "b" goes at once
+        await _settle()
+        assert [r.cancelled for r in handle.responses] == [True, False]
+        for event in _final("b"):
+            handle.responses[1].events.put_nowait(event)
+
+    assert _scripted(1, script) == [("done", "a", "cancelled"), ("frame", "b", (8, 8)), ("done", "b", "ok")]
+
+
+@needs_ray
+def test_ray_worker_two_replicas_two_in_flight_then_one_waiting_that_newer_input_replaces():
+    async def script(worker, handle, job):
+        jobs = [job(prompt) for prompt in "abcd"]
+        for j in jobs:
+            worker.submit("s", j)
+            await _settle()
+        assert len(handle.responses) == 2 and not any(r.cancelled for r in handle.responses)  # c, then d, wait
+        for event in _final("b"):  # b's frame first: b's place goes to d
+            handle.responses[1].events.put_nowait(event)
+        await _settle()
+        worker.cancel_older("s", jobs[1].id)  # as the session does on b's final frame: a's would be dropped
+        await _settle()
+        assert handle.responses[0].cancelled and len(handle.responses) == 3
+        assert json.loads(handle.responses[2].payload["params"])["prompt"] == "d"
+        for event in _final("d"):
+            handle.responses[2].events.put_nowait(event)
+
+    calls = _scripted(2, script)
+    assert ("done", "c", "replaced") in calls and ("done", "a", "cancelled") in calls
+    assert [c for c in calls if c[0] == "frame"] == [("frame", "b", (8, 8)), ("frame", "d", (8, 8))]
+
+
+@needs_ray
+def test_ray_worker_lost_replica_tells_the_session_and_runs_its_newest_input_again(monkeypatch):
+    from ray.exceptions import ActorDiedError
+
+    import lcm_live.studio.ray_worker as ray_worker
+
+    monkeypatch.setattr(ray_worker, "RETRY_DELAY_S", 0.01)
+
+    async def script(worker, handle, job):
+        worker.submit("s", job("a"))
+        await _settle()
+        handle.responses[0].events.put_nowait(("started",))
+        handle.responses[0].events.put_nowait(ActorDiedError())  # its replica is gone mid-generation
+        await _settle()
+        assert len(handle.responses) == 2 and handle.responses[1].payload == handle.responses[0].payload
+        for event in _final("a"):
+            handle.responses[1].events.put_nowait(event)
+
+    calls = _scripted(2, script)
+    assert calls[0][:2] == ("notice", "a") and "runs again" in calls[0][2]
+    assert calls[1:] == [("frame", "a", (8, 8)), ("done", "a", "ok")]
