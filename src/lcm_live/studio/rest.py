@@ -73,6 +73,19 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
         if not studio.worker.ready:
             raise ApiError(503, "not_ready", f"the model is not ready ({studio.worker.detail})",
                            headers={"Retry-After": "5"})
+        # Capacity first, before the body is even read: a refused request costs nothing, and at most
+        # rest_queue_size requests read, parse, decode or wait at a time (crafted bodies cannot pile up CPU work).
+        if studio.rest_waiting >= s.rest_queue_size:
+            studio.metrics.rejected.labels(reason="capacity").inc()
+            raise ApiError(429, "capacity", f"{studio.rest_waiting} generations are already waiting: retry shortly",
+                           headers={"Retry-After": "2"})
+        studio.rest_waiting += 1
+        try:
+            return await _generate(request)
+        finally:
+            studio.rest_waiting -= 1
+
+    async def _generate(request: Request) -> Response:
         try:
             body = await request.body()  # GuardMiddleware caps it at max_body_bytes while it streams in
         except ClientDisconnect:  # gone mid-body, or cut by the body deadline (connections.py): nobody to answer
@@ -109,39 +122,30 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
             if not isinstance(b64, str) or not b64:
                 raise ApiError(422, "invalid_params", f"regions[{k}] needs \"mask\": a base64 PNG, white where its "
                                "prompt applies", f"regions.{k}.mask")
-        # Capacity before any decoding: a request that would be refused costs nothing but its parsing.
-        if studio.rest_waiting >= s.rest_queue_size:
-            studio.metrics.rejected.labels(reason="capacity").inc()
-            raise ApiError(429, "capacity", f"{studio.rest_waiting} generations are already waiting: retry shortly",
-                           headers={"Retry-After": "2"})
         sink = RestSink(asyncio.get_running_loop())
         slot = f"rest-{secrets.token_hex(6)}"
-        studio.rest_waiting += 1
+        canvas = await _decode_image(image_b64, studio) if params.mode in CANVAS_MODES else None
+        mask = await _decode_mask(mask_b64, studio, "mask") if mask_b64 is not None else None
+        notes = []
+        if mask is not None and mask.size != canvas.size:
+            notes.append(f"the mask was {mask.size[0]}x{mask.size[1]}; fitted to the image's "
+                         f"{canvas.size[0]}x{canvas.size[1]}")
+            mask = mask.resize(canvas.size)
+        region_masks = [await _decode_mask(b64, studio, f"regions.{k}.mask") for k, b64 in enumerate(region_b64)]
         try:
-            canvas = await _decode_image(image_b64, studio) if params.mode in CANVAS_MODES else None
-            mask = await _decode_mask(mask_b64, studio, "mask") if mask_b64 is not None else None
-            notes = []
-            if mask is not None and mask.size != canvas.size:
-                notes.append(f"the mask was {mask.size[0]}x{mask.size[1]}; fitted to the image's "
-                             f"{canvas.size[0]}x{canvas.size[1]}")
-                mask = mask.resize(canvas.size)
-            region_masks = [await _decode_mask(b64, studio, f"regions.{k}.mask") for k, b64 in enumerate(region_b64)]
-            try:
-                studio.worker.submit(slot, Job(params=params, sink=sink, canvas=canvas, mask=mask,
-                                               region_masks=region_masks))
-            except RuntimeError:
-                raise ApiError(503, "not_ready", "the server is shutting down") from None
-            try:
-                outcome = await asyncio.wait_for(
-                    asyncio.shield(sink.future), timeout=s.queue_wait_timeout_s + s.generation_timeout_s + 5)
-            except asyncio.TimeoutError:
-                studio.worker.cancel(slot, "timeout")
-                raise ApiError(504, "timeout", "the generation took too long: try fewer steps or a smaller size") from None
-            finally:
-                if not sink.future.done():  # the client went away: stop the run at its next step
-                    studio.worker.cancel(slot)
+            studio.worker.submit(slot, Job(params=params, sink=sink, canvas=canvas, mask=mask,
+                                           region_masks=region_masks))
+        except RuntimeError:
+            raise ApiError(503, "not_ready", "the server is shutting down") from None
+        try:
+            outcome = await asyncio.wait_for(
+                asyncio.shield(sink.future), timeout=s.queue_wait_timeout_s + s.generation_timeout_s + 5)
+        except asyncio.TimeoutError:
+            studio.worker.cancel(slot, "timeout")
+            raise ApiError(504, "timeout", "the generation took too long: try fewer steps or a smaller size") from None
         finally:
-            studio.rest_waiting -= 1
+            if not sink.future.done():  # the client went away: stop the run at its next step
+                studio.worker.cancel(slot)
         if outcome[0] == "error":
             _, code, message, field = outcome
             raise ApiError(_STATUS.get(code, 500), code, message, field)
