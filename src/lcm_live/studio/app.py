@@ -85,7 +85,7 @@ class StudioState:
                 and settings.min_steps <= family_steps <= settings.max_steps:
             settings = settings.model_copy(update={"default_steps": family_steps})
         self.params_model = build_params_model(settings, float(guidance),
-                                               lcm_img2img=bool(getattr(engine, "lcm_img2img", False)),
+                                               lcm_img2img=bool(engine.lcm_img2img),
                                                controlnet=bool(raw_dict.get("controlnet")))
         self.info = public_info(raw_dict)
         gpu = str(raw_dict.get("device", "cpu")).startswith("cuda")

@@ -157,7 +157,7 @@ class Generator:
         # As StudioState._ready: the ingress builds the same params model from what describe() returns.
         guidance = info.get("default_guidance_scale")
         guidance = guidance if guidance is not None else 8.0 if info.get("kind") == "lcm" else 1.0
-        lcm_img2img = bool(getattr(engine, "lcm_img2img", False))
+        lcm_img2img = bool(engine.lcm_img2img)
         self.params_model = build_params_model(self.worker.settings, float(guidance), lcm_img2img=lcm_img2img,
                                                controlnet=bool(info.get("controlnet")))
         self.description = {"info": json.loads(json.dumps(info, default=str)), "lcm_img2img": lcm_img2img,
@@ -181,7 +181,8 @@ class Generator:
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[tuple]:
         """One job's events, streamed; stopped at the engine's next step when Serve cancels the request."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        # Bounded by construction: at most one unsent preview (wants_preview), then a frame, an error and "done".
+        events: asyncio.Queue = asyncio.Queue(maxsize=16)
         sink = _StreamSink(loop, events)
         try:
             params = parse_params(self.params_model, json.loads(payload["params"]))

@@ -246,16 +246,15 @@ class Worker:
         s = self.settings
         try:
             self.engine = self._engine_factory()
-            batching = hasattr(self.engine, "generate_batch")
             info = engine_info(self.engine)
             device = device_type(info)
-            self.max_batch_size = resolve_max_batch_size(s, device) if batching else 1
+            self.max_batch_size = resolve_max_batch_size(s, device)
             # The sizes and previews left to the model, resolved once: the app builds its schema from these.
             s = self.settings = s.for_model(*native_size(info), device=device)
             width = s.warmup_width or s.default_width
             height = s.warmup_height or s.default_height
             t0 = time.perf_counter()
-            if getattr(self.engine, "compiled", False):  # minutes with no other sign of life: say so first
+            if self.engine.compiled:  # minutes with no other sign of life: say so first
                 log.info("studio: warming up at %dx%d: torch.compile compiles the UNet for batches of 1 to %d, "
                          "a minute or more (once per image size)", width, height, self.max_batch_size)
             self.engine.warmup(width, height, s.warmup_steps, max_batch_size=self.max_batch_size)
