@@ -342,6 +342,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         seed = _Path("seed", lambda: seed_run(pipe, config, device), pipe, device)
         for _ in range(config.warmup):
             seed_run(pipe, config, device)
+        seed_precision = path_precision("torch", str(seed_dtype).removeprefix("torch."), "none", device.type)
+        seed_peak = measure_peak(*seed_precision, refresh=True)
 
     # 3. Alternate.
     steps = (config.runs - 1) + (config.runs if seed else 0)
@@ -356,8 +358,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
 
     # 4. The peaks again, right after the timed runs (the same load), and the FLOPs each path did.
     fast_peak = best_of(fast_peak, measure_peak(*fast_precision, refresh=True))
-    seed_peak = measure_peak(*path_precision("torch", str(seed_dtype).removeprefix("torch."), "none",
-                                             device.type), refresh=True) if seed else None
+    seed_peak = best_of(seed_peak, measure_peak(*seed_precision, refresh=True)) if seed else None
     report["machine"]["load_average_1m_end"] = current_load()
 
     if config.profile:  # after the figures: a failing profiler costs its own summary only
