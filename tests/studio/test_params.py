@@ -133,3 +133,16 @@ def test_sizes_that_were_set_are_kept_or_refused_with_the_bounds():
         StudioSettings(default_width=100)
     with pytest.raises(ValueError, match=r"default_width=1024: use a multiple of 8 in \[256, 768\]"):
         StudioSettings(default_width=1024).for_model(512, 512)
+
+
+def test_the_conditionings_params_come_from_the_engines_registry():
+    """Every conditioning param the engine declares (engine/modes.py), images aside (they are binary layers), is a
+    studio field with the registry's description: a new conditioning cannot be forgotten here."""
+    from lcm_live.engine.modes import ModelCaps, param_schema
+
+    props = build_params_model(StudioSettings(), controlnet=True).model_json_schema()["properties"]
+    for param in param_schema(ModelCaps(controlnet="x")):
+        if param["type"] == "image":
+            continue
+        assert param["name"] in props, param["name"]
+        assert param["description"] in props[param["name"]].get("description", ""), param["name"]

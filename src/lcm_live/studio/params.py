@@ -14,8 +14,8 @@ from typing import Any, ClassVar, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from lcm_live.config import StudioSettings
-from lcm_live.engine.masks import MAX_FEATHER
-from lcm_live.engine.request import MAX_REGIONS, GenerationRequest, PromptBlend, Region, SeedBlend
+from lcm_live.engine.modes import ModelCaps, param_schema
+from lcm_live.engine.request import GenerationRequest, PromptBlend, Region, SeedBlend
 from lcm_live.engine.validation import MAX_SEED
 from lcm_live.errors import UserError
 from lcm_live.studio.images import CONTROL_PREPROCESS
@@ -81,6 +81,10 @@ def build_params_model(settings: StudioSettings, default_guidance_scale: float =
     "control" mode and its two fields are offered.
     """
     settings = settings.for_model(*native_size, device=device)
+    # The conditionings' params come from the engine's registry (engine/modes.py): their descriptions, defaults and
+    # bounds; the studio narrows a few to its settings (strength, the ControlNet's scale). Images are binary layers.
+    reg = {p["name"]: p for p in param_schema(ModelCaps(controlnet="studio" if controlnet else None,
+                                                         lcm_img2img=lcm_img2img))}
     guidance = settings.default_guidance_scale if settings.default_guidance_scale is not None else default_guidance_scale
     size = dict(ge=settings.min_size, le=settings.max_size, multiple_of=settings.size_multiple)
     fields: dict[str, Any] = {
@@ -94,24 +98,25 @@ def build_params_model(settings: StudioSettings, default_guidance_scale: float =
         "seed": (int, Field(0, ge=0, le=MAX_SEED)),
         "width": (int, Field(settings.default_width, **size)),
         "height": (int, Field(settings.default_height, **size)),
-        "strength": (float, Field(settings.default_strength, ge=settings.min_strength, le=1.0,
-                                  description="img2img only: how far the canvas is re-noised")),
+        "strength": (float, Field(settings.default_strength, ge=settings.min_strength, le=reg["strength"]["maximum"],
+                                  description=reg["strength"]["description"])),
         "previews": (bool, Field(settings.default_previews, description="send each step's preview before the final "
                                  "frame (default on for a CPU, where a frame takes seconds)")),
-        "mask_feather": (int, Field(8, ge=0, le=MAX_FEATHER, description="with a mask: the blended band, in pixels, "
-                                    "around the redrawn area (outside it the canvas is kept exactly)")),
+        "mask_feather": (int, Field(reg["mask_feather"]["default"], ge=reg["mask_feather"]["minimum"],
+                                    le=reg["mask_feather"]["maximum"], description=reg["mask_feather"]["description"])),
         "regions": (list[_region_model(settings.max_prompt_chars)], Field(  # type: ignore[misc]
-            default_factory=list, max_length=MAX_REGIONS,
-            description="region prompts: region k is drawn where the binary layer region k is white")),
+            default_factory=list, max_length=reg["regions"]["maximum"],
+            description=reg["regions"]["description"] + " (the masks: binary layers r0..r7)")),
         "prompt_blend": (_prompt_blend_model(settings.max_prompt_chars) | None, Field(  # type: ignore[operator]
-            None, description="a second prompt: the text embeddings interpolated at weight (1: this prompt)")),
-        "seed_blend": (SeedBlendParams | None, Field(
-            None, description="a second seed: the initial noises slerped at weight (1: this seed)")),
+            reg["prompt_blend"]["default"], description=reg["prompt_blend"]["description"])),
+        "seed_blend": (SeedBlendParams | None, Field(reg["seed_blend"]["default"],
+                                                     description=reg["seed_blend"]["description"])),
     }
     if controlnet:
         fields["controlnet_conditioning_scale"] = (float, Field(
-            settings.default_controlnet_conditioning_scale, ge=0.0, le=settings.max_controlnet_conditioning_scale,
-            description="control only: how strongly the canvas guides the image (0: not at all)"))
+            settings.default_controlnet_conditioning_scale, ge=reg["controlnet_conditioning_scale"]["minimum"],
+            le=settings.max_controlnet_conditioning_scale,
+            description=reg["controlnet_conditioning_scale"]["description"]))
         fields["control_preprocess"] = (Literal[CONTROL_PREPROCESS], Field(  # type: ignore[valid-type]
             "invert", description="control only: the canvas as the white lines on black that line ControlNets take: "
             "invert (a drawing), edges (a photo, the camera), none (as it is)"))
