@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lcm_live.bench.local_http import free_port, http_get
-from lcm_live.bench.ws_clients import OVERSIZE, _bad_image, _canvas, _last_input, _pipelined_client
+from lcm_live.bench.ws_clients import OVERSIZE, _bad_image, _canvas, _last_input, _pipelined_client, next_text
 
 DOCUMENTED_ERROR_CODES = {"invalid_params", "invalid_image", "too_large", "oom", "engine_error", "timeout",
                           "internal_error", "capacity", "not_ready"}
@@ -131,13 +131,9 @@ async def _client(idx: int, url: str, deadline: float, stats: Stats, *, faults: 
                     aborted_by_us = True
                     continue
                 while time.monotonic() < session_end:
-                    try:
-                        raw = await asyncio.wait_for(ws.recv(), timeout=max(0.05, session_end - time.monotonic()))
-                    except asyncio.TimeoutError:
+                    msg = await next_text(ws, session_end)
+                    if msg is None:
                         break
-                    if isinstance(raw, bytes):
-                        continue
-                    msg = json.loads(raw)
                     if msg["type"] == "error":
                         stats.errors[msg["code"]] = stats.errors.get(msg["code"], 0) + 1
                         if msg["code"] not in DOCUMENTED_ERROR_CODES:

@@ -57,6 +57,17 @@ def _bad_image(rng: random.Random) -> bytes:
 OVERSIZE = 2 * 1024 * 1024 + 1  # one byte past the studio's message limit: refused alone, the session stays
 
 
+async def next_text(ws: Any, until: float, least: float = 0.05) -> dict[str, Any] | None:
+    """The next JSON message (frames' image bytes skipped), or None when ``until`` (monotonic) passes first."""
+    while True:
+        try:
+            raw = await asyncio.wait_for(ws.recv(), timeout=max(least, until - time.monotonic()))
+        except asyncio.TimeoutError:
+            return None
+        if not isinstance(raw, bytes):
+            return json.loads(raw)
+
+
 async def _pipelined_client(idx: int, url: str, deadline: float, stats: Any, *, in_flight: int, steps: int,
                             size: int) -> None:
     """A client that keeps ``in_flight`` inputs unanswered (the page does with ``workers`` > 1): a frame answers
@@ -83,13 +94,9 @@ async def _pipelined_client(idx: int, url: str, deadline: float, stats: Any, *, 
 
         await top_up()
         while time.monotonic() < deadline or sent:
-            try:
-                raw = await asyncio.wait_for(ws.recv(), timeout=max(0.1, deadline + 10 - time.monotonic()))
-            except asyncio.TimeoutError:
+            msg = await next_text(ws, deadline + 10, least=0.1)
+            if msg is None:
                 break
-            if isinstance(raw, bytes):
-                continue
-            msg = json.loads(raw)
             if msg["type"] == "error":
                 stats.errors[msg["code"]] = stats.errors.get(msg["code"], 0) + 1
             if msg["type"] != "frame" or not msg["final"]:
@@ -119,13 +126,9 @@ async def _last_input(ws, idx: int, seed: int, mode: str, steps: int, size: int,
         if canvas is not None:
             await ws.send(canvas)
         while time.monotonic() < deadline:
-            try:
-                raw = await asyncio.wait_for(ws.recv(), timeout=max(0.05, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+            msg = await next_text(ws, deadline)
+            if msg is None:
                 break
-            if isinstance(raw, bytes):
-                continue
-            msg = json.loads(raw)
             if msg["type"] == "frame" and msg["final"] and msg["seed"] == seed:
                 return
             if msg["type"] == "error" and msg["code"] in ("engine_error", "oom", "timeout"):
