@@ -99,3 +99,36 @@ def test_a_worker_that_dies_mid_session_loses_nothing():
         frame = next_final(ws)
         assert frame["params"]["prompt"] == "after" and frame["params"]["seed"] == 5
     assert studio.metrics.errors.labels(type="worker_lost")._value.get() == 1
+
+
+def test_a_sessions_jobs_start_paced_and_every_frame_is_sent():
+    """Two inputs sent together on two workers start T/2 apart (T: the last generation time), so their frames do
+    not finish in the same instant, where the older would be dropped (the rate fell towards one worker's)."""
+    engines = [FakeEngine(step_latency_s=0.2), FakeEngine(step_latency_s=0.2)]  # T = 0.4 s (2 steps)
+    starts: dict[str, float] = {}
+    with pool_studio(engines) as (client, _, studio), client.websocket_connect("/ws") as ws:
+        studio.worker.step_observer = lambda job, event: starts.setdefault(job.params.prompt, job.started)
+        receive(ws)
+        ws.send_text(params(prompt="first", num_inference_steps=2))
+        next_final(ws)  # the workers now know T
+        wait_until(lambda: studio.worker.workers[0].load() + studio.worker.workers[1].load() == 0, what="idle")
+        gap = min(w.last_generation_s for w in studio.worker.workers if w.last_generation_s) / 2
+        ws.send_text(params(prompt="a", num_inference_steps=2))
+        ws.send_text(params(prompt="b", num_inference_steps=2))
+        assert [next_final(ws)["params"]["prompt"] for _ in range(2)] == ["a", "b"]
+    assert starts["b"] - starts["a"] >= gap - 0.05  # held until its paced start, not on the second worker at once
+    assert engines[0].calls[-1].prompt != engines[1].calls[-1].prompt  # one on each worker
+    assert studio.metrics.frames_dropped._value.get() == 0
+
+
+def test_a_newer_input_replaces_the_held_one():
+    engines = [FakeEngine(step_latency_s=0.2), FakeEngine(step_latency_s=0.2)]
+    with pool_studio(engines) as (client, _, studio), client.websocket_connect("/ws") as ws:
+        receive(ws)
+        ws.send_text(params(prompt="first", num_inference_steps=2))
+        next_final(ws)
+        for prompt in ("a", "b", "c"):  # b is held for its start, then c replaces it there
+            ws.send_text(params(prompt=prompt, num_inference_steps=2))
+        prompts = [next_final(ws)["params"]["prompt"] for _ in range(2)]
+    assert prompts == ["a", "c"]
+    assert [c.prompt for e in engines for c in e.calls].count("b") == 0

@@ -9,6 +9,13 @@ latency stays one worker's); the session itself drops a frame older than one it 
 A session has at most one *waiting* job in the whole pool: a newer input replaces it where it waits. When every
 worker is busy with the session, the input waits behind the worker whose frame for it started first.
 
+Pacing: a session's jobs start at least T/R apart (T: the workers' last generation time, R: the ready workers), so
+its frames come evenly spaced. Without it, inputs sent together (R at once, as a client filling R slots does)
+start together, finish within a millisecond of each other, and all but the newest of them are dropped, frame
+after frame: a client refilling its slots on each frame stays in step, and one session's rate fell back towards one
+worker's (docs/benchmarks.md). An input that came too soon is held here until its start, as the session's one
+waiting job (a newer input replaces it).
+
 Faults: a watchdog notices a worker whose thread died (or that reports failures past the limit) and moves its
 jobs, the newest per session, to the others; the session is told (``on_notice``) and loses nothing it typed or
 drew. ``ready`` holds while any worker is ready; ``workers_ready`` says how many.
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +36,8 @@ from lcm_live.studio.worker import Job, Worker
 log = logging.getLogger("lcm_live.studio")
 
 WATCH_INTERVAL_S = 0.2
+STARTS_KEPT = 256  # sessions whose last start is remembered (pacing); older entries than PACE_MEMORY_S go first
+PACE_MEMORY_S = 60.0
 
 
 def _sub(slot: str, index: int) -> str:
@@ -49,6 +59,9 @@ class WorkerPool:
         self.workers = [Worker(factory, settings, metrics, on_ready=self._worker_ready, on_fatal=on_fatal,
                                name=f"lcm-live-worker-{i}") for i, factory in enumerate(engine_factories)]
         self._lost: set[int] = set()  # workers whose jobs were moved away (dead threads)
+        self._starts: dict[str, float] = {}  # slot -> when its newest job went to a worker (monotonic)
+        self._held: dict[str, Job] = {}  # slot -> its input held until its paced start
+        self._timers: dict[str, threading.Timer] = {}
         self._watchdog = threading.Thread(target=self._watch, name="lcm-live-pool-watchdog", daemon=True)
 
     # ---- what the app reads ------------------------------------------------------------------------------------
@@ -108,7 +121,9 @@ class WorkerPool:
             for d, w in zip(self.devices, self.workers, strict=True))
 
     def queue_depth(self) -> int:
-        return sum(w.queue_depth() for w in self.workers)
+        with self._lock:
+            held = len(self._held)
+        return held + sum(w.queue_depth() for w in self.workers)
 
     # ---- control ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -118,6 +133,13 @@ class WorkerPool:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
+        with self._lock:
+            held, self._held = list(self._held.values()), {}
+            for timer in self._timers.values():
+                timer.cancel()
+            self._timers.clear()
+        for job in held:
+            job.sink.on_done(job, "cancelled")
         threads = [threading.Thread(target=w.stop, args=(timeout,)) for w in self.workers]
         for t in threads:
             t.start()
@@ -125,22 +147,75 @@ class WorkerPool:
             t.join(timeout + 1)
 
     def submit(self, slot: str, job: Job) -> None:
+        replaced = None
         with self._lock:
-            usable = [i for i, w in enumerate(self.workers) if w.ready and i not in self._lost]
-            if not usable:
-                if all(w.state in ("stopping", "stopped") for w in self.workers):
-                    raise RuntimeError("the workers are stopping")
-                usable = [i for i, w in enumerate(self.workers) if w.alive] or [0]
-            states = {i: self.workers[i].slot_state(_sub(slot, i)) for i in usable}
-            waiting = [i for i in usable if states[i] == "waiting"]
-            free = [i for i in usable if states[i] is None]
-            if waiting:  # the session's one waiting job: the newer input replaces it where it waits
-                target = waiting[0]
-            elif free:
-                target = min(free, key=lambda i: (self.workers[i].load(), i))
-            else:  # busy with this session everywhere: wait behind the least loaded
-                target = min(usable, key=lambda i: (self.workers[i].load(), i))
-            self.workers[target].submit(_sub(slot, target), job, supersede=False)
+            if slot in self._held:  # the session's waiting job, held for its paced start: the newer one stays
+                held = self._held[slot]  # (a job moved off a lost worker is older than the input held)
+                replaced, self._held[slot] = (held, job) if job.id > held.id else (job, held)
+            else:
+                target, free = self._place(slot)
+                delay = self._pace_delay(slot) if free else 0.0
+                if delay > 0:
+                    self._held[slot] = job
+                    timer = self._timers[slot] = threading.Timer(delay, self._release, (slot,))
+                    timer.daemon = True
+                    timer.start()
+                else:
+                    self._start(slot, target, job)
+        if replaced is not None:
+            replaced.sink.on_done(replaced, "replaced")
+
+    def _place(self, slot: str) -> tuple[int, bool]:
+        """Under the lock: the worker for the session's next job, and whether it is free of the session."""
+        usable = self._usable()
+        states = {i: self.workers[i].slot_state(_sub(slot, i)) for i in usable}
+        waiting = [i for i in usable if states[i] == "waiting"]
+        free = [i for i in usable if states[i] is None]
+        if waiting:  # the session's one waiting job: the newer input replaces it where it waits
+            return waiting[0], False
+        if free:
+            return min(free, key=lambda i: (self.workers[i].load(), i)), True
+        # busy with this session everywhere: wait behind the least loaded
+        return min(usable, key=lambda i: (self.workers[i].load(), i)), False
+
+    def _usable(self) -> list[int]:
+        usable = [i for i, w in enumerate(self.workers) if w.ready and i not in self._lost]
+        if not usable:
+            if all(w.state in ("stopping", "stopped") for w in self.workers):
+                raise RuntimeError("the workers are stopping")
+            usable = [i for i, w in enumerate(self.workers) if w.alive] or [0]
+        return usable
+
+    def _pace_delay(self, slot: str) -> float:
+        """Under the lock: seconds until the session's next job may start, T/R after its previous one."""
+        last = self._starts.get(slot)
+        times = [w.last_generation_s for w in self.workers if w.ready and w.last_generation_s is not None]
+        ready = sum(1 for w in self.workers if w.ready)
+        if last is None or not times or ready < 2:
+            return 0.0
+        return max(0.0, last + min(times) / ready - time.monotonic())
+
+    def _start(self, slot: str, target: int, job: Job) -> None:
+        """Under the lock: hand the job to a worker and remember when (pacing)."""
+        now = time.monotonic()
+        if len(self._starts) > STARTS_KEPT:  # REST requests' slots are never cancelled: forget old ones
+            self._starts = {k: t for k, t in self._starts.items() if now - t < PACE_MEMORY_S}
+        self._starts[slot] = now
+        self.workers[target].submit(_sub(slot, target), job, supersede=False)
+
+    def _release(self, slot: str) -> None:
+        """A held input's start has come (timer thread)."""
+        with self._lock:
+            self._timers.pop(slot, None)
+            job = self._held.pop(slot, None)
+            if job is None or self._stopping.is_set():
+                return
+            try:
+                self._start(slot, self._place(slot)[0], job)
+                return
+            except RuntimeError:  # the workers are stopping
+                pass
+        job.sink.on_done(job, "cancelled")
 
     def cancel_older(self, slot: str, job_id: int) -> None:
         """A frame of ``job_id`` was made: the session's older jobs, on any worker, would only be dropped."""
@@ -148,6 +223,12 @@ class WorkerPool:
             worker.cancel_older(_sub(slot, i), job_id)
 
     def cancel(self, slot: str, reason: str = "closed") -> None:
+        with self._lock:
+            self._held.pop(slot, None)
+            self._starts.pop(slot, None)
+            timer = self._timers.pop(slot, None)
+            if timer is not None:
+                timer.cancel()
         for i, worker in enumerate(self.workers):
             worker.cancel(_sub(slot, i), reason)
 

@@ -101,6 +101,7 @@ class Worker:
         self.state = "loading"  # loading | ready | failed | stopping | stopped
         self.detail = "loading the model"
         self.consecutive_failures = 0
+        self.last_generation_s: float | None = None  # the last engine call that made a frame (a pool paces by it)
         self.max_batch_size = 1  # resolved once the engine is loaded (resolve_max_batch_size)
         self.step_observer: Callable[[Job, StepEvent], None] | None = None  # tests and benchmarks
         self._engine_factory = engine_factory
@@ -360,6 +361,7 @@ class Worker:
         if any(result is not None for _, result, _ in outcomes):
             with self._cond:
                 self.consecutive_failures = 0
+                self.last_generation_s = generation_s
         for run, result, error in outcomes:
             job = run.job
             if error is None:
