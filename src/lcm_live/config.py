@@ -59,6 +59,11 @@ class EngineSettings(BaseModel):
     # family's, 0.3 for TCD, 1.0 for Hyper-SD's one-step LoRA).
     scheduler: Literal["auto", "lcm", "tcd", "euler-a", "euler-trailing"] = "auto"
     eta: float | None = Field(None, ge=0, le=1)
+    # Fewer FLOPs per live frame (issue 17): feature_reuse K recomputes the UNet's deep blocks every K evaluations
+    # and reuses them in between (engine/feature_reuse.py; 1: off, the exact path); token_merging R merges that
+    # fraction of the tokens in the highest-resolution attention (ToMe for SD, engine/tome.py; 0: off).
+    feature_reuse: int = Field(1, ge=1, le=64)
+    token_merging: float = Field(0.0, ge=0.0, le=0.75)
 
 
 class StudioSettings(BaseModel):

@@ -50,6 +50,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, decoder: str = "vae
                         "freezing on a CPU; max-autotune also tunes the kernels (many minutes per image shape)")
     g.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"],
                    help="int8 (CPU: OpenVINO/NNCF or torch dynamic; CUDA: bitsandbytes) or nf4 (CUDA)")
+    g.add_argument("--feature-reuse", type=int, default=None, metavar="K",
+                   help="recompute the UNet's deep blocks every K evaluations and reuse them in between (DeepCache-"
+                        "style, between live frames and steps); 1: off, the exact path (default: 1)")
+    g.add_argument("--token-merging", type=float, default=None, metavar="RATIO",
+                   help="merge this fraction of the tokens in the highest-resolution attention (ToMe for SD; "
+                        "pip install 'lcm-live[tome]'); 0: off (default: 0)")
 
 
 def parse_lora(text: str) -> LoraSpec:
@@ -79,7 +85,8 @@ def engine_settings_from_args(args: argparse.Namespace, **overrides) -> EngineSe
         cache_dir=args.cache_dir,
     )
     # Flags added later: parsers (or hand-made namespaces) without them keep the settings' defaults.
-    for name in ("taesd", "backend", "compile", "compile_mode", "quantize", "controlnet", "scheduler", "eta"):
+    for name in ("taesd", "backend", "compile", "compile_mode", "quantize", "controlnet", "scheduler", "eta",
+                 "feature_reuse", "token_merging"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     values.update(overrides)

@@ -89,6 +89,43 @@ class _TraceableUNet(torch.nn.Module):
                          mid_block_additional_residual=mid_residual, return_dict=False)[0]
 
 
+class _TraceableUNetWithFeature(torch.nn.Module):
+    """Feature reuse's full evaluation (engine/feature_reuse.py): the UNet's output and its deep feature."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, text_embeds=None, time_ids=None):
+        from lcm_live.engine.feature_reuse import capturing_deep_feature
+
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        with capturing_deep_feature(self.unet) as store:
+            out = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                            timestep_cond=timestep_cond, added_cond_kwargs=added, return_dict=False)[0]
+        return out, store["feature"]
+
+
+class _TraceableShallow(torch.nn.Module):
+    """Feature reuse's reused evaluation: the shallow blocks around a cached deep feature."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, deep_feature, timestep_cond=None, text_embeds=None,
+                time_ids=None):
+        from lcm_live.engine.feature_reuse import shallow_forward
+
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        return shallow_forward(self.unet, sample, timestep, encoder_hidden_states, deep_feature, timestep_cond,
+                               added)
+
+
+# The graphs an OpenVINOUNet converts: the UNet itself, and feature reuse's two (each its own IR per shape).
+GRAPHS = {"unet": _TraceableUNet, "unet+feature": _TraceableUNetWithFeature, "shallow": _TraceableShallow}
+
+
 class OpenVINOUNet(torch.nn.Module):
     """A stand-in for ``pipe.unet`` that runs OpenVINO IR compiled for each input shape it meets."""
 
@@ -123,6 +160,7 @@ class OpenVINOUNet(torch.nn.Module):
         self.quantized_shapes = 0  # int8 IRs this instance quantized (0 when all came from the cache)
         self.quantize_errors: list[str] = []
         self.conversions = 0  # how many IRs this instance converted from torch (0 when all came from the cache)
+        self.feature_reuse = None  # engine/feature_reuse.py's FeatureReuse, set by apply_speedups (--feature-reuse)
 
     # What pipelines read from a UNet.
     @property
@@ -155,14 +193,17 @@ class OpenVINOUNet(torch.nn.Module):
             inputs.update((DOWN_RESIDUAL.format(i), r) for i, r in enumerate(down_residuals))
         return inputs
 
-    def cache_path(self, shapes: dict[str, tuple], quantize: str = "none") -> Path:
+    def cache_path(self, shapes: dict[str, tuple], quantize: str = "none", graph: str = "unet") -> Path:
         # The folder names the main inputs' shapes (the digest covers them all): 13 residuals would make it too long
         shown = {k: v for k, v in shapes.items() if not k.startswith(("down_residual", MID_RESIDUAL))}
         shape_text = "_".join(f"{k}{'x'.join(map(str, v))}" for k, v in shown.items())
         if len(shown) < len(shapes):
             shape_text += f"_controlnet{len(shapes) - len(shown)}"
-        key = json.dumps([self.model_name, self.fingerprint, shapes, self.precision, quantize])
-        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        key = [self.model_name, self.fingerprint, shapes, self.precision, quantize]
+        if graph != "unet":  # feature reuse's graphs (the UNet's own keys stay as they were)
+            key.append(graph)
+            shape_text = f"{graph.replace('+', '-')}_{shape_text}"
+        digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
         return self._folder() / f"{shape_text}-{self.precision}-{quantize}-{digest}" / "unet.xml"
 
     def _folder(self) -> Path:
@@ -170,12 +211,12 @@ class OpenVINOUNet(torch.nn.Module):
         return self.cache_dir / f"{cache_name(self.model_name)}-{self.fingerprint}"
 
     # 2. Convert (or read from the cache), then compile for this shape.
-    def _ir(self, inputs: dict, shapes: dict[str, tuple]) -> Path:
+    def _ir(self, inputs: dict, shapes: dict[str, tuple], graph: str = "unet") -> Path:
         """The cached IR (inference precision, no quantization) for these shapes, converted from torch first when
         the cache has none."""
         import openvino as ov
 
-        path = self.cache_path(shapes)
+        path = self.cache_path(shapes, graph=graph)
         if path.exists():
             return path
         unet = self._torch_module()
@@ -186,7 +227,7 @@ class OpenVINOUNet(torch.nn.Module):
         example = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in inputs.items()}
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape asserts frozen: shapes are static
-            model = ov.convert_model(_TraceableUNet(source), example_input=example)
+            model = ov.convert_model(GRAPHS[graph](source), example_input=example)
         del source
         model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})  # static shapes
         # Half-precision weights on disk when inference runs in bf16/f16: half the file to read and map.
@@ -196,9 +237,14 @@ class OpenVINOUNet(torch.nn.Module):
         release_freed_memory()
         return path
 
-    def _request(self, inputs: dict) -> tuple[tuple, Any]:
+    def _request(self, inputs: dict, graph: str = "unet") -> tuple[tuple, Any]:
         """(shape key, infer request) for these inputs, compiled at their first call."""
         key = tuple((k, tuple(v.shape)) for k, v in inputs.items())
+        if graph != "unet":  # feature reuse's graphs: bf16 (or the dtype's) IR, never int8 (refused at load)
+            request = self._compiled.get((graph, key))
+            if request is None:
+                request = self._compiled[(graph, key)] = self._compile_ir(self._ir(inputs, dict(key), graph))
+            return key, request
         request = self._compiled.get(key)
         if request is None:
             request = self._compiled[key] = self._compile(inputs, key)
@@ -299,6 +345,18 @@ class OpenVINOUNet(torch.nn.Module):
             self._offloaded = False
         return unet
 
+    def infer(self, inputs: dict, graph: str = "unet") -> list[torch.Tensor]:
+        """The outputs (float32) of ``graph`` on these inputs; the UNet's own records int8 calibration inputs."""
+        key, request = self._request(inputs, graph)
+        feed = {k: v.detach().to(torch.float32).contiguous().numpy() if v.is_floating_point() else v.numpy()
+                for k, v in inputs.items()}
+        infer_interruptible(request, feed)  # a superseded generation stops mid-step (engine/interrupt.py)
+        outs = [torch.from_numpy(request.get_output_tensor(i).data.copy()) for i in range(len(request.model_outputs))]
+        calibration = self._calibration.get(key) if graph == "unet" else None
+        if calibration is not None and calibration.add(feed):
+            self._start_quantizing(key)
+        return outs
+
     def warm(self, sample, timestep, encoder_hidden_states, timestep_cond=None, added_cond_kwargs=None):
         """Convert/compile for these shapes now (e.g. at engine warm-up), without running."""
         self._request(self._inputs(sample, timestep, encoder_hidden_states, timestep_cond, added_cond_kwargs))
@@ -312,14 +370,20 @@ class OpenVINOUNet(torch.nn.Module):
                             "fuse the LoRA or use --backend torch", field="backend")
         inputs = self._inputs(sample, timestep, encoder_hidden_states, timestep_cond, added_cond_kwargs,
                               down_block_additional_residuals, mid_block_additional_residual)
-        key, request = self._request(inputs)
-        feed = {k: v.detach().to(torch.float32).contiguous().numpy() if v.is_floating_point() else v.numpy()
-                for k, v in inputs.items()}
-        infer_interruptible(request, feed)  # a superseded generation stops mid-step (engine/interrupt.py)
-        out = torch.from_numpy(request.get_output_tensor(0).data.copy()).to(sample.dtype)
-        calibration = self._calibration.get(key)
-        if calibration is not None and calibration.add(feed):
-            self._start_quantizing(key)
+        if self.feature_reuse is not None and down_block_additional_residuals is None:
+            from lcm_live.engine.feature_reuse import conditioning_of
+
+            def full() -> tuple[torch.Tensor, torch.Tensor]:
+                out, feature = self.infer(inputs, "unet+feature")
+                return out.to(sample.dtype), feature
+
+            def shallow(feature: torch.Tensor) -> torch.Tensor:
+                return self.infer({**inputs, "deep_feature": feature}, "shallow")[0].to(sample.dtype)
+
+            out = self.feature_reuse(sample, timestep, conditioning_of(sample, encoder_hidden_states, timestep_cond,
+                                                                       added_cond_kwargs), full, shallow)
+        else:
+            out = self.infer(inputs)[0].to(sample.dtype)
         if not return_dict:
             return (out,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput

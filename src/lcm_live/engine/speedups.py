@@ -12,6 +12,9 @@
 3. The OpenVINO UNet backend (CPU): see ``openvino_backend.py``.
 4. ``torch.compile`` of the UNet (``settings.compile``): ``reduce-overhead`` (Inductor kernels plus CUDA graphs) on
    CUDA, see :data:`CUDA_COMPILE_MODE`; the default mode with weight freezing on CPU.
+5. Fewer FLOPs per evaluation (issue 17): token merging (``--token-merging R``, ``tome.py``), applied to the torch
+   UNet before any conversion; feature reuse (``--feature-reuse K``, ``feature_reuse.py``), around the UNet last:
+   the OpenVINO UNet runs it over two IRs of its own, a torch UNet is wrapped.
 
 dtype itself (bf16/fp16) is chosen by the device logic and applied at load time; SDPA is diffusers' default.
 """
@@ -131,6 +134,13 @@ def check_speedups(settings: EngineSettings, device: Any, dtype: Any, *, backend
     if settings.compile and settings.compile_mode == "reduce-overhead" and device.type != "cuda":
         raise UserError(f"--compile-mode reduce-overhead records CUDA graphs, which {device.type} has not: use "
                         "--compile-mode auto (default) or max-autotune", field="compile_mode")
+    if settings.feature_reuse > 1:
+        why = {"controlnet": settings.controlnet, "compile": settings.compile,
+               "quantize": backend.name == "openvino" and settings.quantize == "int8"}
+        for field, on in why.items():
+            if on:
+                raise UserError(f"--feature-reuse {settings.feature_reuse} does not combine with --{field} (its "
+                                f"reused evaluations run graphs of their own): leave one of them off", field=field)
     if settings.quantize != "none" and device.type == "mps":
         raise UserError("--quantize is not supported on mps: use --quantize none", field="quantize")
 
@@ -168,12 +178,21 @@ def apply_speedups(pipe: Any, settings: EngineSettings, device: Any, dtype: Any)
             applied.append(f"int8:torch-dynamic({count} linears)")
         # OpenVINO: NNCF quantizes the IR once calibrated (engine warm-up), see openvino_int8.py.
 
-    # 3. OpenVINO UNet.
+    # 3. Token merging, on the torch UNet (an OpenVINO conversion below traces it merged).
+    if settings.token_merging > 0:
+        from lcm_live.engine.tome import apply_token_merging
+
+        apply_token_merging(pipe.unet, settings.token_merging)
+        applied.append(f"token_merging:{settings.token_merging:g}")
+
+    # 4. OpenVINO UNet.
     if backend.name == "openvino":
         from lcm_live.engine.openvino_backend import OpenVINOUNet
 
         precision = str(dtype).removeprefix("torch.")
-        pipe.unet = OpenVINOUNet(pipe.unet, model_name=settings.model, precision=precision,
+        # A merged UNet is another graph: its IRs get a cache key of their own.
+        model_name = settings.model + (f"+tome{settings.token_merging:g}" if settings.token_merging > 0 else "")
+        pipe.unet = OpenVINOUNet(pipe.unet, model_name=model_name, precision=precision,
                                  cache_dir=settings.openvino_cache_dir, quantize=settings.quantize)
         applied.append(f"openvino:{precision}" + (":int8-ptq" if settings.quantize == "int8" else ""))
         from lcm_live.engine.openvino_module import wrap_tiny_autoencoder
@@ -181,7 +200,7 @@ def apply_speedups(pipe: Any, settings: EngineSettings, device: Any, dtype: Any)
         if wrap_tiny_autoencoder(pipe.vae):
             applied.append("openvino:taesd")
 
-    # 4. torch.compile.
+    # 5. torch.compile.
     if settings.compile:
         mode = compile_mode(settings, device)
         if device.type == "cuda":
@@ -198,6 +217,17 @@ def apply_speedups(pipe: Any, settings: EngineSettings, device: Any, dtype: Any)
             applied.append(f"torch.compile({mode}, freezing)")
         # Runs before the compiled code's guards: see contiguous_inputs.
         pipe.unet.register_forward_pre_hook(contiguous_inputs, with_kwargs=True)
+
+    # 6. Feature reuse, around the UNet as it now runs.
+    if settings.feature_reuse > 1:
+        from lcm_live.engine.feature_reuse import FeatureReuse, FeatureReuseUNet
+
+        reuse = FeatureReuse(settings.feature_reuse)
+        if backend.name == "openvino":
+            pipe.unet.feature_reuse = reuse
+        else:
+            pipe.unet = FeatureReuseUNet(pipe.unet, reuse)
+        applied.append(f"feature_reuse:{settings.feature_reuse}")
     return applied
 
 
