@@ -185,3 +185,65 @@ def test_ray_worker_lost_replica_tells_the_session_and_runs_its_newest_input_aga
     calls = _scripted(2, script)
     assert calls[0][:2] == ("notice", "a") and "runs again" in calls[0][2]
     assert calls[1:] == [("frame", "a", (8, 8)), ("done", "a", "ok")]
+
+
+@needs_ray
+def test_ray_worker_observes_the_replicas_steps_and_batch_sizes():
+    """With a step_observer set, requests ask for steps and the observer gets each (no latents); "done" carries the
+    replica's batch sizes into the ingress's lcm_live_batch_size."""
+    import asyncio
+
+    from lcm_live.studio.metrics import StudioMetrics
+    from lcm_live.studio.params import build_params_model, parse_params
+    from lcm_live.studio.ray_worker import RayWorker
+    from lcm_live.studio.worker import Job
+
+    settings, metrics, sink, steps = StudioSettings(), StudioMetrics(), _Sink(), []
+    job = Job(params=parse_params(build_params_model(settings), {"prompt": "a"}), sink=sink)
+
+    async def main() -> None:
+        handle = _Handle()
+        worker = RayWorker(handle, settings, metrics)
+        worker._state, worker.workers_ready = "ready", 1
+        worker.step_observer = lambda j, event: steps.append((j.params.prompt, event.step, event.total, event.latents))
+        worker.submit("s", job)
+        await _settle()
+        assert handle.responses[0].payload["steps"] is True
+        for event in [("started",), ("step", 1, 2, 999), ("step", 2, 2, 499), *_final("a")[1:2], ("done", "ok", [1, 3]),
+                      None]:
+            handle.responses[0].events.put_nowait(event)
+        await _settle()
+
+    asyncio.run(main())
+    assert steps == [("a", 1, 2, None), ("a", 2, 2, None)]
+    assert sink.calls == [("frame", "a", (8, 8)), ("done", "a", "ok")]
+    assert metrics.batch_size._sum.get() == 4 and _count(metrics.batch_size) == 2
+
+
+def _count(histogram) -> float:
+    return next(s.value for m in histogram.collect() for s in m.samples if s.name.endswith("_count"))
+
+
+@needs_ray
+def test_generator_replica_streams_steps_when_asked_and_its_batch_sizes_once():
+    """The replica's side (studio/ray_app.py's Generator, its class run here without Serve, on a FakeEngine)."""
+    import asyncio
+
+    from lcm_live.config import Settings
+    from lcm_live.studio.ray_app import Generator
+
+    replica = Generator.func_or_class(Settings(studio=StudioSettings(default_previews=False)),
+                                      json.dumps({"step_latency_s": 0.01}))
+
+    async def events(steps: bool) -> list[tuple]:
+        payload = {"params": json.dumps({"prompt": "a", "num_inference_steps": 2}), "steps": steps}
+        return [event async for event in replica.generate(payload)]
+
+    try:
+        with_steps = asyncio.run(events(True))
+        without = asyncio.run(events(False))
+    finally:
+        replica.worker.stop(1.0)
+    assert [e[:2] for e in with_steps if e[0] == "step"] == [("step", 1), ("step", 2)]
+    assert not [e for e in without if e[0] == "step"]
+    assert with_steps[-1] == ("done", "ok", [1]) and without[-1] == ("done", "ok", [1])  # each call counted once

@@ -18,6 +18,7 @@ Everything Ray is imported here and in ray_worker.py only: ``lcm-live`` without 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
 import logging
@@ -32,6 +33,7 @@ from typing import Any
 from ray import serve
 
 from lcm_live.config import Settings
+from lcm_live.engine.hooks import StepEvent
 from lcm_live.errors import UserError
 from lcm_live.studio.metrics import StudioMetrics
 from lcm_live.studio.params import build_params_model, engine_info, parse_params
@@ -99,13 +101,38 @@ def make_engine_factory(settings: Settings, fake_engine: str | None):
     return lambda: FakeEngine.from_settings(settings.engine, config=dataclasses.replace(config))
 
 
+class _BatchSizes:
+    """The replica's ``lcm_live_batch_size``: observed there as in one process, and kept until the next request's
+    "done" event carries them to the ingress, whose ``/metrics`` are the studio's (each observation goes once)."""
+
+    KEPT = 1024  # observations waiting for a "done" to carry them (a replica that finishes nothing keeps no more)
+
+    def __init__(self, histogram: Any):
+        self._histogram = histogram
+        self._unsent: collections.deque[int] = collections.deque(maxlen=self.KEPT)
+        self._lock = threading.Lock()
+
+    def observe(self, size: int) -> None:
+        self._histogram.observe(size)
+        with self._lock:
+            self._unsent.append(int(size))
+
+    def take(self) -> list[int]:
+        with self._lock:
+            sizes = list(self._unsent)
+            self._unsent.clear()
+        return sizes
+
+
 class _StreamSink:
     """A replica's JobSink: each call becomes an event on the request's queue (from the worker thread). Frames go
-    as PIL images; ``generate`` encodes them off the worker thread, which goes on with the next step or job."""
+    as PIL images; ``generate`` encodes them off the worker thread, which goes on with the next step or job.
+    ``steps``: the ingress observes steps (its ``step_observer`` is set): each step goes too, without latents."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
+    def __init__(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue, steps: bool = False):
         self._loop = loop
         self._events = events
+        self.steps = steps
         self._lock = threading.Lock()
         self._unsent_previews = 0
 
@@ -131,6 +158,9 @@ class _StreamSink:
         self._put(("image", image, {"final": final, "step": step, "total": total, "generation_s": generation_s,
                                     "parameters": parameters}))
 
+    def on_step(self, event: StepEvent) -> None:
+        self._put(("step", event.step, event.total, event.timestep))
+
     def on_error(self, job: Job, code: str, message: str, field: str | None) -> None:
         self._put(("error", code, message, field))
 
@@ -145,8 +175,10 @@ class Generator:
 
     def __init__(self, settings: Settings, fake_engine: str | None = None):
         self.metrics = StudioMetrics()  # the replica's own; the ingress counts what clients see
+        self.batch_sizes = self.metrics.batch_size = _BatchSizes(self.metrics.batch_size)  # but batches, here
         self.worker = Worker(make_engine_factory(settings, fake_engine), settings.studio, self.metrics,
                              name="lcm-live-replica")
+        self.worker.step_observer = _forward_step
         self.worker.start()
         while self.worker.state == "loading":  # Serve marks the replica ready when __init__ returns
             time.sleep(0.05)
@@ -181,9 +213,10 @@ class Generator:
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[tuple]:
         """One job's events, streamed; stopped at the engine's next step when Serve cancels the request."""
         loop = asyncio.get_running_loop()
-        # Bounded by construction: at most one unsent preview (wants_preview), then a frame, an error and "done".
-        events: asyncio.Queue = asyncio.Queue(maxsize=16)
-        sink = _StreamSink(loop, events)
+        # Bounded by construction: at most one unsent preview (wants_preview), then a frame, an error and "done";
+        # with steps asked for, one event per step (at most max_steps).
+        events: asyncio.Queue = asyncio.Queue(maxsize=16 + self.worker.settings.max_steps)
+        sink = _StreamSink(loop, events, steps=bool(payload.get("steps")))
         try:
             params = parse_params(self.params_model, json.loads(payload["params"]))
         except UserError as exc:
@@ -206,6 +239,8 @@ class Generator:
                     if not frame["final"]:
                         sink.preview_sent()
                 done = event[0] == "done"
+                if done:  # the replica's batch sizes observed since the last "done", for the ingress's metrics
+                    event = (*event, self.batch_sizes.take())
                 yield event
         finally:
             if not done:  # CancelledError (Serve's cancellation) or the caller gone: stop at the next step
@@ -217,6 +252,12 @@ class Generator:
         worker = getattr(self, "worker", None)
         if worker is not None:
             worker.stop(1.0)
+
+
+def _forward_step(job: Job, event: StepEvent) -> None:
+    """The replica worker's step observer: a step goes to the ingress when its step_observer asked for them."""
+    if job.sink.steps:
+        job.sink.on_step(event)
 
 
 async def _drain_until_done(events: asyncio.Queue, timeout: float) -> None:

@@ -1,8 +1,10 @@
 """What crosses between the studio's ingress and a generator replica (studio/ray_app.py, studio/ray_worker.py).
 
 A job goes as its params (JSON: each side builds its own params model and validates them again) and its layers (PIL
-images, pickled by Ray); events come back as tuples: ``("started",)``, ``("frame", final, step, total,
-generation_s, parameters, png_bytes)``, ``("error", code, message, field)`` and last ``("done", outcome)``.
+images, pickled by Ray) and ``steps`` (stream each step too); events come back as tuples: ``("started",)``,
+``("step", step, total, timestep)`` (when asked), ``("frame", final, step, total, generation_s, parameters,
+png_bytes)``, ``("error", code, message, field)`` and last ``("done", outcome, batch_sizes)``: the sizes of the
+replica's engine calls since its previous "done" (its ``lcm_live_batch_size``, counted again in the ingress).
 """
 
 from __future__ import annotations

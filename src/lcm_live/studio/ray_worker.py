@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lcm_live.config import StudioSettings
+from lcm_live.engine.hooks import StepEvent
 from lcm_live.studio.metrics import StudioMetrics
 from lcm_live.studio.ray_wire import RemoteEngine, decode_image, job_payload
 from lcm_live.studio.worker import Job
@@ -70,7 +71,9 @@ class RayWorker:
         self.detail = "waiting for a generator replica"
         self.consecutive_failures = 0
         self.max_batch_size = 1  # the replicas' own (each batches what it runs)
-        self.step_observer: Callable[[Job, Any], None] | None = None  # steps run in the replicas: never called here
+        # Tests and benchmarks: called here for each step a replica runs (a StepEvent without latents); while it is
+        # set, requests ask their replica to stream their steps.
+        self.step_observer: Callable[[Job, Any], None] | None = None
         self.workers: list[str] = []  # the generator's replicas, as the controller counts them
         self.workers_ready = 0
         self._handle = handle
@@ -239,6 +242,7 @@ class RayWorker:
         lost = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
         job = flight.job
         payload = job_payload(job)
+        payload["steps"] = self.step_observer is not None
         tries = 0
         try:
             while not flight.settled:
@@ -311,6 +315,10 @@ class RayWorker:
             if flight.cancel_reason is None and not flight.settled:
                 job.sink.on_frame(job, image, final=final, step=step, total=total, generation_s=generation_s,
                                   parameters=parameters)
+        elif kind == "step":
+            observer = self.step_observer
+            if observer is not None and flight.cancel_reason is None:
+                observer(job, StepEvent(step=event[1], total=event[2], timestep=event[3], latents=None))
         elif kind == "error":
             _, code, message, error_field = event
             if code != "invalid_params":
@@ -319,6 +327,8 @@ class RayWorker:
                 self._count_failure()
             job.sink.on_error(job, code, message, error_field)
         elif kind == "done":
+            for size in event[2] if len(event) > 2 else ():  # the replica's engine calls since its last "done"
+                self.metrics.batch_size.observe(size)
             self._settle(flight, "cancelled" if flight.cancel_reason is not None and event[1] == "ok" else event[1])
 
     def _count_failure(self) -> None:
