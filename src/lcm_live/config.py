@@ -8,6 +8,7 @@ as plain ``LCM_LIVE_TOKEN``.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal, get_args
 
@@ -26,6 +27,55 @@ class LoraSpec(BaseModel):
     model_config = ConfigDict(frozen=True)
     source: str
     scale: float = 1.0
+
+
+# A preset's (and a style's) name: what requests and GET /api/models use; never a filesystem path.
+PRESET_NAME = r"^[A-Za-z0-9][\w.:+/-]{0,99}$"
+
+
+class StylePreset(BaseModel):
+    """A style LoRA of a model preset (models.toml): its safetensors source, its default scale, and the bounds a
+    request's ``lora_scales`` (the page's slider) may move it within."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=PRESET_NAME)
+    lora: str  # a .safetensors file, a folder holding one, a hub id or builtin:NAME (as --lora takes)
+    scale: float = 1.0
+    min: float = 0.0
+    max: float = 2.0
+
+    @model_validator(mode="after")
+    def _check(self) -> StylePreset:
+        if not all(math.isfinite(v) for v in (self.scale, self.min, self.max)):
+            raise ValueError("scale, min and max must be finite numbers")
+        if not self.min <= self.scale <= self.max:
+            raise ValueError(f"scale {self.scale} is outside min..max ({self.min}..{self.max}): move it inside "
+                             "or widen the bounds")
+        return self
+
+
+class ModelPreset(BaseModel):
+    """A named model a client may pick (serve --model A --model B, or a models.toml's [models.NAME] table): the
+    engine settings it changes from the server's, and the defaults the page starts it at. Unset: the server's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=PRESET_NAME)
+    model: str  # as --model takes it: hub id, folder, .safetensors file, builtin:NAME
+    lcm_lora: str | None = None  # auto | none | PATH_OR_ID; None: the server's --lcm-lora
+    styles: list[StylePreset] = Field(default_factory=list)
+    controlnet: str | list[str] | None = None  # None: the server's --controlnet(s)
+    scheduler: Literal["auto", "lcm", "tcd", "euler-a", "euler-trailing"] | None = None
+    width: int | None = Field(None, ge=64)  # the page's default size and steps for this model
+    height: int | None = Field(None, ge=64)
+    num_inference_steps: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelPreset:
+        names = [style.name for style in self.styles]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"styles: {', '.join(twice)} named more than once: give each style its own name")
+        return self
 
 
 class EngineSettings(BaseModel):
@@ -53,7 +103,11 @@ class EngineSettings(BaseModel):
     # A ControlNet (hub id, a folder of config.json + safetensors, or one original-layout .safetensors file):
     # "control" mode, where an image (the studio's canvas) guides the layout. On the OpenVINO backend the ControlNet
     # runs as an IR beside the UNet's (engine/openvino_controlnet.py; the UNet takes its residuals as IR inputs).
-    controlnet: str | None = None
+    # Several (``--controlnet A --controlnet B``, a list): their residuals summed, as diffusers' MultiControlNetModel.
+    controlnet: str | list[str] | None = None
+    # An IP-Adapter (engine/ip_adapter.py): a .safetensors file in diffusers' IP-Adapter format, its CLIP image
+    # encoder in the image_encoder folder beside it; a reference image then guides the content and style.
+    ip_adapter: str | None = None
     # The sampler (engine/families.py): auto detects the model's family from its folder or name; lcm, tcd, euler-a
     # (SDXL-Turbo) or euler-trailing (SD-Turbo, SDXS, SDXL-Lightning) override it. eta: TCD's gamma (None: the
     # family's, 0.3 for TCD, 1.0 for Hyper-SD's one-step LoRA).
@@ -85,6 +139,9 @@ class StudioSettings(BaseModel):
     # stream batching: frames of up to this many sessions (same size, steps, guidance) in one UNet call;
     # None: 1 on CPU (batching buys nothing there), max_sessions on GPU
     max_batch_size: int | None = Field(None, ge=1)
+    # Model presets (Settings.models): engines kept loaded per worker, least recently used evicted past this;
+    # None: 1 on a CPU (a second SD1.5 in RAM rarely pays), 2 on CUDA/MPS
+    max_loaded_models: int | None = Field(None, ge=1)
     # One inference worker per device, each with its own engine (serve --devices cuda:0,cuda:1; cpu,cpu in tests);
     # None: one worker on EngineSettings.device (studio/pool.py)
     devices: list[str] | None = Field(None, min_length=1)
@@ -217,3 +274,14 @@ class Settings(BaseSettings):
 
     engine: EngineSettings = Field(default_factory=EngineSettings)
     studio: StudioSettings = Field(default_factory=StudioSettings)
+    # The presets a client may pick by name (studio/models.py); empty: the one model of ``engine``. The first is
+    # the default; each changes ``engine`` only where it says.
+    models: list[ModelPreset] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_models(self) -> Settings:
+        names = [preset.name for preset in self.models]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"models: {', '.join(twice)} named more than once: give each preset its own name")
+        return self

@@ -79,7 +79,7 @@ class Prepared:
             return None
         return (self.mode, self.width, self.height, r.num_inference_steps, self.guidance_scale, self.do_cfg,
                 r.strength if self.img2img else None,
-                r.controlnet_conditioning_scale if r.control_image is not None else None, self.mask_box,
+                modes.call_key(r), self.mask_box,
                 r.output_type)
 
 

@@ -8,6 +8,9 @@ ControlNets are made that way), read through diffusers' ``from_single_file``. It
 cross-attention width and down blocks are those of the UNet it feeds residuals into (an SD1.5 ControlNet for SD1.5
 models, an SDXL one for SDXL), which is checked before it loads.
 
+Several (``--controlnet A --controlnet B``) load side by side into diffusers' ``MultiControlNetModel``; each takes
+its own control image, scale and ``control_guidance_start/end`` and their residuals are summed.
+
 It runs inside the engine's own loop (engine/denoiser.py) as diffusers' ControlNet pipelines run it: on the UNet's
 rows, its residuals added to the UNet's, scaled by ``controlnet_conditioning_scale``; so it composes with an init
 image, a mask and region prompts too. The images equal diffusers' ``StableDiffusionControlNetPipeline`` and
@@ -26,6 +29,29 @@ from lcm_live.errors import UserError, first_line
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # What must match between a ControlNet and the UNet it feeds: one residual per down-block layer, of these widths.
 FIT_KEYS = ("cross_attention_dim", "block_out_channels", "layers_per_block", "in_channels")
+
+
+def controlnet_sources(value: str | list[str] | None) -> list[str]:
+    """``EngineSettings.controlnet`` (one source, several, or None) as a list."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def controlnet_nets(controlnet: Any) -> list[Any]:
+    """The ControlNetModels of ``LoadedModel.controlnet`` (one, a MultiControlNetModel's, or none)."""
+    if controlnet is None:
+        return []
+    return list(controlnet.nets) if hasattr(controlnet, "nets") else [controlnet]
+
+
+def combine(nets: list[Any]) -> Any:
+    """One ControlNetModel as it is; several as diffusers' MultiControlNetModel (what its pipelines take)."""
+    if len(nets) == 1:
+        return nets[0]
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    return MultiControlNetModel(nets)
 
 
 def _error(source: str, text: str) -> UserError:

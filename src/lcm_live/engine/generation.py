@@ -5,8 +5,8 @@
    scalars on the host.
 3. Start latents: seeded noise (slerped with a second seed's), or the init image's latents noised to the first
    timestep.
-4. Conditionings around the UNet: w-embedding, SDXL size ids, ControlNet, inpainting; region prompts on their
-   windows (engine/regions.py).
+4. Conditionings around the UNet: w-embedding, SDXL size ids, the ControlNets (each in its steps), the
+   IP-Adapter's image embeddings, inpainting; region prompts on their windows (engine/regions.py).
 5. Sample (engine/sampling.py, engine/samplers.py), calling ``on_step`` after each step.
 6. Decode, and composite masked results with their init images.
 """
@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from lcm_live.engine.denoiser import Control, Denoiser, TextRows
+from lcm_live.engine import modes
+from lcm_live.engine.denoiser import Control, ControlSteps, Denoiser, TextRows
 from lcm_live.engine.latents import decode, encode_images, encode_mode, noise_for
 from lcm_live.engine.masks import composite, latent_mask
 from lcm_live.engine.postprocess import to_pil
@@ -60,7 +61,7 @@ def _rows(per_latent: list[dict[str, Any]]) -> TextRows:
 
 
 def _denoiser(engine: Any, first: Any, text: TextRows, size: tuple[int, int], *, control: Any = None,
-              inpaint_inputs: Any = None) -> Denoiser:
+              inpaint_inputs: Any = None, image_embeds: Any = None) -> Denoiser:
     """Step 4: the UNet and its conditionings for latents of pixel ``size`` (height, width)."""
     unet, device, dtype = engine.pipe.unet, engine.device, text.prompt_embeds.dtype
     w_embedding = None
@@ -70,7 +71,52 @@ def _denoiser(engine: Any, first: Any, text: TextRows, size: tuple[int, int], *,
     if text.pooled_prompt_embeds is not None:  # SDXL: (original size, crop top-left, target size)
         time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=dtype, device=device)
     return Denoiser(unet, text, guidance_scale=first.guidance_scale, do_cfg=first.do_cfg, w_embedding=w_embedding,
-                    time_ids=time_ids, control=control, inpaint_inputs=inpaint_inputs)
+                    time_ids=time_ids, control=control, inpaint_inputs=inpaint_inputs,
+                    image_embeds=_embed_rows(image_embeds, text.prompt_embeds.shape[0]))
+
+
+def _embed_rows(image_embeds: Any, rows: int) -> Any:
+    """The IP-Adapter's (cond, uncond) embeddings for ``rows`` latents: as they are (one per latent), or one
+    request's repeated for its region windows' rows."""
+    if image_embeds is None or image_embeds[0].shape[0] == rows:
+        return image_embeds
+    return tuple(e[:1].repeat(rows, *[1] * (e.dim() - 1)) for e in image_embeds)
+
+
+def _controls(engine: Any, preps: list[Any], n: int, num_steps: int, dtype: Any) -> Any:
+    """Step 4's ControlNets: per net its images (one row per latent, in [0, 1]; None: the net sits out), scale
+    and steps (control_guidance_start/end over the ``num_steps`` that run), or None without a control image."""
+    first, request = preps[0], preps[0].request
+    if request.control_image is None:
+        return None
+    nets = engine.controlnets
+    images = []
+    for k in range(len(nets)):
+        if first.control_image[k] is None:  # equal across a batch (the batch key says which nets have images)
+            images.append(None)
+            continue
+        pixels = engine.control_processor.preprocess([p.control_image[k] for p in preps], height=first.height,
+                                                     width=first.width).to(dtype=torch.float32)
+        images.append(_per_image(pixels.to(engine.device, dtype), n))
+    scales = [float(x) for x in modes.per_net(request.controlnet_conditioning_scale, len(nets))]
+    steps = ControlSteps.of(modes.per_net(request.control_guidance_start, len(nets)),
+                            modes.per_net(request.control_guidance_end, len(nets)), num_steps)
+    return Control(nets, images, scales, steps)
+
+
+def _image_embeds(engine: Any, preps: list[Any], n: int) -> Any:
+    """Step 4's IP-Adapter embeddings (cond, uncond), one row per latent; a request without a reference image
+    gets zeros and the call runs at scale 0 (diffusers' processors then skip the adapter); None without one."""
+    if engine.ip_embeddings is None:
+        return None
+    request = preps[0].request
+    scale = float(request.ip_adapter_scale) if request.ip_adapter_image is not None else 0.0
+    if engine._ip_adapter_scale != scale:  # one scale per call (the batch key holds it)
+        engine.pipe.set_ip_adapter_scale(scale)
+        engine._ip_adapter_scale = scale
+    pairs = [engine.ip_embeddings(p.request.ip_adapter_image) if p.request.ip_adapter_image is not None
+             else engine.ip_embeddings.blank() for p in preps]
+    return tuple(_per_image(torch.cat([pair[i] for pair in pairs]), n) for i in (0, 1))
 
 
 def run_call(engine: Any, preps: list[Any], on_step: Any) -> tuple[Any, list[list[str]], dict[str, float]]:
@@ -109,12 +155,14 @@ def run_call(engine: Any, preps: list[Any], on_step: Any) -> tuple[Any, list[lis
 
         # 4. Conditionings.
         unet = pipe.unet
-        controls = None
-        if request.control_image is not None:
-            controls = engine.control_processor.preprocess([p.control_image for p in preps], height=first.height,
-                                                           width=first.width).to(dtype=torch.float32)
-            controls = _per_image(controls.to(device, dtype), n)
-        scale_cn = float(request.controlnet_conditioning_scale)
+        controls = _controls(engine, preps, n, len(plan.timesteps), dtype)
+        image_embeds = _image_embeds(engine, preps, n)
+
+        def cropped(boxes: list[Any]) -> Any:  # the ControlNets on windows of the picture (their images cropped)
+            if controls is None:
+                return None
+            return Control(controls.nets, [None if i is None else crop(i, boxes, scale) for i in controls.images],
+                           controls.scales, controls.steps)
         blend, inpaint_inputs = None, None
         if first.mask is not None:
             mask = _per_image(latent_mask([p.mask for p in preps], scale, device, dtype), n)
@@ -131,32 +179,28 @@ def run_call(engine: Any, preps: list[Any], on_step: Any) -> tuple[Any, list[lis
         h, w = latents.shape[-2:]
         if first.mask_box is not None and first.mask_box != (0, h, 0, w):  # inpainting: the mask's window only
             boxes = [first.mask_box]
-            (y0, y1, x0, x1), control = boxes[0], None
-            if controls is not None:
-                control = Control(engine.loaded.controlnet, crop(controls, boxes, scale), scale_cn)
-            inner = _denoiser(engine, first, text, ((y1 - y0) * scale, (x1 - x0) * scale), control=control)
+            y0, y1, x0, x1 = boxes[0]
+            inner = _denoiser(engine, first, text, ((y1 - y0) * scale, (x1 - x0) * scale), control=cropped(boxes),
+                              image_embeds=image_embeds)
             weights = torch.zeros(2, 1, h, w, device=device, dtype=dtype)
             weights[1, :, y0:y1, x0:x1] = 1  # outside the window the blend keeps the init image's latents
             model = RegionDenoiser(inner, None, boxes, weights)
         elif first.region_weights is None:
-            control = None if controls is None else Control(engine.loaded.controlnet, controls, scale_cn)
-            model = _denoiser(engine, first, text, (first.height, first.width), control=control,
-                              inpaint_inputs=inpaint_inputs)
+            model = _denoiser(engine, first, text, (first.height, first.width), control=controls,
+                              inpaint_inputs=inpaint_inputs, image_embeds=image_embeds)
         else:  # one request (regions never share a call): its region prompts on their windows (engine/regions.py)
             weights = first.region_weights.to(device, dtype)
             boxes = windows(weights)
             (y0, y1, x0, x1), regions = boxes[0], embeds[0][1]
             window_text = _rows([kw for _ in range(n) for kw in regions])
-            control = None if controls is None else Control(engine.loaded.controlnet, crop(controls, boxes, scale),
-                                                            scale_cn)
             base = None
             if weights[0].any():
-                base_control = None if controls is None else Control(engine.loaded.controlnet, controls, scale_cn)
-                base = _denoiser(engine, first, text, (first.height, first.width), control=base_control,
-                                 inpaint_inputs=inpaint_inputs)
+                base = _denoiser(engine, first, text, (first.height, first.width), control=controls,
+                                 inpaint_inputs=inpaint_inputs, image_embeds=image_embeds)
             model = RegionDenoiser(
-                _denoiser(engine, first, window_text, ((y1 - y0) * scale, (x1 - x0) * scale), control=control,
-                          inpaint_inputs=None if inpaint_inputs is None else crop(inpaint_inputs, boxes)),
+                _denoiser(engine, first, window_text, ((y1 - y0) * scale, (x1 - x0) * scale), control=cropped(boxes),
+                          inpaint_inputs=None if inpaint_inputs is None else crop(inpaint_inputs, boxes),
+                          image_embeds=image_embeds),
                 base, boxes, weights)
 
         # 5. Sample.
@@ -164,6 +208,8 @@ def run_call(engine: Any, preps: list[Any], on_step: Any) -> tuple[Any, list[lis
 
         def callback(event: dict[str, Any]) -> None:
             marks["last_step"] = time.perf_counter()
+            if controls is not None:  # the ControlNets' next step (control_guidance_start/end)
+                controls.steps.step = event["i"] + 1
             on_step(event["i"] + 1, event["total"], event["timestep"], event["denoised"])
 
         latents = plan.sample(model, latents, generator=generator, callback=callback, blend=blend)

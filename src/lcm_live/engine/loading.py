@@ -10,8 +10,10 @@
    LoRAs are read before the (long) pipeline load, so a bad LoRA fails at once; a UNet-only model then gets its
    base pipeline (engine/unet_only.py) and loads into it;
 4. plain models get ``LCMScheduler`` and the LCM-LoRA, style LoRAs are stacked with it, and all are fused;
-5. the pipeline moves to the device and dtype; a ControlNet (``--controlnet``, fetched before the pipeline
-   load) is checked against the UNet and loads beside it (engine/controlnet.py).
+5. the pipeline moves to the device and dtype; the ControlNets (``--controlnet``, repeatable, fetched before the
+   pipeline load) are checked against the UNet and load beside it (engine/controlnet.py); an IP-Adapter
+   (``--ip-adapter``, found before the pipeline load) is checked against the UNet and loads into it with its image
+   encoder (engine/ip_adapter.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 from lcm_live.config import DEFAULT_MODEL, EngineSettings
 from lcm_live.engine.architectures import config_dir
-from lcm_live.engine.controlnet import controlnet_location, load_controlnet
+from lcm_live.engine.controlnet import combine, controlnet_location, controlnet_sources, load_controlnet
 from lcm_live.engine.families import make_scheduler, read_family
 from lcm_live.engine.loras import BUILTIN_LCM_LORAS, LCM_LORA_IDS, apply_loras, lcm_lora_source, read_loras
 from lcm_live.engine.model import LoadedModel
@@ -102,9 +104,14 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
             wanted.append((lcm_lora, 1.0, "--lcm-lora"))
     wanted += [(spec.source, spec.scale, "--lora") for spec in settings.loras]
     loras = read_loras(wanted, cache_dir=settings.cache_dir)
-    controlnet_at = None
-    if settings.controlnet:  # fetched (or refused) before the long pipeline load, as the LoRAs are
-        controlnet_at = controlnet_location(settings.controlnet, cache_dir=settings.cache_dir, progress=progress)
+    # The ControlNets and the IP-Adapter are fetched (or refused) before the long pipeline load, as the LoRAs are.
+    controlnets_at = [(source, controlnet_location(source, cache_dir=settings.cache_dir, progress=progress))
+                      for source in controlnet_sources(settings.controlnet)]
+    ip_adapter_at = None
+    if settings.ip_adapter:
+        from lcm_live.engine.ip_adapter import ip_adapter_location
+
+        ip_adapter_at = ip_adapter_location(settings.ip_adapter, cache_dir=settings.cache_dir, progress=progress)
     if source.kind == "single_file":
         pipe = _load_single_file(Path(source.location), arch, dtype=dtype, progress=progress)
     elif source.kind == "unet":
@@ -128,14 +135,18 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
     width, height = native_size(pipe, source.name, arch)
     if family.native_size is not None:  # SDXL-Turbo: SDXL's UNet, trained at 512x512
         width = height = family.native_size
-    controlnet = None
-    if controlnet_at is not None:
-        controlnet = load_controlnet(settings.controlnet, controlnet_at, unet=pipe.unet, arch=arch, dtype=dtype,
-                                     device=device)
+    nets = [load_controlnet(name, at, unet=pipe.unet, arch=arch, dtype=dtype, device=device)
+            for name, at in controlnets_at]  # (before the IP-Adapter changes the UNet's attention processors)
+    names = [name for name, _ in controlnets_at]
+    if ip_adapter_at is not None:
+        from lcm_live.engine.ip_adapter import load_ip_adapter
+
+        load_ip_adapter(pipe, settings.ip_adapter, *ip_adapter_at, arch=arch, dtype=dtype, device=device)
     return LoadedModel(pipe=pipe, kind=family.kind, arch=arch, name=source.name, family=family,
                        native_width=width, native_height=height,
                        loras=[(lora.source, lora.scale) for lora in loras], notice=notice,
-                       controlnet=controlnet, controlnet_name=settings.controlnet if controlnet is not None else None)
+                       controlnet=combine(nets) if nets else None, controlnet_name=" + ".join(names) or None,
+                       controlnet_names=names, ip_adapter_name=settings.ip_adapter if ip_adapter_at else None)
 
 
 def _check_auto_lcm_lora(setting: str, info: ModelInfo, name: str) -> None:

@@ -17,7 +17,11 @@ class LoadedModel:
     native_height: int
     loras: list[tuple[str, float]] = field(default_factory=list)  # (LCM-LoRA or style LoRA, scale), in load order
     notice: str | None = None  # said loudly to the user (e.g. "offline: using builtin:shapes instead of ...")
-    controlnet: Any = None  # a diffusers ControlNetModel (--controlnet), on the pipeline's device and dtype
-    controlnet_name: str | None = None  # as the user gave it
+    # a diffusers ControlNetModel (--controlnet), or a MultiControlNetModel of several, on the pipeline's device and
+    # dtype (engine/controlnet.py: controlnet_nets lists them)
+    controlnet: Any = None
+    controlnet_name: str | None = None  # as the user gave it (several: joined by " + ")
+    controlnet_names: list[str] = field(default_factory=list)  # one per net, in load order
+    ip_adapter_name: str | None = None  # --ip-adapter as given: loaded into the pipeline (engine/ip_adapter.py)
     # The model family (engine/families.py): its sampler, defaults and guidance semantics; None: the kind's LCM one.
     family: Any = None

@@ -2,7 +2,8 @@
 parameter schema (studio) and the CLI flags are all read from :data:`CONDITIONINGS`.
 
 A request's mode is the set of conditionings it uses besides text: an init image (``img2img``), a mask over it
-(``inpaint``), a control image (``control``), region prompts (``regions``); blends change inputs, not the mode.
+(``inpaint``), a control image (``control``; one per net with several ControlNets), a reference image
+(``ip_adapter``), region prompts (``regions``); blends change inputs, not the mode.
 Adding a conditioning means one entry here and its few lines in engine/generation.py.
 """
 
@@ -30,14 +31,23 @@ class Param:
     maximum: float | None = None
     flag: str | None = None  # `lcm-live generate` flag
     fields: dict[str, str] = field(default_factory=dict)  # "object"/"array" items: field -> type
+    # One value per ControlNet (a list in the request, in load order; a repeatable CLI flag); a single value
+    # stands for all nets, except images, which take a list as soon as there are several nets.
+    per_controlnet: bool = False
 
 
 @dataclass(frozen=True)
 class ModelCaps:
     """What the loaded model offers, as validation needs it."""
 
-    controlnet: str | None = None  # the ControlNet's name, None without one
+    controlnet: str | None = None  # the ControlNet's name (the first's with several), None without one
+    controlnets: int | None = None  # how many ControlNets (None: 1 with ``controlnet``, else 0)
+    ip_adapter: str | None = None  # the IP-Adapter's name, None without one
     lcm_img2img: bool = False  # img2img as LCM's own pipeline (all steps run whatever the strength)
+
+    @property
+    def n_controlnets(self) -> int:
+        return self.controlnets if self.controlnets is not None else int(self.controlnet is not None)
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,7 @@ class Conditioning:
     check: Callable[[GenerationRequest, ModelCaps], None]  # raises UserError naming the field
     key: Callable[[GenerationRequest], tuple] = lambda r: ()  # what requests in one batched call share
     needs_controlnet: bool = False
+    needs_ip_adapter: bool = False
 
 
 def _is_number(value: Any) -> bool:
@@ -72,16 +83,64 @@ def _check_init(request: GenerationRequest, caps: ModelCaps) -> None:
         raise UserError("image must be a PIL image (the init image for image-to-image)", field="image")
 
 
+def per_net(value: Any, n: int) -> list[Any]:
+    """A per-ControlNet value as a list of ``n`` (a single value stands for all nets)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+def _check_per_net(request: GenerationRequest, name: str, n: int) -> list[Any]:
+    value = getattr(request, name)
+    if isinstance(value, (list, tuple)) and len(value) != n:
+        raise UserError(f"{name}: {len(value)} values for {n} ControlNet{'s' * (n != 1)}; give one per ControlNet "
+                        "(in the order they were loaded) or a single value for all", field=name)
+    return per_net(value, n)
+
+
 def _check_control(request: GenerationRequest, caps: ModelCaps) -> None:
-    if caps.controlnet is None:
+    n = caps.n_controlnets
+    if n == 0:
         raise UserError("control_image needs a ControlNet: load one with --controlnet (a hub id, a diffusers "
                         "ControlNet folder or a .safetensors file), or drop the control image", field="control_image")
-    if not _is_image(request.control_image):
-        raise UserError("control_image must be a PIL image", field="control_image")
-    scale = request.controlnet_conditioning_scale
-    if not _is_number(scale) or scale < 0:
-        raise UserError(f"controlnet_conditioning_scale={scale!r}: use a number >= 0 (1.0 is the usual strength, "
-                        "0 turns the ControlNet off)", field="controlnet_conditioning_scale")
+    images = request.control_image
+    if isinstance(images, (list, tuple)):
+        if len(images) != n or not any(image is not None for image in images):
+            raise UserError(f"control_image: {len(images)} images for {n} ControlNet{'s' * (n != 1)}; give one per "
+                            "ControlNet, in the order they were loaded (None leaves that net out), at least one "
+                            "image", field="control_image")
+    elif n > 1:
+        raise UserError(f"control_image: {n} ControlNets are loaded; give a list of {n} images, one per ControlNet "
+                        "in the order they were loaded (None leaves that net out)", field="control_image")
+    else:
+        images = [images]
+    if not all(image is None or _is_image(image) for image in images):
+        raise UserError("control_image must be a PIL image" + (" (or None) per ControlNet" if n > 1 else ""),
+                        field="control_image")
+    for scale in _check_per_net(request, "controlnet_conditioning_scale", n):
+        if not _is_number(scale) or scale < 0:
+            raise UserError(f"controlnet_conditioning_scale={scale!r}: use a number >= 0 (1.0 is the usual strength, "
+                            "0 turns the ControlNet off)", field="controlnet_conditioning_scale")
+    starts = _check_per_net(request, "control_guidance_start", n)
+    ends = _check_per_net(request, "control_guidance_end", n)
+    for start, end in zip(starts, ends, strict=True):
+        if not _is_number(start) or not 0 <= start < 1:
+            raise UserError(f"control_guidance_start={start!r}: use a number in [0, 1) (the fraction of the steps "
+                            "after which the ControlNet starts)", field="control_guidance_start")
+        if not _is_number(end) or not start < end <= 1:
+            raise UserError(f"control_guidance_end={end!r}: use a number in ({start}, 1], above "
+                            f"control_guidance_start={start} (the fraction of the steps after which the ControlNet "
+                            "stops)", field="control_guidance_end")
+
+
+def _check_ip_adapter(request: GenerationRequest, caps: ModelCaps) -> None:
+    if caps.ip_adapter is None:
+        raise UserError("ip_adapter_image needs an IP-Adapter: load one with --ip-adapter (a .safetensors file with "
+                        "its image_encoder folder beside it), or drop the reference image", field="ip_adapter_image")
+    if not _is_image(request.ip_adapter_image):
+        raise UserError("ip_adapter_image must be a PIL image (the reference image)", field="ip_adapter_image")
+    scale = request.ip_adapter_scale
+    if not _is_number(scale) or not 0 <= scale <= 2:
+        raise UserError(f"ip_adapter_scale={scale!r}: use a number from 0 to 2 (1.0 follows the reference image "
+                        "closely, 0.5 blends it with the prompt, 0 ignores it)", field="ip_adapter_scale")
 
 
 def _check_mask(request: GenerationRequest, caps: ModelCaps) -> None:
@@ -144,9 +203,25 @@ CONDITIONINGS: tuple[Conditioning, ...] = (
         (Param("control_image", "image", "with a ControlNet: the image that guides the layout (white lines on "
                                          "black for line ControlNets)", flag="--control-image"),
          Param("controlnet_conditioning_scale", "number", "how strongly the control image guides, >= 0", 1.0, 0.0,
-               flag="--controlnet-conditioning-scale")),
+               flag="--controlnet-conditioning-scale", per_controlnet=True),
+         Param("control_guidance_start", "number", "the fraction of the steps after which the ControlNet starts "
+                                                   "acting, in [0, 1)", 0.0, 0.0, 1.0,
+               flag="--control-guidance-start", per_controlnet=True),
+         Param("control_guidance_end", "number", "the fraction of the steps after which it stops, in (start, 1]",
+               1.0, 0.0, 1.0, flag="--control-guidance-end", per_controlnet=True)),
         active=lambda r: r.control_image is not None, check=_check_control,
-        key=lambda r: (r.controlnet_conditioning_scale,), needs_controlnet=True),
+        key=lambda r: (_hashable(r.controlnet_conditioning_scale), _hashable(r.control_guidance_start),
+                       _hashable(r.control_guidance_end),
+                       tuple(i is None for i in r.control_image) if isinstance(r.control_image, list) else ()),
+        needs_controlnet=True),
+    Conditioning(
+        "ip_adapter_image", "ip_adapter",
+        (Param("ip_adapter_image", "image", "with an IP-Adapter: the reference image whose content and style guide "
+                                            "the picture", flag="--ip-adapter-image"),
+         Param("ip_adapter_scale", "number", "how strongly the reference image guides, 0 to 2", 1.0, 0.0, 2.0,
+               flag="--ip-adapter-scale")),
+        active=lambda r: r.ip_adapter_image is not None, check=_check_ip_adapter,
+        key=lambda r: (r.ip_adapter_scale,), needs_ip_adapter=True),
     Conditioning(
         "mask", "inpaint",
         (Param("mask_image", "image", "with an init image: white = redraw, black = keep", flag="--mask"),
@@ -175,6 +250,10 @@ CONDITIONINGS: tuple[Conditioning, ...] = (
 BY_NAME = {c.name: c for c in CONDITIONINGS}
 
 
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
 def active(request: GenerationRequest) -> list[Conditioning]:
     return [c for c in CONDITIONINGS if c.active(request)]
 
@@ -191,9 +270,10 @@ def mode_name(request: GenerationRequest) -> str:
 
 def check(request: GenerationRequest, caps: ModelCaps, *, model_checks: bool = True) -> None:
     """Every active conditioning's checks, in the registry's order (the first problem is raised);
-    ``model_checks=False`` leaves out those that need the model (a ControlNet), for checks before loading it."""
+    ``model_checks=False`` leaves out those that need the model (a ControlNet, an IP-Adapter), for checks before
+    loading it."""
     for conditioning in active(request):
-        if model_checks or not conditioning.needs_controlnet:
+        if model_checks or not (conditioning.needs_controlnet or conditioning.needs_ip_adapter):
             conditioning.check(request, caps)
 
 
@@ -203,18 +283,24 @@ def batch_key(request: GenerationRequest) -> Hashable | None:
     each request's region windows are its own)."""
     if request.num_images_per_prompt != 1 or request.regions:
         return None
-    parts = tuple((c.name, c.key(request)) for c in active(request) if c.label)  # blends are per member
+    parts = call_key(request)  # blends are per member
     return (mode_name(request), request.width, request.height, request.num_inference_steps,
             request.guidance_scale, request.output_type, parts)
 
 
+def call_key(request: GenerationRequest) -> tuple:
+    """The conditionings' part of a batch key (scales, ControlNet steps, which nets act): hashable."""
+    return tuple((c.name, c.key(request)) for c in active(request) if c.label)
+
+
 def param_schema(caps: ModelCaps | None = None) -> list[dict[str, Any]]:
     """The conditionings' parameters as plain dicts (name, type, description, default, bounds, flag, fields,
-    conditioning), those needing a ControlNet only when ``caps`` has one: what a page builds its controls from."""
+    conditioning), those needing a ControlNet (an IP-Adapter) only when ``caps`` has one: what a page builds its
+    controls from. ``per_controlnet`` params take a list of ``caps.n_controlnets`` values."""
     caps = caps or ModelCaps()
     out = []
     for c in CONDITIONINGS:
-        if c.needs_controlnet and caps.controlnet is None:
+        if (c.needs_controlnet and caps.n_controlnets == 0) or (c.needs_ip_adapter and caps.ip_adapter is None):
             continue
         out += [{**asdict(p), "conditioning": c.name} for p in c.params]
     return out

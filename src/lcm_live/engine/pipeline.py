@@ -27,7 +27,9 @@ from typing import Any
 
 from lcm_live import __version__
 from lcm_live.config import EngineSettings
+from lcm_live.engine import modes
 from lcm_live.engine.batching import Prepared, StepHook, run_batch
+from lcm_live.engine.controlnet import controlnet_nets
 from lcm_live.engine.decoders import LatentPreview, set_tiling, swap_in_decoder, wants_tiling
 from lcm_live.engine.families import step_note
 from lcm_live.engine.hooks import StepCallback, StepEvent, stop_check
@@ -38,13 +40,13 @@ from lcm_live.engine.prompts import PromptCache
 from lcm_live.engine.protocol import EngineInfo
 from lcm_live.engine.request import GenerationRequest, GenerationResult
 from lcm_live.engine.validation import (
-    check_control,
     check_lcm_img2img_schedule,
     prepare_init_image,
     resolve_guidance,
     resolve_size,
     validate_request,
 )
+from lcm_live.errors import UserError
 
 
 class Engine:
@@ -81,11 +83,20 @@ class Engine:
         self._preview = LatentPreview(self.pipe.vae, taesd=self._taesd, scale_factor=self.pipe.vae_scale_factor)
         self._lock = threading.Lock()  # one generation at a time
         self._preview_lock = threading.Lock()
-        if loaded.controlnet is not None and type(self.pipe.unet).__name__ == "OpenVINOUNet":
+        self.controlnets = controlnet_nets(loaded.controlnet)  # in load order: the per-net params' order
+        if self.controlnets and type(self.pipe.unet).__name__ == "OpenVINOUNet":
             from lcm_live.engine.openvino_controlnet import run_in_openvino
 
-            run_in_openvino(loaded.controlnet, self.pipe.unet)  # the ControlNet beside the OpenVINO UNet
-            speedups = [*(speedups or []), "openvino:controlnet"]
+            for net in self.controlnets:  # each net its own IR beside the OpenVINO UNet (residuals summed after)
+                run_in_openvino(net, self.pipe.unet)
+            speedups = [*(speedups or []), "openvino:controlnet" + (f"x{len(self.controlnets)}"
+                                                                     if len(self.controlnets) > 1 else "")]
+        self.ip_embeddings = None  # the reference images' embeddings, cached by pixels (engine/ip_adapter.py)
+        self._ip_adapter_scale: float | None = None  # the scale the UNet's IP-Adapter processors are set to
+        if loaded.ip_adapter_name is not None:
+            from lcm_live.engine.ip_adapter import ImageEmbeddings
+
+            self.ip_embeddings = ImageEmbeddings(self.pipe, self.device)
         if not hasattr(self.pipe.unet, "_orig_mod"):  # not torch.compile'd (engine/interrupt.py)
             install_block_checks(self.pipe.unet)  # should_stop is read between the UNet's blocks too
         self.info = EngineInfo(
@@ -95,6 +106,8 @@ class Engine:
             decoder=self.settings.decoder, notice=loaded.notice,
             loras=[{"source": s, "scale": float(w)} for s, w in loaded.loras], speedups=list(speedups or []),
             scheduler=diffusers_class_name(self.pipe.scheduler), controlnet=loaded.controlnet_name,
+            controlnets=list(loaded.controlnet_names or ([loaded.controlnet_name] if self.controlnets else [])),
+            ip_adapter=loaded.ip_adapter_name,
             family=self.family.name, default_num_inference_steps=self.family.num_inference_steps,
         )
 
@@ -107,6 +120,7 @@ class Engine:
 
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device).dtype
+        settings = _torch_for_ip_adapter(settings)
         speedups = _speedups_module()
         if speedups is not None and hasattr(speedups, "check_speedups"):
             speedups.check_speedups(settings, device, dtype)  # refuse impossible flags before a long load
@@ -124,6 +138,12 @@ class Engine:
         return cls(loaded, settings, device, dtype, speedups=applied)
 
     # ------------------------------------------------------------------ generation
+    @property
+    def caps(self) -> modes.ModelCaps:
+        """What the loaded model offers requests (engine/modes.py)."""
+        return modes.ModelCaps(controlnet=self.info.controlnet, controlnets=len(self.controlnets),
+                               ip_adapter=self.info.ip_adapter, lcm_img2img=self.lcm_img2img)
+
     @property
     def compiled(self) -> bool:
         """Whether the UNet is torch.compile'd (its first call at each shape compiles)."""
@@ -172,7 +192,7 @@ class Engine:
         if request.num_inference_steps is None:  # the family's default (engine/families.py)
             request = dataclasses.replace(request, num_inference_steps=self.family.num_inference_steps)
         validate_request(request, lcm_img2img=self.lcm_img2img)
-        check_control(request, self.info.controlnet)
+        modes.check(request, self.caps)  # the ControlNets' and the IP-Adapter's checks (engine/modes.py)
         if request.guidance_scale is None:
             request = dataclasses.replace(request, guidance_scale=self.family.guidance_scale)
         guidance_scale, do_cfg = resolve_guidance(request, self.loaded.kind)
@@ -186,8 +206,9 @@ class Engine:
             if self.lcm_img2img:
                 check_lcm_img2img_schedule(self.pipe.scheduler, request)
             prep.init_image = prepare_init_image(request.image, width, height)
-        if request.control_image is not None:
-            prep.control_image = prepare_init_image(request.control_image, width, height)
+        if request.control_image is not None:  # one per net (None: that net sits out)
+            prep.control_image = [None if image is None else prepare_init_image(image, width, height)
+                                  for image in modes.per_net(request.control_image, len(self.controlnets))]
         if request.mask_image is not None:
             prep.mask, note = prepare_mask(request.mask_image, width, height, request.mask_feather)
             prep.notes += [note] if note else []
@@ -242,8 +263,21 @@ class Engine:
         if prep.img2img:
             parameters["strength"] = request.strength
         if request.control_image is not None:
-            parameters.update(controlnet=self.info.controlnet,
-                              controlnet_conditioning_scale=float(request.controlnet_conditioning_scale))
+            n = len(self.controlnets)
+            if n == 1:
+                parameters.update(controlnet=self.info.controlnet,
+                                  controlnet_conditioning_scale=float(request.controlnet_conditioning_scale))
+            else:
+                parameters.update(controlnet=list(self.info.controlnets),
+                                  controlnet_conditioning_scale=[float(x) for x in modes.per_net(
+                                      request.controlnet_conditioning_scale, n)])
+            for name in ("control_guidance_start", "control_guidance_end"):
+                value = getattr(request, name)
+                if value != (0.0 if name.endswith("start") else 1.0):
+                    parameters[name] = ([float(x) for x in value] if isinstance(value, (list, tuple))
+                                        else float(value))
+        if request.ip_adapter_image is not None:
+            parameters.update(ip_adapter=self.info.ip_adapter, ip_adapter_scale=float(request.ip_adapter_scale))
         if request.mask_image is not None:
             parameters["mask_feather"] = request.mask_feather
         if request.regions:
@@ -274,13 +308,18 @@ class Engine:
             self._preview.calibrate_once()
         result = self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=num_inference_steps,
                                                  width=width, height=height, seed=0))
-        if self.loaded.controlnet is not None:
-            # Lines mode's first frame: the ControlNet, and on OpenVINO the UNet's IR with residual inputs
-            # (minutes to convert), here rather than mid-session.
+        if self.controlnets or self.ip_embeddings is not None:
+            # Lines mode's first frame: the ControlNets, and on OpenVINO the UNet's IR with residual inputs
+            # (minutes to convert), here rather than mid-session; the IP-Adapter's image encoder's first call.
             from PIL import Image
 
+            blank = Image.new("RGB", (64, 64))
+            control = None
+            if self.controlnets:
+                control = [blank] * len(self.controlnets) if len(self.controlnets) > 1 else blank
             self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=num_inference_steps, width=width,
-                                            height=height, seed=0, control_image=Image.new("RGB", (64, 64))))
+                                            height=height, seed=0, control_image=control,
+                                            ip_adapter_image=blank if self.ip_embeddings is not None else None))
         if self.compiled:
             for n in range(2, max_batch_size + 1):
                 batch = self.generate_batch([GenerationRequest(prompt="warm-up", seed=i, width=width, height=height,
@@ -313,6 +352,18 @@ class Engine:
             runs += 1
         unet.wait_quantized()
         return runs
+
+
+def _torch_for_ip_adapter(settings: EngineSettings) -> EngineSettings:
+    """An IP-Adapter changes the UNet's attention (torch processors with image inputs), which the OpenVINO UNet's IR
+    does not carry: ``--backend auto`` becomes torch with it, an explicit ``--backend openvino`` is refused."""
+    if not settings.ip_adapter or settings.backend == "torch":
+        return settings
+    if settings.backend == "openvino":
+        raise UserError("--ip-adapter runs on the torch backend (the OpenVINO UNet's IR has no image inputs): drop "
+                        "--backend openvino (auto picks torch with an IP-Adapter) or drop --ip-adapter",
+                        field="backend")
+    return settings.model_copy(update={"backend": "torch"})
 
 
 def _speedups_module() -> Any:

@@ -31,7 +31,9 @@ class EngineInfo:
     loras: list[dict[str, Any]] = field(default_factory=list)  # [{"source": ..., "scale": ...}]
     speedups: list[str] = field(default_factory=list)  # what engine/speedups.py applied (channels_last, ...)
     scheduler: str = "LCMScheduler"
-    controlnet: str | None = None  # --controlnet, as given: generations may take a control_image
+    controlnet: str | None = None  # --controlnet, as given (several joined by " + "): generations may take a control_image
+    controlnets: list[str] = field(default_factory=list)  # one per ControlNet, in load order (per-net params' order)
+    ip_adapter: str | None = None  # --ip-adapter, as given: generations may take an ip_adapter_image
     # The model family (engine/families.py: sd-turbo, sdxl-turbo, sdxs, tcd, ...) and its default step count.
     family: str = "lcm"
     default_num_inference_steps: int = 4

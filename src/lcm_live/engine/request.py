@@ -47,9 +47,19 @@ class GenerationRequest:
     image: Any = None  # PIL.Image.Image: the init image (image-to-image, inpainting), else None
     strength: float = 0.5  # with an init image: how far to noise it, in (0, 1]
     # With a ControlNet loaded (--controlnet): the PIL image that guides the layout (lines, edges; white on black
-    # for line ControlNets), and how strongly (0 leaves the image as without it).
+    # for line ControlNets), and how strongly (0 leaves the image as without it). With several ControlNets
+    # (--controlnet A --controlnet B): a list of images, one per net in load order (None: that net sits out), and
+    # a scale for all or a list of one per net, as diffusers' MultiControlNet pipelines take them.
     control_image: Any = None
-    controlnet_conditioning_scale: float = 1.0
+    controlnet_conditioning_scale: float | list[float] = 1.0
+    # The fraction of the steps each net acts in, [start, end), diffusers' semantics: a number for all nets or a
+    # list of one per net (step i of n runs net k when start_k <= i / n and (i + 1) / n <= end_k).
+    control_guidance_start: float | list[float] = 0.0
+    control_guidance_end: float | list[float] = 1.0
+    # With an IP-Adapter loaded (--ip-adapter): a reference image whose content and style guide the picture, and
+    # how strongly (diffusers' set_ip_adapter_scale; 0 leaves the picture as without it).
+    ip_adapter_image: Any = None
+    ip_adapter_scale: float = 1.0
     # Inpainting (needs ``image``): white = redraw, black = keep. Pixels farther than ``mask_feather`` pixels
     # outside the white area are the init image's exactly; the band between is a linear blend.
     mask_image: Any = None
