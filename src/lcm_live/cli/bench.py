@@ -78,6 +78,9 @@ def add_parser(subparsers) -> None:
     live.add_argument("--strength", type=float, default=0.5, help="img2img strength of the sketch (with --live)")
     live.add_argument("--sessions", type=_positive_int, default=1,
                       help="WebSocket clients drawing at once (with --live); reports total and per-client fps")
+    from lcm_live.bench.bench_scaling import add_arguments as add_scaling_arguments
+
+    add_scaling_arguments(live)  # --workers R / --ray --replicas R: serve's scaling (bench/bench_scaling.py)
     parser.set_defaults(run=run)
 
 
@@ -110,7 +113,12 @@ def _check_output_path(flag: str, value: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lcm_live.bench import bench_scaling
     from lcm_live.errors import UserError
+
+    scaling = bench_scaling.requested(args)
+    if scaling:
+        bench_scaling.check(args)
 
     width, height = _size(args)
     for name, value in (("--width", width), ("--height", height)):
@@ -136,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
             compile_mode=args.compile_mode, quantize=args.quantize, seed=args.seed,
             openvino_cache_dir=args.openvino_cache_dir, progress=False), mask=args.mask, regions=args.regions or 0)
         text = format_masks_report(report)
+    elif scaling:
+        report = bench_scaling.run_scaling(args)
+        text = bench_scaling.format_scaling(report)
     elif args.live:
         from lcm_live.bench.bench_live import LiveConfig, format_live, run_live
 
