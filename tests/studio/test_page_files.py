@@ -40,22 +40,29 @@ class _Refs(HTMLParser):
             self._in_controls = False
 
 
-def _parse_index() -> _Refs:
+def _parse_index(page: str = "index.html") -> _Refs:
     parser = _Refs()
-    parser.feed((WEB / "index.html").read_text(encoding="utf-8"))
+    parser.feed((WEB / page).read_text(encoding="utf-8"))
     return parser
 
 
-def _local_path(ref: str) -> Path:
-    """A reference of index.html (served at /) -> the file under web/ (the server maps /static/* to web/*)."""
-    assert not ref.startswith(("/", "http:", "https:", "//")), f"index.html must use relative URLs: {ref}"
+# The pages: index.html is served at / (its files under static/), the others (the pop-out window) at /static/.
+PAGES = sorted(p.name for p in WEB.glob("*.html"))
+
+
+def _local_path(ref: str, page: str = "index.html") -> Path:
+    """A reference of a page -> the file under web/ (the server maps /static/* to web/*)."""
+    assert not ref.startswith(("/", "http:", "https:", "//")), f"{page} must use relative URLs: {ref}"
+    if page != "index.html":
+        return WEB / ref
     assert ref.startswith("static/"), f"index.html reference outside static/: {ref}"
     return WEB / ref.removeprefix("static/")
 
 
 def _module_graph() -> set[Path]:
-    """Every JS module reachable from the module scripts of index.html."""
-    entries = [_local_path(v) for tag, attr, v in _parse_index().refs if tag == "script" and attr == "src"]
+    """Every JS module reachable from the module scripts of the pages."""
+    entries = [_local_path(v, page) for page in PAGES for tag, attr, v in _parse_index(page).refs
+               if tag == "script" and attr == "src"]
     assert entries, "index.html loads no script"
     seen: set[Path] = set()
     todo = list(entries)
@@ -73,11 +80,12 @@ def _module_graph() -> set[Path]:
 
 
 def test_every_referenced_file_exists():
-    refs = _parse_index().refs
-    local = [v for _, _, v in refs if not v.startswith("data:")]
-    assert any(v.endswith(".css") for v in local) and any(v.endswith(".js") for v in local)
-    for ref in local:
-        assert _local_path(ref).is_file(), f"index.html references a missing file: {ref}"
+    assert "index.html" in PAGES
+    for page in PAGES:
+        local = [v for _, _, v in _parse_index(page).refs if not v.startswith("data:")]
+        assert any(v.endswith(".css") for v in local) and any(v.endswith(".js") for v in local), page
+        for ref in local:
+            assert _local_path(ref, page).is_file(), f"{page} references a missing file: {ref}"
 
 
 def test_every_js_module_imported_exists_and_none_is_orphaned():
@@ -97,7 +105,7 @@ def test_no_external_urls_anywhere_in_the_page():
 
 
 def test_ids_the_scripts_look_up_are_in_the_html():
-    ids = _parse_index().ids
+    ids = _parse_index().ids  # the pop-out window's script looks up no id
     wanted: set[str] = set()
     for path in (WEB / "js").glob("*.js"):
         text = path.read_text(encoding="utf-8")

@@ -89,6 +89,24 @@ export class Blends extends EventTarget {
     e.out.textContent = Number(e.weight.value).toFixed(2);
   }
 
+  /** Put back the blends a frame was made with (a field set to null: that blend off; absent: left as it is). */
+  set(params) {
+    const p = this.els.prompt;
+    const s = this.els.seed;
+    const pb = params.prompt_blend;
+    const sb = params.seed_blend;
+    if (pb !== undefined) {
+      p.on.checked = pb !== null;
+      if (pb) [p.value.value, p.weight.value] = [pb.prompt, String(pb.weight)];
+      this.showWeight(p);
+    }
+    if (sb !== undefined) {
+      s.on.checked = sb !== null;
+      if (sb) [s.value.value, s.weight.value] = [String(sb.seed), String(sb.weight)];
+      this.showWeight(s);
+    }
+  }
+
   /** {prompt_blend, seed_blend} for the params (only the fields the server takes): null while off. */
   values() {
     const out = {};

@@ -26,10 +26,30 @@ export function cameraAvailable() {
   return Boolean(navigator.mediaDevices && typeof navigator.mediaDevices.getUserMedia === "function");
 }
 
+export function screenAvailable() {
+  return Boolean(navigator.mediaDevices && typeof navigator.mediaDevices.getDisplayMedia === "function");
+}
+
+/** The webcam's stream (the browser asks the user). */
+export function openCamera() {
+  return navigator.mediaDevices.getUserMedia({
+    video: { width: { ideal: 640 }, height: { ideal: 480 } }, audio: false,
+  });
+}
+
+/** A screen, window or tab the user picks (getDisplayMedia): a video source like the camera. */
+export function openScreen() {
+  return navigator.mediaDevices.getDisplayMedia({ video: { frameRate: { ideal: 15 } }, audio: false });
+}
+
 export class CameraFeed {
-  /** @param sketch the SketchCanvas the frames go onto */
-  constructor(sketch) {
+  /**
+   * @param sketch the SketchCanvas the frames go onto
+   * @param open () => Promise<MediaStream>: openCamera, or openScreen (screen capture goes the same path)
+   */
+  constructor(sketch, open = openCamera) {
     this.sketch = sketch;
+    this.open = open;
     this.stream = null;
     this.video = null;
     this.grabs = 0;
@@ -49,9 +69,7 @@ export class CameraFeed {
   /** Ask for the camera (the browser asks the user) and put its first frame on the canvas. */
   async start() {
     if (this.on) return;
-    const stream = await navigator.mediaDevices.getUserMedia({
-      video: { width: { ideal: 640 }, height: { ideal: 480 } }, audio: false,
-    });
+    const stream = await this.open();
     const video = document.createElement("video");
     video.muted = true;
     video.playsInline = true;
@@ -63,6 +81,8 @@ export class CameraFeed {
       throw err;
     }
     this.attach(video, stream);
+    // The browser's own "Stop sharing" (screen capture), or a camera unplugged: the feed ends.
+    for (const track of stream.getVideoTracks()) track.addEventListener("ended", () => this.stop());
     this.sketch.pushHistory(); // one undo step back to the drawing, however many frames follow
     this.grab();
     this.watchdog = setInterval(() => {
@@ -125,13 +145,15 @@ export class CameraFeed {
 }
 
 /**
- * Wire the Camera button to `camera` (a CameraFeed): on starts it (after `beforeStart()`, which may return a
- * promise: the page switches to sketch mode), off stops it. Errors (no camera, permission refused) go to onError.
+ * Wire the Camera (or Screen) button to `camera` (a CameraFeed): on starts it (after `beforeStart()`, which may
+ * return a promise: the page switches to sketch mode), off stops it. Errors (no camera, permission refused) go to
+ * onError. what: the source's name in messages; available: whether the browser offers it to this page.
  */
-export function setupCamera(button, camera, { beforeStart, onError, onDone }) {
-  if (!cameraAvailable()) {  // browsers give pages a camera only in a secure context
+export function setupCamera(button, camera, { beforeStart, onError, onDone, what = "camera",
+                                              available = cameraAvailable() }) {
+  if (!available) {  // browsers give pages a camera and the screen only in a secure context
     button.disabled = true;
-    button.title = "The browser offers the camera only to https pages or on this computer (localhost)";
+    button.title = `The browser offers the ${what} only to https pages or on this computer (localhost)`;
     return;
   }
   const render = () => button.setAttribute("aria-pressed", String(camera.on));
@@ -147,9 +169,9 @@ export function setupCamera(button, camera, { beforeStart, onError, onDone }) {
       await camera.start();
       onDone();
     } catch (err) {
-      const why = err && err.name === "NotAllowedError" ? "the browser or the user refused it; allow the camera "
+      const why = err && err.name === "NotAllowedError" ? `the browser or the user refused it; allow the ${what} `
         + "for this page" : `${(err && err.name) || "Error"}: ${(err && err.message) || err}`;
-      onError(`Camera unavailable (${why}).`);
+      onError(`${what[0].toUpperCase()}${what.slice(1)} unavailable (${why}).`);
     } finally {
       button.disabled = false;
       render();

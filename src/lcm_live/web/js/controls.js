@@ -128,6 +128,12 @@ export class Controls extends EventTarget {
     }
   }
 
+  /** Lock (or unlock) the seed: locked, every frame uses the seed shown. */
+  setSeedLocked(on) {
+    this.seedLocked = on;
+    if (this.lockInput) this.lockInput.checked = on;
+  }
+
   set(name, value) {
     if (this.setters[name]) this.setters[name](value);
   }
@@ -231,6 +237,7 @@ export class Controls extends EventTarget {
     const input = el("input", { type: "number", id, name: f.name, min, max, step: 1, inputmode: "numeric" });
     input.value = String(typeof prop.default === "number" ? prop.default : randomSeed(min, max));
     const lock = el("input", { type: "checkbox", id: `${id}-lock`, checked: true });
+    this.lockInput = lock;
     const dice = el("button", { type: "button", class: "tool", "aria-label": "Randomize seed", title: "New random seed", text: "Random" });
     input.addEventListener("input", () => this.changed(f.name));
     lock.addEventListener("change", () => {

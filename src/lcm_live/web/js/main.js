@@ -6,11 +6,14 @@ import { Blends } from "./blends.js";
 import { SketchCanvas, usesCanvas } from "./canvas.js";
 import { Connection, closeText } from "./connection.js";
 import { Controls, schemaProperties } from "./controls.js";
-import { CameraFeed, setupCamera } from "./camera.js";
+import { setupFeeds } from "./feeds.js";
+import { setupHistory } from "./historybar.js";
 import { setupLayers } from "./layerbar.js";
 import { FramePacer, StrokeStream } from "./pacing.js";
-import { FpsMeter, InputLog, OutputView, errorText, saveFrame } from "./output.js";
+import { FpsMeter, InputLog, OutputView, errorText } from "./output.js";
+import { setupPopout } from "./popout.js";
 import { setupRecording } from "./recorder.js";
+import { applyEntry, restoreEntry, saveEntry } from "./restore.js";
 import { setupToolbar } from "./toolbar.js";
 
 const $ = (id) => document.getElementById(id);
@@ -36,9 +39,23 @@ const sketch = new SketchCanvas($("sketch"));
 const output = new OutputView({ img: $("output"), empty: $("output-empty"), badge: $("step-badge"), info: $("frame-info") });
 const fps = new FpsMeter();
 const inputs = new InputLog();
-const camera = new CameraFeed(sketch); // wired to its button below, with Record
 const pacer = new FramePacer(); // one frame in flight while input streams in (pacing.js)
-camera.busy = () => pacer.inFlight(); // its watchdog must not supersede a slow frame
+// The camera and the screen (feeds.js) feed the canvas; their watchdogs must not supersede a slow frame.
+const feeds = setupFeeds(sketch, {
+  cameraButton: $("camera"),
+  screenButton: $("screen"),
+  busy: () => pacer.inFlight(),
+  beforeStart: () => {
+    // A camera frame or a screen is a picture: in lines mode, its edges are what a line ControlNet can follow.
+    if (state.mode === "control" && state.controls?.values().control_preprocess === "invert") {
+      state.controls.set("control_preprocess", "edges");
+      sendParams();
+    }
+    return useCanvasMode();
+  },
+  onError: (text, source) => banners.show(text, { source }),
+  onDone: (source) => banners.clear(source),
+});
 const wsUrl = new URL("ws", location.href);
 wsUrl.protocol = location.protocol === "https:" ? "wss:" : "ws:";
 const conn = new Connection(wsUrl.href);
@@ -167,7 +184,7 @@ async function setMode(mode) {
     await sendCanvasNow(); // the server waits for a canvas before the first sketch (or lines) frame
     await layers.syncMask(); // then the mask, before the params that start the frame
   } else {
-    camera.stop(); // the camera feeds the canvas, which text to image ignores
+    feeds.stop(); // the camera and the screen feed the canvas, which text to image ignores
     canvasStream.seq += 1; // an encode under way is not sent
     conn.sendCanvas(null);
   }
@@ -272,7 +289,9 @@ conn.addEventListener("frame", async (e) => {
   if (final) {
     recording.frame($("output"), info);
     pacer.done(latency, info.input ?? null); // what was held (a stroke's newest canvas, typed params) goes, now that this frame is in
-    camera.grab(); // with the camera on: its next frame
+    feeds.grab(); // with the camera or the screen on: its next frame
+    history.frame(info, blob);
+    popout.frame(info, blob);
   }
   els.save.disabled = !final;
   els.apply.disabled = false;
@@ -305,29 +324,12 @@ function showInfo(info) {
 
 // ---------------------------------------------------------------- buttons
 
-els.save.addEventListener("click", async () => {
-  const frame = output.current;
-  if (!frame || !state.fields) return;
-  const { info } = frame;
-  const params = {};
-  for (const name of state.fields) {
-    if (info.params && name in info.params) params[name] = info.params[name];
-  }
-  params.seed = info.seed; // seeds are exact: the same seed and params give the same picture
-  if ("previews" in params) params.previews = false;
-  // The canvas this frame was made from (the newest one sent before it started), else the canvas as it is now.
-  const source = inputs.sourceOf(info, frame.receivedAt, "canvas");
-  els.save.disabled = true;
-  els.save.textContent = "Saving…";
-  try {
-    const canvasBlob = usesCanvas(params.mode) ? (source ? source.payload : await sketch.toBlob()) : null;
-    await saveFrame({ params, canvasBlob, layers: conn.latestLayers }); // the mask and regions sent last
-    banners.clear("save");
-  } catch (err) {
-    banners.show(`Save failed: ${err.message}`, { source: "save" });
-  } finally {
-    els.save.textContent = "Save";
-    els.save.disabled = false;
+// Save: the frame on screen, which is the newest kept in the history (final frames go there as they come), with
+// the canvas and layers the server had read when it made it.
+els.save.addEventListener("click", () => {
+  const entry = history.history.entries.at(-1);
+  if (output.current?.info.final !== false && entry && state.fields) {
+    saveEntry(entry, { fields: state.fields, button: els.save, banners });
   }
 });
 
@@ -338,17 +340,21 @@ const recording = setupRecording($("record"), {
   onError: (text) => banners.show(text, { source: "record" }),
   onDone: () => banners.clear("record"),
 });
-setupCamera($("camera"), camera, {
-  beforeStart: () => {
-    // A camera frame is a photo: in lines mode, its edges are what a line ControlNet can follow.
-    if (state.mode === "control" && state.controls?.values().control_preprocess === "invert") {
-      state.controls.set("control_preprocess", "edges");
-      sendParams();
-    }
-    return useCanvasMode();
+const popout = setupPopout($("popout"), () => output.current, (text) => banners.show(text, { source: "popout" }));
+
+// The history strip (historybar.js): Restore, Apply and Save a kept frame.
+const history = setupHistory({
+  conn,
+  onRestore: (entry) => state.controls && restoreEntry(entry, {
+    controls: state.controls, prompt: els.prompt, negative: els.negative, blends, sketch, layers, applySize,
+    setMode, setSeedLocked: (on) => state.controls.setSeedLocked(on),
+  }),
+  onApply: async (entry) => {
+    await applyEntry(entry, sketch);
+    await useCanvasMode();
   },
-  onError: (text) => banners.show(text, { source: "camera" }),
-  onDone: () => banners.clear("camera"),
+  onSave: (entry) => state.fields && saveEntry(entry, { fields: state.fields, button: $("history-save"), banners }),
+  onError: (text) => banners.show(text, { source: "history" }),
 });
 
 els.apply.addEventListener("click", () => {
