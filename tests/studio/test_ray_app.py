@@ -233,7 +233,7 @@ def test_token_origin_and_metrics_as_in_one_process(ray_studio):
 @pytest.mark.timeout(240)
 @needs_ray
 def test_four_clients_on_two_replicas_all_get_frames(ray_studio):
-    _, url = ray_studio
+    base, url = ray_studio
     results: dict[int, dict[str, Any]] = {}
     errors: list[BaseException] = []
 
@@ -256,6 +256,15 @@ def test_four_clients_on_two_replicas_all_get_frames(ray_studio):
     assert sorted(results) == [0, 1, 2, 3]
     assert all(results[i]["params"]["prompt"] == f"client {i}" for i in results)
     assert len(before) == 2  # two replica processes answered
+    counts = [line for line in _metrics(base).splitlines() if line.startswith("lcm_live_batch_size_count")]
+    assert counts and float(counts[0].split()[-1]) >= 4  # the replicas' engine calls, counted in the ingress
+
+
+def _metrics(base: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(base + "/metrics", headers=AUTH), timeout=5) as res:
+        return res.read().decode()
 
 
 @pytest.mark.slow
@@ -284,7 +293,7 @@ def test_closing_mid_generation_cancels_it_in_the_replica(ray_studio):
 @pytest.mark.timeout(240)
 @needs_ray
 def test_killed_replica_mid_session_reruns_the_newest_input(ray_studio):
-    """Last in the module (it kills a replica). Each of two sessions draws (a canvas and an inpainting mask) and has
+    """Next to last in the module (it kills a replica). Each of two sessions draws (a canvas and an inpainting mask) and has
     a generation running, one per replica; one replica's actor is killed: every session gets its next frame within
     10 s, of its last params and its own drawing (the FakeEngine keeps the canvas outside the mask)."""
     from lcm_live.studio.ray_app import GENERATOR
@@ -338,3 +347,37 @@ def _left_half_mask() -> Image.Image:
     mask = Image.new("L", (256, 256), 0)
     mask.paste(255, (0, 0, 128, 256))
     return mask
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@needs_ray
+def test_a_tiny_real_model_on_a_replica(ray_studio, tiny_lcm_dir):
+    """Last in the module: the application is deployed again in place, its generator the tiny diffusers LCM built
+    in code (tests/conftest.py), loaded by path in the replica. A session gets real frames (previews, then the
+    final), and a param change gets a frame of the new params."""
+    from lcm_live.config import EngineSettings
+    from lcm_live.studio.ray_app import APP_NAME, RayOptions, build_application
+
+    base, url = ray_studio
+    settings = Settings(engine=EngineSettings(model=str(tiny_lcm_dir), device="cpu", dtype="float32"),
+                        studio=StudioSettings(max_sessions=2, token=TOKEN, warmup_width=64, warmup_height=64))
+    serve.run(build_application(settings, RayOptions(replicas=1, cpus_per_replica=1)), name=APP_NAME,
+              route_prefix="/")
+    wait_for(lambda: _readyz(base).get("workers") == {"ready": 1, "total": 1}, 120, "the tiny model's replica")
+    with connect(url, additional_headers=AUTH, open_timeout=10) as ws:
+        hello = next_of(ws, "hello")
+        assert hello["info"]["model"] == tiny_lcm_dir.name and hello["info"]["kind"] == "lcm"
+        assert hello["workers"] == 1
+        seen: list[dict[str, Any]] = []
+        ws.send(params(prompt="a red circle", seed=3, width=64, height=64, num_inference_steps=3, previews=True))
+        first = next_of(ws, "final", timeout=60, seen=seen)
+        previews = [m for m in seen if m["type"] == "frame" and not m["final"]]
+        assert previews and all(m["step"] < m["total"] for m in previews)  # step previews, streamed back
+        assert (first["seed"], first["total"], first["params"]["prompt"]) == (3, 3, "a red circle")
+        image = Image.open(io.BytesIO(first["_bytes"])).convert("RGB")
+        assert image.size == (64, 64) and len(set(image.getdata())) > 16  # a decoded picture, not a flat colour
+        ws.send(params(prompt="a blue square", seed=4, width=64, height=64, num_inference_steps=2, previews=False))
+        second = next_of(ws, "final", timeout=60)
+        assert (second["seed"], second["total"], second["params"]["prompt"]) == (4, 2, "a blue square")
+        assert second["_bytes"] != first["_bytes"]
