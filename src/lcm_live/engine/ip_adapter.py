@@ -151,17 +151,22 @@ def load_ip_adapter(pipe: Any, source: str, path: Path, encoder: Path, *, arch: 
         with quiet_logs():
             image_encoder = CLIPVisionModelWithProjection.from_pretrained(str(encoder), dtype=dtype,
                                                                           use_safetensors=True)
-        state = load_file(str(path))
-        state_dict = {part: {k.removeprefix(f"{part}."): v for k, v in state.items() if k.startswith(f"{part}.")}
-                      for part in ("image_proj", "ip_adapter")}
-        pipe.register_modules(image_encoder=image_encoder.to(device).eval())
-        with quiet_logs():
-            pipe.load_ip_adapter(state_dict, subfolder=None, weight_name=None, image_encoder_folder=None)
-        pipe.unet.to(device=device, dtype=dtype)
+        attach_ip_adapter(pipe, image_encoder, load_file(str(path)), dtype=dtype, device=device)
     except UserError:
         raise
     except Exception as exc:
         raise _error(source, f"could not be loaded ({first_line(exc)}); is it an IP-Adapter for {arch}?") from None
+
+
+def attach_ip_adapter(pipe: Any, image_encoder: Any, state: dict[str, Any], *, dtype: Any, device: Any) -> None:
+    """Register ``image_encoder`` and load the adapter's flat state dict (``image_proj.*``, ``ip_adapter.*``)
+    through diffusers' ``load_ip_adapter``; the UNet ends on ``device`` in ``dtype``."""
+    state_dict = {part: {k.removeprefix(f"{part}."): v for k, v in state.items() if k.startswith(f"{part}.")}
+                  for part in ("image_proj", "ip_adapter")}
+    pipe.register_modules(image_encoder=image_encoder.to(device=device, dtype=dtype).eval())
+    with quiet_logs():
+        pipe.load_ip_adapter(state_dict, subfolder=None, weight_name=None, image_encoder_folder=None)
+    pipe.unet.to(device=device, dtype=dtype)
 
 
 def pixel_key(image: Any) -> str:
