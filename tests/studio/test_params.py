@@ -103,8 +103,8 @@ def test_error_messages_name_value_and_bound():
     with pytest.raises(UserError) as info:
         parse_params(Params, {"num_inference_steps": 12})
     assert "num_inference_steps=12" in info.value.message and "8" in info.value.message
-    with pytest.raises(UserError, match="unknown field 'model'"):
-        parse_params(Params, {"model": "x"})
+    with pytest.raises(UserError, match="unknown field 'checkpoint'"):
+        parse_params(Params, {"checkpoint": "x"})
     with pytest.raises(UserError):
         parse_params(Params, ["not", "an", "object"])
 

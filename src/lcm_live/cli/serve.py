@@ -17,6 +17,7 @@ import threading
 import warnings
 
 from lcm_live.cli.common import add_engine_arguments, engine_settings_from_args
+from lcm_live.config import DEFAULT_MODEL
 from lcm_live.errors import UserError
 
 MAKE_TOKEN = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
@@ -25,8 +26,21 @@ MAKE_TOKEN = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve", help="the live studio: a page with a drawing canvas, frames streamed over a WebSocket",
-        description="Serve the studio: open the printed URL in a browser.")
+        description="Serve the studio: open the printed URL in a browser.", conflict_handler="resolve")
     add_engine_arguments(parser, decoder="auto")  # live: the tiny decoder where it fits
+    m = parser.add_argument_group("models the page may pick (studio/models.py; GET /api/models)")
+    # replaces the shared single --model: serve takes several, each a preset named by its id
+    m.add_argument("--model", action="append", default=None, metavar="ID_OR_PATH",
+                   help=f"hub id, diffusers folder, single .safetensors file, or builtin:shapes (default: "
+                        f"{DEFAULT_MODEL}); repeatable: each is a preset the page may switch to, named by its id (a "
+                        "path by its last part); the first is the default")
+    m.add_argument("--models", default=None, metavar="TOML",
+                   help="named presets instead of --model: [models.NAME] tables with model, lcm_lora, styles (LoRAs "
+                        "with scale, min, max), controlnet, scheduler, width, height, num_inference_steps "
+                        "(README: models.toml)")
+    m.add_argument("--max-loaded-models", type=int, default=None, metavar="N",
+                   help="engines each worker keeps loaded, the least recently used evicted past it (default: 1 on "
+                        "a CPU, 2 on CUDA)")
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=None,
                    help="address to bind (default: 127.0.0.1, this machine only; anything else needs a token)")
@@ -104,7 +118,8 @@ def build_settings(args: argparse.Namespace):
              "allowed_hosts": args.allow_host or None, "max_sessions": args.max_sessions,
              "devices": [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None,
              "frame_format": args.frame_format, "exit_on_failures": args.exit_on_failures or None,
-             "ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile}
+             "ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile,
+             "max_loaded_models": getattr(args, "max_loaded_models", None)}
     try:
         values = Settings().studio.model_dump()
         values["token"] = os.environ.get("LCM_LIVE_TOKEN") or values["token"]
@@ -114,7 +129,29 @@ def build_settings(args: argparse.Namespace):
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
         raise UserError(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}") from None
-    return Settings(engine=engine_settings_from_args(args), studio=studio)
+    presets = model_presets(args)
+    engine = engine_settings_from_args(args, model=presets[0].model if presets else _model_ids(args)[0])
+    return Settings(engine=engine, studio=studio, models=presets)
+
+
+def _model_ids(args: argparse.Namespace) -> list[str]:
+    """``--model`` as given (a list with serve's repeatable flag; a string from the shared parser)."""
+    ids = getattr(args, "model", None) or [DEFAULT_MODEL]
+    return [ids] if isinstance(ids, str) else list(ids)
+
+
+def model_presets(args: argparse.Namespace) -> list:
+    """The presets of --models FILE or of several --model; none for one --model (today's single model)."""
+    from lcm_live.studio.models import load_presets_file, presets_from_ids
+
+    models_file = getattr(args, "models", None)
+    ids = getattr(args, "model", None)
+    if models_file is not None and ids:
+        raise UserError("--models FILE and --model go apart: list every model in the file, or give --model only")
+    if models_file is not None:
+        return load_presets_file(models_file)
+    ids = _model_ids(args)
+    return presets_from_ids(ids) if len(ids) > 1 else []
 
 
 def _say(text: str) -> None:
@@ -145,8 +182,10 @@ def run(args: argparse.Namespace) -> int:
         from lcm_live.studio.fake_engine import FakeEngine, FakeEngineConfig
 
         fake_config = FakeEngineConfig.from_json(args.fake_engine)
-        def factory(device: str | None = None) -> FakeEngine:
+        def factory(device: str | None = None, *, preset=None) -> FakeEngine:
             config = fake_config if device is None else dataclasses.replace(fake_config, device=device.split(":")[0])
+            if preset is not None:  # each preset a fake of its own: frames and info name its model
+                config = dataclasses.replace(config, model=preset.model)
             return FakeEngine.from_settings(settings.engine, config=config)
     else:
         factory = default_engine_factory(settings)
@@ -216,6 +255,9 @@ def run(args: argparse.Namespace) -> int:
     if s.host in ("0.0.0.0", "::"):
         _say("  listening on all interfaces: from another machine use this machine's address instead of 127.0.0.1")
     _say(f"  loading {settings.engine.model} (readyz answers 503 until the model is warm)")
+    if settings.models:
+        _say(f"  models the page may pick: {', '.join(p.name for p in settings.models)} (the first loaded now, "
+             f"the others on demand)")
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler that was there
     # before it: make that a no-op so a clean shutdown exits 0 (supervisors read -15 as a crash).
     if threading.current_thread() is threading.main_thread():
@@ -230,6 +272,9 @@ def run_ray(args: argparse.Namespace, settings) -> int:
     if not args.ray:
         raise UserError("--ray-address, --replicas, --autoscale, --gpus-per-replica and --cpus-per-replica go "
                         "with --ray")
+    if settings.models:
+        raise UserError("--ray serves one model: several --model or a --models file work with one machine's "
+                        "workers (--devices) only; give one --model with --ray (docs/scaling.md)")
     if args.replicas is not None and args.autoscale is not None:
         raise UserError("--replicas N and --autoscale MIN:MAX exclude each other: give one")
     try:

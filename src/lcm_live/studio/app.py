@@ -26,6 +26,7 @@ from lcm_live.config import Settings
 from lcm_live.studio.http_errors import ApiError, error_response, internal_error_response
 from lcm_live.studio.images import decode_canvas
 from lcm_live.studio.metrics import StudioMetrics
+from lcm_live.studio.models import ModelRegistry, engine_settings_for
 from lcm_live.studio.params import GenerationParams, build_params_model, engine_info
 from lcm_live.studio.pool import WorkerPool
 from lcm_live.studio.public import public_info
@@ -53,7 +54,8 @@ class StudioState:
                  on_ready: Callable[[Any], None] | None, on_fatal: Callable[[str], None] | None):
         self.settings = settings
         self.metrics = StudioMetrics()
-        self.params_model: type[GenerationParams] = build_params_model(settings.studio)
+        self.models = ModelRegistry.from_settings(settings)  # the presets a request may name (studio/models.py)
+        self.params_model: type[GenerationParams] = build_params_model(settings.studio, models=self.models)
         self.info: dict[str, Any] = {}
         self.sessions: dict[str, Session] = {}
         self.rest_waiting = 0
@@ -63,10 +65,10 @@ class StudioState:
         if devices:  # one worker per device (studio/pool.py); the factory takes the device
             self.worker: Worker | WorkerPool = WorkerPool(
                 [partial(engine_factory, d) for d in devices], settings.studio, self.metrics, on_ready=self._ready,
-                on_fatal=on_fatal, devices=devices)
+                on_fatal=on_fatal, devices=devices, models=self.models)
         else:
             self.worker = Worker(engine_factory, settings.studio, self.metrics, on_ready=self._ready,
-                                 on_fatal=on_fatal)
+                                 on_fatal=on_fatal, models=self.models)
         # Canvas decoding on threads of its own, decode_threads at a time: a flood of costly images waits here
         # instead of taking every core from the worker (and from other sessions' frame encoding).
         self.decoder = ThreadPoolExecutor(max_workers=settings.studio.decode_threads, thread_name_prefix="decode")
@@ -86,7 +88,7 @@ class StudioState:
             settings = settings.model_copy(update={"default_steps": family_steps})
         self.params_model = build_params_model(settings, float(guidance),
                                                lcm_img2img=bool(engine.lcm_img2img),
-                                               controlnet=bool(raw_dict.get("controlnet")))
+                                               controlnet=bool(raw_dict.get("controlnet")), models=self.models)
         self.info = public_info(raw_dict)
         gpu = str(raw_dict.get("device", "cpu")).startswith("cuda")
         self.max_sessions = self.settings.studio.max_sessions or (4 if gpu else 1)
@@ -106,12 +108,15 @@ class StudioState:
 
 
 def default_engine_factory(settings: Settings) -> Callable[..., Any]:
-    """The engine of ``settings``; given a device (serve --devices), on that device."""
+    """The engine of ``settings``; given a device (serve --devices), on that device; given a preset (serve --model
+    A --model B, --models FILE: studio/models.py), that preset's model."""
 
-    def factory(device: str | None = None) -> Any:
+    def factory(device: str | None = None, *, preset: Any = None) -> Any:
         from lcm_live.engine.pipeline import Engine  # heavy: imported on the worker thread only
 
-        engine_settings = settings.engine if device is None else settings.engine.model_copy(update={"device": device})
+        engine_settings = settings.engine if preset is None else engine_settings_for(preset, settings.engine)
+        if device is not None:
+            engine_settings = engine_settings.model_copy(update={"device": device})
         return Engine.from_settings(engine_settings)
 
     return factory
@@ -299,5 +304,8 @@ def create_app(
     from lcm_live.studio.rest import add_rest_routes
 
     add_rest_routes(app, studio, [Depends(guards.require_auth), Depends(guards.require_same_origin)])
+    from lcm_live.studio.models_route import add_models_route
+
+    add_models_route(app, studio, [Depends(guards.require_auth)])
     add_ws_route(app, studio, guards)
     return app

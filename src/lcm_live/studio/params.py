@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
@@ -19,11 +20,13 @@ from lcm_live.engine.request import GenerationRequest, PromptBlend, Region, Seed
 from lcm_live.engine.validation import MAX_SEED
 from lcm_live.errors import UserError
 from lcm_live.studio.images import CONTROL_PREPROCESS
+from lcm_live.studio.models import ModelRegistry
 
 ECHO_CHARS = 60  # error messages quote at most this much of a client's value or field name
 MODES = ("txt2img", "img2img")
 CONTROL_MODE = "control"  # with a ControlNet loaded: the canvas guides a text-to-image run
 CANVAS_MODES = ("img2img", CONTROL_MODE)  # the modes that use the canvas
+MAX_STYLES = 16  # lora_scales entries a request may carry
 
 
 class GenerationParams(BaseModel):
@@ -31,6 +34,7 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
     lcm_img2img: ClassVar[bool] = False  # set by build_params_model
+    registry: ClassVar[ModelRegistry | None] = None  # the presets ``model`` names (set by build_params_model)
 
     def to_request(self, image: Any = None, *, mask: Any = None, init_image: Any = None,
                    region_masks: list[Any] | None = None) -> GenerationRequest:
@@ -70,7 +74,8 @@ class GenerationParams(BaseModel):
 
 def build_params_model(settings: StudioSettings, default_guidance_scale: float = 8.0, *,
                        lcm_img2img: bool = False, native_size: tuple[int, int] = (512, 512),
-                       device: str = "cpu", controlnet: bool = False) -> type[GenerationParams]:
+                       device: str = "cpu", controlnet: bool = False,
+                       models: ModelRegistry | None = None) -> type[GenerationParams]:
     """A GenerationParams subclass with the bounds and defaults of ``settings``.
 
     ``default_guidance_scale`` is the model's (full LCM 8.0, LCM-LoRA 1.0) unless the settings fix one.
@@ -78,7 +83,8 @@ def build_params_model(settings: StudioSettings, default_guidance_scale: float =
     (``Engine.lcm_img2img``); otherwise img2img runs ``steps * strength`` steps, which must be at least one.
     ``native_size``, ``device``: the model's (width, height) and the engine's device type, for the sizes the
     settings leave to the model (``StudioSettings.for_model``). ``controlnet``: the engine has a ControlNet, so
-    "control" mode and its two fields are offered.
+    "control" mode and its two fields are offered. ``models``: the presets a request may name in ``model`` (the
+    first is the default; None: ``model`` is free text for tests, None meaning the server's one model).
     """
     settings = settings.for_model(*native_size, device=device)
     # The conditionings' params come from the engine's registry (engine/modes.py): their descriptions, defaults and
@@ -120,8 +126,15 @@ def build_params_model(settings: StudioSettings, default_guidance_scale: float =
         fields["control_preprocess"] = (Literal[CONTROL_PREPROCESS], Field(  # type: ignore[valid-type]
             "invert", description="control only: the canvas as the white lines on black that line ControlNets take: "
             "invert (a drawing), edges (a photo, the camera), none (as it is)"))
+    names = models.names if models is not None else None
+    fields["model"] = ((Literal[names], Field(names[0], description="the model preset (GET /api/models)"))  # type: ignore[valid-type]
+                       if names else (str | None, Field(None, description="the model preset (GET /api/models)")))
+    fields["lora_scales"] = (dict[str, float], Field(
+        default_factory=dict, max_length=MAX_STYLES, description="{style: scale} for the model preset's style "
+        "LoRAs, each within its bounds (GET /api/models); unnamed styles keep the preset's scale"))
     model = create_model("GenerationParams", __base__=GenerationParams, **fields)
     model.lcm_img2img = lcm_img2img
+    model.registry = models
     return model
 
 
@@ -195,10 +208,19 @@ def parse_params(model: type[GenerationParams], data: Any) -> GenerationParams:
     """Validate a decoded JSON object; raises UserError (with ``field``) on the first problem."""
     if not isinstance(data, dict):
         raise UserError("params must be a JSON object", field=None)
+    registry = model.registry
+    if registry is not None and "model" in data and data["model"] not in registry.names:
+        raise UserError(f"model={echo(repr(data['model']))}: not a model of this server; name one of "
+                        f"{', '.join(registry.names)} (GET /api/models)", field="model")
     try:
         params = model.model_validate(data)
     except ValidationError as exc:
         raise validation_error_to_user_error(exc) from None
+    if registry is not None and params.lora_scales:
+        for style, scale in params.lora_scales.items():
+            if not math.isfinite(scale):
+                raise UserError(f"lora_scales.{echo(style)}={scale}: give a finite number", field="lora_scales")
+        registry.resolve_scales(registry.name_of(params.model), dict(params.lora_scales))
     for k, region in enumerate(params.regions):
         if not region.prompt.strip():
             raise UserError(f"regions[{k}].prompt is blank: give each region the prompt to draw there, or remove it",

@@ -31,6 +31,7 @@ from typing import Any
 
 from lcm_live.config import StudioSettings
 from lcm_live.studio.metrics import StudioMetrics
+from lcm_live.studio.models import ModelRegistry
 from lcm_live.studio.worker import Job, Worker
 
 log = logging.getLogger("lcm_live.studio")
@@ -47,7 +48,7 @@ def _sub(slot: str, index: int) -> str:
 class WorkerPool:
     def __init__(self, engine_factories: list[Callable[[], Any]], settings: StudioSettings, metrics: StudioMetrics,
                  *, on_ready: Callable[[Any], None] | None = None, on_fatal: Callable[[str], None] | None = None,
-                 devices: list[str] | None = None):
+                 devices: list[str] | None = None, models: ModelRegistry | None = None):
         if not engine_factories:
             raise ValueError("a worker pool needs at least one engine factory")
         self.metrics = metrics
@@ -57,7 +58,8 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self.workers = [Worker(factory, settings, metrics, on_ready=self._worker_ready, on_fatal=on_fatal,
-                               name=f"lcm-live-worker-{i}") for i, factory in enumerate(engine_factories)]
+                               name=f"lcm-live-worker-{i}", models=models)
+                        for i, factory in enumerate(engine_factories)]
         self._lost: set[int] = set()  # workers whose jobs were moved away (dead threads)
         self._starts: dict[str, float] = {}  # slot -> when its newest job went to a worker (monotonic)
         self._held: dict[str, Job] = {}  # slot -> its input held until its paced start
@@ -153,7 +155,7 @@ class WorkerPool:
                 held = self._held[slot]  # (a job moved off a lost worker is older than the input held)
                 replaced, self._held[slot] = (held, job) if job.id > held.id else (job, held)
             else:
-                target, free = self._place(slot)
+                target, free = self._place(slot, self.workers[0].models.name_of(job.params.model))
                 delay = self._pace_delay(slot) if free else 0.0
                 if delay > 0:
                     self._held[slot] = job
@@ -165,8 +167,9 @@ class WorkerPool:
         if replaced is not None:
             replaced.sink.on_done(replaced, "replaced")
 
-    def _place(self, slot: str) -> tuple[int, bool]:
-        """Under the lock: the worker for the session's next job, and whether it is free of the session."""
+    def _place(self, slot: str, model: str | None = None) -> tuple[int, bool]:
+        """Under the lock: the worker for the session's next job, and whether it is free of the session; among
+        free ones, a worker that holds the job's ``model`` preset first (a switch there costs no load)."""
         usable = self._usable()
         states = {i: self.workers[i].slot_state(_sub(slot, i)) for i in usable}
         waiting = [i for i in usable if states[i] == "waiting"]
@@ -174,7 +177,7 @@ class WorkerPool:
         if waiting:  # the session's one waiting job: the newer input replaces it where it waits
             return waiting[0], False
         if free:
-            return min(free, key=lambda i: (self.workers[i].load(), i)), True
+            return min(free, key=lambda i: (not self.workers[i].has_model(model), self.workers[i].load(), i)), True
         # busy with this session everywhere: wait behind the least loaded
         return min(usable, key=lambda i: (self.workers[i].load(), i)), False
 
@@ -211,7 +214,7 @@ class WorkerPool:
             if job is None or self._stopping.is_set():
                 return
             try:
-                self._start(slot, self._place(slot)[0], job)
+                self._start(slot, self._place(slot, self.workers[0].models.name_of(job.params.model))[0], job)
                 return
             except RuntimeError:  # the workers are stopping
                 pass

@@ -160,7 +160,9 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
             metadata.pop("control_preprocess", None)
         if mask is None:
             metadata.pop("mask_feather", None)
-        for name in ("regions", "prompt_blend", "seed_blend"):
+        if not studio.models.implicit:  # the preset asked for (the engine's "model" is its source's public name)
+            metadata["preset"] = params.model
+        for name in ("regions", "prompt_blend", "seed_blend", "lora_scales"):
             if not metadata.get(name):
                 metadata.pop(name, None)
         png = await asyncio.to_thread(encode_png_with_parameters, image, metadata)

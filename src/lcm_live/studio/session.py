@@ -71,6 +71,7 @@ class Session:
         self._outbox: deque[Any] = deque()  # text messages and the _FRAME marker, in the order they were posted
         self._wake = asyncio.Event()
         self._send_lock = asyncio.Lock()  # a frame's JSON and its binary go out back to back
+        self._model_said = studio.models.default  # the preset whose readiness the client last heard
 
     # ---- JobSink (worker thread) ------------------------------------------------------------------------
     def wants_preview(self) -> bool:
@@ -85,6 +86,16 @@ class Session:
 
     def on_done(self, job: Job, outcome: str) -> None:
         self._call(self._job_done, job, outcome)
+
+    def on_model(self, job: Job, name: str, state: str, progress: float | None, message: str) -> None:
+        """A model preset this session's job needs is loading, ready or failed (studio/switching.py)."""
+        self._call(self._say_model, name, state, progress, message)
+
+    def _say_model(self, name: str, state: str, progress: float | None, message: str) -> None:
+        if state == "ready":
+            self._model_said = name
+        self.send_control({"type": "model", "name": name, "state": state, "progress": progress,
+                           "message": message})
 
     def _call(self, fn, *args) -> None:
         try:
@@ -119,6 +130,9 @@ class Session:
             self.studio.metrics.frames_dropped.inc()
             return
         if frame.final:
+            name = self.studio.models.name_of(frame.job.params.model)
+            if name != self._model_said:  # a switch to a loaded preset: no load to report, but the client waits
+                self._say_model(name, "ready", 1.0, f"{name} is ready")
             self._last_final = (frame.job.id, frame.image)
             self.studio.worker.cancel_older(self.id, frame.job.id)  # several workers: older frames are moot now
         if self._frame is not None:  # the client has not taken the previous frame yet: replace it
@@ -129,7 +143,7 @@ class Session:
         self._wake.set()
 
     def _post_error(self, job: Job, code: str, message: str, field: str | None) -> None:
-        if code == "invalid_params" and self.params is job.params:
+        if code in ("invalid_params", "model_unavailable") and self.params is job.params:
             # The engine refused what validation let through (a negative prompt a full LCM cannot use, say):
             # these params never become the session's, the last ones the engine accepted stay.
             self.params = self._engine_accepted
@@ -168,7 +182,8 @@ class Session:
             # the ready replicas: studio/ray_worker.py)
             ray_replicas = getattr(self.studio.worker, "workers_ready", None) if not s.devices else None
             self.send_control({"type": "hello", "session": self.id, "schema": self.studio.schema(),
-                               "info": self.studio.info, "workers": ray_replicas or len(s.devices or [None])})
+                               "info": self.studio.info, "models": self.studio.models.public(),
+                               "workers": ray_replicas or len(s.devices or [None])})
             while True:
                 try:
                     message = await asyncio.wait_for(self.ws.receive(), timeout=s.idle_timeout_s)

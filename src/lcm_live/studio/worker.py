@@ -35,7 +35,9 @@ from lcm_live.studio.batching import job_batch_key, resolve_max_batch_size
 from lcm_live.studio.failures import describe_failures, is_oom  # noqa: F401 (is_oom: re-exported)
 from lcm_live.studio.images import prepare_canvas
 from lcm_live.studio.metrics import StudioMetrics
+from lcm_live.studio.models import ModelRegistry
 from lcm_live.studio.params import GenerationParams, device_type, engine_info, native_size
+from lcm_live.studio.switching import ModelLoadFailed, ModelSwitcher
 
 log = logging.getLogger("lcm_live.studio")
 
@@ -93,6 +95,7 @@ class Worker:
         on_ready: Callable[[Any], None] | None = None,
         on_fatal: Callable[[str], None] | None = None,
         name: str = "lcm-live-worker",
+        models: ModelRegistry | None = None,
     ):
         self.name = name
         self.settings = settings
@@ -105,6 +108,9 @@ class Worker:
         self.max_batch_size = 1  # resolved once the engine is loaded (resolve_max_batch_size)
         self.step_observer: Callable[[Job, StepEvent], None] | None = None  # tests and benchmarks
         self._engine_factory = engine_factory
+        # The presets' engines this worker holds (studio/switching.py); one implicit preset: the factory's model
+        self.models = models or ModelRegistry.implicit_default()
+        self.switcher = ModelSwitcher(self.models, engine_factory, name)
         self._on_ready = on_ready
         self._on_fatal = on_fatal
         self._cond = threading.Condition()
@@ -137,6 +143,10 @@ class Worker:
         """Jobs waiting or running here (a pool places new work on the least loaded worker)."""
         with self._cond:
             return len(self._pending) + len(self._running)
+
+    def has_model(self, name: str) -> bool:
+        """Whether preset ``name`` is loaded here (a pool places a job where its model is)."""
+        return self.switcher.has(name)
 
     def slot_state(self, slot: str) -> str | None:
         """"waiting", "running" or None: what ``slot`` has here now."""
@@ -233,20 +243,25 @@ class Worker:
         slot = self._order.popleft()
         first = self._pending.pop(slot)
         taken = {slot: first}
-        key = job_batch_key(first) if self.max_batch_size > 1 and first.cancel_reason is None else None
+        key = self._batch_key(first) if self.max_batch_size > 1 and first.cancel_reason is None else None
         for other in list(self._order) if key is not None else ():
             if len(taken) >= self.max_batch_size:
                 break
             job = self._pending[other]
-            if job.cancel_reason is None and job_batch_key(job) == key:
+            if job.cancel_reason is None and self._batch_key(job) == key:
                 self._order.remove(other)
                 taken[other] = self._pending.pop(other)
         return taken
 
+    def _batch_key(self, job: Job) -> Any:
+        """Jobs share an engine call only on the same preset with the same style scales."""
+        p = job.params
+        return self.models.name_of(p.model), sorted(p.lora_scales.items()), job_batch_key(job)
+
     def _load(self) -> bool:
         s = self.settings
         try:
-            self.engine = self._engine_factory()
+            self.engine = self.switcher.build(self.models.default)
             info = engine_info(self.engine)
             device = device_type(info)
             self.max_batch_size = resolve_max_batch_size(s, device)
@@ -261,6 +276,10 @@ class Worker:
             self.engine.warmup(width, height, s.warmup_steps, max_batch_size=self.max_batch_size)
             log.info("studio: warmed up at %dx%d, %d step(s), in %.1f s; up to %d frame(s) per engine call",
                      width, height, s.warmup_steps, time.perf_counter() - t0, self.max_batch_size)
+            self.switcher.max_loaded = s.max_loaded_models or (1 if device == "cpu" else 2)
+            self.switcher.warm = lambda engine, preset: engine.warmup(
+                preset.width or width, preset.height or height, s.warmup_steps, max_batch_size=self.max_batch_size)
+            self.switcher.adopt(self.models.default, self.engine, info.get("family"))
         except Exception as exc:
             message = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             log.error("studio: loading or warming up the model failed: %s", message,
@@ -282,7 +301,7 @@ class Worker:
         """Run the jobs that are still wanted as one engine call, then settle each job's outcome."""
         s, m = self.settings, self.metrics
         now = time.monotonic()
-        runs: list[_Run] = []
+        wanted: list[Job] = []
         for job in jobs:
             if job.cancel_reason is not None:
                 job.sink.on_done(job, "cancelled")
@@ -292,10 +311,14 @@ class Worker:
                                   f"{s.queue_wait_timeout_s:g} s): the server is busy, try again", None)
                 job.sink.on_done(job, "error")
             else:
-                job.started = now
-                runs.append(self._prepare_run(job, now))
-        if not runs:
+                wanted.append(job)
+        if not wanted or not self._select_engine(wanted):
             return
+        now = time.monotonic()  # after a model load: the generation deadline starts now
+        runs: list[_Run] = []
+        for job in wanted:
+            job.started = now
+            runs.append(self._prepare_run(job, now))
         m.batch_size.observe(len(runs))
         outcomes: list[tuple[_Run, Any, BaseException | None]] = []
         if len(runs) == 1:
@@ -313,6 +336,24 @@ class Worker:
             except Exception as exc:  # the batch call itself broke: each of its jobs gets the error
                 outcomes = [(r, None, exc) for r in runs]
         self._settle(outcomes, time.monotonic() - now)
+
+    def _select_engine(self, jobs: list[Job]) -> bool:
+        """``self.engine`` := the engine of the jobs' preset (one batch key: one preset), loaded if need be;
+        False (the jobs failed) when it cannot load or the style scales cannot be set."""
+        name = self.models.name_of(jobs[0].params.model)
+        if not self.switcher.has(name):
+            self.engine = None  # an evicted engine must not stay referenced here
+        try:
+            scales = self.models.resolve_scales(name, dict(jobs[0].params.lora_scales))
+            self.engine = self.switcher.select(name, scales, [(job, job.sink) for job in jobs])
+            return True
+        except ModelLoadFailed as exc:
+            failure = ("model_unavailable", f"the model {name!r} could not be loaded: {exc.message}", "model")
+        except UserError as exc:
+            failure = ("invalid_params", exc.message, exc.field or "lora_scales")
+        for job in jobs:
+            self._fail(job, *failure)
+        return False
 
     def _prepare_run(self, job: Job, started: float) -> _Run:
         s = self.settings
