@@ -193,6 +193,9 @@ class StudioSettings(BaseModel):
     # frames
     frame_format: Literal["jpeg", "webp"] = "jpeg"
     frame_quality: int = Field(85, ge=1, le=100)
+    # Camera/screen input: skip a canvas whose cosine similarity to the last processed one passes this threshold,
+    # with a probability rising to 1 (studio/similarity.py); None: every changed canvas is processed.
+    similarity_filter: float | None = Field(None, gt=0, lt=1)
     # parameter bounds published in the schema and enforced on every request
     # Sizes left as None follow the model (for_model): the default is its native size (SD1.5 512, SDXL 1024,
     # builtin:shapes 64: a model made at 64 px tiles its shapes over a 512 px image), the bounds 256..768

@@ -61,6 +61,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--max-sessions", type=int, default=None,
                    help="concurrent WebSocket sessions (default: 1 on CPU, 4 on GPU)")
     g.add_argument("--frame-format", choices=["jpeg", "webp"], default=None, help="live frame encoding (default: jpeg)")
+    g.add_argument("--similarity-filter", type=float, default=None, metavar="T",
+                   help="camera/screen input: skip a canvas whose cosine similarity to the last processed one "
+                        "passes T (e.g. 0.98), with a probability rising to 1 for an identical one (default: off)")
     g.add_argument("--exit-on-failures", action="store_true",
                    help="exit non-zero after 3 consecutive engine failures (for a supervisor to restart)")
     r = parser.add_argument_group("ray serve (the `ray` extra: pip install 'lcm-live[ray]'; docs/scaling.md)")
@@ -119,7 +122,8 @@ def build_settings(args: argparse.Namespace):
              "devices": [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None,
              "frame_format": args.frame_format, "exit_on_failures": args.exit_on_failures or None,
              "ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile,
-             "max_loaded_models": getattr(args, "max_loaded_models", None)}
+             "max_loaded_models": getattr(args, "max_loaded_models", None),
+             "similarity_filter": getattr(args, "similarity_filter", None)}
     try:
         values = Settings().studio.model_dump()
         values["token"] = os.environ.get("LCM_LIVE_TOKEN") or values["token"]

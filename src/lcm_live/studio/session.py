@@ -26,6 +26,7 @@ from lcm_live.studio.images import encode_frame
 from lcm_live.studio.json_input import JsonRefused, loads_checked
 from lcm_live.studio.layers import Layers, as_mask, job_inputs, parse_layer_message
 from lcm_live.studio.params import GenerationParams, parse_params
+from lcm_live.studio.similarity import SimilarityFilter
 from lcm_live.studio.worker import Job
 
 if TYPE_CHECKING:
@@ -72,6 +73,8 @@ class Session:
         self._wake = asyncio.Event()
         self._send_lock = asyncio.Lock()  # a frame's JSON and its binary go out back to back
         self._model_said = studio.models.default  # the preset whose readiness the client last heard
+        threshold = studio.settings.studio.similarity_filter  # serve --similarity-filter (studio/similarity.py)
+        self.similarity = SimilarityFilter(threshold) if threshold else None
 
     # ---- JobSink (worker thread) ------------------------------------------------------------------------
     def wants_preview(self) -> bool:
@@ -265,6 +268,8 @@ class Session:
             # Counted once decoded, not when it arrived: a status said while it decoded (another job's "idle")
             # then carries the count before it, and the page knows this input is still unread.
             self.inputs += 1
+        if msg.layer == "canvas" and self.similarity is not None and self.similarity.skip(image):
+            return self._idle_if_nothing_runs()  # barely changed since the last canvas processed: no new frame
         self.layers.put(msg.key, image, msg.image)
         self._maybe_submit()
 
