@@ -10,7 +10,9 @@ from pathlib import Path
 import lcm_live
 
 WEB = Path(lcm_live.__file__).resolve().parent / "web"
-JS_IMPORT = re.compile(r"""(?:^|\n)\s*import\s[^;]*?from\s+["']([^"']+)["']|import\(\s*["']([^"']+)["']\s*\)""")
+# import ... from "x"; import("x"); and a worker's script, new URL("x", import.meta.url)
+JS_IMPORT = re.compile(r"""(?:^|\n)\s*import\s[^;]*?from\s+["']([^"']+)["']|import\(\s*["']([^"']+)["']\s*\)"""
+                       r"""|new URL\(\s*["']([^"']+)["']\s*,\s*import\.meta\.url""")
 
 
 class _Refs(HTMLParser):
@@ -73,7 +75,7 @@ def _module_graph() -> set[Path]:
         assert path.is_file(), f"missing JS module: {path.relative_to(WEB)}"
         seen.add(path)
         for m in JS_IMPORT.finditer(path.read_text(encoding="utf-8")):
-            spec = m.group(1) or m.group(2)
+            spec = m.group(1) or m.group(2) or m.group(3)
             assert spec.startswith("./") or spec.startswith("../"), f"{path.name} imports a bare/remote module {spec!r}"
             todo.append((path.parent / spec).resolve())
     return seen

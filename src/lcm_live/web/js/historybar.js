@@ -2,11 +2,12 @@
 // the arrow keys to scrub, and a viewer that shows the chosen frame large with its parameters and Restore, Apply,
 // Save and Pin. "Back to live" (or Escape) closes the viewer; new frames keep coming into the strip meanwhile.
 //
-// Cost per frame (docs/benchmarks.md, "Studio page"): the entry and its button are made at once; the thumbnail is
-// decoded and scaled off the main thread (createImageBitmap with a resize) and drawn when ready.
+// Cost per frame (docs/benchmarks.md, "Studio page"): the entry and its button at once; the thumbnail is decoded
+// and scaled in a worker (thumbs.js) and handed to its canvas when ready.
 
 import { FrameHistory, SentInputs } from "./history.js";
 import { PinStore } from "./pins.js";
+import { ThumbMaker } from "./thumbs.js";
 
 const $ = (id) => document.getElementById(id);
 const THUMB_HEIGHT = 56; // CSS pixels of a thumbnail (its width follows the frame's shape)
@@ -45,15 +46,17 @@ export function setupHistory({ conn, onRestore, onApply, onSave, onError }) {
   conn.addEventListener("sent", (e) => sent.add(conn.sentCount, e.detail.kind, e.detail.payload));
   const history = new FrameHistory();
   const buttons = new Map(); // entry id -> its thumbnail button
-  let selected = null; // the entry in the viewer (null: live)
+  const thumbs = new ThumbMaker();
   let viewUrl = null;
-  history.stats = { adds: 0, addMs: 0, thumbs: 0, thumbMs: 0 }; // main-thread time (docs/benchmarks.md)
+  let selected = null; // the entry in the viewer (null: live)
+  history.stats = { adds: 0, addMs: 0 }; // main-thread time (docs/benchmarks.md)
 
   history.addEventListener("change", (e) => {
     const { added, dropped } = e.detail;
     for (const entry of dropped) {
       buttons.get(entry.id)?.remove();
       buttons.delete(entry.id);
+      thumbs.forget(entry.id);
       if (selected === entry) select(null);
     }
     if (added) addButton(added);
@@ -72,10 +75,10 @@ export function setupHistory({ conn, onRestore, onApply, onSave, onError }) {
     b.title = describeParams(entry.info);
     b.setAttribute("aria-label", `Frame: ${b.title}`);
     const canvas = document.createElement("canvas");
-    const { width = 1, height = 1 } = entry.info;
-    canvas.height = THUMB_HEIGHT * (window.devicePixelRatio || 1);
-    canvas.width = Math.max(1, Math.round((canvas.height * width) / height));
+    canvas.height = Math.round(THUMB_HEIGHT * (window.devicePixelRatio || 1));
+    canvas.width = Math.max(1, Math.round((canvas.height * (entry.info.width || 1)) / (entry.info.height || 1)));
     b.append(canvas);
+    thumbs.make(entry.id, entry.frame, canvas);
     b.addEventListener("click", () => select(entry));
     // Oldest first: a pinned frame from an earlier visit goes before the live ones.
     const next = history.entries[history.entries.indexOf(entry) + 1];
@@ -83,22 +86,6 @@ export function setupHistory({ conn, onRestore, onApply, onSave, onError }) {
     if (before) els.strip.insertBefore(b, before);
     else els.strip.append(b);
     buttons.set(entry.id, b);
-    drawThumb(entry.frame, canvas);
-  }
-
-  async function drawThumb(blob, canvas) {
-    let bitmap;
-    try {
-      bitmap = await createImageBitmap(blob, { resizeWidth: canvas.width, resizeHeight: canvas.height,
-                                                resizeQuality: "medium" });
-    } catch {
-      return; // an image the browser cannot decode: the button stays blank
-    }
-    const t0 = performance.now();
-    canvas.getContext("2d").drawImage(bitmap, 0, 0);
-    bitmap.close();
-    history.stats.thumbs += 1;
-    history.stats.thumbMs += performance.now() - t0;
   }
 
   function renderBar() {
@@ -117,9 +104,9 @@ export function setupHistory({ conn, onRestore, onApply, onSave, onError }) {
     if (selected) buttons.get(selected.id)?.setAttribute("aria-selected", "false");
     selected = entry;
     document.body.dataset.historyView = String(entry !== null);
-    els.view.hidden = entry === null;
     if (viewUrl) URL.revokeObjectURL(viewUrl);
     viewUrl = null;
+    els.view.hidden = entry === null;
     if (entry) {
       const b = buttons.get(entry.id);
       b.setAttribute("aria-selected", "true");
@@ -193,6 +180,7 @@ export function setupHistory({ conn, onRestore, onApply, onSave, onError }) {
 
   return {
     history,
+    thumbs,
     /** A final frame arrived: keep it with the input it was made from. */
     frame(info, blob) {
       const t0 = performance.now();
