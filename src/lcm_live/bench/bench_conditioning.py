@@ -94,6 +94,7 @@ class ConditioningConfig:
     device: str = "auto"
     seed: int = 0
     model_seed: int = 0
+    progress: bool = True
 
 
 def _engine(config: ConditioningConfig, device: Any, dtype: Any) -> tuple[Any, dict[str, float]]:
@@ -185,7 +186,8 @@ def run_conditioning_bench(config: ConditioningConfig) -> dict[str, Any]:
             engine.generate(request(extra))
     per_step: dict[str, list[float]] = {name: [] for name in variants}
     totals: dict[str, list[float]] = {name: [] for name in variants}
-    with tqdm(total=config.runs * len(variants), desc="conditioning bench", unit="run") as bar:
+    with tqdm(total=config.runs * len(variants), desc="conditioning bench", unit="run",
+              disable=not config.progress) as bar:
         for _ in range(config.runs):
             for name, extra in variants.items():
                 result = engine.generate(request(extra))

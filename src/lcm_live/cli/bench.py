@@ -56,9 +56,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES,
                         help="with --compile: torch.compile's mode (auto: reduce-overhead on CUDA, default on a CPU)")
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"])
-    parser.add_argument("--controlnet", action="store_true",
+    parser.add_argument("--controlnet", action="append", nargs="?", const="controlnet", default=None,
+                        metavar="NAME",
                         help="lcm-live's path with a ControlNet of the architecture's shape (random weights), a line "
-                             "drawing as its image (with --baseline none; with --live: the studio's lines mode)")
+                             "drawing as its image (with --baseline none; with --live: the studio's lines mode); "
+                             "twice or more (--controlnet A --controlnet B): several nets' cost per step against a "
+                             "plain step (bench/bench_conditioning.py)")
+    parser.add_argument("--ip-adapter", action="store_true",
+                        help="an IP-Adapter of the real shapes (ViT-H image encoder, random weights) and a reference "
+                             "image: its cost per step against a plain step (bench/bench_conditioning.py)")
     parser.add_argument("--mask", action="store_true",
                         help="lcm-live alone: img2img frames without a mask, with one over the whole picture and with "
                              "one over the left half; reports each mask's overhead (bench/bench_masks.py)")
@@ -121,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         bench_scaling.check(args)
 
     width, height = _size(args)
+    controlnets = args.controlnet or []
+    args.controlnet = bool(controlnets)  # one net: the engine bench's ControlNet path
     for name, value in (("--width", width), ("--height", height)):
         if value % 8 or not 64 <= value <= 2048:
             raise UserError(f"{name} {value}: use a multiple of 8 from 64 to 2048", field=name[2:])
@@ -133,7 +141,23 @@ def run(args: argparse.Namespace) -> int:
                         "--batch-size for several images per call", field="sessions")
     if (args.mask or args.regions) and args.live:
         raise UserError("--mask and --regions time engine calls; they do not apply to --live", field="mask")
-    if args.mask or args.regions:
+    if (args.ip_adapter or len(controlnets) > 1) and args.live:
+        raise UserError("--ip-adapter and several --controlnet time engine calls; they do not apply to --live",
+                        field="ip_adapter")
+    if args.ip_adapter or len(controlnets) > 1:
+        from lcm_live.bench.bench_conditioning import (
+            ConditioningConfig,
+            format_conditioning,
+            run_conditioning_bench,
+        )
+
+        report = run_conditioning_bench(ConditioningConfig(
+            arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps or 4,
+            guidance_scale=args.guidance_scale, runs=args.runs, warmup=args.warmup, ip_adapter=args.ip_adapter,
+            controlnets=controlnets if len(controlnets) > 1 else [], dtype=args.dtype, device=args.device,
+            seed=args.seed, progress=not args.no_progress))
+        text = format_conditioning(report)
+    elif args.mask or args.regions:
         from lcm_live.bench.bench_engine import BenchConfig
         from lcm_live.bench.bench_masks import format_masks_report, run_masks_bench
 

@@ -19,10 +19,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, decoder: str = "vae
                    help="LCM-LoRA for plain SD1.5/SDXL models (auto picks by architecture; ignored for full LCMs)")
     g.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID[:SCALE]",
                    help="style LoRA stacked on the model, fused for speed; repeatable")
-    g.add_argument("--controlnet", default=None, metavar="ID_OR_PATH",
+    g.add_argument("--controlnet", action="append", default=None, metavar="ID_OR_PATH",
                    help="a ControlNet for the model's architecture (hub id, diffusers folder, or a single "
                         ".safetensors file in the original layout): an image guides the layout (generate "
-                        "--control-image; the studio's Lines mode)")
+                        "--control-image; the studio's Lines mode); repeatable: several nets, each with its own "
+                        "--control-image (in the same order)")
+    g.add_argument("--ip-adapter", default=None, metavar="ID_OR_PATH",
+                   help="an IP-Adapter for the model's architecture (a .safetensors file with its image_encoder "
+                        "folder beside it, or ORG/NAME/PATH/FILE.safetensors on the hub): a reference image guides "
+                        "content and style (generate --ip-adapter-image; the studio's reference layer)")
     g.add_argument("--scheduler", default="auto", choices=["auto", "lcm", "tcd", "euler-a", "euler-trailing"],
                    help="the sampler: auto detects the model's family (LCM, SD-Turbo, SDXL-Turbo, SDXS, "
                         "SDXL-Lightning, TCD, Hyper-SD) from its folder or name; the others override it (README: "
@@ -86,8 +91,10 @@ def engine_settings_from_args(args: argparse.Namespace, **overrides) -> EngineSe
     )
     # Flags added later: parsers (or hand-made namespaces) without them keep the settings' defaults.
     for name in ("taesd", "backend", "compile", "compile_mode", "quantize", "controlnet", "scheduler", "eta",
-                 "feature_reuse", "token_merging"):
+                 "feature_reuse", "token_merging", "ip_adapter"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
+    if isinstance(values.get("controlnet"), list) and len(values["controlnet"]) == 1:
+        values["controlnet"] = values["controlnet"][0]  # one net: the settings' single form
     values.update(overrides)
     return EngineSettings(**values)

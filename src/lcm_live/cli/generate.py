@@ -1,7 +1,10 @@
 """`lcm-live generate PROMPT`: one LCM image (or a few) in 1 to 8 steps, saved as PNG with its parameters.
 
 The conditionings' flags (``--image``, ``--control-image``, ``--mask``, ``--region MASK PROMPT``, ``--prompt-blend
-PROMPT WEIGHT``, ``--seed-blend SEED WEIGHT``, ...) come from the engine's registry (engine/modes.py).
+PROMPT WEIGHT``, ``--seed-blend SEED WEIGHT``, ``--ip-adapter-image``, ...) come from the engine's registry
+(engine/modes.py). The per-ControlNet ones (``--control-image``, ``--controlnet-conditioning-scale``,
+``--control-guidance-start/end``) repeat, one per ``--controlnet`` in the same order (a number given once is for
+all nets).
 
 Everything the user can get wrong is checked before the model loads (bad values, unreadable init image, a bad
 ``--output``), and nothing is written until the image exists, so a failed run leaves no file behind.
@@ -71,6 +74,9 @@ def add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
             kind = _ARG_KINDS[param.type if param.type in ("image", "number", "integer") else param.name]
             default = param.default if param.type in ("number", "integer") else None
             shown = f" (default: {default})" if default is not None else ""
+            if param.per_controlnet:  # repeatable: one per --controlnet, in order
+                kind, shown = {**kind, "action": "append"}, shown + "; repeatable, one per --controlnet"
+                default = None
             g.add_argument(param.flag, dest=param.name, default=default, help=param.description + shown, **kind)
 
 
@@ -108,19 +114,32 @@ def _quiet_libraries() -> None:
 def run(args: argparse.Namespace) -> int:
     from lcm_live.engine.metadata import check_output_path, save_images
     from lcm_live.engine.request import GenerationRequest, PromptBlend, Region, SeedBlend
-    from lcm_live.engine.validation import check_control, validate_request
+    from lcm_live.engine.validation import validate_request
 
     # 1. Everything checkable without the model, first.
     image = read_init_image(args.image) if args.image else None
-    if bool(args.control_image) != bool(args.controlnet):
+    nets = args.controlnet or []
+    if bool(args.control_image) != bool(nets):
         raise UserError("--control-image and --controlnet go together: the ControlNet (a hub id or folder) and the "
                         "image that guides it", field="control_image")
-    control = read_init_image(args.control_image, "--control-image", "control_image") if args.control_image else None
+    if args.control_image and len(args.control_image) != len(nets):
+        raise UserError(f"{len(args.control_image)} --control-image for {len(nets)} --controlnet: give one image per "
+                        "ControlNet, in the same order", field="control_image")
+    control = [read_init_image(path, "--control-image", "control_image") for path in args.control_image or []]
+    if bool(args.ip_adapter_image) != bool(args.ip_adapter):
+        raise UserError("--ip-adapter-image and --ip-adapter go together: the IP-Adapter (a .safetensors file) and "
+                        "the reference image that guides it", field="ip_adapter_image")
+    reference = (read_init_image(args.ip_adapter_image, "--ip-adapter-image", "ip_adapter_image")
+                 if args.ip_adapter_image else None)
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale, seed=args.seed, width=args.width, height=args.height,
-        num_images_per_prompt=args.num_images, image=image, strength=args.strength, control_image=control,
-        controlnet_conditioning_scale=args.controlnet_conditioning_scale,
+        num_images_per_prompt=args.num_images, image=image, strength=args.strength,
+        control_image=(control[0] if len(control) == 1 else control) or None,
+        **{name: _per_net(getattr(args, name), default, len(nets), name)
+           for name, default in (("controlnet_conditioning_scale", 1.0), ("control_guidance_start", 0.0),
+                                 ("control_guidance_end", 1.0))},
+        ip_adapter_image=reference, ip_adapter_scale=args.ip_adapter_scale,
         mask_image=read_init_image(args.mask_image, "--mask", "mask_image") if args.mask_image else None,
         mask_feather=args.mask_feather,
         regions=[Region(prompt, read_init_image(mask, "--region", f"regions[{k}].mask_image"))
@@ -131,7 +150,12 @@ def run(args: argparse.Namespace) -> int:
     # The model's own img2img bound and its family's default steps (None here) are checked once it is loaded.
     validate_request(dataclasses.replace(request, num_inference_steps=request.num_inference_steps or 1),
                      lcm_img2img=True)
-    check_control(request, args.controlnet)
+    from lcm_live.engine import modes
+
+    if request.control_image is not None:  # the model's own checks, as far as the flags tell them
+        modes.BY_NAME["control_image"].check(request, modes.ModelCaps(controlnet=nets[0], controlnets=len(nets)))
+    if request.ip_adapter_image is not None:
+        modes.BY_NAME["ip_adapter_image"].check(request, modes.ModelCaps(ip_adapter=args.ip_adapter))
     if args.output is not None:
         check_output_path(args.output)
     settings = engine_settings_from_args(args)
@@ -157,6 +181,19 @@ def run(args: argparse.Namespace) -> int:
     for path in paths:
         print(f"saved {path}")
     return 0
+
+
+def _per_net(values, default: float, nets: int, name: str):
+    """A repeatable per-ControlNet number: the default, one value (for all nets) or one per net."""
+    if not values:
+        return default
+    if len(values) == 1:
+        return values[0]
+    if len(values) != nets:
+        flag = "--" + name.replace("_", "-")
+        raise UserError(f"{len(values)} {flag} for {nets} --controlnet: give one (for all nets) or one per "
+                        "ControlNet, in the same order", field=name)
+    return list(values)
 
 
 def _blend(cls, values, flag: str, first):

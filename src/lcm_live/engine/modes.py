@@ -201,7 +201,7 @@ CONDITIONINGS: tuple[Conditioning, ...] = (
     Conditioning(
         "control_image", "control",
         (Param("control_image", "image", "with a ControlNet: the image that guides the layout (white lines on "
-                                         "black for line ControlNets)", flag="--control-image"),
+                                         "black for line ControlNets)", flag="--control-image", per_controlnet=True),
          Param("controlnet_conditioning_scale", "number", "how strongly the control image guides, >= 0", 1.0, 0.0,
                flag="--controlnet-conditioning-scale", per_controlnet=True),
          Param("control_guidance_start", "number", "the fraction of the steps after which the ControlNet starts "
