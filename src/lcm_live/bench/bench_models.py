@@ -1,0 +1,173 @@
+"""What a model switch and a style re-fuse cost on the studio's worker (issue 16: a switch to an already-loaded
+preset under 50 ms on the worker). Run: ``python -m lcm_live.bench.bench_models --arch tiny|sd15 [--json FILE]``.
+
+1. switch: a :class:`~lcm_live.studio.worker.Worker` with two presets, each a real Engine around the architecture
+   with random weights (bench_engine.build_fast_engine, different seeds), both kept loaded (max_loaded_models 2).
+   After a warm-up, jobs alternate between the presets, then stay on one. Reported: the worker's ``select()`` time
+   at each switch (``ModelSwitcher.last_switch_s``: finding the loaded engine and the LRU bookkeeping), and the
+   engine call's time on a frame right after a switch against one on the same model (a cold-cache cost a switch
+   may add to its first frame shows there).
+2. refuse: ``StyleScales.set`` on a random LoRA (rank 4, attention projections, peft) of the same architecture:
+   the first change (read the safetensors, load the adapter, fuse) and the next ones (unfuse, re-weight, fuse).
+
+Each figure is the median of ``runs``; the machine and its load average are in the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from lcm_live.bench.measure import current_load, describe_machine
+
+
+class _Sink:
+    """Records one job's engine time; ``done`` is set when it is over."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.generation_s: float | None = None
+        self.error: str | None = None
+
+    def wants_preview(self) -> bool:
+        return False
+
+    def on_frame(self, job: Any, image: Any, *, final: bool, generation_s: float, **kwargs: Any) -> None:
+        if final:
+            self.generation_s = generation_s
+
+    def on_error(self, job: Any, code: str, message: str, field: str | None) -> None:
+        self.error = f"{code}: {message}"
+
+    def on_done(self, job: Any, outcome: str) -> None:
+        self.done.set()
+
+
+def _engine_factory(arch: str, dtype: str, side: int):
+    from lcm_live.bench.bench_engine import BenchConfig, build_fast_engine, resolve_device_dtype
+
+    def factory(device: Any = None, *, preset: Any) -> Any:
+        config = BenchConfig(arch=arch, width=side, height=side, baseline=None, backend="torch", decoder="taesd",
+                             dtype=dtype, device="cpu", model_seed=int(preset.model.rsplit("-", 1)[1]),
+                             progress=False)
+        device_, dtype_ = resolve_device_dtype(config)
+        return build_fast_engine(config, device_, dtype_)[0]
+
+    return factory
+
+
+def bench_switch(arch: str, dtype: str, side: int, steps: int, runs: int) -> dict[str, Any]:
+    from lcm_live.config import ModelPreset, StudioSettings
+    from lcm_live.studio.metrics import StudioMetrics
+    from lcm_live.studio.models import ModelRegistry
+    from lcm_live.studio.params import build_params_model
+    from lcm_live.studio.worker import Job, Worker
+
+    registry = ModelRegistry([ModelPreset(name="a", model="random-1"), ModelPreset(name="b", model="random-2")])
+    settings = StudioSettings(max_loaded_models=2, warmup_width=side, warmup_height=side, warmup_steps=1,
+                              min_size=64, default_width=side, default_height=side, default_previews=False,
+                              queue_wait_timeout_s=600, generation_timeout_s=600)
+    worker = Worker(_engine_factory(arch, dtype, side), settings, StudioMetrics(), models=registry)
+    worker.start()
+    while worker.state == "loading":
+        time.sleep(0.05)
+    if not worker.ready:
+        raise SystemExit(f"bench_models: the worker did not start: {worker.detail}")
+    model = build_params_model(worker.settings, models=registry)
+
+    def frame(name: str, seed: int) -> tuple[float, float | None]:
+        worker.switcher.last_switch_s = None
+        sink = _Sink()
+        worker.submit("bench", Job(params=model(model=name, prompt="a fox", seed=seed, width=side, height=side,
+                                                num_inference_steps=steps), sink=sink))
+        sink.done.wait()
+        if sink.error or sink.generation_s is None:
+            raise SystemExit(f"bench_models: a frame failed: {sink.error}")
+        return sink.generation_s, worker.switcher.last_switch_s
+
+    try:
+        frame("b", 0)  # loads b (with its warm-up), then warm both once more
+        frame("a", 0), frame("b", 0)
+        switch_s, after_switch, same = [], [], []
+        for k in range(runs):
+            generation, switched = frame("a" if k % 2 == 0 else "b", k)
+            switch_s.append(switched)
+            after_switch.append(generation)
+        for k in range(runs):
+            generation, switched = frame("b" if runs % 2 == 0 else "a", 100 + k)
+            if switched is None:
+                same.append(generation)
+    finally:
+        worker.stop()
+    med = statistics.median
+    return {"select_ms": {"median": round(med(switch_s) * 1000, 3), "max": round(max(switch_s) * 1000, 3)},
+            "frame_after_switch_ms": round(med(after_switch) * 1000, 1),
+            "frame_same_model_ms": round(med(same) * 1000, 1), "switches": len(switch_s)}
+
+
+def bench_refuse(arch: str, dtype: str, runs: int) -> dict[str, Any]:
+    import torch
+
+    from lcm_live.bench.bench_engine import BenchConfig, build_fast_engine, resolve_device_dtype
+    from lcm_live.engine.loras import StyleScales
+    from lcm_live.engine.tiny import save_tiny_lora
+
+    config = BenchConfig(arch=arch, baseline=None, backend="torch", decoder="taesd", dtype=dtype, device="cpu",
+                         progress=False)
+    device, torch_dtype = resolve_device_dtype(config)
+    engine = build_fast_engine(config, device, torch_dtype)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        unet32 = engine.pipe.unet.to(torch.float32)  # peft's LoRA made on float32 weights, then cast back
+        lora = save_tiny_lora(Path(tmp) / "style.safetensors", unet32, rank=4, seed=7, std=0.01)
+        engine.pipe.unet.to(torch_dtype)
+        styles = StyleScales(engine.pipe, [("style", str(lora), 0.0)], cache_dir=None, model_name=arch)
+        t0 = time.perf_counter()
+        styles.set({"style": 0.5})
+        first = time.perf_counter() - t0
+        times = []
+        for k in range(runs):
+            t0 = time.perf_counter()
+            styles.set({"style": 0.2 + 0.1 * (k % 7)})
+            times.append(time.perf_counter() - t0)
+        layers = sum(1 for name, _ in engine.pipe.unet.named_modules() if name.endswith(".base_layer"))
+    return {"first_change_ms": round(first * 1000, 1), "refuse_ms": round(statistics.median(times) * 1000, 1),
+            "lora_layers": layers}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="tiny", help="tiny or a real architecture with random weights (sd15)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--side", type=int, default=None, help="image side (default: 64 tiny, 256 otherwise)")
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--skip", choices=["switch", "refuse"], default=None)
+    parser.add_argument("--json", default=None, metavar="FILE")
+    args = parser.parse_args(argv)
+    import torch
+
+    side = args.side or (64 if args.arch == "tiny" else 256)
+    report: dict[str, Any] = {"bench": "models", "arch": args.arch, "dtype": args.dtype, "side": side,
+                              "steps": args.steps, "runs": args.runs,
+                              "machine": describe_machine(torch.device("cpu")), "load_before": current_load()}
+    if args.skip != "switch":
+        report["switch"] = bench_switch(args.arch, args.dtype, side, args.steps, args.runs)
+    if args.skip != "refuse":
+        report["refuse"] = bench_refuse(args.arch, args.dtype, args.runs)
+    report["load_after"] = current_load()
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
