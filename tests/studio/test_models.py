@@ -280,3 +280,20 @@ def test_pool_workers_each_keep_their_own_lru():
             ws.send_text(params(prompt="p", seed=2, model="b"))  # placed where b is: no second load
             seen, _ = model_messages(ws)
             assert seen == [] and len(engines["b"]) == 1
+
+
+def test_style_scales_on_a_compiled_unet_are_refused_naming_the_backend():
+    from types import SimpleNamespace
+
+    from lcm_live.studio.switching import LoadedEngine, restyle
+
+    class OpenVINOUNet:  # what engine/openvino_backend.py puts in pipe.unet
+        pass
+
+    preset = two_presets()[1]
+    engine = SimpleNamespace(pipe=SimpleNamespace(unet=OpenVINOUNet()), compiled=False)
+    loaded = LoadedEngine(engine, scales={"ink": 0.5})
+    with pytest.raises(UserError) as err:
+        restyle(loaded, preset, {"ink": 0.9})
+    assert err.value.field == "lora_scales" and "--backend torch" in err.value.message
+    assert loaded.scales == {"ink": 0.5}  # nothing changed

@@ -65,6 +65,7 @@ class Job:
     mask: Any = None  # PIL "L" mask layer (white = redraw), the canvas's size; fitted with it
     init_image: Any = None  # control mode with a mask: the picture to keep outside the mask (the last frame)
     region_masks: list[Any] = field(default_factory=list)  # PIL "L", one per params.regions item
+    images: dict[str, Any] = field(default_factory=dict)  # reference, control_images (studio/layers.py JobInputs)
     input: int = 0  # the session's input count when it was made: frames say which input they show
     submitted: float = field(default_factory=time.monotonic)  # when the input was accepted
     id: int = field(default_factory=lambda: next(_job_ids))
@@ -284,6 +285,7 @@ class Worker:
             message = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             log.error("studio: loading or warming up the model failed: %s", message,
                       exc_info=not isinstance(exc, UserError))
+            self.models.mark_failed(self.models.default, self.name, message)
             with self._cond:
                 self.state, self.detail = "failed", f"model load or warmup failed: {message}"
             if self._on_fatal is not None and s.exit_on_warmup_failure:
@@ -391,7 +393,7 @@ class Worker:
         size = (p.width, p.height)
         fit = (lambda img: img if img is None or img.size == size else img.resize(size))  # noqa: E731
         request = p.to_request(image=canvas, mask=fit(job.mask), init_image=fit(job.init_image),
-                               region_masks=[fit(m) for m in job.region_masks])
+                               region_masks=[fit(m) for m in job.region_masks], **job.images)
         return _Run(job, request, callback, seen, should_stop)
 
     def _settle(self, outcomes: list[tuple[_Run, Any, BaseException | None]], generation_s: float) -> None:
