@@ -13,7 +13,7 @@ import sys
 from lcm_live import __version__
 from lcm_live.errors import UserError
 
-SUBCOMMANDS = ["generate", "serve", "bench", "distill", "eval", "info"]
+SUBCOMMANDS = ["generate", "upscale", "serve", "bench", "distill", "eval", "info"]
 
 
 def build_parser() -> argparse.ArgumentParser:

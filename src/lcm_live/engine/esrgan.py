@@ -1,0 +1,88 @@
+"""An ESRGAN-family super-resolution model (ESRGAN, Real-ESRGAN, their compact and Swin cousins) loaded through
+``spandrel`` from a ``.safetensors`` file: step 2 of the upscale recipe (engine/upscale.py).
+
+Only safetensors: a ``.pth``/``.ckpt`` is a pickle, which can run code when loaded. The state dict is read with
+``safetensors`` here and handed to spandrel, which detects the architecture from its keys and shapes; anything
+that is not a single-image super-resolution model is refused. ``spandrel`` is the optional extra
+``lcm-live[upscale]`` (it imports torchvision, which must be the build made for the installed torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lcm_live.errors import UserError, first_line
+
+
+@dataclass
+class Upscaler:
+    name: str  # the file's own name (never its folder: it goes into image metadata)
+    architecture: str  # spandrel's name for it: "ESRGAN", "RealESRGAN Compact", ...
+    scale: int  # its fixed upscaling factor (2, 4, ...)
+    model: Any  # spandrel.ImageModelDescriptor, in eval mode on ``device``
+    device: str = "cpu"
+
+
+def _import_spandrel() -> Any:
+    try:
+        import spandrel
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or "spandrel"
+        if missing.split(".")[0] == "torchvision":
+            raise UserError(f"--upscaler needs torchvision, which spandrel imports ({first_line(exc)}): install the "
+                            "torchvision built for your torch (for a CPU build of torch: pip install torchvision "
+                            "--index-url https://download.pytorch.org/whl/cpu)", field="upscaler") from None
+        raise UserError(f"--upscaler needs spandrel ({first_line(exc)}): pip install 'lcm-live[upscale]'",
+                        field="upscaler") from None
+    return spandrel
+
+
+def load_upscaler(path: str | Path, *, device: str = "cpu") -> Upscaler:
+    """The super-resolution model in ``path`` (a .safetensors file), on ``device``; UserError naming the flag and
+    the fix for a file that is not one."""
+    file = Path(path).expanduser()
+    if file.suffix.lower() != ".safetensors":
+        raise UserError(f"--upscaler {str(path)!r}: only .safetensors files are loaded (a .pth or .ckpt is a "
+                        "pickle, which can run code when loaded); convert it once with safetensors' save_file, or "
+                        "get the model's .safetensors release", field="upscaler")
+    if not file.is_file():
+        raise UserError(f"--upscaler {str(path)!r}: no such file", field="upscaler")
+    spandrel = _import_spandrel()
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(file), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"--upscaler {str(path)!r}: cannot read it as safetensors ({first_line(exc)})",
+                        field="upscaler") from None
+    try:
+        descriptor = spandrel.ModelLoader("cpu").load_from_state_dict(state)
+    except spandrel.UnsupportedModelError:
+        raise UserError(f"--upscaler {str(path)!r}: spandrel recognises no architecture in it; give an ESRGAN-family "
+                        "super-resolution model (ESRGAN, Real-ESRGAN, ...)", field="upscaler") from None
+    except Exception as exc:  # a known architecture with inconsistent weights
+        raise UserError(f"--upscaler {str(path)!r}: its weights do not load ({first_line(exc)})",
+                        field="upscaler") from None
+    if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.purpose != "SR":
+        raise UserError(f"--upscaler {str(path)!r} is a {descriptor.architecture.name} model for "
+                        f"{descriptor.purpose}, not super-resolution: give an upscaling model", field="upscaler")
+    descriptor.to(device).eval()
+    return Upscaler(name=file.name, architecture=descriptor.architecture.name, scale=int(descriptor.scale),
+                    model=descriptor, device=str(device))
+
+
+def run_upscaler(upscaler: Upscaler, image: Any) -> Any:
+    """``image`` (PIL) times the model's own scale, as PIL RGB. Pixels go in and come out in [0, 1], float32."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    x = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).to(upscaler.device)  # (1, 3, H, W)
+    with torch.inference_mode():
+        y = upscaler.model(x)  # (1, 3, H * scale, W * scale)
+    out = (y[0].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy() * 255.0).round().astype(np.uint8)
+    return Image.fromarray(out, "RGB")
