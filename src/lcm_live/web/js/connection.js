@@ -10,6 +10,7 @@
 //   status  the status message
 //   error   the error message ({code, message, field})
 //   warning the warning message
+//   model   a model message ({name, state, progress, message}: a model preset loading, ready or failed)
 //   sent    {kind: "params"|"canvas"|"layer", at, payload}   at: performance.now() of the send
 
 import { layerMessage } from "./layers.js";
@@ -162,6 +163,7 @@ export class Connection extends EventTarget {
       case "status":
       case "error":
       case "warning":
+      case "model":
         this.emit(msg.type, msg);
         break;
       default:

@@ -19,6 +19,8 @@ export function describeParams(info) {
   const p = info.params || {};
   const parts = [];
   if (p.prompt) parts.push(`"${p.prompt}"`);
+  if (p.model) parts.push(p.model);
+  for (const [style, scale] of Object.entries(p.lora_scales || {})) parts.push(`${style} ${scale}`);
   parts.push(`seed ${info.seed ?? p.seed}`);
   if (p.num_inference_steps) parts.push(`${p.num_inference_steps} steps`);
   if (typeof p.guidance_scale === "number") parts.push(`guidance ${p.guidance_scale}`);

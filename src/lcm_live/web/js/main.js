@@ -4,11 +4,13 @@
 import { Banners } from "./banner.js";
 import { Blends } from "./blends.js";
 import { SketchCanvas, usesCanvas } from "./canvas.js";
-import { Connection, closeText } from "./connection.js";
+import { Connection } from "./connection.js";
+import { showConnectionState } from "./connstate.js";
 import { Controls, schemaProperties } from "./controls.js";
 import { setupFeeds } from "./feeds.js";
 import { setupHistory } from "./historybar.js";
 import { setupLayers } from "./layerbar.js";
+import { setupModels } from "./models.js";
 import { FramePacer, StrokeStream } from "./pacing.js";
 import { FpsMeter, InputLog, OutputView, errorText } from "./output.js";
 import { setupPopout } from "./popout.js";
@@ -81,6 +83,7 @@ function currentParams() {
     ...state.controls.values(),
     regions: layers.regionParams(), // those whose layers were sent (layerbar.js)
     ...blends.values(),
+    ...models.values(), // model, lora_scales (models.js)
   };
   const params = {};
   for (const name of state.fields) if (name in all) params[name] = all[name];
@@ -124,6 +127,7 @@ function setupSchema(schema) {
   state.fields = state.controls.fieldNames;
   layers.build(state.fields);
   blends.build(schema);
+  models.build(schemaProperties(schema));
   els.negativeWrap.hidden = !state.fields.includes("negative_prompt");
   const modeProp = schemaProperties(schema).mode;
   if (modeProp && Array.isArray(modeProp.enum)) {
@@ -166,6 +170,17 @@ sketch.addEventListener("change", (e) => {
 const layers = setupLayers({ sketch, conn, pacer, mode: () => state.mode, sendParams });
 const blends = new Blends();
 blends.addEventListener("input", offerParams);
+// The model and style picker (models.js): a switch goes at once; a picked model's default size and steps follow.
+const models = setupModels({
+  conn,
+  banners,
+  onInput: (name) => (name === "model" ? sendParams() : offerParams()),
+  onPreset: (defaults) => {
+    if (!state.controls) return;
+    for (const [name, value] of Object.entries(defaults)) if (value) state.controls.set(name, value);
+    applySize(state.controls.size());
+  },
+});
 
 /** Typing and slider drags: held while a frame is on its way, sent when it comes or when the input settles. */
 function offerParams() {
@@ -205,44 +220,15 @@ conn.addEventListener("sent", (e) => {
   renderBusy();
 });
 
-conn.addEventListener("state", (e) => {
-  const { state: s, code, retryInMs } = e.detail;
-  document.body.dataset.connection = s;
-  if (s !== "open") delete document.body.dataset.session;
-  if (s === "connecting") els.connText.textContent = "connecting…";
-  else if (s === "open") els.connText.textContent = "connected";
-  else {
-    const wait = retryInMs ? `, retry in ${(retryInMs / 1000).toFixed(1)} s` : ", type or draw to reconnect";
-    els.connText.textContent = `offline (${closeText(code)})${wait}`;
+showConnectionState(conn, {
+  text: els.connText,
+  banners,
+  onOffline: () => {
     state.serverBusy = false;
     pacer.reset();
     renderBusy();
-    if (code === 1008) {
-      banners.show("The server refused this page: open the address that `lcm-live serve` printed " +
-        "(with its ?token=…) once in this browser.", { source: "connection" });
-    } else if (!e.detail.opened) {
-      explainRefusedHandshake();
-    } else if (code === 1009) {
-      banners.show("The canvas was too big for the server; try a smaller size.", { source: "connection" });
-    }
-  }
+  },
 });
-
-/**
- * A refused handshake reaches the page only as "connection lost" (1006); ask an HTTP route why, so that a
- * missing token or a refused origin is said plainly instead of retrying in silence.
- */
-async function explainRefusedHandshake() {
-  let res;
-  try {
-    res = await fetch("api/schema", { credentials: "same-origin" });
-  } catch {
-    return; // the server is down: the status line already says "offline"
-  }
-  if (res.status === 401 || res.status === 403) {
-    banners.show(await errorText(res), { source: "connection" });
-  }
-}
 
 conn.addEventListener("hello", (e) => {
   document.body.dataset.session = e.detail.session || "";
@@ -346,7 +332,7 @@ const popout = setupPopout($("popout"), () => output.current, (text) => banners.
 const history = setupHistory({
   conn,
   onRestore: (entry) => state.controls && restoreEntry(entry, {
-    controls: state.controls, prompt: els.prompt, negative: els.negative, blends, sketch, layers, applySize,
+    controls: state.controls, prompt: els.prompt, negative: els.negative, blends, models, sketch, layers, applySize,
     setMode, setSeedLocked: (on) => state.controls.setSeedLocked(on),
   }),
   onApply: async (entry) => {

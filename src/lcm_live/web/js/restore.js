@@ -35,8 +35,8 @@ export async function paintLayerFrom(layer, blob) {
 }
 
 /**
- * Restore a history entry (history.js) into the page. page: {controls, prompt, negative, blends, sketch, layers,
- * applySize, setMode, setSeedLocked}: the page's parts (main.js). Fields the server no longer takes are skipped.
+ * Restore a history entry (history.js) into the page. page: {controls, prompt, negative, blends, models, sketch,
+ * layers, applySize, setMode, setSeedLocked}: the page's parts (main.js). Fields the server no longer takes are skipped.
  */
 export async function restoreEntry(entry, page) {
   const { info, canvas, layers } = entry;
@@ -68,6 +68,7 @@ export async function restoreEntry(entry, page) {
   page.prompt.dispatchEvent(new Event("input")); // the counter; the params go with the mode below
   if (typeof p.negative_prompt === "string" && !page.negative.disabled) page.negative.value = p.negative_prompt;
   page.blends.set(p);
+  page.models.restore(p); // its model and style scales (a switch, if another model is on now)
   for (const [name, value] of Object.entries(p)) {
     if (name !== "width" && name !== "height" && name !== "seed") controls.set(name, value);
   }
