@@ -88,7 +88,9 @@ class StudioState:
             settings = settings.model_copy(update={"default_steps": family_steps})
         self.params_model = build_params_model(settings, float(guidance),
                                                lcm_img2img=bool(engine.lcm_img2img),
-                                               controlnet=bool(raw_dict.get("controlnet")), models=self.models)
+                                               controlnet=len(raw_dict.get("controlnets") or [])
+                                               or bool(raw_dict.get("controlnet")),
+                                               ip_adapter=bool(raw_dict.get("ip_adapter")), models=self.models)
         self.info = public_info(raw_dict)
         gpu = str(raw_dict.get("device", "cpu")).startswith("cuda")
         self.max_sessions = self.settings.studio.max_sessions or (4 if gpu else 1)

@@ -1,9 +1,12 @@
-"""The binary layers a session holds: the canvas, the mask and the region masks (docs/protocol.md).
+"""The binary layers a session holds: the canvas, the mask, the region masks, the IP-Adapter's reference image and
+the extra ControlNets' images (docs/protocol.md).
 
 A binary WebSocket message is either a bare image (the canvas, as clients before layers sent it) or an 8-byte
 envelope followed by an image, or by nothing to clear that layer::
 
-    b"LCML" + layer (b"c" canvas | b"m" mask | b"r" region) + index (0-7, a region's) + b"\\0\\0" + image
+    b"LCML" + layer + index + b"\\0\\0" + image
+    layer: b"c" canvas | b"m" mask | b"r" region (index 0-7) | b"i" reference image (IP-Adapter)
+           | b"n" ControlNet image (index 1-7: net k's; net 0's image is the canvas)
 
 No image format starts with ``LCML``, so the two forms cannot be confused.
 """
@@ -19,18 +22,20 @@ from lcm_live.errors import UserError
 
 MAGIC = b"LCML"
 HEADER_BYTES = 8
-LAYER_CODES = {b"c": "canvas", b"m": "mask", b"r": "region"}
+LAYER_CODES = {b"c": "canvas", b"m": "mask", b"r": "region", b"i": "reference", b"n": "control"}
+PICTURE_LAYERS = ("canvas", "reference", "control")  # decoded as RGB pictures; the others are masks
+MAX_CONTROLNETS = 8  # net indexes 0-7 (0: the canvas)
 
 
 @dataclass(frozen=True)
 class LayerMessage:
-    layer: str  # "canvas" | "mask" | "region"
-    index: int  # the region's index; 0 for the others
+    layer: str  # "canvas" | "mask" | "region" | "reference" | "control"
+    index: int  # the region's or ControlNet's index; 0 for the others
     image: bytes  # empty: clear the layer
 
     @property
     def key(self) -> str:
-        return f"region:{self.index}" if self.layer == "region" else self.layer
+        return f"{self.layer}:{self.index}" if self.layer in ("region", "control") else self.layer
 
 
 def parse_layer_message(data: bytes) -> LayerMessage:
@@ -42,11 +47,15 @@ def parse_layer_message(data: bytes) -> LayerMessage:
                         f"{len(data)}", field="layer")
     layer = LAYER_CODES.get(data[4:5])
     if layer is None:
-        raise UserError(f"layer {data[4:5]!r}: use b'c' (canvas), b'm' (mask) or b'r' (region)", field="layer")
+        raise UserError(f"layer {data[4:5]!r}: use b'c' (canvas), b'm' (mask), b'r' (region), b'i' (reference "
+                        "image) or b'n' (a ControlNet's image)", field="layer")
     index = data[5]
     if layer == "region" and index >= MAX_REGIONS:
         raise UserError(f"region {index}: regions are numbered 0 to {MAX_REGIONS - 1}", field="layer")
-    if layer != "region" and index != 0:
+    if layer == "control" and not 1 <= index < MAX_CONTROLNETS:
+        raise UserError(f"ControlNet {index}: its image layer is numbered 1 to {MAX_CONTROLNETS - 1} (net 0's image "
+                        "is the canvas)", field="layer")
+    if layer not in ("region", "control") and index != 0:
         raise UserError(f"the {layer} layer has index 0, not {index}", field="layer")
     if data[6:8] != b"\0\0":
         raise UserError("bytes 6-7 of a layer envelope are reserved: send two zero bytes", field="layer")
@@ -106,6 +115,9 @@ class JobInputs:
     mask: Any = None
     init_image: Any = None
     region_masks: list[Any] = field(default_factory=list)
+    # The conditionings' pictures, as GenerationParams.to_request takes them: "reference" (the IP-Adapter's) and
+    # "control_images" (net k's layer for k >= 1, None where none was sent).
+    images: dict[str, Any] = field(default_factory=dict)
     key: tuple = ()
     notes: list[str] = field(default_factory=list)  # said to the client once each (a mask fitted, ...)
 
@@ -147,6 +159,14 @@ def job_inputs(params: Any, layers: Layers, last_frame: tuple[int, Any] | None) 
             return f"regions[{k}]: waiting for its mask (a binary message with the layer envelope r{k})"
         out.region_masks.append(region)
         keys.append(f"region:{k}")
+    fields = type(params).model_fields
+    if "ip_adapter_scale" in fields and layers.has("reference"):  # an IP-Adapter is loaded: any mode
+        out.images["reference"] = layers.get("reference")
+        keys.append("reference")
+    nets = getattr(type(params), "controlnets", 0)
+    if mode == CONTROL_MODE and nets > 1:
+        out.images["control_images"] = [layers.get(f"control:{k}") for k in range(1, nets)]
+        keys += [f"control:{k}" for k in range(1, nets) if layers.has(f"control:{k}")]
     frame_no = last_frame[0] if out.init_image is not None else None
     out.key = (params.model_dump_json(), frame_no, *zip(keys, layers.key_of(keys), strict=True))
     return out

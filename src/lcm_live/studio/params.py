@@ -19,6 +19,7 @@ from lcm_live.engine.modes import ModelCaps, param_schema
 from lcm_live.engine.request import GenerationRequest, PromptBlend, Region, SeedBlend
 from lcm_live.engine.validation import MAX_SEED
 from lcm_live.errors import UserError
+from lcm_live.studio.conditioning_params import check_steps, conditioning_fields, request_kwargs
 from lcm_live.studio.images import CONTROL_PREPROCESS
 from lcm_live.studio.models import ModelRegistry
 
@@ -35,13 +36,16 @@ class GenerationParams(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
     lcm_img2img: ClassVar[bool] = False  # set by build_params_model
     registry: ClassVar[ModelRegistry | None] = None  # the presets ``model`` names (set by build_params_model)
+    controlnets: ClassVar[int] = 0  # the engine's ControlNets (set by build_params_model)
 
     def to_request(self, image: Any = None, *, mask: Any = None, init_image: Any = None,
-                   region_masks: list[Any] | None = None) -> GenerationRequest:
+                   region_masks: list[Any] | None = None, reference: Any = None,
+                   control_images: list[Any] | None = None) -> GenerationRequest:
         """The engine request (diffusers' names); ``image`` is the decoded canvas: the init image in img2img, the
         control image in control mode (as the worker prepared it: fitted, then made into lines as
         ``control_preprocess`` says). ``mask``: the mask layer (inpainting: over the canvas in img2img, over
-        ``init_image``, the session's last frame, in control mode); ``region_masks``: one per ``regions`` item."""
+        ``init_image``, the session's last frame, in control mode); ``region_masks``: one per ``regions`` item;
+        ``reference``, ``control_images``: the IP-Adapter's and nets 1.. 's layers (studio/conditioning_params.py)."""
         data = self.model_dump()
         img2img = data["mode"] == "img2img"
         control = data["mode"] == CONTROL_MODE
@@ -62,8 +66,8 @@ class GenerationParams(BaseModel):
             height=data["height"],
             image=init,
             strength=data["strength"],
-            control_image=image if control else None,
-            controlnet_conditioning_scale=data.get("controlnet_conditioning_scale", 1.0),
+            **request_kwargs(data, image if control else None, controlnets=self.controlnets, reference=reference,
+                             control_images=control_images),
             mask_image=mask if init is not None else None,
             mask_feather=data.get("mask_feather", 8),
             regions=[Region(r["prompt"], m) for r, m in zip(regions, masks, strict=True)],
@@ -74,7 +78,7 @@ class GenerationParams(BaseModel):
 
 def build_params_model(settings: StudioSettings, default_guidance_scale: float = 8.0, *,
                        lcm_img2img: bool = False, native_size: tuple[int, int] = (512, 512),
-                       device: str = "cpu", controlnet: bool = False,
+                       device: str = "cpu", controlnet: bool | int = False, ip_adapter: bool = False,
                        models: ModelRegistry | None = None) -> type[GenerationParams]:
     """A GenerationParams subclass with the bounds and defaults of ``settings``.
 
@@ -90,6 +94,7 @@ def build_params_model(settings: StudioSettings, default_guidance_scale: float =
     # The conditionings' params come from the engine's registry (engine/modes.py): their descriptions, defaults and
     # bounds; the studio narrows a few to its settings (strength, the ControlNet's scale). Images are binary layers.
     reg = {p["name"]: p for p in param_schema(ModelCaps(controlnet="studio" if controlnet else None,
+                                                         ip_adapter="studio" if ip_adapter else None,
                                                          lcm_img2img=lcm_img2img))}
     guidance = settings.default_guidance_scale if settings.default_guidance_scale is not None else default_guidance_scale
     size = dict(ge=settings.min_size, le=settings.max_size, multiple_of=settings.size_multiple)
@@ -118,11 +123,9 @@ def build_params_model(settings: StudioSettings, default_guidance_scale: float =
         "seed_blend": (SeedBlendParams | None, Field(reg["seed_blend"]["default"],
                                                      description=reg["seed_blend"]["description"])),
     }
+    nets = int(controlnet)  # True: one; a count with several (their per-net fields: studio/conditioning_params.py)
+    fields.update(conditioning_fields(reg, settings, controlnets=nets, ip_adapter=ip_adapter))
     if controlnet:
-        fields["controlnet_conditioning_scale"] = (float, Field(
-            settings.default_controlnet_conditioning_scale, ge=reg["controlnet_conditioning_scale"]["minimum"],
-            le=settings.max_controlnet_conditioning_scale,
-            description=reg["controlnet_conditioning_scale"]["description"]))
         fields["control_preprocess"] = (Literal[CONTROL_PREPROCESS], Field(  # type: ignore[valid-type]
             "invert", description="control only: the canvas as the white lines on black that line ControlNets take: "
             "invert (a drawing), edges (a photo, the camera), none (as it is)"))
@@ -135,6 +138,7 @@ def build_params_model(settings: StudioSettings, default_guidance_scale: float =
     model = create_model("GenerationParams", __base__=GenerationParams, **fields)
     model.lcm_img2img = lcm_img2img
     model.registry = models
+    model.controlnets = nets
     return model
 
 
@@ -221,6 +225,9 @@ def parse_params(model: type[GenerationParams], data: Any) -> GenerationParams:
             if not math.isfinite(scale):
                 raise UserError(f"lora_scales.{echo(style)}={scale}: give a finite number", field="lora_scales")
         registry.resolve_scales(registry.name_of(params.model), dict(params.lora_scales))
+    bad_steps = check_steps(params.model_dump(include={"control_guidance_start", "control_guidance_end"}))
+    if bad_steps is not None:
+        raise UserError(bad_steps[1], field=bad_steps[0])
     for k, region in enumerate(params.regions):
         if not region.prompt.strip():
             raise UserError(f"regions[{k}].prompt is blank: give each region the prompt to draw there, or remove it",

@@ -14,11 +14,14 @@ from typing import Any
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Keys of the engine's parameters and info that hold a model source (a hub id, builtin:NAME or a path).
-SOURCE_KEYS = ("model", "controlnet", "lcm_lora", "teacher")
+SOURCE_KEYS = ("model", "controlnet", "controlnets", "ip_adapter", "lcm_lora", "teacher")
 
 
 def public_model_name(source: Any) -> Any:
-    """A model source as a client may see it: hub ids and builtin names as they are, paths as their last part."""
+    """A model source as a client may see it: hub ids and builtin names as they are, paths as their last part
+    (several ControlNets: each)."""
+    if isinstance(source, list):
+        return [public_model_name(s) for s in source]
     if not isinstance(source, str) or not source:
         return source
     if source.startswith("builtin:"):
@@ -49,8 +52,14 @@ def public_info(info: Any) -> dict[str, Any]:
     elif not isinstance(info, dict):
         info = dict(vars(info))
     model = public_model_name(str(info.get("model") or info.get("name") or "unknown"))
-    return {"model": model, "kind": info.get("kind"), "device": str(info.get("device")),
-            "dtype": str(info.get("dtype")), "notice": _public_notice(info.get("notice"), info)}
+    out = {"model": model, "kind": info.get("kind"), "device": str(info.get("device")),
+           "dtype": str(info.get("dtype")), "notice": _public_notice(info.get("notice"), info)}
+    # Only where loaded: the per-ControlNet params' order, and the IP-Adapter (a reference image, layer i, is taken).
+    if info.get("controlnets"):
+        out["controlnets"] = public_model_name(list(info["controlnets"]))
+    if info.get("ip_adapter"):
+        out["ip_adapter"] = public_model_name(info["ip_adapter"])
+    return out
 
 
 def _public_notice(notice: Any, info: dict[str, Any]) -> Any:

@@ -24,7 +24,7 @@ from starlette.websockets import WebSocket, WebSocketState
 from lcm_live.errors import UserError
 from lcm_live.studio.images import encode_frame
 from lcm_live.studio.json_input import JsonRefused, loads_checked
-from lcm_live.studio.layers import Layers, as_mask, job_inputs, parse_layer_message
+from lcm_live.studio.layers import PICTURE_LAYERS, Layers, as_mask, job_inputs, parse_layer_message
 from lcm_live.studio.params import GenerationParams, parse_params
 from lcm_live.studio.similarity import SimilarityFilter
 from lcm_live.studio.worker import Job
@@ -256,9 +256,10 @@ class Session:
         if self.layers.same(msg.key, msg.image):
             self.inputs += 1
             return self._idle_if_nothing_runs()
-        field = {"canvas": "image", "mask": "mask"}.get(msg.layer, f"regions.{msg.index}.mask")
+        field = {"canvas": "image", "mask": "mask", "reference": "ip_adapter_image"}.get(
+            msg.layer, f"control_image.{msg.index}" if msg.layer == "control" else f"regions.{msg.index}.mask")
         try:
-            if msg.layer == "canvas":
+            if msg.layer in PICTURE_LAYERS:  # the canvas, the reference image, a ControlNet's image
                 image = await self.studio.decode_canvas(msg.image)
             else:  # transparent = black: what was not painted is not selected
                 image = as_mask(await self.studio.decode_canvas(msg.image, background=(0, 0, 0)), field)
@@ -294,7 +295,7 @@ class Session:
             return self._idle_if_nothing_runs()  # unchanged input: no new frame
         self.last_key = inputs.key
         job = Job(params=params, sink=self, canvas=inputs.canvas, mask=inputs.mask, init_image=inputs.init_image,
-                  region_masks=inputs.region_masks, input=self.inputs)
+                  region_masks=inputs.region_masks, images=inputs.images, input=self.inputs)
         self.active_job = job
         try:
             self.studio.worker.submit(self.id, job)
