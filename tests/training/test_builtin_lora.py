@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from lora_files import loaded_modules, lora_modules
 
 from lcm_live.training.recipe import PACKAGE_BUILTIN
 
@@ -26,6 +27,21 @@ def test_shipped_files_are_safetensors_diffusers_and_small():
         assert (ft / part).is_symlink() and (ft / part).resolve() == (PACKAGE_BUILTIN / "shapes-teacher" / part)
     for lora in ("shapes-lcm-lora", "shapes-outline-lora"):
         assert [p.name for p in (PACKAGE_BUILTIN / lora).glob("*.safetensors")] == ["pytorch_lora_weights.safetensors"]
+
+
+@needs_family
+def test_every_layer_of_the_shipped_loras_loads():
+    """load_lora_weights judges a file's key format by its first key: a file whose attention layers are named
+    in diffusers' old form (``to_k.lora.down``) and convolutions in peft's (``conv1.lora_A``) loses its attention
+    layers without an error (the first LoRA family did)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(PACKAGE_BUILTIN / "shapes-teacher", torch_dtype=torch.float32)
+    for name in ("shapes-lcm-lora", "shapes-outline-lora"):
+        pipe.load_lora_weights(str(PACKAGE_BUILTIN / name), adapter_name=name.replace("-", "_"))
+        held = lora_modules(PACKAGE_BUILTIN / name / "pytorch_lora_weights.safetensors")
+        assert any(".attn2.to_k" in m for m in held)
+        assert loaded_modules(pipe.unet, name.replace("-", "_")) == held, name
 
 
 @needs_family

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from lora_files import loaded_modules, lora_modules
 
 from lcm_live.config import EngineSettings, LoraSpec
 from lcm_live.engine import loras as engine_loras
@@ -79,6 +80,10 @@ def test_the_loras_are_diffusers_loras_that_load_lora_weights_accepts(family):
         assert [p.name for p in (family / name).glob("*.safetensors")] == ["pytorch_lora_weights.safetensors"]
         pipe.load_lora_weights(str(family / name), adapter_name=name.replace("-", "_"))
     assert set(pipe.get_list_adapters()["unet"]) == {"shapes_lcm_lora", "shapes_outline_lora"}
+    for name in ("shapes-lcm-lora", "shapes-outline-lora"):  # every layer loads, attention and convolutions alike
+        held = lora_modules(family / name / "pytorch_lora_weights.safetensors")
+        assert any(".attn2.to_k" in m for m in held) and any(m.endswith("conv1") for m in held)
+        assert loaded_modules(pipe.unet, name.replace("-", "_")) == held
 
 
 def _load(model, **kw):

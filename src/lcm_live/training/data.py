@@ -92,8 +92,15 @@ def folder_pool(vae, folder: str | Path, resolution: int) -> LatentPool:
 
 
 def make_pool(vae, data: str, *, n_shapes: int, resolution: int, seed: int = 1) -> LatentPool:
-    """``data``: "shapes" (the generator, ``n_shapes`` images), "shapes-outlined" (its outlined variant) or a
-    folder of pairs."""
+    """``data``: "shapes" (the generator, ``n_shapes`` images), "shapes-outlined" (its outlined variant),
+    "shapes-mixed" (half of each, the outlined half from another seed) or a folder of pairs."""
     if data in ("shapes", "shapes-outlined"):
         return shapes_pool(vae, n_shapes, seed=seed, outline=data == "shapes-outlined")
+    if data == "shapes-mixed":
+        import torch
+
+        half = n_shapes // 2
+        a = shapes_pool(vae, n_shapes - half, seed=seed)
+        b = shapes_pool(vae, half, seed=seed + 1000, outline=True)
+        return LatentPool(torch.cat([a.mean, b.mean]), torch.cat([a.std, b.std]), a.captions + b.captions)
     return folder_pool(vae, data, resolution)

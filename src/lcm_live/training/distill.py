@@ -272,17 +272,28 @@ def distill(cfg: DistillConfig, log=print) -> Path:
     return out
 
 
+def lora_layers(unet) -> dict:
+    """The UNet's peft adapters, keys in peft's form (``...conv1.lora_A.weight``), as ``save_lora_weights`` takes
+    them and ``load_lora_weights`` reads them back whole.
+
+    Not ``convert_state_dict_to_diffusers``: it renames only the attention layers (``to_k.lora.down.weight``)
+    and leaves convolutions in peft's form; ``load_lora_weights`` judges the format by the file's first key
+    (a convolution's ``lora_A``) and then silently drops every attention layer, which is what happened to
+    the first LoRA family (issue 18, docs/builtin-model.md).
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
 def _save(out: Path, cfg: DistillConfig, pipe, unet) -> None:
     """Write the final model next to the checkpoint (which stays, for --resume with more steps)."""
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
     unet = unet.eval()
     if cfg.lora:
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        LatentConsistencyModelPipeline.save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True)
+        LatentConsistencyModelPipeline.save_lora_weights(out, unet_lora_layers=lora_layers(unet),
+                                                         safe_serialization=True)
     else:
         scheduler = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                  timestep_spacing="leading", set_alpha_to_one=False, original_inference_steps=50,

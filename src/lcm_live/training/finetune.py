@@ -156,8 +156,7 @@ def finetune(cfg: FinetuneConfig, log=print) -> Path:
 def save_lora(folder: Path, unet) -> None:
     """The UNet's peft adapters as ``pytorch_lora_weights.safetensors`` in diffusers' format."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    from lcm_live.training.distill import lora_layers
+
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora_layers(unet), safe_serialization=True)
