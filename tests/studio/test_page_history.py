@@ -128,8 +128,9 @@ def test_cost_per_frame_of_the_strip(browser):
             for (let i = 0; i < n; i++) {
                 const info = { id: i, seed: i, width: 512, height: 512, final: true, input: 0,
                                params: { mode: 'txt2img', prompt: `frame ${i}`, num_inference_steps: 4 } };
+                const frame = jpegs[i % jpegs.length].slice();  // a blob of its own, as each frame is
                 const t0 = performance.now();
-                bar.frame(info, jpegs[i % jpegs.length]);
+                bar.frame(info, frame);
                 times.push(performance.now() - t0);
                 await new Promise((r) => setTimeout(r, 0));
             }
@@ -147,6 +148,7 @@ def test_cost_per_frame_of_the_strip(browser):
             return { n, median: times[Math.floor(n / 2)], p95: times[Math.floor(n * 0.95)],
                      mean: times.reduce((a, b) => a + b, 0) / n, thumbs: bar.thumbs.made,
                      thumbMs: bar.thumbs.ms / bar.thumbs.made, drawn: opaque / (px.length / 4),
+                     bytes: bar.history.bytes, keptBytes: bar.history.entries.reduce((a, e) => a + e.frame.size, 0),
                      kept: bar.history.entries.length, buttons: document.querySelectorAll('.history-thumb').length,
                      jpegKB: jpegs.reduce((a, b) => a + b.size, 0) / jpegs.length / 1024,
                      usage: document.getElementById('history-usage').textContent };
@@ -160,6 +162,7 @@ def test_cost_per_frame_of_the_strip(browser):
     assert got["kept"] == 100 and got["buttons"] == 100  # the bound held while measuring
     assert got["thumbs"] >= 100 and got["drawn"] == 1.0  # the newest thumbnail shows its (opaque) frame
     assert got["usage"].startswith("100 frames · ") and "of 64 MB" in got["usage"]
+    assert got["bytes"] == got["keptBytes"]  # each frame's own blob, counted once
 
 
 # ---------------------------------------------------------------- the page against a server
