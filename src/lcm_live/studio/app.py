@@ -306,6 +306,9 @@ def create_app(
     from lcm_live.studio.rest import add_rest_routes
 
     add_rest_routes(app, studio, [Depends(guards.require_auth), Depends(guards.require_same_origin)])
+    from lcm_live.studio.upscale_route import add_upscale_routes
+
+    add_upscale_routes(app, studio, [Depends(guards.require_auth), Depends(guards.require_same_origin)])
     from lcm_live.studio.models_route import add_models_route
 
     add_models_route(app, studio, [Depends(guards.require_auth)])

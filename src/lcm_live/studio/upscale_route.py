@@ -1,0 +1,319 @@
+"""``POST /api/upscale``: keep and upscale a frame, on the worker's engine between live frames.
+
+The body is JSON: ``{"image": <base64 PNG, JPEG or WebP, or a data: URL>, "scale": 2 | 4}`` and optionally
+``prompt``, ``negative_prompt``, ``seed``, ``num_inference_steps``, ``guidance_scale``, ``strength`` (default 0.3).
+Fields left out come from the PNG's own ``parameters`` chunk (frames the studio or the CLI saved carry it), then
+from the model's defaults. The recipe is engine/upscale.py's tiled image-to-image: each tile is one worker job in a
+slot of its own, served round-robin with the live sessions, so live frames keep coming between tiles (one tile's
+time at most). Answers with the PNG and its parameters, or, with ``Accept: application/x-ndjson``, a stream of one
+JSON object per line: ``{"type": "upscale", "tile", "tiles"}`` after each tile, then ``{"type": "upscaled",
+"width", "height", "parameters", "image": "data:image/png;base64,..."}`` (or ``{"type": "error", ...}``).
+
+Limits as the other REST routes: the token and Host/Origin rules, ``max_body_bytes``, the canvas limits; one
+upscale at a time per client address (another gets 429), at most ``rest_queue_size`` at once; the output at most
+``max_upscale_pixels`` (a 422 naming ``scale`` and the cap). No model path comes from the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import json
+import secrets
+import struct
+import threading
+import zlib
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect
+
+from lcm_live.engine.hooks import Cancelled
+from lcm_live.engine.upscale import DEFAULT_STRENGTH, UpscaleRequest, check_scale, frame_request, upscale
+from lcm_live.errors import UserError
+from lcm_live.studio.http_errors import ApiError
+from lcm_live.studio.images import encode_png_with_parameters
+from lcm_live.studio.json_input import JsonRefused, loads_checked
+from lcm_live.studio.params import parse_params, validation_error_to_user_error
+from lcm_live.studio.public import public_parameters
+from lcm_live.studio.worker import Job
+
+if TYPE_CHECKING:
+    from lcm_live.studio.app import StudioState
+
+NDJSON = "application/x-ndjson"
+_STATUS = {"invalid_params": 422, "invalid_image": 422, "timeout": 504, "oom": 500, "engine_error": 500,
+           "cancelled": 503}
+
+
+class UpscaleBody(BaseModel):
+    """The body's fields besides ``image`` (strict: unknown fields are refused). Bounds on the generation fields
+    are the live params' (/api/schema), checked when the tiles' params are built."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    scale: Literal[2, 4] = 2
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    strength: float = Field(DEFAULT_STRENGTH, description="how much each tile is redrawn; low keeps the frame")
+
+
+class TileFailed(Exception):
+    def __init__(self, code: str, message: str, field: str | None):
+        super().__init__(message)
+        self.code, self.message, self.field = code, message, field
+
+
+class _TileSink:
+    """A tile job's outcome as a concurrent future, resolved from the worker thread."""
+
+    def __init__(self) -> None:
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def _set(self, value: tuple) -> None:
+        if not self.future.done():
+            self.future.set_result(value)
+
+    def wants_preview(self) -> bool:
+        return False
+
+    def on_frame(self, job: Job, image: Any, *, final: bool, step: int, total: int, generation_s: float,
+                 parameters: dict[str, Any]) -> None:
+        if final:
+            self._set(("frame", image, parameters))
+
+    def on_error(self, job: Job, code: str, message: str, field: str | None) -> None:
+        self._set(("error", code, message, field))
+
+    def on_done(self, job: Job, outcome: str) -> None:
+        self._set(("error", "cancelled", "the upscale was cancelled (server shutting down)", None))
+
+
+def png_parameters(raw: bytes, max_chars: int) -> str | None:
+    """The text of a PNG's ``parameters`` chunk (tEXt, zTXt or iTXt), read from its chunks without decoding any
+    pixel; None when there is none (or the file is not a PNG). A compressed chunk inflates to ``max_chars`` at
+    most (a zip bomb stops there)."""
+    if not raw.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    pos = 8
+    while pos + 8 <= len(raw):
+        length, kind = struct.unpack(">I4s", raw[pos:pos + 8])
+        data = raw[pos + 8:pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IEND":
+            break
+        if kind not in (b"tEXt", b"zTXt", b"iTXt") or not data.startswith(b"parameters\0"):
+            continue
+        body = data[len(b"parameters\0"):]
+        try:
+            if kind == b"tEXt":
+                return body[:max_chars].decode("latin-1")
+            if kind == b"zTXt":
+                return zlib.decompressobj().decompress(body[1:], max_chars).decode("latin-1")
+            compressed = body[0] == 1
+            rest = body[2:].split(b"\0", 2)  # language, translated keyword, text
+            text = rest[2] if len(rest) == 3 else b""
+            text = zlib.decompressobj().decompress(text, max_chars) if compressed else text[:max_chars]
+            return text.decode("utf-8")
+        except (zlib.error, UnicodeDecodeError, IndexError):
+            return None
+    return None
+
+
+def add_upscale_routes(app: FastAPI, studio: StudioState, dependencies: list) -> None:
+    s = studio.settings.studio
+    active: dict[str, str] = {}  # client address -> its upscale's slot
+
+    @app.post("/api/upscale", dependencies=dependencies)
+    async def api_upscale(request: Request) -> Response:
+        if not studio.worker.ready:
+            raise ApiError(503, "not_ready", f"the model is not ready ({studio.worker.detail})",
+                           headers={"Retry-After": "5"})
+        client = request.client.host if request.client else "unknown"
+        # Before the body is read: a refused request costs nothing.
+        if client in active:
+            studio.metrics.rejected.labels(reason="capacity").inc()
+            raise ApiError(429, "busy", "an upscale of yours is running: one at a time per client, wait for it",
+                           headers={"Retry-After": "5"})
+        if len(active) >= s.rest_queue_size:
+            studio.metrics.rejected.labels(reason="capacity").inc()
+            raise ApiError(429, "capacity", f"{len(active)} upscales are running: retry shortly",
+                           headers={"Retry-After": "5"})
+        slot = f"upscale-{secrets.token_hex(6)}"
+        active[client] = slot
+        stop = threading.Event()
+        handed_over = False
+        try:
+            upscale_request, frame, tile_params = await _read(request)
+            run = partial(_run_upscale, studio, slot, stop, upscale_request, frame, tile_params)
+            if NDJSON in request.headers.get("accept", ""):
+                handed_over = True  # the stream clears ``active`` when it ends
+                return StreamingResponse(_stream(run, client, slot, stop), media_type=NDJSON)
+            image, parameters = await asyncio.to_thread(run, None)
+            png = await asyncio.to_thread(encode_png_with_parameters, image, parameters)
+            return Response(png, media_type="image/png", headers={
+                "Content-Disposition": f'inline; filename="lcm-live-{parameters.get("seed")}-x{upscale_request.scale}'
+                                       '.png"'})
+        except TileFailed as exc:
+            raise ApiError(_STATUS.get(exc.code, 500), exc.code, exc.message, exc.field) from None
+        except UserError as exc:
+            raise ApiError(422, "invalid_params", exc.message, exc.field) from None
+        finally:
+            if not handed_over:
+                _finish(client, slot, stop)
+
+    def _finish(client: str, slot: str, stop: threading.Event) -> None:
+        stop.set()  # the client went away, or it is over: no tile after this one
+        studio.worker.cancel(slot)
+        if active.get(client) == slot:
+            del active[client]
+
+    async def _stream(run, client: str, slot: str, stop: threading.Event):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_tile(event) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, {"type": "upscale", "tile": event.tile,
+                                                          "tiles": event.tiles})
+
+        task = asyncio.ensure_future(asyncio.to_thread(run, on_tile))
+        try:
+            while not task.done() or not events.empty():
+                getter = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield json.dumps(getter.result()) + "\n"
+                else:
+                    getter.cancel()
+            try:
+                image, parameters = task.result()
+            except TileFailed as exc:
+                yield _error_line(exc.code, exc.message, exc.field)
+                return
+            except UserError as exc:
+                yield _error_line("invalid_params", exc.message, exc.field)
+                return
+            png = await asyncio.to_thread(encode_png_with_parameters, image, parameters)
+            yield json.dumps({"type": "upscaled", "width": image.size[0], "height": image.size[1],
+                              "parameters": parameters,
+                              "image": "data:image/png;base64," + base64.b64encode(png).decode("ascii")}) + "\n"
+        finally:
+            _finish(client, slot, stop)
+
+    async def _read(request: Request) -> tuple[UpscaleRequest, dict[str, Any], Any]:
+        """The body, checked: the upscale request, the frame's own parameters, and the tiles' live params."""
+        try:
+            body = await request.body()  # GuardMiddleware caps it at max_body_bytes while it streams in
+        except ClientDisconnect:
+            raise ApiError(400, "invalid_params", "the body did not arrive") from None
+        try:
+            data = await asyncio.to_thread(loads_checked, body, max_bytes=s.max_body_bytes,
+                                           max_depth=s.json_max_depth, what="the body")
+        except JsonRefused as exc:
+            studio.metrics.rejected.labels(reason=exc.code).inc()
+            raise ApiError(413 if exc.code == "too_large" else 422, exc.code, exc.message) from None
+        if not isinstance(data, dict):
+            raise ApiError(422, "invalid_params", "the body must be a JSON object: {\"image\": <base64 PNG>, "
+                           "\"scale\": 2}")
+        image_b64 = data.pop("image", None)
+        if not isinstance(image_b64, str) or not image_b64:
+            raise ApiError(422, "invalid_params", "\"image\" is needed: the frame as a base64 PNG (its parameters "
+                           "chunk gives the prompt and seed), JPEG or WebP", "image")
+        try:
+            fields = UpscaleBody.model_validate(data)
+        except ValidationError as exc:
+            error = validation_error_to_user_error(exc)
+            raise ApiError(422, "invalid_params", error.message, error.field) from None
+        raw = await _b64(image_b64)
+        try:
+            image = await studio.decode_canvas(raw)
+        except UserError as exc:
+            studio.metrics.rejected.labels(reason="invalid_image").inc()
+            raise ApiError(422, "invalid_image", exc.message, "image") from None
+        frame = _frame(raw)
+        # The cap first: one clear error naming scale and the cap, before any tile runs.
+        check_scale(fields.scale, *image.size, s.max_upscale_pixels)
+        req = frame_request(UpscaleRequest(
+            image=image, scale=fields.scale, prompt=fields.prompt or "", negative_prompt=fields.negative_prompt,
+            seed=fields.seed, num_inference_steps=fields.num_inference_steps, guidance_scale=fields.guidance_scale,
+            strength=fields.strength), frame)
+        if req.seed is None:
+            req.seed = secrets.randbits(32)
+        model = studio.params_model
+        tile = min(model.model_fields["width"].default, model.model_fields["height"].default)
+        req.tile_size = tile
+        values = {"mode": "img2img", "prompt": req.prompt, "negative_prompt": req.negative_prompt or "",
+                  "seed": req.seed, "num_inference_steps": req.num_inference_steps,
+                  "guidance_scale": req.guidance_scale, "strength": req.strength, "width": tile, "height": tile,
+                  "previews": False}
+        if isinstance(values["guidance_scale"], int):
+            values["guidance_scale"] = float(values["guidance_scale"])
+        tile_params = parse_params(model, {k: v for k, v in values.items() if v is not None})
+        return req, frame, tile_params
+
+    def _frame(raw: bytes) -> dict[str, Any]:
+        """The frame's own parameters (its PNG chunk), {} without one; a chunk that is not a JSON object is
+        ignored (it is the client's own metadata, not a request)."""
+        text = png_parameters(raw, s.max_ws_text_bytes)
+        if text is None:
+            return {}
+        try:
+            value = loads_checked(text.encode("utf-8"), max_bytes=s.max_ws_text_bytes, max_depth=s.json_max_depth,
+                                  what="the image's parameters")
+        except JsonRefused:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+
+def _run_upscale(studio: StudioState, slot: str, stop: threading.Event, request: UpscaleRequest,
+                 frame: dict[str, Any], tile_params: Any, on_tile: Any) -> tuple[Any, dict[str, Any]]:
+    """On a thread of its own: the recipe, each tile a worker job in ``slot``; (image, public parameters)."""
+    s = studio.settings.studio
+    wait = s.queue_wait_timeout_s + s.generation_timeout_s + 5
+
+    def tile_fn(tile_image: Any, index: int) -> tuple[Any, dict[str, Any]]:
+        if stop.is_set():
+            raise Cancelled("the client went away")
+        sink = _TileSink()
+        try:
+            studio.worker.submit(slot, Job(params=tile_params, sink=sink, canvas=tile_image))
+        except RuntimeError:
+            raise TileFailed("not_ready", "the server is shutting down", None) from None
+        try:
+            outcome = sink.future.result(timeout=wait)
+        except concurrent.futures.TimeoutError:
+            studio.worker.cancel(slot, "timeout")
+            raise TileFailed("timeout", f"tile {index + 1} took too long: try again when the server is less "
+                             "busy", None) from None
+        if outcome[0] == "error":
+            _, code, message, field = outcome
+            raise TileFailed(code, f"tile {index + 1}: {message}", field)
+        return outcome[1], outcome[2]
+
+    try:
+        image, parameters = upscale(None, request, frame=frame, max_pixels=s.max_upscale_pixels, tile_fn=tile_fn,
+                                    callback=on_tile)
+    except Cancelled:
+        raise TileFailed("cancelled", "the upscale was cancelled", None) from None
+    parameters.pop("previews", None)
+    return image, public_parameters(parameters)
+
+
+def _error_line(code: str, message: str, field: str | None) -> str:
+    return json.dumps({"type": "error", "code": code, "message": message, "field": field}) + "\n"
+
+
+async def _b64(text: str) -> bytes:
+    if text.startswith("data:") and "," in text[:100]:
+        text = text.split(",", 1)[1]  # a data: URL from canvas.toDataURL() or a fetched blob
+    try:
+        return await asyncio.to_thread(base64.b64decode, text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "invalid_image", "\"image\" is not valid base64", "image") from None

@@ -1,0 +1,133 @@
+"""POST /api/upscale on a FakeEngine: the PNG with parameters (the frame's own read from its chunk), each tile a
+worker job, progress per tile over NDJSON, and the refusals (token, size, pixel cap, one at a time per client)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+
+from PIL import Image
+
+from lcm_live.engine.metadata import png_info
+from lcm_live.studio.upscale_route import png_parameters
+
+from .conftest import TOKEN, running_studio
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _png(size=(256, 256), parameters=None, color=(40, 90, 200)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG", pnginfo=png_info(parameters) if parameters else None)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _read_png(content: bytes) -> tuple[Image.Image, dict]:
+    image = Image.open(io.BytesIO(content))
+    image.load()
+    return image, json.loads(image.text["parameters"])
+
+
+def test_upscale_returns_png_with_parameters_from_the_frame(tmp_path):
+    frame = {"prompt": "a red fox", "seed": 7, "num_inference_steps": 4, "guidance_scale": 6.0, "mode": "txt2img"}
+    with running_studio(token=TOKEN) as (client, engine, studio):
+        tile = studio.params_model.model_fields["width"].default
+        r = client.post("/api/upscale", headers=AUTH, json={"image": _png(parameters=frame), "scale": 2})
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "image/png"
+        image, params = _read_png(r.content)
+        assert image.size == (512, 512) and (params["width"], params["height"]) == (512, 512)
+        assert (params["prompt"], params["seed"], params["num_inference_steps"]) == ("a red fox", 7, 4)
+        assert params["guidance_scale"] == 6.0
+        u = params["upscale"]
+        assert (u["scale"], u["source_width"], u["method"], u["tile_size"]) == (2, 256, "lanczos+lcm-tiled", tile)
+        # Each tile ran as its own worker job: img2img at the tile size, the frame's prompt and seed, strength 0.3.
+        assert len(engine.calls) == u["tiles"] >= 1
+        assert {(c.prompt, c.seed, c.width, c.height, c.strength) for c in engine.calls} == \
+            {("a red fox", 7, tile, tile, 0.3)}
+        assert all(c.image is not None and c.image.size == (tile, tile) for c in engine.calls)
+        # Fields in the body override the frame's.
+        r = client.post("/api/upscale", headers=AUTH,
+                        json={"image": _png(parameters=frame), "scale": 2, "prompt": "a blue fox", "seed": 9})
+        _, params = _read_png(r.content)
+        assert (params["prompt"], params["seed"]) == ("a blue fox", 9)
+
+
+def test_progress_per_tile_streams_as_ndjson():
+    with running_studio(token=TOKEN) as (client, engine, studio):
+        headers = {**AUTH, "Accept": "application/x-ndjson"}
+        with client.stream("POST", "/api/upscale", headers=headers,
+                           json={"image": _png((512, 384)), "scale": 2, "prompt": "x", "seed": 1}) as r:
+            assert r.status_code == 200
+            lines = [json.loads(line) for line in r.iter_lines() if line]
+        progress, last = lines[:-1], lines[-1]
+        tiles = last["parameters"]["upscale"]["tiles"]
+        assert tiles > 1 and progress == [{"type": "upscale", "tile": k, "tiles": tiles} for k in range(1, tiles + 1)]
+        assert last["type"] == "upscaled" and (last["width"], last["height"]) == (1024, 768)
+        image, params = _read_png(base64.b64decode(last["image"].split(",", 1)[1]))
+        assert image.size == (1024, 768) and params["seed"] == 1
+
+
+def test_refusals_name_the_field():
+    with running_studio(token=TOKEN, max_upscale_pixels=600 * 600, max_body_bytes=64 * 1024) as (client, _, _s):
+        # no token
+        assert client.post("/api/upscale", json={"image": _png()}).status_code == 401
+        # the pixel cap: one clear error naming scale and the cap
+        r = client.post("/api/upscale", headers=AUTH, json={"image": _png((256, 256)), "scale": 4})
+        body = r.json()
+        assert r.status_code == 422 and body["field"] == "scale"
+        assert "--scale 4" in body["message"] and "360000" in body["message"] and "--scale 2" in body["message"]
+        # scale other than 2 or 4, unknown fields, a bad strength, no image, bad base64
+        for extra, field in [({"scale": 3}, "scale"), ({"tile": 64}, "tile"), ({"strength": 0.0}, "strength"),
+                             ({"image": None}, "image"), ({"image": "%%%"}, "image")]:
+            r = client.post("/api/upscale", headers=AUTH, json={"image": _png(), "scale": 2, **extra})
+            assert r.status_code == 422 and r.json()["field"] == field, (extra, r.text)
+        # a body past max_body_bytes
+        noise = Image.frombytes("RGB", (256, 256), bytes(range(256)) * 768)
+        buf = io.BytesIO()
+        noise.save(buf, format="BMP")
+        r = client.post("/api/upscale", headers=AUTH,
+                        json={"image": base64.b64encode(buf.getvalue()).decode(), "scale": 2})
+        assert r.status_code == 413
+
+
+def test_one_upscale_at_a_time_per_client():
+    with running_studio(token=TOKEN) as (client, engine, studio):
+        gate = threading.Event()
+        studio.worker.step_observer = lambda job, event: gate.wait(10)
+        results = {}
+
+        def first():
+            results["first"] = client.post("/api/upscale", headers=AUTH, json={"image": _png(), "scale": 2})
+
+        thread = threading.Thread(target=first)
+        thread.start()
+        try:
+            from .conftest import wait_until
+
+            wait_until(lambda: studio.worker.load() > 0, what="the first upscale's tile")
+            second = client.post("/api/upscale", headers=AUTH, json={"image": _png(), "scale": 2})
+            assert second.status_code == 429 and second.json()["code"] == "busy"
+        finally:
+            gate.set()
+            thread.join(30)
+        assert results["first"].status_code == 200
+        # once it is over, the client may upscale again
+        assert client.post("/api/upscale", headers=AUTH, json={"image": _png(), "scale": 2}).status_code == 200
+
+
+def test_png_parameters_reads_each_chunk_kind_without_decoding():
+    params = {"prompt": "ü", "seed": 3}
+    raw = base64.b64decode(_png((8, 8), params))
+    assert json.loads(png_parameters(raw, 10_000)) == params
+    buf = io.BytesIO()
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(params), zip=True)  # zTXt
+    Image.new("RGB", (8, 8)).save(buf, format="PNG", pnginfo=info)
+    assert json.loads(png_parameters(buf.getvalue(), 10_000)) == {"prompt": "ü", "seed": 3}
+    assert png_parameters(b"GIF89a....", 100) is None
+    assert png_parameters(base64.b64decode(_png((8, 8))), 100) is None
