@@ -11,6 +11,7 @@ import pytest
 
 from lcm_live.config import StudioSettings
 from lcm_live.studio.fake_engine import FakeEngine
+from lcm_live.studio.pool import PACE_FRACTION
 
 from .conftest import next_final, next_of, params, receive, running_studio, wait_until
 
@@ -102,8 +103,9 @@ def test_a_worker_that_dies_mid_session_loses_nothing():
 
 
 def test_a_sessions_jobs_start_paced_and_every_frame_is_sent():
-    """Two inputs sent together on two workers start T/2 apart (T: the last generation time), so their frames do
-    not finish in the same instant, where the older would be dropped (the rate fell towards one worker's)."""
+    """Two inputs sent together on two workers start PACE_FRACTION x T/2 apart (T: the last generation time), so
+    their frames do not finish in the same instant, where the older would be dropped (the rate fell towards one
+    worker's)."""
     engines = [FakeEngine(step_latency_s=0.2), FakeEngine(step_latency_s=0.2)]  # T = 0.4 s (2 steps)
     starts: dict[str, float] = {}
     with pool_studio(engines) as (client, _, studio), client.websocket_connect("/ws") as ws:
@@ -112,17 +114,17 @@ def test_a_sessions_jobs_start_paced_and_every_frame_is_sent():
         ws.send_text(params(prompt="first", num_inference_steps=2))
         next_final(ws)  # the workers now know T
         wait_until(lambda: studio.worker.workers[0].load() + studio.worker.workers[1].load() == 0, what="idle")
-        gap = min(w.last_generation_s for w in studio.worker.workers if w.last_generation_s) / 2
+        gap = PACE_FRACTION * min(w.last_generation_s for w in studio.worker.workers if w.last_generation_s) / 2
         ws.send_text(params(prompt="a", num_inference_steps=2))
         ws.send_text(params(prompt="b", num_inference_steps=2))
         assert [next_final(ws)["params"]["prompt"] for _ in range(2)] == ["a", "b"]
-    assert starts["b"] - starts["a"] >= gap - 0.05  # held until its paced start, not on the second worker at once
+    assert starts["b"] - starts["a"] >= gap - 0.03  # held until its paced start, not on the second worker at once
     assert engines[0].calls[-1].prompt != engines[1].calls[-1].prompt  # one on each worker
     assert studio.metrics.frames_dropped._value.get() == 0
 
 
 def test_a_newer_input_replaces_the_held_one():
-    engines = [FakeEngine(step_latency_s=0.2), FakeEngine(step_latency_s=0.2)]
+    engines = [FakeEngine(step_latency_s=0.5), FakeEngine(step_latency_s=0.5)]  # b is held 0.25 s
     with pool_studio(engines) as (client, _, studio), client.websocket_connect("/ws") as ws:
         receive(ws)
         ws.send_text(params(prompt="first", num_inference_steps=2))

@@ -9,8 +9,8 @@ latency stays one worker's); the session itself drops a frame older than one it 
 A session has at most one *waiting* job in the whole pool: a newer input replaces it where it waits. When every
 worker is busy with the session, the input waits behind the worker whose frame for it started first.
 
-Pacing: a session's jobs start at least T/R apart (T: the workers' last generation time, R: the ready workers), so
-its frames come evenly spaced. Without it, inputs sent together (R at once, as a client filling R slots does)
+Pacing: a session's jobs start at least T/2R apart (T: the workers' last generation time, R: the ready workers),
+so its frames come spread out. Without it, inputs sent together (R at once, as a client filling R slots does)
 start together, finish within a millisecond of each other, and all but the newest of them are dropped, frame
 after frame: a client refilling its slots on each frame stays in step, and one session's rate fell back towards one
 worker's (docs/benchmarks.md). An input that came too soon is held here until its start, as the session's one
@@ -39,6 +39,10 @@ log = logging.getLogger("lcm_live.studio")
 WATCH_INTERVAL_S = 0.2
 STARTS_KEPT = 256  # sessions whose last start is remembered (pacing); older entries than PACE_MEMORY_S go first
 PACE_MEMORY_S = 60.0
+# Of T/R: the spacing enforced. A full T/R passes each late start on to every later one (a session's jobs would
+# keep exactly T/R apart, so any delay of one delays all: 3.49x at 4 workers, at load 6); half of it keeps frames
+# apart by far more than the jitter that orders them, and lets a late one be late alone.
+PACE_FRACTION = 0.5
 
 
 def _sub(slot: str, index: int) -> str:
@@ -61,7 +65,7 @@ class WorkerPool:
                                name=f"lcm-live-worker-{i}", models=models)
                         for i, factory in enumerate(engine_factories)]
         self._lost: set[int] = set()  # workers whose jobs were moved away (dead threads)
-        self._starts: dict[str, float] = {}  # slot -> when its newest job went to a worker (monotonic)
+        self._starts: dict[str, tuple[float, Job]] = {}  # slot -> (when it went to a worker, monotonic; its job)
         self._held: dict[str, Job] = {}  # slot -> its input held until its paced start
         self._timers: dict[str, threading.Timer] = {}
         self._watchdog = threading.Thread(target=self._watch, name="lcm-live-pool-watchdog", daemon=True)
@@ -155,8 +159,9 @@ class WorkerPool:
                 held = self._held[slot]  # (a job moved off a lost worker is older than the input held)
                 replaced, self._held[slot] = (held, job) if job.id > held.id else (job, held)
             else:
-                target, free = self._place(slot, self.workers[0].models.name_of(job.params.model))
-                delay = self._pace_delay(slot) if free else 0.0
+                target, where = self._place(slot, self.workers[0].models.name_of(job.params.model))
+                # paced unless it replaces the session's waiting job (which had not started: it takes its place)
+                delay = self._pace_delay(slot) if where != "waiting" else 0.0
                 if delay > 0:
                     self._held[slot] = job
                     timer = self._timers[slot] = threading.Timer(delay, self._release, (slot,))
@@ -167,19 +172,20 @@ class WorkerPool:
         if replaced is not None:
             replaced.sink.on_done(replaced, "replaced")
 
-    def _place(self, slot: str, model: str | None = None) -> tuple[int, bool]:
-        """Under the lock: the worker for the session's next job, and whether it is free of the session; among
-        free ones, a worker that holds the job's ``model`` preset first (a switch there costs no load)."""
+    def _place(self, slot: str, model: str | None = None) -> tuple[int, str]:
+        """Under the lock: the worker for the session's next job, and what the session has there ("waiting": its
+        waiting job, "free": nothing, "busy": a running job); among free ones, a worker that holds the job's
+        ``model`` preset first (a switch there costs no load)."""
         usable = self._usable()
         states = {i: self.workers[i].slot_state(_sub(slot, i)) for i in usable}
         waiting = [i for i in usable if states[i] == "waiting"]
         free = [i for i in usable if states[i] is None]
         if waiting:  # the session's one waiting job: the newer input replaces it where it waits
-            return waiting[0], False
+            return waiting[0], "waiting"
         if free:
-            return min(free, key=lambda i: (not self.workers[i].has_model(model), self.workers[i].load(), i)), True
+            return min(free, key=lambda i: (not self.workers[i].has_model(model), self.workers[i].load(), i)), "free"
         # busy with this session everywhere: wait behind the least loaded
-        return min(usable, key=lambda i: (self.workers[i].load(), i)), False
+        return min(usable, key=lambda i: (self.workers[i].load(), i)), "busy"
 
     def _usable(self) -> list[int]:
         usable = [i for i, w in enumerate(self.workers) if w.ready and i not in self._lost]
@@ -190,20 +196,22 @@ class WorkerPool:
         return usable
 
     def _pace_delay(self, slot: str) -> float:
-        """Under the lock: seconds until the session's next job may start, T/R after its previous one."""
-        last = self._starts.get(slot)
+        """Under the lock: seconds until the session's next job may start, T/2R after its previous one."""
+        handed = self._starts.get(slot)
+        # it started then, or later when it waited behind the session's frame on its worker
+        last = None if handed is None else max(handed[0], handed[1].started or 0.0)
         times = [w.last_generation_s for w in self.workers if w.ready and w.last_generation_s is not None]
         ready = sum(1 for w in self.workers if w.ready)
         if last is None or not times or ready < 2:
             return 0.0
-        return max(0.0, last + min(times) / ready - time.monotonic())
+        return max(0.0, last + PACE_FRACTION * min(times) / ready - time.monotonic())
 
     def _start(self, slot: str, target: int, job: Job) -> None:
         """Under the lock: hand the job to a worker and remember when (pacing)."""
         now = time.monotonic()
         if len(self._starts) > STARTS_KEPT:  # REST requests' slots are never cancelled: forget old ones
-            self._starts = {k: t for k, t in self._starts.items() if now - t < PACE_MEMORY_S}
-        self._starts[slot] = now
+            self._starts = {k: v for k, v in self._starts.items() if now - v[0] < PACE_MEMORY_S}
+        self._starts[slot] = (now, job)
         self.workers[target].submit(_sub(slot, target), job, supersede=False)
 
     def _release(self, slot: str) -> None:

@@ -47,6 +47,11 @@ APP_NAME = "lcm-live"
 GENERATOR = "Generator"
 INGRESS = "Studio"
 HTTP_HEADROOM = 32  # ingress requests beyond the sessions: /healthz, /readyz, /metrics, the page, REST
+# Serve's router (in the ingress, which calls the generator) retries a request that finds every replica busy after
+# 0.025, 0.05, 0.1 ... s, up to 0.5 s apart by default: a replica could sit idle up to half a second after its frame
+# while requests waited (8 sessions on 1 replica made 1.2 frames/s of 0.5 s each; docs/benchmarks.md). At most
+# 0.05 s apart, the wait stays a tenth of a frame at a few small probes a second per waiting request.
+ROUTER_MAX_BACKOFF_S = "0.05"
 
 
 @dataclass
@@ -271,7 +276,8 @@ async def _drain_until_done(events: asyncio.Queue, timeout: float) -> None:
         pass
 
 
-@serve.deployment(name=INGRESS, ray_actor_options={"num_cpus": 0})
+@serve.deployment(name=INGRESS, ray_actor_options={
+    "num_cpus": 0, "runtime_env": {"env_vars": {"RAY_SERVE_ROUTER_RETRY_MAX_BACKOFF_S": ROUTER_MAX_BACKOFF_S}}})
 @serve.ingress()
 class Studio:
     """The studio's FastAPI app, its jobs sent to the generator deployment."""
