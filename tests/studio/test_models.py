@@ -297,3 +297,15 @@ def test_style_scales_on_a_compiled_unet_are_refused_naming_the_backend():
         restyle(loaded, preset, {"ink": 0.9})
     assert err.value.field == "lora_scales" and "--backend torch" in err.value.message
     assert loaded.scales == {"ink": 0.5}  # nothing changed
+
+
+def test_a_preset_default_the_params_would_refuse_fails_the_start_naming_it():
+    from fastapi.testclient import TestClient
+
+    engines: dict[str, FakeEngine] = {}
+    presets = [ModelPreset(name="a", model="org/a"), ModelPreset(name="huge", model="org/h", width=4096)]
+    app = models_app(presets, fake_factory(engines), exit_on_warmup_failure=False)
+    with TestClient(app):
+        worker = app.state.studio.worker
+        wait_until(lambda: worker.state == "failed")
+    assert "preset 'huge': width = 4096" in worker.detail and "MAX_SIZE" in worker.detail

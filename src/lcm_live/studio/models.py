@@ -170,6 +170,22 @@ class ModelRegistry:
                                 field=f"lora_scales.{style}")
         return {s.name: float(scales.get(s.name, s.scale)) for s in styles.values()}
 
+    def check_defaults(self, settings: Any) -> None:
+        """Each preset's page defaults within the server's bounds (``settings``: the StudioSettings resolved for
+        the loaded model): a default the params would refuse is a start-up error naming the preset and the fix."""
+        for name, preset in self.presets.items():
+            for key in ("width", "height"):
+                value = getattr(preset, key)
+                if value is not None and not (settings.min_size <= value <= settings.max_size
+                                              and value % settings.size_multiple == 0):
+                    raise UserError(f"preset {name!r}: {key} = {value} is not a size this server accepts (multiples "
+                                    f"of {settings.size_multiple} in {settings.min_size}..{settings.max_size}); "
+                                    "change it, or widen LCM_LIVE_STUDIO__MIN_SIZE / __MAX_SIZE", field="models")
+            steps = preset.num_inference_steps
+            if steps is not None and not settings.min_steps <= steps <= settings.max_steps:
+                raise UserError(f"preset {name!r}: num_inference_steps = {steps}: use {settings.min_steps}.."
+                                f"{settings.max_steps}", field="models")
+
     # ---- readiness (workers, any thread) ------------------------------------------------------------------
     def mark_loading(self, name: str, worker: str) -> None:
         with self._lock:

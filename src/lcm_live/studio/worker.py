@@ -268,6 +268,7 @@ class Worker:
             self.max_batch_size = resolve_max_batch_size(s, device)
             # The sizes and previews left to the model, resolved once: the app builds its schema from these.
             s = self.settings = s.for_model(*native_size(info), device=device)
+            self.models.check_defaults(s)  # the presets' page defaults within these bounds
             width = s.warmup_width or s.default_width
             height = s.warmup_height or s.default_height
             t0 = time.perf_counter()
