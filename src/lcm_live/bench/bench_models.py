@@ -8,7 +8,9 @@ preset under 50 ms on the worker). Run: ``python -m lcm_live.bench.bench_models 
    engine call's time on a frame right after a switch against one on the same model (a cold-cache cost a switch
    may add to its first frame shows there).
 2. refuse: ``StyleScales.set`` on a random LoRA (rank 4, attention projections, peft) of the same architecture:
-   the first change (read the safetensors, load the adapter, fuse) and the next ones (unfuse, re-weight, fuse).
+   the first change (read the safetensors, load the adapter, fuse) and the next ones (unfuse, re-weight, fuse);
+   then a 1-step frame with the adapter fused against unfused (the alternative: ``set_adapters`` weights change
+   for free, every step pays the LoRA).
 
 Each figure is the median of ``runs``; the machine and its load average are in the report.
 """
@@ -112,7 +114,7 @@ def bench_switch(arch: str, dtype: str, side: int, steps: int, runs: int) -> dic
             "frame_same_model_ms": round(med(same) * 1000, 1), "switches": len(switch_s)}
 
 
-def bench_refuse(arch: str, dtype: str, runs: int) -> dict[str, Any]:
+def bench_refuse(arch: str, dtype: str, runs: int, side: int, frames: int) -> dict[str, Any]:
     import torch
 
     from lcm_live.bench.bench_engine import BenchConfig, build_fast_engine, resolve_device_dtype
@@ -137,8 +139,31 @@ def bench_refuse(arch: str, dtype: str, runs: int) -> dict[str, Any]:
             styles.set({"style": 0.2 + 0.1 * (k % 7)})
             times.append(time.perf_counter() - t0)
         layers = sum(1 for name, _ in engine.pipe.unet.named_modules() if name.endswith(".base_layer"))
+        frames = _fused_against_unfused(engine, side, frames) if frames else {}
     return {"first_change_ms": round(first * 1000, 1), "refuse_ms": round(statistics.median(times) * 1000, 1),
-            "lora_layers": layers}
+            "lora_layers": layers, **frames}
+
+
+def _fused_against_unfused(engine: Any, side: int, runs: int) -> dict[str, Any]:
+    """The other way to move a scale: peft's adapter left unfused (``set_adapters`` weights change at no cost),
+    paid at every step instead. One frame each way, alternating, after a warm-up of each."""
+    from lcm_live.engine.request import GenerationRequest
+
+    request = GenerationRequest("a fox", num_inference_steps=1, seed=0, width=side, height=side)
+    fused, unfused = [], []
+    for k in range(runs + 1):
+        for is_fused, out in ((True, fused), (False, unfused)):
+            if not is_fused:
+                engine.pipe.unfuse_lora()  # the adapter now runs in every forward, at its set weight
+            t0 = time.perf_counter()
+            engine.generate(request)
+            if k:  # the first of each: warm-up
+                out.append(time.perf_counter() - t0)
+            if not is_fused:
+                engine.pipe.fuse_lora(adapter_names=engine.pipe.get_active_adapters(), lora_scale=1.0)
+    med_f, med_u = statistics.median(fused), statistics.median(unfused)
+    return {"frame_fused_ms": round(med_f * 1000, 1), "frame_unfused_ms": round(med_u * 1000, 1),
+            "unfused_overhead": round(med_u / med_f - 1, 4), "frame_side": side}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", type=int, default=None, help="image side (default: 64 tiny, 256 otherwise)")
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--frames", type=int, default=3, help="frames fused against unfused (0: none)")
     parser.add_argument("--skip", choices=["switch", "refuse"], default=None)
     parser.add_argument("--json", default=None, metavar="FILE")
     args = parser.parse_args(argv)
@@ -160,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip != "switch":
         report["switch"] = bench_switch(args.arch, args.dtype, side, args.steps, args.runs)
     if args.skip != "refuse":
-        report["refuse"] = bench_refuse(args.arch, args.dtype, args.runs)
+        report["refuse"] = bench_refuse(args.arch, args.dtype, args.runs, side, args.frames)
     report["load_after"] = current_load()
     text = json.dumps(report, indent=2)
     print(text)
