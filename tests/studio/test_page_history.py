@@ -316,3 +316,27 @@ def test_a_pinned_frame_survives_a_reload_and_unpinning_lets_it_go(page):
     page.wait_for_timeout(500)  # the pins are read at load
     assert page.locator(f'.history-thumb[data-id="{moon_id}"]').count() == 0
     assert page.problems == []
+
+
+def test_keep_and_upscale_pins_the_frame_and_downloads_the_larger_png(page):
+    import io
+
+    from PIL import Image
+
+    _type_prompt(page, "a small lighthouse")
+    newest = page.locator(".history-thumb").last
+    frame_id = newest.get_attribute("data-id")
+    newest.click()
+    page.select_option("#upscale-scale", "2")
+    with page.expect_download(timeout=60_000) as download:
+        page.click("#history-upscale")
+    with Image.open(io.BytesIO(Path(download.value.path()).read_bytes())) as png:
+        size, parameters = png.size, json.loads(png.text["parameters"])
+    frame = page.ws.frames()[-1]
+    assert size == (2 * frame["width"], 2 * frame["height"])
+    assert parameters["prompt"] == "a small lighthouse" and parameters["seed"] == frame["seed"]
+    assert download.value.suggested_filename == f"lcm-live-{frame['seed']}-x2.png"
+    status = page.inner_text("#upscale-status")
+    assert status == f"Upscaled to {size[0]}×{size[1]}: saved."
+    assert page.get_attribute(f'.history-thumb[data-id="{frame_id}"]', "data-pinned") == "true"  # kept
+    assert page.is_hidden("#banner-error") and page.problems == []

@@ -8,6 +8,7 @@
 import { FrameHistory, SentInputs } from "./history.js";
 import { PinStore } from "./pins.js";
 import { ThumbMaker } from "./thumbs.js";
+import { keepAndUpscale } from "./upscale.js";
 
 const $ = (id) => document.getElementById(id);
 const THUMB_HEIGHT = 56; // CSS pixels of a thumbnail (its width follows the frame's shape)
@@ -35,7 +36,7 @@ export function describeParams(info) {
 
 /**
  * Wire #history (index.html) to the connection's frames. onRestore(entry), onApply(entry), onSave(entry): the
- * viewer's buttons (the page does the work; each may return a promise). onError(text): pinning failed.
+ * viewer's buttons (the page does the work; each may return a promise). onError(text): pinning or upscaling failed.
  * Returns {history, frame(info, blob), select(id)}.
  */
 export function setupHistory({ conn, onRestore, onApply, onSave, onError }) {
@@ -43,6 +44,7 @@ export function setupHistory({ conn, onRestore, onApply, onSave, onError }) {
     strip: $("history-strip"), scrub: $("history-scrub"), usage: $("history-usage"), view: $("history-view"),
     image: $("history-image"), params: $("history-params"), restore: $("history-restore"),
     apply: $("history-apply"), save: $("history-save"), pin: $("history-pin"), close: $("history-close"),
+    upscale: $("history-upscale"), scale: $("upscale-scale"), upscaleStatus: $("upscale-status"),
   };
   const sent = new SentInputs();
   conn.addEventListener("sent", (e) => sent.add(conn.sentCount, e.detail.kind, e.detail.payload));
@@ -161,16 +163,20 @@ export function setupHistory({ conn, onRestore, onApply, onSave, onError }) {
   els.restore.addEventListener("click", () => run(els.restore, onRestore));
   els.apply.addEventListener("click", () => run(els.apply, onApply));
   els.save.addEventListener("click", () => run(els.save, onSave));
-  els.pin.addEventListener("click", () => run(els.pin, async (entry) => {
+  async function pin(entry, pinned) {
     try {
-      await history.setPinned(entry, !entry.pinned);
+      await history.setPinned(entry, pinned);
     } catch (err) {
       onError(`Could not pin the frame (${(err && err.message) || err}): the browser's storage may be full.`);
     }
     const b = buttons.get(entry.id);
     if (b) b.dataset.pinned = String(entry.pinned);
     if (selected === entry) select(entry); // the Pin button's state
-  }));
+  }
+  els.pin.addEventListener("click", () => run(els.pin, (entry) => pin(entry, !entry.pinned)));
+  els.upscale.addEventListener("click", () => run(els.upscale, (entry) => keepAndUpscale(entry, {
+    keep: (e) => pin(e, true), scale: Number(els.scale.value), status: els.upscaleStatus, onError,
+  })));
 
   PinStore.open()
     .then((pins) => {
