@@ -131,3 +131,27 @@ def test_png_parameters_reads_each_chunk_kind_without_decoding():
     assert json.loads(png_parameters(buf.getvalue(), 10_000)) == {"prompt": "ü", "seed": 3}
     assert png_parameters(b"GIF89a....", 100) is None
     assert png_parameters(base64.b64decode(_png((8, 8))), 100) is None
+
+
+def test_live_frames_go_on_between_tiles():
+    from lcm_live.studio.fake_engine import FakeEngine
+
+    from .conftest import next_final, params, receive, wait_until
+
+    engine = FakeEngine(step_latency_s=0.02)
+    with running_studio(engine) as (client, engine, studio):
+        results = {}
+        thread = threading.Thread(target=lambda: results.update(r=client.post(
+            "/api/upscale", json={"image": _png(), "scale": 4, "prompt": "tile", "seed": 2})))
+        with client.websocket_connect("/ws") as ws:
+            receive(ws)  # hello
+            thread.start()
+            wait_until(lambda: any(c.prompt == "tile" for c in engine.calls), what="the first tile")
+            ws.send_text(params(prompt="live", seed=1))
+            assert next_final(ws)["final"] is True
+        thread.join(60)
+        assert results["r"].status_code == 200
+        order = [c.prompt for c in engine.calls]
+        tiles = [k for k, p in enumerate(order) if p == "tile"]
+        # The session's frame ran while the upscale was under way, not after its last tile.
+        assert len(tiles) == 9 and tiles[0] < order.index("live") < tiles[-1]
