@@ -71,6 +71,8 @@ def test_builder_args_and_the_serve_config_in_docs(monkeypatch):
     generator = built._bound_deployment.init_args[0]._bound_deployment
     assert generator.num_replicas == 3 and generator.ray_actor_options["num_gpus"] == 1
     assert generator.max_ongoing_requests == 4  # a GPU replica batches a few sessions
+    # a request that finds every replica busy tries again within 0.05 s (Serve's default waits up to 0.5 s)
+    assert generator._deployment_config.request_router_config.max_backoff_s == 0.05
     scaled = app({"autoscale": "1:4"})._bound_deployment.init_args[0]._bound_deployment
     config = scaled._deployment_config.autoscaling_config
     assert (config.min_replicas, config.max_replicas, scaled.max_ongoing_requests) == (1, 4, 1)

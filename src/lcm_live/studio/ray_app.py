@@ -51,7 +51,7 @@ HTTP_HEADROOM = 32  # ingress requests beyond the sessions: /healthz, /readyz, /
 # 0.025, 0.05, 0.1 ... s, up to 0.5 s apart by default: a replica could sit idle up to half a second after its frame
 # while requests waited (8 sessions on 1 replica made 1.2 frames/s of 0.5 s each; docs/benchmarks.md). At most
 # 0.05 s apart, the wait stays a tenth of a frame at a few small probes a second per waiting request.
-ROUTER_MAX_BACKOFF_S = "0.05"
+ROUTER_MAX_BACKOFF_S = 0.05
 
 
 @dataclass
@@ -276,8 +276,7 @@ async def _drain_until_done(events: asyncio.Queue, timeout: float) -> None:
         pass
 
 
-@serve.deployment(name=INGRESS, ray_actor_options={
-    "num_cpus": 0, "runtime_env": {"env_vars": {"RAY_SERVE_ROUTER_RETRY_MAX_BACKOFF_S": ROUTER_MAX_BACKOFF_S}}})
+@serve.deployment(name=INGRESS, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class Studio:
     """The studio's FastAPI app, its jobs sent to the generator deployment."""
@@ -322,6 +321,7 @@ def build_application(settings: Settings, options: RayOptions) -> Any:
     generator_options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica},
         "max_ongoing_requests": per_replica,
+        "request_router_config": {"max_backoff_s": ROUTER_MAX_BACKOFF_S},
     }
     if options.autoscale is not None:
         low, high = options.autoscale
