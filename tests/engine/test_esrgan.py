@@ -84,6 +84,12 @@ def test_loads_and_runs_the_model(esrgan_file):
     with torch.no_grad():
         direct = (model(x)[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     assert np.abs(np.asarray(out).astype(int) - direct).max() <= 1
+    # Tile by tile: with context covering the whole image each tile sees all of it, so the pieces must land exactly
+    # where the whole run puts them; with a little context, close to it.
+    tiled = np.asarray(run_upscaler(upscaler, image, tile=5, pad=16)).astype(int)
+    assert np.abs(tiled - direct).max() <= 1
+    near = np.asarray(run_upscaler(upscaler, image, tile=8, pad=4)).astype(int)
+    assert near.shape == direct.shape and np.abs(near - direct).mean() < 2
 
 
 def test_upscale_with_esrgan_alone_and_resized_to_the_scale(esrgan_file):

@@ -74,15 +74,31 @@ def load_upscaler(path: str | Path, *, device: str = "cpu") -> Upscaler:
                     model=descriptor, device=str(device))
 
 
-def run_upscaler(upscaler: Upscaler, image: Any) -> Any:
-    """``image`` (PIL) times the model's own scale, as PIL RGB. Pixels go in and come out in [0, 1], float32."""
+# The model runs on tiles of the input (with context around each, cropped away after): a 4x model's activations on a
+# whole 1024² input would take gigabytes; a 256² tile with 16 px of context on each side takes a few hundred MB.
+TILE = 256  # input pixels per tile side
+PAD = 16  # context pixels on each side of a tile (ESRGAN's receptive field is wider; 16 px hides the seams)
+
+
+def run_upscaler(upscaler: Upscaler, image: Any, *, tile: int = TILE, pad: int = PAD) -> Any:
+    """``image`` (PIL) times the model's own scale, as PIL RGB, tile by tile. Pixels go in and come out in
+    [0, 1], float32."""
     import numpy as np
     import torch
     from PIL import Image
 
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
     x = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).to(upscaler.device)  # (1, 3, H, W)
+    h, w = x.shape[-2:]
+    s = upscaler.scale
+    out = torch.empty(1, 3, h * s, w * s)
     with torch.inference_mode():
-        y = upscaler.model(x)  # (1, 3, H * scale, W * scale)
-    out = (y[0].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy() * 255.0).round().astype(np.uint8)
-    return Image.fromarray(out, "RGB")
+        for y0 in range(0, h, tile):
+            for x0 in range(0, w, tile):
+                y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+                cy0, cx0 = max(y0 - pad, 0), max(x0 - pad, 0)  # the tile with its context
+                y = upscaler.model(x[:, :, cy0:min(y1 + pad, h), cx0:min(x1 + pad, w)])  # (1, 3, ch * s, cw * s)
+                oy, ox = (y0 - cy0) * s, (x0 - cx0) * s
+                out[:, :, y0 * s:y1 * s, x0 * s:x1 * s] = y[:, :, oy:oy + (y1 - y0) * s, ox:ox + (x1 - x0) * s].cpu()
+    pixels = (out[0].clamp(0, 1).permute(1, 2, 0).float().numpy() * 255.0).round().astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
