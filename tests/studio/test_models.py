@@ -309,3 +309,21 @@ def test_a_preset_default_the_params_would_refuse_fails_the_start_naming_it():
         worker = app.state.studio.worker
         wait_until(lambda: worker.state == "failed")
     assert "preset 'huge': width = 4096" in worker.detail and "MAX_SIZE" in worker.detail
+
+
+def test_rest_generates_with_a_preset_and_says_which():
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    engines: dict[str, FakeEngine] = {}
+    app = models_app(two_presets(), fake_factory(engines), max_loaded_models=2)
+    with TestClient(app) as client:
+        wait_until(lambda: app.state.studio.worker.ready)
+        resp = client.post("/api/generate", json={"prompt": "x", "model": "b", "lora_scales": {"ink": 0.7}})
+        assert resp.status_code == 200, resp.text
+        meta = json.loads(Image.open(io.BytesIO(resp.content)).text["parameters"])
+        assert meta["preset"] == "b" and meta["lora_scales"] == {"ink": 0.7} and "/srv" not in json.dumps(meta)
+        assert engines["b"].calls[-1].prompt == "x"
+        assert app.state.studio.worker.switcher.engines["b"].scales == {"ink": 0.7}  # a FakeEngine: recorded only

@@ -132,10 +132,10 @@ class Session:
             # client never gets a frame older than one it has.
             self.studio.metrics.frames_dropped.inc()
             return
+        name = self.studio.models.name_of(frame.job.params.model)
+        if name != self._model_said:  # a switch to a loaded preset: no load to report, but the client waits
+            self._say_model(name, "ready", 1.0, f"{name} is ready")
         if frame.final:
-            name = self.studio.models.name_of(frame.job.params.model)
-            if name != self._model_said:  # a switch to a loaded preset: no load to report, but the client waits
-                self._say_model(name, "ready", 1.0, f"{name} is ready")
             self._last_final = (frame.job.id, frame.image)
             self.studio.worker.cancel_older(self.id, frame.job.id)  # several workers: older frames are moot now
         if self._frame is not None:  # the client has not taken the previous frame yet: replace it
