@@ -76,6 +76,15 @@ def run(args: argparse.Namespace) -> int:
     if args.tile_size is not None:  # else the model's native size decides, once it is loaded
         resolve_tiling(args.tile_size, args.tile_overlap, args.tile_size)
     refine = not args.no_refine
+    if refine:  # the tiles' generation values, as generate checks them before loading (the model's own bounds later)
+        from lcm_live.engine.request import GenerationRequest
+        from lcm_live.engine.validation import validate_request
+
+        r = frame_request(request, frame)
+        validate_request(GenerationRequest(prompt=r.prompt, negative_prompt=r.negative_prompt,
+                                           num_inference_steps=r.num_inference_steps or 1,
+                                           guidance_scale=r.guidance_scale, seed=r.seed, image=image,
+                                           strength=r.strength), lcm_img2img=True)
     if refine and not frame_request(request, frame).prompt:
         print("note: no --prompt and none in the image's parameters: the tiles are redrawn without a prompt",
               file=sys.stderr)

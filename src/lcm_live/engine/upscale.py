@@ -265,8 +265,8 @@ def upscale(engine: Any, request: UpscaleRequest, *, frame: dict[str, Any] | Non
         # The run's own resolved values (model, seed, steps, guidance, device, ...) over the frame's.
         parameters.update({k: v for k, v in last.items() if k not in ("width", "height", "strength", "mode",
                                                                       "warnings", "image_index")})
-    parameters.update(width=out_w, height=out_h, upscale=upscale_info,
-                      warnings=[*(frame.get("warnings") or []), *warnings] if warnings else frame.get("warnings", []))
-    if not parameters["warnings"]:
-        parameters.pop("warnings")
+    parameters.update(width=out_w, height=out_h, upscale=upscale_info)
+    parameters.pop("warnings", None)  # the frame's were about its own run
+    if warnings:
+        parameters["warnings"] = warnings
     return image, parameters

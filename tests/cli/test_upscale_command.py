@@ -48,6 +48,9 @@ def test_metadata_round_trip(tiny_lcm_dir, tmp_path, capsys):
     (["--upscaler", "RealESRGAN_x4plus.pth"], "only .safetensors"),
     (["--no-refine"], "--no-refine leaves nothing to do"),
     (["--tile-size", "60"], "tile_size=60"),
+    (["--num-inference-steps", "9"], "num_inference_steps=9"),
+    (["--strength", "0"], "strength=0.0"),
+    (["--seed", "-1"], "seed=-1"),
 ])
 def test_refused_before_any_model_loads(tmp_path, capsys, extra, needle):
     image = tmp_path / "in.png"
