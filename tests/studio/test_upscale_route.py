@@ -155,3 +155,21 @@ def test_live_frames_go_on_between_tiles():
         tiles = [k for k, p in enumerate(order) if p == "tile"]
         # The session's frame ran while the upscale was under way, not after its last tile.
         assert len(tiles) == 9 and tiles[0] < order.index("live") < tiles[-1]
+
+
+def test_a_failed_tile_fails_the_upscale_and_only_it():
+    from lcm_live.studio.fake_engine import FakeEngine
+
+    with running_studio(FakeEngine(failures=["ok", "error", "ok", "oom"])) as (client, engine, studio):
+        r = client.post("/api/upscale", json={"image": _png((512, 384)), "scale": 2, "prompt": "x"})
+        assert r.status_code == 500 and r.json()["code"] == "engine_error" and "tile 2" in r.json()["message"]
+        assert len(engine.calls) == 2  # no tile after the failed one
+        # streamed: the error is the last line (the 200 went out with the first progress line)
+        with client.stream("POST", "/api/upscale", headers={"Accept": "application/x-ndjson"},
+                           json={"image": _png((512, 384)), "scale": 2, "prompt": "x"}) as s:
+            lines = [json.loads(line) for line in s.iter_lines() if line]
+        assert lines[0] == {"type": "upscale", "tile": 1, "tiles": lines[0]["tiles"]}
+        assert lines[-1]["type"] == "error" and lines[-1]["code"] == "oom" and "tile 2" in lines[-1]["message"]
+        # the client may upscale again, and live generation goes on
+        assert client.post("/api/upscale", json={"image": _png(), "scale": 2}).status_code == 200
+        assert client.post("/api/generate", json={"prompt": "after"}).status_code == 200
