@@ -38,6 +38,10 @@ const FIELDS = [
   // Only with a ControlNet on the server (lines mode).
   { name: "controlnet_conditioning_scale", label: "Control strength",
     hint: "Lines mode: how strongly the drawing guides the picture.", control: true },
+  // With one ControlNet: the fraction of the steps it acts in (several nets: per-net rows, conditioning.js).
+  { name: "control_guidance_start", label: "Control from",
+    hint: "Lines mode: the ControlNet acts from this fraction of the steps...", control: true },
+  { name: "control_guidance_end", label: "Control until", hint: "...to this one.", control: true },
   { name: "control_preprocess", label: "Canvas as",
     hint: "Lines mode: line ControlNets take white lines on black.", control: true,
     choices: { invert: "Drawing (inverted)", edges: "Photo or camera (its edges)", none: "As it is" } },

@@ -1,5 +1,6 @@
 // Frame history: the last HISTORY_LIMIT final frames, each with what it was made from (its validated params and
-// seed, the canvas and the layers the server had read when it made it), within HISTORY_MEMORY_CAP bytes of images.
+// seed, the canvas and the layers the server had read when it made it: mask, regions, the reference image, the other
+// ControlNets' images), within HISTORY_MEMORY_CAP bytes of images.
 // Pinned frames are kept apart from both bounds and survive a reload (IndexedDB, pins.js); the rest is dropped
 // oldest first. Images are kept as the compressed blobs they already are: the frame as the server sent it
 // (JPEG/WebP), the canvas as the page sent it (WebP/PNG), the mask and region layers as PNGs; a blob shared by
@@ -87,6 +88,11 @@ export class FrameHistory extends EventTarget {
     if (canvasMode && layers.has("mask")) kept.set("mask", layers.get("mask"));
     const regions = Array.isArray(params.regions) ? params.regions.length : 0;
     for (let k = 0; k < regions; k++) if (layers.has(`region:${k}`)) kept.set(`region:${k}`, layers.get(`region:${k}`));
+    // The reference image guided it when the server has an IP-Adapter; the extra ControlNets' images in lines mode.
+    if (typeof params.ip_adapter_scale === "number" && layers.has("reference")) kept.set("reference", layers.get("reference"));
+    for (let k = 1; k <= 7 && params.mode === "control"; k++) {
+      if (layers.has(`control:${k}`)) kept.set(`control:${k}`, layers.get(`control:${k}`));
+    }
     const entry = { id: id || newId(), info, frame, canvas: canvasMode ? canvas : null, layers: kept, pinned, at };
     this.entries.push(entry);
     for (const blob of blobsOf(entry)) this.hold(blob);

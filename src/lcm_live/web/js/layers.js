@@ -13,18 +13,20 @@ const MAX_HISTORY = 20; // ImageData snapshots, as the sketch keeps
 export const SELECTED_ALPHA = 128;
 export const MAX_REGIONS = 8; // the server's bound (regions are numbered 0-7 in the envelope)
 
-/** The layer codes of the envelope's fifth byte. */
-export const LAYER_CODES = { canvas: "c", mask: "m", region: "r" };
+/** The layer codes of the envelope's fifth byte: reference is the IP-Adapter's image, control net k's (k >= 1). */
+export const LAYER_CODES = { canvas: "c", mask: "m", region: "r", reference: "i", control: "n" };
 
 /**
- * The 8-byte envelope: "LCML", the layer's code, the region's index (0 for the others), two zero bytes.
- * @param {"canvas"|"mask"|"region"} layer
- * @param {number} index 0-7 for a region, else 0
+ * The 8-byte envelope: "LCML", the layer's code, the region's or the ControlNet's index (0 for the others), two
+ * zero bytes.
+ * @param {"canvas"|"mask"|"region"|"reference"|"control"} layer
+ * @param {number} index 0-7 for a region, 1-7 for a ControlNet (net 0's image is the canvas), else 0
  */
 export function envelopeHeader(layer, index = 0) {
   const code = LAYER_CODES[layer];
-  if (!code) throw new Error(`unknown layer ${layer}: use canvas, mask or region`);
-  if (!Number.isInteger(index) || index < 0 || index >= MAX_REGIONS || (layer !== "region" && index !== 0)) {
+  if (!code) throw new Error(`unknown layer ${layer}: use canvas, mask, region, reference or control`);
+  const [low, high] = layer === "region" ? [0, MAX_REGIONS - 1] : layer === "control" ? [1, 7] : [0, 0];
+  if (!Number.isInteger(index) || index < low || index > high) {
     throw new Error(`layer ${layer} cannot have index ${index}`);
   }
   return new Uint8Array([0x4c, 0x43, 0x4d, 0x4c, code.charCodeAt(0), index, 0, 0]); // "LCML" code index 0 0

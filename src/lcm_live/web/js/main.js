@@ -6,6 +6,7 @@ import { Blends } from "./blends.js";
 import { SketchCanvas, usesCanvas } from "./canvas.js";
 import { Connection } from "./connection.js";
 import { showConnectionState } from "./connstate.js";
+import { Conditioning } from "./conditioning.js";
 import { Controls, schemaProperties } from "./controls.js";
 import { setupFeeds } from "./feeds.js";
 import { setupHistory } from "./historybar.js";
@@ -84,6 +85,7 @@ function currentParams() {
     regions: layers.regionParams(), // those whose layers were sent (layerbar.js)
     ...blends.values(),
     ...models.values(), // model, lora_scales (models.js)
+    ...conditioning.values(), // ip_adapter_scale; several ControlNets: the per-net lists (conditioning.js)
   };
   const params = {};
   for (const name of state.fields) if (name in all) params[name] = all[name];
@@ -128,6 +130,7 @@ function setupSchema(schema) {
   layers.build(state.fields);
   blends.build(schema);
   models.build(schemaProperties(schema));
+  conditioning.build(schema);
   els.negativeWrap.hidden = !state.fields.includes("negative_prompt");
   const modeProp = schemaProperties(schema).mode;
   if (modeProp && Array.isArray(modeProp.enum)) {
@@ -170,6 +173,8 @@ sketch.addEventListener("change", (e) => {
 const layers = setupLayers({ sketch, conn, pacer, mode: () => state.mode, sendParams });
 const blends = new Blends();
 blends.addEventListener("input", offerParams);
+const conditioning = new Conditioning({ conn, onError: (text) => banners.show(text, { source: "upload" }) });
+conditioning.addEventListener("input", offerParams);
 // The model and style picker (models.js): a switch goes at once; a picked model's default size and steps follow.
 const models = setupModels({
   conn,
@@ -297,6 +302,7 @@ setInterval(() => {
 }, 500);
 
 function showInfo(info) {
+  conditioning.setInfo(info); // the ControlNets' names
   const parts = [info.model, info.kind, info.device, info.dtype].filter(Boolean);
   els.model.textContent = parts.join(" · ");
   banners.notice(info.notice || "");
@@ -332,7 +338,8 @@ const popout = setupPopout($("popout"), () => output.current, (text) => banners.
 const history = setupHistory({
   conn,
   onRestore: (entry) => state.controls && restoreEntry(entry, {
-    controls: state.controls, prompt: els.prompt, negative: els.negative, blends, models, sketch, layers, applySize,
+    controls: state.controls, prompt: els.prompt, negative: els.negative, blends, models, conditioning, sketch, layers,
+    applySize,
     setMode, setSeedLocked: (on) => state.controls.setSeedLocked(on),
   }),
   onApply: async (entry) => {

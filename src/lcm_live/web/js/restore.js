@@ -35,8 +35,8 @@ export async function paintLayerFrom(layer, blob) {
 }
 
 /**
- * Restore a history entry (history.js) into the page. page: {controls, prompt, negative, blends, models, sketch,
- * layers, applySize, setMode, setSeedLocked}: the page's parts (main.js). Fields the server no longer takes are skipped.
+ * Restore a history entry (history.js) into the page. page: {controls, prompt, negative, blends, models,
+ * conditioning, sketch, layers, applySize, setMode, setSeedLocked}: the page's parts (main.js). Fields the server no longer takes are skipped.
  */
 export async function restoreEntry(entry, page) {
   const { info, canvas, layers } = entry;
@@ -63,6 +63,7 @@ export async function restoreEntry(entry, page) {
       if (region && layers.has(`region:${k}`)) await paintLayerFrom(region.layer, layers.get(`region:${k}`));
     }
   }
+  page.conditioning.restore(p, layers); // the reference image and the other ControlNets' images, their scales
   // 3. The text, the blends, the settings and the exact seed, locked (so the same picture comes back).
   page.prompt.value = p.prompt ?? page.prompt.value;
   page.prompt.dispatchEvent(new Event("input")); // the counter; the params go with the mode below
