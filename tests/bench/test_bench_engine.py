@@ -222,3 +222,23 @@ def test_the_parity_reference_is_the_seed_paths_own_image_on_a_cpu():
     scheduler = type(pipe.scheduler)
     assert torch.equal(seed_reference(pipe, config, "cpu"), seed_run(pipe, config, "cpu"))
     assert type(pipe.scheduler) is scheduler  # the seed's own scheduler is back
+
+
+@pytest.mark.parametrize("arch, sampler, family", [("sd15", "lcm", "lcm"), ("sdxl", "lcm", "lcm"),
+                                                   ("sd-turbo", "euler-trailing", "sd-turbo"),
+                                                   ("sdxl-turbo", "euler-a", "sdxl-turbo"),
+                                                   ("sdxs", "euler-trailing", "sdxs"), ("bk-sdm-tiny", "lcm", "bk-sdm"),
+                                                   ("tiny", "lcm", "lcm")])
+def test_each_arch_samples_with_its_familys_own_scheduler(arch, sampler, family):
+    """`bench --arch` runs the family's sampler on both paths (the engine's family, diffusers' scheduler for it)."""
+    from lcm_live.bench.bench_engine import engine_family
+    from lcm_live.engine.architectures import read_config
+    from lcm_live.engine.families import SCHEDULER_CLASSES, make_scheduler
+
+    fam = engine_family(arch)
+    assert (fam.scheduler, fam.name) == (sampler, family)
+    if arch != "tiny":
+        from diffusers import LCMScheduler
+
+        made = make_scheduler(fam, LCMScheduler.from_config(read_config(arch, "scheduler")))
+        assert type(made).__name__ == SCHEDULER_CLASSES[sampler]

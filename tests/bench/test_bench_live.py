@@ -62,3 +62,13 @@ def test_live_defaults_make_one_unet_evaluation_a_frame_for_every_family():
     assert third.num_inference_steps == 4 and int(4 * 0.3) == 1 and third.guidance_scale == 1.0
     given = with_live_defaults(LiveConfig(arch="sdxs", num_inference_steps=3, guidance_scale=1.5), family("sdxs"))
     assert (given.num_inference_steps, given.guidance_scale) == (3, 1.5)
+
+
+def test_live_bench_with_feature_reuse_counts_full_and_reused_evaluations(capsys):
+    assert main(["bench", "--live", "--arch", "tiny", "--backend", "torch", "--seconds", "2",
+                 "--feature-reuse", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "feature_reuse:3" in out
+    line = next(x for x in out.splitlines() if x.startswith("feature reuse (K=3): "))
+    full, reused = (int(w) for w in line.split() if w.isdigit())
+    assert full >= 1 and full <= reused  # every 3rd evaluation a full one (and the first)

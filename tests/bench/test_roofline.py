@@ -157,3 +157,41 @@ def test_the_peak_is_the_best_of_its_measurements():
     after = Peak("openvino", "bfloat16", tflops=0.4, n=2048, seconds=3.0, threads=2, median_tflops=0.35)
     best = best_of(before, after, None)
     assert best.tflops == 0.4 and best.median_tflops == 0.35 and best.measurements == 2 and best.seconds == 5.0
+
+
+def test_feature_reuse_and_token_merging_are_counted_as_they_run():
+    """A reused evaluation counts the shallow blocks only (what runs them, on real tensors, by hand); a merged UNet
+    counts the merged attention."""
+    from lcm_live.engine.feature_reuse import (
+        FeatureReuse,
+        FeatureReuseUNet,
+        capturing_deep_feature,
+        shallow_forward,
+    )
+
+    unet = _tiny_unet(time_cond_proj_dim=16)
+    wrapped = FeatureReuseUNet(unet, FeatureReuse(2))
+    inputs = F._unet_inputs(unet.config, 8, 8)
+    real = {k: torch.randn(v.shape) for k, v in inputs.items()}
+    with torch.no_grad(), capturing_deep_feature(unet) as store:
+        unet(**real)
+    shallow = F.shallow_unet_flops(wrapped, 8, 8)
+    assert shallow == _hand_sum(unet, lambda: shallow_forward(unet, deep_feature=store["feature"], **real))
+    assert 0 < shallow < F.unet_flops(wrapped, 8, 8)
+    assert F.reuse_of(wrapped) is wrapped.reuse and F.reuse_of(unet) is None
+
+    pytest.importorskip("tomesd")
+    from diffusers import UNet2DConditionModel
+
+    from lcm_live.engine.tome import apply_token_merging
+
+    def top_attention():
+        torch.manual_seed(0)
+        return UNet2DConditionModel(
+            block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=4, norm_num_groups=4).eval()
+
+    merged = top_attention()
+    apply_token_merging(merged, 0.5)
+    assert F.unet_flops(merged, 16, 16) < F.unet_flops(top_attention(), 16, 16)

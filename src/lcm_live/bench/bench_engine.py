@@ -71,6 +71,8 @@ class BenchConfig:
     progress: bool = True
     profile: str | None = None  # a file: one more lcm-live call under torch.profiler (bench/profile.py)
     controlnet: bool = False  # lcm-live's path with a ControlNet of the arch's shape (random weights), lines given
+    feature_reuse: int = 1  # --feature-reuse K on lcm-live's path (1: off)
+    token_merging: float = 0.0  # --token-merging R on lcm-live's path (0: off)
 
     def __post_init__(self) -> None:  # the family's step count and guidance where none is given
         f = bench_family(self.arch)
@@ -85,6 +87,16 @@ def bench_family(arch: str) -> Any:
     if arch == "tiny":
         return Family("tiny", "tiny", "sd15", 64, 4, SEED_GUIDANCE, full_lcm=True)
     return family(arch)
+
+
+def engine_family(arch: str) -> Any:
+    """The engine's family for ``arch`` (engine/families.py): its sampler and defaults, as the released model's name
+    would select it (sd-turbo and sdxs: Euler on trailing timesteps; sdxl-turbo: Euler ancestral; bk-sdm: LCM
+    with its LCM-LoRA); sd15 and sdxl (and the tiny test model) are full LCMs."""
+    from lcm_live.engine.families import FAMILIES, preset
+
+    fam = bench_family(arch)
+    return preset([arch], fam.pipeline_arch) or FAMILIES["lcm" if fam.full_lcm else "lcm-lora"]
 
 
 def quiet_diffusers() -> None:
@@ -132,6 +144,7 @@ def build_fast_engine(config: BenchConfig, device: Any, dtype: Any) -> tuple[Any
 
     from lcm_live.config import EngineSettings
     from lcm_live.engine.architectures import build_pipeline
+    from lcm_live.engine.families import make_scheduler
     from lcm_live.engine.model import LoadedModel
     from lcm_live.engine.pipeline import Engine
     from lcm_live.engine.speedups import apply_speedups
@@ -139,6 +152,8 @@ def build_fast_engine(config: BenchConfig, device: Any, dtype: Any) -> tuple[Any
     # 1. float32 weights first, then cast: the fast path and the float32 seed path hold the same weights.
     fam = bench_family(config.arch)
     pipe = build_pipeline(config.arch, full_lcm=fam.full_lcm, dtype=torch.float32, seed=config.model_seed)
+    sampler = engine_family(config.arch)  # the family's own scheduler, as loading a released model sets it
+    pipe.scheduler = make_scheduler(sampler, pipe.scheduler)
     pipe.to(dtype=dtype)
     if config.decoder == "taesd":
         pipe.vae = random_taesd(config.arch, dtype, config.model_seed + 10)
@@ -151,7 +166,8 @@ def build_fast_engine(config: BenchConfig, device: Any, dtype: Any) -> tuple[Any
         dtype=str(dtype).removeprefix("torch."), decoder=config.decoder, backend=resolve_backend(config, device, pipe),
         controlnet=CONTROLNET_NAME if config.controlnet else None,
         compile=config.compile, compile_mode=config.compile_mode, quantize=config.quantize,
-        openvino_cache_dir=config.openvino_cache_dir,
+        openvino_cache_dir=config.openvino_cache_dir, feature_reuse=config.feature_reuse,
+        token_merging=config.token_merging,
     )
     applied = apply_speedups(pipe, settings, device, dtype)
     size = fam.native_size
@@ -161,6 +177,7 @@ def build_fast_engine(config: BenchConfig, device: Any, dtype: Any) -> tuple[Any
         release_freed_memory()
     loaded = LoadedModel(pipe=pipe, kind="lcm" if fam.full_lcm else "lcm-lora", arch=fam.pipeline_arch,
                          name=settings.model, native_width=size, native_height=size, controlnet=controlnet,
+                         family=sampler,
                          controlnet_name=CONTROLNET_NAME if controlnet is not None else None)
     engine = Engine(loaded, settings, device, dtype, speedups=applied)
     return engine, engine.info.speedups  # with what the engine adds (a ControlNet run by OpenVINO)

@@ -60,6 +60,8 @@ class LiveConfig:
     sessions: int = 1  # WebSocket clients drawing at once
     max_batch_size: int | None = None  # the studio's; None: its default (1 on a CPU, sessions on a GPU)
     controlnet: bool = False  # lines mode: the stroke is a ControlNet's image (random weights of the arch's shape)
+    feature_reuse: int = 1  # --feature-reuse K (engine/feature_reuse.py; 1: off)
+    token_merging: float = 0.0  # --token-merging R (engine/tome.py; 0: off)
 
 
 def with_live_defaults(config: LiveConfig, fam: Any) -> LiveConfig:
@@ -199,7 +201,8 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
                                num_inference_steps=config.num_inference_steps, backend=config.backend,
                                decoder=config.decoder, dtype=config.dtype, device=config.device,
                                compile=config.compile, compile_mode=config.compile_mode, quantize=config.quantize,
-                               openvino_cache_dir=config.openvino_cache_dir, controlnet=config.controlnet)
+                               openvino_cache_dir=config.openvino_cache_dir, controlnet=config.controlnet,
+                               feature_reuse=config.feature_reuse, token_merging=config.token_merging)
     device, dtype = resolve_device_dtype(bench_config)
     machine = describe_machine(device)  # at the start: its time and load average are the run's start
     engine, applied = build_fast_engine(bench_config, device, dtype)
@@ -226,11 +229,27 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
         _wait_ready(f"http://127.0.0.1:{port}", config.ready_timeout_s)
         ready_s = time.perf_counter() - t0
         # 2. Draw.
+        if not config.controlnet:
+            # The studio warms up with text-to-image: the first sketch frame would convert and compile the
+            # encoder (TAESD in OpenVINO: seconds on a loaded CPU) inside the encode stage's time, which the
+            # few frames of a slow run then share (3.9 s a frame against 0.75 s for the decoder, measured so).
+            import torch
+
+            with torch.no_grad():
+                engine.pipe.vae.encode(torch.zeros(1, 3, config.height, config.width, dtype=dtype, device=device))
         # Timers on the shared components (the img2img pipeline reuses the same unet/vae objects).
         timer = StageTimer(device).attach(engine.pipe, engine.loaded.controlnet)
         studio_state = app.state.studio  # no job ran yet (the warm-up is none): its batch counts start at 0
+        from lcm_live.bench.flops import reuse_of
+
+        reuse = reuse_of(engine.pipe.unet)  # feature reuse (--feature-reuse K): full and reused evaluations
+        reuse_before = reuse.stats() if reuse is not None else None
         clients = asyncio.run(_draw_all(f"ws://127.0.0.1:{port}/ws", config))
         timer.detach()
+        reuse_counts = None
+        if reuse is not None:
+            after = reuse.stats()
+            reuse_counts = {k: after[k] - reuse_before[k] for k in ("full_evaluations", "reused_evaluations")}
         engine_calls, batched_frames = _batch_stats(studio_state.metrics)
         max_batch = studio_state.worker.max_batch_size
     finally:
@@ -261,10 +280,14 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
     # schedule (unlike SD img2img's steps * strength). With batching one call serves several frames.
     generations = max(1, timer.calls["decode"])
     frames_made = max(1, timer.samples.get("decode", 0))
-    flops_per_frame = sum(n * flops.get(name, 0.0) for name, n in timer.samples.items()) / frames_made
+    samples = dict(timer.samples)
+    if reuse_counts is not None:  # a reused evaluation runs the shallow blocks only (one sample each: batch 1)
+        samples["unet"] = reuse_counts["full_evaluations"]
+        samples["unet_shallow"] = reuse_counts["reused_evaluations"]
+    flops_per_frame = sum(n * flops.get(name, 0.0) for name, n in samples.items()) / frames_made
     live_fps = sum(per_client_fps)
     line = roofline(flops_per_frame * live_fps, 1.0, peak)
-    unet_flops = timer.samples.get("unet", 0) * flops["unet"]
+    unet_flops = samples.get("unet", 0) * flops["unet"] + samples.get("unet_shallow", 0) * flops.get("unet_shallow", 0)
     return {
         "config": asdict(config),
         "machine": machine,
@@ -272,6 +295,7 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
         "dtype": str(dtype).removeprefix("torch."),
         "speedups": applied,
         "unet_evaluations_per_frame": timer.calls["unet"] / generations,  # per engine call when batched
+        "feature_reuse": reuse_counts,  # full and reused UNet evaluations while drawing (--feature-reuse K)
         "stage_ms_per_generation": {stage: timer.seconds[stage] / generations * 1000
                                     for stage in ("unet", "decode", "encode", "controlnet") if stage in timer.seconds},
         "studio_ready_s": ready_s,
@@ -282,7 +306,7 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
         "frames": sum(len(raw["frame_times"]) for raw in clients),
         "seconds": max(spans),
         "per_client_fps": per_client_fps,
-        "roofline": {"flops_per_frame": flops_per_frame, "flops_per_sample": flops, "samples": dict(timer.samples),
+        "roofline": {"flops_per_frame": flops_per_frame, "flops_per_sample": flops, "samples": samples,
                      "peak": peak.to_dict(), **line,
                      "unet_stage_fraction": roofline(unet_flops, timer.seconds["unet"], peak)["roofline_fraction"]
                      if timer.seconds["unet"] > 0 else None},
@@ -311,6 +335,9 @@ def format_live(report: dict[str, Any]) -> str:
            f"{', '.join(f'{x:.2f}' for x in report['per_client_fps'])} (total {report['live_fps']:.2f}); up to "
            f"{report['max_batch_size']} frame(s) per engine call, mean {report['mean_batch_size'] or 0:.2f} over "
            f"{report['engine_calls']} calls"] if report["sessions"] > 1 else []),
+        *([f"feature reuse (K={c['feature_reuse']}): {report['feature_reuse']['full_evaluations']} full and "
+           f"{report['feature_reuse']['reused_evaluations']} reused UNet evaluations"] if report.get("feature_reuse")
+          else []),
         f"studio ready after {report['studio_ready_s']:.1f} s; {report['frames']} frames in {report['seconds']:.1f} s"
         f"; errors {len(report['errors'])}",
         f"latency canvas -> frame: p50 {report['latency_ms']['p50']:.0f} ms  p95 {report['latency_ms']['p95']:.0f} ms"

@@ -23,10 +23,12 @@ _CACHE: dict[tuple, float] = {}
 
 
 def underlying(module: Any) -> Any:
-    """The model a wrapper runs: torch.compile's ``_orig_mod``, the OpenVINO UNet's torch UNet."""
+    """The model a wrapper runs: torch.compile's ``_orig_mod``, the OpenVINO UNet's torch UNet, feature reuse's."""
     for _ in range(4):
         if hasattr(module, "_orig_mod"):
             module = module._orig_mod
+        elif type(module).__name__ == "FeatureReuseUNet":
+            module = module.unet
         elif isinstance(getattr(module, "_torch_unet", None), list):
             module = module._torch_unet[0]
         else:
@@ -44,6 +46,14 @@ def meta_twin(module: Any) -> Any:
             twin = type(module).from_config(module.config)
         else:  # transformers
             twin = type(module)(module.config)
+    tome = getattr(module, "_tome_info", None)
+    if tome is not None:  # token merging (engine/tome.py): the twin merges as the module does
+        import tomesd
+
+        args = tome["args"]
+        tomesd.apply_patch(twin, ratio=args["ratio"], max_downsample=args["max_downsample"], sx=args["sx"],
+                           sy=args["sy"], use_rand=args["use_rand"], merge_attn=args["merge_attn"],
+                           merge_crossattn=args["merge_crossattn"], merge_mlp=args["merge_mlp"])
     return twin.eval()
 
 
@@ -61,7 +71,9 @@ def _key(kind: str, module: Any, *shape: int) -> tuple:
     module = underlying(module)
     config = module.config
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return (kind, type(module).__name__, json.dumps(config, sort_keys=True, default=str), shape)
+    tome = getattr(module, "_tome_info", None)
+    merging = None if tome is None else tome["args"]["ratio"]
+    return (kind, type(module).__name__, json.dumps(config, sort_keys=True, default=str), shape, merging)
 
 
 def _cached(key: tuple, count) -> float:
@@ -92,9 +104,27 @@ def unet_flops(unet: Any, latent_height: int, latent_width: int) -> float:
     """One UNet evaluation of one sample at ``latent_height x latent_width`` (the image size / 8)."""
     def count() -> float:
         twin = meta_twin(unet)
-        return count_flops(lambda: twin(**_unet_inputs(twin.config, latent_height, latent_width)))
+        inputs = _unet_inputs(twin.config, latent_height, latent_width)
+        # The sample positionally, as the engine passes it (token merging's pre-hook reads it from the arguments).
+        return count_flops(lambda: twin(inputs.pop("sample"), **inputs))
 
     return _cached(_key("unet", unet, latent_height, latent_width), count)
+
+
+def shallow_unet_flops(unet: Any, latent_height: int, latent_width: int) -> float:
+    """One reused evaluation under feature reuse (engine/feature_reuse.py): the shallow blocks only."""
+    def count() -> float:
+        import torch
+
+        from lcm_live.engine.feature_reuse import capturing_deep_feature, shallow_forward
+
+        twin = meta_twin(unet)
+        inputs = _unet_inputs(twin.config, latent_height, latent_width)
+        with capturing_deep_feature(twin) as store, torch.no_grad():  # the deep feature, from a meta evaluation
+            twin(inputs["sample"], **{k: v for k, v in inputs.items() if k != "sample"})
+        return count_flops(lambda: shallow_forward(twin, deep_feature=store["feature"], **inputs))
+
+    return _cached(_key("unet_shallow", unet, latent_height, latent_width), count)
 
 
 def controlnet_flops(controlnet: Any, latent_height: int, latent_width: int, scale: int) -> float:
@@ -158,4 +188,14 @@ def pipeline_flops(pipe: Any, width: int, height: int, controlnet: Any = None) -
             flops[name] = text_encoder_flops(getattr(pipe, name))
     if controlnet is not None:
         flops["controlnet"] = controlnet_flops(controlnet, lh, lw, scale)
+    if reuse_of(pipe.unet) is not None:
+        flops["unet_shallow"] = shallow_unet_flops(pipe.unet, lh, lw)
     return flops
+
+
+def reuse_of(unet: Any) -> Any:
+    """The feature reuse policy (engine/feature_reuse.py) ``unet`` runs, or None: the torch wrapper's ``reuse``,
+    the OpenVINO UNet's ``feature_reuse``."""
+    if type(unet).__name__ == "FeatureReuseUNet":
+        return unet.reuse
+    return getattr(unet, "feature_reuse", None)

@@ -34,7 +34,11 @@ def build_seed_pipeline(config: BenchConfig, device: Any) -> tuple[Any, Any]:
         pipe = StableDiffusionPipeline(vae=built.vae, text_encoder=built.text_encoder, tokenizer=built.tokenizer,
                                        unet=built.unet, scheduler=built.scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
-    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    from lcm_live.bench.bench_engine import engine_family
+    from lcm_live.engine.families import make_scheduler
+
+    # The family's own scheduler (LCM for sd15, sdxl and the LCM-LoRA families; Euler for the turbo ones, SDXS).
+    pipe.scheduler = make_scheduler(engine_family(config.arch), LCMScheduler.from_config(pipe.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype), dtype
 
@@ -68,7 +72,8 @@ def seed_reference(pipe: Any, config: BenchConfig, device: Any) -> Any:
     from lcm_live.engine.scheduler import HostLCMScheduler, initial_latents
 
     original = pipe.scheduler
-    pipe.scheduler = HostLCMScheduler.from_config(original.config)
+    if type(original).__name__ == "LCMScheduler":  # the engine's host-scalar LCM; other families' as they are
+        pipe.scheduler = HostLCMScheduler.from_config(original.config)
     try:
         generator = torch.Generator("cpu").manual_seed(config.seed)
         latents = initial_latents(pipe, config.batch_size, config.width, config.height, generator, device,

@@ -56,6 +56,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES,
                         help="with --compile: torch.compile's mode (auto: reduce-overhead on CUDA, default on a CPU)")
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"])
+    parser.add_argument("--feature-reuse", type=_positive_int, default=1, metavar="K",
+                        help="lcm-live's UNet recomputes its deep blocks every K evaluations (1: off)")
+    parser.add_argument("--token-merging", type=float, default=0.0, metavar="RATIO",
+                        help="ToMe for SD on lcm-live's UNet: merge this fraction of the top-resolution tokens")
     parser.add_argument("--controlnet", action="append", nargs="?", const="controlnet", default=None,
                         metavar="NAME",
                         help="lcm-live's path with a ControlNet of the architecture's shape (random weights), a line "
@@ -179,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance_scale, seconds=args.seconds, strength=args.strength, backend=args.backend, decoder=args.decoder,
             dtype=args.dtype, device=args.device, compile=args.compile, compile_mode=args.compile_mode,
             quantize=args.quantize, openvino_cache_dir=args.openvino_cache_dir, sessions=args.sessions,
-            max_batch_size=args.batch_size, controlnet=args.controlnet))
+            max_batch_size=args.batch_size, controlnet=args.controlnet, feature_reuse=args.feature_reuse,
+            token_merging=args.token_merging))
         text = format_live(report)
     else:
         from lcm_live.bench.bench_engine import BenchConfig, format_report, run_bench
@@ -190,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
             baseline=None if args.baseline == "none" else args.baseline, backend=args.backend,
             decoder=args.decoder, dtype=args.dtype, device=args.device, compile=args.compile,
             compile_mode=args.compile_mode, quantize=args.quantize, seed=args.seed, openvino_cache_dir=args.openvino_cache_dir,
-            progress=not args.no_progress, profile=args.profile, controlnet=args.controlnet))
+            progress=not args.no_progress, profile=args.profile, controlnet=args.controlnet,
+            feature_reuse=args.feature_reuse, token_merging=args.token_merging))
         text = format_report(report)
     if args.json:
         from lcm_live.bench.bench_engine import write_json

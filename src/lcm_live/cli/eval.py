@@ -27,6 +27,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--grid", default=None, metavar="FILE", help="--task lora: also save a sample grid (PNG)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to sample (default: cpu)")
+    p.add_argument("--feature-reuse", type=int, default=1, metavar="K",
+                   help="--task model: the LCM's UNet recomputes its deep blocks every K evaluations (1: off)")
+    p.add_argument("--token-merging", type=float, default=0.0, metavar="RATIO",
+                   help="--task model: ToMe for SD in the LCM's highest-resolution attention (0: off)")
     p.set_defaults(run=run)
 
 
@@ -44,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from lcm_live.training.distill import check_device
 
     check_device(args.device)
+    if args.feature_reuse < 1 or not 0 <= args.token_merging <= 0.75:
+        raise UserError(f"--feature-reuse {args.feature_reuse} --token-merging {args.token_merging}: K is 1 (off) or "
+                        "more, RATIO in [0, 0.75] (0: off)", field="feature_reuse")
     if args.pairs < 1:
         raise UserError(f"--pairs {args.pairs}: must be at least 1", field="pairs")
     if args.task == "lora":
@@ -64,5 +71,6 @@ def run(args: argparse.Namespace) -> int:
     if teacher is None and args.model == "builtin:shapes":
         teacher = "builtin:shapes-teacher"
     run_eval(resolve_model(args.model), teacher=resolve_model(teacher) if teacher else None,
-             guidance=args.guidance_scale, steps=steps, n=args.pairs, json_path=args.json, device=args.device)
+             guidance=args.guidance_scale, steps=steps, n=args.pairs, json_path=args.json, device=args.device,
+             feature_reuse=args.feature_reuse, token_merging=args.token_merging)
     return 0

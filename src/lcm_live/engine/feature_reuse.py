@@ -59,6 +59,9 @@ def shallow_forward(unet: Any, sample: torch.Tensor, timestep: Any, encoder_hidd
                     added_cond_kwargs: dict | None = None) -> torch.Tensor:
     """The UNet's output with the deep blocks replaced by ``deep_feature``: diffusers' ``forward`` (0.42) for the
     shallow blocks only, no ControlNet residuals, attention masks or class labels (the engine uses none)."""
+    tome = getattr(unet, "_tome_info", None)
+    if tome is not None:  # token merging (engine/tome.py) reads the latents' size, which its UNet pre-hook sets
+        tome["size"] = (sample.shape[2], sample.shape[3])
     # Copied from diffusers.models.unets.unet_2d_condition.UNet2DConditionModel.forward (the shallow blocks).
     if unet.config.center_input_sample:
         sample = 2 * sample - 1.0

@@ -375,6 +375,9 @@ class OpenVINOUNet(torch.nn.Module):
 
             def full() -> tuple[torch.Tensor, torch.Tensor]:
                 out, feature = self.infer(inputs, "unet+feature")
+                # The reused evaluations' IR now, not at the next call: a full evaluation is what the engine's
+                # warm-up runs, so a live session's second frame does not wait for a conversion.
+                self._request({**inputs, "deep_feature": feature}, "shallow")
                 return out.to(sample.dtype), feature
 
             def shallow(feature: torch.Tensor) -> torch.Tensor:

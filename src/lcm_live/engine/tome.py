@@ -1,10 +1,11 @@
 """Token merging (``--token-merging R``): ToMe for SD (Bolya and Hoffman 2023, "Token Merging for Fast Stable
 Diffusion") through its own package, ``tomesd`` (pip install 'lcm-live[tome]').
 
-Before the self-attention, cross-attention and feed-forward of each transformer block at the highest resolution
-(``max_downsample=1``: the first down and the last up block of SD1.5, 4096 tokens at 512², 1024 at 256²), a
-fraction R of the tokens is merged into similar ones (bipartite soft matching against one destination token per 2x2
-cell) and unmerged after, so attention runs on (1 - R) of the tokens.
+Before the self-attention of each transformer block at the highest resolution that has attention (SD1.5: the
+first down and the last up block, 4096 tokens at 512², 1024 at 256², tomesd's ``max_downsample=1``; SDXL and
+builtin:shapes: the second level, ``max_downsample=2``), a fraction R of the tokens is merged into similar ones
+(bipartite soft matching against one destination token per 2x2 cell) and unmerged after, so self-attention runs
+on (1 - R) of the tokens (cross-attention and the feed-forward unmerged: ToMe for SD's recommended setting).
 
 Checked with diffusers 0.42 (engine/tome.py's tests): tomesd 0.1.3 replaces each ``BasicTransformerBlock``'s
 forward with its own copy of an older diffusers' forward; for the blocks SD1.5 and SDXL use (``norm_type
@@ -21,7 +22,14 @@ from typing import Any
 
 from lcm_live.errors import UserError
 
-MAX_DOWNSAMPLE = 1  # the highest-resolution blocks only (ToMe for SD's recommended 1 or 2)
+
+def top_attention_downsample(unet: Any) -> int:
+    """The downsampling factor of the highest-resolution down block with attention (1, 2, 4 or 8)."""
+    for i, block in enumerate(unet.down_blocks):
+        if getattr(block, "has_cross_attention", False):
+            return 2**i
+    raise UserError("--token-merging: this UNet has no attention blocks to merge tokens in; leave it off",
+                    field="token_merging")
 
 
 def check_blocks(unet: Any) -> int:
@@ -54,6 +62,6 @@ def apply_token_merging(unet: Any, ratio: float) -> int:
         raise UserError("--token-merging needs the tomesd package: pip install 'lcm-live[tome]'",
                         field="token_merging") from exc
     count = check_blocks(unet)
-    tomesd.apply_patch(unet, ratio=ratio, max_downsample=MAX_DOWNSAMPLE, sx=2, sy=2, use_rand=False,
+    tomesd.apply_patch(unet, ratio=ratio, max_downsample=top_attention_downsample(unet), sx=2, sy=2, use_rand=False,
                        merge_attn=True, merge_crossattn=False, merge_mlp=False)
     return count

@@ -100,8 +100,11 @@ def load_lcm(model: str, base: str | None = None):
 
 def run_eval(model: str, *, teacher: str | None = None, guidance: float = DEFAULT_GUIDANCE,
              steps: tuple[int, ...] = STEP_COUNTS, n: int = 96, json_path: str | Path | None = None,
-             seed: int = 0, device: str = "cpu", log=print) -> dict:
-    """Score the LCM ``model`` (and ``teacher``, if given) and print a table; returns the results."""
+             seed: int = 0, device: str = "cpu", log=print, feature_reuse: int = 1,
+             token_merging: float = 0.0) -> dict:
+    """Score the LCM ``model`` (and ``teacher``, if given) and print a table; returns the results.
+    ``feature_reuse`` K / ``token_merging`` R: the LCM's UNet with those speed-ups (engine/feature_reuse.py,
+    engine/tome.py; the teacher's rows stay exact), to measure their quality cost against a run without."""
     import torch
     from diffusers import StableDiffusionPipeline
     from tqdm import tqdm
@@ -109,6 +112,14 @@ def run_eval(model: str, *, teacher: str | None = None, guidance: float = DEFAUL
     specs = eval_specs(n_per_cell=-(-n // 96))[:n]
     prompts = [s.caption for s in specs]
     lcm = load_lcm(model, base=teacher).to(device)
+    if token_merging > 0:
+        from lcm_live.engine.tome import apply_token_merging
+
+        apply_token_merging(lcm.unet, token_merging)
+    if feature_reuse > 1:  # between the steps of each call (a new prompt chunk refreshes)
+        from lcm_live.engine.feature_reuse import FeatureReuse, FeatureReuseUNet
+
+        lcm.unet = FeatureReuseUNet(lcm.unet, FeatureReuse(feature_reuse))
     # an LCM-LoRA bakes the teacher's guidance in (no w input): guidance 1.0, one UNet pass, as documented
     lcm_guidance = guidance if lcm.unet.config.get("time_cond_proj_dim") else 1.0
     jobs = [("LCM", k) for k in steps]
@@ -129,7 +140,8 @@ def run_eval(model: str, *, teacher: str | None = None, guidance: float = DEFAUL
         rows.append({"sampler": name, "steps": k, "guidance_scale": lcm_guidance if name == "LCM" else guidance,
                      **{a: round(v, 3) for a, v in acc.items()},
                      "seconds": round(time.time() - start, 1)})
-    result = {"model": str(model), "teacher": teacher, "guidance_scale": guidance, "pairs": n, "rows": rows}
+    result = {"model": str(model), "teacher": teacher, "guidance_scale": guidance, "pairs": n, "rows": rows,
+              "feature_reuse": feature_reuse, "token_merging": token_merging}
     log(format_table(result))
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2))
@@ -137,7 +149,10 @@ def run_eval(model: str, *, teacher: str | None = None, guidance: float = DEFAUL
 
 
 def format_table(result: dict) -> str:
-    lines = [f"eval: {result['pairs']} prompt/seed pairs, guidance_scale {result['guidance_scale']}",
+    speedups = [f"{k} {result[k]}" for k, off in (("feature_reuse", 1), ("token_merging", 0.0))
+                if result.get(k, off) != off]
+    lines = [f"eval: {result['pairs']} prompt/seed pairs, guidance_scale {result['guidance_scale']}"
+             + (f" (LCM with {', '.join(speedups)})" if speedups else ""),
              "| sampler | steps | color | shape | size | background |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['sampler']} | {r['steps']} | {r['color']:.3f} | {r['shape']:.3f} | "
