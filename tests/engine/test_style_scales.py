@@ -77,3 +77,20 @@ def test_images_after_a_scale_change_equal_a_model_loaded_at_that_scale(tiny_lcm
     other = to_array(_engine(tiny_lcm_dir, [LoraSpec(source=str(style), scale=0.2)]).generate(request).images[0])
     assert (a - b).abs().max() <= 1  # 8-bit pixels: equal up to rounding
     assert (a - other).abs().max() > 4  # and the scale does change the image
+
+
+def test_bfloat16_weights_come_back_exactly_after_many_changes(tiny_lcm_dir, style):
+    from lcm_live.engine.pipeline import Engine
+
+    engine = Engine.from_settings(EngineSettings(model=str(tiny_lcm_dir), device="cpu", dtype="bfloat16",
+                                                 backend="torch", decoder="vae",
+                                                 loras=[LoraSpec(source=str(style), scale=0.5)]), progress=False)
+    loaded = _weight(engine.pipe.unet)
+    styles = StyleScales(engine.pipe, [("ink", str(style), 0.5)], cache_dir=None, model_name="tiny")
+    for k in range(40):
+        styles.set({"ink": 0.1 + 0.03 * k})
+    styles.set({"ink": 0.5})
+    assert torch.equal(_weight(engine.pipe.unet), loaded)  # bf16: no rounding left by the changes
+    styles.set({"ink": 1.5})
+    expected = (loaded.float() + 1.0 * _delta(style)).to(torch.bfloat16)
+    assert (_weight(engine.pipe.unet).float() - expected.float()).abs().max() <= 2 * 2 ** -8 * loaded.abs().max()

@@ -176,12 +176,15 @@ class StyleScales:
 
         weights = base + default * delta + (wanted - default) * delta = base + wanted * delta
 
-    1. the first change reads each style's safetensors and loads it as adapter ``style{i}``;
-    2. every change unfuses the adjustment fused before (peft subtracts it), ``set_adapters`` gives each adapter
-       its ``wanted - default`` weight, and ``fuse_lora`` folds that in: frames after it cost what they did.
+    1. the first change reads each style's safetensors and loads it as adapter ``style{i}``; in 16-bit weights it
+       also keeps a copy of every weight the styles touch, as loaded;
+    2. every change takes out the adjustment fused before: in float32 peft unfuses it (subtracts it again: rounding
+       of ~1e-7 over hundreds of changes), in 16-bit weights the copy is put back (subtracting there would leave a
+       16-bit rounding step per change: 2e-2 of the layer's largest weight after 200 changes, docs/benchmarks.md);
+    3. ``set_adapters`` gives each adapter its ``wanted - default`` weight, and ``fuse_lora`` folds that in: frames
+       after it cost what they did.
 
-    Unfusing subtracts in the weights' dtype: in bfloat16 each change leaves rounding of about one bf16 step on the
-    weights a style touches (float32: negligible). ``scales``: the scales now in the weights.
+    ``scales``: the scales now in the weights.
     """
 
     def __init__(self, pipe: Any, styles: list[tuple[str, str, float]], *, cache_dir: str | None, model_name: str):
@@ -191,6 +194,7 @@ class StyleScales:
         self.model_name = model_name
         self.scales = {name: scale for name, _, scale in styles}
         self._adapters: list[str] | None = None  # loaded on the first change
+        self._saved: list[tuple[Any, Any]] | None = None  # 16-bit weights: (peft layer, its weight as loaded)
         self._fused = False
 
     def set(self, wanted: dict[str, float]) -> bool:
@@ -203,7 +207,12 @@ class StyleScales:
         if self._adapters is None:
             self._load_adapters()
         assert self._adapters is not None
-        if self._fused:
+        if self._fused and self._saved is not None:  # 2. the weights as loaded, exactly
+            for layer, weight in self._saved:
+                layer.get_base_layer().weight.data.copy_(weight)
+                layer.merged_adapters.clear()
+            self._fused = False
+        elif self._fused:
             self.pipe.unfuse_lora()
             self._fused = False
         deltas = [float(wanted[name]) - default for name, _, default in self.styles]
@@ -226,3 +235,17 @@ class StyleScales:
                 self.pipe.delete_adapters(loaded)
             raise
         self._adapters = names
+        self._saved = self._snapshot(names)
+
+    def _snapshot(self, names: list[str]) -> list[tuple[Any, Any]] | None:
+        """In 16-bit weights, a copy of each weight the adapters ``names`` touch (None in float32)."""
+        import torch
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [module for part in ("unet", "text_encoder", "text_encoder_2")
+                  if isinstance(getattr(self.pipe, part, None), torch.nn.Module)
+                  for module in getattr(self.pipe, part).modules()
+                  if isinstance(module, BaseTunerLayer) and any(n in getattr(module, "lora_A", {}) for n in names)]
+        if not layers or layers[0].get_base_layer().weight.dtype in (torch.float32, torch.float64):
+            return None
+        return [(layer, layer.get_base_layer().weight.detach().clone()) for layer in layers]
