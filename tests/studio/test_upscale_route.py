@@ -173,3 +173,38 @@ def test_a_failed_tile_fails_the_upscale_and_only_it():
         # the client may upscale again, and live generation goes on
         assert client.post("/api/upscale", json={"image": _png(), "scale": 2}).status_code == 200
         assert client.post("/api/generate", json={"prompt": "after"}).status_code == 200
+
+
+def test_a_client_that_goes_away_stops_the_upscale(tmp_path):
+    """Over a real socket (uvicorn in a thread): the client closes after the first tile; no more than the tile then
+    running or queued follows, of the six."""
+    import socket
+    import time
+
+    import uvicorn
+
+    from lcm_live.bench.local_http import free_port
+    from lcm_live.studio.app import create_app
+    from lcm_live.studio.fake_engine import FakeEngine
+
+    from .conftest import studio_settings, wait_until
+
+    engine = FakeEngine(step_latency_s=0.05)
+    app = create_app(studio_settings(allowed_hosts=[]), lambda: engine)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started and app.state.studio.worker.ready, what="the server")
+        body = json.dumps({"image": _png((512, 384)), "scale": 2, "prompt": "tile"}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /api/upscale HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            wait_until(lambda: len(engine.calls) >= 1, what="the first tile")
+        wait_until(lambda: app.state.studio.worker.load() == 0, what="the worker to be idle")
+        time.sleep(1.0)  # a tile would be submitted within a tile's time (0.2 s) if it were going on
+        assert 1 <= len(engine.calls) <= 2
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -156,7 +156,7 @@ def add_upscale_routes(app: FastAPI, studio: StudioState, dependencies: list) ->
             if NDJSON in request.headers.get("accept", ""):
                 handed_over = True  # the stream clears ``active`` when it ends
                 return StreamingResponse(_stream(run, client, slot, stop), media_type=NDJSON)
-            image, parameters = await asyncio.to_thread(run, None)
+            image, parameters = await _watching(request, stop, asyncio.ensure_future(asyncio.to_thread(run, None)))
             png = await asyncio.to_thread(encode_png_with_parameters, image, parameters)
             return Response(png, media_type="image/png", headers={
                 "Content-Disposition": f'inline; filename="lcm-live-{parameters.get("seed")}-x{upscale_request.scale}'
@@ -304,6 +304,22 @@ def _run_upscale(studio: StudioState, slot: str, stop: threading.Event, request:
         raise TileFailed("cancelled", "the upscale was cancelled", None) from None
     parameters.pop("previews", None)
     return image, public_parameters(parameters)
+
+
+async def _watching(request: Request, stop: threading.Event, task: asyncio.Future) -> Any:
+    """``task``'s result; meanwhile, a client that goes away sets ``stop`` (no tile after the running one). The body
+    is read, so the next message from the server is ``http.disconnect``: the client left (or the answer went out)."""
+    async def listen() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        stop.set()
+
+    listener = asyncio.ensure_future(listen())
+    try:
+        await asyncio.wait({task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listener.cancel()
+    return task.result()
 
 
 def _error_line(code: str, message: str, field: str | None) -> str:
