@@ -140,4 +140,28 @@ def test_reference_image_and_two_controlnets_from_the_page(page, tmp_path):
     assert page.ws.layers_sent(b"n", 1)[-1][:4] == b"RIFF"
     assert page.input_value("#cn-1-control_guidance_end") == "0.5"
     assert page.is_hidden("#banner-error"), page.inner_text("#banner-error")
+
+    # Save re-renders through POST /api/generate, which takes neither image: the page says so.
+    with page.expect_download(timeout=FRAME_TIMEOUT_MS) as download:
+        page.click("#history-save")
+    with Image.open(download.value.path()) as png:
+        assert json.loads(png.text["parameters"])["mode"] == "control"
+    page.wait_for_selector("#banner-error.is-warning:not([hidden])")
+    assert "Saved without the reference image" in page.inner_text("#banner-error")
     assert page.problems == [], json.dumps(page.problems)
+
+
+@pytest.fixture(scope="module")
+def one_net_studio(tmp_path_factory):
+    with serving(tmp_path_factory.mktemp("serve"), "--fake-engine", json.dumps({"controlnet": "fake/scribble"})) as url:
+        yield url
+
+
+def test_one_controlnet_gets_from_and_until_settings(browser, one_net_studio):
+    with logged_studio_page(browser, one_net_studio) as page:
+        page.click("label.mode-option:has(input[value=control])")
+        assert page.is_hidden("#controlnets") and page.is_hidden("#reference")  # no per-net rows, no adapter
+        set_slider(page, "#ctl-control_guidance_end", "0.5")
+        frame = _wait_params(page, lambda p: p.get("control_guidance_end") == 0.5, "control_guidance_end 0.5")
+        assert frame["params"]["control_guidance_start"] == 0.0 and "ip_adapter_scale" not in frame["params"]
+        assert page.problems == []
