@@ -51,6 +51,7 @@ def test_one_client_keeps_one_input_in_flight_per_worker_or_replica():
     pool = _argv("--workers", "4", "--fake-engine-seconds", "0.5")
     assert (pool["workers"], pool["in_flight"], pool["ray"], pool["engine"]) == (4, 4, False, "fake")
     assert pool["step_latency"] == 0.25 and pool["num_inference_steps"] == 2 and pool["faults"] == "none"
+    assert pool["pipelined"]  # the same client (no previews) at every worker count
     ray = _argv("--ray", "--replicas", "2", "--cpus-per-replica", "1", "--model", "builtin:shapes")
     assert (ray["ray"], ray["replicas"], ray["workers"], ray["in_flight"]) == (True, 2, 1, 2)
     assert (ray["engine"], ray["model"], ray["cpus_per_replica"]) == ("model", "builtin:shapes", 1.0)

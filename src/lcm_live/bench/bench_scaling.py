@@ -3,8 +3,9 @@
 Starts ``lcm-live serve`` with R local workers (``--devices``, studio/pool.py) or R Ray Serve replicas (``--ray``,
 studio/ray_app.py), on the studio's FakeEngine at a fixed time a frame (``--fake-engine-seconds``: the figures show
 the machinery, not this machine's cores) or a real model (``--model builtin:shapes``), and drives it with K
-WebSocket clients (``--sessions``) through bench_ws.py's machinery. One client keeps R inputs unanswered (as the
-page does with R workers: hello's "workers"); several clients keep one each. Reports total and per-client frames/s,
+WebSocket clients (``--sessions``) through bench_ws.py's machinery: txt2img, no step previews, a new input for each
+frame. One client keeps R inputs unanswered (as the page does with R workers: hello's "workers"); several clients
+keep one each. Reports total and per-client frames/s,
 p50/p95 latency (input sent to its frame), frames dropped, and the studio's overhead per frame (latency minus the
 engine's generation time; one client only).
 """
@@ -88,7 +89,7 @@ def bench_ws_argv(args: argparse.Namespace) -> list[str]:
     argv = ["--clients", str(args.sessions), "--max-sessions", str(args.sessions), "--faults", "none",
             "--duration", str(args.seconds), "--num-inference-steps", str(steps),
             "--size", str(args.width or args.height or 256), "--mode", "txt2img",
-            "--in-flight", str(workers if args.sessions == 1 else 1)]
+            "--in-flight", str(workers if args.sessions == 1 else 1), "--pipelined"]
     if args.ray:
         argv += ["--ray", "--replicas", str(replicas)]
         if args.cpus_per_replica is not None:

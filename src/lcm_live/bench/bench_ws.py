@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         async def main() -> None:
             deadline = time.monotonic() + args.duration
-            if args.in_flight > 1:
+            if args.in_flight > 1 or args.pipelined:
                 tasks = [_pipelined_client(i, url, deadline, stats, in_flight=args.in_flight,
                                            steps=args.num_inference_steps, size=args.size) for i in range(args.clients)]
             else:
@@ -334,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --ray: CPUs (torch threads) per replica (default: serve's, the cores shared)")
     p.add_argument("--in-flight", type=int, default=1,
                    help="inputs each client keeps unanswered (the page keeps as many as the server has workers)")
+    p.add_argument("--pipelined", action="store_true",
+                   help="the pipelined client (txt2img, no previews) even with --in-flight 1: the same client at "
+                        "every worker count (lcm-live bench --live --workers/--ray uses it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--json", default=None, help="write the result here")
