@@ -337,11 +337,14 @@ const popout = setupPopout($("popout"), () => output.current, (text) => banners.
 // The history strip (historybar.js): Restore, Apply and Save a kept frame.
 const history = setupHistory({
   conn,
-  onRestore: (entry) => state.controls && restoreEntry(entry, {
-    controls: state.controls, prompt: els.prompt, negative: els.negative, blends, models, conditioning, sketch, layers,
-    applySize,
-    setMode, setSeedLocked: (on) => state.controls.setSeedLocked(on),
-  }),
+  onRestore: async (entry) => {
+    if (!state.controls) return;
+    await restoreEntry(entry, {
+      controls: state.controls, prompt: els.prompt, negative: els.negative, blends, models, conditioning, sketch,
+      layers, applySize, setMode, setSeedLocked: (on) => state.controls.setSeedLocked(on),
+    });
+    updateCounter();
+  },
   onApply: async (entry) => {
     await applyEntry(entry, sketch);
     await useCanvasMode();

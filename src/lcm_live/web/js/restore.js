@@ -65,8 +65,7 @@ export async function restoreEntry(entry, page) {
   }
   page.conditioning.restore(p, layers); // the reference image and the other ControlNets' images, their scales
   // 3. The text, the blends, the settings and the exact seed, locked (so the same picture comes back).
-  page.prompt.value = p.prompt ?? page.prompt.value;
-  page.prompt.dispatchEvent(new Event("input")); // the counter; the params go with the mode below
+  page.prompt.value = p.prompt ?? page.prompt.value; // no input event: the params go once, with the mode below
   if (typeof p.negative_prompt === "string" && !page.negative.disabled) page.negative.value = p.negative_prompt;
   page.blends.set(p);
   page.models.restore(p); // its model and style scales (a switch, if another model is on now)
