@@ -111,6 +111,18 @@ def test_same_seed_for_every_tile_when_none_is_given(lcm):
     assert len(seen) == params["upscale"]["tiles"] and set(seen) == {params["seed"]}
 
 
+def test_default_strength():
+    from lcm_live.engine.upscale import default_strength
+
+    assert default_strength(1, True) == default_strength(4, True) == default_strength(4, False) == 0.3
+    assert (default_strength(2, False), default_strength(3, False), default_strength(1, False)) == (0.5, 0.34, 1.0)
+
+
+def test_lcm_lora_tiles_run_at_least_a_step(lora):
+    _, params = upscale(lora, UpscaleRequest(smooth_image(), scale=2, prompt="x", seed=1, num_inference_steps=2))
+    assert params["upscale"]["strength"] == 0.5 and not lora.lcm_img2img
+
+
 @pytest.mark.parametrize("scale, size, cap, needle", [
     (4, (1024, 1024), 4096 * 4096, None),
     (4, (1025, 1024), 4096 * 4096, "--scale 2"),

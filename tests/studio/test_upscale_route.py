@@ -208,3 +208,15 @@ def test_a_client_that_goes_away_stops_the_upscale(tmp_path):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_default_strength_runs_a_step_where_img2img_runs_steps_times_strength():
+    # The FakeEngine's img2img is SD's (steps * strength steps run): at 2 steps the default 0.3 would run none.
+    with running_studio() as (client, engine, studio):
+        assert not studio.params_model.lcm_img2img
+        r = client.post("/api/upscale", json={"image": _png(), "num_inference_steps": 2, "prompt": "x"})
+        assert r.status_code == 200, r.text
+        assert {c.strength for c in engine.calls} == {0.5} and _read_png(r.content)[1]["upscale"]["strength"] == 0.5
+        # given, it is used as it is, and refused with the fix when it runs no step
+        r = client.post("/api/upscale", json={"image": _png(), "num_inference_steps": 2, "strength": 0.3})
+        assert r.status_code == 422 and r.json()["field"] == "strength" and "at least 0.50" in r.json()["message"]

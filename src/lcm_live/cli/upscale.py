@@ -33,8 +33,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--num-inference-steps", type=int, default=None, metavar="N",
                    help="1 to 8 (default: the image's, else the model family's)")
     g.add_argument("--guidance-scale", type=float, default=None, metavar="G", help="default: the image's, else the model's")
-    g.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, metavar="S",
-                   help="how much each tile is redrawn, in (0, 1]; low keeps the image (default: %(default)s)")
+    g.add_argument("--strength", type=float, default=None, metavar="S",
+                   help=f"how much each tile is redrawn, in (0, 1]; low keeps the image (default: {DEFAULT_STRENGTH}; "
+                        "with LCM-LoRA models at least 1 / steps, so that a step runs)")
     g.add_argument("--tile-size", type=int, default=None, metavar="PX",
                    help="square tiles of this many pixels, a multiple of 8 (default: the model's native size)")
     g.add_argument("--tile-overlap", type=int, default=None, metavar="PX",
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         validate_request(GenerationRequest(prompt=r.prompt, negative_prompt=r.negative_prompt,
                                            num_inference_steps=r.num_inference_steps or 1,
                                            guidance_scale=r.guidance_scale, seed=r.seed, image=image,
-                                           strength=r.strength), lcm_img2img=True)
+                                           strength=r.strength if r.strength is not None else DEFAULT_STRENGTH),
+                         lcm_img2img=True)
     if refine and not frame_request(request, frame).prompt:
         print("note: no --prompt and none in the image's parameters: the tiles are redrawn without a prompt",
               file=sys.stderr)

@@ -60,7 +60,7 @@ class UpscaleRequest:
     seed: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
-    strength: float = DEFAULT_STRENGTH
+    strength: float | None = None  # None: default_strength (0.3, or 1 / steps for SD-style img2img)
     tile_size: int | None = None  # pixels, a multiple of 8; None: the model's native size
     tile_overlap: int | None = None  # pixels; None: a quarter of the tile
 
@@ -78,6 +78,14 @@ def check_scale(scale: Any, width: int, height: int, max_pixels: int) -> tuple[i
                         f"past the pixel cap of {max_pixels} (about {side}x{side}): {fix}, or raise the cap "
                         "(--max-pixels; the studio's max_upscale_pixels)", field="scale")
     return out_w, out_h
+
+
+def default_strength(num_inference_steps: int, lcm_img2img: bool) -> float:
+    """DEFAULT_STRENGTH; where img2img runs ``steps * strength`` steps (SD's pipelines: LCM-LoRA models), at least
+    enough for one step (2 steps: 0.5)."""
+    if lcm_img2img:
+        return DEFAULT_STRENGTH
+    return max(DEFAULT_STRENGTH, math.ceil(100 / num_inference_steps) / 100)
 
 
 def resolve_tiling(tile_size: int | None, tile_overlap: int | None, native: int) -> tuple[int, int]:
@@ -231,6 +239,10 @@ def upscale(engine: Any, request: UpscaleRequest, *, frame: dict[str, Any] | Non
             raise ValueError("refining needs an engine or a tile_fn")
         native = min(engine.info.native_width, engine.info.native_height) if engine is not None else 512
         tile, overlap = resolve_tiling(request.tile_size, request.tile_overlap, native)
+        if request.strength is None:
+            steps = request.num_inference_steps or (engine.info.default_num_inference_steps if engine else 4)
+            request = dataclasses.replace(request, strength=default_strength(
+                steps, bool(engine.lcm_img2img) if engine is not None else True))
         if not (isinstance(request.strength, (int, float)) and 0 < request.strength <= 1):
             raise UserError(f"strength={request.strength!r}: use a number in (0, 1]; about 0.2 to 0.4 keeps the "
                             "frame and redraws its detail", field="strength")

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
 from lcm_live.engine.hooks import Cancelled
-from lcm_live.engine.upscale import DEFAULT_STRENGTH, UpscaleRequest, check_scale, frame_request, upscale
+from lcm_live.engine.upscale import UpscaleRequest, check_scale, default_strength, frame_request, upscale
 from lcm_live.errors import UserError
 from lcm_live.studio.http_errors import ApiError
 from lcm_live.studio.images import encode_png_with_parameters
@@ -62,7 +62,8 @@ class UpscaleBody(BaseModel):
     seed: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
-    strength: float = Field(DEFAULT_STRENGTH, description="how much each tile is redrawn; low keeps the frame")
+    strength: float | None = Field(None, description="how much each tile is redrawn; low keeps the frame (default: "
+                                   "0.3, or 1 / steps where img2img runs steps * strength steps)")
 
 
 class TileFailed(Exception):
@@ -247,6 +248,9 @@ def add_upscale_routes(app: FastAPI, studio: StudioState, dependencies: list) ->
         if req.seed is None:
             req.seed = secrets.randbits(32)
         model = studio.params_model
+        if req.strength is None:
+            steps = req.num_inference_steps or model.model_fields["num_inference_steps"].default
+            req.strength = default_strength(steps, model.lcm_img2img)
         tile = min(model.model_fields["width"].default, model.model_fields["height"].default)
         req.tile_size = tile
         values = {"mode": "img2img", "prompt": req.prompt, "negative_prompt": req.negative_prompt or "",
