@@ -181,6 +181,7 @@ export function setupHistory({ conn, onRestore, onApply, onSave, onError }) {
   PinStore.open()
     .then((pins) => {
       history.pins = pins;
+      if (!pins) els.pin.title = "This browser gives the page no storage (IndexedDB): a pinned frame lasts this visit only";
       return history.loadPins();
     })
     .catch((err) => onError(`Pinned frames could not be read: ${(err && err.message) || err}`));
