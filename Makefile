@@ -11,10 +11,14 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# spandrel (the [upscale] extra) goes in without its torchvision dependency, which would pull a CUDA torch over this
+# CPU one: tests/engine/test_esrgan.py runs spandrel's ESRGAN without it; `upscale --upscaler` asks for the
+# torchvision of this torch (README: Keep and upscale).
 # torch first, pinned: the CPU build that lies on this disk (a loose `torch` would pull a CUDA build).
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev,openvino,ray]"
+	$(BIN)/pip install -q --no-deps "spandrel>=0.4" "einops>=0.7"
 	touch $(STAMP)
 
 setup: $(STAMP)
