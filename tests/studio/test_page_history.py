@@ -8,6 +8,7 @@ keys and the slider, Restore a frame's parameters and canvas, and a pinned frame
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import time
@@ -26,6 +27,7 @@ from .chromium import (
     mean_abs_diff,
     pixels,
     serving,
+    set_slider,
     wait_settled_frame,
 )
 
@@ -340,3 +342,42 @@ def test_keep_and_upscale_pins_the_frame_and_downloads_the_larger_png(page):
     assert status == f"Upscaled to {size[0]}×{size[1]}: saved."
     assert page.get_attribute(f'.history-thumb[data-id="{frame_id}"]', "data-pinned") == "true"  # kept
     assert page.is_hidden("#banner-error") and page.problems == []
+
+
+def test_restore_brings_back_a_mask_and_a_region_with_its_prompt(page):
+    page.click("label.mode-option:has(input[value=img2img])")
+    page.fill("#prompt", "a meadow")
+    _wait_frames_settle(page)
+    set_slider(page, "#brush-size", page.eval_on_selector("#brush-size", "el => el.max"))
+    page.click("#layer-mask")  # the mask over the top
+    drag(page, "#sketch", [(0.05, 0.15), (0.95, 0.15)])
+    page.ws.wait_layer(b"m", 0, (0.5, 0.15))
+    page.click("#region-add")  # a region over the bottom, with its prompt
+    page.fill("#region-prompt-1", "a red barn")
+    drag(page, "#sketch", [(0.05, 0.85), (0.95, 0.85)])
+    page.ws.wait_layer(b"r", 0, (0.5, 0.85))
+    _wait_frames_settle(page)
+    frame = page.ws.frames()[-1]
+    assert frame["params"]["regions"] == [{"prompt": "a red barn"}]
+    newest = page.locator(".history-thumb").last.get_attribute("data-id")
+
+    page.click(".region-remove")  # both gone from the page
+    page.click("#mask-clear")
+    _wait_frames_settle(page)
+    assert page.locator(".region").count() == 0
+    page.click(f'.history-thumb[data-id="{newest}"]')
+    page.click("#history-restore")
+    page.wait_for_selector("#region-prompt-1")
+    assert page.input_value("#region-prompt-1") == "a red barn"
+    assert page.is_checked("#mask-on")
+    # The layers as they were sent: the region painted at the bottom, the mask at the top, both sent again.
+    page.ws.wait_layer(b"r", 0, (0.5, 0.85))
+    mask = page.ws.wait_layer(b"m", 0, (0.5, 0.15))
+    from PIL import Image
+
+    with Image.open(io.BytesIO(mask)) as png:
+        grey = png.convert("L")
+        assert grey.getpixel((grey.width // 2, int(0.85 * grey.height))) == 0  # not masked where the region is
+    _wait_frames_settle(page)
+    assert page.ws.frames()[-1]["params"]["regions"] == [{"prompt": "a red barn"}]
+    assert page.problems == []
