@@ -34,7 +34,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
 from lcm_live.engine.hooks import Cancelled
-from lcm_live.engine.upscale import UpscaleRequest, check_scale, default_strength, frame_request, upscale
+from lcm_live.engine.upscale import (
+    UpscaleRequest,
+    check_scale,
+    default_strength,
+    frame_request,
+    plan_tiles,
+    resolve_tiling,
+    upscale,
+)
 from lcm_live.errors import UserError
 from lcm_live.studio.http_errors import ApiError
 from lcm_live.studio.images import encode_png_with_parameters
@@ -156,7 +164,8 @@ def add_upscale_routes(app: FastAPI, studio: StudioState, dependencies: list) ->
             run = partial(_run_upscale, studio, slot, stop, upscale_request, frame, tile_params)
             if NDJSON in request.headers.get("accept", ""):
                 handed_over = True  # the stream clears ``active`` when it ends
-                return StreamingResponse(_stream(run, client, slot, stop), media_type=NDJSON)
+                return StreamingResponse(_stream(run, client, slot, stop, _tile_count(upscale_request)),
+                                         media_type=NDJSON)
             image, parameters = await _watching(request, stop, asyncio.ensure_future(asyncio.to_thread(run, None)))
             png = await asyncio.to_thread(encode_png_with_parameters, image, parameters)
             return Response(png, media_type="image/png", headers={
@@ -176,9 +185,9 @@ def add_upscale_routes(app: FastAPI, studio: StudioState, dependencies: list) ->
         if active.get(client) == slot:
             del active[client]
 
-    async def _stream(run, client: str, slot: str, stop: threading.Event):
+    async def _stream(run, client: str, slot: str, stop: threading.Event, tiles: int):
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        events: asyncio.Queue = asyncio.Queue(maxsize=tiles)  # one progress event per tile, never more
 
         def on_tile(event) -> None:
             loop.call_soon_threadsafe(events.put_nowait, {"type": "upscale", "tile": event.tile,
@@ -324,6 +333,13 @@ async def _watching(request: Request, stop: threading.Event, task: asyncio.Futur
     finally:
         listener.cancel()
     return task.result()
+
+
+def _tile_count(request: UpscaleRequest) -> int:
+    """How many tiles the upscale of ``request`` (its tile size set) runs."""
+    width, height = request.image.size
+    tile, overlap = resolve_tiling(request.tile_size, request.tile_overlap, request.tile_size)
+    return len(plan_tiles(width * request.scale, height * request.scale, tile, overlap)[1])
 
 
 def _error_line(code: str, message: str, field: str | None) -> str:
