@@ -84,3 +84,12 @@ def test_outline_reading_is_robust_to_noise():
     rng = np.random.default_rng(0)
     noisy = np.clip(draw([spec])[0].astype(np.float32) + rng.normal(0, 12, (64, 64, 3)), 0, 255)
     assert read_image(noisy, outlined=True).outline == "black"
+
+
+def test_the_mixed_pool_is_half_plain_half_outlined():
+    from lcm_live.training.data import make_pool
+    from lcm_live.training.vae import build_vae
+
+    pool = make_pool(build_vae().eval(), "shapes-mixed", n_shapes=6, resolution=64, seed=1)
+    assert len(pool) == 6 and pool.mean.shape[0] == 6
+    assert [c.endswith(", outlined") for c in pool.captions] == [False] * 3 + [True] * 3
