@@ -327,3 +327,20 @@ def test_rest_generates_with_a_preset_and_says_which():
         assert meta["preset"] == "b" and meta["lora_scales"] == {"ink": 0.7} and "/srv" not in json.dumps(meta)
         assert engines["b"].calls[-1].prompt == "x"
         assert app.state.studio.worker.switcher.engines["b"].scales == {"ink": 0.7}  # a FakeEngine: recorded only
+
+
+def test_jobs_waiting_through_another_sessions_load_do_not_time_out():
+    from fastapi.testclient import TestClient
+
+    engines: dict[str, FakeEngine] = {}
+    app = models_app(two_presets(), fake_factory(engines, load_latency_s=0.8), max_sessions=2,
+                     max_loaded_models=2, queue_wait_timeout_s=0.3)
+    with TestClient(app) as client:
+        wait_until(lambda: app.state.studio.worker.ready)
+        with client.websocket_connect("/ws") as one, client.websocket_connect("/ws") as two:
+            next_of(one, "hello"), next_of(two, "hello")
+            one.send_text(params(prompt="p", model="b"))
+            assert next_of(one, "model")["state"] == "loading"  # b loads for 0.8 s, past the 0.3 s queue limit
+            two.send_text(params(prompt="q"))  # waits through the load: not a timeout
+            assert next_final(two)["params"]["model"] == "a"
+            assert model_messages(one)[1]["params"]["model"] == "b"

@@ -11,7 +11,8 @@ the jobs' style scales differ from those in its weights); one that is not is loa
    :class:`ModelLoadFailed`; the jobs fail with ``model_unavailable`` and their sessions keep their last good
    params. Other presets stay as they were.
 
-Loading blocks this worker's other jobs meanwhile (with ``--devices`` the other workers go on serving).
+Loading blocks this worker's other jobs meanwhile (with ``--devices`` the other workers go on serving); the time a
+job waits through a load does not count towards its queue-wait limit (``loading_s``: the worker subtracts it).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class ModelSwitcher:
         self.engines: OrderedDict[str, LoadedEngine] = OrderedDict()  # least recently used first
         self.warm: Callable[[Any, ModelPreset], None] = lambda engine, preset: None  # the worker's warm-up
         self.last_switch_s: float | None = None  # the last select() that changed the engine (bench)
+        self.loading_s = 0.0  # seconds spent loading presets so far: jobs waiting meanwhile are not timed out for it
 
     def build(self, name: str) -> Any:
         """The engine of preset ``name`` from the factory (no preset argument for the implicit one)."""
@@ -126,6 +128,7 @@ class ModelSwitcher:
             _tell(sinks, name, "loading", WARMING_PROGRESS, f"warming up {name}")
             self.warm(engine, preset)
         except Exception as exc:  # 3.
+            self.loading_s += time.perf_counter() - t0
             message = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             log.error("studio: %s: loading %s failed: %s", self.worker, name, message,
                       exc_info=not isinstance(exc, UserError))
@@ -134,6 +137,7 @@ class ModelSwitcher:
             public = self.registry.mark_failed(name, self.worker, message)
             _tell(sinks, name, "error", None, public)
             raise ModelLoadFailed(name, public) from None
+        self.loading_s += time.perf_counter() - t0
         family = getattr(engine.info, "family", None)
         self.registry.mark_loaded(name, self.worker, family)
         log.info("studio: %s: %s loaded and warm in %.1f s", self.worker, name, time.perf_counter() - t0)

@@ -68,6 +68,7 @@ class Job:
     images: dict[str, Any] = field(default_factory=dict)  # reference, control_images (studio/layers.py JobInputs)
     input: int = 0  # the session's input count when it was made: frames say which input they show
     submitted: float = field(default_factory=time.monotonic)  # when the input was accepted
+    loading_at_submit: float = 0.0  # the worker's model-load seconds so far when it was queued (not a wait)
     id: int = field(default_factory=lambda: next(_job_ids))
     cancel_reason: str | None = None  # set from other threads: "superseded" | "closed" | "shutdown"
     timed_out: bool = False
@@ -171,6 +172,7 @@ class Worker:
             if self.state in ("stopping", "stopped"):
                 raise RuntimeError("the worker is stopping")
             old = self._pending.get(slot)
+            job.loading_at_submit = self.switcher.loading_s
             self._pending[slot] = job
             if old is None:
                 self._order.append(slot)
@@ -308,9 +310,10 @@ class Worker:
         for job in jobs:
             if job.cancel_reason is not None:
                 job.sink.on_done(job, "cancelled")
-            elif now - job.submitted > s.queue_wait_timeout_s:
+            elif (waited := now - job.submitted - (self.switcher.loading_s - job.loading_at_submit)) \
+                    > s.queue_wait_timeout_s:  # a model load for another session is not this job's wait
                 m.errors.labels(type="timeout").inc()
-                job.sink.on_error(job, "timeout", f"waited {now - job.submitted:.1f} s for the worker (limit "
+                job.sink.on_error(job, "timeout", f"waited {waited:.1f} s for the worker (limit "
                                   f"{s.queue_wait_timeout_s:g} s): the server is busy, try again", None)
                 job.sink.on_done(job, "error")
             else:
