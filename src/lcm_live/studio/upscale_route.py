@@ -161,7 +161,8 @@ def add_upscale_routes(app: FastAPI, studio: StudioState, dependencies: list) ->
         handed_over = False
         try:
             upscale_request, frame, tile_params = await _read(request)
-            run = partial(_run_upscale, studio, slot, stop, upscale_request, frame, tile_params)
+            run = partial(_run_upscale, studio, asyncio.get_running_loop(), slot, stop, upscale_request, frame,
+                          tile_params)
             if NDJSON in request.headers.get("accept", ""):
                 handed_over = True  # the stream clears ``active`` when it ends
                 return StreamingResponse(_stream(run, client, slot, stop, _tile_count(upscale_request)),
@@ -285,24 +286,32 @@ def add_upscale_routes(app: FastAPI, studio: StudioState, dependencies: list) ->
         return value if isinstance(value, dict) else {}
 
 
-def _run_upscale(studio: StudioState, slot: str, stop: threading.Event, request: UpscaleRequest,
-                 frame: dict[str, Any], tile_params: Any, on_tile: Any) -> tuple[Any, dict[str, Any]]:
-    """On a thread of its own: the recipe, each tile a worker job in ``slot``; (image, public parameters)."""
+def _run_upscale(studio: StudioState, loop: asyncio.AbstractEventLoop, slot: str, stop: threading.Event,
+                 request: UpscaleRequest, frame: dict[str, Any], tile_params: Any,
+                 on_tile: Any) -> tuple[Any, dict[str, Any]]:
+    """On a thread of its own: the recipe, each tile a worker job in ``slot``; (image, public parameters). Jobs
+    are submitted and cancelled on the event loop, where every worker kind takes them (Ray's needs the loop)."""
     s = studio.settings.studio
     wait = s.queue_wait_timeout_s + s.generation_timeout_s + 5
+
+    def on_loop(fn: Any, *args: Any) -> Any:
+        async def call() -> Any:
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(call(), loop).result()
 
     def tile_fn(tile_image: Any, index: int) -> tuple[Any, dict[str, Any]]:
         if stop.is_set():
             raise Cancelled("the client went away")
         sink = _TileSink()
         try:
-            studio.worker.submit(slot, Job(params=tile_params, sink=sink, canvas=tile_image))
+            on_loop(studio.worker.submit, slot, Job(params=tile_params, sink=sink, canvas=tile_image))
         except RuntimeError:
             raise TileFailed("not_ready", "the server is shutting down", None) from None
         try:
             outcome = sink.future.result(timeout=wait)
         except concurrent.futures.TimeoutError:
-            studio.worker.cancel(slot, "timeout")
+            on_loop(studio.worker.cancel, slot, "timeout")
             raise TileFailed("timeout", f"tile {index + 1} took too long: try again when the server is less "
                              "busy", None) from None
         if outcome[0] == "error":
