@@ -117,6 +117,7 @@ class EngineSettings(BaseModel):
     # and reuses them in between (engine/feature_reuse.py; 1: off, the exact path); token_merging R merges that
     # fraction of the tokens in the highest-resolution attention (ToMe for SD, engine/tome.py; 0: off).
     feature_reuse: int = Field(1, ge=1, le=64)
+    feature_reuse_across_steps: bool = False  # reuse between the steps of a generation too (DeepCache's own)
     token_merging: float = Field(0.0, ge=0.0, le=0.75)
 
 

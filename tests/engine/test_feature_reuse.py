@@ -103,7 +103,7 @@ def test_a_new_prompt_size_or_seed_refreshes(unet, change):
 
 def test_reuse_between_steps_is_not_a_drift():
     """Another timestep is not compared with this one's input: steps of one generation reuse."""
-    reuse = FeatureReuse(4)
+    reuse = FeatureReuse(4, across_steps=True)
     x = torch.randn(1, 4, 8, 8)
     calls = []
     for t in (999, 499):
@@ -140,9 +140,9 @@ def test_engine_flag_wraps_the_torch_unet_and_reuses_between_steps():
         ["channels_last"]  # off (K = 1): nothing of feature reuse
     reference = final_latents(pipe)
     pipe = tiny()
-    applied = apply_speedups(pipe, EngineSettings(model="tiny", backend="torch", feature_reuse=2), "cpu",
-                             torch.float32)
-    assert applied[-1] == "feature_reuse:2" and isinstance(pipe.unet, FeatureReuseUNet)
+    applied = apply_speedups(pipe, EngineSettings(model="tiny", backend="torch", feature_reuse=2,
+                                                  feature_reuse_across_steps=True), "cpu", torch.float32)
+    assert applied[-1] == "feature_reuse:2:across-steps" and isinstance(pipe.unet, FeatureReuseUNet)
     out = final_latents(pipe)
     assert pipe.unet.reuse.stats() == {"interval": 2, "full_evaluations": 2, "reused_evaluations": 2}
     assert not torch.equal(out, reference)
@@ -151,14 +151,43 @@ def test_engine_flag_wraps_the_torch_unet_and_reuses_between_steps():
 
 @needs_openvino
 def test_openvino_runs_the_two_graphs_as_the_torch_path_does(tmp_path):
-    settings = EngineSettings(model="tiny", backend="openvino", openvino_cache_dir=str(tmp_path), feature_reuse=2)
+    settings = EngineSettings(model="tiny", backend="openvino", openvino_cache_dir=str(tmp_path), feature_reuse=2,
+                              feature_reuse_across_steps=True)
     torch_pipe = tiny()
     apply_speedups(torch_pipe, settings.model_copy(update={"backend": "torch"}), "cpu", torch.float32)
     pipe = tiny()
     applied = apply_speedups(pipe, settings, "cpu", torch.float32)
-    assert applied[-2:] == ["openvino:float32", "feature_reuse:2"]
+    assert applied[-2:] == ["openvino:float32", "feature_reuse:2:across-steps"]
     a, b = final_latents(pipe), final_latents(torch_pipe)
     assert pipe.unet.feature_reuse.stats() == torch_pipe.unet.reuse.stats()
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9999
     names = sorted(p.parent.name.split("_")[0] for p in tmp_path.rglob("unet.xml"))
     assert names == ["shallow", "unet-feature"]  # two IRs of their own; the UNet's own one is not needed
+
+
+def test_drift_is_measured_within_one_conditioning_only():
+    """Another prompt's latents at a timestep are not this prompt's previous frame: after a conditioning change,
+    reuse at a timestep seen before is not refused as a drift."""
+    reuse = FeatureReuse(3, across_steps=True)
+    calls = []
+
+    def evaluate(x, t, cond):
+        return reuse(x, torch.tensor(t), (cond,), lambda: (calls.append("full") or x, x),
+                     lambda f: calls.append("shallow") or f)
+
+    a, b = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    evaluate(a, 999, "p"), evaluate(a, 499, "p")  # prompt p: full, then reused at t=499
+    evaluate(b, 999, "q"), evaluate(b, 499, "q")  # prompt q: a refresh, then reused (p's t=499 latents forgotten)
+    assert calls == ["full", "shallow", "full", "shallow"]
+
+
+def test_by_default_a_feature_serves_only_its_own_timestep_in_later_frames():
+    """Between live frames: the second generation's steps each reuse the first's feature at the same timestep;
+    within a generation no step reuses another's."""
+    pipe = tiny()
+    apply_speedups(pipe, EngineSettings(model="tiny", backend="torch", feature_reuse=3), "cpu", torch.float32)
+    first = final_latents(pipe)
+    assert pipe.unet.reuse.stats()["reused_evaluations"] == 0  # 4 steps, 4 timesteps: all full
+    again = final_latents(pipe)  # the same seed and prompt: the same latents at each timestep
+    assert pipe.unet.reuse.stats() == {"interval": 3, "full_evaluations": 4, "reused_evaluations": 4}
+    assert torch.equal(again, first)  # the same input at each step: the cached feature is the exact one

@@ -2,11 +2,11 @@
 the final latents against the exact path, same seeds, same inputs (issue 17; the builtin:shapes side is
 ``lcm-live eval --feature-reuse K`` / ``--token-merging R``).
 
-``python -m lcm_live.bench.reuse_quality [--arch sd15] [--size 256] [--json FILE]``:
+``python -m lcm_live.bench.reuse_quality [--arch sd15 | --model builtin:shapes] [--size 256] [--json FILE]``:
 
-1. The engine as ``bench`` builds it (bench_engine.build_fast_engine), on the torch backend in float32 so that the
-   exact path and each variant differ only by the speed-up; the UNet wrapped for feature reuse, whose policy is
-   swapped per variant (K = 1 is the exact path).
+1. The engine as ``bench`` builds it (bench_engine.build_fast_engine; or a trained model, ``--model``, loaded
+   as ``generate`` loads it), on the torch backend in float32 so that the exact path and each variant differ only
+   by the speed-up; the UNet wrapped for feature reuse, whose policy is swapped per variant (K = 1: exact).
 2. Text-to-image, 4 steps (reuse between steps): each K, and token merging R, against the exact path.
 3. Live sketch: 8 consecutive image-to-image frames of a growing stroke (bench_live's canvases, 1 step at strength
    0.5, one UNet evaluation a frame, the studio's live mode): reuse between frames, each frame against the exact
@@ -36,7 +36,7 @@ def _latents(engine: Any, **request: Any) -> torch.Tensor:
 
 
 def run_quality(arch: str = "sd15", size: int = 256, ks: tuple[int, ...] = (2, 3, 4),
-                ratios: tuple[float, ...] = (0.3, 0.5), log=print) -> dict[str, Any]:
+                ratios: tuple[float, ...] = (0.3, 0.5), model: str | None = None, log=print) -> dict[str, Any]:
     import io
 
     import tomesd
@@ -53,35 +53,45 @@ def run_quality(arch: str = "sd15", size: int = 256, ks: tuple[int, ...] = (2, 3
     quiet_diffusers()
     config = BenchConfig(arch=arch, width=size, height=size, backend="torch", dtype="float32", device="cpu",
                          baseline=None, feature_reuse=2)
-    engine, _ = build_fast_engine(config, torch.device("cpu"), torch.float32)
+    prompt, guidance = config.prompt, config.guidance_scale
+    if model is None:
+        engine, _ = build_fast_engine(config, torch.device("cpu"), torch.float32)
+    else:
+        from lcm_live.config import EngineSettings
+        from lcm_live.engine.pipeline import Engine
+
+        engine = Engine.from_settings(EngineSettings(model=model, device="cpu", dtype="float32", backend="torch",
+                                                     feature_reuse=2), progress=False)
+        prompt, guidance, arch = "a red circle on a blue background", None, model
     wrapper = engine.pipe.unet
-    txt = {"prompt": config.prompt, "num_inference_steps": 4, "guidance_scale": config.guidance_scale, "seed": 0,
+    txt = {"prompt": prompt, "num_inference_steps": 4, "guidance_scale": guidance, "seed": 0,
            "width": size, "height": size}
     points = [stroke_point(i, size, size) for i in range(FRAMES + 1)]
     canvases = [Image.open(io.BytesIO(stroke_canvas(size, size, points[:i + 2]))).convert("RGB")
                 for i in range(FRAMES)]
-    live = {"prompt": config.prompt, "num_inference_steps": 1, "guidance_scale": 8.0, "strength": 0.5, "seed": 1,
+    live = {"prompt": prompt, "num_inference_steps": 1, "guidance_scale": 8.0, "strength": 0.5, "seed": 1,
             "width": size, "height": size}
 
-    def variant(reuse_k: int, ratio: float = 0.0) -> dict[str, Any]:
+    def variant(reuse_k: int, ratio: float = 0.0, across_steps: bool = False) -> dict[str, Any]:
         tomesd.remove_patch(wrapper.unet)
         if ratio:
             apply_token_merging(wrapper.unet, ratio)
-        wrapper.reuse = FeatureReuse(reuse_k)
+        wrapper.reuse = FeatureReuse(reuse_k, across_steps=across_steps)
         out = {"txt2img": _latents(engine, **txt)}
-        wrapper.reuse = FeatureReuse(reuse_k)  # the live sequence starts afresh
+        wrapper.reuse = FeatureReuse(reuse_k, across_steps=across_steps)  # the live sequence starts afresh
         out["frames"] = [_latents(engine, image=c, **live) for c in canvases]
         out["stats"] = wrapper.reuse.stats()
         return out
 
     # 2-3. The exact path, then each variant against it.
     t0 = time.perf_counter()
-    names = [("exact", 1, 0.0)] + [(f"feature_reuse {k}", k, 0.0) for k in ks] + \
-            [(f"token_merging {r:g}", 1, r) for r in ratios]
+    names = [("exact", 1, 0.0, False)] + [(f"feature_reuse {k}", k, 0.0, False) for k in ks] + \
+            [(f"feature_reuse {k} across steps", k, 0.0, True) for k in ks[:1]] + \
+            [(f"token_merging {r:g}", 1, r, False) for r in ratios]
     results: dict[str, Any] = {}
     exact = None
-    for name, k, r in tqdm(names, desc="variants"):
-        out = variant(k, r)
+    for name, k, r, across in tqdm(names, desc="variants"):
+        out = variant(k, r, across)
         if exact is None:
             exact = out
             continue
@@ -96,8 +106,9 @@ def run_quality(arch: str = "sd15", size: int = 256, ks: tuple[int, ...] = (2, 3
 
 
 def format_quality(report: dict[str, Any]) -> str:
+    weights = "trained weights" if ":" in report["arch"] or "/" in report["arch"] else "random weights"
     lines = [f"cosine of final latents against the exact path: {report['arch']} {report['size']}x{report['size']}, "
-             f"random weights, torch float32; live: {report['frames']} sketch frames, 1 step x strength 0.5",
+             f"{weights}, torch float32; live: {report['frames']} sketch frames, 1 step x strength 0.5",
              "| variant | txt2img 4 steps | live frames mean | live frames worst | live full / reused |",
              "|---|---|---|---|---|"]
     for name, r in report["variants"].items():
@@ -111,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="sd15")
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--model", default=None, help="a trained model instead (e.g. builtin:shapes, at --size 64)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    report = run_quality(args.arch, args.size)
+    report = run_quality(args.arch, args.size, model=args.model)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

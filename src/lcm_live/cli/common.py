@@ -57,7 +57,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, decoder: str = "vae
                    help="int8 (CPU: OpenVINO/NNCF or torch dynamic; CUDA: bitsandbytes) or nf4 (CUDA)")
     g.add_argument("--feature-reuse", type=int, default=None, metavar="K",
                    help="recompute the UNet's deep blocks every K evaluations and reuse them in between (DeepCache-"
-                        "style, between live frames and steps); 1: off, the exact path (default: 1)")
+                        "style: a feature computed at a timestep serves the next frames' evaluations there); 1: "
+                        "off, the exact path (default: 1)")
+    g.add_argument("--feature-reuse-across-steps", action="store_true", default=None,
+                   help="with --feature-reuse: reuse between the steps of one generation too (DeepCache's own; "
+                        "costly for few-step models, see docs/benchmarks.md)")
     g.add_argument("--token-merging", type=float, default=None, metavar="RATIO",
                    help="merge this fraction of the tokens in the highest-resolution attention (ToMe for SD; "
                         "pip install 'lcm-live[tome]'); 0: off (default: 0)")
@@ -91,7 +95,7 @@ def engine_settings_from_args(args: argparse.Namespace, **overrides) -> EngineSe
     )
     # Flags added later: parsers (or hand-made namespaces) without them keep the settings' defaults.
     for name in ("taesd", "backend", "compile", "compile_mode", "quantize", "controlnet", "scheduler", "eta",
-                 "feature_reuse", "token_merging", "ip_adapter"):
+                 "feature_reuse", "feature_reuse_across_steps", "token_merging", "ip_adapter"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     if isinstance(values.get("controlnet"), list) and len(values["controlnet"]) == 1:

@@ -29,6 +29,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to sample (default: cpu)")
     p.add_argument("--feature-reuse", type=int, default=1, metavar="K",
                    help="--task model: the LCM's UNet recomputes its deep blocks every K evaluations (1: off)")
+    p.add_argument("--feature-reuse-across-steps", action="store_true",
+                   help="with --feature-reuse: reuse between the steps of each generation (DeepCache's own)")
     p.add_argument("--token-merging", type=float, default=0.0, metavar="RATIO",
                    help="--task model: ToMe for SD in the LCM's highest-resolution attention (0: off)")
     p.set_defaults(run=run)
@@ -72,5 +74,6 @@ def run(args: argparse.Namespace) -> int:
         teacher = "builtin:shapes-teacher"
     run_eval(resolve_model(args.model), teacher=resolve_model(teacher) if teacher else None,
              guidance=args.guidance_scale, steps=steps, n=args.pairs, json_path=args.json, device=args.device,
-             feature_reuse=args.feature_reuse, token_merging=args.token_merging)
+             feature_reuse=args.feature_reuse, token_merging=args.token_merging,
+             feature_reuse_across_steps=args.feature_reuse_across_steps)
     return 0

@@ -10,13 +10,16 @@ is the output of the up block before the last (sd15 at 256²: (B, 640, 32, 32)),
 the skip connections of ``conv_in`` and the first down block. A full evaluation runs diffusers' own forward and
 keeps that feature (a forward hook); a reused one runs :func:`shallow_forward` with it.
 
-When a full evaluation runs (:class:`FeatureReuse`, the policy; the same for the torch and the OpenVINO UNet):
-1. every K-th evaluation (K = 1: always, the exact path);
+Which feature an evaluation may reuse: by default the one computed at the same timestep by an earlier frame
+(between live frames); with ``across_steps`` the last evaluation's, whatever its timestep (DeepCache's own,
+between the steps of one generation). When a full evaluation runs (:class:`FeatureReuse`, the policy; the same
+for the torch and the OpenVINO UNet):
+1. every K-th evaluation at that timestep (or overall, across steps) (K = 1: always, the exact path);
 2. the conditioning changed: another prompt, guidance embedding, SDXL size ids, or another input shape (size, batch);
-3. the input moved: the latents at a timestep differ from the last ones seen at that timestep by more than
-   ``drift`` (relative L2). Within one generation each step has its own timestep, so reuse between steps is
-   unaffected; between live frames the same timesteps come back, and another seed (new noise), a cleared or new
-   canvas, exceed it, while a stroke added to a sketch stays far below it.
+3. the input moved: the latents at a timestep differ from the last ones seen at that timestep (since the
+   conditioning last changed) by more than ``drift`` (relative L2). Within one generation each step has its own
+   timestep, so reuse between steps is unaffected; between live frames the same timesteps come back, and another
+   seed (new noise), a cleared or new canvas, exceed it, while a stroke added to a sketch stays far below it.
 """
 
 from __future__ import annotations
@@ -92,33 +95,46 @@ def shallow_forward(unet: Any, sample: torch.Tensor, timestep: Any, encoder_hidd
 
 
 class FeatureReuse:
-    """The refresh policy and the cached deep feature, shared by consecutive calls (live frames) and steps."""
+    """The refresh policy and the cached deep features, shared by consecutive calls (live frames) and steps.
 
-    def __init__(self, interval: int, *, drift: float = DRIFT):
+    ``across_steps`` False (the default): a deep feature is reused only at the timestep it was computed at, i.e.
+    by the next frames' evaluations at that step (one cached feature per timestep). True: DeepCache's own reuse,
+    the last evaluation's feature whatever its timestep, so also between the steps of one generation. Measured on
+    builtin:shapes (docs/benchmarks.md): between live frames the output keeps a cosine of 0.999 to the exact
+    one; between the 4 steps of an LCM, whose timesteps lie 250 apart, it falls to 0.3: DeepCache's premise
+    (adjacent steps of a 50-step sampler see nearly the same features) does not hold for few-step models."""
+
+    def __init__(self, interval: int, *, across_steps: bool = False, drift: float = DRIFT):
         if interval < 1:
             raise ValueError(f"feature_reuse={interval}: the refresh interval K must be >= 1 (1: off)")
-        self.interval, self.drift = interval, drift
-        self.feature: torch.Tensor | None = None
+        self.interval, self.across_steps, self.drift = interval, across_steps, drift
+        self._features: dict[float | None, torch.Tensor] = {}  # timestep (None: across steps) -> deep feature
+        self._since_refresh: dict[float | None, int] = {}
         self._conditioning: tuple | None = None
-        self._since_refresh = 0
         self._last_input: dict[float, torch.Tensor] = {}  # timestep -> the latents last seen there
         self.full_evaluations = 0
         self.reused_evaluations = 0
         self.last_refresh_reason = ""
 
     def reset(self) -> None:
-        """Forget the cached feature: the next evaluation is a full one."""
-        self.feature, self._conditioning, self._since_refresh = None, None, 0
+        """Forget the cached features: the next evaluations are full ones."""
+        self._features.clear()
+        self._since_refresh.clear()
         self._last_input.clear()
+        self._conditioning = None
+
+    def _slot(self, timestep: Any) -> float | None:
+        return None if self.across_steps else _timestep_key(timestep)
 
     def refresh_reason(self, sample: torch.Tensor, timestep: Any, conditioning: tuple) -> str:
-        """Why the next evaluation must be a full one ("" when the cached feature may be reused)."""
-        if self.feature is None:
-            return "no cached feature"
-        if self._since_refresh >= self.interval:
-            return f"every {self.interval} evaluations"
+        """Why the next evaluation must be a full one ("" when a cached feature may be reused)."""
         if not _same(conditioning, self._conditioning):
             return "conditioning or shape changed"
+        slot = self._slot(timestep)
+        if slot not in self._features:
+            return "no cached feature" + ("" if self.across_steps else " at this timestep")
+        if self._since_refresh[slot] >= self.interval:
+            return f"every {self.interval} evaluations"
         previous = self._last_input.get(_timestep_key(timestep))
         if previous is not None and previous.shape == sample.shape:
             change = float((sample.float() - previous.float()).norm() / previous.float().norm().clamp_min(1e-12))
@@ -132,17 +148,23 @@ class FeatureReuse:
         """The model output: ``full()`` -> (output, deep feature) on a refresh, else ``shallow(feature)``.
         ``conditioning``: every input besides the latents and the timestep (a change forces a refresh)."""
         reason = self.refresh_reason(sample, timestep, conditioning)
-        self._remember(sample, timestep)
-        if reason:
-            out, self.feature = full()
+        if reason == "conditioning or shape changed":  # another generation: nothing of the last one holds
+            self.reset()
             self._conditioning = tuple(c.detach().clone() if torch.is_tensor(c) else c for c in conditioning)
-            self._since_refresh = 1
+        self._remember(sample, timestep)
+        slot = self._slot(timestep)
+        if reason:
+            out, feature = full()
+            if len(self._features) >= MAX_TIMESTEPS_KEPT:
+                self._features.clear()
+                self._since_refresh.clear()
+            self._features[slot], self._since_refresh[slot] = feature, 1
             self.full_evaluations += 1
             self.last_refresh_reason = reason
             return out
-        self._since_refresh += 1
+        self._since_refresh[slot] += 1
         self.reused_evaluations += 1
-        return shallow(self.feature)
+        return shallow(self._features[slot])
 
     def _remember(self, sample: torch.Tensor, timestep: Any) -> None:
         if len(self._last_input) >= MAX_TIMESTEPS_KEPT:

@@ -222,12 +222,13 @@ def apply_speedups(pipe: Any, settings: EngineSettings, device: Any, dtype: Any)
     if settings.feature_reuse > 1:
         from lcm_live.engine.feature_reuse import FeatureReuse, FeatureReuseUNet
 
-        reuse = FeatureReuse(settings.feature_reuse)
+        reuse = FeatureReuse(settings.feature_reuse, across_steps=settings.feature_reuse_across_steps)
         if backend.name == "openvino":
             pipe.unet.feature_reuse = reuse
         else:
             pipe.unet = FeatureReuseUNet(pipe.unet, reuse)
-        applied.append(f"feature_reuse:{settings.feature_reuse}")
+        applied.append(f"feature_reuse:{settings.feature_reuse}"
+                       + (":across-steps" if settings.feature_reuse_across_steps else ""))
     return applied
 
 

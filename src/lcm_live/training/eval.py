@@ -101,7 +101,7 @@ def load_lcm(model: str, base: str | None = None):
 def run_eval(model: str, *, teacher: str | None = None, guidance: float = DEFAULT_GUIDANCE,
              steps: tuple[int, ...] = STEP_COUNTS, n: int = 96, json_path: str | Path | None = None,
              seed: int = 0, device: str = "cpu", log=print, feature_reuse: int = 1,
-             token_merging: float = 0.0) -> dict:
+             token_merging: float = 0.0, feature_reuse_across_steps: bool = False) -> dict:
     """Score the LCM ``model`` (and ``teacher``, if given) and print a table; returns the results.
     ``feature_reuse`` K / ``token_merging`` R: the LCM's UNet with those speed-ups (engine/feature_reuse.py,
     engine/tome.py; the teacher's rows stay exact), to measure their quality cost against a run without."""
@@ -116,10 +116,10 @@ def run_eval(model: str, *, teacher: str | None = None, guidance: float = DEFAUL
         from lcm_live.engine.tome import apply_token_merging
 
         apply_token_merging(lcm.unet, token_merging)
-    if feature_reuse > 1:  # between the steps of each call (a new prompt chunk refreshes)
+    if feature_reuse > 1:  # a new prompt chunk refreshes; across steps: between the steps of each call
         from lcm_live.engine.feature_reuse import FeatureReuse, FeatureReuseUNet
 
-        lcm.unet = FeatureReuseUNet(lcm.unet, FeatureReuse(feature_reuse))
+        lcm.unet = FeatureReuseUNet(lcm.unet, FeatureReuse(feature_reuse, across_steps=feature_reuse_across_steps))
     # an LCM-LoRA bakes the teacher's guidance in (no w input): guidance 1.0, one UNet pass, as documented
     lcm_guidance = guidance if lcm.unet.config.get("time_cond_proj_dim") else 1.0
     jobs = [("LCM", k) for k in steps]
@@ -141,7 +141,8 @@ def run_eval(model: str, *, teacher: str | None = None, guidance: float = DEFAUL
                      **{a: round(v, 3) for a, v in acc.items()},
                      "seconds": round(time.time() - start, 1)})
     result = {"model": str(model), "teacher": teacher, "guidance_scale": guidance, "pairs": n, "rows": rows,
-              "feature_reuse": feature_reuse, "token_merging": token_merging}
+              "feature_reuse": feature_reuse, "token_merging": token_merging,
+              "feature_reuse_across_steps": feature_reuse_across_steps}
     log(format_table(result))
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2))
@@ -149,7 +150,8 @@ def run_eval(model: str, *, teacher: str | None = None, guidance: float = DEFAUL
 
 
 def format_table(result: dict) -> str:
-    speedups = [f"{k} {result[k]}" for k, off in (("feature_reuse", 1), ("token_merging", 0.0))
+    speedups = [f"{k} {result[k]}" for k, off in (("feature_reuse", 1), ("token_merging", 0.0),
+                                                   ("feature_reuse_across_steps", False))
                 if result.get(k, off) != off]
     lines = [f"eval: {result['pairs']} prompt/seed pairs, guidance_scale {result['guidance_scale']}"
              + (f" (LCM with {', '.join(speedups)})" if speedups else ""),
