@@ -4,6 +4,8 @@ StableDiffusionControlNetPipeline with a MultiControlNetModel and the LCM schedu
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -137,3 +139,18 @@ def test_bad_multi_control_requests_say_what_to_change(engine, kw, field, needle
     with pytest.raises(UserError) as excinfo:
         engine.generate(_request(**kw))
     assert excinfo.value.field == field and needle in excinfo.value.message, excinfo.value.message
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # four IR conversions: minutes on a loaded 2-core machine
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
+def test_on_the_openvino_backend_each_net_runs_as_an_ir_of_its_own(engine, tiny_lcm_dir, controlnet_dirs, tmp_path):
+    ov = Engine.from_settings(EngineSettings(model=str(tiny_lcm_dir), controlnet=[str(d) for d in controlnet_dirs],
+                                             device="cpu", dtype="float32", decoder="vae", backend="openvino",
+                                             openvino_cache_dir=str(tmp_path)), progress=False)
+    assert "openvino:controlnetx2" in ov.info.speedups
+    assert [type(net.forward).__name__ for net in ov.controlnets] == ["OpenVINOControlNet"] * 2
+    kw = {"control_image": [_lines(), _edges()], "control_guidance_end": [1.0, 0.5]}
+    ours, reference = _pixels(ov.generate(_request(**kw))), _pixels(engine.generate(_request(**kw)))
+    assert np.abs(ours - reference).mean() < 0.5 and np.abs(ours - reference).max() <= 8
+    assert len(list(tmp_path.rglob("controlnet.xml"))) == 2

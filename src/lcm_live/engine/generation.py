@@ -110,10 +110,8 @@ def _image_embeds(engine: Any, preps: list[Any], n: int) -> Any:
     if engine.ip_embeddings is None:
         return None
     request = preps[0].request
-    scale = float(request.ip_adapter_scale) if request.ip_adapter_image is not None else 0.0
-    if engine._ip_adapter_scale != scale:  # one scale per call (the batch key holds it)
-        engine.pipe.set_ip_adapter_scale(scale)
-        engine._ip_adapter_scale = scale
+    # One scale per call (the batch key holds it).
+    engine.ip_embeddings.set_scale(float(request.ip_adapter_scale) if request.ip_adapter_image is not None else 0.0)
     pairs = [engine.ip_embeddings(p.request.ip_adapter_image) if p.request.ip_adapter_image is not None
              else engine.ip_embeddings.blank() for p in preps]
     return tuple(_per_image(torch.cat([pair[i] for pair in pairs]), n) for i in (0, 1))

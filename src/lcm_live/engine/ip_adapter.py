@@ -184,6 +184,13 @@ class ImageEmbeddings:
         self.pipe, self.device, self.size = pipe, device, size
         self._cache: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
         self.hits = self.misses = 0
+        self._scale: float | None = None  # what the UNet's IP-Adapter processors are set to
+
+    def set_scale(self, scale: float) -> None:
+        """The adapter's scale for the next call (diffusers' ``set_ip_adapter_scale``, only when it changes)."""
+        if scale != self._scale:
+            self.pipe.set_ip_adapter_scale(scale)
+            self._scale = scale
 
     def __call__(self, image: Any) -> tuple[Any, Any]:
         key = pixel_key(image)

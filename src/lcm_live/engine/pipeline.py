@@ -92,7 +92,6 @@ class Engine:
             speedups = [*(speedups or []), "openvino:controlnet" + (f"x{len(self.controlnets)}"
                                                                      if len(self.controlnets) > 1 else "")]
         self.ip_embeddings = None  # the reference images' embeddings, cached by pixels (engine/ip_adapter.py)
-        self._ip_adapter_scale: float | None = None  # the scale the UNet's IP-Adapter processors are set to
         if loaded.ip_adapter_name is not None:
             from lcm_live.engine.ip_adapter import ImageEmbeddings
 
