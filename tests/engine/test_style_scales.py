@@ -94,3 +94,14 @@ def test_bfloat16_weights_come_back_exactly_after_many_changes(tiny_lcm_dir, sty
     styles.set({"ink": 1.5})
     expected = (loaded.float() + 1.0 * _delta(style)).to(torch.bfloat16)
     assert (_weight(engine.pipe.unet).float() - expected.float()).abs().max() <= 2 * 2 ** -8 * loaded.abs().max()
+
+
+def test_a_style_that_cannot_load_leaves_no_adapter_behind(tiny_lcm_dir, style, tmp_path):
+    engine = _engine(tiny_lcm_dir, [LoraSpec(source=str(style), scale=0.5)])
+    before = _weight(engine.pipe.unet)
+    styles = StyleScales(engine.pipe, [("ink", str(style), 0.5), ("gone", str(tmp_path / "gone.safetensors"), 1.0)],
+                         cache_dir=None, model_name="tiny")
+    with pytest.raises(UserError, match="gone.safetensors: no such file"):
+        styles.set({"ink": 1.0, "gone": 1.0})
+    assert not any(engine.pipe.get_list_adapters().values())  # ink's adapter, loaded first, went again
+    assert torch.equal(_weight(engine.pipe.unet), before) and styles.scales == {"ink": 0.5, "gone": 1.0}
