@@ -9,7 +9,7 @@ The recipe (Ultimate-SD-Upscale's idea, on the engine's own img2img):
 4. run each tile through image-to-image at a low strength (0.3: details are redrawn, the layout is kept) with the
    frame's own prompt and seed; one :class:`TileEvent` per tile carries progress (and cancellation: raise
    :class:`~lcm_live.engine.hooks.Cancelled` from the callback);
-5. blend the tiles back with feathered weights: each tile's weight ramps linearly from ~0 at an edge it shares
+5. blend the tiles back with feathered weights: each tile's weight rises (smoothstep) from ~0 at an edge it shares
    with a neighbour to 1 at ``tile_overlap`` pixels inside, and every pixel is the weighted mean of the tiles over
    it, so no tile border shows as a seam (tests/engine/test_upscale.py measures it).
 
@@ -119,12 +119,13 @@ def plan_tiles(width: int, height: int, tile: int, overlap: int) -> tuple[tuple[
 
 
 def feather_weights(box: tuple[int, int, int, int], size: tuple[int, int], overlap: int) -> Any:
-    """A tile's blending weights (h, w) float32 in (0, 1]: a linear ramp over ``overlap`` pixels on each side
+    """A tile's blending weights (h, w) float32 in (0, 1]: a smoothstep ramp over ``overlap`` pixels on each side
     that lies inside the canvas (a neighbour's side), 1 elsewhere; never 0, so every pixel has some weight."""
     import numpy as np
 
     x0, y0, x1, y1 = box
-    ramp = (np.arange(overlap, dtype=np.float32) + 0.5) / overlap  # (overlap,) from ~0 to ~1
+    t = (np.arange(overlap, dtype=np.float32) + 0.5) / overlap  # (overlap,) from ~0 to ~1
+    ramp = t * t * (3 - 2 * t)  # smoothstep
 
     def axis(start: int, end: int, length: int) -> Any:
         w = np.ones(end - start, dtype=np.float32)
