@@ -381,3 +381,26 @@ def test_restore_brings_back_a_mask_and_a_region_with_its_prompt(page):
     _wait_frames_settle(page)
     assert page.ws.frames()[-1]["params"]["regions"] == [{"prompt": "a red barn"}]
     assert page.problems == []
+
+
+def test_restore_says_what_this_server_does_not_allow(browser):
+    """A frame made under other bounds (a pinned one from another server or model): the sliders keep to this
+    server's, and restoreControls names each value it could not put back instead of restoring another."""
+    schema = {"properties": {
+        "width": {"type": "integer", "minimum": 64, "maximum": 256, "multipleOf": 8, "default": 128},
+        "guidance_scale": {"anyOf": [{"type": "number", "minimum": 0, "maximum": 20}, {"type": "null"}]},
+        "num_inference_steps": {"type": "integer", "minimum": 1, "maximum": 8, "default": 4},
+        "seed": {"type": "integer", "minimum": 0, "maximum": 4294967295, "default": 0},
+    }}
+    with js_module_page(browser) as page:
+        got = page.evaluate("""async (schema) => {
+            const { Controls } = await import('./controls.js');
+            const { restoreControls } = await import('./restore.js');
+            const controls = new Controls(document.createElement('form'), schema);
+            controls.set('guidance_scale', 3);  // a manual guidance before the restore
+            const off = restoreControls(controls, { width: 512, guidance_scale: null, num_inference_steps: 6,
+                                                    prompt: 'x' }, 42);
+            return { off, values: controls.values() };
+        }""", schema)
+    assert got["off"] == ["width 512 (now 256)"]
+    assert got["values"] == {"width": 256, "guidance_scale": None, "num_inference_steps": 6, "seed": 42}

@@ -203,7 +203,11 @@ export class Controls extends EventTarget {
     }
     this.getters[f.name] = () => (auto && auto.checked ? (prop.nullable ? null : undefined) : read());
     this.setters[f.name] = (v) => {
-      if (v === null || v === undefined) return;
+      if (v === null && auto) auto.checked = true; // "the server decides", as it was
+      if (v === null || v === undefined) {
+        show();
+        return;
+      }
       input.value = String(v);
       if (auto) auto.checked = false;
       show();

@@ -339,11 +339,13 @@ const history = setupHistory({
   conn,
   onRestore: async (entry) => {
     if (!state.controls) return;
-    await restoreEntry(entry, {
+    const off = await restoreEntry(entry, {
       controls: state.controls, prompt: els.prompt, negative: els.negative, blends, models, conditioning, sketch,
       layers, applySize, setMode, setSeedLocked: (on) => state.controls.setSeedLocked(on),
     });
     updateCounter();
+    if (!off.length) banners.clear("history");
+    else banners.show(`Restored, except what this server does not allow: ${off.join(", ")}.`, { source: "history", warning: true });
   },
   onApply: async (entry) => {
     await applyEntry(entry, sketch);

@@ -112,12 +112,14 @@ export class ModelPicker extends EventTarget {
     return { model: preset.name, lora_scales: Object.fromEntries(kept) };
   }
 
-  /** Put back a kept frame's model and style scales (history Restore). */
+  /** Put back a kept frame's model and style scales (history Restore); false when this server lacks its model. */
   restore(params) {
-    if (!params.model || !this.presets.some((p) => p.name === params.model)) return;
+    if (!params.model || !this.enabled) return true; // made without a model choice: nothing to put back
+    if (!this.presets.some((p) => p.name === params.model)) return false;
     this.els.select.value = params.model;
     this.scales.set(params.model, new Map(Object.entries(params.lora_scales || {})));
     this.renderStyles();
+    return true;
   }
 
   /**

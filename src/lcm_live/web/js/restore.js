@@ -36,7 +36,8 @@ export async function paintLayerFrom(layer, blob) {
 
 /**
  * Restore a history entry (history.js) into the page. page: {controls, prompt, negative, blends, models,
- * conditioning, sketch, layers, applySize, setMode, setSeedLocked}: the page's parts (main.js). Fields the server no longer takes are skipped.
+ * conditioning, sketch, layers, applySize, setMode, setSeedLocked}: the page's parts (main.js). Fields the server
+ * no longer takes are skipped. Returns what could not be restored as it was (restoreControls), [] when all was.
  */
 export async function restoreEntry(entry, page) {
   const { info, canvas, layers } = entry;
@@ -68,14 +69,32 @@ export async function restoreEntry(entry, page) {
   page.prompt.value = p.prompt ?? page.prompt.value; // no input event: the params go once, with the mode below
   if (typeof p.negative_prompt === "string" && !page.negative.disabled) page.negative.value = p.negative_prompt;
   page.blends.set(p);
-  page.models.restore(p); // its model and style scales (a switch, if another model is on now)
-  for (const [name, value] of Object.entries(p)) {
-    if (name !== "width" && name !== "height" && name !== "seed") controls.set(name, value);
-  }
-  controls.set("seed", info.seed);
+  const off = page.models.restore(p) ? [] : [`model ${p.model} (not offered by this server)`];
+  off.push(...restoreControls(controls, p, info.seed));
   page.setSeedLocked(true);
   // 4. The mode: sends the canvas, then the mask, then the params.
   await page.setMode(p.mode || "txt2img");
+  return off;
+}
+
+/**
+ * Set the settings a frame was made with; returns what could not be put back as it was ("width 768 (now 512)"):
+ * a slider keeps to this server's bounds, which may not be those the frame was made under (a pinned frame from
+ * another server, or another model's size), and the page says so instead of restoring something else in silence.
+ */
+export function restoreControls(controls, params, seed) {
+  for (const [name, value] of Object.entries(params)) {
+    if (name !== "seed") controls.set(name, value);
+  }
+  controls.set("seed", seed);
+  const now = controls.values();
+  const off = [];
+  for (const [name, value] of Object.entries({ ...params, seed })) {
+    if (typeof value === "number" && typeof now[name] === "number" && Math.abs(now[name] - value) > 1e-9) {
+      off.push(`${name} ${value} (now ${now[name]})`);
+    }
+  }
+  return off;
 }
 
 /** Apply: the frame's picture onto the canvas (one undo step), stretched to it as the live Apply does. */
