@@ -344,3 +344,14 @@ def test_jobs_waiting_through_another_sessions_load_do_not_time_out():
             two.send_text(params(prompt="q"))  # waits through the load: not a timeout
             assert next_final(two)["params"]["model"] == "a"
             assert model_messages(one)[1]["params"]["model"] == "b"
+
+
+def test_a_preset_s_size_and_steps_apply_where_the_request_gives_none():
+    presets = [ModelPreset(name="a", model="org/a"),
+               ModelPreset(name="small", model="org/s", width=256, height=320, num_inference_steps=2)]
+    model = build_params_model(StudioSettings(), models=ModelRegistry(presets))
+    p = parse_params(model, {"model": "small", "prompt": "x"})
+    assert (p.width, p.height, p.num_inference_steps, p.prompt) == (256, 320, 2, "x")
+    p = parse_params(model, {"model": "small", "width": 512, "num_inference_steps": 4})  # the request's own win
+    assert (p.width, p.height, p.num_inference_steps) == (512, 320, 4)
+    assert parse_params(model, {"prompt": "x"}).width == model.model_fields["width"].default  # preset a: none

@@ -225,6 +225,13 @@ def parse_params(model: type[GenerationParams], data: Any) -> GenerationParams:
             if not math.isfinite(scale):
                 raise UserError(f"lora_scales.{echo(style)}={scale}: give a finite number", field="lora_scales")
         registry.resolve_scales(registry.name_of(params.model), dict(params.lora_scales))
+    if registry is not None and not registry.implicit:  # the preset's size and steps where the request gives none
+        preset = registry.presets[registry.name_of(params.model)]
+        update = {k: v for k, v in (("width", preset.width), ("height", preset.height),
+                                    ("num_inference_steps", preset.num_inference_steps))
+                  if v is not None and k not in params.model_fields_set}
+        if update:
+            params = model.model_validate({**params.model_dump(exclude_unset=True), **update})
     bad_steps = check_steps(params.model_dump(include={"control_guidance_start", "control_guidance_end"}))
     if bad_steps is not None:
         raise UserError(bad_steps[1], field=bad_steps[0])
