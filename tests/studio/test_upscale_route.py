@@ -220,3 +220,26 @@ def test_default_strength_runs_a_step_where_img2img_runs_steps_times_strength():
         # given, it is used as it is, and refused with the fix when it runs no step
         r = client.post("/api/upscale", json={"image": _png(), "num_inference_steps": 2, "strength": 0.3})
         assert r.status_code == 422 and r.json()["field"] == "strength" and "at least 0.50" in r.json()["message"]
+
+
+def test_model_presets_the_frames_or_the_bodys_never_a_path():
+    from fastapi.testclient import TestClient
+
+    from .conftest import wait_until
+    from .test_models import fake_factory, models_app, two_presets
+
+    engines: dict = {}
+    app = models_app(two_presets(), fake_factory(engines), max_loaded_models=2)
+    with TestClient(app) as client:
+        wait_until(lambda: app.state.studio.worker.ready, what="ready")
+        r = client.post("/api/upscale", json={"image": _png(), "prompt": "x", "model": "b"})
+        assert r.status_code == 200, r.text
+        assert len(engines["b"].calls) == _read_png(r.content)[1]["upscale"]["tiles"]
+        r = client.post("/api/upscale", json={"image": _png(), "model": "/etc/passwd"})
+        assert r.status_code == 422 and r.json()["field"] == "model"
+        # A frame that names a preset runs on it; one that names something else runs on the default preset.
+        before = len(engines["b"].calls)
+        assert client.post("/api/upscale", json={"image": _png(parameters={"model": "b", "seed": 1})}).status_code == 200
+        assert len(engines["b"].calls) > before
+        r = client.post("/api/upscale", json={"image": _png(parameters={"model": "/srv/models/zzz", "seed": 1})})
+        assert r.status_code == 200 and engines["a"].calls

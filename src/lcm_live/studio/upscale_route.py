@@ -70,6 +70,9 @@ class UpscaleBody(BaseModel):
     seed: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    model: str | None = Field(None, description="the model preset (GET /api/models); default: the frame's when it "
+                              "names one of this server's, else the default preset")
+    lora_scales: dict[str, float] | None = None
     strength: float | None = Field(None, description="how much each tile is redrawn; low keeps the frame (default: "
                                    "0.3, or 1 / steps where img2img runs steps * strength steps)")
 
@@ -267,6 +270,12 @@ def add_upscale_routes(app: FastAPI, studio: StudioState, dependencies: list) ->
                   "seed": req.seed, "num_inference_steps": req.num_inference_steps,
                   "guidance_scale": req.guidance_scale, "strength": req.strength, "width": tile, "height": tile,
                   "previews": False}
+        registry = getattr(model, "registry", None)
+        preset = fields.model if fields.model is not None else frame.get("model")
+        if preset is not None and (fields.model is not None or (registry is not None and preset in registry.names)):
+            values["model"] = preset  # checked against the allowlist by parse_params, never a path
+        if fields.lora_scales is not None:
+            values["lora_scales"] = fields.lora_scales
         if isinstance(values["guidance_scale"], int):
             values["guidance_scale"] = float(values["guidance_scale"])
         tile_params = parse_params(model, {k: v for k, v in values.items() if v is not None})
