@@ -3,10 +3,11 @@ preset under 50 ms on the worker). Run: ``python -m lcm_live.bench.bench_models 
 
 1. switch: a :class:`~lcm_live.studio.worker.Worker` with two presets, each a real Engine around the architecture
    with random weights (bench_engine.build_fast_engine, different seeds), both kept loaded (max_loaded_models 2).
-   After a warm-up, jobs alternate between the presets, then stay on one. Reported: the worker's ``select()`` time
-   at each switch (``ModelSwitcher.last_switch_s``: finding the loaded engine and the LRU bookkeeping), and the
-   engine call's time on a frame right after a switch against one on the same model (a cold-cache cost a switch
-   may add to its first frame shows there).
+   After a warm-up, pairs of frames alternate between the presets: the first of each pair right after a switch, the
+   second on the same model. Reported: the worker's ``select()`` time at each switch
+   (``ModelSwitcher.last_switch_s``: finding the loaded engine and the LRU bookkeeping), and the engine call's time
+   of the pair's first frame against its second (the median ratio: a cold-cache cost a switch may add to its first
+   frame shows there, measured pair by pair so that the machine's load drifts out).
 2. refuse: ``StyleScales.set`` on a random LoRA (rank 4, attention projections, peft) of the same architecture:
    the first change (read the safetensors, load the adapter, fuse) and the next ones (unfuse, re-weight, fuse);
    then a 1-step frame with the adapter fused against unfused (the alternative: ``set_adapters`` weights change
@@ -97,21 +98,24 @@ def bench_switch(arch: str, dtype: str, side: int, steps: int, runs: int) -> dic
     try:
         frame("b", 0)  # loads b (with its warm-up), then warm both once more
         frame("a", 0), frame("b", 0)
-        switch_s, after_switch, same = [], [], []
-        for k in range(runs):
-            generation, switched = frame("a" if k % 2 == 0 else "b", k)
+        switch_s, after_switch, same, ratios = [], [], [], []
+        for k in range(runs):  # pairs: a frame right after a switch, then one more on the same model
+            name = "a" if k % 2 == 0 else "b"
+            generation, switched = frame(name, k)
+            again, not_switched = frame(name, 100 + k)
+            if switched is None or not_switched is not None:
+                raise SystemExit("bench_models: the pairs did not switch as planned")
             switch_s.append(switched)
             after_switch.append(generation)
-        for k in range(runs):
-            generation, switched = frame("b" if runs % 2 == 0 else "a", 100 + k)
-            if switched is None:
-                same.append(generation)
+            same.append(again)
+            ratios.append(generation / again)
     finally:
         worker.stop()
     med = statistics.median
     return {"select_ms": {"median": round(med(switch_s) * 1000, 3), "max": round(max(switch_s) * 1000, 3)},
             "frame_after_switch_ms": round(med(after_switch) * 1000, 1),
-            "frame_same_model_ms": round(med(same) * 1000, 1), "switches": len(switch_s)}
+            "frame_same_model_ms": round(med(same) * 1000, 1),
+            "after_switch_over_same": round(med(ratios), 4), "switches": len(switch_s)}
 
 
 def bench_refuse(arch: str, dtype: str, runs: int, side: int, frames: int) -> dict[str, Any]:
