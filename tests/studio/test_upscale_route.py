@@ -243,3 +243,13 @@ def test_model_presets_the_frames_or_the_bodys_never_a_path():
         assert len(engines["b"].calls) > before
         r = client.post("/api/upscale", json={"image": _png(parameters={"model": "/srv/models/zzz", "seed": 1})})
         assert r.status_code == 200 and engines["a"].calls
+
+
+def test_host_and_origin_rules_as_the_other_routes():
+    with running_studio(allowed_hosts=[]) as (client, engine, _):
+        body = {"image": _png(), "prompt": "x"}
+        assert client.post("/api/upscale", json=body, headers={"Host": "evil.example"}).status_code in (400, 403)
+        r = client.post("/api/upscale", json=body, headers={"Host": "127.0.0.1", "Origin": "https://evil.example"})
+        assert r.status_code == 403 and r.json()["code"] == "forbidden_origin"
+        assert engine.calls == []
+        assert client.post("/api/upscale", json=body, headers={"Host": "127.0.0.1"}).status_code == 200
