@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from lcm_live.studio.app import StudioState
 
 NDJSON = "application/x-ndjson"
-_STATUS = {"invalid_params": 422, "invalid_image": 422, "timeout": 504, "oom": 500, "engine_error": 500,
+_STATUS = {"invalid_params": 422, "invalid_image": 422, "timeout": 504, "oom": 500, "engine_error": 500, "not_ready": 503,
            "cancelled": 503}
 
 
