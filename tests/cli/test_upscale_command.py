@@ -33,12 +33,14 @@ def test_metadata_round_trip(tiny_lcm_dir, tmp_path, capsys):
     assert (params["width"], params["height"]) == (128, 128)
     assert params["upscale"] == {"scale": 2, "method": "lanczos+lcm-tiled", "source_width": 64, "source_height": 64,
                                  "tile_size": 64, "tile_overlap": 16, "tiles": 9, "strength": 0.3}
-    # Flags override the frame's.
+    # Flags override the frame's; without --model, the frame's own model (a path that exists here) is used.
     again = tmp_path / "again.png"
-    assert main(["upscale", str(frame), "--model", str(tiny_lcm_dir), *ENGINE, "--output", str(again),
+    assert main(["upscale", str(frame), *ENGINE, "--output", str(again),
                  "--prompt", "a blue fox", "--seed", "8", "--strength", "0.4"]) == 0
+    assert f"refining with {made['model']}, the image's own model" in capsys.readouterr().err
     params = read_png_parameters(again)
     assert (params["prompt"], params["seed"], params["upscale"]["strength"]) == ("a blue fox", 8, 0.4)
+    assert params["model"] == made["model"]
 
 
 @pytest.mark.parametrize("extra, needle", [

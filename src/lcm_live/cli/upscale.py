@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from lcm_live.cli.common import add_engine_arguments, engine_settings_from_args
+from lcm_live.config import DEFAULT_MODEL
 from lcm_live.engine.upscale import DEFAULT_MAX_PIXELS, DEFAULT_STRENGTH, SCALES
 from lcm_live.errors import UserError
 
@@ -54,6 +55,12 @@ def add_parser(subparsers) -> None:
                    help="json: also write a .json sidecar (PNG text chunks are always written)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_engine_arguments(parser)
+    # --model's default here: the model the image was made with, where its parameters name one that can be loaded
+    for action in parser._actions:
+        if action.dest == "model":
+            action.default = None
+            action.help = (f"as generate's (default: the image's own model when its parameters name one that loads "
+                           f"here: a builtin:NAME, a hub id or a path that exists; else {DEFAULT_MODEL})")
     parser.set_defaults(run=run)
 
 
@@ -90,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
     if refine and not frame_request(request, frame).prompt:
         print("note: no --prompt and none in the image's parameters: the tiles are redrawn without a prompt",
               file=sys.stderr)
-    settings = engine_settings_from_args(args)
+    model = args.model or _frame_model(frame)
+    if args.model is None and model is not None and refine:
+        print(f"note: refining with {model}, the image's own model (--model to choose another)", file=sys.stderr)
+    settings = engine_settings_from_args(args, model=model or DEFAULT_MODEL)
     upscaler = None
     if args.upscaler is not None:
         from lcm_live.engine.devices import resolve_device
@@ -108,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         if engine.info.notice:
             print(f"\n*** {engine.info.notice} ***\n", file=sys.stderr)
         recorded = frame.get("model")
-        if isinstance(recorded, str) and recorded != engine.info.model:
+        if isinstance(recorded, str) and recorded != engine.info.model and model != recorded:
             print(f"note: the image was made with {recorded}; refining with {engine.info.model} (--model)",
                   file=sys.stderr)
 
@@ -138,6 +148,20 @@ def run(args: argparse.Namespace) -> int:
     for path in paths:
         print(f"saved {path}")
     return 0
+
+
+def _frame_model(frame: dict) -> str | None:
+    """The image's own model where its parameters name one that loads here: builtin:NAME, an org/name hub id, or
+    a path that exists (the CLI records paths; the studio records only names)."""
+    import re
+    from pathlib import Path
+
+    model = frame.get("model")
+    if not isinstance(model, str) or not model:
+        return None
+    if model.startswith("builtin:") or Path(model).expanduser().exists():
+        return model
+    return model if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) else None
 
 
 def _frame_parameters(path: str) -> dict:
