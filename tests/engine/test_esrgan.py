@@ -137,3 +137,20 @@ def test_refusals(tmp_path, spandrel):
     save_file({"linear.weight": torch.zeros(4, 4)}, str(unknown))
     with pytest.raises(UserError, match="recognises no architecture"):
         load_upscaler(unknown)
+
+
+def test_cli_upscaler_alone_loads_no_lcm(esrgan_file, tmp_path, capsys):
+    from lcm_live.cli import main
+    from lcm_live.engine.metadata import read_png_parameters
+
+    source = tmp_path / "in.png"
+    Image.new("RGB", (20, 12), (90, 160, 30)).save(source)
+    out = tmp_path / "out.png"
+    # A model that does not exist: with --no-refine none is loaded.
+    assert main(["upscale", str(source), "--scale", "4", "--upscaler", str(esrgan_file[0]), "--no-refine",
+                 "--model", str(tmp_path / "no-such-model"), "--device", "cpu", "--output", str(out)]) == 0
+    assert "(esrgan)" in capsys.readouterr().out
+    params = read_png_parameters(out)
+    assert Image.open(out).size == (80, 48) and "model" not in params
+    assert params["upscale"] == {"scale": 4, "method": "esrgan", "source_width": 20, "source_height": 12,
+                                 "upscaler": esrgan_file[0].name}
