@@ -105,3 +105,21 @@ def test_a_style_that_cannot_load_leaves_no_adapter_behind(tiny_lcm_dir, style, 
         styles.set({"ink": 1.0, "gone": 1.0})
     assert not any(engine.pipe.get_list_adapters().values())  # ink's adapter, loaded first, went again
     assert torch.equal(_weight(engine.pipe.unet), before) and styles.scales == {"ink": 0.5, "gone": 1.0}
+
+
+def test_a_wrapped_unet_refuses_scale_changes_naming_the_flags(tiny_lcm_dir, style):
+    from lcm_live.config import ModelPreset, StylePreset
+    from lcm_live.engine.pipeline import Engine
+    from lcm_live.studio.models import ModelRegistry
+    from lcm_live.studio.switching import LoadedEngine, restyle
+
+    engine = Engine.from_settings(EngineSettings(model=str(tiny_lcm_dir), device="cpu", dtype="float32",
+                                                 backend="torch", decoder="vae", feature_reuse=2,
+                                                 loras=[LoraSpec(source=str(style), scale=0.5)]), progress=False)
+    preset = ModelPreset(name="t", model=str(tiny_lcm_dir), styles=[StylePreset(name="ink", lora=str(style),
+                                                                                scale=0.5)])
+    ModelRegistry([preset])  # a valid preset
+    with pytest.raises(UserError) as err:  # feature reuse wraps the UNet: peft cannot load into it
+        restyle(LoadedEngine(engine, scales={"ink": 0.5}), preset, {"ink": 1.0})
+    assert err.value.field == "lora_scales" and "feature_reuse:2" in err.value.message
+    assert "--feature-reuse" in err.value.message

@@ -291,7 +291,8 @@ def test_style_scales_on_a_compiled_unet_are_refused_naming_the_backend():
         pass
 
     preset = two_presets()[1]
-    engine = SimpleNamespace(pipe=SimpleNamespace(unet=OpenVINOUNet()), compiled=False)
+    engine = SimpleNamespace(pipe=SimpleNamespace(unet=OpenVINOUNet()), compiled=False,
+                             info=SimpleNamespace(speedups=["openvino:unet"]))
     loaded = LoadedEngine(engine, scales={"ink": 0.5})
     with pytest.raises(UserError) as err:
         restyle(loaded, preset, {"ink": 0.9})

@@ -55,10 +55,14 @@ def restyle(loaded: LoadedEngine, preset: ModelPreset, wanted: dict[str, float])
     if pipe is None:  # a stand-in engine (FakeEngine): no weights; frames carry the scales in their params
         loaded.scales = dict(wanted)
         return
-    if engine.compiled or type(pipe.unet).__name__ == "OpenVINOUNet":
-        raise UserError("lora_scales: this server's UNet was compiled with the styles' default scales fused in "
-                        "(OpenVINO or torch.compile); changing a style's scale needs `serve --backend torch` "
-                        "without --compile", field="lora_scales")
+    from diffusers import ModelMixin
+
+    if engine.compiled or not isinstance(pipe.unet, ModelMixin):  # OpenVINO, torch.compile, feature reuse
+        speedups = ", ".join(engine.info.speedups) or "none"
+        raise UserError("lora_scales: a style's scale is re-fused into diffusers' own UNet, and this server's UNet is "
+                        f"converted or wrapped with the default scales fused in (speed-ups: {speedups}); serve with "
+                        "--backend torch, without --compile and --feature-reuse, to move style scales",
+                        field="lora_scales")
     if loaded.styles is None:
         from lcm_live.engine.loras import StyleScales
 
