@@ -106,7 +106,9 @@ def test_a_sessions_jobs_start_paced_and_every_frame_is_sent():
     """Two inputs sent together on two workers start PACE_FRACTION x T/2 apart (T: the last generation time), so
     their frames do not finish in the same instant, where the older would be dropped (the rate fell towards one
     worker's)."""
-    engines = [FakeEngine(step_latency_s=0.2), FakeEngine(step_latency_s=0.2)]  # T = 0.4 s (2 steps)
+    # T = 1 s (2 steps): b waits 0.25 s, far longer than a busy machine's hiccups (two frames posted in one
+    # instant would leave only the newest to send: the session's rule for a client that does not keep up)
+    engines = [FakeEngine(step_latency_s=0.5), FakeEngine(step_latency_s=0.5)]
     starts: dict[str, float] = {}
     with pool_studio(engines) as (client, _, studio), client.websocket_connect("/ws") as ws:
         studio.worker.step_observer = lambda job, event: starts.setdefault(job.params.prompt, job.started)
@@ -118,7 +120,7 @@ def test_a_sessions_jobs_start_paced_and_every_frame_is_sent():
         ws.send_text(params(prompt="a", num_inference_steps=2))
         ws.send_text(params(prompt="b", num_inference_steps=2))
         assert [next_final(ws)["params"]["prompt"] for _ in range(2)] == ["a", "b"]
-    assert starts["b"] - starts["a"] >= gap - 0.03  # held until its paced start, not on the second worker at once
+    assert starts["b"] - starts["a"] >= gap - 0.05  # held until its paced start, not on the second worker at once
     assert engines[0].calls[-1].prompt != engines[1].calls[-1].prompt  # one on each worker
     assert studio.metrics.frames_dropped._value.get() == 0
 
@@ -134,3 +136,21 @@ def test_a_newer_input_replaces_the_held_one():
         prompts = [next_final(ws)["params"]["prompt"] for _ in range(2)]
     assert prompts == ["a", "c"]
     assert [c.prompt for e in engines for c in e.calls].count("b") == 0
+
+
+def test_inputs_sent_together_each_get_a_free_worker_one_after_the_other():
+    """Three inputs at once on three workers: all three run (none replaces another while a worker is free for it),
+    paced one after the other, and every frame is sent in input order."""
+    engines = [FakeEngine(step_latency_s=0.5) for _ in range(3)]  # T = 1 s: 0.17 s apart
+    starts: dict[str, float] = {}
+    with pool_studio(engines) as (client, _, studio), client.websocket_connect("/ws") as ws:
+        studio.worker.step_observer = lambda job, event: starts.setdefault(job.params.prompt, job.started)
+        receive(ws)
+        ws.send_text(params(prompt="first", num_inference_steps=2))
+        next_final(ws)
+        for prompt in "abc":
+            ws.send_text(params(prompt=prompt, num_inference_steps=2))
+        assert [next_final(ws)["params"]["prompt"] for _ in range(3)] == ["a", "b", "c"]
+    assert starts["a"] < starts["b"] < starts["c"]
+    assert sorted(e.calls[-1].prompt for e in engines) == ["a", "b", "c"]  # one on each worker
+    assert studio.metrics.frames_dropped._value.get() == 0

@@ -13,8 +13,9 @@ Pacing: a session's jobs start at least T/2R apart (T: the workers' last generat
 so its frames come spread out. Without it, inputs sent together (R at once, as a client filling R slots does)
 start together, finish within a millisecond of each other, and all but the newest of them are dropped, frame
 after frame: a client refilling its slots on each frame stays in step, and one session's rate fell back towards one
-worker's (docs/benchmarks.md). An input that came too soon is held here until its start, as the session's one
-waiting job (a newer input replaces it).
+worker's (docs/benchmarks.md). An input that came too soon is held here until its start: one per worker free of
+the session (inputs sent together each get their worker, one after the other); past those, it is the session's
+one waiting job, which a newer input replaces.
 
 Faults: a watchdog notices a worker whose thread died (or that reports failures past the limit) and moves its
 jobs, the newest per session, to the others; the session is told (``on_notice``) and loses nothing it typed or
@@ -66,8 +67,9 @@ class WorkerPool:
                         for i, factory in enumerate(engine_factories)]
         self._lost: set[int] = set()  # workers whose jobs were moved away (dead threads)
         self._starts: dict[str, tuple[float, Job]] = {}  # slot -> (when it went to a worker, monotonic; its job)
-        self._held: dict[str, Job] = {}  # slot -> its input held until its paced start
+        self._held: dict[str, list[Job]] = {}  # slot -> its inputs held for their paced starts, oldest first
         self._timers: dict[str, threading.Timer] = {}
+        self._waits: dict[str, int] = {}  # slot -> the worker where its waiting job waits behind its own frame
         self._watchdog = threading.Thread(target=self._watch, name="lcm-live-pool-watchdog", daemon=True)
 
     # ---- what the app reads ------------------------------------------------------------------------------------
@@ -128,7 +130,7 @@ class WorkerPool:
 
     def queue_depth(self) -> int:
         with self._lock:
-            held = len(self._held)
+            held = sum(len(jobs) for jobs in self._held.values())
         return held + sum(w.queue_depth() for w in self.workers)
 
     # ---- control ---------------------------------------------------------------------------------------------
@@ -140,7 +142,8 @@ class WorkerPool:
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
         with self._lock:
-            held, self._held = list(self._held.values()), {}
+            held = [job for jobs in self._held.values() for job in jobs]
+            self._held = {}
             for timer in self._timers.values():
                 timer.cancel()
             self._timers.clear()
@@ -155,20 +158,23 @@ class WorkerPool:
     def submit(self, slot: str, job: Job) -> None:
         replaced = None
         with self._lock:
-            if slot in self._held:  # the session's waiting job, held for its paced start: the newer one stays
-                held = self._held[slot]  # (a job moved off a lost worker is older than the input held)
-                replaced, self._held[slot] = (held, job) if job.id > held.id else (job, held)
+            held = self._held.get(slot)
+            if held:  # inputs of the session wait for their paced starts: this one after them
+                if job.id < held[-1].id:  # a job moved off a lost worker: older than the input held
+                    replaced = job
+                elif len(held) < self._free(slot):  # a worker free of the session for it too
+                    held.append(job)
+                else:  # the newest held input is the session's waiting job: the newer one replaces it
+                    replaced, held[-1] = held[-1], job
             else:
                 target, where = self._place(slot, self.workers[0].models.name_of(job.params.model))
                 # paced unless it replaces the session's waiting job (which had not started: it takes its place)
                 delay = self._pace_delay(slot) if where != "waiting" else 0.0
                 if delay > 0:
-                    self._held[slot] = job
-                    timer = self._timers[slot] = threading.Timer(delay, self._release, (slot,))
-                    timer.daemon = True
-                    timer.start()
+                    self._held[slot] = [job]
+                    self._schedule(slot, delay)
                 else:
-                    self._start(slot, target, job)
+                    self._start(slot, target, where, job)
         if replaced is not None:
             replaced.sink.on_done(replaced, "replaced")
 
@@ -178,7 +184,9 @@ class WorkerPool:
         ``model`` preset first (a switch there costs no load)."""
         usable = self._usable()
         states = {i: self.workers[i].slot_state(_sub(slot, i)) for i in usable}
-        waiting = [i for i in usable if states[i] == "waiting"]
+        # The session's waiting job is the one put behind its own frame; a job handed to a free worker waits
+        # there only until that worker's thread takes it (or behind other sessions' jobs): it is in flight.
+        waiting = [i for i in usable if states[i] == "waiting" and self._waits.get(slot) == i]
         free = [i for i in usable if states[i] is None]
         if waiting:  # the session's one waiting job: the newer input replaces it where it waits
             return waiting[0], "waiting"
@@ -186,6 +194,16 @@ class WorkerPool:
             return min(free, key=lambda i: (not self.workers[i].has_model(model), self.workers[i].load(), i)), "free"
         # busy with this session everywhere: wait behind the least loaded
         return min(usable, key=lambda i: (self.workers[i].load(), i)), "busy"
+
+    def _free(self, slot: str) -> int:
+        """Under the lock: usable workers with nothing of the session, waiting or running."""
+        return sum(1 for i in self._usable() if self.workers[i].slot_state(_sub(slot, i)) is None)
+
+    def _schedule(self, slot: str, delay: float) -> None:
+        """Under the lock: release the session's oldest held input in ``delay`` seconds."""
+        timer = self._timers[slot] = threading.Timer(delay, self._release, (slot,))
+        timer.daemon = True
+        timer.start()
 
     def _usable(self) -> list[int]:
         usable = [i for i, w in enumerate(self.workers) if w.ready and i not in self._lost]
@@ -206,23 +224,34 @@ class WorkerPool:
             return 0.0
         return max(0.0, last + PACE_FRACTION * min(times) / ready - time.monotonic())
 
-    def _start(self, slot: str, target: int, job: Job) -> None:
-        """Under the lock: hand the job to a worker and remember when (pacing)."""
+    def _start(self, slot: str, target: int, where: str, job: Job) -> None:
+        """Under the lock: hand the job to a worker (``where``: what the session has there, from _place) and
+        remember when (pacing), and where it waits if it is the session's waiting job."""
         now = time.monotonic()
         if len(self._starts) > STARTS_KEPT:  # REST requests' slots are never cancelled: forget old ones
             self._starts = {k: v for k, v in self._starts.items() if now - v[0] < PACE_MEMORY_S}
+            self._waits = {k: v for k, v in self._waits.items() if k in self._starts}
         self._starts[slot] = (now, job)
+        if where == "free":
+            self._waits.pop(slot, None)
+        else:  # behind the session's own frame there, or replacing its waiting job
+            self._waits[slot] = target
         self.workers[target].submit(_sub(slot, target), job, supersede=False)
 
     def _release(self, slot: str) -> None:
         """A held input's start has come (timer thread)."""
         with self._lock:
             self._timers.pop(slot, None)
-            job = self._held.pop(slot, None)
-            if job is None or self._stopping.is_set():
+            held = self._held.get(slot)
+            if not held or self._stopping.is_set():
                 return
+            job = held.pop(0)
+            if not held:
+                del self._held[slot]
             try:
-                self._start(slot, self._place(slot, self.workers[0].models.name_of(job.params.model))[0], job)
+                self._start(slot, *self._place(slot, self.workers[0].models.name_of(job.params.model)), job)
+                if held:  # the next one, T/2R after this one
+                    self._schedule(slot, self._pace_delay(slot))
                 return
             except RuntimeError:  # the workers are stopping
                 pass
@@ -237,6 +266,7 @@ class WorkerPool:
         with self._lock:
             self._held.pop(slot, None)
             self._starts.pop(slot, None)
+            self._waits.pop(slot, None)
             timer = self._timers.pop(slot, None)
             if timer is not None:
                 timer.cancel()
