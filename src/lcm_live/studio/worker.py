@@ -356,7 +356,8 @@ class Worker:
         except ModelLoadFailed as exc:
             failure = ("model_unavailable", f"the model {name!r} could not be loaded: {exc.message}", "model")
         except UserError as exc:
-            failure = ("invalid_params", exc.message, exc.field or "lora_scales")
+            field = exc.field if (exc.field or "").startswith("lora_scales") else "lora_scales"  # a style's load
+            failure = ("invalid_params", exc.message, field)
         for job in jobs:
             self._fail(job, *failure)
         return False
