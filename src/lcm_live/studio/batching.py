@@ -24,5 +24,6 @@ def resolve_max_batch_size(settings: StudioSettings, device: str) -> int:
 
 def job_batch_key(job: Job) -> Any:
     """The engine batch key of the request this job will run (None: never batched)."""
-    return batch_key(job.params.to_request(image=job.canvas))  # the canvas goes where the mode uses it
+    # The canvas goes where the mode uses it; the reference and extra ControlNet images as the job has them.
+    return batch_key(job.params.to_request(image=job.canvas, **job.images))
 
