@@ -95,9 +95,9 @@ def test_the_unchanged_lcm_lora_works_on_the_fine_tune():
     assert all(acc[m] > ddim[m] for m in ("color", "shape", "size", "background", "outline")), (acc, ddim)
 
 
-# Issue 18's outline floors, missed by the shipped family (measured on the 96 pairs: 0.444 and 0.089 at 4 steps:
-# with the LCM-LoRA the fine-tune's 2-3 px rings come out soft, and the outline LoRA is undertrained;
-# docs/builtin-model.md). Strict: the day they pass, these markers must go.
+# Issue 18's outline floors, missed by the shipped family (measured on the 96 pairs: 0.500 and 0.433 at 4 steps:
+# with the LCM-LoRA, distilled on plain shapes, the fine-tune's 2-3 px rings come out thin and soft;
+# docs/builtin-model.md says what was tried). Strict: the day they pass, these markers must go.
 MISSED = pytest.mark.xfail(strict=True, reason="issue 18 outline floor not met by the shipped family (see docs)")
 
 
