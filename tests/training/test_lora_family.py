@@ -18,6 +18,7 @@ from lcm_live.errors import UserError
 @pytest.fixture(scope="module")
 def family(tmp_path_factory, tiny_sd_dir, tiny_lcm_dir):
     """A builtin root as `make builtin-lora` leaves it, made from the tiny SD model in a few steps."""
+    from lcm_live.training import lora_recipe
     from lcm_live.training.distill import DistillConfig, distill
     from lcm_live.training.finetune import FinetuneConfig, finetune
     from lcm_live.training.lora_recipe import ship
@@ -32,7 +33,11 @@ def family(tmp_path_factory, tiny_sd_dir, tiny_lcm_dir):
     distill(DistillConfig(teacher=teacher, output=str(work / "lcm-lora"), lora=True, lora_rank=2, max_train_steps=1,
                           batch_size=2, pool_size=8, bf16=False), **quiet)
     tiny = dict(max_train_steps=2, batch_size=2, pool_size=8, learning_rate=1e-2)
-    finetune(FinetuneConfig(teacher=teacher, output=str(work / "outline-teacher"), **tiny), **quiet)
+    with pytest.MonkeyPatch.context() as mp:  # the recipe's own stage (two runs), at tiny sizes
+        for knob in ("OUTLINE_TEACHER", "OUTLINE_TEACHER_MORE"):
+            mp.setattr(lora_recipe, knob, tiny)
+        mp.setattr(lora_recipe, "_log", lambda *_: None)
+        lora_recipe.run_stages(work, root / "shapes-teacher", ["outline-teacher"], device="cpu", force=False)
     finetune(FinetuneConfig(teacher=teacher, output=str(work / "outline-lora"), lora_rank=2, **tiny), **quiet)
     refine_decoder(root / "shapes-teacher" / "vae", work / "vae-decoder", steps=2, batch_size=2, **quiet)
     shutil.copytree(root / "shapes-teacher" / "vae", tmp / "old-vae")
@@ -57,7 +62,8 @@ def test_the_fine_tune_trains_only_its_unet_and_shares_the_rest(family):
     old = load_file(str(base / "unet" / "diffusion_pytorch_model.safetensors"))
     assert new.keys() == old.keys() and any(not torch.equal(new[k], old[k]) for k in new)
     assert not list(family.rglob("checkpoint"))
-    assert json.loads((ft / "finetune_config.json").read_text())["data"] == "shapes-outlined"
+    config = json.loads((ft / "finetune_config.json").read_text())
+    assert config["data"] == "shapes-outlined" and config["teacher"].endswith("outline-teacher-first")  # 2nd run
 
 
 def test_the_new_decoder_keeps_the_encoder_and_is_shipped_to_the_family(family):
