@@ -367,6 +367,7 @@ def test_a_tiny_real_model_on_a_replica(ray_studio, tiny_lcm_dir):
     serve.run(build_application(settings, RayOptions(replicas=1, cpus_per_replica=1)), name=APP_NAME,
               route_prefix="/")
     wait_for(lambda: _readyz(base).get("workers") == {"ready": 1, "total": 1}, 120, "the tiny model's replica")
+    wait_for(lambda: _hello(url)["info"]["model"] == tiny_lcm_dir.name, 60, "the new ingress (the old one drains)")
     with connect(url, additional_headers=AUTH, open_timeout=10) as ws:
         hello = next_of(ws, "hello")
         assert hello["info"]["model"] == tiny_lcm_dir.name and hello["info"]["kind"] == "lcm"
@@ -383,3 +384,11 @@ def test_a_tiny_real_model_on_a_replica(ray_studio, tiny_lcm_dir):
         second = next_of(ws, "final", timeout=60)
         assert (second["seed"], second["total"], second["params"]["prompt"]) == (4, 2, "a blue square")
         assert second["_bytes"] != first["_bytes"]
+
+
+def _hello(url: str) -> dict[str, Any]:
+    try:
+        with connect(url, additional_headers=AUTH, open_timeout=10) as ws:
+            return next_of(ws, "hello")
+    except (OSError, InvalidStatus, TimeoutError):
+        return {"info": {}}

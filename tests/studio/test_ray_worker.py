@@ -247,3 +247,40 @@ def test_generator_replica_streams_steps_when_asked_and_its_batch_sizes_once():
     assert [e[:2] for e in with_steps if e[0] == "step"] == [("step", 1), ("step", 2)]
     assert not [e for e in without if e[0] == "step"]
     assert with_steps[-1] == ("done", "ok", [1]) and without[-1] == ("done", "ok", [1])  # each call counted once
+
+
+@needs_ray
+def test_ray_worker_follows_what_the_replicas_hold_after_an_update():
+    """The first description may come from a replica of the version being replaced: read again, follow the new."""
+    import asyncio
+
+    from lcm_live.studio.metrics import StudioMetrics
+    from lcm_live.studio.ray_worker import RayWorker
+
+    def described(model: str) -> dict[str, Any]:
+        return {"info": {"model": model}, "lcm_img2img": False, "settings": StudioSettings().model_dump(mode="json"),
+                "max_batch_size": 1}
+
+    class Describe:
+        def __init__(self):
+            self.answers = [described("old"), described("old"), described("new")]
+
+        async def _answer(self):
+            return self.answers.pop(0)
+
+        def remote(self):
+            return self._answer()
+
+    class Handle:
+        describe = Describe()
+
+    seen: list[str] = []
+
+    async def main() -> None:
+        worker = RayWorker(Handle(), StudioSettings(), StudioMetrics(), on_ready=lambda e: seen.append(e.info["model"]))
+        await worker._connect()
+        await worker._redescribe()  # the same: nothing to do
+        await worker._redescribe()
+
+    asyncio.run(main())
+    assert seen == ["old", "new"]

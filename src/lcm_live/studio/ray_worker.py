@@ -37,6 +37,7 @@ from lcm_live.studio.worker import Job
 log = logging.getLogger("lcm_live.studio")
 
 WATCH_INTERVAL_S = 1.0
+DESCRIBE_EVERY = 5  # watch ticks between two reads of what the replicas loaded (an update may change the model)
 RETRY_LIMIT = 8  # tries of one job after its replica was lost, ~0.5 s apart (Serve replaces replicas in seconds)
 RETRY_DELAY_S = 0.5
 ENGINE_FAILURES = ("oom", "engine_error")  # what counts towards max_consecutive_failures, as in the Worker
@@ -81,6 +82,7 @@ class RayWorker:
         self._on_fatal = on_fatal
         self._count_replicas = count_replicas
         self._slots: dict[str, _Slot] = {}
+        self._described: dict[str, Any] | None = None
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -194,16 +196,37 @@ class RayWorker:
                 self.detail = f"waiting for a generator replica ({type(exc).__name__}: {str(exc)[:200]})"
                 await asyncio.sleep(1.0)
                 continue
-            self.settings = StudioSettings.model_validate(described["settings"])
-            self.max_batch_size = described["max_batch_size"]
-            if self._on_ready is not None:
-                self._on_ready(RemoteEngine(described["info"], described["lcm_img2img"]))
+            self._describe(described)
             if self._state == "loading":
                 self._state, self.detail = "ready", "ready"
 
+    def _describe(self, described: dict[str, Any]) -> None:
+        """What a replica loaded: the app's schema and info, and the settings resolved for that model."""
+        self._described = described
+        self.settings = StudioSettings.model_validate(described["settings"])
+        self.max_batch_size = described["max_batch_size"]
+        if self._on_ready is not None:
+            self._on_ready(RemoteEngine(described["info"], described["lcm_img2img"]))
+
+    async def _redescribe(self) -> None:
+        """During an update (``serve deploy`` with another model) the first answer may come from a replica of the
+        old version: read again, and follow what the replicas now hold."""
+        try:
+            described = await self._handle.describe.remote()
+        except Exception:  # no replica now: the next tick reads again
+            return
+        if described != self._described:
+            log.info("studio: the generator replicas now hold %s", described["info"].get("model"))
+            self._describe(described)
+
     async def _watch(self) -> None:
-        """Every second: how many replicas run (``/readyz``), and jobs that waited past the queue limit."""
+        """Every second: how many replicas run (``/readyz``), and jobs that waited past the queue limit; every
+        few seconds, what the replicas loaded."""
+        tick = 0
         while self._state in ("loading", "ready"):
+            tick += 1
+            if self._state == "ready" and tick % DESCRIBE_EVERY == 0:
+                await self._redescribe()
             if self._count_replicas is not None:
                 try:
                     running, total, message = await asyncio.to_thread(self._count_replicas)
