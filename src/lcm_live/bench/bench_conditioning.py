@@ -9,7 +9,9 @@ ControlNets cost a denoising step, on the real architecture with random weights 
 2. Warm up each variant once (the reference image's embedding is computed there and cached: the timed runs see
    what a live session sees after its first frame).
 3. Alternate timed runs: plain, then each variant, ``runs`` times, so drift on a shared machine hits all alike.
-   A step's cost is the UNet loop's time (the engine's ``timings["unet"]``) over the steps.
+   A step's cost is the UNet loop's time (the engine's ``timings["unet"]``) over the steps, and, read from the
+   step callbacks, this process's CPU time per step after the first (``time.process_time``: all its threads; on a
+   machine shared with other work it moves far less than wall time, which waits for the cores).
 4. Report medians, each variant's extra cost per step against plain (ms and ratio), the image encoder's one-time
    cost, the machine and the load before and after.
 """
@@ -185,17 +187,23 @@ def run_conditioning_bench(config: ConditioningConfig) -> dict[str, Any]:
         for _ in range(config.warmup):
             engine.generate(request(extra))
     per_step: dict[str, list[float]] = {name: [] for name in variants}
+    cpu_per_step: dict[str, list[float]] = {name: [] for name in variants}
     totals: dict[str, list[float]] = {name: [] for name in variants}
     with tqdm(total=config.runs * len(variants), desc="conditioning bench", unit="run",
               disable=not config.progress) as bar:
         for _ in range(config.runs):
             for name, extra in variants.items():
-                result = engine.generate(request(extra))
+                marks: list[float] = []
+                result = engine.generate(request(extra),
+                                         callback=lambda event, m=marks: m.append(time.process_time()))
                 synchronize(device)
+                if len(marks) > 1:  # the steps after the first (the first also encodes the prompt)
+                    cpu_per_step[name].append((marks[-1] - marks[0]) / (len(marks) - 1))
                 per_step[name].append(result.timings["unet"] / config.num_inference_steps)
                 totals[name].append(result.timings["total"])
                 bar.update(1)
     plain = summarize(per_step["plain"])["median"]
+    plain_cpu = summarize(cpu_per_step["plain"])["median"] if cpu_per_step["plain"] else None
     report = {
         "config": asdict(config), "machine": machine, "load_after": current_load(), "setup": setup,
         "dtype": str(dtype).removeprefix("torch."), "backend": "torch",
@@ -209,6 +217,9 @@ def run_conditioning_bench(config: ConditioningConfig) -> dict[str, Any]:
         report["variants"][name] = {"per_step_s": step, "total_s": summarize(totals[name]),
                                     "extra_per_step_ms": (step["median"] - plain) * 1e3,
                                     "ratio_to_plain": step["median"] / plain if plain > 0 else None}
+        if plain_cpu:
+            cpu = summarize(cpu_per_step[name])
+            report["variants"][name].update(cpu_per_step_s=cpu, cpu_ratio_to_plain=cpu["median"] / plain_cpu)
     return report
 
 
@@ -222,5 +233,8 @@ def format_conditioning(report: dict[str, Any]) -> str:
     for name, v in report["variants"].items():
         lines.append(f"  {name:<24} {v['per_step_s']['median'] * 1e3:8.0f} ms/step (spread "
                      f"{v['per_step_s']['spread']:.0%}), +{v['extra_per_step_ms']:.0f} ms, "
-                     f"x{v['ratio_to_plain']:.2f} of plain")
+                     f"x{v['ratio_to_plain']:.2f} of plain"
+                     + (f"; CPU {v['cpu_per_step_s']['median'] * 1e3:.0f} ms/step (spread "
+                        f"{v['cpu_per_step_s']['spread']:.0%}), x{v['cpu_ratio_to_plain']:.2f}"
+                        if "cpu_per_step_s" in v else ""))
     return "\n".join(lines)
