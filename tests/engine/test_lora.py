@@ -219,3 +219,22 @@ def test_auto_picks_the_sdxl_lcm_lora(tiny_sdxl_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(loading.REAL_CONTEXT_WIDTH, "sdxl", 80)  # the tiny SDXL's width
     with pytest.raises(ModelUnavailableError, match="latent-consistency/lcm-lora-sdxl"):
         _load(tiny_sdxl_dir, lcm_lora="auto", cache_dir=str(tmp_path / "empty-cache"))
+
+
+def test_lora_whose_layers_do_not_all_load_is_refused(tiny_sd_dir, tmp_path):
+    """A file mixing key formats (peft's names for one layer, diffusers' old ones for the rest): diffusers picks one
+    format and drops the other layers with a warning only; the engine refuses it, naming how many would load."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file, save_file
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    old = load_file(str(save_tiny_lora(tmp_path / "old.safetensors", unet)))
+    conv = unet.down_blocks[0].resnets[0].conv1
+    mixed = {"unet.down_blocks.0.resnets.0.conv1.lora_A.weight": torch.full((4, conv.in_channels, 3, 3), 0.01),
+             "unet.down_blocks.0.resnets.0.conv1.lora_B.weight": torch.full((conv.out_channels, 4, 1, 1), 0.01),
+             **old}
+    path = tmp_path / "mixed.safetensors"
+    save_file(mixed, str(path))
+    with pytest.raises(UserError, match=r"only \d+ of its \d+ LoRA layers load") as excinfo:
+        _load(tiny_sd_dir, lcm_lora="none", loras=[LoraSpec(source=str(path))])
+    assert str(path) in str(excinfo.value) and "save_lora_weights" in str(excinfo.value)

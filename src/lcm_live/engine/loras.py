@@ -147,6 +147,30 @@ def _load_one(pipe: Any, weights: dict[str, Any], name: str, *, source: str, fla
     if _adapter_count(pipe) == before:  # diffusers only warns when no key matched any module
         raise UserError(f"{flag} {source} does not fit the model {model_name}: none of its keys match the "
                         "model's layers (a LoRA for another architecture?)", field=_field(flag))
+    held, loaded = _layers_in_file(weights), _layers_loaded(pipe, name)
+    if loaded < held:  # diffusers drops the keys of a format it did not pick for the file with a warning only
+        pipe.delete_adapters(name)
+        raise UserError(f"{flag} {source}: only {loaded} of its {held} LoRA layers load into {model_name} (its keys "
+                        "mix naming formats, or some layers are not in this model): re-save it in one format, "
+                        "e.g. with diffusers' save_lora_weights", field=_field(flag))
+
+
+_DOWN_SUFFIXES = (".lora_A.weight", ".lora_down.weight", ".lora.down.weight")
+
+
+def _layers_in_file(weights: dict[str, Any]) -> int:
+    """How many LoRA layers a state dict holds: one down (A) matrix per layer in every naming format."""
+    return sum(key.endswith(_DOWN_SUFFIXES) for key in weights)
+
+
+def _layers_loaded(pipe: Any, adapter: str) -> int:
+    """How many modules of the pipeline's UNet and text encoders ``adapter`` reached."""
+    count = 0
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, part, None)
+        if module is not None and hasattr(module, "named_modules"):
+            count += sum(adapter in getattr(m, "lora_A", {}) for _, m in module.named_modules())
+    return count
 
 
 def _adapter_count(pipe: Any) -> int:
