@@ -154,3 +154,29 @@ def test_inputs_sent_together_each_get_a_free_worker_one_after_the_other():
     assert starts["a"] < starts["b"] < starts["c"]
     assert sorted(e.calls[-1].prompt for e in engines) == ["a", "b", "c"]  # one on each worker
     assert studio.metrics.frames_dropped._value.get() == 0
+
+
+def test_the_first_engine_load_runs_alone_then_the_others_together():
+    """diffusers' lazy imports are not safe from two threads at once: the pool's first load is made alone."""
+    import time
+
+    from lcm_live.studio.metrics import StudioMetrics
+    from lcm_live.studio.pool import WorkerPool
+
+    spans: list[tuple[float, float]] = []
+
+    def factory():
+        start = time.monotonic()
+        engine = FakeEngine.from_settings(load_latency_s=0.3)
+        spans.append((start, time.monotonic()))
+        return engine
+
+    pool = WorkerPool([factory] * 3, StudioSettings(), StudioMetrics())
+    pool.start()
+    try:
+        wait_until(lambda: pool.workers_ready == 3, what="three workers ready")
+    finally:
+        pool.stop(2.0)
+    first, *others = sorted(spans)
+    assert all(start >= first[1] for start, _ in others)  # nobody loaded while the first did
+    assert others[1][0] < others[0][1]  # the others, together

@@ -129,7 +129,20 @@ def format_scaling(report: dict[str, Any]) -> str:
         f"latency p50 / p95: {report['latency_p50_ms']} / {report['latency_p95_ms']} ms",
         f"overhead per frame, p50: {report['studio_overhead_p50_ms']} ms (latency minus generation"
         + (")" if report["clients"] == 1 else "; with several clients it includes their waits)"),
-        f"errors: {report['errors'] or 'none'}; passed: {report['passed']}",
+        f"errors: {report['errors'] or 'none'}; passed: {report['passed']}" + _why_not(report),
         f"live_fps: {report['fps_total']}",
     ]
     return "\n".join(lines)
+
+
+def _why_not(report: dict[str, Any]) -> str:
+    """bench_ws's checks that failed (its soak's: a short run of a real model may grow past its RSS bound)."""
+    failed = [what for what, ok in (
+        (f"{report['healthz_failed']} failed /healthz", not report["healthz_failed"]),
+        (f"unhandled in the log: {report['unhandled_in_log']}", not report["unhandled_in_log"]),
+        (f"undocumented: {report['undocumented']}", not report["undocumented"]),
+        (f"RSS grew {report['rss_growth_mb']} MB (bound 50)", report["rss_growth_mb"] < 50),
+        (f"serve exited {report['server_exit_code']}", report["server_exit_code"] == 0),
+        ("no frame", report["frames"] > 0),
+        (f"last inputs lost: {report['last_inputs_lost']}", not report["last_inputs_lost"])) if not ok]
+    return f" ({'; '.join(failed)})" if failed else ""

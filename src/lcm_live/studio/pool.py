@@ -50,6 +50,30 @@ def _sub(slot: str, index: int) -> str:
     return f"{slot}@{index}"
 
 
+def _first_load_alone(factories: list[Callable[..., Any]]) -> list[Callable[..., Any]]:
+    """The factories, the first engine load among them made alone, the others after it, together.
+
+    diffusers imports its pipeline classes lazily, and two threads importing the same one for the first time can
+    fail (``ImportError: cannot import name 'LatentConsistencyModelPipeline' from 'diffusers'``, seen with
+    ``--devices cpu,cpu --model builtin:shapes``); once one load has run, the imports are done."""
+    lock, done = threading.Lock(), threading.Event()
+
+    def alone_first(factory: Callable[..., Any]) -> Callable[..., Any]:
+        def load(*args: Any, **kwargs: Any) -> Any:
+            if not done.is_set():
+                with lock:
+                    if not done.is_set():
+                        try:
+                            return factory(*args, **kwargs)
+                        finally:
+                            done.set()
+            return factory(*args, **kwargs)
+
+        return load
+
+    return [alone_first(factory) for factory in factories]
+
+
 class WorkerPool:
     def __init__(self, engine_factories: list[Callable[[], Any]], settings: StudioSettings, metrics: StudioMetrics,
                  *, on_ready: Callable[[Any], None] | None = None, on_fatal: Callable[[str], None] | None = None,
@@ -64,7 +88,7 @@ class WorkerPool:
         self._stopping = threading.Event()
         self.workers = [Worker(factory, settings, metrics, on_ready=self._worker_ready, on_fatal=on_fatal,
                                name=f"lcm-live-worker-{i}", models=models)
-                        for i, factory in enumerate(engine_factories)]
+                        for i, factory in enumerate(_first_load_alone(engine_factories))]
         self._lost: set[int] = set()  # workers whose jobs were moved away (dead threads)
         self._starts: dict[str, tuple[float, Job]] = {}  # slot -> (when it went to a worker, monotonic; its job)
         self._held: dict[str, list[Job]] = {}  # slot -> its inputs held for their paced starts, oldest first
