@@ -149,6 +149,9 @@ class StudioSettings(BaseModel):
     rest_queue_size: int = Field(2, ge=1)  # POST /api/generate waiting beyond this -> 429
     # POST /api/upscale (studio/upscale_route.py): the output's width * height at most (one clear 422 naming scale)
     max_upscale_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    # serve --upscaler: an ESRGAN-family .safetensors the operator chose (engine/esrgan.py), loaded at start; POST
+    # /api/upscale's "upscaler": "esrgan" | "esrgan+lcm" uses it (a request never names a file)
+    upscaler: str | None = None
     max_ws_message_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(1024 * 1024, ge=64 * 64)  # decoded canvas, width * height

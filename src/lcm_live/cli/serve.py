@@ -41,6 +41,11 @@ def add_parser(subparsers) -> None:
     m.add_argument("--max-loaded-models", type=int, default=None, metavar="N",
                    help="engines each worker keeps loaded, the least recently used evicted past it (default: 1 on "
                         "a CPU, 2 on CUDA)")
+    u = parser.add_argument_group("keep and upscale (POST /api/upscale)")
+    u.add_argument("--upscaler", default=None, metavar="PATH.safetensors",
+                   help="an ESRGAN-family super-resolution model (safetensors only; needs lcm-live[upscale]), "
+                        "loaded at start: the page's Keep and upscale then offers it (\"upscaler\": \"esrgan\" or "
+                        "\"esrgan+lcm\"); requests never name a file")
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=None,
                    help="address to bind (default: 127.0.0.1, this machine only; anything else needs a token)")
@@ -123,7 +128,8 @@ def build_settings(args: argparse.Namespace):
              "frame_format": args.frame_format, "exit_on_failures": args.exit_on_failures or None,
              "ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile,
              "max_loaded_models": getattr(args, "max_loaded_models", None),
-             "similarity_filter": getattr(args, "similarity_filter", None)}
+             "similarity_filter": getattr(args, "similarity_filter", None),
+             "upscaler": getattr(args, "upscaler", None)}
     try:
         values = Settings().studio.model_dump()
         values["token"] = os.environ.get("LCM_LIVE_TOKEN") or values["token"]
@@ -210,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         if server_box:
             server_box[0].should_exit = True
 
-    app = create_app(settings, factory, on_ready=on_ready, on_fatal=on_fatal)
+    app = create_app(settings, factory, on_ready=on_ready, on_fatal=on_fatal)  # loads --upscaler (or refuses it)
     s = settings.studio
     # The connection guard (studio/connections.py) adds what uvicorn lacks: request-head, body, write and close
     # deadlines, per-address and total connection caps that never starve /healthz and /readyz, and a shutdown no
@@ -259,6 +265,9 @@ def run(args: argparse.Namespace) -> int:
     if s.host in ("0.0.0.0", "::"):
         _say("  listening on all interfaces: from another machine use this machine's address instead of 127.0.0.1")
     _say(f"  loading {settings.engine.model} (readyz answers 503 until the model is warm)")
+    if app.state.studio.upscaler is not None:
+        u = app.state.studio.upscaler
+        _say(f"  upscaler: {u.name} ({u.architecture}, {u.scale}x) for Keep and upscale")
     if settings.models:
         _say(f"  models the page may pick: {', '.join(p.name for p in settings.models)} (the first loaded now, "
              f"the others on demand)")
@@ -276,6 +285,9 @@ def run_ray(args: argparse.Namespace, settings) -> int:
     if not args.ray:
         raise UserError("--ray-address, --replicas, --autoscale, --gpus-per-replica and --cpus-per-replica go "
                         "with --ray")
+    if settings.studio.upscaler is not None:
+        raise UserError("--upscaler works without --ray only (the ESRGAN model would run in the ingress): drop "
+                        "one of them")
     if settings.models:
         raise UserError("--ray serves one model: several --model or a --models file work with one machine's "
                         "workers (--devices) only; give one --model with --ray (docs/scaling.md)")

@@ -9,7 +9,10 @@ that is not a single-image super-resolution model is refused. ``spandrel`` is th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,16 @@ class Upscaler:
     scale: int  # its fixed upscaling factor (2, 4, ...)
     model: Any  # spandrel.ImageModelDescriptor, in eval mode on ``device``
     device: str = "cpu"
+    # One run at a time (the studio's upscales share one loaded model; a copy made with dataclasses.replace shares
+    # the lock too).
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # Progress: on_tile(tile, tiles) after each tile of run_upscaler (1-based). The studio sets it on a copy
+    # (dataclasses.replace) per request.
+    on_tile: Callable[[int, int], None] | None = field(default=None, repr=False, compare=False)
+
+    def public(self) -> dict[str, Any]:
+        """What a client may know (GET /api/info): the file's name, never its folder."""
+        return {"name": self.name, "architecture": self.architecture, "scale": self.scale}
 
 
 def _import_spandrel() -> Any:
@@ -80,9 +93,14 @@ TILE = 256  # input pixels per tile side
 PAD = 16  # context pixels on each side of a tile (ESRGAN's receptive field is wider; 16 px hides the seams)
 
 
+def tile_count(width: int, height: int, tile: int = TILE) -> int:
+    """How many tiles run_upscaler runs on a ``width`` x ``height`` input."""
+    return math.ceil(width / tile) * math.ceil(height / tile)
+
+
 def run_upscaler(upscaler: Upscaler, image: Any, *, tile: int = TILE, pad: int = PAD) -> Any:
-    """``image`` (PIL) times the model's own scale, as PIL RGB, tile by tile. Pixels go in and come out in
-    [0, 1], float32."""
+    """``image`` (PIL) times the model's own scale, as PIL RGB, tile by tile (``upscaler.on_tile`` after each).
+    Pixels go in and come out in [0, 1], float32."""
     import numpy as np
     import torch
     from PIL import Image
@@ -92,7 +110,8 @@ def run_upscaler(upscaler: Upscaler, image: Any, *, tile: int = TILE, pad: int =
     h, w = x.shape[-2:]
     s = upscaler.scale
     out = torch.empty(1, 3, h * s, w * s)
-    with torch.inference_mode():
+    tiles, done = tile_count(w, h, tile), 0
+    with upscaler.lock, torch.inference_mode():
         for y0 in range(0, h, tile):
             for x0 in range(0, w, tile):
                 y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
@@ -100,5 +119,8 @@ def run_upscaler(upscaler: Upscaler, image: Any, *, tile: int = TILE, pad: int =
                 y = upscaler.model(x[:, :, cy0:min(y1 + pad, h), cx0:min(x1 + pad, w)])  # (1, 3, ch * s, cw * s)
                 oy, ox = (y0 - cy0) * s, (x0 - cx0) * s
                 out[:, :, y0 * s:y1 * s, x0 * s:x1 * s] = y[:, :, oy:oy + (y1 - y0) * s, ox:ox + (x1 - x0) * s].cpu()
+                done += 1
+                if upscaler.on_tile is not None:
+                    upscaler.on_tile(done, tiles)
     pixels = (out[0].clamp(0, 1).permute(1, 2, 0).float().numpy() * 255.0).round().astype(np.uint8)
     return Image.fromarray(pixels, "RGB")

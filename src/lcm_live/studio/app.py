@@ -51,8 +51,12 @@ class StudioState:
     """Everything one app owns. Mutated on the event loop, except what the worker sets when the model is ready."""
 
     def __init__(self, settings: Settings, engine_factory: Callable[..., Any],
-                 on_ready: Callable[[Any], None] | None, on_fatal: Callable[[str], None] | None):
+                 on_ready: Callable[[Any], None] | None, on_fatal: Callable[[str], None] | None,
+                 upscaler: Any = None):
         self.settings = settings
+        # The operator's ESRGAN model (serve --upscaler; engine/esrgan.py), loaded here, at start, when not given
+        # loaded: a file that is not one fails the start, not the first request.
+        self.upscaler = upscaler if upscaler is not None else load_studio_upscaler(settings)
         self.metrics = StudioMetrics()
         self.models = ModelRegistry.from_settings(settings)  # the presets a request may name (studio/models.py)
         self.params_model: type[GenerationParams] = build_params_model(settings.studio, models=self.models)
@@ -92,6 +96,8 @@ class StudioState:
                                                or bool(raw_dict.get("controlnet")),
                                                ip_adapter=bool(raw_dict.get("ip_adapter")), models=self.models)
         self.info = public_info(raw_dict)
+        if self.upscaler is not None:
+            self.info["upscaler"] = self.upscaler.public()
         gpu = str(raw_dict.get("device", "cpu")).startswith("cuda")
         self.max_sessions = self.settings.studio.max_sessions or (4 if gpu else 1)
         if self._on_ready is not None:
@@ -107,6 +113,17 @@ class StudioState:
         job = partial(decode_canvas, data, max_pixels=s.max_image_pixels, max_side=s.max_image_side,
                       max_jpeg_scans=s.max_jpeg_scans, background=background)
         return await asyncio.get_running_loop().run_in_executor(self.decoder, job)
+
+
+def load_studio_upscaler(settings: Settings) -> Any:
+    """``settings.studio.upscaler`` loaded on the engine's device (None when not set); UserError naming the flag
+    and the fix for a file that is not an ESRGAN-family .safetensors, or without spandrel/torchvision."""
+    if settings.studio.upscaler is None:
+        return None
+    from lcm_live.engine.devices import resolve_device
+    from lcm_live.engine.esrgan import load_upscaler
+
+    return load_upscaler(settings.studio.upscaler, device=str(resolve_device(settings.engine.device)))
 
 
 def default_engine_factory(settings: Settings) -> Callable[..., Any]:
@@ -266,9 +283,13 @@ def create_app(
     *,
     on_ready: Callable[[Any], None] | None = None,
     on_fatal: Callable[[str], None] | None = None,
+    upscaler: Any = None,
 ) -> FastAPI:
+    """``upscaler``: an ESRGAN model already loaded (engine/esrgan.py); else settings.studio.upscaler's is loaded
+    here."""
     settings = settings or Settings()
-    studio = StudioState(settings, engine_factory or default_engine_factory(settings), on_ready, on_fatal)
+    studio = StudioState(settings, engine_factory or default_engine_factory(settings), on_ready, on_fatal,
+                         upscaler=upscaler)
     s = settings.studio
 
     @asynccontextmanager

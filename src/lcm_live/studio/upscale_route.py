@@ -1,13 +1,17 @@
 """``POST /api/upscale``: keep and upscale a frame, on the worker's engine between live frames.
 
 The body is JSON: ``{"image": <base64 PNG, JPEG or WebP, or a data: URL>, "scale": 2 | 4}`` and optionally
-``prompt``, ``negative_prompt``, ``seed``, ``num_inference_steps``, ``guidance_scale``, ``strength`` (default 0.3).
-Fields left out come from the PNG's own ``parameters`` chunk (frames the studio or the CLI saved carry it), then
-from the model's defaults. The recipe is engine/upscale.py's tiled image-to-image: each tile is one worker job in a
-slot of its own, served round-robin with the live sessions, so live frames keep coming between tiles (one tile's
-time at most). Answers with the PNG and its parameters, or, with ``Accept: application/x-ndjson``, a stream of one
-JSON object per line: ``{"type": "upscale", "tile", "tiles"}`` after each tile, then ``{"type": "upscaled",
-"width", "height", "parameters", "image": "data:image/png;base64,..."}`` (or ``{"type": "error", ...}``).
+``prompt``, ``negative_prompt``, ``seed``, ``num_inference_steps``, ``guidance_scale``, ``strength`` (default 0.3),
+``upscaler``. Fields left out come from the PNG's own ``parameters`` chunk (frames the studio or the CLI saved carry
+it), then from the model's defaults. The recipe is engine/upscale.py's tiled image-to-image: each tile is one worker
+job in a slot of its own, served round-robin with the live sessions, so live frames keep coming between tiles (one
+tile's time at most). ``"upscaler": "esrgan"`` replaces the Lanczos step with the ESRGAN model the operator loaded
+(``serve --upscaler``; engine/esrgan.py) and stops there; ``"esrgan+lcm"`` follows it with the tiled pass. The
+ESRGAN model runs on this request's own thread (not a worker job: one request at a time, its lock), so on a CPU it
+shares the cores with the live frames while it runs. Answers with the PNG and its parameters, or, with ``Accept:
+application/x-ndjson``, a stream of one JSON object per line: ``{"type": "upscale", "stage": "esrgan", "tile",
+"tiles"}`` after each ESRGAN tile, ``{"type": "upscale", "tile", "tiles"}`` after each LCM tile, then ``{"type":
+"upscaled", "width", "height", "parameters", "image": "data:image/png;base64,..."}`` (or ``{"type": "error", ...}``).
 
 Limits as the other REST routes: the token and Host/Origin rules, ``max_body_bytes``, the canvas limits; one
 upscale at a time per client address (another gets 429), at most ``rest_queue_size`` at once; the output at most
@@ -20,6 +24,7 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import dataclasses
 import json
 import secrets
 import struct
@@ -75,6 +80,9 @@ class UpscaleBody(BaseModel):
     lora_scales: dict[str, float] | None = None
     strength: float | None = Field(None, description="how much each tile is redrawn; low keeps the frame (default: "
                                    "0.3, or 1 / steps where img2img runs steps * strength steps)")
+    upscaler: Literal["lcm", "esrgan", "esrgan+lcm"] = Field(
+        "lcm", description="lcm: Lanczos then the tiled LCM pass; esrgan: the server's ESRGAN model (serve "
+        "--upscaler) alone; esrgan+lcm: the ESRGAN model, then the tiled pass")
 
 
 class TileFailed(Exception):
@@ -163,12 +171,12 @@ def add_upscale_routes(app: FastAPI, studio: StudioState, dependencies: list) ->
         stop = threading.Event()
         handed_over = False
         try:
-            upscale_request, frame, tile_params = await _read(request)
+            upscale_request, frame, tile_params, choice = await _read(request)
             run = partial(_run_upscale, studio, asyncio.get_running_loop(), slot, stop, upscale_request, frame,
-                          tile_params)
+                          tile_params, choice)
             if NDJSON in request.headers.get("accept", ""):
                 handed_over = True  # the stream clears ``active`` when it ends
-                return StreamingResponse(_stream(run, client, slot, stop, _tile_count(upscale_request)),
+                return StreamingResponse(_stream(run, client, slot, stop, _event_count(upscale_request, choice)),
                                          media_type=NDJSON)
             image, parameters = await _watching(request, stop, asyncio.ensure_future(asyncio.to_thread(run, None)))
             png = await asyncio.to_thread(encode_png_with_parameters, image, parameters)
@@ -193,11 +201,10 @@ def add_upscale_routes(app: FastAPI, studio: StudioState, dependencies: list) ->
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue(maxsize=tiles)  # one progress event per tile, never more
 
-        def on_tile(event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, {"type": "upscale", "tile": event.tile,
-                                                          "tiles": event.tiles})
+        def on_progress(event: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
 
-        task = asyncio.ensure_future(asyncio.to_thread(run, on_tile))
+        task = asyncio.ensure_future(asyncio.to_thread(run, on_progress))
         try:
             while not task.done() or not events.empty():
                 getter = asyncio.ensure_future(events.get())
@@ -221,8 +228,9 @@ def add_upscale_routes(app: FastAPI, studio: StudioState, dependencies: list) ->
         finally:
             _finish(client, slot, stop)
 
-    async def _read(request: Request) -> tuple[UpscaleRequest, dict[str, Any], Any]:
-        """The body, checked: the upscale request, the frame's own parameters, and the tiles' live params."""
+    async def _read(request: Request) -> tuple[UpscaleRequest, dict[str, Any], Any, str]:
+        """The body, checked: the upscale request, the frame's own parameters, the tiles' live params (None
+        without the tiled pass) and the ``upscaler`` choice."""
         try:
             body = await request.body()  # GuardMiddleware caps it at max_body_bytes while it streams in
         except ClientDisconnect:
@@ -245,6 +253,11 @@ def add_upscale_routes(app: FastAPI, studio: StudioState, dependencies: list) ->
         except ValidationError as exc:
             error = validation_error_to_user_error(exc)
             raise ApiError(422, "invalid_params", error.message, error.field) from None
+        if fields.upscaler != "lcm" and studio.upscaler is None:  # before the image is decoded: costs nothing
+            raise ApiError(422, "invalid_params", f"upscaler={fields.upscaler!r}: this server has no ESRGAN model "
+                           "(its operator loads one with lcm-live serve --upscaler PATH.safetensors; GET /api/info "
+                           "names it when loaded): send \"upscaler\": \"lcm\" (the tiled LCM pass) or leave it out",
+                           "upscaler")
         raw = await _b64(image_b64)
         try:
             image = await studio.decode_canvas(raw)
@@ -260,6 +273,8 @@ def add_upscale_routes(app: FastAPI, studio: StudioState, dependencies: list) ->
             strength=fields.strength), frame)
         if req.seed is None:
             req.seed = secrets.randbits(32)
+        if fields.upscaler == "esrgan":  # the ESRGAN model alone: no tile runs, no generation values to check
+            return req, frame, None, fields.upscaler
         model = studio.params_model
         if req.strength is None:
             steps = req.num_inference_steps or model.model_fields["num_inference_steps"].default
@@ -279,7 +294,7 @@ def add_upscale_routes(app: FastAPI, studio: StudioState, dependencies: list) ->
         if isinstance(values["guidance_scale"], int):
             values["guidance_scale"] = float(values["guidance_scale"])
         tile_params = parse_params(model, {k: v for k, v in values.items() if v is not None})
-        return req, frame, tile_params
+        return req, frame, tile_params, fields.upscaler
 
     def _frame(raw: bytes) -> dict[str, Any]:
         """The frame's own parameters (its PNG chunk), {} without one; a chunk that is not a JSON object is
@@ -296,10 +311,11 @@ def add_upscale_routes(app: FastAPI, studio: StudioState, dependencies: list) ->
 
 
 def _run_upscale(studio: StudioState, loop: asyncio.AbstractEventLoop, slot: str, stop: threading.Event,
-                 request: UpscaleRequest, frame: dict[str, Any], tile_params: Any,
-                 on_tile: Any) -> tuple[Any, dict[str, Any]]:
-    """On a thread of its own: the recipe, each tile a worker job in ``slot``; (image, public parameters). Jobs
-    are submitted and cancelled on the event loop, where every worker kind takes them (Ray's needs the loop)."""
+                 request: UpscaleRequest, frame: dict[str, Any], tile_params: Any, choice: str,
+                 on_progress: Any) -> tuple[Any, dict[str, Any]]:
+    """On a thread of its own: the recipe, each tile a worker job in ``slot`` (the ESRGAN model, for ``choice``
+    esrgan*, on this thread); (image, public parameters). ``on_progress(event dict)`` after each tile. Jobs are
+    submitted and cancelled on the event loop, where every worker kind takes them (Ray's needs the loop)."""
     s = studio.settings.studio
     wait = s.queue_wait_timeout_s + s.generation_timeout_s + 5
 
@@ -328,9 +344,24 @@ def _run_upscale(studio: StudioState, loop: asyncio.AbstractEventLoop, slot: str
             raise TileFailed(code, f"tile {index + 1}: {message}", field)
         return outcome[1], outcome[2]
 
+    def on_tile(event: Any) -> None:
+        if on_progress is not None:
+            on_progress({"type": "upscale", "tile": event.tile, "tiles": event.tiles})
+
+    def on_esrgan_tile(tile: int, tiles: int) -> None:
+        if on_progress is not None:
+            on_progress({"type": "upscale", "stage": "esrgan", "tile": tile, "tiles": tiles})
+        if stop.is_set() and tile < tiles:
+            raise Cancelled("the client went away")
+
+    upscaler = None
+    if choice != "lcm":  # a copy of the loaded model that reports this request's progress (the same lock)
+        upscaler = dataclasses.replace(studio.upscaler, on_tile=on_esrgan_tile)
+    refine = choice != "esrgan"
     try:
-        image, parameters = upscale(None, request, frame=frame, max_pixels=s.max_upscale_pixels, tile_fn=tile_fn,
-                                    callback=on_tile)
+        image, parameters = upscale(None, request, frame=frame, max_pixels=s.max_upscale_pixels,
+                                    tile_fn=tile_fn if refine else None, callback=on_tile, upscaler=upscaler,
+                                    refine=refine)
     except Cancelled:
         raise TileFailed("cancelled", "the upscale was cancelled", None) from None
     parameters.pop("previews", None)
@@ -353,11 +384,19 @@ async def _watching(request: Request, stop: threading.Event, task: asyncio.Futur
     return task.result()
 
 
-def _tile_count(request: UpscaleRequest) -> int:
-    """How many tiles the upscale of ``request`` (its tile size set) runs."""
+def _event_count(request: UpscaleRequest, choice: str) -> int:
+    """How many progress events the upscale of ``request`` (its tile size set) sends: one per tile, ESRGAN's and
+    the LCM pass's."""
     width, height = request.image.size
-    tile, overlap = resolve_tiling(request.tile_size, request.tile_overlap, request.tile_size)
-    return len(plan_tiles(width * request.scale, height * request.scale, tile, overlap)[1])
+    count = 0
+    if choice != "lcm":
+        from lcm_live.engine.esrgan import tile_count
+
+        count += tile_count(width, height)
+    if choice != "esrgan":
+        tile, overlap = resolve_tiling(request.tile_size, request.tile_overlap, request.tile_size)
+        count += len(plan_tiles(width * request.scale, height * request.scale, tile, overlap)[1])
+    return count
 
 
 def _error_line(code: str, message: str, field: str | None) -> str:
