@@ -197,3 +197,25 @@ def test_the_openvino_backend_is_refused_with_an_ip_adapter(tiny_lcm_dir, adapte
     with pytest.raises(UserError) as excinfo:
         _engine(tiny_lcm_dir, adapter, backend="openvino")
     assert excinfo.value.field == "backend" and "--ip-adapter" in excinfo.value.message
+
+
+def test_sdxl_takes_an_sdxl_adapter_as_diffusers_does(tmp_path):
+    """SDXL's added_cond_kwargs (pooled text, size ids) with the image embeddings beside them."""
+    import torch
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
+    from lcm_live.engine.tiny import save_tiny_sdxl_pipeline
+
+    model = save_tiny_sdxl_pipeline(tmp_path / "sdxl")
+    adapter = _save_adapter(tmp_path / "ipa", model, seed=2)
+    engine = _engine(model, adapter)
+    ours = engine.generate(_request(ip_adapter_image=_reference()))
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name)
+    reference = pipe("a red circle", ip_adapter_image=_reference(), num_inference_steps=4,
+                     guidance_scale=engine.info.default_guidance_scale, width=TINY_SIZE, height=TINY_SIZE,
+                     generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
+    assert np.abs(_pixels(ours) - reference * 255).max() <= 1.0
+    assert np.abs(_pixels(ours) - _pixels(engine.generate(_request()))).mean() > 1
