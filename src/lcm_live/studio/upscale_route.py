@@ -271,10 +271,13 @@ def add_upscale_routes(app: FastAPI, studio: StudioState, dependencies: list) ->
             image=image, scale=fields.scale, prompt=fields.prompt or "", negative_prompt=fields.negative_prompt,
             seed=fields.seed, num_inference_steps=fields.num_inference_steps, guidance_scale=fields.guidance_scale,
             strength=fields.strength), frame)
+        if fields.upscaler == "esrgan":  # the ESRGAN model alone: no tile runs, no generation values to check;
+            # the frame's values as the body gives them (a page's JPEG frame has no chunk) go into the output's
+            own = {k: getattr(req, k) for k in ("prompt", "negative_prompt", "seed", "num_inference_steps",
+                                                "guidance_scale")}
+            return req, {**frame, **{k: v for k, v in own.items() if v not in (None, "")}}, None, fields.upscaler
         if req.seed is None:
             req.seed = secrets.randbits(32)
-        if fields.upscaler == "esrgan":  # the ESRGAN model alone: no tile runs, no generation values to check
-            return req, frame, None, fields.upscaler
         model = studio.params_model
         if req.strength is None:
             steps = req.num_inference_steps or model.model_fields["num_inference_steps"].default

@@ -18,6 +18,7 @@ import { setupPopout } from "./popout.js";
 import { setupRecording } from "./recorder.js";
 import { applyEntry, restoreEntry, saveEntry } from "./restore.js";
 import { setupToolbar } from "./toolbar.js";
+import { showUpscalers } from "./upscale.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -303,6 +304,7 @@ setInterval(() => {
 
 function showInfo(info) {
   conditioning.setInfo(info); // the ControlNets' names
+  showUpscalers(info); // Keep and upscale: the server's ESRGAN model, when it has one
   const parts = [info.model, info.kind, info.device, info.dtype].filter(Boolean);
   els.model.textContent = parts.join(" · ");
   banners.notice(info.notice || "");
