@@ -19,14 +19,13 @@ only its own jobs. Clients cannot tell a batched frame from a single one.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 from lcm_live.config import StudioSettings
 from lcm_live.engine.hooks import Cancelled, StepEvent
@@ -34,46 +33,13 @@ from lcm_live.errors import UserError
 from lcm_live.studio.batching import job_batch_key, resolve_max_batch_size
 from lcm_live.studio.failures import describe_failures, is_oom  # noqa: F401 (is_oom: re-exported)
 from lcm_live.studio.images import prepare_canvas
+from lcm_live.studio.jobs import Job, JobSink  # noqa: F401 (JobSink: re-exported)
 from lcm_live.studio.metrics import StudioMetrics
 from lcm_live.studio.models import ModelRegistry
-from lcm_live.studio.params import GenerationParams, device_type, engine_info, native_size
+from lcm_live.studio.params import device_type, engine_info, native_size
 from lcm_live.studio.switching import ModelLoadFailed, ModelSwitcher
 
 log = logging.getLogger("lcm_live.studio")
-
-_job_ids = itertools.count(1)
-
-
-class JobSink(Protocol):
-    """Where a job's results go. Called on the worker thread; implementations must not block."""
-
-    def wants_preview(self) -> bool: ...  # False while the previous frame is still unsent: skip decoding one
-
-    def on_frame(self, job: Job, image: Any, *, final: bool, step: int, total: int, generation_s: float,
-                 parameters: dict[str, Any]) -> None: ...
-
-    def on_error(self, job: Job, code: str, message: str, field: str | None) -> None: ...
-
-    def on_done(self, job: Job, outcome: str) -> None: ...  # "ok" | "cancelled" | "error" | "replaced"
-
-
-@dataclass(eq=False)
-class Job:
-    params: GenerationParams
-    sink: JobSink
-    canvas: Any = None  # PIL RGB image for img2img, any size (fitted to width x height on the worker)
-    mask: Any = None  # PIL "L" mask layer (white = redraw), the canvas's size; fitted with it
-    init_image: Any = None  # control mode with a mask: the picture to keep outside the mask (the last frame)
-    region_masks: list[Any] = field(default_factory=list)  # PIL "L", one per params.regions item
-    images: dict[str, Any] = field(default_factory=dict)  # reference, control_images (studio/layers.py JobInputs)
-    input: int = 0  # the session's input count when it was made: frames say which input they show
-    submitted: float = field(default_factory=time.monotonic)  # when the input was accepted
-    loading_at_submit: float = 0.0  # the worker's model-load seconds so far when it was queued (not a wait)
-    id: int = field(default_factory=lambda: next(_job_ids))
-    cancel_reason: str | None = None  # set from other threads: "superseded" | "closed" | "shutdown"
-    timed_out: bool = False
-    started: float | None = None
-
 
 @dataclass
 class _Run:
