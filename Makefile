@@ -17,7 +17,7 @@ $(BIN)/python:
 # torch first, pinned: the CPU build that lies on this disk (a loose `torch` would pull a CUDA build).
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,openvino,ray]"
+	$(BIN)/pip install -q -e ".[dev,openvino,ray,tome]"
 	$(BIN)/pip install -q --no-deps "spandrel>=0.4" "einops>=0.7"
 	touch $(STAMP)
 
