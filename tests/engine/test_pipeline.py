@@ -261,9 +261,16 @@ def test_info_and_warmup(lcm):
     assert info["model"] == "tiny-lcm" and info["kind"] == "lcm" and info["default_guidance_scale"] == 8.0
     assert (info["native_width"], info["native_height"], info["device"], info["dtype"]) == (SIZE, SIZE, "cpu",
                                                                                             "float32")
-    timings = lcm.warmup(SIZE, SIZE, 1)
+    encoded: list[tuple[int, ...]] = []
+    original = lcm.pipe.vae.encode
+    lcm.pipe.vae.encode = lambda images, *a, **k: encoded.append(tuple(images.shape)) or original(images, *a, **k)
+    try:
+        timings = lcm.warmup(SIZE, SIZE, 1)
+    finally:
+        lcm.pipe.vae.encode = original
     assert timings["total"] > 0
     assert lcm._preview._map is not None  # the preview's calibration happens in warm-up, not at the first frame
+    assert (1, 3, SIZE, SIZE) in encoded  # sketch mode's encoder ran at this size (its first call: a conversion)
 
 
 @pytest.mark.parametrize("compiled", [True, False])

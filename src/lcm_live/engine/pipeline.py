@@ -307,6 +307,7 @@ class Engine:
             self._preview.calibrate_once()
         result = self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=num_inference_steps,
                                                  width=width, height=height, seed=0))
+        self._warm_encoder(width, height)
         if self.controlnets or self.ip_embeddings is not None:
             # Lines mode's first frame: the ControlNets, and on OpenVINO the UNet's IR with residual inputs
             # (minutes to convert), here rather than mid-session; the IP-Adapter's image encoder's first call.
@@ -330,6 +331,16 @@ class Engine:
             result = self.generate(GenerationRequest(prompt="warm-up", num_inference_steps=num_inference_steps,
                                                      width=width, height=height, seed=0))  # the int8 UNet's first
         return result.timings
+
+    def _warm_encoder(self, width: int | None, height: int | None) -> None:
+        """Sketch mode's first frame encodes the canvas: the encoder's first call at this size (on OpenVINO its
+        conversion and compile, seconds on a CPU) happens here rather than in a session's first sketch frame."""
+        import torch
+
+        width, height = resolve_size(GenerationRequest(prompt="", width=width, height=height),
+                                     self.loaded.native_width, self.loaded.native_height)
+        with torch.inference_mode():
+            self.pipe.vae.encode(torch.zeros(1, 3, height, width, device=self.device, dtype=self.dtype))
 
     def calibrate(self, width: int | None = None, height: int | None = None, num_inference_steps: int = 4,
                   max_generations: int = 64) -> int:
