@@ -2,7 +2,8 @@
 ControlNets cost a denoising step, on the real architecture with random weights (no download).
 
 1. Build the architecture (sd15: LCM_Dreamshaper_v7's shapes) in float32, cast to the engine's dtype, TAESD as
-   decoder, the torch backend (an IP-Adapter runs there: engine/pipeline.py). With ``--ip-adapter``: an IP-Adapter
+   decoder, the torch backend (an IP-Adapter runs there: engine/pipeline.py) with the engine's speed-ups
+   (``apply_speedups``: channels_last, ...). With ``--ip-adapter``: an IP-Adapter
    of the real shapes (CLIP ViT-H/14's image encoder, the base adapter's projection and ``to_k_ip``/``to_v_ip``
    layers) attached through the engine's own path (engine/ip_adapter.py). With ``--controlnet A --controlnet B``:
    one random ControlNet of the architecture's shape per name (the names only label them).
@@ -111,6 +112,7 @@ def _engine(config: ConditioningConfig, device: Any, dtype: Any) -> tuple[Any, d
     from lcm_live.engine.memory import release_freed_memory
     from lcm_live.engine.model import LoadedModel
     from lcm_live.engine.pipeline import Engine
+    from lcm_live.engine.speedups import apply_speedups
 
     setup = {}
     t0 = time.perf_counter()
@@ -140,7 +142,8 @@ def _engine(config: ConditioningConfig, device: Any, dtype: Any) -> tuple[Any, d
                          native_height=size, controlnet=combine(nets) if nets else None,
                          controlnet_name=" + ".join(config.controlnets) or None,
                          controlnet_names=list(config.controlnets), ip_adapter_name=name)
-    return Engine(loaded, settings, device, dtype), setup
+    applied = apply_speedups(pipe, settings, device, dtype)  # channels_last etc., as generate/serve apply them
+    return Engine(loaded, settings, device, dtype, speedups=applied), setup
 
 
 def _variants(config: ConditioningConfig) -> dict[str, dict[str, Any]]:
@@ -206,7 +209,7 @@ def run_conditioning_bench(config: ConditioningConfig) -> dict[str, Any]:
     plain_cpu = summarize(cpu_per_step["plain"])["median"] if cpu_per_step["plain"] else None
     report = {
         "config": asdict(config), "machine": machine, "load_after": current_load(), "setup": setup,
-        "dtype": str(dtype).removeprefix("torch."), "backend": "torch",
+        "dtype": str(dtype).removeprefix("torch."), "backend": "torch", "speedups": list(engine.info.speedups),
         "image_encoder_once_s": encoder_s,
         "embedding_cache": None if engine.ip_embeddings is None else {"hits": engine.ip_embeddings.hits,
                                                                       "misses": engine.ip_embeddings.misses},
@@ -226,7 +229,7 @@ def run_conditioning_bench(config: ConditioningConfig) -> dict[str, Any]:
 def format_conditioning(report: dict[str, Any]) -> str:
     c, m = report["config"], report["machine"]
     lines = [f"conditioning bench: {c['arch']} {c['width']}x{c['height']}, {c['num_inference_steps']} steps, "
-             f"{report['dtype']} torch, {m.get('cpu') or m.get('gpu') or ''}",
+             f"{report['dtype']} torch ({', '.join(report['speedups'])}), {m.get('cpu') or m.get('gpu') or ''}",
              f"load before {m.get('load_average_1m')}, after {report['load_after']} ({m.get('started_utc')})"]
     if report["image_encoder_once_s"] is not None:
         lines.append(f"image encoder (once per reference image, then cached): {report['image_encoder_once_s']:.2f} s")
