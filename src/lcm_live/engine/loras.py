@@ -138,6 +138,7 @@ def apply_loras(pipe: Any, loras: list[LoraWeights], *, model_name: str) -> None
 
 
 def _load_one(pipe: Any, weights: dict[str, Any], name: str, *, source: str, flag: str, model_name: str) -> None:
+    _check_one_format(weights, source=source, flag=flag)
     before = _adapter_count(pipe)
     try:
         with quiet_logs():  # diffusers logs the whole size-mismatch wall before it raises
@@ -147,30 +148,24 @@ def _load_one(pipe: Any, weights: dict[str, Any], name: str, *, source: str, fla
     if _adapter_count(pipe) == before:  # diffusers only warns when no key matched any module
         raise UserError(f"{flag} {source} does not fit the model {model_name}: none of its keys match the "
                         "model's layers (a LoRA for another architecture?)", field=_field(flag))
-    held, loaded = _layers_in_file(weights), _layers_loaded(pipe, name)
-    if loaded < held:  # diffusers drops the keys of a format it did not pick for the file with a warning only
-        pipe.delete_adapters(name)
-        raise UserError(f"{flag} {source}: only {loaded} of its {held} LoRA layers load into {model_name} (its keys "
-                        "mix naming formats, or some layers are not in this model): re-save it in one format, "
-                        "e.g. with diffusers' save_lora_weights", field=_field(flag))
 
 
-_DOWN_SUFFIXES = (".lora_A.weight", ".lora_down.weight", ".lora.down.weight")
+# The down (A) matrix of a LoRA layer under each naming format diffusers reads: peft's, diffusers' older one, kohya's.
+_DOWN_SUFFIXES = {"peft (lora_A)": ".lora_A.weight", "diffusers (lora.down)": ".lora.down.weight",
+                  "kohya (lora_down)": ".lora_down.weight"}
 
 
-def _layers_in_file(weights: dict[str, Any]) -> int:
-    """How many LoRA layers a state dict holds: one down (A) matrix per layer in every naming format."""
-    return sum(key.endswith(_DOWN_SUFFIXES) for key in weights)
-
-
-def _layers_loaded(pipe: Any, adapter: str) -> int:
-    """How many modules of the pipeline's UNet and text encoders ``adapter`` reached."""
-    count = 0
-    for part in ("unet", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, part, None)
-        if module is not None and hasattr(module, "named_modules"):
-            count += sum(adapter in getattr(m, "lora_A", {}) for _, m in module.named_modules())
-    return count
+def _check_one_format(weights: dict[str, Any], *, source: str, flag: str) -> None:
+    """diffusers reads a LoRA file in the one format its keys suggest and drops the layers named in another with
+    a warning only (a file mixing peft's names for its convolutions with diffusers' older ones for its attention
+    lost its attention layers that way). Layers a model lacks (BK-SDM under SD1.5's LCM-LoRA) are not this."""
+    counts = {name: sum(key.endswith(suffix) for key in weights) for name, suffix in _DOWN_SUFFIXES.items()}
+    found = {name: n for name, n in counts.items() if n}
+    if len(found) > 1:
+        mix = ", ".join(f"{n} layers named as {name}" for name, n in found.items())
+        raise UserError(f"{flag} {source} mixes LoRA naming formats ({mix}): diffusers would load one and drop "
+                        "the others' layers; re-save it in one format, e.g. with diffusers' save_lora_weights",
+                        field=_field(flag))
 
 
 def _adapter_count(pipe: Any) -> int:
