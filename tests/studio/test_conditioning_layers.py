@@ -111,3 +111,34 @@ def test_a_session_with_a_reference_image_and_two_controlnets(engine):
         assert np.abs(a - b).mean() > 0.5
         ws.send_bytes(_layer(b"n", 1, b""))  # net 1's layer cleared: it sits out, another frame
         assert next_final(ws)["type"] == "frame"
+
+
+@pytest.mark.timeout(240)
+def test_rest_takes_the_reference_image_and_the_other_controlnets_images(engine):
+    """POST /api/generate takes layers i and n+k inline (ip_adapter_image, control_images), so the page's Save
+    renders a frame made with them again; refusals name the field."""
+    import base64
+
+    lines = Image.new("RGB", (128, 128), "white")
+    ImageDraw.Draw(lines).line([(0, 127), (127, 0)], fill="black", width=6)
+    b64 = lambda image: base64.b64encode(_png(image)).decode()  # noqa: E731
+    body = {"mode": "control", "prompt": "a red circle", "seed": 5, "width": 128, "height": 128,
+            "num_inference_steps": 2, "ip_adapter_scale": 0.8, "image": b64(lines)}
+    with running_studio(engine, warmup_width=128, warmup_height=128) as (client, _, state):
+        wait_until(lambda: state.worker.ready, timeout=120, what="ready")
+        encoded = engine.ip_embeddings.misses
+        plain = client.post("/api/generate", json=body)
+        both = client.post("/api/generate", json={**body, "ip_adapter_image": b64(Image.new("RGB", (40, 40), "red")),
+                                                  "control_images": [b64(lines.rotate(90))]})
+        assert plain.status_code == both.status_code == 200, (plain.text, both.text)
+        assert engine.ip_embeddings.misses == encoded + 1  # the reference image reached the engine
+        a, b = (np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), dtype=np.float64) for r in (plain, both))
+        assert np.abs(a - b).mean() > 0.5
+        for extra, field in [({"control_images": [b64(lines), b64(lines)]}, "control_images"),
+                             ({"control_images": "not a list"}, "control_images"),
+                             ({"control_images": [b64(lines)], "mode": "txt2img", "image": None}, "control_images"),
+                             ({"ip_adapter_image": "%%%"}, "ip_adapter_image"),
+                             ({"control_images": ["aGVsbG8="]}, "control_images.0")]:
+            sent = {k: v for k, v in {**body, **extra}.items() if v is not None}
+            refused = client.post("/api/generate", json=sent)
+            assert refused.status_code == 422 and refused.json()["field"] == field, (extra, refused.text)

@@ -8,6 +8,7 @@ frame comes with them; History keeps those layers with the frame and Restore sen
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 
@@ -141,13 +142,16 @@ def test_reference_image_and_two_controlnets_from_the_page(page, tmp_path):
     assert page.input_value("#cn-1-control_guidance_end") == "0.5"
     assert page.is_hidden("#banner-error"), page.inner_text("#banner-error")
 
-    # Save re-renders through POST /api/generate, which takes neither image: the page says so.
-    with page.expect_download(timeout=FRAME_TIMEOUT_MS) as download:
+    # Save re-renders through POST /api/generate with the frame's reference image and net 2's image inline.
+    with page.expect_request("**/api/generate") as request, \
+            page.expect_download(timeout=FRAME_TIMEOUT_MS) as download:
         page.click("#history-save")
+    body = request.value.post_data_json
+    assert base64.b64decode(body["ip_adapter_image"]) == sent[0]
+    assert len(body["control_images"]) == 1 and base64.b64decode(body["control_images"][0])[:4] == b"RIFF"
     with Image.open(download.value.path()) as png:
         assert json.loads(png.text["parameters"])["mode"] == "control"
-    page.wait_for_selector("#banner-error.is-warning:not([hidden])")
-    assert "Saved without the reference image" in page.inner_text("#banner-error")
+    assert page.is_hidden("#banner-error"), page.inner_text("#banner-error")
     assert page.problems == [], json.dumps(page.problems)
 
 

@@ -21,7 +21,7 @@ from lcm_live.studio.http_errors import ApiError
 from lcm_live.studio.images import encode_png_with_parameters
 from lcm_live.studio.json_input import JsonRefused, loads_checked
 from lcm_live.studio.layers import as_mask
-from lcm_live.studio.params import CANVAS_MODES, modes_of, parse_params
+from lcm_live.studio.params import CANVAS_MODES, CONTROL_MODE, modes_of, parse_params
 from lcm_live.studio.public import public_parameters
 from lcm_live.studio.worker import Job
 
@@ -100,6 +100,7 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
         if not isinstance(data, dict):
             raise ApiError(422, "invalid_params", "the body must be a JSON object of params")
         image_b64, mask_b64 = data.pop("image", None), data.pop("mask", None)
+        reference_b64, controls_b64 = data.pop("ip_adapter_image", None), data.pop("control_images", None)
         regions = data.get("regions")
         region_b64 = [r.pop("mask", None) if isinstance(r, dict) else None
                       for r in (regions if isinstance(regions, list) else [])]
@@ -132,9 +133,10 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
                          f"{canvas.size[0]}x{canvas.size[1]}")
             mask = mask.resize(canvas.size)
         region_masks = [await _decode_mask(b64, studio, f"regions.{k}.mask") for k, b64 in enumerate(region_b64)]
+        images = await _conditioning_images(params, reference_b64, controls_b64, studio)
         try:
             studio.worker.submit(slot, Job(params=params, sink=sink, canvas=canvas, mask=mask,
-                                           region_masks=region_masks))
+                                           region_masks=region_masks, images=images))
         except RuntimeError:
             raise ApiError(503, "not_ready", "the server is shutting down") from None
         try:
@@ -171,18 +173,45 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
                         headers={"Content-Disposition": f'inline; filename="lcm-live-{seed}.png"'})
 
 
-async def _decode_image(image_b64: str, studio: StudioState) -> Any:
+async def _conditioning_images(params: Any, reference_b64: Any, controls_b64: Any,
+                               studio: StudioState) -> dict[str, Any]:
+    """The IP-Adapter's reference image and ControlNets 1..N-1's images (the WebSocket's layers i and n+k),
+    inline as base64: ``ip_adapter_image`` and ``control_images`` (a list, null where a net sits out)."""
+    images: dict[str, Any] = {}
+    if reference_b64 is not None:
+        if "ip_adapter_scale" not in type(params).model_fields:
+            raise ApiError(422, "invalid_params", "\"ip_adapter_image\": this server loads no IP-Adapter (serve "
+                           "--ip-adapter ID_OR_PATH): drop the field", "ip_adapter_image")
+        images["reference"] = await _decode_image(reference_b64, studio, "ip_adapter_image")
+    if controls_b64 is not None:
+        nets = getattr(type(params), "controlnets", 0)
+        if nets < 2 or params.mode != CONTROL_MODE:
+            raise ApiError(422, "invalid_params", "\"control_images\" are ControlNets 2.. 's images: with several "
+                           f"ControlNets loaded (this server: {nets}) and \"mode\": \"{CONTROL_MODE}\"",
+                           "control_images")
+        if not isinstance(controls_b64, list) or len(controls_b64) != nets - 1:
+            raise ApiError(422, "invalid_params", f"\"control_images\" must be a list of {nets - 1} base64 images "
+                           "(null where a net sits out), one per ControlNet after the first", "control_images")
+        images["control_images"] = [None if b64 is None else
+                                    await _decode_image(b64, studio, f"control_images.{k}")
+                                    for k, b64 in enumerate(controls_b64)]
+    return images
+
+
+async def _decode_image(image_b64: Any, studio: StudioState, field: str = "image") -> Any:
+    if not isinstance(image_b64, str) or not image_b64:
+        raise ApiError(422, "invalid_image", f"\"{field}\" must be a base64 PNG, JPEG or WebP", field)
     if "," in image_b64[:100] and image_b64.startswith("data:"):
         image_b64 = image_b64.split(",", 1)[1]  # a data: URL from a canvas.toDataURL()
     try:
         raw = await asyncio.to_thread(base64.b64decode, image_b64, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(422, "invalid_image", "\"image\" is not valid base64", "image") from None
+        raise ApiError(422, "invalid_image", f"\"{field}\" is not valid base64", field) from None
     try:
         return await studio.decode_canvas(raw)
     except UserError as exc:
         studio.metrics.rejected.labels(reason="invalid_image").inc()
-        raise ApiError(422, "invalid_image", exc.message, "image") from None
+        raise ApiError(422, "invalid_image", exc.message, field) from None
 
 
 async def _decode_mask(mask_b64: Any, studio: StudioState, field: str) -> Any:

@@ -118,7 +118,8 @@ export class OutputView {
 
 /**
  * Save: render the shown frame again through POST /api/generate (same params and seed) and download the PNG.
- * layers: Map "mask" / "region:K" -> the layer images sent (REST takes them inline: `mask`, `regions[k].mask`).
+ * layers: Map "mask" / "region:K" / "reference" / "control:K" -> the layer images sent (REST takes them inline:
+ * `mask`, `regions[k].mask`, `ip_adapter_image`, `control_images[k-1]`).
  */
 export async function saveFrame({ params, canvasBlob, layers = new Map() }) {
   const body = { ...params };
@@ -130,6 +131,16 @@ export async function saveFrame({ params, canvasBlob, layers = new Map() }) {
     body.regions = await Promise.all(body.regions.map(async (r, k) => {
       const mask = layers.get(`region:${k}`);
       return mask ? { ...r, mask: await blobToBase64(mask) } : r;
+    }));
+  }
+  if ("ip_adapter_scale" in body && layers.get("reference")) {
+    body.ip_adapter_image = await blobToBase64(layers.get("reference"));
+  }
+  if (body.mode === "control" && Array.isArray(body.controlnet_conditioning_scale)) {
+    const nets = body.controlnet_conditioning_scale.length; // several nets: one image each after the canvas
+    body.control_images = await Promise.all(Array.from({ length: nets - 1 }, (_, k) => {
+      const blob = layers.get(`control:${k + 1}`);
+      return blob ? blobToBase64(blob) : null;
     }));
   }
   const res = await fetch("api/generate", {

@@ -115,12 +115,6 @@ export async function saveEntry(entry, { fields, button, banners }) {
   try {
     await saveFrame({ params: frameParams(entry.info, fields), canvasBlob: entry.canvas, layers: entry.layers });
     banners.clear("save");
-    // POST /api/generate takes the canvas, the mask and the regions' masks, not these: said, not hidden.
-    const missing = [...entry.layers.keys()].some((k) => k === "reference" || k.startsWith("control:"));
-    if (missing) {
-      banners.show("Saved without the reference image and the other ControlNets' images (POST /api/generate does "
-        + "not take them): the PNG may differ from the frame.", { source: "save", warning: true, autoHideMs: 10000 });
-    }
   } catch (err) {
     banners.show(`Save failed: ${err.message}`, { source: "save" });
   } finally {
