@@ -35,6 +35,26 @@ def _one_torch_thread():
     yield
 
 
+@pytest.fixture
+def fake_uvicorn(monkeypatch):
+    """Capture uvicorn.Config and replace Server.run: the app is built, nothing listens (the serve tests)."""
+    import uvicorn
+
+    seen = {}
+
+    class FakeServer:
+        def __init__(self, config):
+            seen["config"] = config
+            self.should_exit = False
+
+        def run(self):
+            seen["ran"] = True
+
+    monkeypatch.setattr(uvicorn, "Server", FakeServer)
+    monkeypatch.delenv("LCM_LIVE_TOKEN", raising=False)
+    return seen
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` need a CUDA device: skipped, with the reason, where torch sees none."""
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]

@@ -11,26 +11,6 @@ from lcm_live.cli import main
 GOOD_TOKEN = "Zk3-q9LmP0wXr7TnB2yVc8sDf4GhJ6aE1uIo5"
 
 
-@pytest.fixture
-def fake_uvicorn(monkeypatch):
-    """Capture uvicorn.Config and replace Server.run: the app is built, nothing listens."""
-    import uvicorn
-
-    seen = {}
-
-    class FakeServer:
-        def __init__(self, config):
-            seen["config"] = config
-            self.should_exit = False
-
-        def run(self):
-            seen["ran"] = True
-
-    monkeypatch.setattr(uvicorn, "Server", FakeServer)
-    monkeypatch.delenv("LCM_LIVE_TOKEN", raising=False)
-    return seen
-
-
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "studio.example.com"])
 def test_non_loopback_host_without_token_refuses_to_start(fake_uvicorn, capsys, host):
     assert main(["serve", "--host", host, "--fake-engine", "{}"]) == 2

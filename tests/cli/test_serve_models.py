@@ -3,29 +3,7 @@ registry; refusals are one line (server start mocked as in test_serve.py)."""
 
 from __future__ import annotations
 
-import pytest
-
 from lcm_live.cli import main
-
-
-@pytest.fixture
-def fake_uvicorn(monkeypatch):
-    """uvicorn.Server replaced: the app is built, nothing listens (as in test_serve.py)."""
-    import uvicorn
-
-    seen = {}
-
-    class FakeServer:
-        def __init__(self, config):
-            seen["config"] = config
-            self.should_exit = False
-
-        def run(self):
-            seen["ran"] = True
-
-    monkeypatch.setattr(uvicorn, "Server", FakeServer)
-    monkeypatch.delenv("LCM_LIVE_TOKEN", raising=False)
-    return seen
 
 
 def test_several_models_are_presets_named_by_their_ids(fake_uvicorn, capsys):

@@ -124,26 +124,6 @@ def test_a_bad_upscaler_fails_the_start(tmp_path, esrgan_path):
         create_app(studio_settings(upscaler=str(tmp_path / "missing.safetensors")), lambda: None)
 
 
-@pytest.fixture
-def fake_uvicorn(monkeypatch):
-    """uvicorn.Server.run replaced: the app is built (the upscaler loaded), nothing listens."""
-    import uvicorn
-
-    seen = {}
-
-    class FakeServer:
-        def __init__(self, config):
-            seen["config"] = config
-            self.should_exit = False
-
-        def run(self):
-            seen["ran"] = True
-
-    monkeypatch.setattr(uvicorn, "Server", FakeServer)
-    monkeypatch.delenv("LCM_LIVE_TOKEN", raising=False)
-    return seen
-
-
 @needs_spandrel
 def test_serve_loads_the_upscaler_at_start(fake_uvicorn, esrgan_path, tmp_path, capsys):
     from lcm_live.cli import main
