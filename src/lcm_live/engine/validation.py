@@ -65,15 +65,9 @@ def validate_request(request: GenerationRequest, *, lcm_img2img: bool = False) -
         raise UserError(f"num_images_per_prompt={n!r}: use a whole number >= 1", field="num_images_per_prompt")
     if request.output_type not in ("pil", "latent"):
         raise UserError(f"output_type={request.output_type!r}: use 'pil' or 'latent'", field="output_type")
-    # The conditionings' own checks (init image, mask, regions, blends: engine/modes.py); the ControlNet's needs
-    # the model, see check_control.
+    # The conditionings' own checks (init image, mask, regions, blends: engine/modes.py); the ControlNets' and
+    # the IP-Adapter's need the model: the engine runs modes.check with its ModelCaps.
     modes.check(request, modes.ModelCaps(lcm_img2img=lcm_img2img), model_checks=False)
-
-
-def check_control(request: GenerationRequest, controlnet: str | None) -> None:
-    """A control image needs a ControlNet (``controlnet``: its name, None without one) and a scale >= 0."""
-    if request.control_image is not None:
-        modes.BY_NAME["control_image"].check(request, modes.ModelCaps(controlnet=controlnet))
 
 
 def resolve_guidance(request: GenerationRequest, kind: str) -> tuple[float, bool]:
