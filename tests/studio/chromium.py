@@ -207,6 +207,19 @@ class WebSocketLog:
         head = b"LCML" + code + bytes([index, 0, 0])
         return [m[8:] for m in self.sent if isinstance(m, bytes) and m[:8] == head]
 
+    def last_layer(self, code: bytes, index: int, expected, timeout_s: float = 15.0) -> bytes:
+        """The newest image sent for this layer once ``expected(image)`` holds (a page encodes and sends a layer
+        asynchronously after the click that changes it)."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            images = self.layers_sent(code, index)
+            if images and expected(images[-1]):
+                return images[-1]
+            assert time.monotonic() < deadline, f"the newest {code!r}{index} layer sent is not the one expected"
+            self.page.wait_for_timeout(50)
+
     def params_sent(self) -> list[dict]:
         return [m for m in map(_json_or_none, self.sent) if m and m.get("type") == "params"]
 

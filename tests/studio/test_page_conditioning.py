@@ -132,13 +132,13 @@ def test_reference_image_and_two_controlnets_from_the_page(page, tmp_path):
                            arg=1, timeout=10_000)
     kept = page.locator(".history-thumb").count() - 1  # the frame above, the newest kept
     page.click("#reference-clear")
-    assert page.ws.layers_sent(b"i")[-1] == b""
+    page.ws.last_layer(b"i", 0, lambda image: image == b"")
     assert page.is_hidden("#reference-image")
     page.locator(".history-thumb").nth(kept).click()
     page.click("#history-restore")
     page.wait_for_selector("#reference-image:not([hidden])")
-    assert page.ws.layers_sent(b"i")[-1] == sent[0]  # the very picture the frame was made with
-    assert page.ws.layers_sent(b"n", 1)[-1][:4] == b"RIFF"
+    page.ws.last_layer(b"i", 0, lambda image: image == sent[0])  # the very picture the frame was made with
+    page.ws.last_layer(b"n", 1, lambda image: image[:4] == b"RIFF")
     assert page.input_value("#cn-1-control_guidance_end") == "0.5"
     assert page.is_hidden("#banner-error"), page.inner_text("#banner-error")
 
@@ -150,7 +150,7 @@ def test_reference_image_and_two_controlnets_from_the_page(page, tmp_path):
     assert base64.b64decode(body["ip_adapter_image"]) == sent[0]
     assert len(body["control_images"]) == 1 and base64.b64decode(body["control_images"][0])[:4] == b"RIFF"
     with Image.open(download.value.path()) as png:
-        assert json.loads(png.text["parameters"])["mode"] == "control"
+        assert json.loads(png.text["parameters"])["mode"] == "control+ip_adapter"  # the reference went along
     assert page.is_hidden("#banner-error"), page.inner_text("#banner-error")
     assert page.problems == [], json.dumps(page.problems)
 
