@@ -91,3 +91,12 @@ def params(**fields: Any) -> str:
 def studio():
     with running_studio() as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium per page-test module (tests/studio/chromium.py; those modules skip without it)."""
+    from .chromium import chromium
+
+    with chromium() as browser:
+        yield browser

@@ -17,7 +17,6 @@ from .chromium import (
     CHROMIUM,
     FRAME_TIMEOUT_MS,
     NO_CHROMIUM,
-    chromium,
     frame_seq,
     mean_abs_diff,
     pixels,
@@ -43,12 +42,6 @@ def studio_url(tiny_lcm_dir, tmp_path_factory):
                   "--dtype", "float32", env={"LCM_LIVE_STUDIO__DEFAULT_WIDTH": "256",
                                              "LCM_LIVE_STUDIO__DEFAULT_HEIGHT": "256"}) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as browser:
-        yield browser
 
 
 @pytest.fixture

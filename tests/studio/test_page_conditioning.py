@@ -19,7 +19,6 @@ from .chromium import (
     CHROMIUM,
     FRAME_TIMEOUT_MS,
     NO_CHROMIUM,
-    chromium,
     js_module_page,
     logged_studio_page,
     serving,
@@ -30,12 +29,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 if not CHROMIUM.exists():
     pytest.skip(NO_CHROMIUM, allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as browser:
-        yield browser
 
 
 def test_reference_and_control_envelopes(browser):

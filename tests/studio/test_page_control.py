@@ -15,7 +15,6 @@ from .chromium import (
     CHROMIUM,
     FRAME_TIMEOUT_MS,
     NO_CHROMIUM,
-    chromium,
     frame_seq,
     js_module_page,
     mean_abs_diff,
@@ -43,12 +42,6 @@ CONTROL_SCHEMA = {
         "control_preprocess": {"enum": ["invert", "edges", "none"], "type": "string", "default": "invert"},
     },
 }
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as browser:
-        yield browser
 
 
 def test_controls_build_the_control_fields_and_the_canvas_modes_are_named_once(browser):

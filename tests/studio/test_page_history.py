@@ -20,7 +20,6 @@ from .chromium import (
     CHROMIUM,
     NO_CHROMIUM,
     WEB,
-    chromium,
     drag,
     js_module_page,
     logged_studio_page,
@@ -39,12 +38,6 @@ if not CHROMIUM.exists():
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 HISTORY_HTML = re.search(r'<section class="panel history-panel".*?</section>',
                          (WEB / "index.html").read_text(encoding="utf-8"), re.S).group(0)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as browser:
-        yield browser
 
 
 # ---------------------------------------------------------------- the store alone

@@ -21,7 +21,6 @@ from .chromium import (
     NO_CHROMIUM,
     WebSocketLog,
     block_columns,
-    chromium,
     drag,
     frame_seq,
     js_module_page,
@@ -42,12 +41,6 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 FAKE = json.dumps({"controlnet": "fake/scribble", "step_latency_s": 0.02})
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LEFT, RIGHT = range(0, 5), range(9, 16)  # block columns (of 16) well inside and well outside the mask
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as browser:
-        yield browser
 
 
 # ---------------------------------------------------------------- the layer module alone

@@ -18,7 +18,6 @@ from .chromium import (
     FRAME_TIMEOUT_MS,
     NO_CHROMIUM,
     WEB,
-    chromium,
     js_module_page,
     logged_studio_page,
     serving,
@@ -55,12 +54,6 @@ PRESETS = [
      "error": None, "width": 320, "height": 256, "num_inference_steps": 2,
      "styles": [{"name": "papercut", "scale": 0.8, "min": 0.0, "max": 1.5}]},
 ]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as browser:
-        yield browser
 
 
 def test_the_picker_alone(browser):

@@ -16,7 +16,6 @@ from .chromium import (
     CHROMIUM,
     FRAME_TIMEOUT_MS,
     NO_CHROMIUM,
-    chromium,
     js_module_page,
     serving,
     set_slider,
@@ -33,12 +32,6 @@ COUNT_FINALS = """window.__finals = 0;
 new MutationObserver(() => {
     if (document.getElementById('output').dataset.final === 'true') window.__finals += 1;
 }).observe(document.getElementById('output'), { attributes: true, attributeFilter: ['data-seq'] });"""
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as browser:
-        yield browser
 
 
 @pytest.fixture(scope="module")

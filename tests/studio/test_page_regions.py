@@ -21,7 +21,6 @@ from .chromium import (
     FRAME_TIMEOUT_MS,
     NO_CHROMIUM,
     block_columns,
-    chromium,
     drag,
     js_module_page,
     logged_studio_page,
@@ -41,12 +40,6 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 FAKE = json.dumps({"step_latency_s": 0.02})
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LEFT, RIGHT = range(0, 5), range(11, 16)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as browser:
-        yield browser
 
 
 # ---------------------------------------------------------------- modules alone

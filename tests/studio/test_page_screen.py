@@ -13,7 +13,6 @@ from .chromium import (
     CHROMIUM,
     FRAME_TIMEOUT_MS,
     NO_CHROMIUM,
-    chromium,
     logged_studio_page,
     mean_abs_diff,
     pixels,
@@ -44,12 +43,6 @@ FAKE_DISPLAY = """(() => {
         return stream;
     };
 })()"""
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as browser:
-        yield browser
 
 
 @pytest.fixture(scope="module")

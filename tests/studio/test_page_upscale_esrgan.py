@@ -16,18 +16,12 @@ import pytest
 
 from lcm_live.bench.local_http import free_port, http_get
 
-from .chromium import CHROMIUM, NO_CHROMIUM, chromium, js_module_page, logged_studio_page, wait_settled_frame
+from .chromium import CHROMIUM, NO_CHROMIUM, js_module_page, logged_studio_page, wait_settled_frame
 from .tiny_esrgan import import_spandrel, needs_spandrel, save_tiny_esrgan
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 if not CHROMIUM.exists():
     pytest.skip(NO_CHROMIUM, allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as browser:
-        yield browser
 
 
 def test_the_picker_follows_the_info_and_the_body_carries_the_choice(browser):
