@@ -4,14 +4,13 @@ safetensors only; what is not a super-resolution model is refused."""
 from __future__ import annotations
 
 import importlib.util
-import sys
-import types
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from lcm_live.errors import UserError
+from studio.tiny_esrgan import import_spandrel
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("spandrel") is None,
                                 reason="spandrel (the [upscale] extra) is not installed")
@@ -19,34 +18,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("spandrel") is None,
 
 @pytest.fixture(scope="module")
 def spandrel():
-    """spandrel, imported. spandrel's registry imports torchvision for two architectures this test does not use
-    (LaMa, RestoreFormer); where torchvision is missing or is not the build for this torch (this machine's CPU torch
-    has no matching torchvision wheel), placeholders stand in for those two imports. ESRGAN's code is spandrel's."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        functional = types.ModuleType("torchvision.transforms.functional")
-        functional.InterpolationMode, functional.rotate, functional.normalize = object, None, None
-        transforms = types.ModuleType("torchvision.transforms")
-        transforms.functional = functional
-        root = types.ModuleType("torchvision")
-        root.transforms = transforms
-        saved = {k: sys.modules.get(k) for k in ("torchvision", "torchvision.transforms",
-                                                  "torchvision.transforms.functional")}
-        sys.modules.update({"torchvision": root, "torchvision.transforms": transforms,
-                            "torchvision.transforms.functional": functional})
-        try:
-            import spandrel
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    sys.modules.pop(k, None)
-                else:
-                    sys.modules[k] = v
-        return spandrel
-    import spandrel
-
-    return spandrel
+    """spandrel, imported (torchvision placeholders where it is missing: tests/studio/tiny_esrgan.py)."""
+    return import_spandrel()
 
 
 def tiny_esrgan(spandrel, scale: int = 4):
