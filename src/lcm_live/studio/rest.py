@@ -199,14 +199,23 @@ async def _conditioning_images(params: Any, reference_b64: Any, controls_b64: An
 
 
 async def _decode_image(image_b64: Any, studio: StudioState, field: str = "image") -> Any:
-    if not isinstance(image_b64, str) or not image_b64:
+    return await decode_picture(await b64_bytes(image_b64, field), studio, field)
+
+
+async def b64_bytes(text: Any, field: str = "image") -> bytes:
+    """A body's base64 image field (or a ``data:`` URL from a canvas) as bytes; 422 naming ``field`` otherwise."""
+    if not isinstance(text, str) or not text:
         raise ApiError(422, "invalid_image", f"\"{field}\" must be a base64 PNG, JPEG or WebP", field)
-    if "," in image_b64[:100] and image_b64.startswith("data:"):
-        image_b64 = image_b64.split(",", 1)[1]  # a data: URL from a canvas.toDataURL()
+    if text.startswith("data:") and "," in text[:100]:
+        text = text.split(",", 1)[1]  # a data: URL from a canvas.toDataURL() or a fetched blob
     try:
-        raw = await asyncio.to_thread(base64.b64decode, image_b64, validate=True)
+        return await asyncio.to_thread(base64.b64decode, text, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(422, "invalid_image", f"\"{field}\" is not valid base64", field) from None
+
+
+async def decode_picture(raw: bytes, studio: StudioState, field: str = "image") -> Any:
+    """The studio's checked decode (size and pixel caps) of an image field's bytes; 422 naming ``field``."""
     try:
         return await studio.decode_canvas(raw)
     except UserError as exc:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import concurrent.futures
 import dataclasses
 import json
@@ -54,6 +53,7 @@ from lcm_live.studio.images import encode_png_with_parameters
 from lcm_live.studio.json_input import JsonRefused, loads_checked
 from lcm_live.studio.params import parse_params, validation_error_to_user_error
 from lcm_live.studio.public import public_parameters
+from lcm_live.studio.rest import b64_bytes, decode_picture
 from lcm_live.studio.worker import Job
 
 if TYPE_CHECKING:
@@ -258,12 +258,8 @@ def add_upscale_routes(app: FastAPI, studio: StudioState, dependencies: list) ->
                            "(its operator loads one with lcm-live serve --upscaler PATH.safetensors; GET /api/info "
                            "names it when loaded): send \"upscaler\": \"lcm\" (the tiled LCM pass) or leave it out",
                            "upscaler")
-        raw = await _b64(image_b64)
-        try:
-            image = await studio.decode_canvas(raw)
-        except UserError as exc:
-            studio.metrics.rejected.labels(reason="invalid_image").inc()
-            raise ApiError(422, "invalid_image", exc.message, "image") from None
+        raw = await b64_bytes(image_b64)
+        image = await decode_picture(raw, studio)
         frame = _frame(raw)
         # The cap first: one clear error naming scale and the cap, before any tile runs.
         check_scale(fields.scale, *image.size, s.max_upscale_pixels)
@@ -404,12 +400,3 @@ def _event_count(request: UpscaleRequest, choice: str) -> int:
 
 def _error_line(code: str, message: str, field: str | None) -> str:
     return json.dumps({"type": "error", "code": code, "message": message, "field": field}) + "\n"
-
-
-async def _b64(text: str) -> bytes:
-    if text.startswith("data:") and "," in text[:100]:
-        text = text.split(",", 1)[1]  # a data: URL from canvas.toDataURL() or a fetched blob
-    try:
-        return await asyncio.to_thread(base64.b64decode, text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(422, "invalid_image", "\"image\" is not valid base64", "image") from None
