@@ -96,6 +96,10 @@ class EngineSettings(BaseModel):
     # on the CPU. max-autotune also tunes Triton/C++ GEMM and conv kernels: many minutes per image shape.
     compile_mode: CompileMode = "auto"
     quantize: Literal["none", "int8", "nf4"] = "none"
+    # int8 for the tiny autoencoder's encoder and decoder on OpenVINO (engine/openvino_module.py; issue 17): NNCF
+    # post-training quantization calibrated on the warm-up's own latents and images. Apart from --quantize (the
+    # UNet) so that it combines with --feature-reuse, whose UNet graphs stay bf16.
+    quantize_vae: Literal["none", "int8"] = "none"
     openvino_cache_dir: str | None = None  # converted OpenVINO UNets; None: ~/.cache/lcm-live/openvino
     cache_dir: str | None = None  # Hugging Face cache; None: HF_HOME / the default
     offline_fallback: bool = True  # the default hub model missing -> builtin:shapes, said loudly

@@ -63,6 +63,7 @@ class BenchConfig:
     compile: bool = False
     compile_mode: str = "auto"
     quantize: str = "none"
+    quantize_vae: str = "none"  # --quantize-vae int8: the tiny autoencoder in int8 (OpenVINO)
     guidance_scale: float | None = None  # None: the family's (sd15: the seed article's 1.5; turbo: 0)
     prompt: str = "a watercolor fox in a snowy forest, detailed, soft light"
     seed: int = 0  # the image seed (noise)
@@ -166,7 +167,7 @@ def build_fast_engine(config: BenchConfig, device: Any, dtype: Any) -> tuple[Any
         dtype=str(dtype).removeprefix("torch."), decoder=config.decoder, backend=resolve_backend(config, device, pipe),
         controlnet=CONTROLNET_NAME if config.controlnet else None,
         compile=config.compile, compile_mode=config.compile_mode, quantize=config.quantize,
-        openvino_cache_dir=config.openvino_cache_dir, feature_reuse=config.feature_reuse,
+        quantize_vae=config.quantize_vae, openvino_cache_dir=config.openvino_cache_dir, feature_reuse=config.feature_reuse,
         token_merging=config.token_merging,
     )
     applied = apply_speedups(pipe, settings, device, dtype)

@@ -54,6 +54,7 @@ class LiveConfig:
     compile: bool = False
     compile_mode: str = "auto"
     quantize: str = "none"
+    quantize_vae: str = "none"  # --quantize-vae int8 (the tiny autoencoder, OpenVINO)
     openvino_cache_dir: str | None = None
     prompt: str = "a watercolor fox in a snowy forest"
     ready_timeout_s: float = 900.0
@@ -201,7 +202,7 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
                                num_inference_steps=config.num_inference_steps, backend=config.backend,
                                decoder=config.decoder, dtype=config.dtype, device=config.device,
                                compile=config.compile, compile_mode=config.compile_mode, quantize=config.quantize,
-                               openvino_cache_dir=config.openvino_cache_dir, controlnet=config.controlnet,
+                               quantize_vae=config.quantize_vae, openvino_cache_dir=config.openvino_cache_dir, controlnet=config.controlnet,
                                feature_reuse=config.feature_reuse, token_merging=config.token_merging)
     device, dtype = resolve_device_dtype(bench_config)
     machine = describe_machine(device)  # at the start: its time and load average are the run's start

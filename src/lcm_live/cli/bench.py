@@ -56,6 +56,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES,
                         help="with --compile: torch.compile's mode (auto: reduce-overhead on CUDA, default on a CPU)")
     parser.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"])
+    parser.add_argument("--quantize-vae", default="none", choices=["none", "int8"],
+                        help="int8 for the tiny autoencoder on OpenVINO (see lcm-live generate --help)")
     parser.add_argument("--feature-reuse", type=_positive_int, default=1, metavar="K",
                         help="lcm-live's UNet recomputes its deep blocks every K evaluations (1: off)")
     parser.add_argument("--token-merging", type=float, default=0.0, metavar="RATIO",
@@ -169,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
             arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale, runs=args.runs, warmup=args.warmup, baseline=None,
             backend=args.backend, decoder=args.decoder, dtype=args.dtype, device=args.device, compile=args.compile,
-            compile_mode=args.compile_mode, quantize=args.quantize, seed=args.seed,
+            compile_mode=args.compile_mode, quantize=args.quantize, quantize_vae=args.quantize_vae, seed=args.seed,
             openvino_cache_dir=args.openvino_cache_dir, progress=False), mask=args.mask, regions=args.regions or 0)
         text = format_masks_report(report)
     elif scaling:
@@ -182,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
             arch=args.arch, width=width, height=height, num_inference_steps=args.num_inference_steps,
             guidance_scale=args.guidance_scale, seconds=args.seconds, strength=args.strength, backend=args.backend, decoder=args.decoder,
             dtype=args.dtype, device=args.device, compile=args.compile, compile_mode=args.compile_mode,
-            quantize=args.quantize, openvino_cache_dir=args.openvino_cache_dir, sessions=args.sessions,
+            quantize=args.quantize, quantize_vae=args.quantize_vae, openvino_cache_dir=args.openvino_cache_dir, sessions=args.sessions,
             max_batch_size=args.batch_size, controlnet=args.controlnet, feature_reuse=args.feature_reuse,
             token_merging=args.token_merging))
         text = format_live(report)
@@ -194,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance_scale, runs=args.runs, warmup=args.warmup, batch_size=args.batch_size or 1,
             baseline=None if args.baseline == "none" else args.baseline, backend=args.backend,
             decoder=args.decoder, dtype=args.dtype, device=args.device, compile=args.compile,
-            compile_mode=args.compile_mode, quantize=args.quantize, seed=args.seed, openvino_cache_dir=args.openvino_cache_dir,
+            compile_mode=args.compile_mode, quantize=args.quantize, quantize_vae=args.quantize_vae, seed=args.seed, openvino_cache_dir=args.openvino_cache_dir,
             progress=not args.no_progress, profile=args.profile, controlnet=args.controlnet,
             feature_reuse=args.feature_reuse, token_merging=args.token_merging))
         text = format_report(report)

@@ -55,6 +55,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, decoder: str = "vae
                         "freezing on a CPU; max-autotune also tunes the kernels (many minutes per image shape)")
     g.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"],
                    help="int8 (CPU: OpenVINO/NNCF or torch dynamic; CUDA: bitsandbytes) or nf4 (CUDA)")
+    g.add_argument("--quantize-vae", default=None, choices=["none", "int8"],
+                   help="int8 for the tiny autoencoder (--decoder taesd) on OpenVINO: its encode and decode "
+                        "1.8-1.9x faster on a VNNI CPU; combines with --feature-reuse (default: none)")
     g.add_argument("--feature-reuse", type=int, default=None, metavar="K",
                    help="recompute the UNet's deep blocks every K evaluations and reuse them in between (DeepCache-"
                         "style: a feature computed at a timestep serves the next frames' evaluations there); 1: "
@@ -94,7 +97,7 @@ def engine_settings_from_args(args: argparse.Namespace, **overrides) -> EngineSe
         cache_dir=args.cache_dir,
     )
     # Flags added later: parsers (or hand-made namespaces) without them keep the settings' defaults.
-    for name in ("taesd", "backend", "compile", "compile_mode", "quantize", "controlnet", "scheduler", "eta",
+    for name in ("taesd", "backend", "compile", "compile_mode", "quantize", "quantize_vae", "controlnet", "scheduler", "eta",
                  "feature_reuse", "feature_reuse_across_steps", "token_merging", "ip_adapter"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)

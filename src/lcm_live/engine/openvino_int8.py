@@ -93,3 +93,18 @@ def quantize_ir(core: Any, base_ir: Path, samples: list[dict[str, np.ndarray]], 
     )
     del model
     save_ir(quantized, out_ir, compress_to_fp16=True)  # int8 weights stay int8; scales and biases in f16
+
+
+def quantize_small_model(model: Any, samples: list[dict]) -> Any:
+    """NNCF post-training quantization (weights and activations) of a small in-memory model, such as a tiny
+    autoencoder half (``--quantize-vae int8``), over ``samples`` (its recorded inputs); returns the int8 model.
+    NNCF's defaults for a convolutional network (no transformer preset: TAESD is convolutions only)."""
+    try:
+        import nncf
+    except ImportError as exc:
+        raise UserError("--quantize-vae int8 needs NNCF: pip install 'lcm-live[openvino]'",
+                        field="quantize_vae") from exc
+    if not samples:
+        raise UserError("int8 calibration of the tiny autoencoder needs at least one recorded input",
+                        field="quantize_vae")
+    return nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples))

@@ -119,6 +119,17 @@ def check_speedups(settings: EngineSettings, device: Any, dtype: Any, *, backend
         if settings.quantize == "int8" and not nncf_installed():
             raise UserError("--quantize int8 with the OpenVINO backend needs NNCF (post-training quantization): "
                             "pip install 'lcm-live[openvino]', or leave --quantize off", field="quantize")
+    if settings.quantize_vae == "int8":
+        if backend.name != "openvino":
+            raise UserError(f"--quantize-vae int8 runs the tiny autoencoder's int8 in OpenVINO, and the backend here "
+                            f"is {backend.name} ({backend.reason}): add --backend openvino on a CPU, or leave "
+                            "--quantize-vae off", field="quantize_vae")
+        if settings.decoder == "vae":
+            raise UserError("--quantize-vae int8 applies to the tiny autoencoder: use --decoder taesd (or auto), or "
+                            "leave --quantize-vae off", field="quantize_vae")
+        if not nncf_installed():
+            raise UserError("--quantize-vae int8 needs NNCF (post-training quantization): pip install "
+                            "'lcm-live[openvino]', or leave --quantize-vae off", field="quantize_vae")
     if settings.quantize == "nf4" and device.type != "cuda":
         raise UserError("--quantize nf4 needs a CUDA GPU (bitsandbytes); on a CPU use --quantize int8",
                         field="quantize")
@@ -197,8 +208,12 @@ def apply_speedups(pipe: Any, settings: EngineSettings, device: Any, dtype: Any)
         applied.append(f"openvino:{precision}" + (":int8-ptq" if settings.quantize == "int8" else ""))
         from lcm_live.engine.openvino_module import wrap_tiny_autoencoder
 
-        if wrap_tiny_autoencoder(pipe.vae):
-            applied.append("openvino:taesd")
+        if wrap_tiny_autoencoder(pipe.vae, quantize=settings.quantize_vae):
+            applied.append("openvino:taesd" + (":int8-ptq" if settings.quantize_vae == "int8" else ""))
+        elif settings.quantize_vae == "int8":
+            raise UserError("--quantize-vae int8 applies to the tiny autoencoder, and this model decodes with its "
+                            "full VAE (--decoder auto found no tiny one that fits): leave --quantize-vae off",
+                            field="quantize_vae")
 
     # 5. torch.compile.
     if settings.compile:
