@@ -195,3 +195,22 @@ def test_feature_reuse_and_token_merging_are_counted_as_they_run():
     merged = top_attention()
     apply_token_merging(merged, 0.5)
     assert F.unet_flops(merged, 16, 16) < F.unet_flops(top_attention(), 16, 16)
+
+
+def test_a_path_with_an_int8_autoencoder_is_held_to_each_stage_s_own_peak():
+    from lcm_live.bench.roofline import mixed_peak
+
+    bf16 = Peak("openvino", "bfloat16", 0.4, 2048, 1.0, 2, median_tflops=0.4)
+    int8 = Peak("openvino", "int8", 0.8, 2048, 1.0, 2, median_tflops=0.8)
+    flops = {"unet": 0.4e12, "decode": 0.8e12, "text_encoder": 0.0}
+    assert mixed_peak(flops, {}, bf16) is bf16  # one precision: the UNet's peak as before
+    mixed = mixed_peak(flops, {"decode": int8, "encode": int8}, bf16)
+    # 1.2 TFLOP that would take 1 s (UNet at 0.4) + 1 s (decode at 0.8): 0.6 TFLOP/s, between the two peaks.
+    assert mixed.tflops == pytest.approx(0.6) and mixed.dtype == "bfloat16+int8"
+    out = path_roofline({"unet": 1, "decode": 1}, {"unet": 2.0, "decode": 1.0}, flops, 3.0, bf16,
+                        {"decode": int8, "encode": int8})
+    assert out["peak"]["tflops"] == pytest.approx(0.6)
+    assert out["roofline_fraction"] == pytest.approx(1.2 / 3.0 / 0.6)
+    # Each stage against its own GEMM: the UNet's bf16, the decoder's int8.
+    assert out["stage_fractions"]["unet"] == pytest.approx(0.4 / 2.0 / 0.4)
+    assert out["stage_fractions"]["decode"] == pytest.approx(0.8 / 1.0 / 0.8)

@@ -292,7 +292,8 @@ class _Path:
         return out
 
 
-def _roofline(path: _Path, pipe: Any, config: BenchConfig, peak: Any, controlnet: Any = None) -> dict[str, Any]:
+def _roofline(path: _Path, pipe: Any, config: BenchConfig, peak: Any, controlnet: Any = None,
+              stage_peaks: dict | None = None) -> dict[str, Any]:
     import statistics
 
     from lcm_live.bench.flops import pipeline_flops
@@ -301,7 +302,7 @@ def _roofline(path: _Path, pipe: Any, config: BenchConfig, peak: Any, controlnet
     flops = pipeline_flops(pipe, config.width, config.height, controlnet)
     stage_seconds = {k: statistics.median(run.get(k, 0.0) for run in path.stage_seconds)
                      for k in path.stage_seconds[-1]}
-    out = path_roofline(path.samples, stage_seconds, flops, statistics.median(path.totals), peak)
+    out = path_roofline(path.samples, stage_seconds, flops, statistics.median(path.totals), peak, stage_peaks)
     return out | {"flops_per_sample": flops}
 
 
@@ -347,11 +348,12 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         report["lcm_live_alone_peak_cuda_gb"] = round(fast.memory.peak_cuda / 2**30, 2)
 
     # The peak before the timed runs (measured again after them: the better of the two is kept).
-    from lcm_live.bench.roofline import best_of, measure_peak, path_precision
+    from lcm_live.bench.roofline import best_of, measure_peak, path_precision, vae_stage_peaks
 
     fast_precision = path_precision(engine.settings.backend, str(dtype).removeprefix("torch."), config.quantize,
                                     device.type)
     fast_peak = measure_peak(*fast_precision, refresh=True)
+    vae_peaks = vae_stage_peaks(config.quantize_vae, engine.settings.backend)  # --quantize-vae int8: the int8 GEMM
 
     # 2. The seed's path.
     seed = None
@@ -393,7 +395,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     # 5. Report.
     report["lcm_live"] = fast.report(dtype, config.batch_size) | {
         "speedups": applied, "decoder": config.decoder, "backend": engine.settings.backend,
-        "roofline": _roofline(fast, engine.pipe, config, fast_peak, engine.loaded.controlnet)}
+        "roofline": _roofline(fast, engine.pipe, config, fast_peak, engine.loaded.controlnet, vae_peaks)}
     report["roofline_fraction"] = report["lcm_live"]["roofline"]["roofline_fraction"]
     if seed:
         report["seed"] = seed.report(seed_dtype, config.batch_size) | {

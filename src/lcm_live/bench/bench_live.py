@@ -214,11 +214,12 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
                             warmup_steps=config.num_inference_steps, max_sessions=config.sessions,
                             max_batch_size=config.max_batch_size)
     settings = Settings(engine=engine.settings, studio=studio)
-    from lcm_live.bench.roofline import best_of, measure_peak, path_precision
+    from lcm_live.bench.roofline import best_of, measure_peak, path_precision, vae_stage_peaks
 
     precision = path_precision(engine.settings.backend, str(dtype).removeprefix("torch."), config.quantize,
                                device.type)
     peak_before = measure_peak(*precision, refresh=True)  # measured again after the drawing: the better is kept
+    vae_peaks = vae_stage_peaks(config.quantize_vae, engine.settings.backend)  # --quantize-vae int8: int8 GEMM
     app = create_app(settings, engine_factory=lambda: engine)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning",
@@ -259,7 +260,7 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
 
     # 4. The peak again, right after the drawing (the same load), in the UNet's backend and dtype.
     from lcm_live.bench.flops import pipeline_flops
-    from lcm_live.bench.roofline import roofline
+    from lcm_live.bench.roofline import mixed_peak, roofline
 
     peak = best_of(peak_before, measure_peak(*precision, refresh=True))
     machine["load_average_1m_end"] = current_load()
@@ -287,7 +288,12 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
         samples["unet_shallow"] = reuse_counts["reused_evaluations"]
     flops_per_frame = sum(n * flops.get(name, 0.0) for name, n in samples.items()) / frames_made
     live_fps = sum(per_client_fps)
-    line = roofline(flops_per_frame * live_fps, 1.0, peak)
+    by_stage: dict[str, float] = {}
+    for name, n in samples.items():
+        stage = "unet" if name == "unet_shallow" else name
+        by_stage[stage] = by_stage.get(stage, 0.0) + n * flops.get(name, 0.0) / frames_made
+    whole = mixed_peak(by_stage, vae_peaks, peak)  # the UNet's peak unless a stage runs at another precision
+    line = roofline(flops_per_frame * live_fps, 1.0, whole)
     unet_flops = samples.get("unet", 0) * flops["unet"] + samples.get("unet_shallow", 0) * flops.get("unet_shallow", 0)
     return {
         "config": asdict(config),
@@ -308,7 +314,7 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
         "seconds": max(spans),
         "per_client_fps": per_client_fps,
         "roofline": {"flops_per_frame": flops_per_frame, "flops_per_sample": flops, "samples": samples,
-                     "peak": peak.to_dict(), **line,
+                     "peak": whole.to_dict(), **line,
                      "unet_stage_fraction": roofline(unet_flops, timer.seconds["unet"], peak)["roofline_fraction"]
                      if timer.seconds["unet"] > 0 else None},
         "roofline_fraction": line["roofline_fraction"],

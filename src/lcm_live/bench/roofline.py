@@ -172,21 +172,57 @@ def roofline(flops_per_call: float, seconds_per_call: float, peak: Peak) -> dict
             "roofline_fraction": achieved / peak.tflops if peak.tflops > 0 else 0.0}
 
 
+VAE_STAGES = ("encode", "decode")
+
+
+def vae_stage_peaks(quantize_vae: str, backend: str) -> dict[str, Peak]:
+    """The stages that run at another precision than the UNet: ``--quantize-vae int8`` puts the tiny
+    autoencoder's encode and decode on OpenVINO's int8 kernels (their own, higher, peak)."""
+    if quantize_vae != "int8" or backend != "openvino":
+        return {}
+    peak = measure_peak("openvino", "int8", refresh=True)
+    return {stage: peak for stage in VAE_STAGES}
+
+
+def mixed_peak(flops_by_stage: dict[str, float], stage_peaks: dict[str, Peak], default: Peak) -> Peak:
+    """The peak of a path whose stages are bounded by different GEMMs (the UNet in bf16, the tiny autoencoder in
+    int8): the rate that would finish every stage's FLOPs at its own peak, total / sum(flops_s / peak_s).
+    Stages not in ``stage_peaks`` run at ``default``; without any, ``default`` itself."""
+    import dataclasses
+
+    used = {s: f for s, f in flops_by_stage.items() if f > 0}
+    if not stage_peaks or not any(s in stage_peaks for s in used):
+        return default
+    total = sum(used.values())
+
+    def rate(attr: str) -> float:
+        seconds = sum(f / (getattr(stage_peaks.get(s, default), attr) or default.tflops) for s, f in used.items())
+        return total / seconds
+
+    dtypes = [default.dtype] + sorted({p.dtype for s, p in stage_peaks.items() if s in used} - {default.dtype})
+    return dataclasses.replace(default, dtype="+".join(dtypes), tflops=rate("tflops"),
+                               median_tflops=rate("median_tflops"),
+                               seconds=default.seconds + sum({id(p): p.seconds for p in stage_peaks.values()}.values()))
+
+
 def path_roofline(samples: dict[str, int], stage_seconds: dict[str, float], flops: dict[str, float],
-                  seconds_per_call: float, peak: Peak) -> dict[str, Any]:
+                  seconds_per_call: float, peak: Peak, stage_peaks: dict[str, Peak] | None = None) -> dict[str, Any]:
     """The roofline of one path: FLOPs of one call (what each component processed, ``samples`` from the stage
     timer, times its FLOPs per sample), the achieved rate over the call's median time and its fraction of
     ``peak``; per stage, the same for the time spent inside that component (the UNet's is the kernel-level
-    efficiency, the whole call's includes the scheduler, the Python around the calls and the decode)."""
+    efficiency, the whole call's includes the scheduler, the Python around the calls and the decode).
+    ``stage_peaks``: stages bounded by another GEMM than ``peak`` (see ``mixed_peak``)."""
     stage_of = {"text_encoder_2": "text_encoder"}
     by_stage: dict[str, float] = {}
     for name, count in samples.items():
         stage = stage_of.get(name, name)
         by_stage[stage] = by_stage.get(stage, 0.0) + count * flops.get(name, 0.0)
     total = sum(by_stage.values())
-    out = {"flops_per_call": total, "flops_by_stage": by_stage, "peak": peak.to_dict(),
-           **roofline(total, seconds_per_call, peak)}
-    out["stage_fractions"] = {stage: roofline(f, stage_seconds[stage], peak)["roofline_fraction"]
+    stage_peaks = stage_peaks or {}
+    whole = mixed_peak(by_stage, stage_peaks, peak)
+    out = {"flops_per_call": total, "flops_by_stage": by_stage, "peak": whole.to_dict(),
+           **roofline(total, seconds_per_call, whole)}
+    out["stage_fractions"] = {stage: roofline(f, stage_seconds[stage], stage_peaks.get(stage, peak))["roofline_fraction"]
                               for stage, f in by_stage.items() if f > 0 and stage_seconds.get(stage, 0) > 0}
     return out
 
