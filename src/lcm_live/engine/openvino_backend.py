@@ -161,6 +161,8 @@ class OpenVINOUNet(torch.nn.Module):
         self.quantize_errors: list[str] = []
         self.conversions = 0  # how many IRs this instance converted from torch (0 when all came from the cache)
         self.feature_reuse = None  # engine/feature_reuse.py's FeatureReuse, set by apply_speedups (--feature-reuse)
+        self.graphs = dict(GRAPHS)  # graph name -> wrapper to trace; openvino_lora.py adds its style branches' graph
+        self.styles = None  # engine/openvino_lora.py's OpenVINOStyles, once a style scale moved (it routes calls)
 
     # What pipelines read from a UNet.
     @property
@@ -219,7 +221,7 @@ class OpenVINOUNet(torch.nn.Module):
         path = self.cache_path(shapes, graph=graph)
         if path.exists():
             return path
-        unet = self._torch_module()
+        unet = self.torch_module()
         # Traced in float32 whatever the torch dtype: OpenVINO lowers precision itself (the inference hint
         # below), and an IR traced from bfloat16 weights gave NaNs under the bf16 hint here. A half-precision
         # UNet is copied to float32 for the conversion only (a one-off: the IR is cached).
@@ -227,7 +229,7 @@ class OpenVINOUNet(torch.nn.Module):
         example = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in inputs.items()}
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape asserts frozen: shapes are static
-            model = ov.convert_model(GRAPHS[graph](source), example_input=example)
+            model = ov.convert_model(self.graphs[graph](source), example_input=example)
         del source
         model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})  # static shapes
         # Half-precision weights on disk when inference runs in bf16/f16: half the file to read and map.
@@ -332,7 +334,8 @@ class OpenVINOUNet(torch.nn.Module):
         self._offloaded = True
         release_freed_memory()
 
-    def _torch_module(self):
+    def torch_module(self):
+        """The torch UNet the IRs are converted from, its weights read back in if they were offloaded."""
         unet = self._torch_unet[0]
         if unet is None:
             raise UserError("OpenVINO: this size has no converted UNet yet and the torch UNet was released; "
@@ -386,7 +389,8 @@ class OpenVINOUNet(torch.nn.Module):
             out = self.feature_reuse(sample, timestep, conditioning_of(sample, encoder_hidden_states, timestep_cond,
                                                                        added_cond_kwargs), full, shallow)
         else:
-            out = self.infer(inputs)[0].to(sample.dtype)
+            graph, inputs = self.styles.route(inputs) if self.styles is not None else ("unet", inputs)
+            out = self.infer(inputs, graph)[0].to(sample.dtype)
         if not return_dict:
             return (out,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
