@@ -119,3 +119,22 @@ def test_a_style_touching_the_text_encoder_moves_it(tiny_lcm_dir, tmp_path):
     want = _engine(tiny_lcm_dir, path, 1.5, "torch", tmp_path).pipe.encode_prompt("a red circle", "cpu", 1, False)[0]
     assert (moved - want).abs().max() < 1e-4 and (moved - before).abs().max() > 1e-2
     assert styles.route({})[0] == "unet"  # no UNet layer to branch: the fused IR, no second graph
+
+
+def test_feature_reuse_on_openvino_still_refuses_naming_the_flag(tiny_lcm_dir, style, tmp_path):
+    from lcm_live.config import ModelPreset, StylePreset
+    from lcm_live.engine.pipeline import Engine
+    from lcm_live.errors import UserError
+    from lcm_live.studio.switching import LoadedEngine, restyle
+
+    engine = Engine.from_settings(EngineSettings(model=str(tiny_lcm_dir), device="cpu", dtype="float32",
+                                                 backend="openvino", decoder="vae", feature_reuse=2,
+                                                 openvino_cache_dir=str(tmp_path),
+                                                 loras=[LoraSpec(source=str(style), scale=DEFAULT)]), progress=False)
+    preset = ModelPreset(name="t", model=str(tiny_lcm_dir),
+                         styles=[StylePreset(name="ink", lora=str(style), scale=DEFAULT)])
+    loaded = LoadedEngine(engine, scales={"ink": DEFAULT})
+    with pytest.raises(UserError) as err:  # its reused evaluations run graphs without the branches
+        restyle(loaded, preset, {"ink": 1.0})
+    assert err.value.field == "lora_scales" and "--feature-reuse" in err.value.message
+    assert "feature_reuse:2" in err.value.message and loaded.scales == {"ink": DEFAULT}

@@ -282,21 +282,22 @@ def test_pool_workers_each_keep_their_own_lru():
             assert seen == [] and len(engines["b"]) == 1
 
 
-def test_style_scales_on_a_compiled_unet_are_refused_naming_the_backend():
+def test_style_scales_on_a_compiled_unet_are_refused_naming_the_flag():
     from types import SimpleNamespace
 
     from lcm_live.studio.switching import LoadedEngine, restyle
 
-    class OpenVINOUNet:  # what engine/openvino_backend.py puts in pipe.unet
+    class OptimizedModule:  # what torch.compile puts in pipe.unet
         pass
 
     preset = two_presets()[1]
-    engine = SimpleNamespace(pipe=SimpleNamespace(unet=OpenVINOUNet()), compiled=False,
-                             info=SimpleNamespace(speedups=["openvino:unet"]))
+    engine = SimpleNamespace(pipe=SimpleNamespace(unet=OptimizedModule()), compiled=True,
+                             info=SimpleNamespace(speedups=["torch.compile(default, freezing)"]))
     loaded = LoadedEngine(engine, scales={"ink": 0.5})
     with pytest.raises(UserError) as err:
         restyle(loaded, preset, {"ink": 0.9})
-    assert err.value.field == "lora_scales" and "--backend torch" in err.value.message
+    assert err.value.field == "lora_scales" and "--compile" in err.value.message
+    assert "torch.compile" in err.value.message  # the speed-up in the way, named
     assert loaded.scales == {"ink": 0.5}  # nothing changed
 
 

@@ -1,6 +1,7 @@
 """Model presets on the real Engine: two tiny LCMs built in code, a switch between them over the WebSocket (progress
 messages, readiness in GET /api/models, the other session's frames from its own model), and a style scale moved
-from a request (the LoRA re-fused: the frame changes, and moving it back gives the first frame again)."""
+from a request (the LoRA re-fused on torch, a runtime input on OpenVINO: the frame changes, and moving it back gives
+the first frame again)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def ink(tiny_lcm_dir, tmp_path_factory):
     return save_tiny_lora(tmp_path_factory.mktemp("ink") / "ink.safetensors", unet, rank=2, seed=5, std=0.2)
 
 
-def real_app(presets, **studio):
-    settings = Settings(engine=EngineSettings(device="cpu", dtype="float32", backend="torch", decoder="vae"),
+def real_app(presets, backend="torch", openvino_cache_dir=None, **studio):
+    settings = Settings(engine=EngineSettings(device="cpu", dtype="float32", backend=backend, decoder="vae",
+                                              openvino_cache_dir=openvino_cache_dir),
                         studio=StudioSettings(allowed_hosts=["testserver"], default_previews=False,
                                               warmup_width=64, warmup_height=64, **studio),
                         models=presets)
@@ -88,10 +90,14 @@ def test_switch_between_two_tiny_models_keeps_the_other_session_on_its_own(tiny_
             assert studio.worker.switcher.last_switch_s is not None
 
 
-def test_a_style_scale_from_the_request_re_fuses_the_lora(tiny_lcm_dir, ink):
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_a_style_scale_from_the_request_moves_the_lora(tiny_lcm_dir, ink, backend, tmp_path):
+    """torch re-fuses the weights; OpenVINO runs the style's branch graph with the scale as an input."""
+    if backend == "openvino":
+        pytest.importorskip("openvino")
     styles = [StylePreset(name="ink", lora=str(ink), scale=0.2, min=0.0, max=1.5)]
     app = real_app([ModelPreset(name="inked", model=str(tiny_lcm_dir), styles=styles),
-                    ModelPreset(name="plain", model=str(tiny_lcm_dir))])
+                    ModelPreset(name="plain", model=str(tiny_lcm_dir))], backend=backend, openvino_cache_dir=str(tmp_path))
     frame = dict(prompt="a red circle", seed=3, width=64, height=64, num_inference_steps=2, model="inked")
     with TestClient(app) as client:
         studio = app.state.studio
@@ -107,5 +113,8 @@ def test_a_style_scale_from_the_request_re_fuses_the_lora(tiny_lcm_dir, ink):
             ws.send_text(params(**frame, lora_scales={"ink": 2.0}))
             err = next_of(ws, "error")
     assert difference(strong, at_default) > 8
-    assert difference(back, at_default) <= 2  # float32: the re-fused weights are the first ones again (to rounding)
+    assert difference(back, at_default) <= 2  # float32: the first weights (or the fused IR) again, to rounding
+    if backend == "openvino":
+        unet = studio.worker.switcher.engines["inked"].engine.pipe.unet
+        assert unet.styles is not None and unet.conversions == 2  # the fused UNet's IR and the branch graph's
     assert err["field"] == "lora_scales.ink" and "0..1.5" in err["message"]

@@ -2,7 +2,7 @@
 
 The worker (studio/worker.py) asks :meth:`ModelSwitcher.select` for the engine of the jobs it is about to run (they
 share a preset: the batch key includes it). A preset already loaded costs a dictionary lookup (and a re-fuse when
-the jobs' style scales differ from those in its weights); one that is not is loaded here, on the worker thread:
+the jobs' style scales differ from those it runs); one that is not is loaded here, on the worker thread:
 
 1. evict the least recently used engines until there is room (``max_loaded``), and free them;
 2. tell the jobs' sinks ``loading`` (progress 0), build the engine with the factory, say ``loading`` (0.9, warming
@@ -44,35 +44,46 @@ class ModelLoadFailed(Exception):
 @dataclass
 class LoadedEngine:
     engine: Any
-    styles: Any = None  # engine/loras.py StyleScales, made on the first scale change
+    styles: Any = None  # loras.StyleScales or openvino_lora.OpenVINOStyles, made on the first scale change
     scales: dict[str, float] = field(default_factory=dict)  # the style scales in the weights now
 
 
 def restyle(loaded: LoadedEngine, preset: ModelPreset, wanted: dict[str, float]) -> None:
-    """Put ``wanted`` style scales into the engine's weights (engine/loras.py ``StyleScales``)."""
+    """Put ``wanted`` style scales into the engine's weights: re-fused on diffusers' own UNet (engine/loras.py
+    ``StyleScales``), a runtime input on the OpenVINO UNet (engine/openvino_lora.py ``OpenVINOStyles``)."""
     engine = loaded.engine
     pipe = getattr(engine, "pipe", None)
     if pipe is None:  # a stand-in engine (FakeEngine): no weights; frames carry the scales in their params
         loaded.scales = dict(wanted)
         return
-    from diffusers import ModelMixin
-
-    if engine.compiled or not isinstance(pipe.unet, ModelMixin):  # OpenVINO, torch.compile, feature reuse
-        speedups = ", ".join(engine.info.speedups) or "none"
-        raise UserError("lora_scales: a style's scale is re-fused into diffusers' own UNet, and this server's UNet is "
-                        f"converted or wrapped with the default scales fused in (speed-ups: {speedups}); serve with "
-                        "--backend torch, without --compile and --feature-reuse, to move style scales",
-                        field="lora_scales")
     if loaded.styles is None:
-        from lcm_live.engine.loras import StyleScales
-
-        loaded.styles = StyleScales(pipe, [(s.name, s.lora, s.scale) for s in preset.styles],
-                                    cache_dir=engine.settings.cache_dir, model_name=preset.name)
+        loaded.styles = _style_scales(engine, preset)
     if loaded.styles.set(wanted):
         engine.prompts.clear()  # a style may change the text encoder: cached prompt embeddings are stale
         for entry, style in zip(engine.info.loras[-len(preset.styles):], preset.styles, strict=True):
             entry["scale"] = wanted[style.name]  # images' parameters say the scales they were made with
     loaded.scales = dict(wanted)
+
+
+def _style_scales(engine: Any, preset: ModelPreset) -> Any:
+    """What moves this engine's style scales; a UserError naming the flag to leave off where nothing can."""
+    from diffusers import ModelMixin
+
+    pipe = engine.pipe
+    styles = [(s.name, s.lora, s.scale) for s in preset.styles]
+    speedups = ", ".join(engine.info.speedups) or "none"
+    if engine.compiled or getattr(pipe.unet, "feature_reuse", None) is not None or (
+            not isinstance(pipe.unet, ModelMixin) and type(pipe.unet).__name__ != "OpenVINOUNet"):
+        raise UserError("lora_scales: a style's scale moves in diffusers' own UNet or the OpenVINO one, and this "
+                        f"server's UNet is compiled or wrapped with the default scales in it (speed-ups: {speedups});"
+                        " serve without --compile and --feature-reuse to move style scales", field="lora_scales")
+    if type(pipe.unet).__name__ == "OpenVINOUNet":
+        from lcm_live.engine.openvino_lora import OpenVINOStyles
+
+        return OpenVINOStyles(pipe, styles, cache_dir=engine.settings.cache_dir, model_name=preset.name)
+    from lcm_live.engine.loras import StyleScales
+
+    return StyleScales(pipe, styles, cache_dir=engine.settings.cache_dir, model_name=preset.name)
 
 
 class ModelSwitcher:
