@@ -138,3 +138,34 @@ def test_feature_reuse_on_openvino_still_refuses_naming_the_flag(tiny_lcm_dir, s
         restyle(loaded, preset, {"ink": 1.0})
     assert err.value.field == "lora_scales" and "--feature-reuse" in err.value.message
     assert "feature_reuse:2" in err.value.message and loaded.scales == {"ink": DEFAULT}
+
+
+def test_a_controlnets_residuals_reach_the_branch_graph(tiny_lcm_dir, style, tmp_path):
+    """With a ControlNet the branch graph takes its residuals too (the tracer's inputs, in the UNet graph's order)."""
+    from diffusers import UNet2DConditionModel
+    from PIL import Image, ImageDraw
+
+    from lcm_live.engine.openvino_lora import OpenVINOStyles
+    from lcm_live.engine.pipeline import Engine
+    from lcm_live.engine.request import GenerationRequest
+    from lcm_live.engine.tiny import save_tiny_controlnet
+
+    controlnet = save_tiny_controlnet(tmp_path / "cn", UNet2DConditionModel.from_pretrained(tiny_lcm_dir / "unet"))
+    lines = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(lines).line([(4, 4), (60, 60)], fill="white", width=4)
+
+    def latents(backend, scale, move_to=None):
+        engine = Engine.from_settings(EngineSettings(
+            model=str(tiny_lcm_dir), device="cpu", dtype="float32", backend=backend, decoder="vae",
+            controlnet=str(controlnet), openvino_cache_dir=str(tmp_path / "ir"),
+            loras=[LoraSpec(source=str(style), scale=scale)]), progress=False)
+        if move_to is not None:
+            OpenVINOStyles(engine.pipe, [("ink", str(style), scale)], cache_dir=None, model_name="t").set(
+                {"ink": move_to})
+        request = GenerationRequest("a red circle", num_inference_steps=2, seed=3, width=64, height=64,
+                                    control_image=lines, output_type="latent")
+        return engine.generate(request).images[0].float()
+
+    got, want = latents("openvino", DEFAULT, move_to=1.2), latents("torch", 1.2)
+    assert (got - want).abs().max() < 2e-3 and _cosine(got, want) > 0.9999
+    assert (got - latents("torch", DEFAULT)).abs().max() > 0.05
