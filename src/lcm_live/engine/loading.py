@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lcm_live.config import DEFAULT_MODEL, EngineSettings
+from lcm_live.engine import load_progress
 from lcm_live.engine.architectures import config_dir
 from lcm_live.engine.controlnet import combine, controlnet_location, controlnet_sources, load_controlnet
 from lcm_live.engine.families import make_scheduler, read_family
@@ -113,13 +114,17 @@ def load_model(settings: EngineSettings, *, device: Any = "cpu", dtype: Any = No
 
         ip_adapter_at = ip_adapter_location(settings.ip_adapter, cache_dir=settings.cache_dir, progress=progress)
     if source.kind == "single_file":
+        load_progress.expect([Path(source.location)])  # byte progress for a listener (studio/loader.py)
         pipe = _load_single_file(Path(source.location), arch, dtype=dtype, progress=progress)
     elif source.kind == "unet":
         base, base_dir = fetch_base(source.name, info, cache_dir=settings.cache_dir, progress=progress)
+        load_progress.expect([*Path(source.location).glob("*.safetensors"),  # its UNet, the base's other parts
+                              *(p for p in load_progress.pipeline_files(base_dir) if p.parent.name != "unet")])
         parts = load_unet_parts(Path(source.location), base_dir, name=source.name, dtype=dtype)
         pipe = _load_folder(base_dir, arch, full_lcm, dtype=dtype, progress=progress, parts=parts,
                             label=f"{source.name} (its base pipeline {base})")
     else:
+        load_progress.expect(load_progress.pipeline_files(folder))
         pipe = _load_folder(folder, arch, full_lcm, dtype=dtype, progress=progress)
 
     # 4. The family's scheduler (LCMScheduler, TCDScheduler, Euler on trailing timesteps), and the LoRAs stacked

@@ -211,6 +211,11 @@ class ModelRegistry:
             state.ready, state.error = False, message
         return message
 
+    def mark_cancelled(self, name: str, worker: str) -> None:
+        """A load nobody waited for any more was stopped: the preset is as it was before it."""
+        with self._lock:
+            self._state[name].loading_on.discard(worker)
+
     def mark_evicted(self, name: str, worker: str) -> None:
         with self._lock:
             self._state[name].loaded_on.discard(worker)

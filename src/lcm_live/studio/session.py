@@ -90,15 +90,18 @@ class Session:
     def on_done(self, job: Job, outcome: str) -> None:
         self._call(self._job_done, job, outcome)
 
-    def on_model(self, job: Job, name: str, state: str, progress: float | None, message: str) -> None:
-        """A model preset this session's job needs is loading, ready or failed (studio/switching.py)."""
-        self._call(self._say_model, name, state, progress, message)
+    def on_model(self, job: Job, name: str, state: str, progress: float | None, message: str,
+                 **detail: Any) -> None:
+        """A model preset this session's job needs is loading, ready or failed (studio/loader.py); ``detail``:
+        while its weights are read, ``component``, ``bytes_read`` and ``bytes_total``."""
+        self._call(self._say_model, name, state, progress, message, detail)
 
-    def _say_model(self, name: str, state: str, progress: float | None, message: str) -> None:
+    def _say_model(self, name: str, state: str, progress: float | None, message: str,
+                   detail: dict[str, Any] | None = None) -> None:
         if state == "ready":
             self._model_said = name
         self.send_control({"type": "model", "name": name, "state": state, "progress": progress,
-                           "message": message})
+                           "message": message, **(detail or {})})
 
     def _call(self, fn, *args) -> None:
         try:

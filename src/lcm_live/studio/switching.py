@@ -2,17 +2,16 @@
 
 The worker (studio/worker.py) asks :meth:`ModelSwitcher.select` for the engine of the jobs it is about to run (they
 share a preset: the batch key includes it). A preset already loaded costs a dictionary lookup (and a re-fuse when
-the jobs' style scales differ from those it runs); one that is not is loaded here, on the worker thread:
+the jobs' style scales differ from those it runs). One that is not loads on the worker's loader thread
+(studio/loader.py) while the worker goes on serving its other sessions:
 
-1. evict the least recently used engines until there is room (``max_loaded``), and free them;
-2. tell the jobs' sinks ``loading`` (progress 0), build the engine with the factory, say ``loading`` (0.9, warming
-   up), warm it up at the preset's size, say ``ready`` (1.0);
-3. on any failure: drop what was built (nothing stays half-loaded), mark the preset failed and raise
-   :class:`ModelLoadFailed`; the jobs fail with ``model_unavailable`` and their sessions keep their last good
-   params. Other presets stay as they were.
+1. on the worker thread, :meth:`ModelSwitcher.make_room` evicts the least recently used engines no waiting job
+   names, so that the new one fits in ``max_loaded``;
+2. the loader builds the engine with the factory and warms it up (progress in bytes read, then stages);
+3. on the worker thread again, :meth:`ModelSwitcher.install` holds it and evicts down to ``max_loaded``.
 
-Loading blocks this worker's other jobs meanwhile (with ``--devices`` the other workers go on serving); the time a
-job waits through a load does not count towards its queue-wait limit (``loading_s``: the worker subtracts it).
+A failed load drops what was built (nothing stays half-loaded) and marks the preset failed; its jobs fail with
+``model_unavailable`` and their sessions keep their last good params. Other presets stay as they were.
 """
 
 from __future__ import annotations
@@ -33,12 +32,6 @@ from lcm_live.studio.models import ModelRegistry
 log = logging.getLogger("lcm_live.studio")
 
 WARMING_PROGRESS = 0.9  # the weights are in; the warm-up generation runs
-
-
-class ModelLoadFailed(Exception):
-    def __init__(self, name: str, message: str):
-        super().__init__(message)
-        self.name, self.message = name, message
 
 
 @dataclass
@@ -87,6 +80,10 @@ def _style_scales(engine: Any, preset: ModelPreset) -> Any:
 
 
 class ModelSwitcher:
+    """The engines one worker holds, by preset, least recently used first. Only the worker's own thread calls
+    ``select``, ``install`` and ``make_room`` (so an engine is never evicted while a generation uses it); the
+    loads themselves run on the worker's loader thread (studio/loader.py)."""
+
     def __init__(self, registry: ModelRegistry, factory: Callable[..., Any], worker: str,
                  restyler: Callable[[LoadedEngine, ModelPreset, dict[str, float]], None] = restyle):
         self.registry = registry
@@ -97,11 +94,13 @@ class ModelSwitcher:
         self.engines: OrderedDict[str, LoadedEngine] = OrderedDict()  # least recently used first
         self.warm: Callable[[Any, ModelPreset], None] = lambda engine, preset: None  # the worker's warm-up
         self.last_switch_s: float | None = None  # the last select() that changed the engine (bench)
-        self.loading_s = 0.0  # seconds spent loading presets so far: jobs waiting meanwhile are not timed out for it
 
     def build(self, name: str) -> Any:
         """The engine of preset ``name`` from the factory (no preset argument for the implicit one)."""
         return self.factory() if self.registry.implicit else self.factory(preset=self.registry.presets[name])
+
+    def warm_preset(self, engine: Any, name: str) -> None:
+        self.warm(engine, self.registry.presets[name])
 
     def adopt(self, name: str, engine: Any, family: str | None) -> None:
         """The engine the worker loaded at start (the default preset)."""
@@ -112,14 +111,11 @@ class ModelSwitcher:
     def has(self, name: str) -> bool:
         return name in self.engines
 
-    def select(self, name: str, scales: dict[str, float], sinks: list[tuple[Any, Any]]) -> Any:
-        """The engine for preset ``name`` with these style scales (loaded if need be); ``sinks``: (job, sink) pairs
-        told the load's progress. Raises ModelLoadFailed (the load) or UserError (the scales)."""
+    def select(self, name: str, scales: dict[str, float]) -> Any:
+        """The engine of the loaded preset ``name`` with these style scales. Raises UserError (the scales)."""
         t0 = time.perf_counter()
-        loaded = self.engines.get(name)
-        switched = loaded is None or next(reversed(self.engines)) != name
-        if loaded is None:
-            loaded = self._load(name, sinks)
+        loaded = self.engines[name]
+        switched = next(reversed(self.engines)) != name
         self.engines.move_to_end(name)
         if loaded.scales != scales:
             self.restyler(loaded, self.registry.presets[name], scales)
@@ -127,46 +123,30 @@ class ModelSwitcher:
             self.last_switch_s = time.perf_counter() - t0
         return loaded.engine
 
-    def _load(self, name: str, sinks: list[tuple[Any, Any]]) -> LoadedEngine:
+    def make_room(self, wanted: set[str], loading: int = 1) -> None:
+        """Before a load: evict the least recently used engines no waiting job names until the engines and the
+        ``loading`` ones fit in ``max_loaded``. Engines other sessions still use stay: the load then runs beside
+        them, over the bound until it is installed (docs/studio.md, "Model presets")."""
+        while len(self.engines) + loading > self.max_loaded:
+            old = next((n for n in self.engines if n not in wanted), None)
+            if old is None:
+                return
+            self._evict(old, "least recently used, not in use")
+
+    def install(self, name: str, engine: Any) -> None:
+        """A loaded, warm engine: held as the most recently used; then the least recently used others are evicted
+        until ``max_loaded`` hold (one a waiting job names too: the bound is kept; that job's model loads again)."""
         preset = self.registry.presets[name]
-        while len(self.engines) >= self.max_loaded:  # 1. room first: memory stays bounded while it loads
-            old, _ = self.engines.popitem(last=False)
-            self.registry.mark_evicted(old, self.worker)
-            log.info("studio: %s: %s evicted (least recently used of %d loaded)", self.worker, old, self.max_loaded)
-            free_memory()
-        self.registry.mark_loading(name, self.worker)
-        _tell(sinks, name, "loading", 0.0, f"loading {name}")
-        t0 = time.perf_counter()
-        engine = None
-        try:  # 2.
-            engine = self.build(name)
-            _tell(sinks, name, "loading", WARMING_PROGRESS, f"warming up {name}")
-            self.warm(engine, preset)
-        except Exception as exc:  # 3.
-            self.loading_s += time.perf_counter() - t0
-            message = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-            log.error("studio: %s: loading %s failed: %s", self.worker, name, message,
-                      exc_info=not isinstance(exc, UserError))
-            engine = None
-            free_memory()
-            public = self.registry.mark_failed(name, self.worker, message)
-            _tell(sinks, name, "error", None, public)
-            raise ModelLoadFailed(name, public) from None
-        self.loading_s += time.perf_counter() - t0
-        family = getattr(engine.info, "family", None)
-        self.registry.mark_loaded(name, self.worker, family)
-        log.info("studio: %s: %s loaded and warm in %.1f s", self.worker, name, time.perf_counter() - t0)
-        _tell(sinks, name, "ready", 1.0, f"{name} is ready")
-        loaded = LoadedEngine(engine, scales={s.name: s.scale for s in preset.styles})
-        self.engines[name] = loaded
-        return loaded
+        self.engines[name] = LoadedEngine(engine, scales={s.name: s.scale for s in preset.styles})
+        self.registry.mark_loaded(name, self.worker, getattr(getattr(engine, "info", None), "family", None))
+        while len(self.engines) > self.max_loaded:
+            self._evict(next(iter(self.engines)), f"least recently used of {self.max_loaded} loaded")
 
-
-def _tell(sinks: list[tuple[Any, Any]], name: str, state: str, progress: float | None, message: str) -> None:
-    for job, sink in sinks:
-        on_model = getattr(sink, "on_model", None)  # optional in the JobSink protocol (REST and Ray sinks lack it)
-        if on_model is not None:
-            on_model(job, name, state, progress, message)
+    def _evict(self, name: str, why: str) -> None:
+        del self.engines[name]
+        self.registry.mark_evicted(name, self.worker)
+        log.info("studio: %s: %s evicted (%s)", self.worker, name, why)
+        free_memory()
 
 
 def free_memory() -> None:

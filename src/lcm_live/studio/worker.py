@@ -24,7 +24,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from lcm_live.config import StudioSettings
@@ -32,28 +31,18 @@ from lcm_live.engine.hooks import Cancelled, StepEvent
 from lcm_live.errors import UserError
 from lcm_live.studio.batching import job_batch_key, resolve_max_batch_size
 from lcm_live.studio.failures import describe_failures, is_oom  # noqa: F401 (is_oom: re-exported)
-from lcm_live.studio.images import prepare_canvas
 from lcm_live.studio.jobs import Job, JobSink  # noqa: F401 (JobSink: re-exported)
+from lcm_live.studio.loader import LoadTask, ModelLoader
 from lcm_live.studio.metrics import StudioMetrics
 from lcm_live.studio.models import ModelRegistry
 from lcm_live.studio.params import device_type, engine_info, native_size
-from lcm_live.studio.switching import ModelLoadFailed, ModelSwitcher
+from lcm_live.studio.runs import Run, prepare_run
+from lcm_live.studio.switching import ModelSwitcher
+from lcm_live.studio.worker_models import ModelSlots
 
 log = logging.getLogger("lcm_live.studio")
 
-@dataclass
-class _Run:
-    """One job inside an engine call: its request, its step callback, the last step total it saw, and its stop
-    check (superseded, closed or past its deadline: why to stop now, else None)."""
-
-    job: Job
-    request: Any
-    callback: Callable[[StepEvent], None]
-    seen: dict[str, int]
-    should_stop: Callable[[], str | None]
-
-
-class Worker:
+class Worker(ModelSlots):
     def __init__(
         self,
         engine_factory: Callable[[], Any],
@@ -85,6 +74,11 @@ class Worker:
         self._pending: dict[str, Job] = {}  # slot -> its newest waiting job
         self._order: deque[str] = deque()  # slots with a waiting job, in round-robin order
         self._running: dict[str, Job] = {}  # slot -> its job in the engine call now running
+        # Jobs waiting for their preset to load on the loader thread (studio/loader.py), and finished loads
+        self._parked: dict[str, tuple[str, Job]] = {}  # slot -> (preset, job)
+        self._installs: deque[tuple[LoadTask, Any, str | None]] = deque()
+        self.loader = ModelLoader(name, self.switcher.build, self.switcher.warm_preset, self._load_finished,
+                                  on_failed=lambda preset, message: self.models.mark_failed(preset, name, message))
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     # ---- control (any thread) ----------------------------------------------------------------------------
@@ -110,11 +104,11 @@ class Worker:
     def load(self) -> int:
         """Jobs waiting or running here (a pool places new work on the least loaded worker)."""
         with self._cond:
-            return len(self._pending) + len(self._running)
+            return len(self._pending) + len(self._running) + len(self._parked)
 
     def has_model(self, name: str) -> bool:
-        """Whether preset ``name`` is loaded here (a pool places a job where its model is)."""
-        return self.switcher.has(name)
+        """Whether preset ``name`` is loaded or loading here (a pool places a job where its model is)."""
+        return self.switcher.has(name) or self.loader.loading(name)
 
     def slot_state(self, slot: str) -> str | None:
         """"waiting", "running" or None: what ``slot`` has here now."""
@@ -124,7 +118,11 @@ class Worker:
     def take_all(self) -> list[tuple[str, Job]]:
         """Every (slot, job) waiting or running here, forgotten (a pool moves a dead worker's jobs elsewhere)."""
         with self._cond:
-            jobs = [*self._running.items(), *self._pending.items()]
+            jobs = [*self._running.items(), *self._pending.items(),
+                    *((slot, job) for slot, (_, job) in self._parked.items())]
+            for slot in self._parked:
+                self.loader.drop(slot)
+            self._parked.clear()
             self._pending.clear()
             self._order.clear()
             self._running = {}
@@ -138,7 +136,9 @@ class Worker:
             if self.state in ("stopping", "stopped"):
                 raise RuntimeError("the worker is stopping")
             old = self._pending.get(slot)
-            job.loading_at_submit = self.switcher.loading_s
+            if old is None and slot in self._parked:  # waiting for a load: a load of another preset is dropped
+                preset, old = self._parked.pop(slot)
+                self.loader.drop(slot, cancel_if_alone=preset != self.models.name_of(job.params.model))
             self._pending[slot] = job
             if old is None:
                 self._order.append(slot)
@@ -163,6 +163,8 @@ class Worker:
             old = self._pending.pop(slot, None)
             if old is not None:
                 self._order.remove(slot)
+            if self._parked.pop(slot, None) is not None:
+                self.loader.drop(slot)
             running = self._running.get(slot)
             if running is not None:
                 running.cancel_reason = reason
@@ -172,7 +174,9 @@ class Worker:
         with self._cond:
             if self.state != "stopped":
                 self.state = "stopping"
-            dropped = list(self._pending.values())
+            dropped = [*self._pending.values(), *(job for _, job in self._parked.values())]
+            self._parked.clear()
+            self.loader.stop()
             self._pending.clear()
             self._order.clear()
             for running in self._running.values():
@@ -190,10 +194,17 @@ class Worker:
             return
         while True:
             with self._cond:
-                while not self._order and self.state == "ready":
+                while not self._order and not self._installs and self.state == "ready":
                     self._cond.wait()
                 if self.state != "ready":
                     break
+                installs = list(self._installs)
+                self._installs.clear()
+            for install in installs:  # a finished load: its engine held here, its jobs back in their mailboxes
+                self._install(*install)
+            with self._cond:
+                if not self._order:
+                    continue
                 self._running = self._take()
                 jobs = list(self._running.values())
                 self.metrics.queue_depth.set(len(self._pending))
@@ -276,8 +287,7 @@ class Worker:
         for job in jobs:
             if job.cancel_reason is not None:
                 job.sink.on_done(job, "cancelled")
-            elif (waited := now - job.submitted - (self.switcher.loading_s - job.loading_at_submit)) \
-                    > s.queue_wait_timeout_s:  # a model load for another session is not this job's wait
+            elif (waited := now - job.submitted) > s.queue_wait_timeout_s:
                 m.errors.labels(type="timeout").inc()
                 job.sink.on_error(job, "timeout", f"waited {waited:.1f} s for the worker (limit "
                                   f"{s.queue_wait_timeout_s:g} s): the server is busy, try again", None)
@@ -287,12 +297,12 @@ class Worker:
         if not wanted or not self._select_engine(wanted):
             return
         now = time.monotonic()  # after a model load: the generation deadline starts now
-        runs: list[_Run] = []
+        runs: list[Run] = []
         for job in wanted:
             job.started = now
-            runs.append(self._prepare_run(job, now))
+            runs.append(prepare_run(self, job, now))
         m.batch_size.observe(len(runs))
-        outcomes: list[tuple[_Run, Any, BaseException | None]] = []
+        outcomes: list[tuple[Run, Any, BaseException | None]] = []
         if len(runs) == 1:
             try:
                 run = runs[0]  # alone: stopped inside a step too when superseded (engine/interrupt.py)
@@ -309,65 +319,7 @@ class Worker:
                 outcomes = [(r, None, exc) for r in runs]
         self._settle(outcomes, time.monotonic() - now)
 
-    def _select_engine(self, jobs: list[Job]) -> bool:
-        """``self.engine`` := the engine of the jobs' preset (one batch key: one preset), loaded if need be;
-        False (the jobs failed) when it cannot load or the style scales cannot be set."""
-        name = self.models.name_of(jobs[0].params.model)
-        if not self.switcher.has(name):
-            self.engine = None  # an evicted engine must not stay referenced here
-        try:
-            scales = self.models.resolve_scales(name, dict(jobs[0].params.lora_scales))
-            self.engine = self.switcher.select(name, scales, [(job, job.sink) for job in jobs])
-            return True
-        except ModelLoadFailed as exc:
-            failure = ("model_unavailable", f"the model {name!r} could not be loaded: {exc.message}", "model")
-        except UserError as exc:
-            field = exc.field if (exc.field or "").startswith("lora_scales") else "lora_scales"  # a style's load
-            failure = ("invalid_params", exc.message, field)
-        for job in jobs:
-            self._fail(job, *failure)
-        return False
-
-    def _prepare_run(self, job: Job, started: float) -> _Run:
-        s = self.settings
-        deadline = started + s.generation_timeout_s
-        p = job.params
-        canvas = (prepare_canvas(job.canvas, p.mode, p.width, p.height,
-                                 preprocess=getattr(p, "control_preprocess", "none"))
-                  if job.canvas is not None else None)
-        seen = {"total": p.num_inference_steps}
-
-        def should_stop() -> str | None:
-            if job.cancel_reason is not None:
-                return job.cancel_reason
-            if time.monotonic() > deadline:
-                job.timed_out = True
-                return "deadline"
-            return None
-
-        def callback(event: StepEvent) -> None:
-            seen["total"] = event.total
-            reason = should_stop()
-            if reason is not None:
-                raise Cancelled(reason)
-            if self.step_observer is not None:
-                self.step_observer(job, event)
-            if p.previews and event.step < event.total and job.sink.wants_preview():
-                try:
-                    preview = self.engine.decode_preview(event.latents)
-                except Exception:  # a preview is a nicety: never fail the frame for it
-                    log.warning("studio: preview decode failed at step %d", event.step, exc_info=True)
-                    return
-                job.sink.on_frame(job, preview, final=False, step=event.step, total=event.total,
-                                  generation_s=time.monotonic() - started, parameters={})
-
-        size = (p.width, p.height)
-        fit = (lambda img: img if img is None or img.size == size else img.resize(size))  # noqa: E731
-        request = p.to_request(image=canvas, mask=fit(job.mask), init_image=fit(job.init_image),
-                               region_masks=[fit(m) for m in job.region_masks], **job.images)
-        return _Run(job, request, callback, seen, should_stop)
-
-    def _settle(self, outcomes: list[tuple[_Run, Any, BaseException | None]], generation_s: float) -> None:
+    def _settle(self, outcomes: list[tuple[Run, Any, BaseException | None]], generation_s: float) -> None:
         """Each job's frame or error. One engine call counts once towards max_consecutive_failures."""
         s, m = self.settings, self.metrics
         failed = [(r.job, e) for r, _, e in outcomes if e is not None and not isinstance(e, (Cancelled, UserError))]
