@@ -54,6 +54,10 @@ class ReadCounter:
         self.read[path] = min(self.read.get(path, 0) + nbytes, self.expected[path])
         self.report(component_of(path), self.done, self.total)
 
+    def finish(self, path: str) -> None:
+        """The whole file is read: its header and padding count too, so a load ends at exactly the total."""
+        self.add(path, self.expected.get(str(path), 0) - self.read.get(str(path), 0))
+
 
 def component_of(path: str) -> str:
     p = Path(path)
@@ -134,6 +138,7 @@ def _load_file(filename: Any, device: Any = "cpu", **kwargs: Any) -> dict[str, A
             tensor = f.get_tensor(k)
             result[k] = tensor
             counter.add(str(filename), tensor.numel() * tensor.element_size())
+    counter.finish(str(filename))
     return result
 
 
@@ -141,5 +146,5 @@ def _safe_open(filename: Any, *args: Any, **kwargs: Any) -> Any:
     handle = _originals["safe_open"](filename, *args, **kwargs)
     counter = current()
     if counter is not None:
-        counter.add(str(filename), Path(filename).stat().st_size)
+        counter.finish(str(filename))
     return handle
