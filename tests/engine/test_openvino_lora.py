@@ -169,3 +169,19 @@ def test_a_controlnets_residuals_reach_the_branch_graph(tiny_lcm_dir, style, tmp
     got, want = latents("openvino", DEFAULT, move_to=1.2), latents("torch", 1.2)
     assert (got - want).abs().max() < 2e-3 and _cosine(got, want) > 0.9999
     assert (got - latents("torch", DEFAULT)).abs().max() > 0.05
+
+
+def test_a_style_that_cannot_load_changes_nothing(tiny_lcm_dir, style, tmp_path):
+    from lcm_live.engine.openvino_lora import OpenVINOStyles
+    from lcm_live.errors import UserError
+
+    engine = _engine(tiny_lcm_dir, style, DEFAULT, "openvino", tmp_path)
+    styles = OpenVINOStyles(engine.pipe, [("ink", str(style), DEFAULT), ("gone", str(tmp_path / "gone.safetensors"),
+                                                                          1.0)], cache_dir=None, model_name="tiny")
+    with pytest.raises(UserError, match="gone.safetensors: no such file"):
+        styles.set({"ink": 1.0, "gone": 1.0})
+    with pytest.raises(UserError, match="'paper' is not a style of tiny"):
+        styles.set({"ink": 1.0, "paper": 1.0})
+    assert engine.pipe.unet.styles is None and styles.route({})[0] == "unet"
+    assert styles.scales == {"ink": DEFAULT, "gone": 1.0}
+    assert type(engine.pipe.unet).__name__ == "OpenVINOUNet"
