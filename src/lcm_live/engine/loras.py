@@ -131,13 +131,15 @@ def apply_loras(pipe: Any, loras: list[LoraWeights], *, model_name: str) -> None
         return
     names = [f"lora{i}" for i in range(len(loras))]
     for name, lora in zip(names, loras, strict=True):
-        _load_one(pipe, lora.state, name, source=lora.source, flag=lora.flag, model_name=model_name)
+        load_adapter(pipe, lora.state, name, source=lora.source, flag=lora.flag, model_name=model_name)
     pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()
 
 
-def _load_one(pipe: Any, weights: dict[str, Any], name: str, *, source: str, flag: str, model_name: str) -> None:
+def load_adapter(pipe: Any, weights: dict[str, Any], name: str, *, source: str, flag: str, model_name: str) -> None:
+    """Load one LoRA into ``pipe`` as peft adapter ``name``; a file mixing formats, or one that does not fit the
+    model, is one short UserError naming LoRA and model."""
     _check_one_format(weights, source=source, flag=flag)
     before = _adapter_count(pipe)
     try:
@@ -187,6 +189,16 @@ def misfit(source: str, model_name: str, exc: BaseException, flag: str) -> UserE
     return UserError(f"{flag} {source} does not fit the model {model_name}: {detail}", field=_field(flag))
 
 
+def scales_move(wanted: dict[str, float], scales: dict[str, float], model_name: str) -> bool:
+    """Whether ``wanted`` differs from the ``scales`` in use; a UserError naming a style the model lacks."""
+    if wanted == scales:
+        return False
+    unknown = sorted(set(wanted) - set(scales))
+    if unknown:
+        raise UserError(f"lora_scales: {unknown[0]!r} is not a style of {model_name}", field="lora_scales")
+    return True
+
+
 class StyleScales:
     """Style LoRA scales that change after load (the studio's sliders), on a pipeline whose UNet is torch.
 
@@ -218,11 +230,8 @@ class StyleScales:
 
     def set(self, wanted: dict[str, float]) -> bool:
         """Make the weights carry ``wanted`` ({style: scale}, every style named); False when they already did."""
-        if wanted == self.scales:
+        if not scales_move(wanted, self.scales, self.model_name):
             return False
-        unknown = sorted(set(wanted) - set(self.scales))
-        if unknown:
-            raise UserError(f"lora_scales: {unknown[0]!r} is not a style of {self.model_name}", field="lora_scales")
         if self._adapters is None:
             self._load_adapters()
         assert self._adapters is not None
@@ -247,7 +256,7 @@ class StyleScales:
         try:
             for name, (style, source, _) in zip(names, self.styles, strict=True):
                 state = read_lora(source, flag=f"style {style}", cache_dir=self.cache_dir)
-                _load_one(self.pipe, state, name, source=source, flag=f"style {style}", model_name=self.model_name)
+                load_adapter(self.pipe, state, name, source=source, flag=f"style {style}", model_name=self.model_name)
                 loaded.append(name)
         except Exception:
             if loaded:  # nothing half-loaded: the adapters that did load go again

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lcm_live.engine.loras import _load_one, read_lora
+from lcm_live.engine.loras import load_adapter, read_lora, scales_move
 from lcm_live.engine.openvino_backend import _TraceableUNet
 from lcm_live.errors import UserError
 
@@ -116,11 +116,8 @@ class OpenVINOStyles:
 
     def set(self, wanted: dict[str, float]) -> bool:
         """Frames run with ``wanted`` ({style: scale}, every style named) from now; False when they already did."""
-        if wanted == self.scales:
+        if not scales_move(wanted, self.scales, self.model_name):
             return False
-        unknown = sorted(set(wanted) - set(self.scales))
-        if unknown:
-            raise UserError(f"lora_scales: {unknown[0]!r} is not a style of {self.model_name}", field="lora_scales")
         if self.graph is None:
             self._load()
         self.deltas = [float(wanted[name]) - default for name, _, default in self.styles]
@@ -146,7 +143,7 @@ class OpenVINOStyles:
         self.pipe.unet = torch_unet  # 1. diffusers loads into the torch UNet and the text encoders
         try:
             for name, state, (style, source, _) in zip(names, states, self.styles, strict=True):
-                _load_one(self.pipe, state, name, source=source, flag=f"style {style}", model_name=self.model_name)
+                load_adapter(self.pipe, state, name, source=source, flag=f"style {style}", model_name=self.model_name)
                 loaded.append(name)
             branches = _copy_branches(torch_unet, names)  # 2.
         except Exception:
