@@ -24,7 +24,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def taesd_pair():
-    from lcm_live.bench.bench_engine import random_taesd
+    from lcm_live.bench.random_parts import random_taesd
 
     reference = random_taesd("sd15", torch.float32, 0)  # taesd's architecture (8x), random weights
     return reference, copy.deepcopy(reference)
@@ -76,7 +76,7 @@ def test_a_failed_quantization_keeps_the_float_model(monkeypatch):
 
 
 def test_engine_calibration_quantizes_both_halves(tmp_path):
-    from lcm_live.bench.bench_engine import random_taesd
+    from lcm_live.bench.random_parts import random_taesd
     from lcm_live.engine.architectures import build_pipeline
     from lcm_live.engine.model import LoadedModel
     from lcm_live.engine.openvino_module import vae_modules

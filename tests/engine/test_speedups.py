@@ -288,7 +288,7 @@ def test_engine_warmup_calibrates_the_int8_unet(tmp_path):
 def test_openvino_taesd_matches_torch(dtype, threshold):
     import copy
 
-    from lcm_live.bench.bench_engine import random_taesd
+    from lcm_live.bench.random_parts import random_taesd
     from lcm_live.engine.openvino_module import wrap_tiny_autoencoder
 
     reference = random_taesd("sd15", torch.float32, 0)  # taesd's architecture (8x), random weights
@@ -310,7 +310,7 @@ def test_openvino_taesd_matches_torch(dtype, threshold):
 
 @needs_openvino
 def test_openvino_backend_runs_taesd_in_openvino_too(reference, tmp_path):
-    from lcm_live.bench.bench_engine import random_taesd
+    from lcm_live.bench.random_parts import random_taesd
 
     pipe, plain = tiny(), tiny()
     pipe.vae = random_taesd("tiny", torch.float32, 0)

@@ -38,6 +38,7 @@ from lcm_live.bench.measure import (
     summarize,
     synchronize,
 )
+from lcm_live.bench.random_parts import control_lines, random_controlnet, random_taesd
 from lcm_live.bench.report import format_report, write_json  # noqa: F401 (their home before report.py)
 from lcm_live.bench.seed_path import build_seed_pipeline, seed_reference, seed_run
 from lcm_live.errors import UserError
@@ -124,21 +125,6 @@ def resolve_backend(config: BenchConfig, device: Any, pipe: Any) -> str:
     return engine_rule(settings, device, unet_parameters=sum(p.numel() for p in pipe.unet.parameters())).name
 
 
-def random_taesd(arch: str, dtype: Any, seed: int) -> Any:
-    """AutoencoderTiny with seeded random weights: its default config (the taesd / taesdxl architecture, 8x
-    upsampling); for the tiny test model a two-block one that matches the tiny VAE's 2x."""
-    import torch
-    from diffusers import AutoencoderTiny
-
-    torch.manual_seed(seed)
-    if arch == "tiny":
-        taesd = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
-                                num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1))
-    else:
-        taesd = AutoencoderTiny()
-    return taesd.to(dtype).eval()
-
-
 def build_fast_engine(config: BenchConfig, device: Any, dtype: Any) -> tuple[Any, list[str]]:
     """lcm-live's path: the real Engine around the random-weight architecture, with its speed-ups applied."""
     import torch
@@ -182,31 +168,6 @@ def build_fast_engine(config: BenchConfig, device: Any, dtype: Any) -> tuple[Any
                          controlnet_name=CONTROLNET_NAME if controlnet is not None else None)
     engine = Engine(loaded, settings, device, dtype, speedups=applied)
     return engine, engine.info.speedups  # with what the engine adds (a ControlNet run by OpenVINO)
-
-
-def random_controlnet(unet: Any, vae_scale_factor: int, dtype: Any, device: Any, seed: int) -> Any:
-    """A ControlNet shaped for ``unet`` (diffusers' from_unet: the encoder's shapes and FLOPs), random weights; its
-    image embedding downsamples as the VAE does (SD's 8x: the released ControlNets' 16, 32, 96, 256 channels)."""
-    import torch
-    from diffusers import ControlNetModel
-
-    torch.manual_seed(seed)
-    levels = vae_scale_factor.bit_length()  # 8 -> 4 levels (3 stride-2 convolutions), 2 -> 2
-    controlnet = ControlNetModel.from_unet(unet, load_weights_from_unet=False,
-                                           conditioning_embedding_out_channels=(16, 32, 96, 256)[:levels])
-    controlnet.to(device=device, dtype=dtype, memory_format=torch.channels_last)
-    return controlnet.eval()
-
-
-def control_lines(width: int, height: int) -> Any:
-    """A fixed line drawing (white on black, as a scribble ControlNet takes it)."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (width, height), "black")
-    draw = ImageDraw.Draw(image)
-    draw.ellipse([width // 4, height // 4, 3 * width // 4, 3 * height // 4], outline="white", width=6)
-    draw.line([(0, height - 1), (width - 1, height // 2)], fill="white", width=6)
-    return image
 
 
 def _fast_run(engine: Any, config: BenchConfig, device: Any) -> Any:

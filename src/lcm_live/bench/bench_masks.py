@@ -74,12 +74,8 @@ def run_masks_bench(config: Any, *, mask: bool, regions: int) -> dict[str, Any]:
     """``config``: a bench_engine.BenchConfig (arch, size, steps, guidance, backend, dtype, device, runs)."""
     from PIL import Image
 
-    from lcm_live.bench.bench_engine import (
-        build_fast_engine,
-        control_lines,
-        quiet_diffusers,
-        resolve_device_dtype,
-    )
+    from lcm_live.bench.bench_engine import build_fast_engine, quiet_diffusers, resolve_device_dtype
+    from lcm_live.bench.random_parts import control_lines
     from lcm_live.engine.request import GenerationRequest, Region
 
     quiet_diffusers()

@@ -344,43 +344,10 @@ class Engine:
 
     def calibrate(self, width: int | None = None, height: int | None = None, num_inference_steps: int = 4,
                   max_generations: int = 64) -> int:
-        """Generations over varied prompts while the UNet backend records calibration inputs (``--quantize
-        int8`` on OpenVINO: it quantizes once it has enough, see engine/openvino_int8.py), and the tiny
-        autoencoder's halves theirs (``--quantize-vae int8``: each generation's latents, then its image encoded);
-        how many ran (0 when nothing calibrates). Call after a first generation at this size (which compiles the
-        shape)."""
-        from lcm_live.engine.openvino_module import vae_modules
+        """int8 calibration generations (engine/calibration.py); how many ran (0 when nothing calibrates)."""
+        from lcm_live.engine.calibration import calibrate
 
-        unet = self.pipe.unet
-        vae_halves = [m for m in vae_modules(self.pipe.vae) if m.quantize == "int8"]
-        if not getattr(unet, "calibrating", False) and not vae_halves:
-            return 0
-        from lcm_live.engine.openvino_int8 import CALIBRATION_PROMPTS
-
-        runs = 0
-        unet_calibrates = getattr(unet, "calibrating", False)
-        while (unet_calibrates and unet.recording) or any(half.recording for half in vae_halves):
-            if runs == max_generations:
-                raise RuntimeError(f"int8 calibration still recording after {runs} generations")
-            result = self.generate(GenerationRequest(prompt=CALIBRATION_PROMPTS[runs % len(CALIBRATION_PROMPTS)],
-                                                     num_inference_steps=num_inference_steps, width=width,
-                                                     height=height, seed=runs + 1))
-            if vae_halves and result.images:
-                self._encode_image(result.images[0])  # the encoder's calibration: real images, not zeros
-            runs += 1
-        if unet_calibrates:
-            unet.wait_quantized()
-        for half in vae_halves:
-            half.wait_quantized()
-        return runs
-
-    def _encode_image(self, image: Any) -> None:
-        import numpy as np
-        import torch
-
-        pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
-        with torch.inference_mode():
-            self.pipe.vae.encode(pixels.permute(2, 0, 1)[None].to(self.device, self.dtype))
+        return calibrate(self, width, height, num_inference_steps, max_generations)
 
 
 def _torch_for_ip_adapter(settings: EngineSettings) -> EngineSettings:
