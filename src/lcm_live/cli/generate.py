@@ -167,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine.from_settings(settings, progress=not args.no_progress)
     if engine.info.notice:
         print(f"\n*** {engine.info.notice} ***\n", file=sys.stderr)
+    if settings.quantize_vae == "int8":  # its calibration is a warm-up's (serve, bench), not one image's
+        print("note: --quantize-vae int8 quantizes the tiny autoencoder after a warm-up's calibration (serve, "
+              "bench); a single generate records its inputs and decodes in bf16", file=sys.stderr)
 
     # 3. Generate, with a progress bar per step.
     result = _generate(engine, request, progress=not args.no_progress)
