@@ -38,6 +38,4 @@ def test_refusals_are_one_line(fake_uvicorn, tmp_path, capsys):
     assert "preset 'a', key 'steps'" in err and "Traceback" not in err
     assert main(["serve", "--models", str(path), "--model", "x", "--fake-engine", "{}"]) == 2
     assert "--models FILE and --model go apart" in capsys.readouterr().err
-    assert main(["serve", "--model", "a", "--model", "b", "--ray", "--fake-engine", "{}"]) == 2
-    assert "--ray serves one model" in capsys.readouterr().err
     assert "ran" not in fake_uvicorn

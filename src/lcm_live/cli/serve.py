@@ -288,9 +288,6 @@ def run_ray(args: argparse.Namespace, settings) -> int:
     if settings.studio.upscaler is not None:
         raise UserError("--upscaler works without --ray only (the ESRGAN model would run in the ingress): drop "
                         "one of them")
-    if settings.models:
-        raise UserError("--ray serves one model: several --model or a --models file work with one machine's "
-                        "workers (--devices) only; give one --model with --ray (docs/scaling.md)")
     if args.replicas is not None and args.autoscale is not None:
         raise UserError("--replicas N and --autoscale MIN:MAX exclude each other: give one")
     try:

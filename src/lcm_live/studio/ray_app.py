@@ -7,8 +7,10 @@ replicas each hold one engine.
 
 - ``Studio`` (ingress): :func:`~lcm_live.studio.app.create_app` with a :class:`~lcm_live.studio.ray_worker.RayWorker`
   in place of the local worker: the same page, protocol, token, Origin and Host checks, limits and metrics.
-- ``Generator``: a studio :class:`~lcm_live.studio.worker.Worker` (one engine, its own thread, its timeouts and
-  error codes) in each replica; ``generate`` streams one job's events. Serve's request cancellation arrives as
+- ``Generator``: a studio :class:`~lcm_live.studio.worker.Worker` (its engines, its own thread, its timeouts and
+  error codes) in each replica; with model presets (``--model A --model B``, ``--models FILE``) each replica's
+  worker switches between them as a local one does (studio/switching.py: loads on its loader thread, an LRU of
+  ``--max-loaded-models``), and its ``model`` messages and what it holds travel back to the ingress; ``generate`` streams one job's events. Serve's request cancellation arrives as
   ``CancelledError`` in ``generate``, which sets the job's stop flag: the engine's step hook stops at its next step.
   ``check_health`` fails a replica whose worker thread died or failed too often: Serve replaces it.
 
@@ -36,8 +38,9 @@ from lcm_live.config import Settings
 from lcm_live.engine.hooks import StepEvent
 from lcm_live.errors import UserError
 from lcm_live.studio.metrics import StudioMetrics
+from lcm_live.studio.models import ModelRegistry
 from lcm_live.studio.params import build_params_model, engine_info, parse_params
-from lcm_live.studio.ray_wire import frame_event, replica_counts
+from lcm_live.studio.ray_wire import check_images, frame_event, held_presets, replica_counts, replica_name
 from lcm_live.studio.ray_worker import RayWorker
 from lcm_live.studio.worker import Job, Worker
 
@@ -63,6 +66,8 @@ class RayOptions:
     gpus_per_replica: float = 0.0
     cpus_per_replica: float = 1.0  # Ray's logical CPUs per replica (what it schedules by, not a thread limit)
     fake_engine: str | None = None  # tests and benchmarks: a FakeEngineConfig as JSON instead of a model
+    # Tests: the engine factory itself (pickled to the replicas; ``factory(device=None, *, preset=None)``)
+    engine_factory: Any = None
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -95,7 +100,8 @@ def parse_autoscale(text: str) -> tuple[int, int]:
 
 
 def make_engine_factory(settings: Settings, fake_engine: str | None):
-    """The engine a replica loads: the model of ``settings`` (on the GPU Ray gave it), or a FakeEngine."""
+    """The engine a replica loads: the model of ``settings`` or of a preset (on the GPU Ray gave it), or a
+    FakeEngine (a preset's: its ``model`` is the preset's)."""
     if fake_engine is None:
         from lcm_live.studio.app import default_engine_factory
 
@@ -103,7 +109,12 @@ def make_engine_factory(settings: Settings, fake_engine: str | None):
     from lcm_live.studio.fake_engine import FakeEngine, FakeEngineConfig
 
     config = FakeEngineConfig.from_json(fake_engine)
-    return lambda: FakeEngine.from_settings(settings.engine, config=dataclasses.replace(config))
+
+    def factory(device: str | None = None, *, preset: Any = None) -> Any:
+        model = {"model": preset.model} if preset is not None else {}
+        return FakeEngine.from_settings(settings.engine, config=dataclasses.replace(config, **model))
+
+    return factory
 
 
 class _BatchSizes:
@@ -166,6 +177,24 @@ class _StreamSink:
     def on_step(self, event: StepEvent) -> None:
         self._put(("step", event.step, event.total, event.timestep))
 
+    def on_model(self, job: Job, name: str, state: str, progress: float | None, message: str,
+                 **detail: Any) -> None:
+        """(The loader or worker thread) the job's preset is loading, ready or failed on this replica; a progress
+        message that finds the queue full is dropped (the next one says more), a final one is not."""
+        event = ("model", name, state, progress, message, detail)
+        if state != "loading":
+            self._put(event)
+            return
+
+        def put_or_drop() -> None:
+            if self._events.qsize() < self._events.maxsize // 2:
+                self._events.put_nowait(event)
+
+        try:
+            self._loop.call_soon_threadsafe(put_or_drop)
+        except RuntimeError:
+            pass
+
     def on_error(self, job: Job, code: str, message: str, field: str | None) -> None:
         self._put(("error", code, message, field))
 
@@ -178,11 +207,13 @@ class _StreamSink:
 class Generator:
     """One engine per replica, loaded and warmed before Serve sends it anything."""
 
-    def __init__(self, settings: Settings, fake_engine: str | None = None):
+    def __init__(self, settings: Settings, fake_engine: str | None = None, engine_factory: Any = None):
         self.metrics = StudioMetrics()  # the replica's own; the ingress counts what clients see
         self.batch_sizes = self.metrics.batch_size = _BatchSizes(self.metrics.batch_size)  # but batches, here
-        self.worker = Worker(make_engine_factory(settings, fake_engine), settings.studio, self.metrics,
-                             name="lcm-live-replica")
+        self.models = ModelRegistry.from_settings(settings)  # the same presets as the ingress's
+        self.replica = replica_name()
+        self.worker = Worker(engine_factory or make_engine_factory(settings, fake_engine), settings.studio,
+                             self.metrics, name="lcm-live-replica", models=self.models)
         self.worker.step_observer = _forward_step
         self.worker.start()
         while self.worker.state == "loading":  # Serve marks the replica ready when __init__ returns
@@ -195,14 +226,17 @@ class Generator:
         guidance = info.get("default_guidance_scale")
         guidance = guidance if guidance is not None else 8.0 if info.get("kind") == "lcm" else 1.0
         lcm_img2img = bool(engine.lcm_img2img)
+        self.controlnets = len(info.get("controlnets") or []) or int(bool(info.get("controlnet")))
         self.params_model = build_params_model(self.worker.settings, float(guidance), lcm_img2img=lcm_img2img,
-                                               controlnet=bool(info.get("controlnet")))
+                                               controlnet=self.controlnets, ip_adapter=bool(info.get("ip_adapter")),
+                                               models=self.models)
         self.description = {"info": json.loads(json.dumps(info, default=str)), "lcm_img2img": lcm_img2img,
                             "settings": self.worker.settings.model_dump(mode="json"),
                             "max_batch_size": self.worker.max_batch_size}
 
     def describe(self) -> dict[str, Any]:
-        return self.description
+        """What the ingress builds its schema from, and (under "held") the presets this replica holds now."""
+        return {**self.description, "held": held_presets(self.worker, self.replica)}
 
     def stats(self) -> dict[str, Any]:
         """Tests and operators: this replica's process, and how many generations stopped mid-step."""
@@ -224,13 +258,16 @@ class Generator:
         sink = _StreamSink(loop, events, steps=bool(payload.get("steps")))
         try:
             params = parse_params(self.params_model, json.loads(payload["params"]))
+            s = self.worker.settings
+            images = check_images(payload.get("images"), controlnets=self.controlnets,
+                                  max_pixels=s.max_image_pixels, max_side=s.max_image_side)
         except UserError as exc:
             yield ("error", "invalid_params", exc.message, exc.field)
             yield ("done", "error")
             return
         job = Job(params=params, sink=sink, canvas=payload.get("canvas"), mask=payload.get("mask"),
                   init_image=payload.get("init_image"), region_masks=list(payload.get("region_masks") or []),
-                  input=int(payload.get("input", 0)))
+                  images=images, input=int(payload.get("input", 0)))
         slot = f"request-{job.id}"
         self.worker.submit(slot, job)
         yield ("started",)
@@ -244,8 +281,10 @@ class Generator:
                     if not frame["final"]:
                         sink.preview_sent()
                 done = event[0] == "done"
-                if done:  # the replica's batch sizes observed since the last "done", for the ingress's metrics
-                    event = (*event, self.batch_sizes.take())
+                if done:  # the replica's batch sizes observed since the last "done" (the ingress's metrics), and
+                    event = (*event, self.batch_sizes.take(), held_presets(self.worker, self.replica))  # what it holds now
+                elif event[0] == "model":  # which replica: the ingress keeps each preset's readiness per replica
+                    event = (*event, self.replica)
                 yield event
         finally:
             if not done:  # CancelledError (Serve's cancellation) or the caller gone: stop at the next step
@@ -297,7 +336,8 @@ class Studio:
         studio = app.state.studio
         # The app's own worker was built but never started: the Ray worker takes its place before the lifespan.
         studio.worker = RayWorker(self._generator, studio.settings.studio, studio.metrics, on_ready=studio._ready,
-                                  count_replicas=partial(replica_counts, self._app_name, GENERATOR))
+                                  count_replicas=partial(replica_counts, self._app_name, GENERATOR),
+                                  models=studio.models)
         flt = RedactCredentials(self._settings.studio.token)  # Serve's access log and ours: no credentials
         for name in ("ray.serve", "lcm_live", ""):
             for handler in logging.getLogger(name).handlers:
@@ -330,7 +370,7 @@ def build_application(settings: Settings, options: RayOptions) -> Any:
             "target_ongoing_requests": per_replica, "upscale_delay_s": 3, "downscale_delay_s": 60}
     else:
         generator_options["num_replicas"] = options.replicas
-    generator = Generator.options(**generator_options).bind(settings, options.fake_engine)
+    generator = Generator.options(**generator_options).bind(settings, options.fake_engine, options.engine_factory)
     sessions = settings.studio.max_sessions or 1
     return Studio.options(max_ongoing_requests=sessions + HTTP_HEADROOM).bind(generator, settings)
 

@@ -17,6 +17,10 @@ The per-session rules of the local pool hold across processes:
 - a replica lost mid-generation (killed, its node gone): the session is told (``on_notice``) and its newest input
   runs again on another replica; Serve starts a replacement. ``workers_ready`` (for ``/readyz``) is read from
   ``serve.status()`` every second.
+
+Model presets: each replica's worker loads and evicts them (studio/switching.py); its ``model`` events go to the
+session's sink (``on_model``: the same messages as one process) and, with what each "done" says the replica holds,
+into the app's :class:`~lcm_live.studio.models.ModelRegistry` by replica (``GET /api/models``).
 """
 
 from __future__ import annotations
@@ -63,9 +67,10 @@ class _Slot:
 class RayWorker:
     def __init__(self, handle: Any, settings: StudioSettings, metrics: StudioMetrics, *,
                  on_ready: Callable[[Any], None] | None = None, on_fatal: Callable[[str], None] | None = None,
-                 count_replicas: Callable[[], tuple[int, int, str]] | None = None):
+                 count_replicas: Callable[[], tuple[int, int, str]] | None = None, models: Any = None):
         """``handle``: the generator deployment's handle; ``count_replicas()``: (running, total, status message)
-        of its replicas (blocking; run on a thread)."""
+        of its replicas (blocking; run on a thread); ``models``: the app's ModelRegistry, whose readiness the
+        replicas' events keep (by replica id)."""
         self.settings = settings
         self.metrics = metrics
         self._state = "loading"  # loading | ready | stopping | stopped
@@ -81,6 +86,7 @@ class RayWorker:
         self._on_ready = on_ready
         self._on_fatal = on_fatal
         self._count_replicas = count_replicas
+        self._models = models
         self._slots: dict[str, _Slot] = {}
         self._described: dict[str, Any] | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -202,6 +208,8 @@ class RayWorker:
 
     def _describe(self, described: dict[str, Any]) -> None:
         """What a replica loaded: the app's schema and info, and the settings resolved for that model."""
+        described = dict(described)
+        self._held(described.pop("held", None))
         self._described = described
         self.settings = StudioSettings.model_validate(described["settings"])
         self.max_batch_size = described["max_batch_size"]
@@ -215,9 +223,35 @@ class RayWorker:
             described = await self._handle.describe.remote()
         except Exception:  # no replica now: the next tick reads again
             return
-        if described != self._described:
+        self._held(described.get("held"))
+        if {k: v for k, v in described.items() if k != "held"} != self._described:
             log.info("studio: the generator replicas now hold %s", described["info"].get("model"))
             self._describe(described)
+
+    def _held(self, held: dict[str, Any] | None) -> None:
+        """A replica says which presets it holds: each one's readiness on that replica (GET /api/models)."""
+        if self._models is None or not held:
+            return
+        replica, loaded = held["replica"], held["loaded"]
+        for name in self._models.names:
+            if name in loaded:
+                self._models.mark_loaded(name, replica, loaded[name])
+            else:
+                self._models.mark_evicted(name, replica)
+
+    def _model_event(self, job: Job, event: tuple) -> None:
+        """``("model", name, state, progress, message, detail, replica)``: to the session, and the readiness."""
+        _, name, state, progress, message, detail, replica = event
+        if self._models is not None and name in self._models.names:
+            if state == "loading":
+                self._models.mark_loading(name, replica)
+            elif state == "ready":
+                self._models.mark_loaded(name, replica, None)
+            elif state == "error":
+                self._models.mark_failed(name, replica, message)
+        on_model = getattr(job.sink, "on_model", None)  # optional in the JobSink protocol
+        if on_model is not None:
+            on_model(job, name, state, progress, message, **detail)
 
     async def _watch(self) -> None:
         """Every second: how many replicas run (``/readyz``), and jobs that waited past the queue limit; every
@@ -338,6 +372,8 @@ class RayWorker:
             if flight.cancel_reason is None and not flight.settled:
                 job.sink.on_frame(job, image, final=final, step=step, total=total, generation_s=generation_s,
                                   parameters=parameters)
+        elif kind == "model":
+            self._model_event(job, event)
         elif kind == "step":
             observer = self.step_observer
             if observer is not None and flight.cancel_reason is None:
@@ -352,6 +388,7 @@ class RayWorker:
         elif kind == "done":
             for size in event[2] if len(event) > 2 else ():  # the replica's engine calls since its last "done"
                 self.metrics.batch_size.observe(size)
+            self._held(event[3] if len(event) > 3 else None)
             self._settle(flight, "cancelled" if flight.cancel_reason is not None and event[1] == "ok" else event[1])
 
     def _count_failure(self) -> None:

@@ -1,0 +1,165 @@
+"""Model presets and conditioning images on Ray Serve (issue 16): each generator replica's worker switches between
+the presets (studio/switching.py), its ``model`` messages and what it holds reach the ingress (``GET /api/models``),
+and a reference image and two ControlNets' images cross the Ray wire (studio/ray_wire.py) to the engine.
+
+On a local Ray cluster of its own (one replica of tests/studio/ray_engines.py's engine, which paints what reached
+it); the wire's size checks without one. Skips, saying why, when ``import ray`` fails."""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.request
+from typing import Any
+
+import pytest
+from PIL import Image
+from websockets.sync.client import connect
+
+from lcm_live.bench.local_http import free_port
+from lcm_live.config import ModelPreset, Settings, StudioSettings
+from lcm_live.errors import UserError
+
+from . import ray_engines
+from .ray_engines import colour_at
+from .test_ray_app import AUTH, TOKEN, _readyz, needs_ray, next_of, params, wait_for
+
+RED, GREEN, BLUE = (200, 30, 30), (30, 200, 30), (30, 30, 200)
+
+
+# ---- without a cluster ---------------------------------------------------------------------------------------------
+@needs_ray
+def test_wire_images_are_checked_again_in_the_replica():
+    from lcm_live.studio.ray_wire import check_images
+
+    small = Image.new("RGB", (64, 64))
+    limits = {"controlnets": 2, "max_pixels": 128 * 128, "max_side": 128}
+    images = {"reference": small, "control_images": [small]}
+    assert check_images(images, **limits) == images
+    assert check_images(None, **limits) == {}
+    with pytest.raises(UserError, match=r"ip_adapter_image: 256x64 is over") as err:
+        check_images({"reference": Image.new("RGB", (256, 64))}, **limits)
+    assert err.value.field == "ip_adapter_image"
+    with pytest.raises(UserError, match="2 image\\(s\\) for a server with 2 ControlNet") as err:
+        check_images({"control_images": [small, small]}, **limits)
+    assert err.value.field == "control_images"
+    with pytest.raises(UserError, match="unknown key 'canvas'"):
+        check_images({"canvas": small}, **limits)
+    with pytest.raises(UserError, match=r"control_images\[0\]: a bytes, not a picture"):
+        check_images({"control_images": [b"png"]}, **limits)
+
+
+@needs_ray
+def test_serve_ray_takes_several_models(monkeypatch):
+    """``serve --ray --model A --model B``: the presets go to the Ray application (they were refused before)."""
+    from lcm_live.cli import main as cli_main
+    from lcm_live.studio import ray_launch
+
+    got: dict[str, Any] = {}
+    monkeypatch.setattr(ray_launch, "serve_with_ray", lambda settings, options, **kw: got.update(s=settings) or 0)
+    assert cli_main(["serve", "--ray", "--model", "a", "--model", "b", "--fake-engine", "{}"]) == 0
+    assert [p.name for p in got["s"].models] == ["a", "b"]
+
+
+# ---- on a local cluster --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_presets():
+    """(http base, ws URL) of the studio with presets a and b (one loaded at a time) on one replica."""
+    import ray
+    import ray.cloudpickle
+    from ray import serve
+
+    from lcm_live.studio.ray_app import APP_NAME, RayOptions, build_application
+
+    ray.cloudpickle.register_pickle_by_value(ray_engines)  # the replica imports lcm_live, not tests/
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             namespace="lcm-live-tests-models")
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        settings = Settings(studio=StudioSettings(max_sessions=2, default_previews=False, token=TOKEN,
+                                                  max_loaded_models=1),
+                            models=[ModelPreset(name="a", model="fake-a"), ModelPreset(name="b", model="fake-b")])
+        options = RayOptions(replicas=1, cpus_per_replica=0.5, engine_factory=ray_engines.conditioned_factory)
+        serve.run(build_application(settings, options), name=APP_NAME, route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _readyz(base).get("workers", {}).get("ready") == 1, 60, "the replica in /readyz")
+        yield base, f"ws://127.0.0.1:{port}/ws"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _models(base: str) -> dict[str, dict[str, Any]]:
+    with urllib.request.urlopen(urllib.request.Request(base + "/api/models", headers=AUTH), timeout=5) as res:
+        return {m["name"]: m for m in json.loads(res.read())["models"]}
+
+
+def _png(colour: tuple[int, int, int], size: int = 64) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def near(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """Within 2 per channel: the frame the client gets is encoded lossily (and the images were fitted)."""
+    return max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 2
+
+
+def _layer(code: bytes, data: bytes, index: int = 0) -> bytes:
+    return b"LCML" + code + bytes([index]) + b"\0\0" + data
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@needs_ray
+def test_switching_presets_on_ray(ray_presets):
+    """A switch loads the preset on the replica with ``model`` messages, the frame is the new preset's, and
+    ``GET /api/models`` follows what the replica holds (one at a time: the other is evicted)."""
+    base, url = ray_presets
+    wait_for(lambda: _models(base)["a"]["state"] == "loaded", 20, "preset a loaded in /api/models")
+    listed = _models(base)
+    assert listed["a"]["default"] and listed["a"]["ready"] and listed["b"]["state"] == "unloaded"
+    with connect(url, additional_headers=AUTH, open_timeout=10) as ws:
+        hello = next_of(ws, "hello")
+        assert hello["schema"]["properties"]["model"]["enum"] == ["a", "b"]
+        ws.send(params(prompt="one", model="b", num_inference_steps=2, seed=1))
+        seen: list[dict[str, Any]] = []
+        frame = next_of(ws, "final", timeout=30, seen=seen)
+        states = [m["state"] for m in seen if m["type"] == "model" and m["name"] == "b"]
+        assert states[0] == "loading" and states[-1] == "ready", seen
+        assert frame["params"]["model"] == "b"
+        listed = _models(base)
+        assert (listed["b"]["state"], listed["a"]["state"]) == ("loaded", "unloaded")
+        ws.send(params(prompt="two", model="nope", num_inference_steps=2))
+        error = next_of(ws, "error")
+        assert error["field"] == "model" and "one of a, b" in error["message"]  # the allowlist, before any Ray call
+        ws.send(params(prompt="two", model="a", num_inference_steps=2, seed=1))
+        assert next_of(ws, "final", timeout=30)["params"]["model"] == "a"
+    assert _models(base)["a"]["state"] == "loaded"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@needs_ray
+def test_reference_and_two_control_images_reach_the_engine(ray_presets):
+    """The reference image (layer i), the canvas (net 0) and net 1's image (layer n1), with their scales, reach the
+    replica's engine: its frame paints each one's colour and the scales."""
+    base, url = ray_presets
+    with connect(url, additional_headers=AUTH, open_timeout=10) as ws:
+        schema = next_of(ws, "hello")["schema"]["properties"]
+        assert "ip_adapter_scale" in schema and schema["controlnet_conditioning_scale"]["type"] == "array"
+        ws.send(_layer(b"i", _png(RED)))
+        ws.send(_png(GREEN))  # the canvas: net 0's image in control mode (as it is: control_preprocess none)
+        ws.send(_layer(b"n", _png(BLUE), index=1))
+        ws.send(params(prompt="conditioned", mode="control", control_preprocess="none", num_inference_steps=2, seed=5,
+                       width=256, height=256, ip_adapter_scale=0.5, controlnet_conditioning_scale=[0.8, 0.3]))
+        frame = next_of(ws, "final", timeout=30)
+        image = Image.open(io.BytesIO(frame["_bytes"]))
+        assert near(colour_at(image, 0.25, 0.25), RED) and near(colour_at(image, 0.75, 0.25), GREEN)
+        assert near(colour_at(image, 0.25, 0.75), BLUE) and near(colour_at(image, 0.75, 0.75), (50, 80, 30))
+        ws.send(_layer(b"i", b""))  # the reference cleared: the next frame is made without it
+        ws.send(params(prompt="conditioned", mode="control", control_preprocess="none", num_inference_steps=2, seed=6,
+                       width=256, height=256, ip_adapter_scale=0.5, controlnet_conditioning_scale=[0.8, 0.3]))
+        image = Image.open(io.BytesIO(next_of(ws, "final", timeout=30)["_bytes"]))
+        assert near(colour_at(image, 0.25, 0.25), (0, 0, 0)) and near(colour_at(image, 0.75, 0.75), (0, 80, 30))
