@@ -61,6 +61,22 @@ def test_serve_ray_takes_several_models(monkeypatch):
     assert [p.name for p in got["s"].models] == ["a", "b"]
 
 
+@needs_ray
+def test_serve_run_builder_reads_a_models_file(tmp_path, monkeypatch):
+    """``serve run lcm_live.studio.ray_app:app models=models.toml``: the presets reach both deployments."""
+    from lcm_live.studio.ray_app import app
+
+    monkeypatch.delenv("LCM_LIVE_TOKEN", raising=False)
+    path = tmp_path / "models.toml"
+    path.write_text('[models.fast]\nmodel = "x"\n[models.slow]\nmodel = "y"\n')
+    built = app({"models": str(path), "fake_engine": "{}"})
+    settings = built._bound_deployment.init_args[1]
+    generator_settings = built._bound_deployment.init_args[0]._bound_deployment.init_args[0]
+    assert [p.name for p in settings.models] == [p.name for p in generator_settings.models] == ["fast", "slow"]
+    with pytest.raises(UserError, match="model and models go apart"):
+        app({"models": str(path), "model": "x"})
+
+
 # ---- on a local cluster --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_presets():

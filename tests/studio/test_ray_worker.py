@@ -246,7 +246,46 @@ def test_generator_replica_streams_steps_when_asked_and_its_batch_sizes_once():
         replica.worker.stop(1.0)
     assert [e[:2] for e in with_steps if e[0] == "step"] == [("step", 1), ("step", 2)]
     assert not [e for e in without if e[0] == "step"]
-    assert with_steps[-1] == ("done", "ok", [1]) and without[-1] == ("done", "ok", [1])  # each call counted once
+    assert with_steps[-1][:3] == ("done", "ok", [1]) and without[-1][:3] == ("done", "ok", [1])  # counted once
+    held = without[-1][3]  # and what the replica holds: the one implicit preset (GET /api/models on the ingress)
+    assert held["replica"] == replica.replica and list(held["loaded"]) == list(replica.models.names)
+
+
+@needs_ray
+def test_ray_worker_keeps_preset_readiness_by_replica():
+    """A replica's ``model`` events go to the session and mark the app's registry; each "done" says what the
+    replica holds, so a preset it evicted is no longer loaded there (GET /api/models)."""
+    import asyncio
+
+    from lcm_live.config import ModelPreset
+    from lcm_live.studio.metrics import StudioMetrics
+    from lcm_live.studio.models import ModelRegistry
+    from lcm_live.studio.params import build_params_model, parse_params
+    from lcm_live.studio.ray_worker import RayWorker
+    from lcm_live.studio.worker import Job
+
+    models = ModelRegistry([ModelPreset(name="a", model="x"), ModelPreset(name="b", model="y")])
+    told: list[tuple] = []
+
+    class Sink(_Sink):
+        def on_model(self, job, name, state, progress, message, **detail) -> None:
+            told.append((name, state, progress, detail))
+
+    async def main() -> dict[str, str]:
+        worker = RayWorker(_Handle(), StudioSettings(), StudioMetrics(), models=models)
+        worker._held({"replica": "r1", "loaded": {"a": "sd15"}})  # the first description
+        assert models.public()[0]["state"] == "loaded"
+        params = parse_params(build_params_model(StudioSettings(), models=models), {"prompt": "p", "model": "b"})
+        flight = type("F", (), {"job": Job(params=params, sink=Sink()), "settled": False})()
+        await worker._on_event(flight, ("model", "b", "loading", 0.5, "reading", {"bytes_read": 5}, "r1"))
+        loading = {m["name"]: m["state"] for m in models.public()}
+        worker._held({"replica": "r1", "loaded": {"b": None}})  # a "done" after the switch: a was evicted
+        return loading
+
+    loading = asyncio.run(main())
+    assert told == [("b", "loading", 0.5, {"bytes_read": 5})]
+    assert loading == {"a": "loaded", "b": "loading"}
+    assert {m["name"]: m["state"] for m in models.public()} == {"a": "unloaded", "b": "loaded"}
 
 
 @needs_ray

@@ -20,12 +20,10 @@ Everything Ray is imported here and in ray_worker.py only: ``lcm-live`` without 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -40,6 +38,7 @@ from lcm_live.errors import UserError
 from lcm_live.studio.metrics import StudioMetrics
 from lcm_live.studio.models import ModelRegistry
 from lcm_live.studio.params import build_params_model, engine_info, parse_params
+from lcm_live.studio.ray_sink import BatchSizes, StreamSink
 from lcm_live.studio.ray_wire import check_images, frame_event, held_presets, replica_counts, replica_name
 from lcm_live.studio.ray_worker import RayWorker
 from lcm_live.studio.worker import Job, Worker
@@ -117,91 +116,6 @@ def make_engine_factory(settings: Settings, fake_engine: str | None):
     return factory
 
 
-class _BatchSizes:
-    """The replica's ``lcm_live_batch_size``: observed there as in one process, and kept until the next request's
-    "done" event carries them to the ingress, whose ``/metrics`` are the studio's (each observation goes once)."""
-
-    KEPT = 1024  # observations waiting for a "done" to carry them (a replica that finishes nothing keeps no more)
-
-    def __init__(self, histogram: Any):
-        self._histogram = histogram
-        self._unsent: collections.deque[int] = collections.deque(maxlen=self.KEPT)
-        self._lock = threading.Lock()
-
-    def observe(self, size: int) -> None:
-        self._histogram.observe(size)
-        with self._lock:
-            self._unsent.append(int(size))
-
-    def take(self) -> list[int]:
-        with self._lock:
-            sizes = list(self._unsent)
-            self._unsent.clear()
-        return sizes
-
-
-class _StreamSink:
-    """A replica's JobSink: each call becomes an event on the request's queue (from the worker thread). Frames go
-    as PIL images; ``generate`` encodes them off the worker thread, which goes on with the next step or job.
-    ``steps``: the ingress observes steps (its ``step_observer`` is set): each step goes too, without latents."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue, steps: bool = False):
-        self._loop = loop
-        self._events = events
-        self.steps = steps
-        self._lock = threading.Lock()
-        self._unsent_previews = 0
-
-    def _put(self, event: tuple) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-        except RuntimeError:  # the replica's loop is closed: it is shutting down
-            pass
-
-    def wants_preview(self) -> bool:
-        with self._lock:
-            return self._unsent_previews == 0  # the previous preview has left: decode the next one
-
-    def preview_sent(self) -> None:
-        with self._lock:
-            self._unsent_previews -= 1
-
-    def on_frame(self, job: Job, image: Any, *, final: bool, step: int, total: int, generation_s: float,
-                 parameters: dict[str, Any]) -> None:
-        if not final:
-            with self._lock:
-                self._unsent_previews += 1
-        self._put(("image", image, {"final": final, "step": step, "total": total, "generation_s": generation_s,
-                                    "parameters": parameters}))
-
-    def on_step(self, event: StepEvent) -> None:
-        self._put(("step", event.step, event.total, event.timestep))
-
-    def on_model(self, job: Job, name: str, state: str, progress: float | None, message: str,
-                 **detail: Any) -> None:
-        """(The loader or worker thread) the job's preset is loading, ready or failed on this replica; a progress
-        message that finds the queue full is dropped (the next one says more), a final one is not."""
-        event = ("model", name, state, progress, message, detail)
-        if state != "loading":
-            self._put(event)
-            return
-
-        def put_or_drop() -> None:
-            if self._events.qsize() < self._events.maxsize // 2:
-                self._events.put_nowait(event)
-
-        try:
-            self._loop.call_soon_threadsafe(put_or_drop)
-        except RuntimeError:
-            pass
-
-    def on_error(self, job: Job, code: str, message: str, field: str | None) -> None:
-        self._put(("error", code, message, field))
-
-    def on_done(self, job: Job, outcome: str) -> None:
-        self._put(("done", outcome))
-
-
 @serve.deployment(name=GENERATOR, max_ongoing_requests=1, health_check_period_s=2, health_check_timeout_s=30,
                   graceful_shutdown_timeout_s=5)
 class Generator:
@@ -209,7 +123,7 @@ class Generator:
 
     def __init__(self, settings: Settings, fake_engine: str | None = None, engine_factory: Any = None):
         self.metrics = StudioMetrics()  # the replica's own; the ingress counts what clients see
-        self.batch_sizes = self.metrics.batch_size = _BatchSizes(self.metrics.batch_size)  # but batches, here
+        self.batch_sizes = self.metrics.batch_size = BatchSizes(self.metrics.batch_size)  # but batches, here
         self.models = ModelRegistry.from_settings(settings)  # the same presets as the ingress's
         self.replica = replica_name()
         self.worker = Worker(engine_factory or make_engine_factory(settings, fake_engine), settings.studio,
@@ -255,7 +169,7 @@ class Generator:
         # Bounded by construction: at most one unsent preview (wants_preview), then a frame, an error and "done";
         # with steps asked for, one event per step (at most max_steps).
         events: asyncio.Queue = asyncio.Queue(maxsize=16 + self.worker.settings.max_steps)
-        sink = _StreamSink(loop, events, steps=bool(payload.get("steps")))
+        sink = StreamSink(loop, events, steps=bool(payload.get("steps")))
         try:
             params = parse_params(self.params_model, json.loads(payload["params"]))
             s = self.worker.settings
@@ -379,13 +293,14 @@ def app(args: dict[str, Any]) -> Any:
     """``serve run lcm_live.studio.ray_app:app replicas=2`` and ``serve deploy docs/serve-config.yaml``.
 
     ``args`` (strings on the command line): ``replicas``, ``autoscale`` (MIN:MAX), ``gpus_per_replica``,
-    ``cpus_per_replica``, ``model``, ``max_sessions``, ``fake_engine`` (JSON), and ``host``: the address Serve's
+    ``cpus_per_replica``, ``model`` or ``models`` (a models.toml of presets, read here), ``max_sessions``, ``fake_engine`` (JSON), and ``host``: the address Serve's
     proxy binds (its ``http_options.host``): anything but loopback needs ``LCM_LIVE_TOKEN``. The rest of the
     settings come from the environment (``LCM_LIVE_*``) of the process that builds the application."""
     from lcm_live.cli.serve import check_exposure
     from lcm_live.config import StudioSettings
+    from lcm_live.studio.models import load_presets_file
 
-    known = {"replicas", "autoscale", "gpus_per_replica", "cpus_per_replica", "model", "max_sessions",
+    known = {"replicas", "autoscale", "gpus_per_replica", "cpus_per_replica", "model", "models", "max_sessions",
              "fake_engine", "host"}
     unknown = set(args) - known
     if unknown:
@@ -398,7 +313,10 @@ def app(args: dict[str, Any]) -> Any:
     if "max_sessions" in args:
         studio["max_sessions"] = int(args["max_sessions"])
     engine = settings.engine.model_copy(update={"model": str(args["model"])}) if "model" in args else settings.engine
-    settings = Settings(engine=engine, studio=StudioSettings(**studio))
+    if "model" in args and "models" in args:
+        raise UserError("model and models go apart: list every model in the models file, or give model only")
+    presets = load_presets_file(str(args["models"])) if "models" in args else settings.models
+    settings = Settings(engine=engine, studio=StudioSettings(**studio), models=presets)
     autoscale = args.get("autoscale")
     options = RayOptions(replicas=int(args.get("replicas", 1)),
                          autoscale=parse_autoscale(str(autoscale)) if autoscale else None,

@@ -35,7 +35,8 @@ from typing import Any
 from lcm_live.config import StudioSettings
 from lcm_live.engine.hooks import StepEvent
 from lcm_live.studio.metrics import StudioMetrics
-from lcm_live.studio.ray_wire import RemoteEngine, decode_image, job_payload
+from lcm_live.studio.ray_models import ReplicaModels
+from lcm_live.studio.ray_wire import decode_image, job_payload
 from lcm_live.studio.worker import Job
 
 log = logging.getLogger("lcm_live.studio")
@@ -64,7 +65,7 @@ class _Slot:
     waiting: Job | None = None
 
 
-class RayWorker:
+class RayWorker(ReplicaModels):
     def __init__(self, handle: Any, settings: StudioSettings, metrics: StudioMetrics, *,
                  on_ready: Callable[[Any], None] | None = None, on_fatal: Callable[[str], None] | None = None,
                  count_replicas: Callable[[], tuple[int, int, str]] | None = None, models: Any = None):
@@ -192,66 +193,6 @@ class RayWorker:
             flight.cancel_reason = reason
         if flight.response is not None:
             flight.response.cancel()  # Serve: CancelledError in the replica, whose engine stops at its next step
-
-    async def _connect(self) -> None:
-        """Until a replica answers: its engine's info and resolved settings make the app's schema, then ready."""
-        while self._state == "loading":
-            try:
-                described = await self._handle.describe.remote()
-            except Exception as exc:  # no replica yet, or one that failed to load: Serve retries, so do we
-                self.detail = f"waiting for a generator replica ({type(exc).__name__}: {str(exc)[:200]})"
-                await asyncio.sleep(1.0)
-                continue
-            self._describe(described)
-            if self._state == "loading":
-                self._state, self.detail = "ready", "ready"
-
-    def _describe(self, described: dict[str, Any]) -> None:
-        """What a replica loaded: the app's schema and info, and the settings resolved for that model."""
-        described = dict(described)
-        self._held(described.pop("held", None))
-        self._described = described
-        self.settings = StudioSettings.model_validate(described["settings"])
-        self.max_batch_size = described["max_batch_size"]
-        if self._on_ready is not None:
-            self._on_ready(RemoteEngine(described["info"], described["lcm_img2img"]))
-
-    async def _redescribe(self) -> None:
-        """During an update (``serve deploy`` with another model) the first answer may come from a replica of the
-        old version: read again, and follow what the replicas now hold."""
-        try:
-            described = await self._handle.describe.remote()
-        except Exception:  # no replica now: the next tick reads again
-            return
-        self._held(described.get("held"))
-        if {k: v for k, v in described.items() if k != "held"} != self._described:
-            log.info("studio: the generator replicas now hold %s", described["info"].get("model"))
-            self._describe(described)
-
-    def _held(self, held: dict[str, Any] | None) -> None:
-        """A replica says which presets it holds: each one's readiness on that replica (GET /api/models)."""
-        if self._models is None or not held:
-            return
-        replica, loaded = held["replica"], held["loaded"]
-        for name in self._models.names:
-            if name in loaded:
-                self._models.mark_loaded(name, replica, loaded[name])
-            else:
-                self._models.mark_evicted(name, replica)
-
-    def _model_event(self, job: Job, event: tuple) -> None:
-        """``("model", name, state, progress, message, detail, replica)``: to the session, and the readiness."""
-        _, name, state, progress, message, detail, replica = event
-        if self._models is not None and name in self._models.names:
-            if state == "loading":
-                self._models.mark_loading(name, replica)
-            elif state == "ready":
-                self._models.mark_loaded(name, replica, None)
-            elif state == "error":
-                self._models.mark_failed(name, replica, message)
-        on_model = getattr(job.sink, "on_model", None)  # optional in the JobSink protocol
-        if on_model is not None:
-            on_model(job, name, state, progress, message, **detail)
 
     async def _watch(self) -> None:
         """Every second: how many replicas run (``/readyz``), and jobs that waited past the queue limit; every
