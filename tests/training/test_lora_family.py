@@ -130,12 +130,13 @@ def test_eval_task_lora_on_a_tiny_subset(builtin, tmp_path, capsys):
                  "--grid", str(grid)]) == 0
     result = json.loads(report.read_text())
     setups = ["base + LCM-LoRA", "fine-tune + LCM-LoRA", "base + LCM-LoRA + outline LoRA", "fine-tune, DDIM",
-              "fine-tune, DPM-Solver++", "full LCM"]
+              "fine-tune, DDIM, guidance 1", "fine-tune, DPM-Solver++", "full LCM"]
     assert [(r["setup"], r["steps"]) for r in result["rows"]] == [(s, k) for s in setups for k in (1, 4)]
     assert all(0.0 <= r[m] <= 1.0 for r in result["rows"] for m in ("color", "shape", "outline"))
     assert {r["guidance_scale"] for r in result["rows"] if "LCM-LoRA" in r["setup"]} == {1.0}
-    assert len(result["floors"]) == 6 + 5  # issue 18's six floors, and beating DDIM on five measures
-    assert Image.open(grid).size[1] > 6 * 64  # one row per set-up
+    assert {r["guidance_scale"] for r in result["rows"] if r["setup"].startswith("fine-tune, DDIM")} == {1.0, 8.0}
+    assert len(result["floors"]) == 6 + 2 * 5  # issue 18's six, and beating DDIM (guidance 8 and 1) on five measures
+    assert Image.open(grid).size[1] > 7 * 64  # one row per set-up
     out = capsys.readouterr().out
     assert "| fine-tune + LCM-LoRA | 4 |" in out and "floors at 4 steps" in out
 
@@ -153,7 +154,10 @@ def test_floors_are_reported_not_enforced():
 
     row = dict(color=0.95, shape=0.70, size=1.0, background=1.0, outline=0.9)
     rows = [{"setup": "fine-tune + LCM-LoRA", "steps": 4, **row},
-            {"setup": "fine-tune, DDIM", "steps": 4, **row, "color": 0.5}]
+            {"setup": "fine-tune, DDIM", "steps": 4, **row, "color": 0.5},
+            {"setup": "fine-tune, DDIM, guidance 1", "steps": 4, **row, "color": 0.9, "outline": 0.95}]
     floors = {(f["measure"], str(f["floor"])): f["met"] for f in check_floors(rows)}
     assert floors[("color", "0.85")] and not floors[("shape", "0.75")] and floors[("outline", "0.8")]
     assert floors[("color", "> fine-tune, DDIM (0.5)")] and not floors[("shape", "> fine-tune, DDIM (0.7)")]
+    assert floors[("color", "> fine-tune, DDIM, guidance 1 (0.9)")]
+    assert not floors[("outline", "> fine-tune, DDIM, guidance 1 (0.95)")]
