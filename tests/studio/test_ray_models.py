@@ -179,3 +179,44 @@ def test_reference_and_two_control_images_reach_the_engine(ray_presets):
                        width=256, height=256, ip_adapter_scale=0.5, controlnet_conditioning_scale=[0.8, 0.3]))
         image = Image.open(io.BytesIO(next_of(ws, "final", timeout=30)["_bytes"]))
         assert near(colour_at(image, 0.25, 0.25), (0, 0, 0)) and near(colour_at(image, 0.75, 0.75), (0, 80, 30))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@needs_ray
+def test_a_switch_between_tiny_real_models_on_a_replica(ray_presets, tiny_lcm_dir):
+    """Last in the module: the application deployed again in place with two presets of the tiny diffusers LCM
+    (tests/conftest.py), loaded by path in the replica through the real engine factory: a switch loads the other
+    with its ``model`` messages and makes a real frame of it."""
+    from ray import serve
+
+    from lcm_live.config import EngineSettings
+    from lcm_live.studio.ray_app import APP_NAME, RayOptions, build_application
+
+    base, url = ray_presets
+    presets = [ModelPreset(name="tiny-a", model=str(tiny_lcm_dir)), ModelPreset(name="tiny-b", model=str(tiny_lcm_dir))]
+    settings = Settings(engine=EngineSettings(device="cpu", dtype="float32"), models=presets,
+                        studio=StudioSettings(max_sessions=2, token=TOKEN, warmup_width=64, warmup_height=64))
+    serve.run(build_application(settings, RayOptions(replicas=1, cpus_per_replica=1)), name=APP_NAME,
+              route_prefix="/")
+    wait_for(lambda: set(_safe_models(base)) == {"tiny-a", "tiny-b"}, 60, "the new ingress (the old one drains)")
+    wait_for(lambda: _safe_models(base)["tiny-a"]["state"] == "loaded", 60, "tiny-a loaded on the replica")
+    with connect(url, additional_headers=AUTH, open_timeout=10) as ws:
+        assert next_of(ws, "hello")["info"]["kind"] == "lcm"
+        seen: list[dict[str, Any]] = []
+        ws.send(params(prompt="a red circle", model="tiny-b", seed=3, width=64, height=64, num_inference_steps=2))
+        frame = next_of(ws, "final", timeout=90, seen=seen)
+        states = [m["state"] for m in seen if m["type"] == "model"]
+        assert states[0] == "loading" and states[-1] == "ready", seen
+        assert frame["params"]["model"] == "tiny-b" and frame["width"] == 64
+        image = Image.open(io.BytesIO(frame["_bytes"])).convert("RGB")
+        assert len(set(image.getdata())) > 16  # a decoded picture, not a flat colour
+    listed = _safe_models(base)
+    assert (listed["tiny-b"]["state"], listed["tiny-a"]["state"]) == ("loaded", "unloaded")  # one on a CPU
+
+
+def _safe_models(base: str) -> dict[str, dict[str, Any]]:
+    try:
+        return _models(base)
+    except OSError:
+        return {}
