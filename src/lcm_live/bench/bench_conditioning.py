@@ -9,7 +9,11 @@ ControlNets cost a denoising step, on the real architecture with random weights 
    one random ControlNet of the architecture's shape per name (the names only label them).
 2. Warm up each variant once (the reference image's embedding is computed there and cached: the timed runs see
    what a live session sees after its first frame).
-3. Alternate timed runs: plain, then each variant, ``runs`` times, so drift on a shared machine hits all alike.
+3. Alternate timed runs: each variant once per round, ``runs`` rounds, the order rotated each round, so that drift
+   on a shared machine and whatever the previous call left (caches, the adapter's scale) hit all alike. With
+   ``--ip-adapter`` the baseline ``no_adapter`` runs the same UNet with the adapter detached for the call (its
+   attention processors swapped for plain ones, no ``encoder_hid_proj``), and ``no_reference`` is a request
+   without a reference image with the adapter loaded (scale 0): the two must cost the same.
    A step's cost is the UNet loop's time (the engine's ``timings["unet"]``) over the steps, and, read from the
    step callbacks, this process's CPU time per step after the first (``time.process_time``: all its threads; on a
    machine shared with other work it moves far less than wall time, which waits for the cores).
@@ -20,6 +24,8 @@ ControlNets cost a denoising step, on the real architecture with random weights 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -146,14 +152,36 @@ def _engine(config: ConditioningConfig, device: Any, dtype: Any) -> tuple[Any, d
     return Engine(loaded, settings, device, dtype, speedups=applied), setup
 
 
+@contextmanager
+def adapter_detached(engine: Any) -> Iterator[None]:
+    """The engine's UNet as without the IP-Adapter for the duration: plain attention processors, no image
+    projection (the engine still passes image embeddings, which such a UNet ignores)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = engine.pipe.unet
+    processors, projection = dict(unet.attn_processors), unet.encoder_hid_proj
+    kind = unet.config.encoder_hid_dim_type
+    unet.set_attn_processor({name: AttnProcessor2_0() for name in processors})
+    unet.encoder_hid_proj = None
+    unet.register_to_config(encoder_hid_dim_type=None)
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(processors)
+        unet.encoder_hid_proj = projection
+        unet.register_to_config(encoder_hid_dim_type=kind)
+        engine.ip_embeddings.scale = None  # what was set meanwhile went to the plain processors
+
+
 def _variants(config: ConditioningConfig) -> dict[str, dict[str, Any]]:
-    """Request extras per variant: plain, and what the flags asked for."""
+    """Request extras per variant: plain, and what the flags asked for (``no_adapter`` is plain with the
+    IP-Adapter detached, see ``adapter_detached``)."""
     from lcm_live.bench.bench_engine import control_lines
 
     out: dict[str, dict[str, Any]] = {"plain": {}}
     n = len(config.controlnets)
     if config.ip_adapter:
-        out["ip_adapter"] = {"ip_adapter_image": reference_image()}
+        out = {"no_adapter": {}, "no_reference": {}, "ip_adapter": {"ip_adapter_image": reference_image()}}
     if n:
         lines = control_lines(config.width, config.height)
         out[f"controlnet_x{n}"] = {"control_image": [lines] * n if n > 1 else lines}
@@ -186,34 +214,39 @@ def run_conditioning_bench(config: ConditioningConfig) -> dict[str, Any]:
         engine.ip_embeddings(reference_image())
         synchronize(device)
         encoder_s = time.perf_counter() - t0
-    for extra in variants.values():
+    def generate(name: str, **kwargs: Any) -> Any:
+        with adapter_detached(engine) if name == "no_adapter" else nullcontext():
+            return engine.generate(request(variants[name]), **kwargs)
+
+    for name in variants:
         for _ in range(config.warmup):
-            engine.generate(request(extra))
+            generate(name)
     per_step: dict[str, list[float]] = {name: [] for name in variants}
     cpu_per_step: dict[str, list[float]] = {name: [] for name in variants}
     totals: dict[str, list[float]] = {name: [] for name in variants}
     with tqdm(total=config.runs * len(variants), desc="conditioning bench", unit="run",
               disable=not config.progress) as bar:
-        for _ in range(config.runs):
-            for name, extra in variants.items():
+        names = list(variants)
+        for round_ in range(config.runs):
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:  # rotated each round
                 marks: list[float] = []
-                result = engine.generate(request(extra),
-                                         callback=lambda event, m=marks: m.append(time.process_time()))
+                result = generate(name, callback=lambda event, m=marks: m.append(time.process_time()))
                 synchronize(device)
                 if len(marks) > 1:  # the steps after the first (the first also encodes the prompt)
                     cpu_per_step[name].append((marks[-1] - marks[0]) / (len(marks) - 1))
                 per_step[name].append(result.timings["unet"] / config.num_inference_steps)
                 totals[name].append(result.timings["total"])
                 bar.update(1)
-    plain = summarize(per_step["plain"])["median"]
-    plain_cpu = summarize(cpu_per_step["plain"])["median"] if cpu_per_step["plain"] else None
+    base = next(iter(variants))  # plain, or no_adapter
+    plain = summarize(per_step[base])["median"]
+    plain_cpu = summarize(cpu_per_step[base])["median"] if cpu_per_step[base] else None
     report = {
         "config": asdict(config), "machine": machine, "load_after": current_load(), "setup": setup,
         "dtype": str(dtype).removeprefix("torch."), "backend": "torch", "speedups": list(engine.info.speedups),
         "image_encoder_once_s": encoder_s,
         "embedding_cache": None if engine.ip_embeddings is None else {"hits": engine.ip_embeddings.hits,
                                                                       "misses": engine.ip_embeddings.misses},
-        "variants": {},
+        "baseline": base, "variants": {},
     }
     for name in variants:
         step = summarize(per_step[name])
@@ -236,7 +269,7 @@ def format_conditioning(report: dict[str, Any]) -> str:
     for name, v in report["variants"].items():
         lines.append(f"  {name:<24} {v['per_step_s']['median'] * 1e3:8.0f} ms/step (spread "
                      f"{v['per_step_s']['spread']:.0%}), +{v['extra_per_step_ms']:.0f} ms, "
-                     f"x{v['ratio_to_plain']:.2f} of plain"
+                     f"x{v['ratio_to_plain']:.2f} of {report['baseline']}"
                      + (f"; CPU {v['cpu_per_step_s']['median'] * 1e3:.0f} ms/step (spread "
                         f"{v['cpu_per_step_s']['spread']:.0%}), x{v['cpu_ratio_to_plain']:.2f}"
                         if "cpu_per_step_s" in v else ""))

@@ -184,13 +184,13 @@ class ImageEmbeddings:
         self.pipe, self.device, self.size = pipe, device, size
         self._cache: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
         self.hits = self.misses = 0
-        self._scale: float | None = None  # what the UNet's IP-Adapter processors are set to
+        self.scale: float | None = None  # what the UNet's IP-Adapter processors are set to (None: unknown)
 
     def set_scale(self, scale: float) -> None:
         """The adapter's scale for the next call (diffusers' ``set_ip_adapter_scale``, only when it changes)."""
-        if scale != self._scale:
+        if scale != self.scale:
             self.pipe.set_ip_adapter_scale(scale)
-            self._scale = scale
+            self.scale = scale
 
     def __call__(self, image: Any) -> tuple[Any, Any]:
         key = pixel_key(image)
@@ -209,6 +209,6 @@ class ImageEmbeddings:
         """Zero embeddings (1, 1, D), for requests without a reference image (run at scale 0)."""
         import torch
 
-        layer = self.pipe.unet.encoder_hid_proj.image_projection_layers[0]
-        zeros = torch.zeros(1, 1, layer.image_embeds.in_features, device=self.device, dtype=self.pipe.unet.dtype)
+        width = self.pipe.image_encoder.config.projection_dim  # what the adapter's projection takes
+        zeros = torch.zeros(1, 1, width, device=self.device, dtype=self.pipe.unet.dtype)
         return zeros, zeros

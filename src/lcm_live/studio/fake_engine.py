@@ -5,7 +5,9 @@ The engine's contract, :class:`lcm_live.engine.protocol.EngineLike` (``info``, `
 ``from_settings``, with a configurable latency per step, scripted or random failures (including
 ``torch.OutOfMemoryError``, constructible without CUDA) and a frame size. Frames are a flat colour that is a pure
 function of (prompt, seed, width, height) — tests can tell frames apart — or seeded noise (incompressible, to
-make big frames).
+make big frames). With ``ip_adapter`` set (an IP-Adapter's name, as ``--ip-adapter``), a request's reference image
+(``ip_adapter_image``) is checked as the engine checks it (the registry's own check: no IP-Adapter configured is the
+engine's error), blended into the frame by ``ip_adapter_scale`` and recorded in ``reference_images``.
 
 ``generate_batch`` batches as the real engine does: requests grouped by the engine's ``batch_key``, one call per
 group that sleeps once per step for the whole group (what one batched UNet call buys), draws one scripted outcome
@@ -26,6 +28,7 @@ from typing import Any
 
 from PIL import Image
 
+from lcm_live.engine import modes
 from lcm_live.engine.batching import StepFanout, batch_key, failed_result, group_indices
 from lcm_live.engine.hooks import Cancelled, StepCallback, StepEvent, stop_check, stop_reason
 from lcm_live.engine.protocol import EngineInfo
@@ -46,6 +49,7 @@ class FakeEngineConfig:
     notice: str | None = None
     native_size: int = 512  # the model's native width and height (the studio's default size follows it)
     controlnet: str | None = None  # a ControlNet's name: control mode, whose frames show the control image
+    ip_adapter: str | None = None  # an IP-Adapter's name: generations may take an ip_adapter_image
     lcm_img2img: bool = False  # img2img as LCM's own (every step runs), as Engine.lcm_img2img reports it
     # Scripted outcome of successive generate() calls: "ok", "oom", "error", "user" (a UserError). Then all ok.
     failures: list[str] = field(default_factory=list)
@@ -81,6 +85,7 @@ class FakeEngine:
         self.batch_sizes: list[int] = []  # requests per engine call, in order (not warmup)
         self.steps_run = 0  # denoising steps completed, over all calls
         self.previews_decoded = 0
+        self.reference_images: list[tuple[Any, float]] = []  # (ip_adapter_image, ip_adapter_scale) per request
         self.warmups = 0
         self.warmup_max_batch_size: int | None = None
         self.warmup_size: tuple[int, int] | None = None
@@ -105,7 +110,7 @@ class FakeEngine:
             model=self.config.model, kind=self.config.kind, arch="sd15", device=self.config.device,
             dtype=self.config.dtype, native_width=self.config.native_size, native_height=self.config.native_size,
             default_guidance_scale=8.0 if self.config.kind == "lcm" else 1.0, decoder="fake",
-            notice=self.config.notice, loras=[], controlnet=self.config.controlnet,
+            notice=self.config.notice, loras=[], controlnet=self.config.controlnet, ip_adapter=self.config.ip_adapter,
         )
 
     @property
@@ -171,6 +176,11 @@ class FakeEngine:
         first = requests[0]
         if first.control_image is not None and not self.config.controlnet:
             raise UserError("control_image needs a ControlNet: start with --controlnet", field="control_image")
+        for request in requests:  # the engine's own check: no IP-Adapter loaded, not an image, a scale out of range
+            if request.ip_adapter_image is not None:
+                modes.BY_NAME["ip_adapter_image"].check(request, modes.ModelCaps(ip_adapter=self.config.ip_adapter))
+                if self.config.record_calls:
+                    self.reference_images.append((request.ip_adapter_image, float(request.ip_adapter_scale)))
         steps = first.num_inference_steps
         if first.image is not None:
             steps = max(1, int(steps * first.strength))
@@ -201,6 +211,9 @@ class FakeEngine:
         if request.control_image is not None:  # the layout shows through, as a ControlNet's lines would
             control = request.control_image.convert("RGB").resize((width, height))
             image = Image.blend(image, control, 0.5 * min(1.0, request.controlnet_conditioning_scale))
+        if request.ip_adapter_image is not None:  # the reference shows through, by its scale (0 to 2)
+            reference = request.ip_adapter_image.convert("RGB").resize((width, height))
+            image = Image.blend(image, reference, 0.25 * float(request.ip_adapter_scale))
         for region in request.regions:  # each region's own flat colour where its mask is white
             area = region.mask_image.convert("L").resize((width, height)).point(lambda v: 255 if v >= 128 else 0)
             image.paste(self._image(region.prompt, seed, width, height), (0, 0), area)
@@ -236,6 +249,8 @@ class FakeEngine:
         if request.control_image is not None:
             parameters.update(mode="control", controlnet=self.config.controlnet,
                               controlnet_conditioning_scale=request.controlnet_conditioning_scale)
+        if request.ip_adapter_image is not None:
+            parameters.update(ip_adapter=self.config.ip_adapter, ip_adapter_scale=float(request.ip_adapter_scale))
         if warnings:
             parameters["warnings"] = warnings
         return GenerationResult(images=[image], parameters=parameters, timings={"total": elapsed})
