@@ -81,6 +81,9 @@ def test_the_picker_alone(browser):
             slider.dispatchEvent(new Event('input'));
             out.second = picker.values();
             const bar = document.getElementById('model-progress');
+            picker.onMessage({ name: 'beta', state: 'loading', progress: 0.4, message: 'reading beta: unet',
+                               component: 'unet', bytes_read: 1.5e9, bytes_total: 3.44e9 });
+            out.bytes = [bar.hidden, bar.value, bar.title, bar.dataset.component];
             picker.onMessage({ name: 'beta', state: 'loading', progress: 0.9, message: 'beta: warming up' });
             out.loading = [bar.hidden, bar.value, document.getElementById('model-status').textContent];
             out.error = picker.onMessage({ name: 'beta', state: 'error', progress: null, message: 'beta: no such file' });
@@ -94,6 +97,7 @@ def test_the_picker_alone(browser):
     assert got["first"] == {"model": "alpha", "lora_scales": {}}  # the preset's own scales until a slider moves
     assert got["slider"] == ["0", "1.5", "0.8", "papercut"]
     assert got["second"] == {"model": "beta", "lora_scales": {"papercut": 1.2}}
+    assert got["bytes"] == [False, pytest.approx(0.4), "unet: 1.50 GB of 3.44 GB", "unet"]  # the bytes read
     assert got["loading"][0] is False and abs(got["loading"][1] - 0.9) < 1e-6 and got["loading"][2] == "beta: warming up"
     assert got["error"] == "beta: no such file"
     assert got["afterError"] == ["alpha", True, "alpha"]  # back to the model the session still has
@@ -150,6 +154,8 @@ def test_switching_loads_with_progress_and_readiness_per_model(page):
     assert (frame["params"]["width"], frame["params"]["height"], frame["params"]["num_inference_steps"]) == (320, 256, 2)
     said = [(m["name"], m["state"]) for m in _model_messages(page)]
     assert said[0] == ("beta", "loading") and said[-1] == ("beta", "ready")
+    rising = [m["progress"] for m in _model_messages(page) if m["name"] == "beta"]
+    assert rising == sorted(rising) and rising[-1] == 1.0  # the bar only rises
     page.wait_for_selector("#model-progress[hidden]", state="attached")
     # Readiness per model: beta in memory; alpha evicted (one model loaded at a time on a CPU) but known good.
     page.wait_for_function("""() => {

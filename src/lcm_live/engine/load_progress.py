@@ -16,6 +16,7 @@ bytes_total)`` with ``component`` the file's folder name (``unet``, ``vae``, ``t
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -73,6 +74,9 @@ def expect(files: Iterable[Path]) -> None:
     counter = current()
     if counter is not None:
         counter.expect(files)
+        with _patch_lock:  # the load imports transformers now anyway: its reads are counted from here on
+            if _patched and "safe_open" not in _originals:
+                _install_transformers()
 
 
 def pipeline_files(folder: Path) -> list[Path]:
@@ -107,6 +111,11 @@ def _install() -> None:
 
     _originals["load_file"] = safetensors.torch.load_file
     safetensors.torch.load_file = _load_file
+    if "transformers.modeling_utils" in sys.modules:  # else on expect(): importing it takes seconds
+        _install_transformers()
+
+
+def _install_transformers() -> None:
     try:
         import transformers.modeling_utils as tmu
     except ImportError:  # transformers is a dependency; a broken install still loads diffusers' parts

@@ -7,7 +7,7 @@ serving its other sessions on the engines it holds. Here:
    otherwise a load is queued (one runs at a time: two loads at once would hold three models);
 2. the loader thread builds the engine with the factory while counting the safetensors bytes it reads
    (engine/load_progress.py), then warms it up; every waiting job's sink is told ``loading`` messages (stages and
-   bytes, at most :data:`MAX_MESSAGES_PER_S` a second, the first and each stage's start always);
+   bytes, at most :data:`MAX_MESSAGES_PER_S` a second; the first, each stage's start and the last read always);
 3. a load whose waiters all went elsewhere (the session asked for another preset, or closed) is cancelled at its
    next progress point and whatever it built dropped;
 4. the outcome (a :class:`~lcm_live.studio.switching.LoadedEngine`, or the public error, or cancelled) goes back
@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -140,7 +141,8 @@ class ModelLoader:
             share = done / total if total else 1.0
             self._say(task, READ_START + (READ_END - READ_START) * share,
                       f"reading {name}: {component} ({done / 1e6:.1f} of {total / 1e6:.1f} MB)",
-                      {"component": component, "bytes_read": done, "bytes_total": total})
+                      {"component": component, "bytes_read": done, "bytes_total": total},
+                      stage=done >= total)  # the last read always said: the bar reaches the read's end
 
         try:
             with load_progress.listening(on_bytes):
@@ -160,6 +162,8 @@ class ModelLoader:
             message = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             log.error("studio: %s: loading %s failed: %s", self.worker, name, message,
                       exc_info=not isinstance(exc, UserError))
+            traceback.clear_frames(exc.__traceback__)  # a kept log record must not keep the half-built engine
+            free_memory()
             return None, self.on_failed(name, message)
         log.info("studio: %s: %s loaded and warm in %.1f s", self.worker, name, time.perf_counter() - t0)
         return engine, None

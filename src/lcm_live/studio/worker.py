@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +76,7 @@ class Worker(ModelSlots):
         self._running: dict[str, Job] = {}  # slot -> its job in the engine call now running
         # Jobs waiting for their preset to load on the loader thread (studio/loader.py), and finished loads
         self._parked: dict[str, tuple[str, Job]] = {}  # slot -> (preset, job)
+        self._slot_models: OrderedDict[str, str] = OrderedDict()  # slot -> the preset of its last frame
         self._installs: deque[tuple[LoadTask, Any, str | None]] = deque()
         self.loader = ModelLoader(name, self.switcher.build, self.switcher.warm_preset, self._load_finished,
                                   on_failed=lambda preset, message: self.models.mark_failed(preset, name, message))
@@ -136,12 +137,12 @@ class Worker(ModelSlots):
             if self.state in ("stopping", "stopped"):
                 raise RuntimeError("the worker is stopping")
             old = self._pending.get(slot)
+            if old is None:
+                self._order.append(slot)
             if old is None and slot in self._parked:  # waiting for a load: a load of another preset is dropped
                 preset, old = self._parked.pop(slot)
                 self.loader.drop(slot, cancel_if_alone=preset != self.models.name_of(job.params.model))
             self._pending[slot] = job
-            if old is None:
-                self._order.append(slot)
             running = self._running.get(slot)
             if running is not None and supersede:
                 running.cancel_reason = "superseded"
@@ -165,6 +166,7 @@ class Worker(ModelSlots):
                 self._order.remove(slot)
             if self._parked.pop(slot, None) is not None:
                 self.loader.drop(slot)
+            self._slot_models.pop(slot, None)
             running = self._running.get(slot)
             if running is not None:
                 running.cancel_reason = reason

@@ -3,8 +3,10 @@ jobs whose preset is not loaded wait ("parked") while the loader thread loads it
 worker thread, between its generations, installs what was loaded and puts those jobs back in their mailboxes.
 
 Only the worker thread evicts (studio/switching.py): no generation runs on it meanwhile, so an engine in use is never
-freed. With ``--max-loaded-models 1`` the engine other sessions still use stays during the load, so two models are
-in memory until the new one is installed; the older is evicted then.
+freed. Before a load, only engines that no other slot's last frame (nor a waiting job) used are evicted: with
+``--max-loaded-models 1`` the engine other sessions still use stays during the load, so two models are in memory
+until the new one is installed; the least recently used is evicted then (those sessions' next frames load theirs
+again: with two sessions on two presets, raise ``--max-loaded-models`` to 2).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 from lcm_live.errors import UserError
 from lcm_live.studio.jobs import Job
 from lcm_live.studio.loader import LoadTask, tell
+
+SLOTS_REMEMBERED = 1024  # slots whose last preset is kept from eviction (REST slots are never closed: bounded)
 
 
 class ModelSlots:
@@ -32,6 +36,12 @@ class ModelSlots:
         try:
             scales = self.models.resolve_scales(name, dict(jobs[0].params.lora_scales))
             self.engine = self.switcher.select(name, scales)
+            with self._cond:
+                for slot in self._running:
+                    self._slot_models[slot] = name  # this slot's frames use it: not evicted before a load
+                    self._slot_models.move_to_end(slot)
+                while len(self._slot_models) > SLOTS_REMEMBERED:
+                    self._slot_models.popitem(last=False)
             return True
         except UserError as exc:
             field = exc.field if (exc.field or "").startswith("lora_scales") else "lora_scales"  # a style's load
@@ -45,6 +55,8 @@ class ModelSlots:
             slots = {id(job): slot for slot, job in self._running.items()}
             wanted = {self.models.name_of(j.params.model) for j in [*self._pending.values(), *self._running.values()]
                       if j not in jobs}
+            mine = {slots[id(job)] for job in jobs}
+            wanted |= {preset for slot, preset in self._slot_models.items() if slot not in mine}
         if not self.loader.loading(name):
             self.switcher.make_room(wanted)
             self._forget_evicted()

@@ -1,8 +1,10 @@
 // The model and style picker: the presets the server allows (GET /api/models, and the hello's "models"), each with
 // its readiness; the chosen one goes in the params' `model`, its style LoRAs' scales (sliders, within each style's
-// min..max) in `lora_scales`. A switch loads the model on the server's worker, which says how it goes in "model"
-// messages ({name, state: "loading"|"ready"|"error", progress: 0..1|null, message}); the page shows a progress bar
-// and, on an error, goes back to the model this session still has (the server keeps its last good params).
+// min..max) in `lora_scales`. A switch loads the model on the server's loader thread (the worker keeps serving the
+// other sessions), which says how it goes in "model" messages ({name, state: "loading"|"ready"|"error", progress:
+// 0..1|null, message}, and while the weights are read {component, bytes_read, bytes_total}: at most 10 a second);
+// the page shows a progress bar (its tooltip the bytes) and, on an error, goes back to the model this session still
+// has (the server keeps its last good params).
 // Shown only when the schema has `model` and there is something to pick (two presets, or styles).
 //
 // Events: "input" {name: "model"|"lora_scales"}  the choice changed (the caller sends the params)
@@ -126,13 +128,16 @@ export class ModelPicker extends EventTarget {
    * A "model" message. Returns the text for an error banner, or null. Readiness changed: the caller refreshes the
    * list (GET /api/models).
    */
-  onMessage({ name, state, progress, message }) {
+  onMessage({ name, state, progress, message, component, bytes_read: bytesRead, bytes_total: bytesTotal }) {
     const bar = this.els.progress;
     this.els.status.textContent = message || `${name}: ${state}`;
     this.els.status.dataset.state = state;
     bar.hidden = state !== "loading";
     if (state === "loading" && typeof progress === "number") bar.value = progress;
     else if (state === "loading") bar.removeAttribute("value"); // indeterminate
+    bar.title = typeof bytesRead === "number" ? `${component}: ${formatBytes(bytesRead)} of ${formatBytes(bytesTotal)}`
+      : "";
+    bar.dataset.component = component || "";
     if (state === "ready") this.current = name;
     if (state === "error") {
       // The session keeps its last good params: the picker follows it back to the model it still has.
@@ -148,6 +153,13 @@ export class ModelPicker extends EventTarget {
   emit(type, detail) {
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
+}
+
+/** Bytes as the page shows them: "12.3 MB". */
+export function formatBytes(n) {
+  if (n >= 1e9) return `${(n / 1e9).toFixed(2)} GB`;
+  if (n >= 1e6) return `${(n / 1e6).toFixed(1)} MB`;
+  return `${Math.round(n / 1e3)} kB`;
 }
 
 /** 0.01 from the style's min: the preset's scales (0.8, 1.25) are positions of the slider, not snapped. */
