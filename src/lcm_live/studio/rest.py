@@ -7,22 +7,18 @@ wait or run at a time; more get 429 with ``Retry-After`` rather than an ever-lon
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import secrets
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, Response
-from starlette.requests import ClientDisconnect
 
 from lcm_live.errors import UserError
 from lcm_live.studio.http_errors import ApiError
 from lcm_live.studio.images import encode_png_with_parameters
-from lcm_live.studio.json_input import JsonRefused, loads_checked
 from lcm_live.studio.layers import as_mask
 from lcm_live.studio.params import CANVAS_MODES, CONTROL_MODE, modes_of, parse_params
 from lcm_live.studio.public import public_parameters
+from lcm_live.studio.request_body import b64_bytes, decode_picture, read_json_object
 from lcm_live.studio.worker import Job
 
 if TYPE_CHECKING:
@@ -86,19 +82,7 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
             studio.rest_waiting -= 1
 
     async def _generate(request: Request) -> Response:
-        try:
-            body = await request.body()  # GuardMiddleware caps it at max_body_bytes while it streams in
-        except ClientDisconnect:  # gone mid-body, or cut by the body deadline (connections.py): nobody to answer
-            return Response(status_code=400)
-        try:  # a body of megabytes is parsed off the event loop (other sessions' frames go out meanwhile)
-            parse = partial(loads_checked, body, max_bytes=s.max_body_bytes, max_depth=s.json_max_depth,
-                            what="the body")
-            data = parse() if len(body) < 64 * 1024 else await asyncio.to_thread(parse)
-        except JsonRefused as exc:
-            studio.metrics.rejected.labels(reason=exc.code).inc()
-            raise ApiError(413 if exc.code == "too_large" else 422, exc.code, exc.message) from None
-        if not isinstance(data, dict):
-            raise ApiError(422, "invalid_params", "the body must be a JSON object of params")
+        data = await read_json_object(request, studio, "the params (GET /api/schema)")
         image_b64, mask_b64 = data.pop("image", None), data.pop("mask", None)
         reference_b64, controls_b64 = data.pop("ip_adapter_image", None), data.pop("control_images", None)
         regions = data.get("regions")
@@ -202,37 +186,11 @@ async def _decode_image(image_b64: Any, studio: StudioState, field: str = "image
     return await decode_picture(await b64_bytes(image_b64, field), studio, field)
 
 
-async def b64_bytes(text: Any, field: str = "image") -> bytes:
-    """A body's base64 image field (or a ``data:`` URL from a canvas) as bytes; 422 naming ``field`` otherwise."""
-    if not isinstance(text, str) or not text:
-        raise ApiError(422, "invalid_image", f"\"{field}\" must be a base64 PNG, JPEG or WebP", field)
-    if text.startswith("data:") and "," in text[:100]:
-        text = text.split(",", 1)[1]  # a data: URL from a canvas.toDataURL() or a fetched blob
-    try:
-        return await asyncio.to_thread(base64.b64decode, text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(422, "invalid_image", f"\"{field}\" is not valid base64", field) from None
-
-
-async def decode_picture(raw: bytes, studio: StudioState, field: str = "image") -> Any:
-    """The studio's checked decode (size and pixel caps) of an image field's bytes; 422 naming ``field``."""
-    try:
-        return await studio.decode_canvas(raw)
-    except UserError as exc:
-        studio.metrics.rejected.labels(reason="invalid_image").inc()
-        raise ApiError(422, "invalid_image", exc.message, field) from None
-
-
 async def _decode_mask(mask_b64: Any, studio: StudioState, field: str) -> Any:
     """A base64 mask (white = selected; transparent = black) as greyscale; an all-black one is refused."""
-    if not isinstance(mask_b64, str) or not mask_b64:
-        raise ApiError(422, "invalid_image", f"\"{field}\" must be a base64 PNG, JPEG or WebP", field)
+    picture = await decode_picture(await b64_bytes(mask_b64, field), studio, field, background=(0, 0, 0))
     try:
-        raw = await asyncio.to_thread(base64.b64decode, mask_b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(422, "invalid_image", f"\"{field}\" is not valid base64", field) from None
-    try:
-        return as_mask(await studio.decode_canvas(raw, background=(0, 0, 0)), field)
+        return as_mask(picture, field)
     except UserError as exc:
         studio.metrics.rejected.labels(reason="invalid_image").inc()
         raise ApiError(422, "invalid_image", exc.message, field) from None

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.requests import ClientDisconnect
 
 from lcm_live.engine.hooks import Cancelled
 from lcm_live.engine.upscale import (
@@ -53,7 +52,7 @@ from lcm_live.studio.images import encode_png_with_parameters
 from lcm_live.studio.json_input import JsonRefused, loads_checked
 from lcm_live.studio.params import parse_params, validation_error_to_user_error
 from lcm_live.studio.public import public_parameters
-from lcm_live.studio.rest import b64_bytes, decode_picture
+from lcm_live.studio.request_body import b64_bytes, decode_picture, read_json_object
 from lcm_live.studio.worker import Job
 
 if TYPE_CHECKING:
@@ -231,19 +230,7 @@ def add_upscale_routes(app: FastAPI, studio: StudioState, dependencies: list) ->
     async def _read(request: Request) -> tuple[UpscaleRequest, dict[str, Any], Any, str]:
         """The body, checked: the upscale request, the frame's own parameters, the tiles' live params (None
         without the tiled pass) and the ``upscaler`` choice."""
-        try:
-            body = await request.body()  # GuardMiddleware caps it at max_body_bytes while it streams in
-        except ClientDisconnect:
-            raise ApiError(400, "invalid_params", "the body did not arrive") from None
-        try:
-            data = await asyncio.to_thread(loads_checked, body, max_bytes=s.max_body_bytes,
-                                           max_depth=s.json_max_depth, what="the body")
-        except JsonRefused as exc:
-            studio.metrics.rejected.labels(reason=exc.code).inc()
-            raise ApiError(413 if exc.code == "too_large" else 422, exc.code, exc.message) from None
-        if not isinstance(data, dict):
-            raise ApiError(422, "invalid_params", "the body must be a JSON object: {\"image\": <base64 PNG>, "
-                           "\"scale\": 2}")
+        data = await read_json_object(request, studio, "{\"image\": <base64 PNG>, \"scale\": 2}")
         image_b64 = data.pop("image", None)
         if not isinstance(image_b64, str) or not image_b64:
             raise ApiError(422, "invalid_params", "\"image\" is needed: the frame as a base64 PNG (its parameters "
