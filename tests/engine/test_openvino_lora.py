@@ -185,3 +185,23 @@ def test_a_style_that_cannot_load_changes_nothing(tiny_lcm_dir, style, tmp_path)
     assert engine.pipe.unet.styles is None and styles.route({})[0] == "unet"
     assert styles.scales == {"ink": DEFAULT, "gone": 1.0}
     assert type(engine.pipe.unet).__name__ == "OpenVINOUNet"
+
+
+def test_bfloat16_the_default_cpu_dtype_matches_a_model_fused_at_that_scale(tiny_lcm_dir, style, tmp_path):
+    """bf16 inference (OpenVINO's hint): the branch graph at 1.2 against the fused IR of a model loaded at 1.2."""
+    from lcm_live.engine.openvino_lora import OpenVINOStyles
+    from lcm_live.engine.pipeline import Engine
+
+    def engine(scale):
+        return Engine.from_settings(EngineSettings(model=str(tiny_lcm_dir), device="cpu", dtype="bfloat16",
+                                                   backend="openvino", decoder="vae",
+                                                   openvino_cache_dir=str(tmp_path / str(scale)),
+                                                   loras=[LoraSpec(source=str(style), scale=scale)]), progress=False)
+
+    moved = engine(DEFAULT)
+    at_default = _image(moved)
+    OpenVINOStyles(moved.pipe, [("ink", str(style), DEFAULT)], cache_dir=None, model_name="tiny").set({"ink": 1.2})
+    got, want = _image(moved), _image(engine(1.2))
+    print(f"bf16: max-abs {(got - want).abs().max():.2e} of {want.abs().max():.1f}, cosine {_cosine(got, want):.6f}"
+          f", moved {(got - at_default).abs().max():.3f}")
+    assert _cosine(got, want) > 0.9999 and (got - want).abs().max() <= 2 ** -6 * want.abs().max()  # a few bf16 steps
