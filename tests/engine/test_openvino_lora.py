@@ -205,3 +205,19 @@ def test_bfloat16_the_default_cpu_dtype_matches_a_model_fused_at_that_scale(tiny
     print(f"bf16: max-abs {(got - want).abs().max():.2e} of {want.abs().max():.1f}, cosine {_cosine(got, want):.6f}"
           f", moved {(got - at_default).abs().max():.3f}")
     assert _cosine(got, want) > 0.9999 and (got - want).abs().max() <= 2 ** -6 * want.abs().max()  # a few bf16 steps
+
+
+def test_sdxl_branch_graph_takes_its_added_conditioning(tmp_path):
+    """SDXL: the branch graph's inputs include text_embeds and time_ids (after lora_scales in the tracer's order)."""
+    from diffusers import UNet2DConditionModel
+
+    from lcm_live.engine.openvino_lora import OpenVINOStyles
+    from lcm_live.engine.tiny import save_tiny_sdxl_pipeline
+
+    model = save_tiny_sdxl_pipeline(tmp_path / "xl")
+    lora = save_tiny_lora(tmp_path / "xl-style.safetensors", UNet2DConditionModel.from_pretrained(model / "unet"),
+                          rank=2, seed=5, std=0.2)
+    engine = _engine(model, lora, DEFAULT, "openvino", tmp_path / "ir")
+    OpenVINOStyles(engine.pipe, [("ink", str(lora), DEFAULT)], cache_dir=None, model_name="xl").set({"ink": 1.2})
+    got, want = _image(engine), _image(_engine(model, lora, 1.2, "torch", tmp_path))
+    assert (got - want).abs().max() < 2e-3 and _cosine(got, want) > 0.9999
