@@ -5,6 +5,7 @@ a failed load leaves nothing; with --max-loaded-models 1 the model in use stays 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 import time
@@ -64,32 +65,39 @@ def weight_files(root: Path) -> list[Path]:
     return files
 
 
-def test_a_slow_load_does_not_hold_up_another_sessions_frames_on_the_same_worker():
+@contextlib.contextmanager
+def two_sessions(factory: Factory, **studio_settings):
+    """A studio on ``factory`` (presets a, b, c; a loaded at start) and two WebSocket sessions past their hello."""
     from fastapi.testclient import TestClient
 
-    factory = Factory(gated=["b"])
-    app = models_app(PRESETS, factory, max_sessions=2)  # --max-loaded-models: 1 on a CPU
+    app = models_app(PRESETS, factory, max_sessions=2, **studio_settings)
     with TestClient(app) as client:
         studio = app.state.studio
         wait_until(lambda: studio.worker.ready)
         with client.websocket_connect("/ws") as one, client.websocket_connect("/ws") as two:
             next_of(one, "hello"), next_of(two, "hello")
-            two.send_text(params(prompt="q", seed=0))
-            assert next_final(two)["params"]["model"] == "a"  # two uses a: kept while b loads
-            one.send_text(params(prompt="p", seed=1, model="b"))
-            assert next_of(one, "model")["state"] == "loading"
-            wait_until(lambda: factory.calls["b"] == 1, what="b's load started")
-            for seed in range(1, 4):  # b's load is stuck: a still serves the other session
-                two.send_text(params(prompt="q", seed=seed))
-                assert next_final(two)["params"]["model"] == "a"
-            assert list(studio.worker.switcher.engines) == ["a"]
-            factory.gates["b"].set()
-            seen, frame = model_messages(one)
-            assert seen[-1]["state"] == "ready" and frame["params"]["model"] == "b"
-            assert list(studio.worker.switcher.engines) == ["b"]  # max 1: a evicted once b was in
-            two.send_text(params(prompt="q", seed=9))  # a again: loaded again, on the loader thread
-            seen, frame = model_messages(two)
-            assert seen[0]["state"] == "loading" and frame["params"]["model"] == "a"
+            yield studio, one, two
+
+
+def test_a_slow_load_does_not_hold_up_another_sessions_frames_on_the_same_worker():
+    factory = Factory(gated=["b"])
+    with two_sessions(factory) as (studio, one, two):  # --max-loaded-models: 1 on a CPU
+        two.send_text(params(prompt="q", seed=0))
+        assert next_final(two)["params"]["model"] == "a"  # two uses a: kept while b loads
+        one.send_text(params(prompt="p", seed=1, model="b"))
+        assert next_of(one, "model")["state"] == "loading"
+        wait_until(lambda: factory.calls["b"] == 1, what="b's load started")
+        for seed in range(1, 4):  # b's load is stuck: a still serves the other session
+            two.send_text(params(prompt="q", seed=seed))
+            assert next_final(two)["params"]["model"] == "a"
+        assert list(studio.worker.switcher.engines) == ["a"]
+        factory.gates["b"].set()
+        seen, frame = model_messages(one)
+        assert seen[-1]["state"] == "ready" and frame["params"]["model"] == "b"
+        assert list(studio.worker.switcher.engines) == ["b"]  # max 1: a evicted once b was in
+        two.send_text(params(prompt="q", seed=9))  # a again: loaded again, on the loader thread
+        seen, frame = model_messages(two)
+        assert seen[0]["state"] == "loading" and frame["params"]["model"] == "a"
 
 
 def test_byte_progress_arrives_in_order_rising_to_the_total(tmp_path):
@@ -134,22 +142,15 @@ def test_progress_messages_are_throttled_but_each_stage_is_said():
 
 
 def test_a_second_request_joins_the_load_in_flight():
-    from fastapi.testclient import TestClient
-
     factory = Factory(gated=["b"])
-    app = models_app(PRESETS, factory, max_sessions=2, max_loaded_models=2)
-    with TestClient(app) as client:
-        studio = app.state.studio
-        wait_until(lambda: studio.worker.ready)
-        with client.websocket_connect("/ws") as one, client.websocket_connect("/ws") as two:
-            next_of(one, "hello"), next_of(two, "hello")
-            one.send_text(params(prompt="p", seed=1, model="b"))
-            next_of(one, "model")
-            two.send_text(params(prompt="q", seed=2, model="b"))
-            assert next_of(two, "model")["state"] == "loading"  # joined: told at once
-            factory.gates["b"].set()
-            assert model_messages(one)[1]["params"]["model"] == "b"
-            assert model_messages(two)[1]["params"]["model"] == "b"
+    with two_sessions(factory, max_loaded_models=2) as (_, one, two):
+        one.send_text(params(prompt="p", seed=1, model="b"))
+        next_of(one, "model")
+        two.send_text(params(prompt="q", seed=2, model="b"))
+        assert next_of(two, "model")["state"] == "loading"  # joined: told at once
+        factory.gates["b"].set()
+        assert model_messages(one)[1]["params"]["model"] == "b"
+        assert model_messages(two)[1]["params"]["model"] == "b"
         assert factory.calls["b"] == 1
 
 
@@ -179,23 +180,31 @@ def test_asking_for_another_preset_meanwhile_cancels_the_load_and_leaves_nothing
 
 
 def test_a_failed_load_fails_only_that_switch_and_leaves_nothing(tmp_path):
-    from fastapi.testclient import TestClient
-
     factory = Factory(weights=weight_files(tmp_path), fail=["b"])
-    app = models_app(PRESETS, factory, max_sessions=2, max_loaded_models=2)
-    with TestClient(app) as client:
-        studio = app.state.studio
-        wait_until(lambda: studio.worker.ready)
-        with client.websocket_connect("/ws") as one, client.websocket_connect("/ws") as two:
-            next_of(one, "hello"), next_of(two, "hello")
-            one.send_text(params(prompt="p", seed=1, model="b"))
-            while (msg := next_of(one, "model"))["state"] == "loading":
-                pass
-            assert msg["state"] == "error" and "the disk went away" in msg["message"]
-            err = next_of(one, "error")
-            assert (err["code"], err["field"]) == ("model_unavailable", "model")
-            two.send_text(params(prompt="q", seed=2))
-            assert next_final(two)["params"]["model"] == "a"
-            gc.collect()
-            assert factory.built["b"] and all(ref() is None for ref in factory.built["b"])
-            assert list(studio.worker.switcher.engines) == ["a"] and studio.worker.ready
+    with two_sessions(factory, max_loaded_models=2) as (studio, one, two):
+        one.send_text(params(prompt="p", seed=1, model="b"))
+        while (msg := next_of(one, "model"))["state"] == "loading":
+            pass
+        assert msg["state"] == "error" and "the disk went away" in msg["message"]
+        err = next_of(one, "error")
+        assert (err["code"], err["field"]) == ("model_unavailable", "model")
+        two.send_text(params(prompt="q", seed=2))
+        assert next_final(two)["params"]["model"] == "a"
+        gc.collect()
+        assert factory.built["b"] and all(ref() is None for ref in factory.built["b"])
+        assert list(studio.worker.switcher.engines) == ["a"] and studio.worker.ready
+
+
+def test_a_model_no_other_session_uses_is_freed_before_the_load():
+    factory = Factory(gated=["b"])
+    with two_sessions(factory) as (studio, one, _):  # --max-loaded-models 1; the second session sends nothing
+        one.send_text(params(prompt="p", seed=1))
+        assert next_final(one)["params"]["model"] == "a"
+        first_a = factory.built.get("a", [])
+        one.send_text(params(prompt="p", seed=1, model="b"))
+        wait_until(lambda: factory.calls["b"] == 1, what="b's load started")
+        assert list(studio.worker.switcher.engines) == []  # a went first: one model in memory at a time
+        factory.gates["b"].set()
+        assert model_messages(one)[1]["params"]["model"] == "b"
+        gc.collect()
+        assert all(ref() is None for ref in first_a)
