@@ -39,12 +39,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import ipaddress
 import logging
-import socket
-import struct
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -56,12 +52,17 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
+from lcm_live.studio.transport_ends import (  # noqa: F401 (set_tls_handshake_timeout: serve imports it from here)
+    release_free_memory,
+    reset,
+    set_tls_handshake_timeout,
+)
+
 log = logging.getLogger("lcm_live.studio.connections")
 
 # Paths a connection over the caps may still ask for: liveness, readiness and metrics are never starved.
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 TRIM_AFTER_BYTES = 256 * 1024  # aborting a connection with this much unsent: release_free_memory at the next sweep
-_malloc_trim = None  # glibc's malloc_trim, found on first use (False: none)
 REPORT_EVERY_S = 10.0  # at most one log line per this many seconds about what the guard closed
 # A connection is shed for a newer one only after waiting this long for a request: a younger one may have its
 # request on the way (a client sends it right after connecting), and dropping that would fail a legitimate client.
@@ -266,44 +267,6 @@ class ConnectionGuard:
         self._reported, self._last_report = Counter(self.closed), now
         log.warning("connection guard: %s (%d open)",
                     ", ".join(f"{k}={v}" for k, v in sorted(news.items())), len(self.conns))
-
-
-def release_free_memory() -> None:
-    """glibc's malloc_trim (elsewhere nothing): a dropped peer's queued megabytes go back to the OS, not only to
-    glibc's heaps (its mmap threshold adapts upward, so such blocks stop being unmapped on free)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-def reset(transport: asyncio.BaseTransport, sock: Any = None) -> None:
-    """Abort with a TCP reset, so the kernel drops what it holds for the peer too (after a plain abort() it keeps
-    the orphan, megabytes for a peer that reads nothing, through minutes of zero-window probes). A TLS transport
-    closed twice lets go of its TLS layer (Python 3.11) and its abort() does nothing: then the socket is shut down,
-    which fails the TCP transport underneath and ends the connection all the same."""
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    detached = getattr(transport, "_ssl_protocol", False) is None
-    with contextlib.suppress(Exception):
-        transport.abort()
-    if detached and sock is not None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-
-
-def set_tls_handshake_timeout(seconds: float) -> None:
-    """A TLS handshake that has not finished in ``seconds`` is dropped. asyncio allows 60 s by default, before any
-    protocol (so the guard) sees the connection, and uvicorn has no knob for it; SSLProtocol reads this constant
-    when each connection is accepted, so setting it here (once, in `serve`'s process) covers every handshake."""
-    import asyncio.constants
-
-    asyncio.constants.SSL_HANDSHAKE_TIMEOUT = float(seconds)
 
 
 def _probes_only(app):
