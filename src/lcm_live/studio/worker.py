@@ -1,7 +1,9 @@
 """The one inference thread: loads and warms the model, then serves every session's newest job, round-robin.
 
-Why one thread: a GPU (or the CPU's cores) runs one generation at a time best, and torch/OpenVINO state stays on
-the thread that made it. The event loop never runs inference; it only puts jobs in and takes frames out.
+Why one thread: a GPU (or the CPU's cores) runs one generation at a time best. The event loop never runs
+inference; it only puts jobs in and takes frames out. A preset switched to later loads and warms up on the worker's
+loader thread (studio/loader.py, studio/worker_models.py) while this one goes on serving; the engine is used here
+only once installed, between generations.
 
 Per slot (a WebSocket session, or one REST request) there is a size-1 mailbox: a new job replaces the waiting one,
 and a job of the same slot that is already running is marked superseded, so the step hook raises ``Cancelled`` at
