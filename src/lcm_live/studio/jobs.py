@@ -40,7 +40,6 @@ class Job:
     images: dict[str, Any] = field(default_factory=dict)  # reference, control_images (studio/layers.py JobInputs)
     input: int = 0  # the session's input count when it was made: frames say which input they show
     submitted: float = field(default_factory=time.monotonic)  # when the input was accepted
-    loading_at_submit: float = 0.0  # the worker's model-load seconds so far when it was queued (not a wait)
     id: int = field(default_factory=lambda: next(_job_ids))
     cancel_reason: str | None = None  # set from other threads: "superseded" | "closed" | "shutdown"
     timed_out: bool = False
