@@ -96,19 +96,27 @@ def test_builder_args_and_the_serve_config_in_docs(monkeypatch):
 @pytest.fixture(scope="module")
 def ray_studio():
     """(http base URL, ws URL) of the studio on a fresh local cluster; torn down after the module."""
-    from lcm_live.studio.ray_app import APP_NAME, RayOptions, build_application
+    from lcm_live.studio.ray_app import RayOptions
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             namespace="lcm-live-tests")
+    settings = Settings(studio=StudioSettings(max_sessions=8, default_previews=False, token=TOKEN))
+    options = RayOptions(replicas=2, cpus_per_replica=0.5,
+                         fake_engine=json.dumps({"step_latency_s": STEP_S, "record_calls": False}))
+    yield from local_studio(settings, options, "lcm-live-tests")
+
+
+def local_studio(settings: Settings, options: Any, namespace: str):
+    """A fixture's body: a local cluster (2 CPUs), Serve's proxy on a free port and the app of ``settings`` and
+    ``options``; yields (http base URL, ws URL) once every replica is ready, then shuts it all down."""
+    from lcm_live.studio.ray_app import APP_NAME, build_application
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False, namespace=namespace)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = Settings(studio=StudioSettings(max_sessions=8, default_previews=False, token=TOKEN))
-        options = RayOptions(replicas=2, cpus_per_replica=0.5,
-                             fake_engine=json.dumps({"step_latency_s": STEP_S, "record_calls": False}))
         serve.run(build_application(settings, options), name=APP_NAME, route_prefix="/")
         base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _readyz(base).get("workers", {}).get("ready") == 2, 60, "2 ready replicas in /readyz")
+        wait_for(lambda: _readyz(base).get("workers", {}).get("ready") == options.replicas, 60,
+                 f"{options.replicas} ready replica(s) in /readyz")
         yield base, f"ws://127.0.0.1:{port}/ws"
     finally:
         serve.shutdown()

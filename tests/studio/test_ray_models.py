@@ -16,13 +16,12 @@ import pytest
 from PIL import Image
 from websockets.sync.client import connect
 
-from lcm_live.bench.local_http import free_port
 from lcm_live.config import ModelPreset, Settings, StudioSettings
 from lcm_live.errors import UserError
 
 from . import ray_engines
 from .ray_engines import colour_at
-from .test_ray_app import AUTH, TOKEN, _readyz, needs_ray, next_of, params, wait_for
+from .test_ray_app import AUTH, TOKEN, _readyz, local_studio, needs_ray, next_of, params, wait_for
 
 RED, GREEN, BLUE = (200, 30, 30), (30, 200, 30), (30, 30, 200)
 
@@ -81,29 +80,15 @@ def test_serve_run_builder_reads_a_models_file(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def ray_presets():
     """(http base, ws URL) of the studio with presets a and b (one loaded at a time) on one replica."""
-    import ray
     import ray.cloudpickle
-    from ray import serve
 
-    from lcm_live.studio.ray_app import APP_NAME, RayOptions, build_application
+    from lcm_live.studio.ray_app import RayOptions
 
     ray.cloudpickle.register_pickle_by_value(ray_engines)  # the replica imports lcm_live, not tests/
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             namespace="lcm-live-tests-models")
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = Settings(studio=StudioSettings(max_sessions=2, default_previews=False, token=TOKEN,
-                                                  max_loaded_models=1),
-                            models=[ModelPreset(name="a", model="fake-a"), ModelPreset(name="b", model="fake-b")])
-        options = RayOptions(replicas=1, cpus_per_replica=0.5, engine_factory=ray_engines.conditioned_factory)
-        serve.run(build_application(settings, options), name=APP_NAME, route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _readyz(base).get("workers", {}).get("ready") == 1, 60, "the replica in /readyz")
-        yield base, f"ws://127.0.0.1:{port}/ws"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    settings = Settings(studio=StudioSettings(max_sessions=2, default_previews=False, token=TOKEN, max_loaded_models=1),
+                        models=[ModelPreset(name="a", model="fake-a"), ModelPreset(name="b", model="fake-b")])
+    options = RayOptions(replicas=1, cpus_per_replica=0.5, engine_factory=ray_engines.conditioned_factory)
+    yield from local_studio(settings, options, "lcm-live-tests-models")
 
 
 def _models(base: str) -> dict[str, dict[str, Any]]:
@@ -201,6 +186,7 @@ def test_a_switch_between_tiny_real_models_on_a_replica(ray_presets, tiny_lcm_di
               route_prefix="/")
     wait_for(lambda: set(_safe_models(base)) == {"tiny-a", "tiny-b"}, 60, "the new ingress (the old one drains)")
     wait_for(lambda: _safe_models(base)["tiny-a"]["state"] == "loaded", 60, "tiny-a loaded on the replica")
+    wait_for(lambda: _readyz(base).get("status") == "ready", 30, "the new ingress counting its replica")
     with connect(url, additional_headers=AUTH, open_timeout=10) as ws:
         assert next_of(ws, "hello")["info"]["kind"] == "lcm"
         seen: list[dict[str, Any]] = []
