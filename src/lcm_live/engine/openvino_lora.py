@@ -25,6 +25,7 @@ compiled UNet (docs/benchmarks.md). With ``--quantize int8`` the branch graph ru
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any
 
 import torch
@@ -32,6 +33,8 @@ import torch
 from lcm_live.engine.loras import load_adapter, read_lora, scales_move
 from lcm_live.engine.openvino_backend import _TraceableUNet
 from lcm_live.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 SCALES_INPUT = "lora_scales"  # the IR input: (number of styles,) float32, each style's wanted - default
 
@@ -165,6 +168,9 @@ class OpenVINOStyles:
         self.graph = f"lora-{_digest(names, states)}" if branches.layers else "unet"  # 3. cached under its own key
         if branches.layers:
             self.unet.graphs[self.graph] = lambda unet: _TraceableScaledUNet(unet, branches)
+            logger.info("style sliders: %d UNet layers carry %s as branches; each image size converts (or reads "
+                        "from the IR cache) and compiles their graph at its first moved frame", len(branches.layers),
+                        ", ".join(style for style, _, _ in self.styles))
         self.unet.styles = self
 
 
