@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lcm_live.engine.spandrel_import import import_spandrel
 from lcm_live.errors import UserError
-from studio.tiny_esrgan import import_spandrel
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("spandrel") is None,
                                 reason="spandrel (the [upscale] extra) is not installed")
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("spandrel") is None,
 
 @pytest.fixture(scope="module")
 def spandrel():
-    """spandrel, imported (torchvision placeholders where it is missing: tests/studio/tiny_esrgan.py)."""
+    """spandrel, imported as the engine imports it (engine/spandrel_import.py)."""
     return import_spandrel()
 
 

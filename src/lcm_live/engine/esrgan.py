@@ -4,7 +4,8 @@
 Only safetensors: a ``.pth``/``.ckpt`` is a pickle, which can run code when loaded. The state dict is read with
 ``safetensors`` here and handed to spandrel, which detects the architecture from its keys and shapes; anything
 that is not a single-image super-resolution model is refused. ``spandrel`` is the optional extra
-``lcm-live[upscale]`` (it imports torchvision, which must be the build made for the installed torch).
+``lcm-live[upscale]``. torchvision is not needed: spandrel's two architectures that use it (LaMa, RestoreFormer:
+neither is super-resolution) are refused by name where it does not import (engine/spandrel_import.py).
 """
 
 from __future__ import annotations
@@ -39,17 +40,13 @@ class Upscaler:
 
 
 def _import_spandrel() -> Any:
+    from lcm_live.engine.spandrel_import import import_spandrel
+
     try:
-        import spandrel
+        return import_spandrel()
     except ImportError as exc:
-        missing = getattr(exc, "name", None) or "spandrel"
-        if missing.split(".")[0] == "torchvision":
-            raise UserError(f"--upscaler needs torchvision, which spandrel imports ({first_line(exc)}): install the "
-                            "torchvision built for your torch (for a CPU build of torch: pip install torchvision "
-                            "--index-url https://download.pytorch.org/whl/cpu)", field="upscaler") from None
         raise UserError(f"--upscaler needs spandrel ({first_line(exc)}): pip install 'lcm-live[upscale]'",
                         field="upscaler") from None
-    return spandrel
 
 
 def load_upscaler(path: str | Path, *, device: str = "cpu") -> Upscaler:
@@ -79,6 +76,12 @@ def load_upscaler(path: str | Path, *, device: str = "cpu") -> Upscaler:
     except Exception as exc:  # a known architecture with inconsistent weights
         raise UserError(f"--upscaler {str(path)!r}: its weights do not load ({first_line(exc)})",
                         field="upscaler") from None
+    from lcm_live.engine.spandrel_import import NEEDS_TORCHVISION, torchvision_works
+
+    if descriptor.architecture.id in NEEDS_TORCHVISION and not torchvision_works():
+        raise UserError(f"--upscaler {str(path)!r} is a {descriptor.architecture.name} model, whose code needs "
+                        "torchvision, which does not import here; give an ESRGAN-family super-resolution model "
+                        "(ESRGAN, Real-ESRGAN, ...)", field="upscaler")
     if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.purpose != "SR":
         raise UserError(f"--upscaler {str(path)!r} is a {descriptor.architecture.name} model for "
                         f"{descriptor.purpose}, not super-resolution: give an upscaling model", field="upscaler")
