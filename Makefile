@@ -12,8 +12,8 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # spandrel (the [upscale] extra) goes in without its torchvision dependency, which would pull a CUDA torch over this
-# CPU one: tests/engine/test_esrgan.py runs spandrel's ESRGAN without it; `upscale --upscaler` asks for the
-# torchvision of this torch (README: Keep and upscale).
+# CPU one: `upscale --upscaler` and the tests run spandrel's ESRGAN-family models without it (engine/spandrel_import.py;
+# README: Keep and upscale).
 # torch first, pinned: the CPU build that lies on this disk (a loose `torch` would pull a CUDA build).
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
