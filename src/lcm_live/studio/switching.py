@@ -94,6 +94,7 @@ class ModelSwitcher:
         self.engines: OrderedDict[str, LoadedEngine] = OrderedDict()  # least recently used first
         self.warm: Callable[[Any, ModelPreset], None] = lambda engine, preset: None  # the worker's warm-up
         self.last_switch_s: float | None = None  # the last select() that changed the engine (bench)
+        self.prepared: dict[str, Any] = {}  # preset -> its style sliders, made while loading (prepare_sliders)
 
     def build(self, name: str) -> Any:
         """The engine of preset ``name`` from the factory (no preset argument for the implicit one)."""
@@ -101,11 +102,35 @@ class ModelSwitcher:
 
     def warm_preset(self, engine: Any, name: str) -> None:
         self.warm(engine, self.registry.presets[name])
+        self.prepare_sliders(engine, name)
+
+    def prepare_sliders(self, engine: Any, name: str) -> None:
+        """On the OpenVINO UNet, the graph that moves a preset's style scales (engine/openvino_lora.py) converted
+        and compiled now, with the load (on the loader thread, or at the worker's start), rather than on the
+        worker thread at a session's first slider move: minutes for sd15 the first time, seconds from the disk
+        cache, and every session on the worker would wait. Costs that load time and a second compiled UNet."""
+        preset = self.registry.presets[name]
+        pipe = getattr(engine, "pipe", None)
+        if not preset.styles or type(getattr(pipe, "unet", None)).__name__ != "OpenVINOUNet":
+            return
+        try:
+            styles = _style_scales(engine, preset)
+        except UserError:  # compiled or feature reuse: refused at the first move, with the flag to leave off
+            return
+        defaults = {s.name: s.scale for s in preset.styles}
+        styles.set({k: v + 0.5 for k, v in defaults.items()})  # any moved scale routes to the branch graph
+        try:
+            self.warm(engine, preset)  # its conversion and compile at the warm-up size
+        finally:
+            styles.set(defaults)
+            engine.prompts.clear()  # embeddings made with the moved text-encoder adapters
+        self.prepared[name] = styles
 
     def adopt(self, name: str, engine: Any, family: str | None) -> None:
         """The engine the worker loaded at start (the default preset)."""
         preset = self.registry.presets[name]
-        self.engines[name] = LoadedEngine(engine, scales={s.name: s.scale for s in preset.styles})
+        self.engines[name] = LoadedEngine(engine, styles=self.prepared.pop(name, None),
+                                          scales={s.name: s.scale for s in preset.styles})
         self.registry.mark_loaded(name, self.worker, family)
 
     def has(self, name: str) -> bool:
@@ -137,7 +162,8 @@ class ModelSwitcher:
         """A loaded, warm engine: held as the most recently used; then the least recently used others are evicted
         until ``max_loaded`` hold (one a waiting job names too: the bound is kept; that job's model loads again)."""
         preset = self.registry.presets[name]
-        self.engines[name] = LoadedEngine(engine, scales={s.name: s.scale for s in preset.styles})
+        self.engines[name] = LoadedEngine(engine, styles=self.prepared.pop(name, None),
+                                          scales={s.name: s.scale for s in preset.styles})
         self.registry.mark_loaded(name, self.worker, getattr(getattr(engine, "info", None), "family", None))
         while len(self.engines) > self.max_loaded:
             self._evict(next(iter(self.engines)), f"least recently used of {self.max_loaded} loaded")

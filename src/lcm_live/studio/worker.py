@@ -264,6 +264,7 @@ class Worker(ModelSlots):
             self.switcher.max_loaded = s.max_loaded_models or (1 if device == "cpu" else 2)
             self.switcher.warm = lambda engine, preset: engine.warmup(
                 preset.width or width, preset.height or height, s.warmup_steps, max_batch_size=self.max_batch_size)
+            self.switcher.prepare_sliders(self.engine, self.models.default)
             self.switcher.adopt(self.models.default, self.engine, info.get("family"))
         except Exception as exc:
             message = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
