@@ -139,7 +139,7 @@ class OpenVINOModule(torch.nn.Module):
     def _record(self, key: tuple, feed: Any) -> None:
         samples = self._samples.setdefault(key, [])
         samples.append({0: feed.copy()})
-        if len(samples) >= self.calibration_calls and key not in self._threads:
+        if len(samples) >= self.calibration_calls:
             thread = threading.Thread(target=self._quantize, args=(key,), name="int8-vae-quantize", daemon=True)
             self._threads[key] = thread
             thread.start()

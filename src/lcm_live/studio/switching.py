@@ -20,6 +20,7 @@ import gc
 import logging
 import sys
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,7 +95,9 @@ class ModelSwitcher:
         self.engines: OrderedDict[str, LoadedEngine] = OrderedDict()  # least recently used first
         self.warm: Callable[[Any, ModelPreset], None] = lambda engine, preset: None  # the worker's warm-up
         self.last_switch_s: float | None = None  # the last select() that changed the engine (bench)
-        self.prepared: dict[str, Any] = {}  # preset -> its style sliders, made while loading (prepare_sliders)
+        # engine -> its style sliders, made while loading (prepare_sliders); weak, so that a load cancelled after
+        # its warm-up leaves nothing of its engine here
+        self.prepared: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
     def build(self, name: str) -> Any:
         """The engine of preset ``name`` from the factory (no preset argument for the implicit one)."""
@@ -124,13 +127,11 @@ class ModelSwitcher:
         finally:
             styles.set(defaults)
             engine.prompts.clear()  # embeddings made with the moved text-encoder adapters
-        self.prepared[name] = styles
+        self.prepared[engine] = styles
 
     def adopt(self, name: str, engine: Any, family: str | None) -> None:
         """The engine the worker loaded at start (the default preset)."""
-        preset = self.registry.presets[name]
-        self.engines[name] = LoadedEngine(engine, styles=self.prepared.pop(name, None),
-                                          scales={s.name: s.scale for s in preset.styles})
+        self._hold(name, engine)
         self.registry.mark_loaded(name, self.worker, family)
 
     def has(self, name: str) -> bool:
@@ -151,7 +152,7 @@ class ModelSwitcher:
     def make_room(self, wanted: set[str], loading: int = 1) -> None:
         """Before a load: evict the least recently used engines no waiting job names until the engines and the
         ``loading`` ones fit in ``max_loaded``. Engines other sessions still use stay: the load then runs beside
-        them, over the bound until it is installed (docs/studio.md, "Model presets")."""
+        them, over the bound until it is installed (docs/protocol.md, "Models and styles")."""
         while len(self.engines) + loading > self.max_loaded:
             old = next((n for n in self.engines if n not in wanted), None)
             if old is None:
@@ -161,12 +162,16 @@ class ModelSwitcher:
     def install(self, name: str, engine: Any) -> None:
         """A loaded, warm engine: held as the most recently used; then the least recently used others are evicted
         until ``max_loaded`` hold (one a waiting job names too: the bound is kept; that job's model loads again)."""
-        preset = self.registry.presets[name]
-        self.engines[name] = LoadedEngine(engine, styles=self.prepared.pop(name, None),
-                                          scales={s.name: s.scale for s in preset.styles})
+        self._hold(name, engine)
         self.registry.mark_loaded(name, self.worker, getattr(getattr(engine, "info", None), "family", None))
         while len(self.engines) > self.max_loaded:
             self._evict(next(iter(self.engines)), f"least recently used of {self.max_loaded} loaded")
+
+    def _hold(self, name: str, engine: Any) -> None:
+        """Hold ``engine`` as preset ``name``'s, most recently used, at the preset's default style scales."""
+        preset = self.registry.presets[name]
+        self.engines[name] = LoadedEngine(engine, styles=self.prepared.pop(engine, None),
+                                          scales={s.name: s.scale for s in preset.styles})
 
     def _evict(self, name: str, why: str) -> None:
         del self.engines[name]
