@@ -260,7 +260,7 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
 
     # 4. The peak again, right after the drawing (the same load), in the UNet's backend and dtype.
     from lcm_live.bench.flops import pipeline_flops
-    from lcm_live.bench.roofline import mixed_peak, roofline
+    from lcm_live.bench.roofline import flops_by_stage, mixed_peak, roofline
 
     peak = best_of(peak_before, measure_peak(*precision, refresh=True))
     machine["load_average_1m_end"] = current_load()
@@ -286,12 +286,9 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
     if reuse_counts is not None:  # a reused evaluation runs the shallow blocks only (one sample each: batch 1)
         samples["unet"] = reuse_counts["full_evaluations"]
         samples["unet_shallow"] = reuse_counts["reused_evaluations"]
-    flops_per_frame = sum(n * flops.get(name, 0.0) for name, n in samples.items()) / frames_made
+    by_stage = flops_by_stage(samples, flops, {"unet_shallow": "unet"})
+    flops_per_frame = sum(by_stage.values()) / frames_made
     live_fps = sum(per_client_fps)
-    by_stage: dict[str, float] = {}
-    for name, n in samples.items():
-        stage = "unet" if name == "unet_shallow" else name
-        by_stage[stage] = by_stage.get(stage, 0.0) + n * flops.get(name, 0.0) / frames_made
     whole = mixed_peak(by_stage, vae_peaks, peak)  # the UNet's peak unless a stage runs at another precision
     line = roofline(flops_per_frame * live_fps, 1.0, whole)
     unet_flops = samples.get("unet", 0) * flops["unet"] + samples.get("unet_shallow", 0) * flops.get("unet_shallow", 0)

@@ -184,6 +184,16 @@ def vae_stage_peaks(quantize_vae: str, backend: str) -> dict[str, Peak]:
     return {stage: peak for stage in VAE_STAGES}
 
 
+def flops_by_stage(samples: dict[str, int], flops: dict[str, float], stage_of: dict[str, str]) -> dict[str, float]:
+    """FLOPs per stage: each component's sample count times its FLOPs per sample, components merged into the
+    stage ``stage_of`` names (e.g. SDXL's second text encoder into ``text_encoder``)."""
+    by_stage: dict[str, float] = {}
+    for name, count in samples.items():
+        stage = stage_of.get(name, name)
+        by_stage[stage] = by_stage.get(stage, 0.0) + count * flops.get(name, 0.0)
+    return by_stage
+
+
 def mixed_peak(flops_by_stage: dict[str, float], stage_peaks: dict[str, Peak], default: Peak) -> Peak:
     """The peak of a path whose stages are bounded by different GEMMs (the UNet in bf16, the tiny autoencoder in
     int8): the rate that would finish every stage's FLOPs at its own peak, total / sum(flops_s / peak_s).
@@ -212,11 +222,7 @@ def path_roofline(samples: dict[str, int], stage_seconds: dict[str, float], flop
     ``peak``; per stage, the same for the time spent inside that component (the UNet's is the kernel-level
     efficiency, the whole call's includes the scheduler, the Python around the calls and the decode).
     ``stage_peaks``: stages bounded by another GEMM than ``peak`` (see ``mixed_peak``)."""
-    stage_of = {"text_encoder_2": "text_encoder"}
-    by_stage: dict[str, float] = {}
-    for name, count in samples.items():
-        stage = stage_of.get(name, name)
-        by_stage[stage] = by_stage.get(stage, 0.0) + count * flops.get(name, 0.0)
+    by_stage = flops_by_stage(samples, flops, {"text_encoder_2": "text_encoder"})
     total = sum(by_stage.values())
     stage_peaks = stage_peaks or {}
     whole = mixed_peak(by_stage, stage_peaks, peak)
