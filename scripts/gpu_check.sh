@@ -4,6 +4,7 @@
 #   On the GPU machine, from the repo root, with $OUT set and .whl carried:   bash scripts/gpu_check.sh
 #   (device tool: command "bash scripts/gpu_check.sh", carry [".whl", ".whl_cpu"], timeout_s 600 for the default
 #   budget; scripts/device_wheels.sh makes both folders: 20 + 35 MB of the 64 MiB a call carries)
+#   Which set: GPU_CHECK_SET=families (default: issue 17's fast families, roofline and live 512²) or issue5.
 #   Some steps only: GPU_CHECK_ONLY="tests sd15_512_4steps" bash scripts/gpu_check.sh (the step names below)
 #   Dry run here (CPU, tiny model, tiny sizes; every command line parses and runs):
 #       GPU_CHECK_DRY=1 nice -n 19 env OMP_NUM_THREADS=1 bash scripts/gpu_check.sh
@@ -50,6 +51,7 @@ if [[ $DRY == 1 ]]; then
     PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
     export PYTHONPATH=$PWD/src
     DEVICE=cpu; SD15=tiny; SDXL=tiny; S512=64; S1024=64; S256=64; LIVE_SECONDS=3
+    FAM_SDXL=tiny; FAM_LIVE_S=3
     R_FAST=(--runs 1 --warmup 0); R_SLOW=(--runs 1 --warmup 0)
     # the CPU stand-in: torch (no OpenVINO conversion); nf4 is CUDA-only: that step is expected to end with its
     # one-line error, status failed
@@ -57,6 +59,7 @@ if [[ $DRY == 1 ]]; then
 else
     PY=${PYTHON:-python3}
     DEVICE=cuda; SD15=sd15; SDXL=sdxl; S512=512; S1024=1024; S256=256; LIVE_SECONDS=15
+    FAM_SDXL=sdxl-turbo; FAM_LIVE_S=10
     R_FAST=(--runs 5 --warmup 2); R_SLOW=(--runs 3 --warmup 1)
     EXTRA=()
 fi
@@ -65,6 +68,7 @@ log() { echo "$*" | tee -a "$LOG"; }
 
 START=$(date +%s)
 PIN=()  # a `taskset -c CORES` prefix for every step's command (set when the AMX job has cores of its own)
+SET=${GPU_CHECK_SET:-families}  # families: issue 17's table; issue5: the earlier figures
 ONLY=${GPU_CHECK_ONLY:-}  # space-separated step names: run only those (install always runs)
 # step NAME TIMEOUT_S COMMAND...: runs COMMAND under timeout (capped by what is left of the budget), logs it.
 step() {
@@ -203,6 +207,35 @@ fi
 # The CUDA tests (skipped, with the reason, where there is no CUDA device).
 step tests 150 "$PY" -m pytest -q -p no:cacheprovider -rA -m gpu tests/engine/test_cuda.py
 
+# Issue 17's table on a GPU (GPU_CHECK_SET=families, the default): the default path's roofline on sd15, each fast
+# family at 512² on its own steps, the live studio at 512² (one client: beside StreamDiffusion's published RTX 4090
+# TensorRT figures, 106 fps 1-step text-to-image and 94 fps image-to-image, on sd-turbo), and feature reuse against
+# the exact path in the live studio. sd-turbo is StreamDiffusion's model, so its compiled steps come first of the
+# compiled ones; sdxs's last (the budget may not reach them).
+if [[ $SET == families ]]; then
+    bench sd15_512_4steps 90 --arch "$SD15" --width "$S512" --height "$S512" --num-inference-steps 4 "${R_FAST[@]}"
+    bench fam_sdxs_512_1step 80 --arch sdxs --width "$S512" --height "$S512" --baseline none "${R_FAST[@]}"
+    bench fam_sd_turbo_512_1step 80 --arch sd-turbo --width "$S512" --height "$S512" --baseline none "${R_FAST[@]}"
+    bench fam_sdxl_turbo_512_1step 90 --arch "$FAM_SDXL" --width "$S512" --height "$S512" --baseline none \
+        "${R_FAST[@]}"
+    bench fam_bk_sdm_tiny_512_4steps 80 --arch bk-sdm-tiny --width "$S512" --height "$S512" --baseline none \
+        "${R_FAST[@]}"
+    bench live_sdxs_512 70 --live --arch sdxs --width "$S512" --height "$S512" --seconds "$FAM_LIVE_S"
+    bench live_sd15_512 70 --live --arch "$SD15" --width "$S512" --height "$S512" --seconds "$FAM_LIVE_S"
+    bench live_sd15_512_reuse4 70 --live --arch "$SD15" --width "$S512" --height "$S512" --seconds "$FAM_LIVE_S" \
+        --feature-reuse 4
+    bench fam_sd_turbo_512_1step_compile 150 --arch sd-turbo --width "$S512" --height "$S512" --baseline none \
+        --compile "${R_FAST[@]}"
+    bench live_sd_turbo_512_compile 150 --live --arch sd-turbo --width "$S512" --height "$S512" \
+        --seconds "$FAM_LIVE_S" --compile
+    bench fam_sdxs_512_1step_compile 150 --arch sdxs --width "$S512" --height "$S512" --baseline none --compile \
+        "${R_FAST[@]}"
+    bench live_sdxs_512_compile 150 --live --arch sdxs --width "$S512" --height "$S512" --seconds "$FAM_LIVE_S" \
+        --compile
+fi
+
+# Issue 5's figures (GPU_CHECK_SET=issue5; measured on 2026-11-26):
+if [[ $SET == issue5 ]]; then
 # The issue's figures: the seed article's fp16 pipeline against lcm-live's default fast path (fp16, SDPA,
 # channels_last, TAESD, cached prompt embeddings): sd15 512² at 4 and 1 steps, sdxl 1024² at 4, the live studio.
 bench sd15_512_4steps 90 --arch "$SD15" --width "$S512" --height "$S512" --num-inference-steps 4 "${R_FAST[@]}"
@@ -240,6 +273,8 @@ bench sd15_512_4steps_controlnet 80 --arch "$SD15" --width "$S512" --height "$S5
 # SDXL 1024² with nf4 weights: the fast path's memory (the seed's 8 GB card question; lcm-live only).
 bench sdxl_1024_4steps_nf4 80 --arch "$SDXL" --width "$S1024" --height "$S1024" --num-inference-steps 4 \
     --quantize nf4 --baseline none "${R_SLOW[@]}"
+
+fi  # issue5
 
 if [[ -n $AMX_PID ]]; then
     log "=== waiting for cpu_amx (its steps end within the budget)"
@@ -282,7 +317,7 @@ for name, r in reports.items():
         "lcm_live_ms_per_image": pick(r, "lcm_live", "ms_per_image", "median"),
         "seed_ms_per_image": pick(r, "seed", "ms_per_image", "median"),
         "lcm_live_images_per_s": pick(r, "lcm_live", "images_per_s"),
-        "speedup_vs_seed": r.get("speedup_vs_seed"), "parity_cosine": r.get("parity_cosine"),
+        "speedup_vs_seed": r.get("speedup_vs_seed"), "parity_cosine": r.get("parity_cosine"), "roofline_fraction": r.get("roofline_fraction"),
         "lcm_live_unet_ms_per_step": pick(r, "lcm_live", "stages_ms", "unet_per_step"),
         "lcm_live_peak_cuda_gb_alone": r.get("lcm_live_alone_peak_cuda_gb"),
         "lcm_live_speedups": pick(r, "lcm_live", "speedups") or r.get("speedups"),
