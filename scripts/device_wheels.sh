@@ -31,7 +31,9 @@ gpu)
         pydantic-settings annotated-types typing-inspection python-dotenv importlib_metadata opentelemetry-api peft)
     # bitsandbytes for --quantize int8|nf4 on CUDA: its wheel carries libraries for every CUDA; keep 13.x and CPU.
     tmp=$(mktemp -d)
-    "${PIP[@]}" -d "$tmp" bitsandbytes
+    # Its wheels are tagged manylinux_2_24 (not in PIP's list): without that tag pip fell back to a 2023 release
+    # whose CUDA set-up fails at import and takes diffusers down with it (2026-12-04: a whole GPU call lost).
+    "${PIP[@]}" --platform manylinux_2_24_x86_64 -d "$tmp" "bitsandbytes>=0.45"
     rm -rf .whl/bnb && mkdir -p .whl/bnb
     .venv/bin/python -m zipfile -e "$tmp"/bitsandbytes-*.whl .whl/bnb
     find .whl/bnb/bitsandbytes -maxdepth 1 -name 'libbitsandbytes_*.so' \
