@@ -1,6 +1,7 @@
 """Latent consistency distillation on a micro teacher: the math matches diffusers, and the loss falls."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -88,3 +89,28 @@ def test_bad_settings_are_one_line_user_errors(tmp_path, tiny_sd_dir):
         D.distill(D.DistillConfig(teacher=str(tmp_path / "nope"), output=str(tmp_path / "o")))
     with pytest.raises(UserError, match="--max-train-steps"):
         D.distill(D.DistillConfig(teacher=str(tiny_sd_dir), output=str(tmp_path / "o"), max_train_steps=0))
+
+
+def test_lora_exclude_leaves_those_modules_without_lora_layers(tiny_sd_dir):
+    from peft import LoraConfig
+
+    pipe = D.load_teacher(str(tiny_sd_dir))
+    cfg = D.DistillConfig(teacher=str(tiny_sd_dir), output="unused", lora=True, lora_exclude=("up_blocks.1",))
+    student = copy.deepcopy(pipe.unet)
+    student.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=D.LORA_TARGETS,
+                                   exclude_modules=D.lora_exclusions(student, cfg)))
+    layers = D.lora_layers(student)
+    assert layers and not any(k.startswith("up_blocks.1.") for k in layers)
+    assert any(k.startswith("up_blocks.0.") for k in layers) and any(k.startswith("down_blocks.") for k in layers)
+    # whole module names, not string prefixes: up_blocks.1 does not take up_blocks.10 with it
+    pattern = re.compile(D.lora_exclusions(student, cfg))
+    assert pattern.fullmatch("up_blocks.1.resnets.0.conv1") and pattern.fullmatch("up_blocks.1")
+    assert not pattern.fullmatch("up_blocks.10.resnets.0.conv1") and not pattern.fullmatch("up_blocks.0.attentions.1")
+
+
+def test_lora_exclude_names_a_module_and_needs_lora(tmp_path, tiny_sd_dir):
+    with pytest.raises(UserError, match="--lora-exclude up_blocks.9: the UNet has no module"):
+        D.distill(D.DistillConfig(teacher=str(tiny_sd_dir), output=str(tmp_path / "o"), lora=True,
+                                  lora_exclude=("up_blocks.9",), max_train_steps=1, pool_size=4, batch_size=2))
+    with pytest.raises(UserError, match="add --lora"):
+        D.distill(D.DistillConfig(teacher=str(tiny_sd_dir), output=str(tmp_path / "o"), lora_exclude=("up_blocks.1",)))

@@ -18,6 +18,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--lora", action="store_true", help="train an LCM-LoRA instead of a full student")
     p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-exclude", action="append", default=[], metavar="MODULE",
+                   help="with --lora: a UNet module left without LoRA layers (repeatable; e.g. up_blocks.2)")
     p.add_argument("--max-train-steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=2e-4)
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = distill(DistillConfig(
         teacher=args.teacher, output=args.output, data=args.data, lora=args.lora, lora_rank=args.lora_rank,
+        lora_exclude=tuple(args.lora_exclude),
         max_train_steps=args.max_train_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         w_min=args.w_min, w_max=args.w_max, time_cond_proj_dim=args.time_cond_proj_dim,
         checkpoint_every=args.checkpoint_every, pool_size=args.pool_size,

@@ -39,6 +39,8 @@ class DistillConfig:
     data: str = "shapes"  # "shapes" or a folder of image + caption pairs
     lora: bool = False
     lora_rank: int = 16
+    # UNet module prefixes left without LoRA layers (e.g. "up_blocks.2", the full-resolution decoder block)
+    lora_exclude: tuple[str, ...] = ()
     max_train_steps: int = 1000
     batch_size: int = 32
     learning_rate: float = 2e-4
@@ -165,8 +167,25 @@ def check_device(device: str) -> None:
                             "use --device cpu", field="device")
 
 
+def lora_exclusions(unet, cfg: DistillConfig) -> str | None:
+    """peft's ``exclude_modules`` (a regular expression matched against whole module names) for
+    ``cfg.lora_exclude``; each prefix must name one of the UNet's modules."""
+    import re
+
+    if not cfg.lora_exclude:
+        return None
+    names = {name for name, _ in unet.named_modules()}
+    for prefix in cfg.lora_exclude:
+        if prefix not in names:
+            raise UserError(f"--lora-exclude {prefix}: the UNet has no module of that name (e.g. up_blocks.2, "
+                            "down_blocks.0.attentions.1)", field="lora_exclude")
+    return "|".join(rf"{re.escape(prefix)}(\..*)?" for prefix in cfg.lora_exclude)
+
+
 def _validate(cfg: DistillConfig) -> None:
     check_device(cfg.device)
+    if cfg.lora_exclude and not cfg.lora:
+        raise UserError(f"--lora-exclude {cfg.lora_exclude[0]}: applies to an LCM-LoRA; add --lora", field="lora_exclude")
     if cfg.max_train_steps < 1:
         raise UserError(f"--max-train-steps {cfg.max_train_steps}: must be at least 1", field="max_train_steps")
     if cfg.batch_size < 1:
@@ -214,7 +233,7 @@ def distill(cfg: DistillConfig, log=print) -> Path:
 
         student = copy.deepcopy(teacher)
         student.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                       target_modules=LORA_TARGETS))
+                                       target_modules=LORA_TARGETS, exclude_modules=lora_exclusions(student, cfg)))
         target = None  # stop-gradient on the student itself
         trainable = [p for p in student.parameters() if p.requires_grad]
     else:
