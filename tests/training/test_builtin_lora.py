@@ -95,19 +95,25 @@ def test_the_unchanged_lcm_lora_works_on_the_fine_tune():
     assert all(acc[m] > ddim[m] for m in ("color", "shape", "size", "background", "outline")), (acc, ddim)
 
 
-# Issue 18's outline floors, missed by the shipped family (measured on the 96 pairs: 0.500 and 0.433 at 4 steps:
-# with the LCM-LoRA, distilled on plain shapes, the fine-tune's 2-3 px rings come out thin and soft;
-# docs/builtin-model.md says what was tried). Strict: the day they pass, these markers must go.
-MISSED = pytest.mark.xfail(strict=True, reason="issue 18 outline floor not met by the shipped family (see docs)")
-
-
+# Issue 18's outline floors (96 pairs, 4 steps: 0.900 and 0.856 for the shipped family; docs/builtin-model.md).
 @needs_family
-@MISSED
 def test_the_fine_tune_with_the_lcm_lora_draws_outlines():
     assert _scores("fine-tune + LCM-LoRA")["outline"] >= 0.80
 
 
 @needs_family
-@MISSED
 def test_stacked_outline_lora_draws_outlines():
     assert _scores("base + LCM-LoRA + outline LoRA")["outline"] >= 0.70
+
+
+def test_the_recipes_lcm_lora_knobs_fit_the_shipped_teacher():
+    """The recipe's LoRA exclusions name modules of the real teacher (a typo would fail only at `make builtin-lora`)."""
+    from diffusers import UNet2DConditionModel
+
+    from lcm_live.engine.sources import builtin_root
+    from lcm_live.training.distill import DistillConfig, lora_exclusions
+    from lcm_live.training.lora_recipe import LCM_LORA
+
+    unet = UNet2DConditionModel.from_pretrained(builtin_root() / "shapes-teacher" / "unet")
+    cfg = DistillConfig(teacher="unused", output="unused", lora=True, **LCM_LORA)
+    assert lora_exclusions(unet, cfg) and cfg.lora_exclude == ("up_blocks.2",)
