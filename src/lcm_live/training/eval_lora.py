@@ -30,7 +30,7 @@ from lcm_live.training.checker import score_images
 from lcm_live.training.eval import STEP_COUNTS, _run, teacher_scheduler
 from lcm_live.training.shapes import eval_specs, outline_visible
 
-TEACHER_GUIDANCE = 8.0  # the teacher's and the full LCM's guidance_scale; the LCM-LoRA bakes in w = 7
+TEACHER_GUIDANCE = 8.0  # the teacher's and the full LCM's guidance_scale (the shipped LCM-LoRA bakes in w = 3)
 GRID_PAIRS = (0, 37, 70)  # eval pairs shown in each cell of the sample grid (three shapes, six colours)
 
 # (set-up, the measure, the least accuracy at 4 steps): issue 18's floors, reported beside the table
