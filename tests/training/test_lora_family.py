@@ -161,3 +161,10 @@ def test_floors_are_reported_not_enforced():
     assert floors[("color", "> fine-tune, DDIM (0.5)")] and not floors[("shape", "> fine-tune, DDIM (0.7)")]
     assert floors[("color", "> fine-tune, DDIM, guidance 1 (0.9)")]
     assert not floors[("outline", "> fine-tune, DDIM, guidance 1 (0.95)")]
+    # both at 1.000: not met, but printed as a tie rather than MISSED
+    from lcm_live.training.eval_lora import format_lora_table
+
+    result = {"pairs": 1, "outline_scored_on": 1, "rows": [], "floors": check_floors(rows)}
+    text = format_lora_table(result)
+    assert "tied   fine-tune + LCM-LoRA: size 1.000 (floor > fine-tune, DDIM, guidance 1 (1.0))" in text
+    assert "MISSED fine-tune + LCM-LoRA: shape 0.700 (floor > fine-tune, DDIM (0.7))" in text
