@@ -26,6 +26,7 @@ def test_distill_resume_and_eval_full(tmp_path, tiny_sd_dir, capsys):
     assert main(["eval", "--model", str(out), "--teacher", str(tiny_sd_dir), "--steps", "1", "--pairs", "3",
                  "--json", str(report)]) == 0
     rows = json.loads(report.read_text())["rows"]
+    assert json.loads(report.read_text())["seed"] == 0
     assert [(r["sampler"], r["steps"]) for r in rows] == [("LCM", 1), ("DDIM", 1), ("DPM-Solver++", 1)]
     assert all(0.0 <= r["color"] <= 1.0 for r in rows)
     assert "| LCM | 1 |" in capsys.readouterr().out
@@ -57,3 +58,21 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, tiny_sd_dir, capsys, monk
     err = capsys.readouterr().err
     assert err.count("--device cuda: torch sees no CUDA device") == 2 and "--device cpu" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_eval_seed_picks_held_out_seeds_and_is_refused_where_cases_are_fixed(monkeypatch, capsys):
+    from lcm_live.training import eval as eval_model
+    from lcm_live.training import eval_lora
+
+    seen = {}
+    monkeypatch.setattr(eval_lora.LoraModels, "builtin", classmethod(lambda cls: "the family"))
+    monkeypatch.setattr(eval_lora, "run_lora_eval", lambda models, **kw: seen.update(kw, models=models))
+    assert main(["eval", "--task", "lora", "--seed", "1000", "--steps", "4"]) == 0
+    assert seen["models"] == "the family" and seen["seed"] == 1000 and seen["steps"] == (4,)
+    monkeypatch.setattr(eval_model, "run_eval", lambda model, **kw: seen.update(kw, model=model))
+    assert main(["eval", "--model", "builtin:shapes", "--seed", "7", "--steps", "1"]) == 0
+    assert seen["seed"] == 7 and seen["model"].endswith("shapes")
+    assert main(["eval", "--task", "inpaint", "--seed", "3"]) == 2
+    assert "error: --seed 3: --task inpaint uses its fixed cases' seeds" in capsys.readouterr().err
+    assert main(["eval", "--task", "lora", "--seed", "-1"]) == 2
+    assert "error: --seed -1: must be 0 or more" in capsys.readouterr().err

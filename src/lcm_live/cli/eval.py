@@ -24,6 +24,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--guidance-scale", type=float, default=8.0)
     p.add_argument("--steps", default="1,2,4,8", help="comma-separated step counts (default: %(default)s)")
     p.add_argument("--pairs", type=int, default=96, help="prompt/seed pairs (default 96, balanced)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="--task model|lora: pair i samples with seed SEED + i (default 0: the fixed pairs; another "
+                        "value gives held-out seeds for the same captions, e.g. to choose a recipe on)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--grid", default=None, metavar="FILE", help="--task lora: also save a sample grid (PNG)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to sample (default: cpu)")
@@ -55,11 +58,16 @@ def run(args: argparse.Namespace) -> int:
                         "more, RATIO in [0, 0.75] (0: off)", field="feature_reuse")
     if args.pairs < 1:
         raise UserError(f"--pairs {args.pairs}: must be at least 1", field="pairs")
+    if args.seed < 0:
+        raise UserError(f"--seed {args.seed}: must be 0 or more", field="seed")
+    if args.seed and args.task in ("inpaint", "regions"):
+        raise UserError(f"--seed {args.seed}: --task {args.task} uses its fixed cases' seeds; leave --seed off",
+                        field="seed")
     if args.task == "lora":
         from lcm_live.training.eval_lora import LoraModels, run_lora_eval
 
         run_lora_eval(LoraModels.builtin(), steps=steps, n=args.pairs, json_path=args.json, grid_path=args.grid,
-                      device=args.device)
+                      seed=args.seed, device=args.device)
         return 0
     if args.task in ("inpaint", "regions"):
         from lcm_live.training.eval_masks import run_mask_eval
@@ -73,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     if teacher is None and args.model == "builtin:shapes":
         teacher = "builtin:shapes-teacher"
     run_eval(resolve_model(args.model), teacher=resolve_model(teacher) if teacher else None,
-             guidance=args.guidance_scale, steps=steps, n=args.pairs, json_path=args.json, device=args.device,
+             guidance=args.guidance_scale, steps=steps, n=args.pairs, json_path=args.json, seed=args.seed,
+             device=args.device,
              feature_reuse=args.feature_reuse, token_merging=args.token_merging,
              feature_reuse_across_steps=args.feature_reuse_across_steps)
     return 0

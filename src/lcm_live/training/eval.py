@@ -140,8 +140,8 @@ def run_eval(model: str, *, teacher: str | None = None, guidance: float = DEFAUL
         rows.append({"sampler": name, "steps": k, "guidance_scale": lcm_guidance if name == "LCM" else guidance,
                      **{a: round(v, 3) for a, v in acc.items()},
                      "seconds": round(time.time() - start, 1)})
-    result = {"model": str(model), "teacher": teacher, "guidance_scale": guidance, "pairs": n, "rows": rows,
-              "feature_reuse": feature_reuse, "token_merging": token_merging,
+    result = {"model": str(model), "teacher": teacher, "guidance_scale": guidance, "pairs": n, "seed": seed,
+              "rows": rows, "feature_reuse": feature_reuse, "token_merging": token_merging,
               "feature_reuse_across_steps": feature_reuse_across_steps}
     log(format_table(result))
     if json_path:

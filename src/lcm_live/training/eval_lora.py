@@ -151,7 +151,7 @@ def run_lora_eval(models: LoraModels, *, steps: tuple[int, ...] = STEP_COUNTS, n
             bar.update(1)
         del pipe
     bar.close()
-    result = {"pairs": n, "outline_scored_on": sum(map(outline_visible, outlined_specs)),
+    result = {"pairs": n, "seed": seed, "outline_scored_on": sum(map(outline_visible, outlined_specs)),
               "models": dict(models.__dict__), "rows": rows, "floors": check_floors(rows)}
     log(format_lora_table(result))
     if json_path:
