@@ -25,8 +25,9 @@ def test_distill_resume_and_eval_full(tmp_path, tiny_sd_dir, capsys):
     report = tmp_path / "eval.json"
     assert main(["eval", "--model", str(out), "--teacher", str(tiny_sd_dir), "--steps", "1", "--pairs", "3",
                  "--json", str(report)]) == 0
-    rows = json.loads(report.read_text())["rows"]
-    assert json.loads(report.read_text())["seed"] == 0
+    result = json.loads(report.read_text())
+    rows = result["rows"]
+    assert result["seed"] == 0
     assert [(r["sampler"], r["steps"]) for r in rows] == [("LCM", 1), ("DDIM", 1), ("DPM-Solver++", 1)]
     assert all(0.0 <= r["color"] <= 1.0 for r in rows)
     assert "| LCM | 1 |" in capsys.readouterr().out

@@ -82,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
         teacher = "builtin:shapes-teacher"
     run_eval(resolve_model(args.model), teacher=resolve_model(teacher) if teacher else None,
              guidance=args.guidance_scale, steps=steps, n=args.pairs, json_path=args.json, seed=args.seed,
-             device=args.device,
-             feature_reuse=args.feature_reuse, token_merging=args.token_merging,
+             device=args.device, feature_reuse=args.feature_reuse, token_merging=args.token_merging,
              feature_reuse_across_steps=args.feature_reuse_across_steps)
     return 0

@@ -39,7 +39,7 @@ class DistillConfig:
     data: str = "shapes"  # "shapes" or a folder of image + caption pairs
     lora: bool = False
     lora_rank: int = 16
-    # UNet module prefixes left without LoRA layers (e.g. "up_blocks.2", the full-resolution decoder block)
+    # UNet modules (whole names) left without LoRA layers, with everything inside them (e.g. "up_blocks.2")
     lora_exclude: tuple[str, ...] = ()
     max_train_steps: int = 1000
     batch_size: int = 32
@@ -169,17 +169,17 @@ def check_device(device: str) -> None:
 
 def lora_exclusions(unet, cfg: DistillConfig) -> str | None:
     """peft's ``exclude_modules`` (a regular expression matched against whole module names) for
-    ``cfg.lora_exclude``; each prefix must name one of the UNet's modules."""
+    ``cfg.lora_exclude``: each named module and everything inside it; each must be one of the UNet's modules."""
     import re
 
     if not cfg.lora_exclude:
         return None
     names = {name for name, _ in unet.named_modules()}
-    for prefix in cfg.lora_exclude:
-        if prefix not in names:
-            raise UserError(f"--lora-exclude {prefix}: the UNet has no module of that name (e.g. up_blocks.2, "
+    for module in cfg.lora_exclude:
+        if module not in names:
+            raise UserError(f"--lora-exclude {module}: the UNet has no module of that name (e.g. up_blocks.2, "
                             "down_blocks.0.attentions.1)", field="lora_exclude")
-    return "|".join(rf"{re.escape(prefix)}(\..*)?" for prefix in cfg.lora_exclude)
+    return "|".join(rf"{re.escape(module)}(\..*)?" for module in cfg.lora_exclude)
 
 
 def _validate(cfg: DistillConfig) -> None:
