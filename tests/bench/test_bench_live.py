@@ -16,15 +16,20 @@ def test_live_bench_tiny_end_to_end(capsys):
     assert name == "live_fps" and float(value) > 0
     name, value = lines[-2].split(": ")
     assert name == "roofline_fraction" and float(value) > 0
-    assert "errors 0" in lines[-5]
+    assert "errors 0" in lines[-6]
     assert "1 steps x strength 0.5: 1 UNet evaluation(s) per frame (counted)" in lines[0]  # the default: 1 step
+    # The studio's own split of a frame (its `timings`, medians): the engine call is part of the total.
+    assert lines[-4].startswith("server medians: queue ")
+    split = dict(part.rsplit(" ", 2)[:2] for part in lines[-4].removeprefix("server medians: ").split(", "))
+    assert set(split) == {"queue", "engine call", "JPEG", "total"}
+    assert 0 < float(split["engine call"]) <= float(split["total"])
 
 
 def test_live_bench_lines_mode_with_a_controlnet(capsys):
     assert main(["bench", "--live", "--arch", "tiny", "--backend", "torch", "--seconds", "2", "--controlnet"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("live_fps: ") and float(lines[-1].split(": ")[1]) > 0
-    assert "errors 0" in lines[-5]
+    assert "errors 0" in lines[-6]
     assert lines[-3].startswith("roofline: ") and "torch " in lines[-3]
     assert "lines (ControlNet), 1 steps: 1 UNet evaluation(s) per frame (counted)" in lines[0]
     assert "controlnet" in lines[1] and "UNet" in lines[1]  # its own stage, timed
@@ -37,7 +42,7 @@ def test_live_bench_two_sessions_batched(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     name, total = lines[-1].split(": ")
     assert name == "live_fps" and float(total) > 0
-    assert "errors 0" in lines[-5]
+    assert "errors 0" in lines[-6]
     sessions = next(line for line in lines if line.startswith("sessions 2: per-client fps "))
     per_client = [float(x) for x in sessions.split("per-client fps ")[1].split(" (")[0].split(", ")]
     assert len(per_client) == 2 and all(x > 0 for x in per_client)

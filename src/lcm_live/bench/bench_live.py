@@ -120,7 +120,7 @@ async def _draw(url: str, config: LiveConfig, client: int = 0) -> dict[str, Any]
               "previews": False}
     latencies: list[float] = []
     frame_times: list[float] = []
-    server_ms: list[float] = []
+    server_ms: list[dict[str, float]] = []  # each final frame's `timings` from the studio
     errors: list[dict] = []
     offset = 17 * client  # each client draws its own part of the spiral
     points = [stroke_point(offset, config.width, config.height)]
@@ -153,7 +153,7 @@ async def _draw(url: str, config: LiveConfig, client: int = 0) -> dict[str, Any]
             now = time.perf_counter()
             latencies.append(now - sent)
             frame_times.append(now)
-            server_ms.append(float(info.get("timings", {}).get("total_ms", 0.0)))
+            server_ms.append({k: float(v) for k, v in info.get("timings", {}).items()})
             info = None
             if now - start >= config.seconds:
                 break
@@ -278,6 +278,8 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
         lat += raw["latencies"][1:] or raw["latencies"]
         server_ms += raw["server_ms"]
         errors += raw["errors"]
+    server_median = {key: statistics.median(t[key] for t in server_ms if key in t)
+                     for key in ("queue_ms", "generation_ms", "encode_ms", "total_ms") if any(key in t for t in server_ms)}
     # Counted, not derived: LCM's img2img runs num_inference_steps UNet calls spread over the strength-shortened
     # schedule (unlike SD img2img's steps * strength). With batching one call serves several frames.
     generations = max(1, timer.calls["decode"])
@@ -318,7 +320,10 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
         "live_fps": live_fps,
         "latency_ms": {"p50": _percentile(lat, 0.5) * 1000, "p95": _percentile(lat, 0.95) * 1000,
                        "mean": statistics.fmean(lat) * 1000},
-        "server_total_ms_median": statistics.median(server_ms) if server_ms else None,
+        "server_total_ms_median": server_median.get("total_ms"),
+        # The studio's own split of a frame (its `timings`): waiting for the worker, the engine call (preparing the
+        # input, the stages above and turning latents into a picture), encoding the JPEG; total from submission.
+        "server_ms_median": server_median,
         "errors": errors,
     }
 
@@ -346,9 +351,16 @@ def format_live(report: dict[str, Any]) -> str:
         f"; errors {len(report['errors'])}",
         f"latency canvas -> frame: p50 {report['latency_ms']['p50']:.0f} ms  p95 {report['latency_ms']['p95']:.0f} ms"
         f"  (server total median {report['server_total_ms_median'] or 0:.0f} ms)",
+        *([_server_line(report["server_ms_median"])] if report.get("server_ms_median") else []),
         *_roofline_lines(report),
         f"live_fps: {report['live_fps']:.2f}",
     ])
+
+
+def _server_line(median: dict[str, float]) -> str:
+    """The studio's own split of a frame, medians: where the time goes that the stage timers do not see."""
+    names = {"queue_ms": "queue", "generation_ms": "engine call", "encode_ms": "JPEG", "total_ms": "total"}
+    return "server medians: " + ", ".join(f"{names[k]} {v:.1f} ms" for k, v in median.items())
 
 
 def _roofline_lines(report: dict[str, Any]) -> list[str]:
