@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +58,20 @@ def save_ir(model: Any, path: Path, *, compress_to_fp16: bool) -> None:
     import openvino as ov
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.xml")  # OpenVINO writes its weights beside it as .tmp.bin
-    ov.save_model(model, tmp, compress_to_fp16=compress_to_fp16)
-    tmp.with_suffix(".bin").replace(path.with_suffix(".bin"))
-    tmp.replace(path)
+    tmp = private_tmp(path, ".tmp.xml")  # OpenVINO writes its weights beside it as .tmp.bin
+    try:
+        ov.save_model(model, tmp, compress_to_fp16=compress_to_fp16)
+        tmp.with_suffix(".bin").replace(path.with_suffix(".bin"))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".bin").unlink(missing_ok=True)
+
+
+def private_tmp(path: Path, suffix: str) -> Path:
+    """A temporary name beside ``path`` that no other writer uses: the studio's pool workers (and parallel tests)
+    share one IR cache, and two processes converting the same shape must not write into one temporary file."""
+    return path.with_name(f"{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
 
 
 def batch_timesteps(timestep: Any, batch: int) -> torch.Tensor:
@@ -81,9 +93,12 @@ def save_weights_once(module: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    tmp = private_tmp(path, ".tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class OpenVINOModule(torch.nn.Module):
