@@ -23,3 +23,40 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     message): what a one-line error says about a library's failure."""
     text = str(exc).strip()
     return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+# Optional packages that diffusers or torch import whenever they are installed: a broken one (built for another
+# CUDA, too old for this torch) takes the whole engine down at `import diffusers`, far from its own name.
+BROKEN_PACKAGE_FIXES = {
+    "bitsandbytes": "pip install -U 'bitsandbytes>=0.45', or pip uninstall bitsandbytes (lcm-live needs it only for "
+                    "--quantize int8|nf4 on CUDA)",
+    "xformers": "reinstall xformers for this torch, or pip uninstall xformers (lcm-live uses torch's SDPA)",
+}
+
+
+def broken_optional_package(exc: BaseException) -> tuple[str, BaseException] | None:
+    """The optional package (of :data:`BROKEN_PACKAGE_FIXES`) in whose own code ``exc`` or one of its causes was
+    raised, with that cause; or None. diffusers wraps such a failure in "Failed to import diffusers.loaders..."."""
+    import traceback
+    from pathlib import PurePath
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for frame in traceback.extract_tb(exc.__traceback__):
+            parts = PurePath(frame.filename).parts
+            for name in BROKEN_PACKAGE_FIXES:
+                if name in parts:
+                    return name, exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def broken_package_message(exc: BaseException) -> str | None:
+    """One line naming the broken optional package behind ``exc`` and its fix, or None when it is not one."""
+    broken = broken_optional_package(exc)
+    if broken is None:
+        return None
+    package, cause = broken
+    return (f"the installed {package} fails to import ({first_line(cause)}), and diffusers imports it whenever it "
+            f"is installed. Fix: {BROKEN_PACKAGE_FIXES[package]}")

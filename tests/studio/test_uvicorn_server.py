@@ -307,3 +307,21 @@ def test_warmup_failure_exits_non_zero(tmp_path):
                           capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 3
     assert "error: model load or warmup failed: RuntimeError: fake warmup failure" in done.stderr
+
+
+def test_a_broken_optional_package_is_named_when_the_model_fails_to_load(tmp_path):
+    """A bitsandbytes that fails at import takes diffusers down with it: the studio names the package and the fix."""
+    site = tmp_path / "site" / "bitsandbytes"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text("raise RuntimeError('CUDA Setup failed')\n")
+    (tmp_path / "site" / "bitsandbytes-0.41.1.dist-info").mkdir()
+    (tmp_path / "site" / "bitsandbytes-0.41.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: bitsandbytes\nVersion: 0.41.1\n")
+    env = {k: v for k, v in os.environ.items() if k != "LCM_LIVE_TOKEN"}
+    env["PYTHONPATH"] = str(tmp_path / "site")
+    done = subprocess.run([LCM_LIVE, "serve", "--port", str(free_port()), "--model", "builtin:shapes"],
+                          capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 3
+    assert ("error: model load or warmup failed: the installed bitsandbytes fails to import (CUDA Setup failed)"
+            in done.stderr)
+    assert "pip uninstall bitsandbytes" in done.stderr

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from lcm_live import __version__
-from lcm_live.errors import UserError
+from lcm_live.errors import UserError, broken_package_message
 
 SUBCOMMANDS = ["generate", "upscale", "serve", "bench", "distill", "eval", "info"]
 
@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (ImportError, RuntimeError, OSError) as exc:
+        message = broken_package_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

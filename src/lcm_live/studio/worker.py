@@ -30,7 +30,7 @@ from typing import Any
 
 from lcm_live.config import StudioSettings
 from lcm_live.engine.hooks import Cancelled, StepEvent
-from lcm_live.errors import UserError
+from lcm_live.errors import UserError, broken_package_message
 from lcm_live.studio.batching import job_batch_key, resolve_max_batch_size
 from lcm_live.studio.failures import describe_failures, is_oom  # noqa: F401 (is_oom: re-exported)
 from lcm_live.studio.jobs import Job, JobSink  # noqa: F401 (JobSink: re-exported)
@@ -267,9 +267,9 @@ class Worker(ModelSlots):
             self.switcher.prepare_sliders(self.engine, self.models.default)
             self.switcher.adopt(self.models.default, self.engine, info.get("family"))
         except Exception as exc:
-            message = exc.message if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-            log.error("studio: loading or warming up the model failed: %s", message,
-                      exc_info=not isinstance(exc, UserError))
+            known = exc.message if isinstance(exc, UserError) else broken_package_message(exc)
+            message = known or f"{type(exc).__name__}: {exc}"
+            log.error("studio: loading or warming up the model failed: %s", message, exc_info=known is None)
             self.models.mark_failed(self.models.default, self.name, message)
             with self._cond:
                 self.state, self.detail = "failed", f"model load or warmup failed: {message}"
