@@ -324,6 +324,7 @@ for name, r in reports.items():
         "lcm_live_speedups": pick(r, "lcm_live", "speedups") or r.get("speedups"),
         "lcm_live_warmup_s": r.get("lcm_live_warmup_s"),
         "live_fps": r.get("live_fps"), "live_latency_ms": r.get("latency_ms"),
+        "live_server_ms_median": r.get("server_ms_median"),  # the studio's split: queue, engine call, JPEG, total
         "profile_wall_ms": pick(r, "profile", "wall_ms"), "profile_device_busy_ms": pick(r, "profile", "device_busy_ms"),
         "profile_host_waits": pick(r, "profile", "host_waits"),
     }
