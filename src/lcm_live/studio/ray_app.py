@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -147,6 +147,7 @@ class Generator:
         self.description = {"info": json.loads(json.dumps(info, default=str)), "lcm_img2img": lcm_img2img,
                             "settings": self.worker.settings.model_dump(mode="json"),
                             "max_batch_size": self.worker.max_batch_size}
+        self._hold = preset_tracker(self.worker.switcher.max_loaded)
 
     def describe(self) -> dict[str, Any]:
         """What the ingress builds its schema from, and (under "held") the presets this replica holds now."""
@@ -170,6 +171,9 @@ class Generator:
         # with steps asked for, one event per step (at most max_steps).
         events: asyncio.Queue = asyncio.Queue(maxsize=16 + self.worker.settings.max_steps)
         sink = StreamSink(loop, events, steps=bool(payload.get("steps")))
+        preset = serve.get_multiplexed_model_id()  # the ingress tags each request with its preset (presets only)
+        if preset and not self.models.implicit and preset in self.models.presets:
+            await self._hold(preset)  # tells Serve's router that this replica holds it now
         try:
             params = parse_params(self.params_model, json.loads(payload["params"]))
             s = self.worker.settings
@@ -210,6 +214,20 @@ class Generator:
         worker = getattr(self, "worker", None)
         if worker is not None:
             worker.stop(1.0)
+
+
+def preset_tracker(max_loaded: int) -> Callable[[str], Awaitable[str]]:
+    """Serve's model multiplexing on the replica's side: an LRU of preset names as long as the worker's switcher's
+    (``max_loaded``), touched by each request in the order the switcher sees them, so the two agree on what this
+    replica holds. Serve reports these names to every router, which then sends a request tagged with a preset
+    (``multiplexed_model_id``) to a replica that holds it, when one can take it within
+    ``RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S`` (1 s); else by load, as before. The engines themselves
+    stay the switcher's: what this LRU evicts is a name."""
+
+    async def hold(preset: str) -> str:
+        return preset
+
+    return serve.multiplexed(max_num_models_per_replica=max_loaded)(hold)
 
 
 def _forward_step(job: Job, event: StepEvent) -> None:

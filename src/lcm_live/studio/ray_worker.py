@@ -228,6 +228,13 @@ class RayWorker(ReplicaModels):
                                "s): the server is busy, try again")
                     self._cancel_flight(flight, "timeout")
 
+    def _request_options(self, job: Job) -> dict[str, Any]:
+        """A streaming request; with model presets, tagged with the job's preset (Serve's model multiplexing): the
+        router sends it to a replica that holds that preset when one can take it (Generator.generate)."""
+        if self._models is None or self._models.implicit:
+            return {"stream": True}
+        return {"stream": True, "multiplexed_model_id": self._models.name_of(job.params.model)}
+
     async def _run(self, flight: _Flight) -> None:
         """One job: its streaming request, and again on another replica if the one running it is lost."""
         from ray.exceptions import RayActorError
@@ -247,7 +254,7 @@ class RayWorker(ReplicaModels):
                 if flight.cancel_reason is not None:
                     self._settle(flight, "cancelled")
                     break
-                flight.response = self._handle.options(stream=True).generate.remote(payload)
+                flight.response = self._handle.options(**self._request_options(job)).generate.remote(payload)
                 try:
                     async for event in flight.response:
                         await self._on_event(flight, event)
