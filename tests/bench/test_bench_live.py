@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from lcm_live.bench.bench_live import LiveConfig, stroke_canvas, stroke_point, with_live_defaults
+from lcm_live.bench.bench_live import (
+    LiveConfig,
+    stroke_canvas,
+    stroke_point,
+    typed_prompt,
+    with_live_defaults,
+)
 from lcm_live.cli import main
 
 
@@ -77,3 +85,17 @@ def test_live_bench_with_feature_reuse_counts_full_and_reused_evaluations(capsys
     line = next(x for x in out.splitlines() if x.startswith("feature reuse (K=3): "))
     full, reused = (int(w) for w in line.split() if w.isdigit())
     assert full >= 1 and full <= reused  # every 3rd evaluation a full one (and the first)
+
+
+def test_typing_over_a_sketch_sends_a_new_prompt_a_frame_over_the_same_canvas(capsys, tmp_path):
+    """--typing: one sketch, then a letter more of the prompt after each frame; the engine keeps the sketch's
+    encoding (engine/init_latents.py), so only the first frame encodes it."""
+    assert [typed_prompt("a fox", n) for n in range(4)] == ["a fox", "a fox, o", "a fox, on", "a fox, on "]
+    assert len({typed_prompt("a fox", n) for n in range(300)}) == 300  # every frame a new prompt
+    assert main(["bench", "--live", "--arch", "tiny", "--backend", "torch", "--seconds", "2", "--typing",
+                 "--json", str(tmp_path / "live.json")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "img2img sketch, typing, 1 steps x strength 0.5" in lines[0]
+    assert "errors 0" in lines[-6]
+    samples = json.loads((tmp_path / "live.json").read_text())["roofline"]["samples"]
+    assert samples["unet"] >= 3 and samples["encode"] == 1, samples  # every frame denoised, the sketch encoded once

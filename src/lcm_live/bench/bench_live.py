@@ -63,6 +63,7 @@ class LiveConfig:
     controlnet: bool = False  # lines mode: the stroke is a ControlNet's image (random weights of the arch's shape)
     feature_reuse: int = 1  # --feature-reuse K (engine/feature_reuse.py; 1: off)
     token_merging: float = 0.0  # --token-merging R (engine/tome.py; 0: off)
+    typing: bool = False  # --typing: the sketch stays and the prompt grows a letter a frame (typing over a sketch)
 
 
 def with_live_defaults(config: LiveConfig, fam: Any) -> LiveConfig:
@@ -90,6 +91,13 @@ def stroke_canvas(width: int, height: int, points: list[tuple[float, float]]) ->
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=85)
     return buf.getvalue()
+
+
+def typed_prompt(prompt: str, letters: int) -> str:
+    """``prompt`` with a word being typed after it, ``letters`` letters long (every one a new prompt)."""
+    words = "on a frozen lake under northern lights with pine trees and a red lantern glowing softly "
+    tail = (words * (letters // len(words) + 1))[:letters]
+    return f"{prompt}, {tail}" if tail else prompt
 
 
 def stroke_point(i: int, width: int, height: int) -> tuple[float, float]:
@@ -157,9 +165,13 @@ async def _draw(url: str, config: LiveConfig, client: int = 0) -> dict[str, Any]
             info = None
             if now - start >= config.seconds:
                 break
+            sent = time.perf_counter()
+            if config.typing:  # the next letter of the prompt, over the same sketch
+                params["prompt"] = typed_prompt(config.prompt, len(frame_times))
+                await ws.send(json.dumps(params))
+                continue
             # The next stroke segment, sent as soon as the frame is in (the page does the same on each change).
             points.append(stroke_point(offset + len(points), config.width, config.height))
-            sent = time.perf_counter()
             await ws.send(stroke_canvas(config.width, config.height, points[-40:]))
     return {"latencies": latencies, "frame_times": frame_times, "server_ms": server_ms, "errors": errors}
 
@@ -334,7 +346,8 @@ def format_live(report: dict[str, Any]) -> str:
     return "\n".join([
         f"live: arch {c['arch']}  {c['width']}x{c['height']}  "
         + (f"lines (ControlNet), {c['num_inference_steps']} steps" if c.get("controlnet") else
-           f"img2img sketch, {c['num_inference_steps']} steps x strength {c['strength']}")
+           f"img2img {'sketch, typing' if c.get('typing') else 'sketch'}, {c['num_inference_steps']} steps x "
+           f"strength {c['strength']}")
         + f": {report['unet_evaluations_per_frame']:.2g} UNet evaluation(s) per {per} (counted)",
         "per generation: " + ", ".join(f"{'UNet' if k == 'unet' else k} {v:.0f} ms"
                                        for k, v in report["stage_ms_per_generation"].items()),

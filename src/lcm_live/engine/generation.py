@@ -144,8 +144,13 @@ def run_call(engine: Any, preps: list[Any], on_step: Any) -> tuple[Any, list[lis
         blends = [p.request.seed_blend for p in preps for _ in range(n)]
         init_latents = None
         if first.img2img:
-            images = pipe.image_processor.preprocess([p.init_image for p in preps]).to(device=device, dtype=dtype)
-            init_latents = _per_image(encode_images(vae, images, generator), n)
+            pictures = [p.init_image for p in preps]
+            if first.mask is None:  # the picture's encoding, kept for the next call with the same picture
+                init_latents = _per_image(engine.init_latents(vae, pipe.image_processor, pictures, generator, device,
+                                                              dtype), n)
+            else:  # inpainting reads the preprocessed picture too
+                images = pipe.image_processor.preprocess(pictures).to(device=device, dtype=dtype)
+                init_latents = _per_image(encode_images(vae, images, generator), n)
             noise = noise_for([p.seed for p in preps], blends, tuple(init_latents.shape), generator, device, dtype)
             latents = plan.noised(init_latents, noise)
         else:

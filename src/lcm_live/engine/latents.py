@@ -51,15 +51,15 @@ def encode_images(vae: Any, images: torch.Tensor, generator: Any) -> torch.Tenso
     """Init images ((N, 3, H, W) in [-1, 1]) -> scaled latents, sampled from the VAE's posterior with
     ``generator`` (a list: image i with generator i), as diffusers' image-to-image pipelines do."""
     if isinstance(generator, list):
-        latents = torch.cat([_retrieve_latents(vae.encode(images[i : i + 1]), generator[i])
+        latents = torch.cat([retrieve_latents(vae.encode(images[i : i + 1]), generator[i])
                              for i in range(images.shape[0])])
     else:
-        latents = _retrieve_latents(vae.encode(images), generator)
+        latents = retrieve_latents(vae.encode(images), generator)
     return vae.config.scaling_factor * latents
 
 
 # Copied from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img.retrieve_latents ("sample")
-def _retrieve_latents(encoder_output: Any, generator: Any) -> torch.Tensor:
+def retrieve_latents(encoder_output: Any, generator: Any) -> torch.Tensor:
     if hasattr(encoder_output, "latent_dist"):
         return encoder_output.latent_dist.sample(generator)
     return encoder_output.latents  # AutoencoderTiny (TAESD): a deterministic encoder

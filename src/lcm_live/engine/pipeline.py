@@ -75,6 +75,9 @@ class Engine:
         self.settings, _ = swap_in_decoder(self.settings, self.pipe, loaded.arch, device=self.device, dtype=self.dtype)
         self._taesd = self.pipe.vae if self.settings.decoder == "taesd" else None
         self.prompts = PromptCache(self.settings.prompt_cache_size)
+        from lcm_live.engine.init_latents import InitLatents
+
+        self.init_latents = InitLatents()  # img2img: the picture's encoding, by pixels (engine/init_latents.py)
         from diffusers.image_processor import VaeImageProcessor
 
         # Control images as diffusers' ControlNet pipelines take them: RGB in [0, 1], not normalised.
