@@ -77,9 +77,9 @@ def test_serve_run_builder_reads_a_models_file(tmp_path, monkeypatch):
 
 
 # ---- on a local cluster --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_presets():
-    """(http base, ws URL) of the studio with presets a and b (one loaded at a time) on one replica."""
+def preset_studio(replicas: int, namespace: str):
+    """A fixture's body: (http base, ws URL) of the studio with presets a and b on ``replicas`` replicas, each
+    holding one preset at a time."""
     import ray.cloudpickle
 
     from lcm_live.studio.ray_app import RayOptions
@@ -87,11 +87,17 @@ def ray_presets():
     ray.cloudpickle.register_pickle_by_value(ray_engines)  # the replica imports lcm_live, not tests/
     settings = Settings(studio=StudioSettings(max_sessions=2, default_previews=False, token=TOKEN, max_loaded_models=1),
                         models=[ModelPreset(name="a", model="fake-a"), ModelPreset(name="b", model="fake-b")])
-    options = RayOptions(replicas=1, cpus_per_replica=0.5, engine_factory=ray_engines.conditioned_factory)
-    yield from local_studio(settings, options, "lcm-live-tests-models")
+    options = RayOptions(replicas=replicas, cpus_per_replica=0.5, engine_factory=ray_engines.conditioned_factory)
+    yield from local_studio(settings, options, namespace)
 
 
-def _models(base: str) -> dict[str, dict[str, Any]]:
+@pytest.fixture(scope="module")
+def ray_presets():
+    """(http base, ws URL) of the studio with presets a and b (one loaded at a time) on one replica."""
+    yield from preset_studio(1, "lcm-live-tests-models")
+
+
+def models_listed(base: str) -> dict[str, dict[str, Any]]:
     with urllib.request.urlopen(urllib.request.Request(base + "/api/models", headers=AUTH), timeout=5) as res:
         return {m["name"]: m for m in json.loads(res.read())["models"]}
 
@@ -118,8 +124,8 @@ def test_switching_presets_on_ray(ray_presets):
     """A switch loads the preset on the replica with ``model`` messages, the frame is the new preset's, and
     ``GET /api/models`` follows what the replica holds (one at a time: the other is evicted)."""
     base, url = ray_presets
-    wait_for(lambda: _models(base)["a"]["state"] == "loaded", 20, "preset a loaded in /api/models")
-    listed = _models(base)
+    wait_for(lambda: models_listed(base)["a"]["state"] == "loaded", 20, "preset a loaded in /api/models")
+    listed = models_listed(base)
     assert listed["a"]["default"] and listed["a"]["ready"] and listed["b"]["state"] == "unloaded"
     with connect(url, additional_headers=AUTH, open_timeout=10) as ws:
         hello = next_of(ws, "hello")
@@ -130,14 +136,14 @@ def test_switching_presets_on_ray(ray_presets):
         states = [m["state"] for m in seen if m["type"] == "model" and m["name"] == "b"]
         assert states[0] == "loading" and states[-1] == "ready", seen
         assert frame["params"]["model"] == "b"
-        listed = _models(base)
+        listed = models_listed(base)
         assert (listed["b"]["state"], listed["a"]["state"]) == ("loaded", "unloaded")
         ws.send(params(prompt="two", model="nope", num_inference_steps=2))
         error = next_of(ws, "error")
         assert error["field"] == "model" and "one of a, b" in error["message"]  # the allowlist, before any Ray call
         ws.send(params(prompt="two", model="a", num_inference_steps=2, seed=1))
         assert next_of(ws, "final", timeout=30)["params"]["model"] == "a"
-    assert _models(base)["a"]["state"] == "loaded"
+    assert models_listed(base)["a"]["state"] == "loaded"
 
 
 @pytest.mark.slow
@@ -203,6 +209,6 @@ def test_a_switch_between_tiny_real_models_on_a_replica(ray_presets, tiny_lcm_di
 
 def _safe_models(base: str) -> dict[str, dict[str, Any]]:
     try:
-        return _models(base)
+        return models_listed(base)
     except OSError:
         return {}

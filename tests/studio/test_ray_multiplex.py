@@ -7,37 +7,22 @@ holding one preset at a time. Skips, saying why, when ``import ray`` fails."""
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
 from typing import Any
 
 import pytest
 from websockets.sync.client import connect
 
-from lcm_live.config import ModelPreset, Settings, StudioSettings
+from lcm_live.config import ModelPreset, StudioSettings
 
-from . import ray_engines
-from .test_ray_app import AUTH, TOKEN, local_studio, needs_ray, next_of, params
+from .test_ray_app import AUTH, needs_ray, next_of, params
+from .test_ray_models import models_listed, preset_studio
 
 
 @pytest.fixture(scope="module")
 def two_replicas():
     """(http base, ws URL) of the studio with presets a and b on two replicas, one preset loaded on each at most."""
-    import ray.cloudpickle
-
-    from lcm_live.studio.ray_app import RayOptions
-
-    ray.cloudpickle.register_pickle_by_value(ray_engines)  # the replica imports lcm_live, not tests/
-    settings = Settings(studio=StudioSettings(max_sessions=2, default_previews=False, token=TOKEN, max_loaded_models=1),
-                        models=[ModelPreset(name="a", model="fake-a"), ModelPreset(name="b", model="fake-b")])
-    options = RayOptions(replicas=2, cpus_per_replica=0.5, engine_factory=ray_engines.conditioned_factory)
-    yield from local_studio(settings, options, "lcm-live-tests-multiplex")
-
-
-def _models(base: str) -> dict[str, dict[str, Any]]:
-    with urllib.request.urlopen(urllib.request.Request(base + "/api/models", headers=AUTH), timeout=5) as res:
-        return {m["name"]: m for m in json.loads(res.read())["models"]}
+    yield from preset_studio(2, "lcm-live-tests-multiplex")
 
 
 @needs_ray
@@ -79,5 +64,5 @@ def test_each_preset_settles_on_a_replica_of_its_own(two_replicas):
             loads += [m for m in seen if m["type"] == "model" and m["state"] == "loading" and m["progress"] == 0]
             time.sleep(0.3)  # a replica tells the routers what it holds every 0.1 s
     assert len(loads) <= 2, loads
-    listed = _models(base)
+    listed = models_listed(base)
     assert listed["a"]["state"] == "loaded" and listed["b"]["state"] == "loaded", listed  # one on each replica
