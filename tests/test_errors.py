@@ -51,11 +51,27 @@ def test_the_broken_package_is_named_with_its_own_error_and_the_fix(broken_bitsa
     assert "pip install -U 'bitsandbytes>=0.45'" in message and "pip uninstall bitsandbytes" in message
 
 
-def test_other_failures_are_not_blamed_on_a_package():
+def test_other_failures_are_not_blamed_on_a_package(tmp_path):
     try:
         raise RuntimeError("out of memory")
     except RuntimeError as exc:
         assert broken_package_message(exc) is None
+    # An error from a call into the package once imported (a kernel out of memory) is not a broken install.
+    package = tmp_path / "site" / "bitsandbytes"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("def matmul():\n    raise RuntimeError('CUDA out of memory')\n")
+    sys.path.insert(0, str(tmp_path / "site"))
+    try:
+        module = importlib.import_module("bitsandbytes")
+        try:
+            module.matmul()
+        except RuntimeError as exc:
+            assert broken_package_message(exc) is None
+        else:
+            raise AssertionError("matmul did not raise")
+    finally:
+        sys.path.remove(str(tmp_path / "site"))
+        sys.modules.pop("bitsandbytes", None)
 
 
 @pytest.mark.slow

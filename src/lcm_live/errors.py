@@ -35,8 +35,10 @@ BROKEN_PACKAGE_FIXES = {
 
 
 def broken_optional_package(exc: BaseException) -> tuple[str, BaseException] | None:
-    """The optional package (of :data:`BROKEN_PACKAGE_FIXES`) in whose own code ``exc`` or one of its causes was
-    raised, with that cause; or None. diffusers wraps such a failure in "Failed to import diffusers.loaders..."."""
+    """The optional package (of :data:`BROKEN_PACKAGE_FIXES`) whose import raised ``exc`` or one of its causes (in
+    the package's module-level code), with that cause; or None: an error raised by a call into the package (an
+    out-of-memory in a kernel) is not a broken install. diffusers wraps an import failure in "Failed to import
+    diffusers.loaders..."."""
     import traceback
     from pathlib import PurePath
 
@@ -44,6 +46,8 @@ def broken_optional_package(exc: BaseException) -> tuple[str, BaseException] | N
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         for frame in traceback.extract_tb(exc.__traceback__):
+            if frame.name != "<module>":  # raised while importing (module-level code), not by a call into it
+                continue
             parts = PurePath(frame.filename).parts
             for name in BROKEN_PACKAGE_FIXES:
                 if name in parts:
