@@ -232,6 +232,10 @@ if [[ $SET == families ]]; then
         "${R_FAST[@]}"
     bench live_sdxs_512_compile 150 --live --arch sdxs --width "$S512" --height "$S512" --seconds "$FAM_LIVE_S" \
         --compile
+    # Typing over a sketch (the sketch's encoding kept, engine/init_latents.py), compiled: the Inductor cache of the
+    # step above makes its compile short.
+    bench live_sdxs_512_compile_typing 120 --live --arch sdxs --width "$S512" --height "$S512" \
+        --seconds "$FAM_LIVE_S" --compile --typing
 fi
 
 # Issue 5's figures (GPU_CHECK_SET=issue5; measured on 2026-11-26):
