@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from lcm_live.engine.ip_adapter import pixel_key
-from lcm_live.engine.latents import retrieve_latents
+from lcm_live.engine.latents import encode_images, encoder_outputs, sample_latents
 
 CACHE_SIZE = 4
 
@@ -38,8 +38,7 @@ class InitLatents:
     def __call__(self, vae: Any, image_processor: Any, images: list[Any], generator: Any, device: Any,
                  dtype: torch.dtype) -> torch.Tensor:
         if not isinstance(generator, list) and len(images) > 1:  # one draw for the batch: not kept per picture
-            pixels = image_processor.preprocess(images).to(device=device, dtype=dtype)
-            return vae.config.scaling_factor * retrieve_latents(vae.encode(pixels), generator)
+            return encode_images(vae, image_processor.preprocess(images).to(device=device, dtype=dtype), generator)
         keys = [(pixel_key(image), str(dtype), str(device)) for image in images]
         found = [self._entries.get(key) for key in keys]
         if all(entry is not None and entry[0] is vae for entry in found):
@@ -50,17 +49,10 @@ class InitLatents:
         else:
             self.misses += 1
             pixels = image_processor.preprocess(images).to(device=device, dtype=dtype)
-            # One call for one picture; one a picture for several, each with its generator (as encode_images).
-            outputs = [vae.encode(pixels)] if len(images) == 1 else [vae.encode(pixels[i : i + 1])
-                                                                     for i in range(len(images))]
+            outputs = encoder_outputs(vae, pixels, generator)  # one a picture here
             for key, output in zip(keys, outputs, strict=True):
                 self._entries[key] = (vae, output)
                 self._entries.move_to_end(key)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
-        generators = generator if isinstance(generator, list) else [generator] * len(outputs)
-        latents = [retrieve_latents(output, g) for output, g in zip(outputs, generators, strict=True)]
-        return vae.config.scaling_factor * (latents[0] if len(latents) == 1 else torch.cat(latents))
-
-    def clear(self) -> None:
-        self._entries.clear()
+        return sample_latents(vae, outputs, generator)

@@ -50,16 +50,30 @@ def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
 def encode_images(vae: Any, images: torch.Tensor, generator: Any) -> torch.Tensor:
     """Init images ((N, 3, H, W) in [-1, 1]) -> scaled latents, sampled from the VAE's posterior with
     ``generator`` (a list: image i with generator i), as diffusers' image-to-image pipelines do."""
+    return sample_latents(vae, encoder_outputs(vae, images, generator), generator)
+
+
+def encoder_outputs(vae: Any, images: torch.Tensor, generator: Any) -> list[Any]:
+    """The VAE encoder's outputs for init images: one call for them all, or one an image where each has its own
+    generator (``generator`` a list)."""
     if isinstance(generator, list):
-        latents = torch.cat([retrieve_latents(vae.encode(images[i : i + 1]), generator[i])
-                             for i in range(images.shape[0])])
+        return [vae.encode(images[i : i + 1]) for i in range(images.shape[0])]
+    return [vae.encode(images)]
+
+
+def sample_latents(vae: Any, outputs: list[Any], generator: Any) -> torch.Tensor:
+    """Scaled latents from :func:`encoder_outputs`' outputs: output i sampled with generator i (a list), or the one
+    output with the one generator."""
+    if isinstance(generator, list):
+        latents = torch.cat([_retrieve_latents(output, g) for output, g in zip(outputs, generator, strict=True)])
     else:
-        latents = retrieve_latents(vae.encode(images), generator)
+        (output,) = outputs
+        latents = _retrieve_latents(output, generator)
     return vae.config.scaling_factor * latents
 
 
 # Copied from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img.retrieve_latents ("sample")
-def retrieve_latents(encoder_output: Any, generator: Any) -> torch.Tensor:
+def _retrieve_latents(encoder_output: Any, generator: Any) -> torch.Tensor:
     if hasattr(encoder_output, "latent_dist"):
         return encoder_output.latent_dist.sample(generator)
     return encoder_output.latents  # AutoencoderTiny (TAESD): a deterministic encoder
