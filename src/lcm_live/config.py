@@ -203,6 +203,12 @@ class StudioSettings(BaseModel):
     # frames
     frame_format: Literal["jpeg", "webp"] = "jpeg"
     frame_quality: int = Field(85, ge=1, le=100)
+    # Broadcast (studio/broadcast.py): one page's final frames at /broadcast/<key>.mjpeg (MJPEG for OBS, VLC,
+    # ffmpeg) and /broadcast/<key>.jpg. The key is those URLs' only credential and gives nothing but the frames;
+    # None: a random one at each start (set one for a URL that survives restarts). Streams past
+    # max_broadcast_viewers get 503; 0 turns broadcasting off.
+    broadcast_key: str | None = Field(None, min_length=16, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")
+    max_broadcast_viewers: int = Field(4, ge=0, le=64)
     # Camera/screen input: skip a canvas whose cosine similarity to the last processed one passes this threshold,
     # with a probability rising to 1 (studio/similarity.py); None: every changed canvas is processed.
     similarity_filter: float | None = Field(None, gt=0, lt=1)

@@ -20,7 +20,7 @@ def _calls(dependant) -> set:
 
 def test_every_route_but_the_allowlist_requires_auth():
     app = create_app(studio_settings(token=TOKEN), FakeEngine)
-    require_auth, require_ws_auth = app.state.auth_dependencies
+    require_auth, require_ws_auth, require_broadcast_key = app.state.auth_dependencies
     checked = []
     for route in app.routes:
         if isinstance(route, Mount):
@@ -29,10 +29,15 @@ def test_every_route_but_the_allowlist_requires_auth():
         assert isinstance(route, (APIRoute, APIWebSocketRoute)), f"unexpected route type {route!r}"
         if route.path in PUBLIC_PATHS:
             continue
+        if route.path.startswith("/broadcast/"):  # the broadcast's own key instead of the token (read-only)
+            assert require_broadcast_key in _calls(route.dependant), f"{route.path} does not check its key"
+            checked.append(route.path)
+            continue
         wanted = require_ws_auth if isinstance(route, APIWebSocketRoute) else require_auth
         assert wanted in _calls(route.dependant), f"{route.path} does not require auth"
         checked.append(route.path)
-    assert {"/readyz", "/metrics", "/api/schema", "/api/info", "/api/generate", "/ws"} <= set(checked)
+    assert {"/readyz", "/metrics", "/api/schema", "/api/info", "/api/generate", "/ws", "/broadcast/{key}.mjpeg",
+            "/broadcast/{key}.jpg"} <= set(checked)
     assert {"/", "/healthz", "/static"} == PUBLIC_PATHS
 
 

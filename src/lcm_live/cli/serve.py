@@ -253,7 +253,12 @@ def run(args: argparse.Namespace) -> int:
     # Pinned on purpose (the brief and R6): uvicorn 0.54 calls this backend deprecated; it still enforces
     # ws_max_size and ws_max_queue, so only its warning is silenced.
     warnings.filterwarnings("ignore", message="The `websockets` implementation is deprecated")
-    server = uvicorn.Server(uv_config)
+    class StudioServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            app.state.studio.broadcast.close()  # its endless streams end now, not at the graceful deadline
+            await super().shutdown(sockets)
+
+    server = StudioServer(uv_config)
     server_box.append(server)
     redact_install(token)  # every handler uvicorn.Config set up: ?token=, Bearer, the cookie, the token itself
 

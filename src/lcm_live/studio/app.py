@@ -23,6 +23,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from fastapi.staticfiles import StaticFiles
 
 from lcm_live.config import Settings
+from lcm_live.studio.broadcast import Broadcast, add_broadcast_routes
 from lcm_live.studio.http_errors import ApiError, error_response, internal_error_response
 from lcm_live.studio.images import decode_canvas
 from lcm_live.studio.metrics import StudioMetrics
@@ -62,6 +63,8 @@ class StudioState:
         self.params_model: type[GenerationParams] = build_params_model(settings.studio, models=self.models)
         self.info: dict[str, Any] = {}
         self.sessions: dict[str, Session] = {}
+        # One page's frames at /broadcast/<key>.mjpeg for OBS, VLC, ffmpeg (studio/broadcast.py)
+        self.broadcast = Broadcast(settings.studio.broadcast_key, settings.studio.max_broadcast_viewers, self.metrics)
         self.rest_waiting = 0
         self.max_sessions = settings.studio.max_sessions or 1
         self._on_ready = on_ready
@@ -298,6 +301,7 @@ def create_app(
         try:
             yield
         finally:
+            studio.broadcast.close()
             for session in list(studio.sessions.values()):
                 await session.close(1001, "server shutdown")
             await asyncio.to_thread(studio.worker.stop, 10.0)
@@ -320,7 +324,6 @@ def create_app(
         return internal_error_response()
 
     guards = make_guards(studio)
-    app.state.auth_dependencies = (guards.require_auth, guards.require_ws_auth)
     add_page_routes(app, studio)
     add_health_routes(app, studio, guards)
     add_api_routes(app, studio, guards)
@@ -333,5 +336,7 @@ def create_app(
     from lcm_live.studio.models_route import add_models_route
 
     add_models_route(app, studio, [Depends(guards.require_auth)])
+    require_broadcast_key = add_broadcast_routes(app, studio.broadcast)  # the key alone, no token: read-only
+    app.state.auth_dependencies = (guards.require_auth, guards.require_ws_auth, require_broadcast_key)
     add_ws_route(app, studio, guards)
     return app

@@ -41,6 +41,9 @@ class StudioMetrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         )
 
+        self.broadcast_viewers = Gauge("lcm_live_broadcast_viewers", "Open /broadcast MJPEG streams", registry=r)
+        self.broadcast_frames = Counter("lcm_live_broadcast_frames", "Frames published to the broadcast", registry=r)
+
     def watch_connections(self, closed: Mapping[str, int]) -> None:
         """Export the connection guard's counts (studio/connections.py: why it closed or limited connections)
         as ``lcm_live_connections_closed_total{reason}``, read at each scrape."""

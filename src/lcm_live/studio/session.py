@@ -16,12 +16,12 @@ import logging
 import secrets
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket, WebSocketState
 
 from lcm_live.errors import UserError
+from lcm_live.studio.frames import PendingFrame, frame_info
 from lcm_live.studio.images import encode_frame
 from lcm_live.studio.json_input import JsonRefused, loads_checked
 from lcm_live.studio.layers import PICTURE_LAYERS, Layers, as_mask, job_inputs, parse_layer_message
@@ -36,17 +36,6 @@ log = logging.getLogger("lcm_live.studio")
 
 CONTROL_BACKLOG = 64  # text messages waiting for a slow client; older ones are dropped past this
 _FRAME = object()  # the place of the waiting frame in the outbox order
-
-
-@dataclass
-class PendingFrame:
-    job: Job
-    image: Any
-    final: bool
-    step: int
-    total: int
-    generation_s: float
-    parameters: dict[str, Any]
 
 
 class Session:
@@ -68,6 +57,7 @@ class Session:
         self._last_warning: str | None = None
         self._first_frame_job: int | None = None  # job whose first frame was already timed
         self._frame: PendingFrame | None = None  # at most one frame waits
+        self._last_sent: tuple[Any, bytes] | None = None  # (image, bytes) of the last final frame sent
         self._sending = False
         self._outbox: deque[Any] = deque()  # text messages and the _FRAME marker, in the order they were posted
         self._wake = asyncio.Event()
@@ -208,6 +198,7 @@ class Session:
                                  "on with its last good input", None)
         finally:
             self.closed = True
+            self.studio.broadcast.left(self)
             self.studio.worker.cancel(self.id)
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -229,13 +220,16 @@ class Session:
             await self._on_binary(data)
 
     def _on_text(self, text: str) -> None:
-        self.inputs += 1
         s = self.studio.settings.studio
         try:
             data = loads_checked(text, max_bytes=s.max_ws_text_bytes, max_depth=s.json_max_depth,
                                  what="the text message")
         except JsonRefused as exc:
+            self.inputs += 1
             return self._reject(exc.code, exc.message, None)
+        if isinstance(data, dict) and data.get("type") == "broadcast":  # not an input: statuses do not count it
+            return self.studio.broadcast.on_message(self, data)
+        self.inputs += 1
         if not isinstance(data, dict) or data.get("type") != "params":
             return self._reject("invalid_params", "unknown message: send {\"type\": \"params\", ...} as text and "
                                 "the canvas as binary", "type")
@@ -341,40 +335,32 @@ class Session:
                 if warning != self._last_warning:  # say it once, not on every frame of the same prompt
                     await self._send_text({"type": "warning", "message": str(warning)})
                 self._last_warning = warning
-            info = self._frame_info(frame, encode_s)
+            self.frame_id += 1
+            info = frame_info(frame, self.frame_id, encode_s)
             async with self._send_lock:
                 await self.ws.send_text(json.dumps(info))
                 await self.ws.send_bytes(data)
             metrics.frames_sent.inc()
+            if frame.final:
+                self._last_sent = (frame.image, data)
+                if self.studio.broadcast.holder is self:
+                    await self._publish(frame.image, data)
             if self._first_frame_job != frame.job.id:
                 self._first_frame_job = frame.job.id
                 metrics.first_frame_seconds.observe(time.monotonic() - frame.job.submitted)
         finally:
             self._sending = False
 
-    def _frame_info(self, frame: PendingFrame, encode_s: float) -> dict[str, Any]:
-        job = frame.job
-        self.frame_id += 1
-        queue_s = (job.started or job.submitted) - job.submitted
-        width, height = frame.image.size
-        return {
-            "type": "frame",
-            "id": self.frame_id,
-            "final": frame.final,
-            "step": frame.step,
-            "total": frame.total,
-            "seed": frame.parameters.get("seed", job.params.seed),
-            "width": width,
-            "height": height,
-            "timings": {
-                "queue_ms": round(queue_s * 1000, 2),
-                "generation_ms": round(frame.generation_s * 1000, 2),
-                "encode_ms": round(encode_s * 1000, 2),
-                "total_ms": round((time.monotonic() - job.submitted) * 1000, 2),
-            },
-            "input": job.input,
-            "params": job.params.model_dump(),
-        }
+    def broadcast_current(self) -> None:
+        """This session took the broadcast (studio/broadcast.py): its newest final frame goes out at once."""
+        if self._last_sent is not None:
+            asyncio.ensure_future(self._publish(*self._last_sent))
+
+    async def _publish(self, image: Any, data: bytes) -> None:
+        s = self.studio.settings.studio
+        jpeg = data if s.frame_format == "jpeg" else await asyncio.to_thread(encode_frame, image, "jpeg",
+                                                                               s.frame_quality)
+        self.studio.broadcast.publish(self, jpeg)
 
     async def _send_text(self, message: dict[str, Any]) -> None:
         async with self._send_lock:
