@@ -164,6 +164,7 @@ export class Connection extends EventTarget {
       case "error":
       case "warning":
       case "model":
+      case "broadcast":
         this.emit(msg.type, msg);
         break;
       default:
@@ -196,6 +197,17 @@ export class Connection extends EventTarget {
     if (!image && !had) return; // nothing to clear (a new session starts without layers)
     if (this.isOpen) this.rawSend("layer", layerMessage(...layerOf(key), image), { key, image });
     else if (image) this.wake();
+  }
+
+  /** A control message (not an input: the server does not count it, nor does the pacing); false when closed. */
+  sendControl(message) {
+    if (!this.isOpen) return false;
+    try {
+      this.ws.send(JSON.stringify(message));
+      return true;
+    } catch {
+      return false;
+    }
   }
 
   /** New input after an idle close: connect again (the newest input is sent on open). */

@@ -14,6 +14,7 @@ import { setupLayers } from "./layerbar.js";
 import { setupModels } from "./models.js";
 import { FramePacer, StrokeStream } from "./pacing.js";
 import { FpsMeter, InputLog, OutputView, errorText } from "./output.js";
+import { setupBroadcast } from "./broadcast.js";
 import { setupPopout } from "./popout.js";
 import { setupRecording } from "./recorder.js";
 import { applyEntry, restoreEntry, saveEntry } from "./restore.js";
@@ -335,6 +336,7 @@ const recording = setupRecording($("record"), {
   onDone: () => banners.clear("record"),
 });
 const popout = setupPopout($("popout"), () => output.current, (text) => banners.show(text, { source: "popout" }));
+setupBroadcast(conn, banners); // this page's frames at an MJPEG URL for OBS, VLC, ffmpeg (broadcast.js)
 
 // The history strip (historybar.js): Restore, Apply and Save a kept frame.
 const history = setupHistory({
