@@ -224,6 +224,31 @@ def test_protocol_over_serve(ray_studio):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 @needs_ray
+def test_broadcast_streams_through_serves_proxy(ray_studio):
+    """The broadcast lives in the ingress, with the sessions: its MJPEG stream passes Serve's proxy part by part."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    base, url = ray_studio
+    with connect(url, additional_headers=AUTH, open_timeout=10) as ws:
+        next_message(ws, 10)
+        ws.send(json.dumps({"type": "broadcast", "on": True}))
+        path = next_of(ws, "broadcast")["url"]
+        ws.send(params(prompt="broadcast over serve", num_inference_steps=1, seed=3))
+        frame = next_of(ws, "final")["_bytes"]
+        viewer = http.client.HTTPConnection(urlsplit(base).hostname, urlsplit(base).port, timeout=30)
+        viewer.request("GET", path)  # the key alone, no token
+        response = viewer.getresponse()
+        assert response.status == 200 and response.getheader("content-type").startswith("multipart/x-mixed-replace")
+        assert response.readline().strip() == b"--lcmlive-frame"
+        headers = dict(line.decode().strip().split(": ", 1) for line in iter(response.readline, b"\r\n"))
+        assert response.read(int(headers["Content-Length"])) == frame
+        viewer.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@needs_ray
 def test_token_origin_and_metrics_as_in_one_process(ray_studio):
     base, url = ray_studio
     with pytest.raises(InvalidStatus) as no_token:
