@@ -84,8 +84,11 @@ def images(draw) -> bytes:
     return data if kind == "mode" else data[: draw(st.integers(8, len(data) - 1))]
 
 
+broadcast_objects = st.fixed_dictionaries({"type": st.just("broadcast")}, optional={
+    "on": st.booleans() | json_values, "url": json_values})
 ws_messages = (
     param_objects.map(lambda d: ("text", json.dumps(d, allow_nan=True)))
+    | broadcast_objects.map(lambda d: ("text", json.dumps(d, allow_nan=True)))
     | json_values.map(lambda v: ("text", json.dumps(v, allow_nan=True)))
     | st.integers(1, 3000).map(lambda n: ("text", "[" * n))
     | st.integers(1, 3000).map(lambda n: ("text", '{"type":"params","prompt":' * n))

@@ -34,7 +34,7 @@ from lcm_live.bench.local_http import free_port, http_get
 from lcm_live.bench.ws_clients import OVERSIZE, _bad_image, _canvas, _last_input, _pipelined_client, next_text
 
 DOCUMENTED_ERROR_CODES = {"invalid_params", "invalid_image", "too_large", "oom", "engine_error", "timeout",
-                          "internal_error", "capacity", "not_ready"}
+                          "internal_error", "capacity", "not_ready", "broadcast_off"}
 DOCUMENTED_CLOSE_CODES = {1000, 1001, 1008, 1009, 1011, 1012, 1013}
 UNHANDLED_MARKERS = ("Exception in ASGI application", "Task exception was never retrieved", "Exception in thread",
                      "unexpected error around job")
