@@ -178,3 +178,9 @@ def test_a_bad_broadcast_key_setting_is_refused(key):
 
     with pytest.raises(ValidationError, match="broadcast_key"):
         StudioSettings(broadcast_key=key)
+
+
+def test_head_on_the_stream_is_refused_and_holds_nothing(studio):
+    client, _, state = studio
+    assert client.head(state.broadcast.path).status_code == 405  # an endless body for HEAD would hold the socket
+    assert state.broadcast.viewers == 0

@@ -244,6 +244,8 @@ def test_a_stroke_stream_never_sends_an_older_encode_after_a_newer_one(browser):
             out.duringEncode = [stream.timer, pacer.held.has('mask')];
             await slow;  // the stand-in send does not call pacer.sent(): say it went out
             out.afterEncode = stream.timer !== null || pacer.held.has('mask');
+            // its timer fires 20 ms on: waited for up to 3 s (a loaded machine delays timers), then 60 ms more
+            for (let t = 0; t < 150 && sent.length < 2; t++) await new Promise((r) => setTimeout(r, 20));
             await new Promise((r) => setTimeout(r, 60));
             out.sends = sent.length;
             return out;

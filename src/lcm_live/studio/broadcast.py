@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 
 BOUNDARY = "lcmlive-frame"
 HEARTBEAT_S = 5.0  # a stream with no new frame sends its frame again after this long
+# A new viewer's first frame is sent as many times as it takes to fill this many bytes (at most 8): ffmpeg (OBS's
+# Media Source, VLC) probes the stream's first 2 KB and more before it shows anything, and a small frame alone (a
+# flat picture compresses to ~1.6 KB) left it waiting for the next frame, up to HEARTBEAT_S.
+PROBE_BYTES = 8192
 NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -137,12 +141,14 @@ class Broadcast:
     # ---- a viewer ----------------------------------------------------------------------------------------
     async def stream(self, send: Send) -> None:
         """Send frames as MJPEG parts until "off", shutdown, or a send fails (the caller counts the viewer)."""
-        epoch, sent = self._epoch, -1
+        epoch, sent, first = self._epoch, -1, True
         while not self.closed and epoch == self._epoch:
             changed = self._changed
             if self.frame is not None and self.frame_id != sent:
-                sent = self.frame_id
-                await send({"type": "http.response.body", "body": mjpeg_part(self.frame), "more_body": True})
+                part = mjpeg_part(self.frame)
+                copies = max(1, min(8, -(-PROBE_BYTES // len(part)))) if first else 1
+                sent, first = self.frame_id, False
+                await send({"type": "http.response.body", "body": part * copies, "more_body": True})
                 continue
             try:
                 await asyncio.wait_for(changed.wait(), timeout=HEARTBEAT_S)
@@ -166,11 +172,12 @@ class MjpegResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         b = self.broadcast
+        start = {"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", f"multipart/x-mixed-replace; boundary={BOUNDARY}".encode()),
+            (b"cache-control", b"no-store"), (b"x-accel-buffering", b"no"), *SECURITY_HEADERS]}
         b._viewers_changed(+1)
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", f"multipart/x-mixed-replace; boundary={BOUNDARY}".encode()),
-                (b"cache-control", b"no-store"), (b"x-accel-buffering", b"no"), *SECURITY_HEADERS]})
+            await send(start)
             pump = asyncio.ensure_future(b.stream(send))
             watch = asyncio.ensure_future(_disconnected(receive))
             try:

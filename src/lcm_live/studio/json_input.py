@@ -37,9 +37,8 @@ def nesting_depth(raw: bytes) -> int:
     """The deepest bracket nesting of a JSON text, brackets inside strings excluded (an upper bound for text
     that is not JSON). Linear and vectorised: a quote opens or closes a string unless an odd run of backslashes
     precedes it (a regex over string literals would backtrack quadratically on ``"\\"\\"...``)."""
-    brackets = raw.count(b"[") + raw.count(b"{")
-    if brackets <= 1:
-        return brackets
+    if b"[" not in raw and b"{" not in raw:
+        return 0
     arr = np.frombuffer(raw, dtype=np.uint8)
     steps = _BRACKET[arr]
     if b'"' in raw:
