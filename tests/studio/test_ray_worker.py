@@ -252,6 +252,33 @@ def test_generator_replica_streams_steps_when_asked_and_its_batch_sizes_once():
 
 
 @needs_ray
+def test_the_session_scope_travels_to_the_replicas_engine():
+    """job_payload carries the job's cache scope; the replica's request gets it (engine caches stay per client)."""
+    import asyncio
+
+    from lcm_live.config import Settings
+    from lcm_live.studio.jobs import Job
+    from lcm_live.studio.params import default_params_model
+    from lcm_live.studio.ray_app import Generator
+    from lcm_live.studio.ray_wire import job_payload
+
+    replica = Generator.func_or_class(Settings(studio=StudioSettings(default_previews=False)), "{}")
+    params = default_params_model().model_validate({"prompt": "scoped", "num_inference_steps": 1})
+    payload = job_payload(Job(params=params, sink=None, scope="session-1234"))
+    payload["params"] = json.dumps({"prompt": "scoped", "num_inference_steps": 1})  # as the ingress's params model
+
+    async def run() -> list[tuple]:
+        return [event async for event in replica.generate(payload)]
+
+    try:
+        events = asyncio.run(run())
+    finally:
+        replica.worker.stop(1.0)
+    assert events[-1][:2] == ("done", "ok"), events
+    assert [r.cache_scope for r in replica.worker.engine.calls] == ["session-1234"]
+
+
+@needs_ray
 def test_ray_worker_keeps_preset_readiness_by_replica():
     """A replica's ``model`` events go to the session and mark the app's registry; each "done" says what the
     replica holds, so a preset it evicted is no longer loaded there (GET /api/models)."""

@@ -31,19 +31,19 @@ from lcm_live.engine.sampling import guidance_embedding
 def _embeddings(engine: Any, p: Any) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
     """Step 1 for one request: its prompt's embeddings (blended with a second prompt), its regions' and the
     warnings (a prompt cut by the tokenizer's window, a mask fitted)."""
-    pipe, cache = engine.pipe, engine.prompts
-    base = cache.get(pipe, p.request.prompt, p.negative, do_cfg=p.do_cfg)[0]
+    pipe, cache, scope = engine.pipe, engine.prompts, p.request.cache_scope
+    base = cache.get(pipe, p.request.prompt, p.negative, do_cfg=p.do_cfg, scope=scope)[0]
     kw, notes = dict(base.kwargs), list(base.warnings)
     blend = p.request.prompt_blend
     if blend is not None and blend.weight > 0:
-        other = cache.get(pipe, blend.prompt, None, do_cfg=False)[0]
+        other = cache.get(pipe, blend.prompt, None, do_cfg=False, scope=scope)[0]
         notes += other.warnings
         for name in ("prompt_embeds", "pooled_prompt_embeds"):
             if name in kw:
                 kw[name] = torch.lerp(kw[name], other.kwargs[name], float(blend.weight))
     regions = []
     for region in p.request.regions:
-        entry = cache.get(pipe, region.prompt, None, do_cfg=False)[0]
+        entry = cache.get(pipe, region.prompt, None, do_cfg=False, scope=scope)[0]
         regions.append({**entry.kwargs, **{k: v for k, v in kw.items() if k.startswith("negative")}})
         notes += entry.warnings
     return kw, regions, notes + list(p.notes)
@@ -112,7 +112,8 @@ def _image_embeds(engine: Any, preps: list[Any], n: int) -> Any:
     request = preps[0].request
     # One scale per call (the batch key holds it).
     engine.ip_embeddings.set_scale(float(request.ip_adapter_scale) if request.ip_adapter_image is not None else 0.0)
-    pairs = [engine.ip_embeddings(p.request.ip_adapter_image) if p.request.ip_adapter_image is not None
+    pairs = [engine.ip_embeddings(p.request.ip_adapter_image, scope=p.request.cache_scope)
+             if p.request.ip_adapter_image is not None
              else engine.ip_embeddings.blank() for p in preps]
     return tuple(_per_image(torch.cat([pair[i] for pair in pairs]), n) for i in (0, 1))
 
@@ -147,7 +148,7 @@ def run_call(engine: Any, preps: list[Any], on_step: Any) -> tuple[Any, list[lis
             pictures = [p.init_image for p in preps]
             if first.mask is None:  # the picture's encoding, kept for the next call with the same picture
                 init_latents = _per_image(engine.init_latents(vae, pipe.image_processor, pictures, generator, device,
-                                                              dtype), n)
+                                                              dtype, [p.request.cache_scope for p in preps]), n)
             else:  # inpainting reads the preprocessed picture too
                 images = pipe.image_processor.preprocess(pictures).to(device=device, dtype=dtype)
                 init_latents = _per_image(encode_images(vae, images, generator), n)

@@ -9,8 +9,9 @@ kept per picture, by its pixels (as the IP-Adapter's image embeddings are, engin
 - the full VAE's posterior is kept and sampled again with the call's generator, drawing what diffusers' pipelines
   draw, so a seed gives the same image with the cache as without it.
 
-An entry belongs to the VAE that made it (the same object) and to the call's dtype and device; a model switch or a
-new VAE misses. At most ``size`` pictures are kept (least recently used first out): latents are small.
+An entry belongs to the VAE that made it (the same object), to the call's dtype and device, and to the request's
+cache scope (GenerationRequest.cache_scope: one client never hits another's picture); a model switch or a new VAE
+misses. At most ``size`` pictures are kept (least recently used first out): latents are small.
 """
 
 from __future__ import annotations
@@ -32,14 +33,15 @@ class InitLatents:
 
     def __init__(self, size: int = CACHE_SIZE):
         self.size = size
-        self._entries: OrderedDict[tuple[str, str, str], tuple[Any, Any]] = OrderedDict()  # key -> (vae, output)
+        self._entries: OrderedDict[tuple, tuple[Any, Any]] = OrderedDict()  # key -> (vae, output)
         self.hits = self.misses = 0
 
     def __call__(self, vae: Any, image_processor: Any, images: list[Any], generator: Any, device: Any,
-                 dtype: torch.dtype) -> torch.Tensor:
+                 dtype: torch.dtype, scopes: list[str | None] | None = None) -> torch.Tensor:
         if not isinstance(generator, list) and len(images) > 1:  # one draw for the batch: not kept per picture
             return encode_images(vae, image_processor.preprocess(images).to(device=device, dtype=dtype), generator)
-        keys = [(pixel_key(image), str(dtype), str(device)) for image in images]
+        scopes = scopes or [None] * len(images)
+        keys = [(scope, pixel_key(image), str(dtype), str(device)) for image, scope in zip(images, scopes, strict=True)]
         found = [self._entries.get(key) for key in keys]
         if all(entry is not None and entry[0] is vae for entry in found):
             self.hits += 1

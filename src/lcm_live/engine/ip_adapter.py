@@ -192,8 +192,9 @@ class ImageEmbeddings:
             self.pipe.set_ip_adapter_scale(scale)
             self.scale = scale
 
-    def __call__(self, image: Any) -> tuple[Any, Any]:
-        key = pixel_key(image)
+    def __call__(self, image: Any, scope: str | None = None) -> tuple[Any, Any]:
+        """(cond, uncond) of ``image``; cached per ``scope`` (GenerationRequest.cache_scope) and pixels."""
+        key = f"{scope}|{pixel_key(image)}" if scope is not None else pixel_key(image)
         if key in self._cache:
             self.hits += 1
             self._cache.move_to_end(key)

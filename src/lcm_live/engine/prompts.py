@@ -57,10 +57,11 @@ class PromptCache:
             self._entries.clear()
 
     def get(self, pipe: Any, prompt: str, negative_prompt: str | None, *, do_cfg: bool,
-            clip_skip: int | None = None) -> tuple[PromptEmbeddings, bool]:
-        """The embeddings for this prompt, and whether they came from the cache."""
+            clip_skip: int | None = None, scope: str | None = None) -> tuple[PromptEmbeddings, bool]:
+        """The embeddings for this prompt, and whether they came from the cache (an entry of ``scope`` only:
+        GenerationRequest.cache_scope)."""
         is_sdxl = hasattr(pipe, "text_encoder_2")
-        key = (prompt, negative_prompt if do_cfg else None, do_cfg, clip_skip, is_sdxl)
+        key = (scope, prompt, negative_prompt if do_cfg else None, do_cfg, clip_skip, is_sdxl)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:

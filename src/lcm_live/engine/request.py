@@ -68,6 +68,11 @@ class GenerationRequest:
     prompt_blend: PromptBlend | None = None
     seed_blend: SeedBlend | None = None
     output_type: str = "pil"  # "pil" or "latent"
+    # Who may share cached work with this request (prompt embeddings, the init picture's encoding, the reference
+    # image's embeddings): entries made under another scope are never hit, so a client cannot tell from a frame's
+    # timing what another client typed or drew. The studio sets one per session (and per REST request); None:
+    # shared (the CLI, benchmarks).
+    cache_scope: str | None = None
 
 
 @dataclass

@@ -39,6 +39,9 @@ class Job:
     region_masks: list[Any] = field(default_factory=list)  # PIL "L", one per params.regions item
     images: dict[str, Any] = field(default_factory=dict)  # reference, control_images (studio/layers.py JobInputs)
     input: int = 0  # the session's input count when it was made: frames say which input they show
+    # Whose cached work it may reuse (GenerationRequest.cache_scope): its session's, its REST request's, its
+    # upscale's. None: shared (tests that build jobs by hand).
+    scope: str | None = None
     submitted: float = field(default_factory=time.monotonic)  # when the input was accepted
     id: int = field(default_factory=lambda: next(_job_ids))
     cancel_reason: str | None = None  # set from other threads: "superseded" | "closed" | "shutdown"

@@ -185,7 +185,8 @@ class Generator:
             return
         job = Job(params=params, sink=sink, canvas=payload.get("canvas"), mask=payload.get("mask"),
                   init_image=payload.get("init_image"), region_masks=list(payload.get("region_masks") or []),
-                  images=images, input=int(payload.get("input", 0)))
+                  images=images, input=int(payload.get("input", 0)),
+                  scope=str(payload["scope"]) if payload.get("scope") is not None else None)
         slot = f"request-{job.id}"
         self.worker.submit(slot, job)
         yield ("started",)

@@ -43,7 +43,7 @@ def job_payload(job: Job) -> dict[str, Any]:
     so the replica validates them again with its own), the layers as PIL images (pickled by Ray) and the input."""
     return {"params": job.params.model_dump_json(), "canvas": job.canvas, "mask": job.mask,
             "init_image": job.init_image, "region_masks": list(job.region_masks), "input": job.input,
-            "images": dict(job.images)}
+            "images": dict(job.images), "scope": job.scope}
 
 
 def check_images(images: Any, *, controlnets: int, max_pixels: int, max_side: int) -> dict[str, Any]:

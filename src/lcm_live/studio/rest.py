@@ -119,7 +119,7 @@ def add_rest_routes(app: FastAPI, studio: StudioState, dependencies: list) -> No
         region_masks = [await _decode_mask(b64, studio, f"regions.{k}.mask") for k, b64 in enumerate(region_b64)]
         images = await _conditioning_images(params, reference_b64, controls_b64, studio)
         try:
-            studio.worker.submit(slot, Job(params=params, sink=sink, canvas=canvas, mask=mask,
+            studio.worker.submit(slot, Job(params=params, sink=sink, canvas=canvas, mask=mask, scope=slot,
                                            region_masks=region_masks, images=images))
         except RuntimeError:
             raise ApiError(503, "not_ready", "the server is shutting down") from None

@@ -67,4 +67,5 @@ def prepare_run(worker: Any, job: Job, started: float) -> Run:
     fit = (lambda img: img if img is None or img.size == size else img.resize(size))  # noqa: E731
     request = p.to_request(image=canvas, mask=fit(job.mask), init_image=fit(job.init_image),
                            region_masks=[fit(m) for m in job.region_masks], **job.images)
+    request.cache_scope = job.scope  # cached prompts and pictures of this client only
     return Run(job, request, callback, seen, should_stop)

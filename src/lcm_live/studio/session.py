@@ -291,7 +291,8 @@ class Session:
         if inputs.key == self.last_key:
             return self._idle_if_nothing_runs()  # unchanged input: no new frame
         self.last_key = inputs.key
-        job = Job(params=params, sink=self, canvas=inputs.canvas, mask=inputs.mask, init_image=inputs.init_image,
+        job = Job(params=params, sink=self, scope=self.id, canvas=inputs.canvas, mask=inputs.mask,
+                  init_image=inputs.init_image,
                   region_masks=inputs.region_masks, images=inputs.images, input=self.inputs)
         self.active_job = job
         try:

@@ -316,7 +316,7 @@ def _run_upscale(studio: StudioState, loop: asyncio.AbstractEventLoop, slot: str
             raise Cancelled("the client went away")
         sink = _TileSink()
         try:
-            on_loop(studio.worker.submit, slot, Job(params=tile_params, sink=sink, canvas=tile_image))
+            on_loop(studio.worker.submit, slot, Job(params=tile_params, sink=sink, canvas=tile_image, scope=slot))
         except RuntimeError:
             raise TileFailed("not_ready", "the server is shutting down", None) from None
         try:
