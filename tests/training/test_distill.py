@@ -114,3 +114,12 @@ def test_lora_exclude_names_a_module_and_needs_lora(tmp_path, tiny_sd_dir):
                                   lora_exclude=("up_blocks.9",), max_train_steps=1, pool_size=4, batch_size=2))
     with pytest.raises(UserError, match="add --lora"):
         D.distill(D.DistillConfig(teacher=str(tiny_sd_dir), output=str(tmp_path / "o"), lora_exclude=("up_blocks.1",)))
+
+
+def test_the_saved_config_carries_no_folder_of_the_build_machine(tmp_path, monkeypatch):
+    from lcm_live.training.distill import _portable
+
+    monkeypatch.chdir(tmp_path)
+    inside = tmp_path / "models" / "teacher"
+    config = _portable({"teacher": str(inside), "output": "runs/x", "data": "shapes", "device": "/elsewhere/dev"})
+    assert config == {"teacher": "models/teacher", "output": "runs/x", "data": "shapes", "device": "/elsewhere/dev"}

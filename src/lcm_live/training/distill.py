@@ -321,4 +321,16 @@ def _save(out: Path, cfg: DistillConfig, pipe, unet) -> None:
                                              unet=unet, scheduler=scheduler, safety_checker=None,
                                              feature_extractor=None, requires_safety_checker=False)
         lcm.save_pretrained(out, safe_serialization=True)
-    (out / "distill_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    (out / "distill_config.json").write_text(json.dumps(_portable(asdict(cfg)), indent=2))
+
+
+def _portable(config: dict) -> dict:
+    """The run's config as it is saved beside the model: paths under the working folder made relative to it (a
+    shipped model must not carry the build machine's folders)."""
+    here = Path.cwd().resolve()
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, str) and Path(value).is_absolute() and Path(value).resolve().is_relative_to(here):
+            value = str(Path(value).resolve().relative_to(here))
+        out[key] = value
+    return out
