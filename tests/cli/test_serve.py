@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -49,7 +51,9 @@ def test_loopback_default_and_uvicorn_settings(fake_uvicorn, capsys):
     assert config.h11_max_incomplete_event_size == 16 * 1024
     assert config.limit_concurrency is None  # it counted idle sockets and starved /healthz: the guard's caps instead
     assert config.proxy_headers is False
-    assert "http://127.0.0.1:7860/" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "http://127.0.0.1:7860/" in err
+    assert re.search(r"broadcast .*: http://127\.0\.0\.1:7860/broadcast/[A-Za-z0-9_-]{24}\.mjpeg", err)
 
 
 def test_wildcard_origin_is_refused(fake_uvicorn, capsys):

@@ -267,6 +267,10 @@ def run(args: argparse.Namespace) -> int:
     scheme = "https" if s.ssl_certfile else "http"
     url = f"{scheme}://{shown}:{s.port}/" + (f"?token={token}" if token else "")
     _say(f"lcm-live studio: open {url}")
+    if s.max_broadcast_viewers:
+        broadcast = app.state.studio.broadcast
+        _say(f"  broadcast (MJPEG for OBS, VLC, ffmpeg; frames once a page turns Broadcast on): "
+             f"{scheme}://{shown}:{s.port}{broadcast.path}")
     if s.host in ("0.0.0.0", "::"):
         _say("  listening on all interfaces: from another machine use this machine's address instead of 127.0.0.1")
     _say(f"  loading {settings.engine.model} (readyz answers 503 until the model is warm)")
