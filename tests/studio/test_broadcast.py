@@ -27,7 +27,7 @@ def test_off_until_a_page_turns_it_on_then_its_final_frames_go_out(studio):
     assert res.status_code == 404 and res.json()["code"] == "no_frame"
     assert "Broadcast" in res.json()["message"]
     with client.websocket_connect("/ws") as ws:
-        receive(ws)
+        assert receive(ws)["broadcast"] is True
         ws.send_text(params(prompt="before", seed=1))
         next_final(ws)
         assert state.broadcast.frame is None  # nothing goes out before the page asks
@@ -116,6 +116,8 @@ def test_off_clears_the_frame_and_a_disconnect_keeps_it(studio):
     ({"type": "broadcast"}, "on"),
     ({"type": "broadcast", "on": "yes"}, "on"),
     ({"type": "broadcast", "on": True, "url": "/etc"}, "url"),
+    ({"type": "broadcast", "on": {"x" * 5000: None}}, "on"),
+    ({"type": "broadcast", "on": True, "y" * 5000: 1}, "y" * 57 + "..."),
 ])
 def test_a_bad_broadcast_message_is_refused_alone(studio, message, field):
     client, _, state = studio
@@ -124,7 +126,7 @@ def test_a_bad_broadcast_message_is_refused_alone(studio, message, field):
         ws.send_text(json.dumps(message))
         error = next_of(ws, "error")
         assert (error["code"], error["field"]) == ("invalid_params", field)
-        assert "broadcast" in error["message"]
+        assert "broadcast" in error["message"] and len(error["message"]) < 200  # what was sent, quoted short
         assert state.broadcast.holder is None
         ws.send_text(params(prompt="still here"))
         assert next_final(ws)["final"] is True
@@ -144,7 +146,7 @@ def test_webp_frames_are_broadcast_as_jpeg():
 
 def test_a_server_with_no_viewers_allowed_does_not_broadcast():
     with running_studio(max_broadcast_viewers=0) as (client, _, state), client.websocket_connect("/ws") as ws:
-        receive(ws)
+        assert receive(ws)["broadcast"] is False  # the page disables its button
         ws.send_text(ON)
         error = next_of(ws, "error")
         assert error["code"] == "broadcast_off" and "MAX_BROADCAST_VIEWERS" in error["message"]

@@ -28,6 +28,7 @@ from fastapi import Depends, FastAPI, Response
 from starlette.types import Receive, Scope, Send
 
 from lcm_live.studio.http_errors import ApiError
+from lcm_live.studio.params import echo
 from lcm_live.studio.security import SECURITY_HEADERS
 
 if TYPE_CHECKING:
@@ -79,11 +80,12 @@ class Broadcast:
         """``{"type": "broadcast", "on": bool}`` from a session: take the broadcast or give it up."""
         on = data.get("on")
         extra = sorted(set(data) - {"type", "on"})
-        if not isinstance(on, bool) or extra:
-            what = f"unknown field(s) {', '.join(extra)}" if extra else f"\"on\" is {on!r}"
+        if not isinstance(on, bool) or extra:  # what the client sent is quoted short (studio/params.py echo)
+            field = echo(extra[0]) if extra else "on"
+            what = f"unknown field {field!r}" if extra else f"\"on\" is {echo(repr(on))}"
             session.studio.metrics.rejected.labels(reason="invalid_params").inc()
             return session.send_error("invalid_params", f"{what}: send {{\"type\": \"broadcast\", \"on\": true}} "
-                                      "or false", "on" if not extra else extra[0])
+                                      "or false", field)
         if not on:
             if self.holder is session:
                 self.stop()

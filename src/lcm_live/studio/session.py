@@ -179,7 +179,8 @@ class Session:
             ray_replicas = getattr(self.studio.worker, "workers_ready", None) if not s.devices else None
             self.send_control({"type": "hello", "session": self.id, "schema": self.studio.schema(),
                                "info": self.studio.info, "models": self.studio.models.public(),
-                               "workers": ray_replicas or len(s.devices or [None])})
+                               "workers": ray_replicas or len(s.devices or [None]),
+                               "broadcast": s.max_broadcast_viewers > 0})
             while True:
                 try:
                     message = await asyncio.wait_for(self.ws.receive(), timeout=s.idle_timeout_s)
@@ -361,6 +362,8 @@ class Session:
         s = self.studio.settings.studio
         jpeg = data if s.frame_format == "jpeg" else await asyncio.to_thread(encode_frame, image, "jpeg",
                                                                                s.frame_quality)
+        if self._last_sent is None or self._last_sent[1] is not data:
+            return  # a newer frame went out (and to the broadcast) while this one waited or encoded
         self.studio.broadcast.publish(self, jpeg)
 
     async def _send_text(self, message: dict[str, Any]) -> None:

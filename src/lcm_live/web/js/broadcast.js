@@ -17,8 +17,13 @@ export class BroadcastToggle {
     this.on = false; // the server said this page holds it
     els.button.addEventListener("click", () => this.set(!this.wanted));
     els.copy.addEventListener("click", () => this.copy());
-    conn.addEventListener("hello", () => {
+    conn.addEventListener("hello", (e) => {
       this.on = false;
+      if (e.detail.broadcast === false) { // the server allows no viewers (max_broadcast_viewers 0)
+        this.wanted = false;
+        els.button.disabled = true;
+        els.button.title = "This server does not broadcast (max_broadcast_viewers is 0)";
+      }
       if (this.wanted) this.send(true);
       this.render(null);
     });
