@@ -7,7 +7,6 @@ import contextlib
 import functools
 import http.server
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import lcm_live
-from lcm_live.bench.local_http import free_port, http_get
+from lcm_live.bench.local_http import free_port, http_get, stop_process
 
 WEB = Path(lcm_live.__file__).resolve().parent / "web"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -58,12 +57,7 @@ def serving(log_dir: Path, *args: str, env: dict[str, str] | None = None):
             time.sleep(0.25)
         yield url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):

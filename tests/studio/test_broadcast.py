@@ -21,6 +21,13 @@ def still(client, state):
     return client.get(state.broadcast.still_path)
 
 
+def take(ws) -> dict:
+    """After the hello: turn the broadcast on; its answer."""
+    receive(ws)
+    ws.send_text(ON)
+    return next_of(ws, "broadcast")
+
+
 def test_off_until_a_page_turns_it_on_then_its_final_frames_go_out(studio):
     client, _, state = studio
     res = still(client, state)
@@ -64,9 +71,7 @@ def test_the_frame_on_screen_goes_out_when_the_page_turns_it_on(studio):
 def test_broadcast_messages_are_not_inputs(studio):
     client, _, _ = studio
     with client.websocket_connect("/ws") as ws:
-        receive(ws)
-        ws.send_text(ON)
-        next_of(ws, "broadcast")
+        take(ws)
         ws.send_text(params(prompt="x", seed=1))
         next_final(ws)
         # the page's pacing compares a status's inputs with the input messages it sent (params, canvases)
@@ -94,9 +99,7 @@ def test_another_page_takes_it_and_the_first_is_told():
 def test_off_clears_the_frame_and_a_disconnect_keeps_it(studio):
     client, _, state = studio
     with client.websocket_connect("/ws") as ws:
-        receive(ws)
-        ws.send_text(ON)
-        next_of(ws, "broadcast")
+        take(ws)
         ws.send_text(params(prompt="x", seed=1))
         next_final(ws)
         assert still(client, state).status_code == 200

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import connect
 
-from lcm_live.bench.local_http import free_port, http_get
+from lcm_live.bench.local_http import free_port, http_get, stop_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -49,13 +49,7 @@ def server(tmp_path: Path, fake: dict | None = None, **studio: object):
             time.sleep(0.1)
         yield port, proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 class Page:

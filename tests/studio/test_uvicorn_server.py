@@ -20,7 +20,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from lcm_live.bench.local_http import free_port
+from lcm_live.bench.local_http import free_port, stop_process
 
 from .conftest import TOKEN
 
@@ -84,14 +84,7 @@ class Server:
         return value
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, timeout=15)
 
 
 @pytest.fixture(scope="module")

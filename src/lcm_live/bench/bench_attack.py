@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from lcm_live.bench.local_http import free_port, http_get
+from lcm_live.bench.local_http import free_port, http_get, stop_process
 
 FRAME_WAIT_S = 30.0  # past the phase's end, how long the live client waits for its last frame
 
@@ -158,12 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         baseline, attacked, statuses = asyncio.run(main())
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # a server stuck decoding does not even stop
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=30)  # a server stuck decoding does not even stop: killed then
     alone, under = _summary(baseline), _summary(attacked)
     ratio = (under["p50_ms"] / alone["p50_ms"]) if alone["p50_ms"] and under["p50_ms"] else None
     return {"payload": args.payload, "payload_bytes": len(payload), "attackers": args.attackers,

@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lcm_live.bench.local_http import free_port, http_get
+from lcm_live.bench.local_http import free_port, http_get, stop_process
 from lcm_live.bench.ws_clients import OVERSIZE, _bad_image, _canvas, _last_input, _pipelined_client, next_text
 
 DOCUMENTED_ERROR_CODES = {"invalid_params", "invalid_image", "too_large", "oom", "engine_error", "timeout",
@@ -259,13 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rss_end = server.memory_info().rss
         metrics = _metrics(base)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
     log = log_path.read_text(errors="replace")
     # Serve's proxy logs "Task exception was never retrieved" when a WebSocket client closes mid-stream (a Ray bug:
     # ray-project/ray#64077); counted apart, since it is not the studio's

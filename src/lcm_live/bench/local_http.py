@@ -1,9 +1,11 @@
-"""Loopback helpers for the benchmarks that start a studio (and for the tests that do the same): a free port, and
-a GET that returns any HTTP status instead of raising on it."""
+"""Loopback helpers for the benchmarks that start a studio (and for the tests that do the same): a free port, a GET
+that returns any HTTP status instead of raising on it, and a stop for the server process."""
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -22,3 +24,15 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
             return res.status, res.read()
     except urllib.error.HTTPError as err:
         return err.code, err.read()
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> int:
+    """SIGTERM (a graceful shutdown), then SIGKILL if it is still running after ``timeout``; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
