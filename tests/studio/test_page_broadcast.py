@@ -93,3 +93,24 @@ def test_broadcast_publishes_the_frames_at_the_url_it_shows(browser, studio):
         other.wait_for_selector("body[data-broadcast=off]", state="attached", timeout=30_000)
         assert other.request.get(url.removesuffix(".mjpeg") + ".jpg").status == 404
         assert page.problems == [] and other.problems == []
+
+
+def test_the_page_takes_the_broadcast_again_after_an_idle_close(browser, tmp_path):
+    # A 3 s idle timeout: the server closes the quiet session; the next keystroke reconnects, and the page, still
+    # wanting Broadcast on, asks again after the hello.
+    with serving(tmp_path, "--fake-engine", "{}", env={"LCM_LIVE_STUDIO__IDLE_TIMEOUT_S": "3"}) as url, \
+            logged_studio_page(browser, url) as page:
+        page.click("#broadcast")
+        page.wait_for_selector("body[data-broadcast=on]", state="attached", timeout=30_000)
+        page.wait_for_selector("body:not([data-connection=open])", state="attached", timeout=30_000)
+        assert page.get_attribute("#broadcast", "aria-pressed") == "true"  # still wanted while away
+        page.fill("#prompt", "back again")
+        page.wait_for_selector("body[data-connection=open]", state="attached", timeout=30_000)
+        page.wait_for_selector("body[data-broadcast=on]", state="attached", timeout=30_000)
+        page.wait_for_function("() => document.getElementById('output').alt.endsWith('back again')",
+                               timeout=FRAME_TIMEOUT_MS)
+        still = page.inner_text("#broadcast-url").removesuffix(".mjpeg") + ".jpg"
+        assert page.request.get(still).status == 200
+        sent = [m for m in map(_json_or_none, page.ws.sent) if m and m.get("type") == "broadcast"]
+        assert sent == [{"type": "broadcast", "on": True}] * 2  # the click, then again after the reconnect
+        assert page.problems == []
