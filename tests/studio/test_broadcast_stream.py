@@ -50,6 +50,8 @@ def server(tmp_path: Path, fake: dict | None = None, **studio: object):
         yield port, proc
     finally:
         stop_process(proc)
+    # printed once at the start, as the token's URL is; the access log masks it (studio/redact.py)
+    assert log_path.read_text(errors="replace").count(KEY) == 1
 
 
 class Page:

@@ -39,8 +39,11 @@ def test_installed_filter_masks_uvicorn_records_args_and_tracebacks():
     logger.handlers, logger.propagate = [handler], False
     logger.setLevel(logging.INFO)
     try:
-        install(TOKEN)
+        install(TOKEN, ("broadcast-key-0123456789abcdef",))
         assert any(isinstance(f, RedactCredentials) for f in handler.filters)
+        # as uvicorn's access log writes a request line: the broadcast key is in the path
+        logger.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5555", "GET", "/broadcast/broadcast-key-0123456789abcdef.jpg",
+                    "1.1", 200)
         # as uvicorn's websockets protocol logs a handshake: the path with its query string in the args
         logger.info('%s - "WebSocket %s" %s', "127.0.0.1:5555", f"/ws?token={TOKEN}", 403)
         try:
@@ -53,3 +56,4 @@ def test_installed_filter_masks_uvicorn_records_args_and_tracebacks():
     text = stream.getvalue()
     assert "WebSocket /ws?token=***" in text and "Traceback" in text
     assert TOKEN not in text
+    assert "GET /broadcast/***.jpg" in text and "broadcast-key-0123456789abcdef" not in text

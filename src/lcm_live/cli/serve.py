@@ -260,7 +260,8 @@ def run(args: argparse.Namespace) -> int:
 
     server = StudioServer(uv_config)
     server_box.append(server)
-    redact_install(token)  # every handler uvicorn.Config set up: ?token=, Bearer, the cookie, the token itself
+    # every handler uvicorn.Config set up: ?token=, Bearer, the cookie, the token itself, the broadcast key
+    redact_install(token, (app.state.studio.broadcast.key,))
 
     shown = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
     shown = f"[{shown}]" if ":" in shown else shown

@@ -271,7 +271,8 @@ class Studio:
         studio.worker = RayWorker(self._generator, studio.settings.studio, studio.metrics, on_ready=studio._ready,
                                   count_replicas=partial(replica_counts, self._app_name, GENERATOR),
                                   models=studio.models)
-        flt = RedactCredentials(self._settings.studio.token)  # Serve's access log and ours: no credentials
+        # Serve's access log and ours: no credentials (the token, the broadcast key in its URLs' path)
+        flt = RedactCredentials(self._settings.studio.token, (studio.broadcast.key,))
         for name in ("ray.serve", "lcm_live", ""):
             for handler in logging.getLogger(name).handlers:
                 handler.addFilter(flt)
