@@ -99,3 +99,16 @@ def test_typing_over_a_sketch_sends_a_new_prompt_a_frame_over_the_same_canvas(ca
     assert "errors 0" in lines[-6]
     samples = json.loads((tmp_path / "live.json").read_text())["roofline"]["samples"]
     assert samples["unet"] >= 3 and samples["encode"] == 1, samples  # every frame denoised, the sketch encoded once
+
+
+def test_broadcast_viewers_watch_while_the_client_draws(capsys, tmp_path):
+    """--broadcast-viewers N: the first client broadcasts (as the page's button) and N MJPEG clients count the
+    frames they got; each viewer gets at least the frames drawn after it connected."""
+    assert main(["bench", "--live", "--arch", "tiny", "--backend", "torch", "--seconds", "2",
+                 "--broadcast-viewers", "2", "--json", str(tmp_path / "live.json")]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "live.json").read_text())
+    parts, frames = report["broadcast"]["parts"], report["frames"]
+    assert len(parts) == 2 and all(frames - 2 <= n for n in parts), (parts, frames)
+    assert min(report["broadcast"]["bytes"]) > 0
+    assert "broadcast: 2 viewer(s) got" in out

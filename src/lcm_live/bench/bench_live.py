@@ -64,6 +64,7 @@ class LiveConfig:
     feature_reuse: int = 1  # --feature-reuse K (engine/feature_reuse.py; 1: off)
     token_merging: float = 0.0  # --token-merging R (engine/tome.py; 0: off)
     typing: bool = False  # --typing: the sketch stays and the prompt grows a letter a frame (typing over a sketch)
+    broadcast_viewers: int = 0  # --broadcast-viewers N: the first client broadcasts, N MJPEG clients watch
 
 
 def with_live_defaults(config: LiveConfig, fam: Any) -> LiveConfig:
@@ -136,6 +137,8 @@ async def _draw(url: str, config: LiveConfig, client: int = 0) -> dict[str, Any]
         hello = json.loads(await ws.recv())
         if hello.get("type") != "hello":
             raise UserError(f"--live: the studio answered {hello.get('type')!r} instead of hello: {hello}")
+        if client == 0 and config.broadcast_viewers:  # as the page's Broadcast button
+            await ws.send(json.dumps({"type": "broadcast", "on": True}))
         await ws.send(json.dumps(params))
         start = time.perf_counter()
         sent = time.perf_counter()
@@ -258,7 +261,13 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
 
         reuse = reuse_of(engine.pipe.unet)  # feature reuse (--feature-reuse K): full and reused evaluations
         reuse_before = reuse.stats() if reuse is not None else None
+        viewers = None
+        if config.broadcast_viewers:
+            from lcm_live.bench.broadcast_viewers import BroadcastViewers
+
+            viewers = BroadcastViewers(port, studio_state.broadcast.path, config.broadcast_viewers)
         clients = asyncio.run(_draw_all(f"ws://127.0.0.1:{port}/ws", config))
+        broadcast = viewers.stop() if viewers is not None else None
         timer.detach()
         reuse_counts = None
         if reuse is not None:
@@ -336,6 +345,7 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
         # The studio's own split of a frame (its `timings`): waiting for the worker, the engine call (preparing the
         # input, the stages above and turning latents into a picture), encoding the JPEG; total from submission.
         "server_ms_median": server_median,
+        "broadcast": broadcast,  # --broadcast-viewers: the parts and bytes each viewer got
         "errors": errors,
     }
 
@@ -365,6 +375,9 @@ def format_live(report: dict[str, Any]) -> str:
         f"latency canvas -> frame: p50 {report['latency_ms']['p50']:.0f} ms  p95 {report['latency_ms']['p95']:.0f} ms"
         f"  (server total median {report['server_total_ms_median'] or 0:.0f} ms)",
         *([_server_line(report["server_ms_median"])] if report.get("server_ms_median") else []),
+        *([f"broadcast: {len(report['broadcast']['parts'])} viewer(s) got "
+           f"{', '.join(str(n) for n in report['broadcast']['parts'])} frame(s) "
+           f"({sum(report['broadcast']['bytes']) / 2**20:.1f} MiB in all)"] if report.get("broadcast") else []),
         *_roofline_lines(report),
         f"live_fps: {report['live_fps']:.2f}",
     ])

@@ -88,6 +88,8 @@ def add_parser(subparsers) -> None:
     live.add_argument("--live", action="store_true", help="measure the studio's sustained fps instead")
     live.add_argument("--seconds", type=float, default=20.0, help="how long to draw (with --live)")
     live.add_argument("--strength", type=float, default=0.5, help="img2img strength of the sketch (with --live)")
+    live.add_argument("--broadcast-viewers", type=int, default=0, metavar="N",
+                      help="with --live: the first client turns Broadcast on and N MJPEG clients watch it (as OBS)")
     live.add_argument("--typing", action="store_true",
                       help="with --live: the sketch stays and the prompt grows a letter a frame (typing over a sketch)")
     live.add_argument("--sessions", type=_positive_int, default=1,
@@ -188,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype, device=args.device, compile=args.compile, compile_mode=args.compile_mode,
             quantize=args.quantize, quantize_vae=args.quantize_vae, openvino_cache_dir=args.openvino_cache_dir, sessions=args.sessions,
             max_batch_size=args.batch_size, controlnet=args.controlnet, feature_reuse=args.feature_reuse,
-            token_merging=args.token_merging, typing=args.typing))
+            token_merging=args.token_merging, typing=args.typing, broadcast_viewers=args.broadcast_viewers))
         text = format_live(report)
     else:
         from lcm_live.bench.bench_engine import BenchConfig, format_report, run_bench
