@@ -39,7 +39,7 @@ class BroadcastViewers:
                 self.parts[k] += data.count(PART)
                 self.bytes[k] += len(chunk)
                 tail = data[-(len(PART) - 1):]  # a boundary split between two reads is counted once
-        except (OSError, ValueError, http.client.HTTPException):
+        except (OSError, ValueError, AttributeError, http.client.HTTPException):  # AttributeError: closed mid-read
             return  # closed by stop(), or the server went away
 
     def stop(self) -> dict[str, list[int]]:
