@@ -170,6 +170,17 @@ def test_viewers_past_the_cap_get_503_and_a_viewer_that_leaves_frees_its_place(t
         frame = page.frame()
         assert again.part() == frame
         again.close()
+        wait_metric(port, "lcm_live_broadcast_viewers", lambda v: v == 0)
+        # A burst at once: exactly one gets the place
+        burst: list[Viewer] = []
+        threads = [threading.Thread(target=lambda: burst.append(Viewer(port))) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert sorted(v.response.status for v in burst) == [200] + [503] * 5
+        for viewer in burst:
+            viewer.close()
 
 
 def test_a_viewer_that_reads_nothing_is_aborted_and_the_others_keep_their_frames(tmp_path):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Depends, FastAPI, Response
 from starlette.types import Receive, Scope, Send
 
-from lcm_live.studio.http_errors import ApiError
+from lcm_live.studio.http_errors import ApiError, error_response
 from lcm_live.studio.params import echo
 from lcm_live.studio.security import SECURITY_HEADERS
 
@@ -174,6 +174,13 @@ class MjpegResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         b = self.broadcast
+        if b.viewers >= b.max_viewers:  # checked here, with no await before the count goes up: a burst of
+            b.metrics.rejected.labels(reason="broadcast_viewers").inc()  # requests cannot all slip past the cap
+            refusal = error_response(503, "capacity", f"the broadcast has {b.viewers} viewer(s), the most this "
+                                     "server allows (max_broadcast_viewers): close another, or raise the setting",
+                                     headers={"Retry-After": "5"})
+            await refusal(scope, receive, send)
+            return
         start = {"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", f"multipart/x-mixed-replace; boundary={BOUNDARY}".encode()),
             (b"cache-control", b"no-store"), (b"x-accel-buffering", b"no"), *SECURITY_HEADERS]}
@@ -213,12 +220,7 @@ def add_broadcast_routes(app: FastAPI, broadcast: Broadcast) -> Any:
 
     @app.get("/broadcast/{key}.mjpeg", dependencies=[Depends(require_broadcast_key)])
     async def broadcast_stream(key: str) -> Response:
-        if broadcast.viewers >= broadcast.max_viewers:
-            broadcast.metrics.rejected.labels(reason="broadcast_viewers").inc()
-            raise ApiError(503, "capacity", f"the broadcast has {broadcast.viewers} viewer(s), the most this server "
-                           "allows (max_broadcast_viewers): close another, or raise the setting",
-                           headers={"Retry-After": "5"})
-        return MjpegResponse(broadcast)
+        return MjpegResponse(broadcast)  # refuses past max_broadcast_viewers itself (503)
 
     @app.get("/broadcast/{key}.jpg", dependencies=[Depends(require_broadcast_key)])
     async def broadcast_still(key: str) -> Response:
