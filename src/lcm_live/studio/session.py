@@ -330,6 +330,10 @@ class Session:
             t0 = time.perf_counter()
             data = await asyncio.to_thread(encode_frame, frame.image, s.frame_format, s.frame_quality)
             encode_s = time.perf_counter() - t0
+            if frame.final:  # to the broadcast first (studio/broadcast.py): a viewer is never behind the page
+                self._last_sent = (frame.image, data)
+                if self.studio.broadcast.holder is self:
+                    await self._publish(frame.image, data)  # JPEG frames: their own bytes, at once
             warnings = frame.parameters.get("warnings") or []
             if frame.final and not warnings:
                 self._last_warning = None
@@ -343,10 +347,6 @@ class Session:
                 await self.ws.send_text(json.dumps(info))
                 await self.ws.send_bytes(data)
             metrics.frames_sent.inc()
-            if frame.final:
-                self._last_sent = (frame.image, data)
-                if self.studio.broadcast.holder is self:
-                    await self._publish(frame.image, data)
             if self._first_frame_job != frame.job.id:
                 self._first_frame_job = frame.job.id
                 metrics.first_frame_seconds.observe(time.monotonic() - frame.job.submitted)
