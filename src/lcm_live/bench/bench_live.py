@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from lcm_live.bench.broadcast_viewers import BroadcastViewers, broadcast_line
 from lcm_live.bench.local_http import free_port, http_get
 from lcm_live.errors import UserError
 
@@ -263,8 +264,6 @@ def run_live(config: LiveConfig) -> dict[str, Any]:
         reuse_before = reuse.stats() if reuse is not None else None
         viewers = None
         if config.broadcast_viewers:
-            from lcm_live.bench.broadcast_viewers import BroadcastViewers
-
             viewers = BroadcastViewers(port, studio_state.broadcast.path, config.broadcast_viewers)
         clients = asyncio.run(_draw_all(f"ws://127.0.0.1:{port}/ws", config))
         broadcast = viewers.stop() if viewers is not None else None
@@ -375,9 +374,7 @@ def format_live(report: dict[str, Any]) -> str:
         f"latency canvas -> frame: p50 {report['latency_ms']['p50']:.0f} ms  p95 {report['latency_ms']['p95']:.0f} ms"
         f"  (server total median {report['server_total_ms_median'] or 0:.0f} ms)",
         *([_server_line(report["server_ms_median"])] if report.get("server_ms_median") else []),
-        *([f"broadcast: {len(report['broadcast']['parts'])} viewer(s) got "
-           f"{', '.join(str(n) for n in report['broadcast']['parts'])} frame(s) "
-           f"({sum(report['broadcast']['bytes']) / 2**20:.1f} MiB in all)"] if report.get("broadcast") else []),
+        *([broadcast_line(report["broadcast"])] if report.get("broadcast") else []),
         *_roofline_lines(report),
         f"live_fps: {report['live_fps']:.2f}",
     ])

@@ -50,3 +50,9 @@ class BroadcastViewers:
         for thread in self._threads:
             thread.join(timeout=5)
         return {"parts": list(self.parts), "bytes": list(self.bytes)}
+
+
+def broadcast_line(counts: dict[str, list[int]]) -> str:
+    """What :meth:`BroadcastViewers.stop` returned, as ``bench --live`` prints it."""
+    return (f"broadcast: {len(counts['parts'])} viewer(s) got {', '.join(str(n) for n in counts['parts'])} frame(s) "
+            f"({sum(counts['bytes']) / 2**20:.1f} MiB in all)")

@@ -182,7 +182,7 @@ class ImageEmbeddings:
 
     def __init__(self, pipe: Any, device: Any, size: int = CACHE_SIZE):
         self.pipe, self.device, self.size = pipe, device, size
-        self._cache: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str | None, str], tuple[Any, Any]] = OrderedDict()
         self.hits = self.misses = 0
         self.scale: float | None = None  # what the UNet's IP-Adapter processors are set to (None: unknown)
 
@@ -194,7 +194,7 @@ class ImageEmbeddings:
 
     def __call__(self, image: Any, scope: str | None = None) -> tuple[Any, Any]:
         """(cond, uncond) of ``image``; cached per ``scope`` (GenerationRequest.cache_scope) and pixels."""
-        key = f"{scope}|{pixel_key(image)}" if scope is not None else pixel_key(image)
+        key = (scope, pixel_key(image))
         if key in self._cache:
             self.hits += 1
             self._cache.move_to_end(key)

@@ -83,7 +83,7 @@ class Broadcast:
         if not isinstance(on, bool) or extra:  # what the client sent is quoted short (studio/params.py echo)
             field = echo(extra[0]) if extra else "on"
             what = f"unknown field {field!r}" if extra else f"\"on\" is {echo(repr(on))}"
-            session.studio.metrics.rejected.labels(reason="invalid_params").inc()
+            self.metrics.rejected.labels(reason="invalid_params").inc()
             return session.send_error("invalid_params", f"{what}: send {{\"type\": \"broadcast\", \"on\": true}} "
                                       "or false", field)
         if not on:
@@ -182,7 +182,7 @@ class MjpegResponse(Response):
             await refusal(scope, receive, send)
             return
         start = {"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", f"multipart/x-mixed-replace; boundary={BOUNDARY}".encode()),
+            (b"content-type", self.media_type.encode()),
             (b"cache-control", b"no-store"), (b"x-accel-buffering", b"no"), *SECURITY_HEADERS]}
         b._viewers_changed(+1)
         try:
